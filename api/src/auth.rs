@@ -1,0 +1,149 @@
+//! Authentication: `Authorization: Bearer sy_...` (or `?token=` where headers are impossible:
+//! browsers' WebSocket and EventSource). Lookups are cached for a few seconds.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use axum::extract::{FromRef, FromRequestParts};
+use axum::http::request::Parts;
+use switchyard_store::{Principal, Store};
+
+use crate::error::ApiError;
+use crate::AppState;
+
+/// How long a successful key lookup is reused (so a revocation takes effect within this).
+pub const AUTH_CACHE_TTL: Duration = Duration::from_secs(5);
+const AUTH_CACHE_MAX: usize = 10_000;
+
+/// Small TTL cache of key digest → principal.
+#[derive(Default)]
+pub struct AuthCache {
+    map: Mutex<HashMap<[u8; 32], (Principal, Instant)>>,
+}
+
+impl AuthCache {
+    pub async fn authenticate(
+        &self,
+        store: &Store,
+        presented: &str,
+    ) -> Result<Principal, ApiError> {
+        let digest = switchyard_core::apikey::digest(presented);
+        if let Ok(map) = self.map.lock() {
+            if let Some((p, at)) = map.get(&digest) {
+                if at.elapsed() < AUTH_CACHE_TTL {
+                    return Ok(p.clone());
+                }
+            }
+        }
+        let principal = store
+            .authenticate(presented)
+            .await?
+            .ok_or_else(ApiError::unauthorized)?;
+        if let Ok(mut map) = self.map.lock() {
+            if map.len() >= AUTH_CACHE_MAX {
+                map.clear();
+            }
+            map.insert(digest, (principal.clone(), Instant::now()));
+        }
+        Ok(principal)
+    }
+}
+
+/// The authenticated caller of a request.
+#[derive(Debug, Clone)]
+pub struct Auth(pub Principal);
+
+fn token_from_query(query: Option<&str>) -> Option<String> {
+    url_query_param(query?, "token")
+}
+
+/// Reads one parameter of a query string (percent-decoded).
+pub fn url_query_param(query: &str, name: &str) -> Option<String> {
+    query.split('&').find_map(|pair| {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        (k == name).then(|| percent_decode(v))
+    })
+}
+
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' if i + 2 < bytes.len() => {
+                let hex = |b: u8| (b as char).to_digit(16);
+                match (hex(bytes[i + 1]), hex(bytes[i + 2])) {
+                    (Some(h), Some(l)) => {
+                        out.push((h * 16 + l) as u8);
+                        i += 3;
+                    }
+                    _ => {
+                        out.push(b'%');
+                        i += 1;
+                    }
+                }
+            }
+            b'+' => {
+                out.push(b' ');
+                i += 1;
+            }
+            b => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+impl<S> FromRequestParts<S> for Auth
+where
+    AppState: FromRef<S>,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        let app = AppState::from_ref(state);
+        let header = parts
+            .headers
+            .get(axum::http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .map(str::trim);
+        let presented = match header {
+            Some(h) => {
+                let (scheme, rest) = h.split_once(' ').unwrap_or((h, ""));
+                if !scheme.eq_ignore_ascii_case("bearer") {
+                    return Err(ApiError::unauthorized());
+                }
+                rest.trim().to_string()
+            }
+            None => token_from_query(parts.uri.query()).ok_or_else(ApiError::unauthorized)?,
+        };
+        if presented.is_empty() {
+            return Err(ApiError::unauthorized());
+        }
+        let p = app.auth_cache.authenticate(&app.store, &presented).await?;
+        Ok(Auth(p))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_params_decode() {
+        assert_eq!(
+            url_query_param("a=1&token=sy_x%5Fy", "token").as_deref(),
+            Some("sy_x_y")
+        );
+        assert_eq!(url_query_param("after=3", "token"), None);
+        assert_eq!(
+            url_query_param("token=%zz", "token").as_deref(),
+            Some("%zz")
+        );
+    }
+}

@@ -1,0 +1,216 @@
+//! The ordered event feed of one job for one client (shared by WebSocket and SSE): subscribe to
+//! live events first, then replay history, drop live events already sent, re-read on a gap, and
+//! always end with the terminal event (from Postgres if Redis lost it).
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::json;
+use switchyard_core::event::types;
+use switchyard_core::Event;
+use switchyard_queue::{LiveMsg, LiveSubscription};
+use switchyard_store::JobRow;
+use uuid::Uuid;
+
+use crate::error::ApiError;
+use crate::AppState;
+
+const HISTORY_PAGE: usize = 500;
+/// Re-read Redis after this much silence (covers lost pub/sub messages).
+const IDLE_REREAD: Duration = Duration::from_secs(2);
+/// Every this many idle re-reads, also check Postgres (covers a terminal event lost with Redis).
+const PG_CHECK_EVERY: u32 = 5;
+
+/// What a feed yields.
+#[derive(Debug, Clone)]
+pub enum FeedItem {
+    Event(Arc<Event>),
+    /// The history is gone: re-read the job with `GET /v1/jobs/{id}`.
+    Reset,
+}
+
+impl FeedItem {
+    pub fn to_json(&self, job_id: Uuid) -> serde_json::Value {
+        match self {
+            FeedItem::Event(e) => serde_json::to_value(e.as_ref()).unwrap_or_default(),
+            FeedItem::Reset => json!({ "job_id": job_id, "type": types::RESET }),
+        }
+    }
+}
+
+pub struct Feed {
+    state: AppState,
+    pub job_id: Uuid,
+    last_sent: u64,
+    sub: LiveSubscription,
+    pending: VecDeque<FeedItem>,
+    done: bool,
+    reset_sent: bool,
+    /// The last history read returned a full page: read more before waiting.
+    more: bool,
+    idle_rounds: u32,
+}
+
+impl Feed {
+    /// Opens a feed of events with seq > `after`. `Err(not_found)` unless the job is the
+    /// tenant's.
+    pub async fn open(
+        state: &AppState,
+        tenant: Uuid,
+        job_id: Uuid,
+        after: u64,
+        buffer: usize,
+    ) -> Result<Feed, ApiError> {
+        let row = state
+            .store
+            .get_job(tenant, job_id)
+            .await?
+            .ok_or_else(|| ApiError::not_found("job"))?;
+        let sub = state.live.subscribe(job_id, buffer);
+        let mut feed = Feed {
+            state: state.clone(),
+            job_id,
+            last_sent: after,
+            sub,
+            pending: VecDeque::new(),
+            done: false,
+            reset_sent: false,
+            more: false,
+            idle_rounds: 0,
+        };
+        feed.refill(Some(row)).await;
+        Ok(feed)
+    }
+
+    /// The next item, in order; `None` once the terminal event (or a final reset) was yielded.
+    pub async fn next(&mut self) -> Option<FeedItem> {
+        loop {
+            if let Some(item) = self.pending.pop_front() {
+                if let FeedItem::Event(e) = &item {
+                    self.last_sent = e.seq;
+                    if e.is_terminal() {
+                        self.done = true;
+                        self.pending.clear();
+                    }
+                }
+                return Some(item);
+            }
+            if self.done {
+                return None;
+            }
+            if self.more {
+                self.refill(None).await;
+                continue;
+            }
+            let msg = tokio::time::timeout(IDLE_REREAD, self.sub.rx.recv()).await;
+            match msg {
+                Ok(Some(LiveMsg::Event(ev))) => {
+                    self.idle_rounds = 0;
+                    if ev.seq <= self.last_sent && !self.reset_sent {
+                        continue;
+                    }
+                    if self.reset_sent || ev.seq == self.last_sent + 1 {
+                        self.pending.push_back(FeedItem::Event(ev));
+                    } else {
+                        // gap: something was missed (slow subscriber, reconnect); re-read
+                        self.refill(None).await;
+                        if self.pending.is_empty() && ev.seq > self.last_sent {
+                            // history cannot fill the gap (lost): go on from here
+                            self.pending.push_back(FeedItem::Event(ev));
+                        }
+                    }
+                }
+                Ok(Some(LiveMsg::Resync)) => self.refill(None).await,
+                Ok(None) => {
+                    // the hub is gone (shutdown)
+                    self.done = true;
+                }
+                Err(_) => {
+                    self.idle_rounds += 1;
+                    let pg = self.idle_rounds.is_multiple_of(PG_CHECK_EVERY);
+                    if pg {
+                        let row = self
+                            .state
+                            .store
+                            .get_job_unscoped(self.job_id)
+                            .await
+                            .ok()
+                            .flatten();
+                        self.refill(row).await;
+                    } else {
+                        self.refill(None).await;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Reads history after what was sent; with `row`, also reconciles with Postgres.
+    async fn refill(&mut self, row: Option<JobRow>) {
+        let after = self.pending_last().unwrap_or(self.last_sent);
+        let hist = self.state.bus.read(self.job_id, after, HISTORY_PAGE).await;
+        let mut exists = true;
+        match hist {
+            Ok(h) => {
+                exists = h.exists;
+                self.more = h.events.len() == HISTORY_PAGE;
+                let mut next = after;
+                for e in h.events {
+                    if e.seq > next {
+                        next = e.seq;
+                        self.pending.push_back(FeedItem::Event(Arc::new(e)));
+                    }
+                }
+            }
+            Err(e) => {
+                self.more = false;
+                tracing::debug!(error = %e, "history read failed");
+            }
+        }
+        let Some(row) = row else {
+            return;
+        };
+        let status = row.status();
+        let have_terminal = self
+            .pending
+            .iter()
+            .any(|i| matches!(i, FeedItem::Event(e) if e.is_terminal()));
+        if status.is_terminal() && !have_terminal {
+            let seq = row.event_seq.max(0) as u64;
+            let after = self.pending_last().unwrap_or(self.last_sent);
+            if seq > after || self.reset_sent {
+                let ev = Event::terminal(
+                    row.id,
+                    seq,
+                    row.attempt,
+                    status,
+                    row.output.as_ref(),
+                    row.job_error().as_ref(),
+                );
+                self.pending.push_back(FeedItem::Event(Arc::new(ev)));
+            } else {
+                // the client saw seqs beyond the durable terminal one: history was lost
+                self.pending.push_back(FeedItem::Reset);
+                self.reset_sent = true;
+                self.done_after_pending();
+            }
+        } else if !status.is_terminal() && !exists && row.dispatch_epoch > 0 && !self.reset_sent {
+            // an unfinished, dispatched job without any event stream: Redis lost it
+            self.pending.push_back(FeedItem::Reset);
+            self.reset_sent = true;
+        }
+    }
+
+    fn done_after_pending(&mut self) {
+        self.more = false;
+        self.done = true;
+    }
+
+    fn pending_last(&self) -> Option<u64> {
+        self.pending.iter().rev().find_map(|i| match i {
+            FeedItem::Event(e) => Some(e.seq),
+            FeedItem::Reset => None,
+        })
+    }
+}

@@ -1,0 +1,156 @@
+//! The stateless HTTP API: REST for jobs, WebSocket/SSE for their events, health, metrics and
+//! OpenAPI. Any replica can serve any request or stream; all state is in Postgres and Redis.
+
+pub mod auth;
+pub mod error;
+pub mod feed;
+pub mod metrics;
+pub mod openapi;
+pub mod routes;
+pub mod submit;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{DefaultBodyLimit, FromRef};
+use axum::http::Request;
+use axum::routing::{get, post};
+use axum::Router;
+use switchyard_core::config::Config;
+use switchyard_core::ErrorCode;
+use switchyard_queue::{EventBus, Keys, LiveHub, Queue};
+use switchyard_store::Store;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::trace::TraceLayer;
+
+use crate::auth::AuthCache;
+use crate::error::ApiError;
+use crate::metrics::Metrics;
+use crate::submit::Submitter;
+
+/// Settings the API reads per request.
+#[derive(Debug, Clone)]
+pub struct ApiConfig {
+    pub max_body_bytes: usize,
+    pub enable_noop: bool,
+}
+
+/// Everything handlers need; cheap to clone.
+#[derive(Clone)]
+pub struct AppState {
+    pub store: Store,
+    pub queue: Queue,
+    pub bus: EventBus,
+    pub live: LiveHub,
+    pub submitter: Submitter,
+    pub cfg: Arc<ApiConfig>,
+    pub metrics: Arc<Metrics>,
+    pub auth_cache: Arc<AuthCache>,
+    /// Fired when the process drains: streams close (WebSocket code 1012).
+    pub shutdown: CancellationToken,
+    /// Background tasks of this API (feeds, group commit); awaited on shutdown.
+    pub tasks: TaskTracker,
+}
+
+impl FromRef<AppState> for Store {
+    fn from_ref(s: &AppState) -> Store {
+        s.store.clone()
+    }
+}
+
+impl AppState {
+    /// Connects to Redis and starts the API's background tasks.
+    pub async fn build(
+        cfg: &Config,
+        store: Store,
+        shutdown: CancellationToken,
+    ) -> anyhow::Result<AppState> {
+        let client = redis::Client::open(cfg.redis_url())
+            .map_err(|e| anyhow::anyhow!("invalid REDIS_URL: {e}"))?;
+        let conn = switchyard_queue::connect(&client, Duration::from_secs(5)).await?;
+        let keys = Keys::new(&cfg.redis_prefix);
+        let tasks = TaskTracker::new();
+        let queue = Queue::new(keys.clone(), conn.clone());
+        let bus = EventBus::new(
+            keys.clone(),
+            conn.clone(),
+            Duration::from_secs(cfg.event_ttl_s),
+        );
+        let live = LiveHub::start(client.clone(), keys.clone(), shutdown.clone(), &tasks);
+        let submit_conn = switchyard_queue::connect(&client, Duration::from_secs(5)).await?;
+        let submitter = Submitter::start(store.clone(), keys, submit_conn, &tasks);
+        Ok(AppState {
+            store,
+            queue,
+            bus,
+            live,
+            submitter,
+            cfg: Arc::new(ApiConfig {
+                max_body_bytes: cfg.max_body_bytes,
+                enable_noop: cfg.enable_noop,
+            }),
+            metrics: Arc::new(Metrics::new()),
+            auth_cache: Arc::new(AuthCache::default()),
+            shutdown,
+            tasks,
+        })
+    }
+}
+
+async fn not_found() -> ApiError {
+    ApiError::new(ErrorCode::NotFound, "no such route")
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::new(
+        ErrorCode::MethodNotAllowed,
+        "method not allowed on this route",
+    )
+}
+
+/// The router with all routes and layers.
+pub fn router(state: AppState) -> Router {
+    use routes::{health, jobs, stream};
+    let max_body = state.cfg.max_body_bytes;
+    Router::new()
+        .route("/v1/jobs", post(jobs::create_job).get(jobs::list_jobs))
+        .route("/v1/jobs/{id}", get(jobs::get_job))
+        .route("/v1/jobs/{id}/cancel", post(jobs::cancel_job))
+        .route("/v1/jobs/{id}/events", get(stream::sse))
+        .route("/v1/ws", get(stream::ws))
+        .route("/healthz", get(health::healthz))
+        .route("/readyz", get(health::readyz))
+        .route("/metrics", get(health::metrics))
+        .route("/openapi.json", get(health::openapi))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(max_body))
+        .layer(PropagateRequestIdLayer::x_request_id())
+        .layer(TraceLayer::new_for_http().make_span_with(|req: &Request<_>| {
+            let rid = req
+                .headers()
+                .get("x-request-id")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("-");
+            // the path only: `?token=` must never reach the logs
+            tracing::info_span!("request", method = %req.method(), path = %req.uri().path(), request_id = %rid)
+        }))
+        .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
+        .with_state(state)
+}
+
+/// Serves until `state.shutdown` fires, then stops accepting, closes streams and waits for
+/// in-flight requests and background tasks.
+pub async fn serve(listener: tokio::net::TcpListener, state: AppState) -> anyhow::Result<()> {
+    let shutdown = state.shutdown.clone();
+    let tasks = state.tasks.clone();
+    let app = router(state);
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .await?;
+    tasks.close();
+    let _ = tokio::time::timeout(Duration::from_secs(10), tasks.wait()).await;
+    Ok(())
+}

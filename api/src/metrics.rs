@@ -1,0 +1,140 @@
+//! Prometheus metrics of the API process; job and queue gauges are read at scrape time from
+//! Postgres and Redis, so every replica reports the same cluster-wide numbers.
+
+use std::sync::Mutex;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+use std::sync::atomic::AtomicU64;
+
+use crate::AppState;
+
+type Labels = Vec<(String, String)>;
+
+pub struct Metrics {
+    registry: Mutex<Registry>,
+    submit_latency: Family<Labels, Histogram>,
+    delivery_latency: Histogram,
+    pub ws_connections: Gauge,
+    jobs: Family<Labels, Gauge>,
+    queue_depth: Family<Labels, Gauge>,
+    queue_delayed: Family<Labels, Gauge>,
+    oldest_queued: Family<Labels, Gauge<f64, AtomicU64>>,
+}
+
+fn latency_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.0001, 2.0, 18))
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("switchyard");
+        let submit_latency = Family::<Labels, Histogram>::new_with_constructor(
+            latency_histogram as fn() -> Histogram,
+        );
+        let delivery_latency = latency_histogram();
+        let ws_connections = Gauge::default();
+        let jobs = Family::<Labels, Gauge>::default();
+        let queue_depth = Family::<Labels, Gauge>::default();
+        let queue_delayed = Family::<Labels, Gauge>::default();
+        let oldest_queued = Family::<Labels, Gauge<f64, AtomicU64>>::default();
+        registry.register(
+            "submit_latency_seconds",
+            "Time to accept a job (validation + durable commit), by kind",
+            submit_latency.clone(),
+        );
+        registry.register(
+            "event_delivery_latency_seconds",
+            "Time from an event's publication by a worker to its hand-off to a client",
+            delivery_latency.clone(),
+        );
+        registry.register(
+            "ws_connections",
+            "Open WebSocket connections",
+            ws_connections.clone(),
+        );
+        registry.register("jobs", "Jobs by kind and status", jobs.clone());
+        registry.register(
+            "queue_depth",
+            "Entries in a queue's streams (waiting and in flight)",
+            queue_depth.clone(),
+        );
+        registry.register(
+            "queue_delayed",
+            "Jobs of a queue waiting for a retry time",
+            queue_delayed.clone(),
+        );
+        registry.register(
+            "oldest_queued_age_seconds",
+            "Age of the oldest queued job per queue",
+            oldest_queued.clone(),
+        );
+        Metrics {
+            registry: Mutex::new(registry),
+            submit_latency,
+            delivery_latency,
+            ws_connections,
+            jobs,
+            queue_depth,
+            queue_delayed,
+            oldest_queued,
+        }
+    }
+
+    pub fn observe_submit(&self, kind: &str, d: Duration) {
+        self.submit_latency
+            .get_or_create(&vec![("kind".to_string(), kind.to_string())])
+            .observe(d.as_secs_f64());
+    }
+
+    pub fn observe_delivery(&self, published: DateTime<Utc>) {
+        let secs = (Utc::now() - published)
+            .num_microseconds()
+            .unwrap_or(0)
+            .max(0) as f64
+            / 1e6;
+        self.delivery_latency.observe(secs);
+    }
+
+    pub async fn render(&self, state: &AppState) -> String {
+        if let Ok(counts) = state.store.job_counts().await {
+            self.jobs.clear();
+            for (kind, status, n) in counts {
+                self.jobs
+                    .get_or_create(&vec![("kind".into(), kind), ("status".into(), status)])
+                    .set(n);
+            }
+        }
+        for q in switchyard_core::job::known_queues() {
+            if let Ok((depth, delayed)) = state.queue.depth(q).await {
+                let l = vec![("queue".to_string(), q.to_string())];
+                self.queue_depth.get_or_create(&l).set(depth as i64);
+                self.queue_delayed.get_or_create(&l).set(delayed as i64);
+            }
+        }
+        if let Ok(oldest) = state.store.oldest_queued().await {
+            self.oldest_queued.clear();
+            for (q, age) in oldest {
+                self.oldest_queued
+                    .get_or_create(&vec![("queue".to_string(), q)])
+                    .set(age);
+            }
+        }
+        let mut out = String::new();
+        if let Ok(reg) = self.registry.lock() {
+            let _ = encode(&mut out, &reg);
+        }
+        out
+    }
+}

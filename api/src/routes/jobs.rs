@@ -1,0 +1,327 @@
+//! `/v1/jobs`: submit, read, list and cancel jobs.
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Path, Query, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use base64::Engine;
+use chrono::Utc;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use switchyard_core::job::{CreateJobRequest, Job, JobKind, JobStatus};
+use switchyard_core::telemetry::TraceParent;
+use switchyard_core::{ErrorCode, Event};
+use switchyard_store::{CancelOutcome, JobFilter, NewJob};
+use uuid::Uuid;
+
+use crate::auth::Auth;
+use crate::error::{ApiError, ApiResult, ErrorBody};
+use crate::AppState;
+
+/// Parses a JSON body, mapping every failure to a stable error.
+pub fn json_body(headers: &HeaderMap, body: Result<Bytes, BytesRejection>) -> ApiResult<Value> {
+    let body = body.map_err(|rej| {
+        if rej.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::new(
+                ErrorCode::PayloadTooLarge,
+                "request body exceeds the size limit",
+            )
+        } else {
+            ApiError::new(
+                ErrorCode::MalformedJson,
+                format!("could not read the body: {rej}"),
+            )
+        }
+    })?;
+    if let Some(ct) = headers.get(header::CONTENT_TYPE) {
+        let ct = ct.to_str().unwrap_or("");
+        let mime = ct
+            .split(';')
+            .next()
+            .unwrap_or("")
+            .trim()
+            .to_ascii_lowercase();
+        if !(mime == "application/json" || mime.ends_with("+json")) {
+            return Err(ApiError::new(
+                ErrorCode::UnsupportedMediaType,
+                "send the body as application/json",
+            ));
+        }
+    }
+    serde_json::from_slice(&body)
+        .map_err(|e| ApiError::new(ErrorCode::MalformedJson, format!("malformed JSON: {e}")))
+}
+
+/// Submit a job. It is durable in Postgres before the answer.
+#[utoipa::path(
+    post, path = "/v1/jobs", tag = "jobs",
+    request_body = CreateJobRequest,
+    responses(
+        (status = 202, description = "Accepted; `Location` points at the job", body = Job),
+        (status = 400, description = "malformed_json", body = ErrorBody),
+        (status = 401, description = "unauthorized", body = ErrorBody),
+        (status = 413, description = "payload_too_large", body = ErrorBody),
+        (status = 415, description = "unsupported_media_type", body = ErrorBody),
+        (status = 422, description = "unknown_kind, unknown_field, invalid_input (with `field`)", body = ErrorBody),
+        (status = 503, description = "unavailable", body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn create_job(
+    State(state): State<AppState>,
+    Auth(principal): Auth,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<Response> {
+    let started = std::time::Instant::now();
+    let value = json_body(&headers, body)?;
+    let enable_noop = state.cfg.enable_noop;
+    let req = CreateJobRequest::parse(value, |k| k != JobKind::SystemNoop || enable_noop)?;
+    let trace = headers
+        .get("traceparent")
+        .and_then(|v| v.to_str().ok())
+        .and_then(TraceParent::parse)
+        .map(|t| t.child())
+        .unwrap_or_else(TraceParent::generate);
+    let job = NewJob {
+        id: Uuid::now_v7(),
+        tenant_id: principal.tenant_id,
+        created_by: principal.subject(),
+        kind: req.kind.as_str().to_string(),
+        queue: req.kind.queue().to_string(),
+        priority: 0,
+        max_attempts: req.max_attempts,
+        timeout_s: req.timeout_s,
+        input: req.input,
+        metadata: req.metadata,
+        trace_parent: Some(trace.to_string()),
+        created_at: Utc::now(),
+    };
+    let view = job.to_job();
+    state.submitter.submit(job).await?;
+    state.metrics.observe_submit(&view.kind, started.elapsed());
+    tracing::info!(job_id = %view.id, kind = %view.kind, traceparent = %trace, "job accepted");
+    let location = format!("/v1/jobs/{}", view.id);
+    Ok((
+        StatusCode::ACCEPTED,
+        [(header::LOCATION, location)],
+        Json(view),
+    )
+        .into_response())
+}
+
+/// Read a job.
+#[utoipa::path(
+    get, path = "/v1/jobs/{id}", tag = "jobs",
+    params(("id" = Uuid, Path, description = "job id")),
+    responses(
+        (status = 200, body = Job),
+        (status = 401, description = "unauthorized", body = ErrorBody),
+        (status = 404, description = "not_found (also another tenant's job)", body = ErrorBody),
+        (status = 422, description = "invalid_parameter (id is not a UUID)", body = ErrorBody),
+        (status = 503, description = "unavailable", body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn get_job(
+    State(state): State<AppState>,
+    Auth(principal): Auth,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Job>> {
+    let id = parse_id(&id)?;
+    let row = state
+        .store
+        .get_job(principal.tenant_id, id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("job"))?;
+    Ok(Json(row.to_job()))
+}
+
+pub fn parse_id(id: &str) -> ApiResult<Uuid> {
+    Uuid::parse_str(id)
+        .map_err(|_| ApiError::field(ErrorCode::InvalidParameter, "id", "must be a UUID"))
+}
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct ListParams {
+    /// Only jobs in this status.
+    pub status: Option<String>,
+    /// Only jobs of this kind.
+    pub kind: Option<String>,
+    /// Page size, 1..=200 (default 50).
+    pub limit: Option<String>,
+    /// `next_cursor` of the previous page.
+    pub cursor: Option<String>,
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct JobList {
+    pub data: Vec<Job>,
+    /// Pass as `cursor` for the next page; null on the last page.
+    pub next_cursor: Option<String>,
+}
+
+fn encode_cursor(id: Uuid) -> String {
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(format!("v1:{id}"))
+}
+
+fn decode_cursor(c: &str) -> ApiResult<Uuid> {
+    let bad = || ApiError::field(ErrorCode::InvalidParameter, "cursor", "invalid cursor");
+    let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(c)
+        .map_err(|_| bad())?;
+    let s = String::from_utf8(raw).map_err(|_| bad())?;
+    let id = s.strip_prefix("v1:").ok_or_else(bad)?;
+    Uuid::parse_str(id).map_err(|_| bad())
+}
+
+/// List jobs, newest first.
+#[utoipa::path(
+    get, path = "/v1/jobs", tag = "jobs",
+    params(ListParams),
+    responses(
+        (status = 200, body = JobList),
+        (status = 401, description = "unauthorized", body = ErrorBody),
+        (status = 422, description = "invalid_parameter (status, kind, limit or cursor)", body = ErrorBody),
+        (status = 503, description = "unavailable", body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn list_jobs(
+    State(state): State<AppState>,
+    Auth(principal): Auth,
+    params: Result<Query<ListParams>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult<Json<JobList>> {
+    let Query(p) =
+        params.map_err(|e| ApiError::field(ErrorCode::InvalidParameter, "query", e.body_text()))?;
+    let status = match p.status.as_deref() {
+        None | Some("") => None,
+        Some(s) => Some(JobStatus::parse(s).ok_or_else(|| {
+            ApiError::field(
+                ErrorCode::InvalidParameter,
+                "status",
+                "must be one of queued, running, succeeded, failed, cancelled",
+            )
+        })?),
+    };
+    let kind = match p.kind.as_deref() {
+        None | Some("") => None,
+        Some(k) => Some(
+            JobKind::parse(k)
+                .ok_or_else(|| {
+                    ApiError::field(ErrorCode::InvalidParameter, "kind", "unknown job kind")
+                })?
+                .as_str()
+                .to_string(),
+        ),
+    };
+    let limit = match p.limit.as_deref() {
+        None | Some("") => 50,
+        Some(l) => l
+            .parse::<i64>()
+            .ok()
+            .filter(|l| (1..=200).contains(l))
+            .ok_or_else(|| {
+                ApiError::field(
+                    ErrorCode::InvalidParameter,
+                    "limit",
+                    "must be an integer from 1 to 200",
+                )
+            })?,
+    };
+    let before = match p.cursor.as_deref() {
+        None | Some("") => None,
+        Some(c) => Some(decode_cursor(c)?),
+    };
+    let rows = state
+        .store
+        .list_jobs(
+            principal.tenant_id,
+            &JobFilter {
+                status,
+                kind,
+                before,
+                limit: limit + 1,
+            },
+        )
+        .await?;
+    let has_more = rows.len() as i64 > limit;
+    let data: Vec<Job> = rows
+        .iter()
+        .take(limit as usize)
+        .map(|r| r.to_job())
+        .collect();
+    let next_cursor = if has_more {
+        data.last().map(|j| encode_cursor(j.id))
+    } else {
+        None
+    };
+    Ok(Json(JobList { data, next_cursor }))
+}
+
+/// Cancel a job: a queued job is cancelled at once (200); a running one is cancelled once its
+/// worker confirms (202); a finished one is a 409.
+#[utoipa::path(
+    post, path = "/v1/jobs/{id}/cancel", tag = "jobs",
+    params(("id" = Uuid, Path, description = "job id")),
+    responses(
+        (status = 200, description = "cancelled", body = Job),
+        (status = 202, description = "cancel requested; the job ends `cancelled` when its worker confirms", body = Job),
+        (status = 401, description = "unauthorized", body = ErrorBody),
+        (status = 404, description = "not_found", body = ErrorBody),
+        (status = 409, description = "job_finished", body = ErrorBody),
+        (status = 422, description = "invalid_parameter", body = ErrorBody),
+        (status = 503, description = "unavailable", body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn cancel_job(
+    State(state): State<AppState>,
+    Auth(principal): Auth,
+    Path(id): Path<String>,
+) -> ApiResult<Response> {
+    let id = parse_id(&id)?;
+    match state.store.cancel_job(principal.tenant_id, id).await? {
+        CancelOutcome::NotFound => Err(ApiError::not_found("job")),
+        CancelOutcome::Finished(row) => Err(ApiError::new(
+            ErrorCode::JobFinished,
+            format!("job already {}", row.status),
+        )),
+        CancelOutcome::Cancelled(row) => {
+            let ev = Event::terminal(
+                row.id,
+                row.event_seq as u64,
+                row.attempt,
+                JobStatus::Cancelled,
+                None,
+                None,
+            );
+            if let Err(e) = state.bus.publish(&ev).await {
+                tracing::warn!(error = %e, "could not publish the cancelled event (clients get it from postgres)");
+            }
+            Ok((StatusCode::OK, Json(row.to_job())).into_response())
+        }
+        CancelOutcome::Requested(row) => {
+            if let Err(e) = state.queue.notify_cancel(id).await {
+                tracing::warn!(error = %e, "cancel notification failed; the worker sees it at its next heartbeat");
+            }
+            Ok((StatusCode::ACCEPTED, Json(row.to_job())).into_response())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cursor_round_trip_and_garbage() {
+        let id = Uuid::now_v7();
+        assert_eq!(decode_cursor(&encode_cursor(id)).unwrap(), id);
+        assert!(decode_cursor("!!").is_err());
+        assert!(decode_cursor("eHl6").is_err());
+    }
+}

@@ -1,0 +1,295 @@
+//! Live job events: `GET /v1/ws` (WebSocket, many jobs per connection) and
+//! `GET /v1/jobs/{id}/events` (Server-Sent Events, one job).
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::time::Duration;
+
+use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
+use axum::extract::{Path, State};
+use axum::http::HeaderMap;
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use futures::{SinkExt, Stream, StreamExt};
+use serde::Deserialize;
+use serde_json::json;
+use switchyard_core::ErrorCode;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::auth::{url_query_param, Auth};
+use crate::error::{ApiError, ApiResult, ErrorBody};
+use crate::feed::{Feed, FeedItem};
+use crate::AppState;
+
+/// Messages that may wait for one WebSocket client before it counts as too slow.
+pub const WS_BUFFER: usize = 1024;
+/// Live events that may wait for one subscription before it re-reads history instead.
+const LIVE_BUFFER: usize = 256;
+const MAX_SUBSCRIPTIONS: usize = 10_000;
+const PING_EVERY: Duration = Duration::from_secs(20);
+const SEND_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ClientOp {
+    op: String,
+    job_id: Option<String>,
+    after: Option<u64>,
+}
+
+fn error_frame(job_id: Option<Uuid>, err: &ApiError) -> Message {
+    let mut body = json!({ "type": "error", "error": err.to_body().error });
+    if let Some(j) = job_id {
+        body["job_id"] = json!(j);
+    }
+    Message::Text(body.to_string().into())
+}
+
+/// WebSocket stream of job events. Send `{"op":"subscribe","job_id":"...","after":N}` and
+/// `{"op":"unsubscribe","job_id":"..."}`; receive event objects, `reset` and `error` frames.
+#[utoipa::path(
+    get, path = "/v1/ws", tag = "events",
+    params(("token" = Option<String>, Query, description = "API key, for clients that cannot set headers")),
+    responses(
+        (status = 101, description = "WebSocket upgrade"),
+        (status = 401, description = "unauthorized", body = ErrorBody),
+        (status = 422, description = "invalid_parameter (not a WebSocket upgrade request)", body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn ws(
+    State(state): State<AppState>,
+    Auth(principal): Auth,
+    upgrade: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
+) -> Response {
+    let upgrade = match upgrade {
+        Ok(u) => u,
+        Err(e) => {
+            return ApiError::new(
+                ErrorCode::InvalidParameter,
+                format!("expected a WebSocket upgrade: {e}"),
+            )
+            .into_response()
+        }
+    };
+    let tenant = principal.tenant_id;
+    upgrade
+        .max_message_size(64 * 1024)
+        .on_upgrade(move |socket| connection(state, tenant, socket))
+}
+
+async fn connection(state: AppState, tenant: Uuid, socket: WebSocket) {
+    state.metrics.ws_connections.inc();
+    let (mut sink, mut stream) = socket.split();
+    let (out_tx, mut out_rx) = mpsc::channel::<Message>(WS_BUFFER);
+    let slow = CancellationToken::new();
+    let conn_done = CancellationToken::new();
+    let mut subs: HashMap<Uuid, CancellationToken> = HashMap::new();
+    let mut ping = tokio::time::interval(PING_EVERY);
+    ping.tick().await;
+    let close = |code: u16, reason: &'static str| {
+        Message::Close(Some(CloseFrame {
+            code,
+            reason: reason.into(),
+        }))
+    };
+    loop {
+        tokio::select! {
+            _ = state.shutdown.cancelled() => {
+                let _ = tokio::time::timeout(SEND_TIMEOUT, sink.send(close(1012, "server restarting; reconnect"))).await;
+                break;
+            }
+            _ = slow.cancelled() => {
+                let _ = tokio::time::timeout(SEND_TIMEOUT, sink.send(close(1008, "client too slow; events dropped"))).await;
+                break;
+            }
+            _ = ping.tick() => {
+                if !matches!(tokio::time::timeout(SEND_TIMEOUT, sink.send(Message::Ping(Vec::new().into()))).await, Ok(Ok(()))) {
+                    break;
+                }
+            }
+            Some(msg) = out_rx.recv() => {
+                if !matches!(tokio::time::timeout(SEND_TIMEOUT, sink.send(msg)).await, Ok(Ok(()))) {
+                    break;
+                }
+            }
+            m = stream.next() => {
+                let text = match m {
+                    None | Some(Err(_)) | Some(Ok(Message::Close(_))) => break,
+                    Some(Ok(Message::Text(t))) => t,
+                    Some(Ok(Message::Binary(_))) => {
+                        let err = ApiError::new(ErrorCode::MalformedJson, "send JSON text frames");
+                        let _ = out_tx.try_send(error_frame(None, &err));
+                        continue;
+                    }
+                    Some(Ok(_)) => continue,
+                };
+                subs.retain(|_, t| !t.is_cancelled());
+                if let Err((job, err)) = handle_op(&state, tenant, text.as_str(), &mut subs, &out_tx, &slow, &conn_done) {
+                    let _ = out_tx.try_send(error_frame(job, &err));
+                }
+            }
+        }
+    }
+    conn_done.cancel();
+    state.metrics.ws_connections.dec();
+}
+
+fn handle_op(
+    state: &AppState,
+    tenant: Uuid,
+    text: &str,
+    subs: &mut HashMap<Uuid, CancellationToken>,
+    out: &mpsc::Sender<Message>,
+    slow: &CancellationToken,
+    conn_done: &CancellationToken,
+) -> Result<(), (Option<Uuid>, ApiError)> {
+    let op: ClientOp = serde_json::from_str(text).map_err(|e| {
+        let code = if e.is_data() {
+            ErrorCode::InvalidInput
+        } else {
+            ErrorCode::MalformedJson
+        };
+        (None, ApiError::new(code, format!("bad message: {e}")))
+    })?;
+    let job_id = match op.job_id.as_deref().map(Uuid::parse_str) {
+        Some(Ok(id)) => id,
+        _ => {
+            return Err((
+                None,
+                ApiError::field(
+                    ErrorCode::InvalidInput,
+                    "job_id",
+                    "a job id (UUID) is required",
+                ),
+            ))
+        }
+    };
+    match op.op.as_str() {
+        "subscribe" => {
+            if let Some(old) = subs.remove(&job_id) {
+                old.cancel();
+            }
+            if subs.len() >= MAX_SUBSCRIPTIONS {
+                return Err((
+                    Some(job_id),
+                    ApiError::new(
+                        ErrorCode::RateLimited,
+                        "too many subscriptions on this connection",
+                    ),
+                ));
+            }
+            let token = conn_done.child_token();
+            subs.insert(job_id, token.clone());
+            let (state, out, slow) = (state.clone(), out.clone(), slow.clone());
+            let after = op.after.unwrap_or(0);
+            state.tasks.clone().spawn(async move {
+                let mut feed = match Feed::open(&state, tenant, job_id, after, LIVE_BUFFER).await {
+                    Ok(f) => f,
+                    Err(e) => {
+                        let _ = out.try_send(error_frame(Some(job_id), &e));
+                        token.cancel();
+                        return;
+                    }
+                };
+                loop {
+                    let item = tokio::select! {
+                        _ = token.cancelled() => return,
+                        i = feed.next() => i,
+                    };
+                    let Some(item) = item else { break };
+                    let text = item.to_json(job_id).to_string();
+                    if out.try_send(Message::Text(text.into())).is_err() {
+                        slow.cancel();
+                        return;
+                    }
+                    if let FeedItem::Event(e) = &item {
+                        state.metrics.observe_delivery(e.ts);
+                    }
+                }
+                token.cancel();
+            });
+            Ok(())
+        }
+        "unsubscribe" => {
+            if let Some(t) = subs.remove(&job_id) {
+                t.cancel();
+            }
+            Ok(())
+        }
+        other => Err((
+            Some(job_id),
+            ApiError::field(
+                ErrorCode::InvalidInput,
+                "op",
+                format!("unknown op `{other}` (use subscribe or unsubscribe)"),
+            ),
+        )),
+    }
+}
+
+/// Server-Sent Events of one job: `id: <seq>`, `event: <type>`, `data: <event JSON>`. Resumes
+/// after `Last-Event-ID` (or `?after=`); closes after the terminal event.
+#[utoipa::path(
+    get, path = "/v1/jobs/{id}/events", tag = "events",
+    params(
+        ("id" = Uuid, Path, description = "job id"),
+        ("after" = Option<u64>, Query, description = "only events with a greater seq (Last-Event-ID wins)"),
+        ("token" = Option<String>, Query, description = "API key, for EventSource clients"),
+    ),
+    responses(
+        (status = 200, description = "text/event-stream of events", content_type = "text/event-stream"),
+        (status = 401, description = "unauthorized", body = ErrorBody),
+        (status = 404, description = "not_found", body = ErrorBody),
+        (status = 422, description = "invalid_parameter", body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn sse(
+    State(state): State<AppState>,
+    Auth(principal): Auth,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    uri: axum::http::Uri,
+) -> ApiResult<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>> {
+    let id = super::jobs::parse_id(&id)?;
+    let last_id = headers
+        .get("last-event-id")
+        .and_then(|v| v.to_str().ok())
+        .map(|s| s.trim().to_string());
+    let after = match last_id.or_else(|| uri.query().and_then(|q| url_query_param(q, "after"))) {
+        None => 0,
+        Some(s) if s.is_empty() => 0,
+        Some(s) => s.parse::<u64>().map_err(|_| {
+            ApiError::field(
+                ErrorCode::InvalidParameter,
+                "after",
+                "must be a non-negative integer",
+            )
+        })?,
+    };
+    let feed = Feed::open(&state, principal.tenant_id, id, after, LIVE_BUFFER).await?;
+    let metrics = state.metrics.clone();
+    let stream = futures::stream::unfold(feed, move |mut f| {
+        let metrics = metrics.clone();
+        async move {
+            let item = f.next().await?;
+            let data = item.to_json(f.job_id).to_string();
+            let ev = match &item {
+                FeedItem::Event(e) => {
+                    metrics.observe_delivery(e.ts);
+                    SseEvent::default()
+                        .id(e.seq.to_string())
+                        .event(e.kind.clone())
+                        .data(data)
+                }
+                FeedItem::Reset => SseEvent::default().event("reset").data(data),
+            };
+            Some((Ok(ev), f))
+        }
+    })
+    .take_until(state.shutdown.clone().cancelled_owned());
+    Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))))
+}

@@ -1,0 +1,154 @@
+//! Group commit of new jobs: requests queue up while the previous batch is being written, each
+//! batch is one INSERT, and a failing batch is retried row by row so one bad row never fails
+//! the others. After the commit the batch is dispatched to Redis (queued events first, then the
+//! queue entries) and marked with the Redis epoch it went to; the reconciler covers crashes.
+
+use redis::aio::ConnectionManager;
+use switchyard_core::job::JobStatus;
+use switchyard_core::Event;
+use switchyard_queue::keys::Keys;
+use switchyard_store::{NewJob, Store, StoreError};
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::task::TaskTracker;
+
+const MAX_BATCH: usize = 512;
+
+struct SubmitReq {
+    job: NewJob,
+    done: oneshot::Sender<Result<(), StoreError>>,
+}
+
+/// Handle to the group-commit task.
+#[derive(Clone)]
+pub struct Submitter {
+    tx: mpsc::Sender<SubmitReq>,
+}
+
+impl Submitter {
+    pub fn start(
+        store: Store,
+        keys: Keys,
+        redis: ConnectionManager,
+        tracker: &TaskTracker,
+    ) -> Submitter {
+        let (tx, rx) = mpsc::channel(8192);
+        let (dtx, drx) = mpsc::channel::<Vec<NewJob>>(64);
+        tracker.spawn(commit_loop(store.clone(), rx, dtx));
+        tracker.spawn(dispatch_loop(store, keys, redis, drx));
+        Submitter { tx }
+    }
+
+    /// Commits one job; returns once it is durable in Postgres.
+    pub async fn submit(&self, job: NewJob) -> Result<(), StoreError> {
+        let (done, rx) = oneshot::channel();
+        self.tx
+            .send(SubmitReq { job, done })
+            .await
+            .map_err(|_| StoreError::Unavailable(sqlx::Error::PoolClosed))?;
+        rx.await
+            .map_err(|_| StoreError::Unavailable(sqlx::Error::PoolClosed))?
+    }
+}
+
+async fn commit_loop(
+    store: Store,
+    mut rx: mpsc::Receiver<SubmitReq>,
+    dispatch: mpsc::Sender<Vec<NewJob>>,
+) {
+    let mut batch: Vec<SubmitReq> = Vec::with_capacity(MAX_BATCH);
+    while let Some(first) = rx.recv().await {
+        batch.push(first);
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(r) => batch.push(r),
+                Err(_) => break,
+            }
+        }
+        let jobs: Vec<NewJob> = batch.iter().map(|r| r.job.clone()).collect();
+        let mut committed = Vec::with_capacity(jobs.len());
+        match store.insert_jobs(&jobs).await {
+            Ok(()) => {
+                for r in batch.drain(..) {
+                    committed.push(r.job);
+                    let _ = r.done.send(Ok(()));
+                }
+            }
+            Err(StoreError::Unavailable(e)) => {
+                tracing::warn!(error = %e, n = batch.len(), "group commit: postgres unavailable");
+                for r in batch.drain(..) {
+                    let _ = r
+                        .done
+                        .send(Err(StoreError::Unavailable(sqlx::Error::PoolTimedOut)));
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, n = batch.len(), "group commit failed; retrying rows one by one");
+                for r in batch.drain(..) {
+                    let res = store.insert_jobs(std::slice::from_ref(&r.job)).await;
+                    if res.is_ok() {
+                        committed.push(r.job);
+                    }
+                    let _ = r.done.send(res);
+                }
+            }
+        }
+        if !committed.is_empty() && dispatch.send(committed).await.is_err() {
+            return;
+        }
+    }
+}
+
+async fn dispatch_loop(
+    store: Store,
+    keys: Keys,
+    mut redis: ConnectionManager,
+    mut rx: mpsc::Receiver<Vec<NewJob>>,
+) {
+    let live_ttl = 7 * 24 * 3600;
+    while let Some(mut jobs) = rx.recv().await {
+        // merge batches that are already waiting
+        while jobs.len() < 4 * MAX_BATCH {
+            match rx.try_recv() {
+                Ok(more) => jobs.extend(more),
+                Err(_) => break,
+            }
+        }
+        let mut pipe = redis::pipe();
+        pipe.get(keys.epoch());
+        for j in &jobs {
+            let ev = Event::status(j.id, 1, 0, JobStatus::Queued, serde_json::json!({}));
+            let payload = serde_json::to_string(&ev).unwrap_or_default();
+            pipe.cmd("XADD")
+                .arg(keys.events(j.id))
+                .arg("1-0")
+                .arg("e")
+                .arg(&payload)
+                .ignore();
+            pipe.expire(keys.events(j.id), live_ttl).ignore();
+            pipe.publish(keys.event_channel(j.id), &payload).ignore();
+        }
+        for j in &jobs {
+            let it = j.dispatch_item();
+            pipe.xadd(
+                keys.stream(&it.queue, 0),
+                "*",
+                &[("job", it.id.to_string()), ("t", it.tenant_id.to_string())],
+            )
+            .ignore();
+        }
+        let epoch: Option<i64> = match pipe.query_async::<(Option<i64>,)>(&mut redis).await {
+            Ok((e,)) => e,
+            Err(e) => {
+                // left with dispatch_epoch = 0: the reconciler dispatches them
+                tracing::warn!(error = %e, n = jobs.len(), "dispatch to redis failed; the reconciler will retry");
+                continue;
+            }
+        };
+        if let Some(epoch) = epoch {
+            let ids: Vec<_> = jobs.iter().map(|j| j.id).collect();
+            if let Err(e) = store.mark_dispatched(&ids, epoch).await {
+                tracing::warn!(error = %e, "could not mark jobs dispatched (they may be dispatched twice)");
+            }
+        }
+    }
+}

@@ -1,0 +1,120 @@
+//! Command-line arguments for `switchyard-loadtest`.
+
+use clap::{Parser, ValueEnum};
+
+/// Which kind of job the load test submits.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
+pub enum JobKind {
+    /// `system.noop`: measures pure queue/dispatch overhead.
+    Noop,
+    /// `llm.chat` against `--model` (use `mock-echo` for a deterministic mock).
+    Llm,
+}
+
+/// Load generator for a running Switchyard server: submits jobs over REST,
+/// follows them over WebSocket and reports latencies and throughput.
+#[derive(Parser, Debug, Clone)]
+#[command(name = "switchyard-loadtest", version, about)]
+pub struct Args {
+    /// Base URL of the Switchyard API (http:// or https://).
+    #[arg(long, default_value = "http://127.0.0.1:8080")]
+    pub url: String,
+
+    /// API key sent as `Authorization: Bearer <key>`.
+    #[arg(long, env = "SWITCHYARD_API_KEY", hide_env_values = true)]
+    pub api_key: String,
+
+    /// Total number of jobs to submit.
+    #[arg(long, default_value_t = 10_000)]
+    pub jobs: u64,
+
+    /// Number of concurrent submitter tasks (and HTTP pool size).
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..))]
+    pub concurrency: u32,
+
+    /// Job kind to submit.
+    #[arg(long, value_enum, default_value_t = JobKind::Noop)]
+    pub kind: JobKind,
+
+    /// Model for `--kind llm`.
+    #[arg(long, default_value = "mock-echo")]
+    pub model: String,
+
+    /// Number of WebSocket connections used to follow jobs (round robin).
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..))]
+    pub ws_connections: u32,
+
+    /// Seconds to wait for outstanding terminal events after the last submission.
+    #[arg(long, default_value_t = 120)]
+    pub timeout_s: u64,
+
+    /// Also print a one-line JSON summary on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl Args {
+    /// The `POST /v1/jobs` body for the selected kind.
+    pub fn job_body(&self) -> serde_json::Value {
+        match self.kind {
+            JobKind::Noop => serde_json::json!({ "kind": "system.noop", "input": {} }),
+            JobKind::Llm => serde_json::json!({
+                "kind": "llm.chat",
+                "input": {
+                    "model": self.model,
+                    "messages": [{ "role": "user", "content": "hello load test" }],
+                    "max_tokens": 16
+                }
+            }),
+        }
+    }
+}
+
+/// The base URL without trailing slashes.
+pub fn base_url(url: &str) -> &str {
+    url.trim_end_matches('/')
+}
+
+/// Derive the WebSocket endpoint (`ws[s]://host/.../v1/ws`) from the HTTP base URL.
+pub fn ws_url(url: &str) -> anyhow::Result<String> {
+    let base = base_url(url);
+    let rest = if let Some(r) = base.strip_prefix("http://") {
+        format!("ws://{r}")
+    } else if let Some(r) = base.strip_prefix("https://") {
+        format!("wss://{r}")
+    } else if base.starts_with("ws://") || base.starts_with("wss://") {
+        base.to_string()
+    } else {
+        anyhow::bail!("--url must start with http:// or https:// (got {url:?})");
+    };
+    Ok(format!("{rest}/v1/ws"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ws_url_from_http() {
+        assert_eq!(
+            ws_url("http://127.0.0.1:8080").unwrap(),
+            "ws://127.0.0.1:8080/v1/ws"
+        );
+        assert_eq!(
+            ws_url("https://h.example/api/").unwrap(),
+            "wss://h.example/api/v1/ws"
+        );
+        assert!(ws_url("ftp://x").is_err());
+    }
+
+    #[test]
+    fn parses_defaults() {
+        let a = Args::try_parse_from(["switchyard-loadtest", "--api-key", "sy_x"]).unwrap();
+        assert_eq!(a.jobs, 10_000);
+        assert_eq!(a.concurrency, 100);
+        assert_eq!(a.kind, JobKind::Noop);
+        assert_eq!(a.ws_connections, 4);
+        assert_eq!(a.timeout_s, 120);
+        assert_eq!(a.job_body()["kind"], "system.noop");
+    }
+}

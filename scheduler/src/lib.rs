@@ -1,0 +1,169 @@
+//! The scheduler: the reconciler that makes Redis rebuildable from Postgres. Each pass it
+//! (1) detects Redis data loss through the epoch key and starts a new epoch, (2) dispatches
+//! committed jobs that never reached Redis in the current epoch, (3) re-dispatches running jobs
+//! whose lease ran out long ago, and (4) moves due delayed jobs into the queue streams. Every
+//! step works in bounded batches driven by indexes, so a pass never rescans the whole backlog.
+
+use std::time::Duration;
+
+use switchyard_core::job::known_queues;
+use switchyard_queue::Queue;
+use switchyard_store::Store;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Debug, Clone)]
+pub struct SchedulerOptions {
+    /// Time between passes.
+    pub interval: Duration,
+    /// A committed job younger than this is left to the API's own dispatch.
+    pub undispatched_min_age: Duration,
+    /// Rows per batch.
+    pub batch: i64,
+    /// Batches per step per pass (bounds one pass).
+    pub max_batches: usize,
+    /// The job lease; a running job whose lease ran out more than this long ago is re-dispatched.
+    pub lease: Duration,
+}
+
+impl Default for SchedulerOptions {
+    fn default() -> Self {
+        SchedulerOptions {
+            interval: Duration::from_secs(1),
+            undispatched_min_age: Duration::from_secs(5),
+            batch: 1000,
+            max_batches: 20,
+            lease: Duration::from_secs(30),
+        }
+    }
+}
+
+/// What one pass did (for logs and tests).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct PassReport {
+    pub new_epoch: Option<i64>,
+    pub redispatched: usize,
+    pub expired: usize,
+    pub moved_due: usize,
+}
+
+pub struct Scheduler {
+    store: Store,
+    queue: Queue,
+    opts: SchedulerOptions,
+}
+
+impl Scheduler {
+    pub fn new(store: Store, queue: Queue, opts: SchedulerOptions) -> Scheduler {
+        Scheduler { store, queue, opts }
+    }
+
+    /// Runs passes until `stop`; errors (Redis or Postgres down) are logged and retried.
+    pub async fn run(self, stop: CancellationToken) {
+        tracing::info!("scheduler started");
+        let mut failures = 0u32;
+        loop {
+            match self.pass().await {
+                Ok(r) => {
+                    failures = 0;
+                    if r != PassReport::default() {
+                        tracing::info!(?r, "reconciler pass");
+                    }
+                }
+                Err(e) => {
+                    failures += 1;
+                    tracing::warn!(error = %e, failures, "reconciler pass failed; retrying");
+                }
+            }
+            let wait = if failures == 0 {
+                self.opts.interval
+            } else {
+                (self.opts.interval * failures.min(5)).min(Duration::from_secs(5))
+            };
+            tokio::select! {
+                _ = stop.cancelled() => break,
+                _ = tokio::time::sleep(wait) => {}
+            }
+        }
+        tracing::info!("scheduler stopped");
+    }
+
+    /// Ensures Redis holds an epoch that Postgres agrees on; returns it and whether it is new.
+    pub async fn ensure_epoch(&self) -> anyhow::Result<(i64, bool)> {
+        let pg = self.store.redis_epoch().await?;
+        match self.queue.epoch().await? {
+            Some(e) if e >= pg && e > 0 => Ok((e, false)),
+            seen => {
+                let new = self.store.bump_redis_epoch(seen.unwrap_or(0)).await?;
+                self.queue.set_epoch(new).await?;
+                for q in known_queues() {
+                    self.queue.ensure_group(q).await?;
+                }
+                if pg > 0 {
+                    tracing::warn!(
+                        old = pg,
+                        new,
+                        "redis lost its data (epoch key missing or old): re-dispatching unfinished jobs from postgres"
+                    );
+                } else {
+                    tracing::info!(epoch = new, "redis epoch initialised");
+                }
+                Ok((new, true))
+            }
+        }
+    }
+
+    /// One reconciliation pass.
+    pub async fn pass(&self) -> anyhow::Result<PassReport> {
+        let mut report = PassReport::default();
+        let (epoch, new) = self.ensure_epoch().await?;
+        if new {
+            report.new_epoch = Some(epoch);
+        }
+        // a fresh epoch re-dispatches everything unfinished, however young
+        let min_age = if new {
+            Duration::ZERO
+        } else {
+            self.opts.undispatched_min_age
+        };
+        for _ in 0..self.opts.max_batches {
+            let items = self
+                .store
+                .undispatched(epoch, min_age, self.opts.batch)
+                .await?;
+            if items.is_empty() {
+                break;
+            }
+            self.queue.dispatch(&items).await?;
+            let ids: Vec<_> = items.iter().map(|i| i.id).collect();
+            self.store.mark_dispatched(&ids, epoch).await?;
+            report.redispatched += items.len();
+            if (items.len() as i64) < self.opts.batch {
+                break;
+            }
+        }
+        for _ in 0..self.opts.max_batches {
+            let items = self
+                .store
+                .take_expired_leases(self.opts.lease, self.opts.batch)
+                .await?;
+            if items.is_empty() {
+                break;
+            }
+            self.queue.dispatch(&items).await?;
+            report.expired += items.len();
+            if (items.len() as i64) < self.opts.batch {
+                break;
+            }
+        }
+        for q in known_queues() {
+            for _ in 0..self.opts.max_batches {
+                let n = self.queue.move_due(q, self.opts.batch as usize).await?;
+                report.moved_due += n;
+                if n < self.opts.batch as usize {
+                    break;
+                }
+            }
+        }
+        Ok(report)
+    }
+}

@@ -1,0 +1,210 @@
+//! Configuration: defaults, then an optional TOML file, then `SWITCHYARD_*` env vars, then
+//! `DATABASE_URL` / `REDIS_URL`. Secrets are wrapped so they never print.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use figment::providers::{Env, Format, Serialized, Toml};
+use figment::Figment;
+use secrecy::{ExposeSecret, SecretString};
+use serde::{Deserialize, Serialize};
+
+/// Everything a Switchyard process may need. Each role reads the parts it uses.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Config {
+    /// Postgres URL (`DATABASE_URL`).
+    pub database_url: SecretString,
+    /// Redis URL (`REDIS_URL`).
+    pub redis_url: SecretString,
+    /// Prefix of every Redis key; tests use a unique one each.
+    pub redis_prefix: String,
+    /// API listen address (`--listen`).
+    pub listen: SocketAddr,
+    /// Lease of a running job; a worker that stops heartbeating loses it after this long.
+    pub lease_s: u64,
+    /// Grace period for draining on SIGTERM.
+    pub shutdown_grace_s: u64,
+    /// Maximum request body.
+    pub max_body_bytes: usize,
+    /// Whether `system.noop` is accepted (on in `dev` and benchmarks).
+    pub enable_noop: bool,
+    /// How long a finished job's live event stream stays in Redis.
+    pub event_ttl_s: u64,
+    /// JSON logs instead of text.
+    pub log_json: bool,
+    pub worker: WorkerConfig,
+    pub llm: LlmConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WorkerConfig {
+    /// Queues this worker serves (`llm`, `system`, ...).
+    pub queues: Vec<String>,
+    /// Jobs run at once by one worker process.
+    pub concurrency: usize,
+    /// Name prefix of this worker's consumers (a random suffix is added).
+    pub name: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct LlmConfig {
+    /// Base URL (up to, not including, `/chat/completions`) of an OpenAI-compatible provider.
+    pub openai_base_url: String,
+    pub openai_api_key: Option<SecretString>,
+    /// Base URL of the mock provider serving `mock-*` models (e.g. `http://127.0.0.1:8081/v1`).
+    pub mock_base_url: Option<String>,
+    /// Connect + first-byte timeout towards providers.
+    pub request_timeout_s: u64,
+}
+
+#[derive(Serialize)]
+struct Defaults {
+    database_url: &'static str,
+    redis_url: &'static str,
+    redis_prefix: &'static str,
+    listen: &'static str,
+    lease_s: u64,
+    shutdown_grace_s: u64,
+    max_body_bytes: usize,
+    enable_noop: bool,
+    event_ttl_s: u64,
+    log_json: bool,
+    worker: WorkerConfig,
+    llm: LlmDefaults,
+}
+
+#[derive(Serialize)]
+struct LlmDefaults {
+    openai_base_url: &'static str,
+    request_timeout_s: u64,
+}
+
+pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/switchyard";
+pub const DEFAULT_REDIS_URL: &str = "redis://127.0.0.1:6379";
+
+fn defaults() -> Defaults {
+    Defaults {
+        database_url: DEFAULT_DATABASE_URL,
+        redis_url: DEFAULT_REDIS_URL,
+        redis_prefix: "sy",
+        listen: "127.0.0.1:8080",
+        lease_s: 30,
+        shutdown_grace_s: 30,
+        max_body_bytes: 1024 * 1024,
+        enable_noop: false,
+        event_ttl_s: 3600,
+        log_json: false,
+        worker: WorkerConfig {
+            queues: crate::job::known_queues()
+                .into_iter()
+                .map(String::from)
+                .collect(),
+            concurrency: 64,
+            name: None,
+        },
+        llm: LlmDefaults {
+            openai_base_url: "https://api.openai.com/v1",
+            request_timeout_s: 60,
+        },
+    }
+}
+
+impl Config {
+    /// Loads the configuration. `file` overrides `SWITCHYARD_CONFIG`; a missing default file
+    /// (`switchyard.toml`) is fine, a missing explicitly named one is an error.
+    pub fn load(file: Option<&Path>) -> anyhow::Result<Config> {
+        let mut fig = Figment::from(Serialized::defaults(defaults()));
+        let named = file
+            .map(|p| p.to_path_buf())
+            .or_else(|| std::env::var_os("SWITCHYARD_CONFIG").map(Into::into));
+        match named {
+            Some(p) => {
+                if !p.exists() {
+                    anyhow::bail!("config file {} does not exist", p.display());
+                }
+                fig = fig.merge(Toml::file(p));
+            }
+            None => fig = fig.merge(Toml::file("switchyard.toml")),
+        }
+        fig = fig
+            .merge(
+                Env::prefixed("SWITCHYARD_")
+                    .ignore(&["CONFIG", "LOG", "DEV_API_KEY"])
+                    .split("__"),
+            )
+            .merge(
+                Env::raw()
+                    .only(&["DATABASE_URL", "REDIS_URL"])
+                    .map(|k| k.as_str().to_ascii_lowercase().into()),
+            )
+            .merge(
+                Env::raw()
+                    .only(&["OPENAI_API_KEY"])
+                    .map(|_| "llm.openai_api_key".into()),
+            );
+        let cfg: Config = fig
+            .extract()
+            .map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
+        cfg.check()?;
+        Ok(cfg)
+    }
+
+    /// A configuration with defaults only (tests adjust fields).
+    pub fn for_tests(database_url: &str, redis_url: &str, redis_prefix: &str) -> Config {
+        let mut cfg: Config = Figment::from(Serialized::defaults(defaults()))
+            .extract()
+            .expect("defaults are valid");
+        cfg.database_url = database_url.to_string().into();
+        cfg.redis_url = redis_url.to_string().into();
+        cfg.redis_prefix = redis_prefix.to_string();
+        cfg.enable_noop = true;
+        cfg
+    }
+
+    fn check(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(self.lease_s >= 2, "lease_s must be at least 2");
+        anyhow::ensure!(
+            self.worker.concurrency >= 1,
+            "worker.concurrency must be at least 1"
+        );
+        anyhow::ensure!(
+            !self.redis_prefix.is_empty() && !self.redis_prefix.contains(['{', '}']),
+            "redis_prefix must be non-empty and contain no braces"
+        );
+        for q in &self.worker.queues {
+            anyhow::ensure!(
+                crate::job::known_queues().contains(&q.as_str()),
+                "unknown queue `{q}` in worker.queues (known: {})",
+                crate::job::known_queues().join(", ")
+            );
+        }
+        Ok(())
+    }
+
+    pub fn lease(&self) -> Duration {
+        Duration::from_secs(self.lease_s)
+    }
+
+    pub fn database_url(&self) -> &str {
+        self.database_url.expose_secret()
+    }
+
+    pub fn redis_url(&self) -> &str {
+        self.redis_url.expose_secret()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_load_and_secrets_do_not_print() {
+        let cfg = Config::for_tests("postgres://u:hunter2@h/db", "redis://h", "t1");
+        assert_eq!(cfg.lease_s, 30);
+        assert_eq!(cfg.max_body_bytes, 1024 * 1024);
+        assert!(!format!("{cfg:?}").contains("hunter2"));
+        assert!(cfg.check().is_ok());
+    }
+}

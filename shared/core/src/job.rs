@@ -1,0 +1,501 @@
+//! Jobs: statuses, kinds (and the queue each kind runs on), request parsing and input validation.
+
+use chrono::{DateTime, Utc};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use uuid::Uuid;
+
+use crate::error::{ErrorCode, FieldError};
+
+/// Lifecycle of a job. `queued` also covers waiting for a retry or a `run_at`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum JobStatus {
+    Queued,
+    Running,
+    Succeeded,
+    Failed,
+    Cancelled,
+}
+
+impl JobStatus {
+    pub const ALL: [JobStatus; 5] = [
+        JobStatus::Queued,
+        JobStatus::Running,
+        JobStatus::Succeeded,
+        JobStatus::Failed,
+        JobStatus::Cancelled,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobStatus::Queued => "queued",
+            JobStatus::Running => "running",
+            JobStatus::Succeeded => "succeeded",
+            JobStatus::Failed => "failed",
+            JobStatus::Cancelled => "cancelled",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<JobStatus> {
+        JobStatus::ALL.into_iter().find(|st| st.as_str() == s)
+    }
+
+    pub fn is_terminal(self) -> bool {
+        matches!(
+            self,
+            JobStatus::Succeeded | JobStatus::Failed | JobStatus::Cancelled
+        )
+    }
+}
+
+impl std::fmt::Display for JobStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The job kinds this build knows. Each maps to the named queue its workers serve.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum JobKind {
+    /// An LLM chat completion through a provider (`llm` queue).
+    LlmChat,
+    /// Does nothing (optionally sleeps, streams or fails): measures the queue alone (`system` queue).
+    SystemNoop,
+}
+
+impl JobKind {
+    pub const ALL: [JobKind; 2] = [JobKind::LlmChat, JobKind::SystemNoop];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobKind::LlmChat => "llm.chat",
+            JobKind::SystemNoop => "system.noop",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<JobKind> {
+        JobKind::ALL.into_iter().find(|k| k.as_str() == s)
+    }
+
+    /// The queue a kind is dispatched to.
+    pub fn queue(self) -> &'static str {
+        match self {
+            JobKind::LlmChat => "llm",
+            JobKind::SystemNoop => "system",
+        }
+    }
+
+    /// Validates `input` for this kind; errors name the field, e.g. `input.messages[0].role`.
+    pub fn validate_input(self, input: &Value) -> Result<(), FieldError> {
+        if !input.is_object() {
+            return Err(FieldError::invalid("input", "must be a JSON object"));
+        }
+        match self {
+            JobKind::LlmChat => {
+                let chat: LlmChatInput = parse_at("input", input)?;
+                chat.validate()
+            }
+            JobKind::SystemNoop => {
+                let noop: NoopInput = parse_at("input", input)?;
+                noop.validate()
+            }
+        }
+    }
+}
+
+/// All queue names known to this build.
+pub fn known_queues() -> Vec<&'static str> {
+    let mut q: Vec<&'static str> = JobKind::ALL.iter().map(|k| k.queue()).collect();
+    q.sort_unstable();
+    q.dedup();
+    q
+}
+
+/// The error stored on a failed job (and carried by `failed` events).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct JobError {
+    /// Stable code, e.g. `timeout`, `provider_error`, `lease_expired`.
+    pub code: String,
+    pub message: String,
+    /// Whether running the job again could succeed.
+    pub retryable: bool,
+}
+
+impl JobError {
+    pub fn new(code: &str, message: impl Into<String>, retryable: bool) -> Self {
+        JobError {
+            code: code.to_string(),
+            message: message.into(),
+            retryable,
+        }
+    }
+}
+
+/// Job error codes written by the runtime (executors add their own, e.g. `provider_error`).
+pub mod job_error_codes {
+    /// The attempt ran longer than `timeout_s` (retryable).
+    pub const TIMEOUT: &str = "timeout";
+    /// A worker lost the job (crash, network) and no attempts were left.
+    pub const LEASE_EXPIRED: &str = "lease_expired";
+    /// No worker executor is registered for the kind.
+    pub const NO_EXECUTOR: &str = "no_executor";
+    /// The input failed the executor's own checks.
+    pub const INVALID_INPUT: &str = "invalid_input";
+    /// An unexpected failure inside the worker.
+    pub const INTERNAL: &str = "internal";
+}
+
+/// The job as clients see it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct Job {
+    pub id: Uuid,
+    pub kind: String,
+    pub queue: String,
+    pub status: JobStatus,
+    pub attempt: i32,
+    pub max_attempts: i32,
+    #[schema(value_type = Object)]
+    pub input: Value,
+    #[schema(value_type = Option<Object>)]
+    pub output: Option<Value>,
+    pub error: Option<JobError>,
+    #[schema(value_type = Object)]
+    pub metadata: Value,
+    pub timeout_s: Option<i32>,
+    pub created_by: String,
+    pub created_at: DateTime<Utc>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub finished_at: Option<DateTime<Utc>>,
+}
+
+/// What the queue needs to (re)dispatch a job.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DispatchItem {
+    pub id: Uuid,
+    pub tenant_id: Uuid,
+    pub queue: String,
+    pub priority: i16,
+    /// Not before this time (retry backoff); `None` = now.
+    pub run_at: Option<DateTime<Utc>>,
+}
+
+/// Limits applied to `POST /v1/jobs`.
+pub const DEFAULT_MAX_ATTEMPTS: i32 = 3;
+pub const MAX_MAX_ATTEMPTS: i32 = 100;
+pub const MAX_TIMEOUT_S: i32 = 86_400;
+pub const MAX_METADATA_KEYS: usize = 64;
+
+/// Body of `POST /v1/jobs`.
+#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateJobRequest {
+    /// Job kind, e.g. `llm.chat` or `system.noop`.
+    pub kind: String,
+    /// Kind-specific input.
+    #[schema(value_type = Object)]
+    pub input: Value,
+    /// Attempts before the job fails for good (lease expiries count). Default 3.
+    pub max_attempts: Option<i32>,
+    /// Per-attempt time limit in seconds, counted from `running`.
+    pub timeout_s: Option<i32>,
+    /// Free-form JSON object stored with the job.
+    #[schema(value_type = Option<Object>)]
+    pub metadata: Option<Value>,
+}
+
+/// A request that passed validation.
+#[derive(Debug, Clone)]
+pub struct ValidJobRequest {
+    pub kind: JobKind,
+    pub input: Value,
+    pub max_attempts: i32,
+    pub timeout_s: Option<i32>,
+    pub metadata: Value,
+}
+
+impl CreateJobRequest {
+    /// Parses and validates a request body already known to be JSON.
+    /// `kind_enabled` says whether a known kind is switched on here.
+    pub fn parse(
+        body: Value,
+        kind_enabled: impl Fn(JobKind) -> bool,
+    ) -> Result<ValidJobRequest, FieldError> {
+        if !body.is_object() {
+            return Err(FieldError::invalid("body", "must be a JSON object"));
+        }
+        let req: CreateJobRequest = parse_at("", &body)?;
+        let kind = JobKind::parse(&req.kind)
+            .filter(|k| kind_enabled(*k))
+            .ok_or_else(|| FieldError {
+                code: ErrorCode::UnknownKind,
+                field: "kind".into(),
+                message: format!("unknown or disabled job kind `{}`", req.kind),
+            })?;
+        kind.validate_input(&req.input)?;
+        let max_attempts = req.max_attempts.unwrap_or(DEFAULT_MAX_ATTEMPTS);
+        if !(1..=MAX_MAX_ATTEMPTS).contains(&max_attempts) {
+            return Err(FieldError::invalid(
+                "max_attempts",
+                format!("must be between 1 and {MAX_MAX_ATTEMPTS}"),
+            ));
+        }
+        if let Some(t) = req.timeout_s {
+            if !(1..=MAX_TIMEOUT_S).contains(&t) {
+                return Err(FieldError::invalid(
+                    "timeout_s",
+                    format!("must be between 1 and {MAX_TIMEOUT_S}"),
+                ));
+            }
+        }
+        let metadata = match req.metadata {
+            None | Some(Value::Null) => Value::Object(Default::default()),
+            Some(Value::Object(m)) if m.len() <= MAX_METADATA_KEYS => Value::Object(m),
+            Some(Value::Object(_)) => {
+                return Err(FieldError::invalid(
+                    "metadata",
+                    format!("at most {MAX_METADATA_KEYS} keys"),
+                ))
+            }
+            Some(_) => return Err(FieldError::invalid("metadata", "must be a JSON object")),
+        };
+        Ok(ValidJobRequest {
+            kind,
+            input: req.input,
+            max_attempts,
+            timeout_s: req.timeout_s,
+            metadata,
+        })
+    }
+}
+
+/// Deserializes `value` as `T`, turning serde errors into a [`FieldError`] whose field is the
+/// JSON path below `prefix` (e.g. `input.messages[0].role`).
+pub fn parse_at<T: DeserializeOwned>(prefix: &str, value: &Value) -> Result<T, FieldError> {
+    serde_path_to_error::deserialize::<_, T>(value).map_err(|err| {
+        let inner = err.inner().to_string();
+        let mut path = err.path().to_string();
+        if path == "." {
+            path.clear();
+        }
+        let join = |p: &str, leaf: &str| -> String {
+            let base = match (prefix.is_empty(), p.is_empty()) {
+                (true, true) => String::new(),
+                (true, false) => p.to_string(),
+                (false, true) => prefix.to_string(),
+                (false, false) => format!("{prefix}.{p}"),
+            };
+            match (base.is_empty(), leaf.is_empty()) {
+                (_, true) => base,
+                (true, false) => leaf.to_string(),
+                (false, false) => format!("{base}.{leaf}"),
+            }
+        };
+        if let Some(name) = backticked(&inner, "unknown field `") {
+            let field = if path.ends_with(&name) {
+                join(&path, "")
+            } else {
+                join(&path, &name)
+            };
+            return FieldError {
+                code: ErrorCode::UnknownField,
+                field,
+                message: format!("unknown field `{name}`"),
+            };
+        }
+        if let Some(name) = backticked(&inner, "missing field `") {
+            return FieldError::invalid(join(&path, &name), format!("missing field `{name}`"));
+        }
+        let field = join(&path, "");
+        let field = if field.is_empty() {
+            "body".to_string()
+        } else {
+            field
+        };
+        FieldError::invalid(field, strip_position(&inner))
+    })
+}
+
+fn backticked(msg: &str, lead: &str) -> Option<String> {
+    let rest = msg.strip_prefix(lead)?;
+    Some(rest.split('`').next()?.to_string())
+}
+
+fn strip_position(msg: &str) -> String {
+    match msg.find(" at line ") {
+        Some(i) => msg[..i].to_string(),
+        None => msg.to_string(),
+    }
+}
+
+/// Input of `llm.chat`.
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LlmChatInput {
+    /// Model name; `mock-*` models are served by the mock provider.
+    pub model: String,
+    pub messages: Vec<ChatMessage>,
+    pub max_tokens: Option<u32>,
+    pub temperature: Option<f64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ChatMessage {
+    /// One of `system`, `user`, `assistant`, `tool`.
+    pub role: String,
+    pub content: String,
+}
+
+pub const CHAT_ROLES: [&str; 4] = ["system", "user", "assistant", "tool"];
+
+impl LlmChatInput {
+    pub fn validate(&self) -> Result<(), FieldError> {
+        if self.model.trim().is_empty() || self.model.len() > 200 {
+            return Err(FieldError::invalid(
+                "input.model",
+                "must be 1 to 200 characters",
+            ));
+        }
+        if self.messages.is_empty() {
+            return Err(FieldError::invalid("input.messages", "must not be empty"));
+        }
+        for (i, m) in self.messages.iter().enumerate() {
+            if !CHAT_ROLES.contains(&m.role.as_str()) {
+                return Err(FieldError::invalid(
+                    format!("input.messages[{i}].role"),
+                    format!("must be one of {}", CHAT_ROLES.join(", ")),
+                ));
+            }
+        }
+        if let Some(t) = self.max_tokens {
+            if t == 0 || t > 1_000_000 {
+                return Err(FieldError::invalid(
+                    "input.max_tokens",
+                    "must be between 1 and 1000000",
+                ));
+            }
+        }
+        if let Some(t) = self.temperature {
+            if !(0.0..=2.0).contains(&t) {
+                return Err(FieldError::invalid(
+                    "input.temperature",
+                    "must be between 0 and 2",
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Input of `system.noop`: everything optional; used for benchmarks and tests of the runtime.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NoopInput {
+    /// Sleep this long (cancellable) before finishing; at most 600000.
+    #[serde(default)]
+    pub sleep_ms: u64,
+    /// Emit this many `output.delta` events (at most 10000).
+    #[serde(default)]
+    pub deltas: u32,
+    /// Fail retryably while `attempt <= fail_attempts`.
+    #[serde(default)]
+    pub fail_attempts: u32,
+    /// Fail with a non-retryable error.
+    #[serde(default)]
+    pub fail_fatal: bool,
+}
+
+impl NoopInput {
+    pub fn validate(&self) -> Result<(), FieldError> {
+        if self.sleep_ms > 600_000 {
+            return Err(FieldError::invalid(
+                "input.sleep_ms",
+                "must be at most 600000",
+            ));
+        }
+        if self.deltas > 10_000 {
+            return Err(FieldError::invalid("input.deltas", "must be at most 10000"));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn parse(v: Value) -> Result<ValidJobRequest, FieldError> {
+        CreateJobRequest::parse(v, |_| true)
+    }
+
+    #[test]
+    fn valid_chat_request() {
+        let r = parse(json!({"kind":"llm.chat","input":{"model":"mock-1","messages":[{"role":"user","content":"hi"}]}})).unwrap();
+        assert_eq!(r.kind, JobKind::LlmChat);
+        assert_eq!(r.max_attempts, 3);
+        assert_eq!(r.metadata, json!({}));
+    }
+
+    #[test]
+    fn bad_role_names_the_field() {
+        let e = parse(json!({"kind":"llm.chat","input":{"model":"m","messages":[{"role":"user","content":"a"},{"role":"robot","content":"b"}]}})).unwrap_err();
+        assert_eq!(e.field, "input.messages[1].role");
+        assert_eq!(e.code, ErrorCode::InvalidInput);
+    }
+
+    #[test]
+    fn unknown_fields_are_named() {
+        let e = parse(json!({"kind":"llm.chat","input":{"model":"m","messages":[{"role":"user","content":"a","x":1}]}})).unwrap_err();
+        assert_eq!(e.code, ErrorCode::UnknownField);
+        assert_eq!(e.field, "input.messages[0].x");
+        let e = parse(json!({"kind":"system.noop","input":{},"colour":1})).unwrap_err();
+        assert_eq!(e.code, ErrorCode::UnknownField);
+        assert_eq!(e.field, "colour");
+    }
+
+    #[test]
+    fn wrong_types_and_missing_fields() {
+        let e = parse(json!({"kind":"llm.chat","input":{"model":"m","messages":[{"role":"user","content":5}]}})).unwrap_err();
+        assert_eq!(e.field, "input.messages[0].content");
+        let e = parse(json!({"kind":"llm.chat","input":{"messages":[]}})).unwrap_err();
+        assert_eq!(e.field, "input.model");
+        let e = parse(json!({"input":{}})).unwrap_err();
+        assert_eq!(e.field, "kind");
+        let e = parse(json!([1, 2])).unwrap_err();
+        assert_eq!(e.field, "body");
+    }
+
+    #[test]
+    fn unknown_or_disabled_kind() {
+        let e = parse(json!({"kind":"nope","input":{}})).unwrap_err();
+        assert_eq!((e.code, e.field.as_str()), (ErrorCode::UnknownKind, "kind"));
+        let e = CreateJobRequest::parse(json!({"kind":"system.noop","input":{}}), |k| {
+            k != JobKind::SystemNoop
+        })
+        .unwrap_err();
+        assert_eq!(e.code, ErrorCode::UnknownKind);
+    }
+
+    #[test]
+    fn limits() {
+        let e = parse(json!({"kind":"system.noop","input":{},"max_attempts":0})).unwrap_err();
+        assert_eq!(e.field, "max_attempts");
+        let e = parse(json!({"kind":"system.noop","input":{},"timeout_s":0})).unwrap_err();
+        assert_eq!(e.field, "timeout_s");
+        let e = parse(json!({"kind":"system.noop","input":{},"metadata":[1]})).unwrap_err();
+        assert_eq!(e.field, "metadata");
+        let e = parse(json!({"kind":"llm.chat","input":{"model":"m","messages":[{"role":"user","content":"a"}],"temperature":3.0}})).unwrap_err();
+        assert_eq!(e.field, "input.temperature");
+    }
+
+    #[test]
+    fn statuses_round_trip() {
+        for s in JobStatus::ALL {
+            assert_eq!(JobStatus::parse(s.as_str()), Some(s));
+        }
+        assert!(JobStatus::Cancelled.is_terminal() && !JobStatus::Running.is_terminal());
+    }
+}

@@ -1,0 +1,14 @@
+//! Domain types shared by every Switchyard process: jobs, events, errors, API keys, config.
+//!
+//! This crate does no I/O; the store (Postgres), queue (Redis) and the binaries build on it.
+
+pub mod apikey;
+pub mod config;
+pub mod error;
+pub mod event;
+pub mod job;
+pub mod telemetry;
+
+pub use error::{ErrorCode, FieldError};
+pub use event::Event;
+pub use job::{Job, JobError, JobKind, JobStatus};

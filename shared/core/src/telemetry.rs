@@ -1,0 +1,100 @@
+//! Tracing setup and W3C `traceparent` helpers so a worker's spans join the submitter's trace.
+
+use rand::Rng;
+use tracing_subscriber::EnvFilter;
+
+/// Installs the global tracing subscriber (text or JSON). Safe to call twice (second is a no-op).
+pub fn init(json: bool) {
+    let filter = EnvFilter::try_from_env("SWITCHYARD_LOG")
+        .or_else(|_| EnvFilter::try_from_default_env())
+        .unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn,tower_http=info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    let _ = if json {
+        builder.json().flatten_event(true).try_init()
+    } else {
+        builder.compact().try_init()
+    };
+}
+
+/// A parsed W3C trace context (`00-<trace id>-<parent id>-<flags>`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TraceParent {
+    pub trace_id: String,
+    pub parent_id: String,
+    pub sampled: bool,
+}
+
+impl TraceParent {
+    pub fn parse(s: &str) -> Option<TraceParent> {
+        let parts: Vec<&str> = s.trim().split('-').collect();
+        if parts.len() != 4 || parts[0] != "00" {
+            return None;
+        }
+        let hex = |p: &str, n: usize| {
+            p.len() == n && p.bytes().all(|b| b.is_ascii_hexdigit()) && p.bytes().any(|b| b != b'0')
+        };
+        if !hex(parts[1], 32) || !hex(parts[2], 16) || parts[3].len() != 2 {
+            return None;
+        }
+        Some(TraceParent {
+            trace_id: parts[1].to_ascii_lowercase(),
+            parent_id: parts[2].to_ascii_lowercase(),
+            sampled: u8::from_str_radix(parts[3], 16).ok()? & 1 == 1,
+        })
+    }
+
+    /// Starts a new trace.
+    pub fn generate() -> TraceParent {
+        let mut rng = rand::thread_rng();
+        TraceParent {
+            trace_id: format!("{:032x}", rng.gen::<u128>() | 1),
+            parent_id: format!("{:016x}", rng.gen::<u64>() | 1),
+            sampled: true,
+        }
+    }
+
+    /// A child context: same trace, new span id.
+    pub fn child(&self) -> TraceParent {
+        TraceParent {
+            trace_id: self.trace_id.clone(),
+            parent_id: format!("{:016x}", rand::thread_rng().gen::<u64>() | 1),
+            sampled: self.sampled,
+        }
+    }
+}
+
+impl std::fmt::Display for TraceParent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "00-{}-{}-{}",
+            self.trace_id,
+            self.parent_id,
+            if self.sampled { "01" } else { "00" }
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn traceparent_round_trip() {
+        let s = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let t = TraceParent::parse(s).unwrap();
+        assert_eq!(t.to_string(), s);
+        let c = t.child();
+        assert_eq!(c.trace_id, t.trace_id);
+        assert_ne!(c.parent_id, t.parent_id);
+        assert!(TraceParent::parse("garbage").is_none());
+        assert!(
+            TraceParent::parse("00-00000000000000000000000000000000-00f067aa0ba902b7-01").is_none()
+        );
+        let g = TraceParent::generate();
+        assert_eq!(TraceParent::parse(&g.to_string()), Some(g));
+    }
+}

@@ -1,0 +1,165 @@
+//! Live job events in Redis: one stream per job (entry id `<seq>-0`), fenced by attempt, plus a
+//! pub/sub notification per event. The final state of a job is in Postgres, not here.
+
+use std::time::Duration;
+
+use redis::aio::ConnectionManager;
+use redis::{RedisResult, Script, Value};
+use switchyard_core::Event;
+use uuid::Uuid;
+
+use crate::keys::Keys;
+
+/// Result of publishing an event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Published {
+    Ok,
+    /// A newer attempt owns the job: the publisher is stale and must stop.
+    Fenced,
+    /// The seq is not above the last one in the stream (duplicate or out of order).
+    Stale,
+}
+
+// KEYS: ev stream, meta hash. ARGV: attempt, seq, payload, channel, ttl_s
+const PUBLISH_LUA: &str = r#"
+local cur = tonumber(redis.call('HGET', KEYS[2], 'attempt') or '0')
+local att = tonumber(ARGV[1])
+if att < cur then return -1 end
+if att > cur then redis.call('HSET', KEYS[2], 'attempt', att) end
+local r = redis.pcall('XADD', KEYS[1], ARGV[2] .. '-0', 'e', ARGV[3])
+if type(r) == 'table' and r.err then return -2 end
+redis.call('PUBLISH', ARGV[4], ARGV[3])
+local ttl = tonumber(ARGV[5])
+redis.call('EXPIRE', KEYS[1], ttl)
+redis.call('EXPIRE', KEYS[2], ttl)
+return 1
+"#;
+
+// KEYS: ev stream, meta hash. ARGV: attempt, ttl. Returns last seq, or -1 if fenced.
+const BEGIN_LUA: &str = r#"
+local cur = tonumber(redis.call('HGET', KEYS[2], 'attempt') or '0')
+local att = tonumber(ARGV[1])
+if att < cur then return -1 end
+redis.call('HSET', KEYS[2], 'attempt', att)
+redis.call('EXPIRE', KEYS[2], tonumber(ARGV[2]))
+local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
+if #last == 0 then return 0 end
+local ms = string.match(last[1][1], '^(%d+)-')
+return tonumber(ms)
+"#;
+
+/// What `read` found of a job's event history.
+#[derive(Debug, Clone)]
+pub struct History {
+    pub events: Vec<Event>,
+    /// Whether the job's event stream exists at all (absent: expired or lost).
+    pub exists: bool,
+}
+
+#[derive(Clone)]
+pub struct EventBus {
+    keys: Keys,
+    conn: ConnectionManager,
+    publish_script: Script,
+    begin_script: Script,
+    /// TTL of a live (unfinished) job's stream, refreshed by every event.
+    live_ttl: Duration,
+    /// TTL after the terminal event.
+    done_ttl: Duration,
+}
+
+impl EventBus {
+    pub fn new(keys: Keys, conn: ConnectionManager, done_ttl: Duration) -> EventBus {
+        EventBus {
+            keys,
+            conn,
+            publish_script: Script::new(PUBLISH_LUA),
+            begin_script: Script::new(BEGIN_LUA),
+            live_ttl: Duration::from_secs(7 * 24 * 3600),
+            done_ttl,
+        }
+    }
+
+    pub fn keys(&self) -> &Keys {
+        &self.keys
+    }
+
+    /// Registers `attempt` as the job's current run (fencing out older ones) and returns the
+    /// highest seq already in the stream (0 if none), so the run continues numbering from there.
+    pub async fn begin_attempt(&self, job: Uuid, attempt: i32) -> RedisResult<Option<u64>> {
+        let mut c = self.conn.clone();
+        let last: i64 = self
+            .begin_script
+            .key(self.keys.events(job))
+            .key(self.keys.event_meta(job))
+            .arg(attempt)
+            .arg(self.live_ttl.as_secs())
+            .invoke_async(&mut c)
+            .await?;
+        Ok(if last < 0 { None } else { Some(last as u64) })
+    }
+
+    /// Appends an event and notifies live subscribers, unless a newer attempt owns the job.
+    pub async fn publish(&self, ev: &Event) -> RedisResult<Published> {
+        let payload = serde_json::to_string(ev).map_err(|e| {
+            redis::RedisError::from((redis::ErrorKind::TypeError, "event json", e.to_string()))
+        })?;
+        let ttl = if ev.is_terminal() {
+            self.done_ttl
+        } else {
+            self.live_ttl
+        };
+        let mut c = self.conn.clone();
+        let r: i64 = self
+            .publish_script
+            .key(self.keys.events(ev.job_id))
+            .key(self.keys.event_meta(ev.job_id))
+            .arg(ev.attempt)
+            .arg(ev.seq)
+            .arg(payload)
+            .arg(self.keys.event_channel(ev.job_id))
+            .arg(ttl.as_secs().max(1))
+            .invoke_async(&mut c)
+            .await?;
+        Ok(match r {
+            1 => Published::Ok,
+            -1 => Published::Fenced,
+            _ => Published::Stale,
+        })
+    }
+
+    /// Events with seq > `after`, at most `limit`, in order.
+    pub async fn read(&self, job: Uuid, after: u64, limit: usize) -> RedisResult<History> {
+        let mut c = self.conn.clone();
+        let key = self.keys.events(job);
+        let (raw, exists): (Value, bool) = redis::pipe()
+            .cmd("XRANGE")
+            .arg(&key)
+            .arg(format!("{}-0", after + 1))
+            .arg("+")
+            .arg("COUNT")
+            .arg(limit)
+            .exists(&key)
+            .query_async(&mut c)
+            .await?;
+        let mut events = Vec::new();
+        if let Value::Array(entries) = raw {
+            for e in entries {
+                let Value::Array(pair) = e else { continue };
+                let Some(Value::Array(fields)) = pair.get(1) else {
+                    continue;
+                };
+                for kv in fields.chunks(2) {
+                    if let [Value::BulkString(k), Value::BulkString(v)] = kv {
+                        if k == b"e" {
+                            if let Ok(ev) = serde_json::from_slice::<Event>(v) {
+                                events.push(ev);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        Ok(History { events, exists })
+    }
+}

@@ -1,0 +1,100 @@
+//! The Redis key schema. Every multi-key script touches keys of one hash tag (one Cluster slot).
+//!
+//! | key | type | what |
+//! |---|---|---|
+//! | `{P:q:<queue>}:p<prio>` | stream | ready jobs of a queue at a priority (group `workers`) |
+//! | `{P:q:<queue>}:delayed` | zset | jobs waiting for `run_at` (score = ms), member `<id>:<tenant>:<prio>` |
+//! | `{P:q:<queue>}:t:<tenant>:p<prio>` | (reserved) | per-tenant lanes for the fairness issue |
+//! | `{P:job:<id>}:ev` | stream | live events of a job, entry id `<seq>-0`, field `e` = event JSON |
+//! | `{P:job:<id>}:meta` | hash | `attempt`: highest attempt seen (fences stale publishers) |
+//! | `P:evch:<id>` | pub/sub | live events of a job (one SUBSCRIBE per watched job per API process) |
+//! | `P:cancel` | pub/sub | job ids whose cancellation was requested |
+//! | `{P:meta}:epoch` | string | Redis epoch; its absence means Redis lost its data |
+//!
+//! `P` is the configured prefix (`sy` by default; tests use a unique one each).
+
+use uuid::Uuid;
+
+/// Consumer group of every queue stream.
+pub const GROUP: &str = "workers";
+/// Priorities are a seam for the priorities issue; the spine uses 0 only.
+pub const PRIORITIES: [i16; 1] = [0];
+
+#[derive(Debug, Clone)]
+pub struct Keys {
+    prefix: String,
+}
+
+impl Keys {
+    pub fn new(prefix: &str) -> Keys {
+        Keys {
+            prefix: prefix.to_string(),
+        }
+    }
+
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    pub fn stream(&self, queue: &str, priority: i16) -> String {
+        format!("{{{}:q:{queue}}}:p{priority}", self.prefix)
+    }
+
+    pub fn delayed(&self, queue: &str) -> String {
+        format!("{{{}:q:{queue}}}:delayed", self.prefix)
+    }
+
+    pub fn events(&self, job: Uuid) -> String {
+        format!("{{{}:job:{job}}}:ev", self.prefix)
+    }
+
+    pub fn event_meta(&self, job: Uuid) -> String {
+        format!("{{{}:job:{job}}}:meta", self.prefix)
+    }
+
+    pub fn event_channel(&self, job: Uuid) -> String {
+        format!("{}:evch:{job}", self.prefix)
+    }
+
+    pub fn event_channel_prefix(&self) -> String {
+        format!("{}:evch:", self.prefix)
+    }
+
+    pub fn cancel_channel(&self) -> String {
+        format!("{}:cancel", self.prefix)
+    }
+
+    pub fn epoch(&self) -> String {
+        format!("{{{}:meta}}:epoch", self.prefix)
+    }
+}
+
+/// The hash tag of a key (the part Redis Cluster hashes).
+pub fn hash_tag(key: &str) -> &str {
+    if let Some(start) = key.find('{') {
+        if let Some(len) = key[start + 1..].find('}') {
+            if len > 0 {
+                return &key[start + 1..start + 1 + len];
+            }
+        }
+    }
+    key
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_of_one_script_share_a_slot() {
+        let k = Keys::new("sy");
+        assert_eq!(hash_tag(&k.stream("llm", 0)), hash_tag(&k.delayed("llm")));
+        let id = Uuid::now_v7();
+        assert_eq!(hash_tag(&k.events(id)), hash_tag(&k.event_meta(id)));
+        assert_ne!(
+            hash_tag(&k.stream("llm", 0)),
+            hash_tag(&k.stream("system", 0))
+        );
+        assert_eq!(k.stream("llm", 0), "{sy:q:llm}:p0");
+    }
+}

@@ -1,0 +1,46 @@
+//! Redis side of Switchyard: job dispatch over Streams (consumer groups, leases, reclaim),
+//! the delayed set, the epoch that detects data loss, live job events and cancel notices.
+//!
+//! Redis is never the source of truth: everything here can be rebuilt from Postgres.
+
+pub mod events;
+pub mod keys;
+pub mod live;
+pub mod queue;
+
+pub use events::EventBus;
+pub use keys::Keys;
+pub use live::{LiveHub, LiveMsg, LiveSubscription};
+pub use queue::{Delivery, Queue};
+
+use std::time::Duration;
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+
+/// Opens a self-reconnecting connection. `response_timeout` must exceed any BLOCK used on it.
+pub async fn connect(
+    client: &redis::Client,
+    response_timeout: Duration,
+) -> redis::RedisResult<ConnectionManager> {
+    let cfg = ConnectionManagerConfig::new()
+        .set_connection_timeout(Duration::from_secs(3))
+        .set_response_timeout(response_timeout)
+        .set_number_of_retries(2)
+        .set_max_delay(1000);
+    ConnectionManager::new_with_config(client.clone(), cfg).await
+}
+
+/// Whether an error is worth a retry after a pause (connection trouble, failover, loading).
+pub fn is_transient(e: &redis::RedisError) -> bool {
+    e.is_io_error()
+        || e.is_connection_dropped()
+        || e.is_connection_refusal()
+        || e.is_timeout()
+        || matches!(
+            e.kind(),
+            redis::ErrorKind::BusyLoadingError
+                | redis::ErrorKind::TryAgain
+                | redis::ErrorKind::ClusterDown
+                | redis::ErrorKind::MasterDown
+        )
+}

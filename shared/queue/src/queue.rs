@@ -1,0 +1,309 @@
+//! Job dispatch over Redis Streams: XADD to dispatch, XREADGROUP to fetch, XCLAIM JUSTID as a
+//! lease heartbeat, XAUTOCLAIM to reclaim expired leases, XACK+XDEL when done, and a delayed
+//! zset moved into the streams in bounded batches. No operation costs O(backlog).
+
+use std::time::Duration;
+
+use chrono::Utc;
+use redis::aio::ConnectionManager;
+use redis::streams::{StreamReadOptions, StreamReadReply};
+use redis::{AsyncCommands, RedisResult, Script, Value};
+use switchyard_core::job::DispatchItem;
+use uuid::Uuid;
+
+use crate::keys::{Keys, GROUP, PRIORITIES};
+
+/// One fetched stream entry: a job to claim.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Delivery {
+    pub queue: String,
+    pub stream: String,
+    pub entry_id: String,
+    pub job_id: Uuid,
+}
+
+/// Dispatch and lease operations on the queue streams.
+#[derive(Clone)]
+pub struct Queue {
+    keys: Keys,
+    conn: ConnectionManager,
+    heartbeat_script: Script,
+    move_due_script: Script,
+}
+
+const HEARTBEAT_LUA: &str = r#"
+local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[3], ARGV[3], 1)
+if #p == 0 or p[1][2] ~= ARGV[2] then return 0 end
+redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[3], 'JUSTID')
+return 1
+"#;
+
+// KEYS[1] = delayed zset, KEYS[2..] = priority streams in PRIORITIES order.
+// ARGV[1] = now ms, ARGV[2] = max items. Moves at most ARGV[2] due members.
+const MOVE_DUE_LUA: &str = r#"
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
+for _, m in ipairs(due) do
+  local id, tenant, prio = string.match(m, '^([^:]+):([^:]*):(%d+)$')
+  if id then
+    local k = KEYS[2 + tonumber(prio)] or KEYS[2]
+    redis.call('XADD', k, '*', 'job', id, 't', tenant)
+  end
+  redis.call('ZREM', KEYS[1], m)
+end
+return #due
+"#;
+
+impl Queue {
+    pub fn new(keys: Keys, conn: ConnectionManager) -> Queue {
+        Queue {
+            keys,
+            conn,
+            heartbeat_script: Script::new(HEARTBEAT_LUA),
+            move_due_script: Script::new(MOVE_DUE_LUA),
+        }
+    }
+
+    pub fn keys(&self) -> &Keys {
+        &self.keys
+    }
+
+    pub fn conn(&self) -> ConnectionManager {
+        self.conn.clone()
+    }
+
+    /// Creates the consumer group of every priority stream of `queue` (idempotent; needed again
+    /// after Redis lost its data).
+    pub async fn ensure_group(&self, queue: &str) -> RedisResult<()> {
+        let mut c = self.conn.clone();
+        for p in PRIORITIES {
+            let res: RedisResult<()> = c
+                .xgroup_create_mkstream(self.keys.stream(queue, p), GROUP, "0")
+                .await;
+            match res {
+                Ok(()) => {}
+                Err(e) if e.code() == Some("BUSYGROUP") => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// Hands jobs to Redis in one pipeline: ready ones to their stream, future ones to the
+    /// delayed set.
+    pub async fn dispatch(&self, items: &[DispatchItem]) -> RedisResult<()> {
+        if items.is_empty() {
+            return Ok(());
+        }
+        let now = Utc::now();
+        let mut pipe = redis::pipe();
+        for it in items {
+            match it.run_at {
+                Some(t) if t > now => {
+                    pipe.zadd(
+                        self.keys.delayed(&it.queue),
+                        delayed_member(it),
+                        t.timestamp_millis(),
+                    )
+                    .ignore();
+                }
+                _ => {
+                    pipe.xadd(
+                        self.keys.stream(&it.queue, it.priority.clamp(0, 0)),
+                        "*",
+                        &[("job", it.id.to_string()), ("t", it.tenant_id.to_string())],
+                    )
+                    .ignore();
+                }
+            }
+        }
+        let mut c = self.conn.clone();
+        pipe.query_async::<()>(&mut c).await
+    }
+
+    /// Reads up to `count` new entries of `queue` for `consumer`, blocking up to `block`.
+    /// Use a connection of its own for this (a blocking read stalls other commands).
+    pub async fn fetch(
+        &self,
+        conn: &mut ConnectionManager,
+        queue: &str,
+        consumer: &str,
+        count: usize,
+        block: Duration,
+    ) -> RedisResult<Vec<Delivery>> {
+        let streams: Vec<String> = PRIORITIES
+            .iter()
+            .map(|p| self.keys.stream(queue, *p))
+            .collect();
+        let ids: Vec<&str> = streams.iter().map(|_| ">").collect();
+        let opts = StreamReadOptions::default()
+            .group(GROUP, consumer)
+            .count(count)
+            .block(block.as_millis() as usize);
+        let reply: Option<StreamReadReply> = conn.xread_options(&streams, &ids, &opts).await?;
+        let mut out = Vec::new();
+        for key in reply.map(|r| r.keys).unwrap_or_default() {
+            for entry in key.ids {
+                out.push(to_delivery(
+                    queue,
+                    &key.key,
+                    &entry.id,
+                    entry.get::<String>("job"),
+                ));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Renews the lease of a delivery (resets its idle time) if `consumer` still owns it.
+    pub async fn heartbeat(&self, d: &Delivery, consumer: &str) -> RedisResult<bool> {
+        let mut c = self.conn.clone();
+        let owned: i64 = self
+            .heartbeat_script
+            .key(&d.stream)
+            .arg(GROUP)
+            .arg(consumer)
+            .arg(&d.entry_id)
+            .invoke_async(&mut c)
+            .await?;
+        Ok(owned == 1)
+    }
+
+    /// Removes a delivery for good (the job's state lives in Postgres).
+    pub async fn ack(&self, d: &Delivery) -> RedisResult<()> {
+        let mut c = self.conn.clone();
+        redis::pipe()
+            .xack(&d.stream, GROUP, &[&d.entry_id])
+            .ignore()
+            .xdel(&d.stream, &[&d.entry_id])
+            .ignore()
+            .query_async::<()>(&mut c)
+            .await
+    }
+
+    /// Takes over up to `count` entries idle for longer than `min_idle` (their worker stopped
+    /// heartbeating). `cursor` is per stream and carried between calls (XAUTOCLAIM's cursor).
+    pub async fn reclaim(
+        &self,
+        queue: &str,
+        consumer: &str,
+        min_idle: Duration,
+        cursor: &mut String,
+        count: usize,
+    ) -> RedisResult<Vec<Delivery>> {
+        let stream = self.keys.stream(queue, 0);
+        let mut c = self.conn.clone();
+        let reply: Value = redis::cmd("XAUTOCLAIM")
+            .arg(&stream)
+            .arg(GROUP)
+            .arg(consumer)
+            .arg(min_idle.as_millis() as u64)
+            .arg(cursor.as_str())
+            .arg("COUNT")
+            .arg(count)
+            .query_async(&mut c)
+            .await?;
+        let mut out = Vec::new();
+        if let Value::Array(parts) = reply {
+            if let Some(Value::BulkString(next)) = parts.first() {
+                *cursor = String::from_utf8_lossy(next).into_owned();
+            }
+            if let Some(Value::Array(entries)) = parts.get(1) {
+                for e in entries {
+                    // deleted entries come back as nil and are dropped from the PEL by Redis
+                    if let Value::Array(pair) = e {
+                        let id = match pair.first() {
+                            Some(Value::BulkString(b)) => String::from_utf8_lossy(b).into_owned(),
+                            _ => continue,
+                        };
+                        let job = match pair.get(1) {
+                            Some(Value::Array(fields)) => field(fields, "job"),
+                            _ => None,
+                        };
+                        out.push(to_delivery(queue, &stream, &id, job));
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Parks a job until `run_at` (retry backoff).
+    pub async fn delay(&self, item: &DispatchItem) -> RedisResult<()> {
+        self.dispatch(std::slice::from_ref(item)).await
+    }
+
+    /// Moves at most `limit` due jobs of `queue` from the delayed set to its streams.
+    pub async fn move_due(&self, queue: &str, limit: usize) -> RedisResult<usize> {
+        let mut c = self.conn.clone();
+        let mut inv = self.move_due_script.key(self.keys.delayed(queue));
+        for p in PRIORITIES {
+            inv.key(self.keys.stream(queue, p));
+        }
+        let n: usize = inv
+            .arg(Utc::now().timestamp_millis())
+            .arg(limit)
+            .invoke_async(&mut c)
+            .await?;
+        Ok(n)
+    }
+
+    /// Entries in the streams of `queue` (waiting + in flight) and in its delayed set.
+    pub async fn depth(&self, queue: &str) -> RedisResult<(u64, u64)> {
+        let mut c = self.conn.clone();
+        let mut pipe = redis::pipe();
+        for p in PRIORITIES {
+            pipe.xlen(self.keys.stream(queue, p));
+        }
+        pipe.zcard(self.keys.delayed(queue));
+        let v: Vec<u64> = pipe.query_async(&mut c).await?;
+        let delayed = v.last().copied().unwrap_or(0);
+        let streams: u64 = v[..v.len().saturating_sub(1)].iter().sum();
+        Ok((streams, delayed))
+    }
+
+    /// The current epoch, or `None` if Redis lost it (fresh or flushed Redis).
+    pub async fn epoch(&self) -> RedisResult<Option<i64>> {
+        let mut c = self.conn.clone();
+        c.get(self.keys.epoch()).await
+    }
+
+    pub async fn set_epoch(&self, epoch: i64) -> RedisResult<()> {
+        let mut c = self.conn.clone();
+        c.set(self.keys.epoch(), epoch).await
+    }
+
+    /// Announces a cancel request to the workers.
+    pub async fn notify_cancel(&self, job: Uuid) -> RedisResult<()> {
+        let mut c = self.conn.clone();
+        c.publish(self.keys.cancel_channel(), job.to_string()).await
+    }
+
+    pub async fn ping(&self) -> RedisResult<()> {
+        let mut c = self.conn.clone();
+        redis::cmd("PING").query_async::<()>(&mut c).await
+    }
+}
+
+fn delayed_member(it: &DispatchItem) -> String {
+    format!("{}:{}:{}", it.id, it.tenant_id, it.priority.clamp(0, 0))
+}
+
+fn field(fields: &[Value], name: &str) -> Option<String> {
+    fields.chunks(2).find_map(|kv| match kv {
+        [Value::BulkString(k), Value::BulkString(v)] if k == name.as_bytes() => {
+            Some(String::from_utf8_lossy(v).into_owned())
+        }
+        _ => None,
+    })
+}
+
+fn to_delivery(queue: &str, stream: &str, id: &str, job: Option<String>) -> Delivery {
+    Delivery {
+        queue: queue.to_string(),
+        stream: stream.to_string(),
+        entry_id: id.to_string(),
+        job_id: job
+            .and_then(|j| Uuid::parse_str(&j).ok())
+            .unwrap_or(Uuid::nil()),
+    }
+}

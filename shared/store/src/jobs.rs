@@ -1,0 +1,553 @@
+//! Jobs in Postgres: group-committed inserts, tenant-scoped reads, and the fenced state machine
+//! (every write of a run names its `attempt` and is ignored once a newer attempt exists).
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde_json::Value;
+pub use switchyard_core::job::DispatchItem;
+use switchyard_core::job::{job_error_codes, Job, JobError, JobStatus};
+use uuid::Uuid;
+
+use crate::{Result, Store};
+
+const JOB_COLUMNS: &str = "id, tenant_id, created_by, kind, queue, priority, status, attempt, \
+    max_attempts, timeout_s, input, output, error, metadata, trace_parent, created_at, started_at, \
+    finished_at, run_at, lease_owner, lease_expires_at, cancel_requested_at, dispatch_epoch, event_seq";
+
+/// A job row as stored.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct JobRow {
+    pub id: Uuid,
+    pub tenant_id: Uuid,
+    pub created_by: String,
+    pub kind: String,
+    pub queue: String,
+    pub priority: i16,
+    pub status: String,
+    pub attempt: i32,
+    pub max_attempts: i32,
+    pub timeout_s: Option<i32>,
+    pub input: Value,
+    pub output: Option<Value>,
+    pub error: Option<Value>,
+    pub metadata: Value,
+    pub trace_parent: Option<String>,
+    pub created_at: DateTime<Utc>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub finished_at: Option<DateTime<Utc>>,
+    pub run_at: Option<DateTime<Utc>>,
+    pub lease_owner: Option<String>,
+    pub lease_expires_at: Option<DateTime<Utc>>,
+    pub cancel_requested_at: Option<DateTime<Utc>>,
+    pub dispatch_epoch: i64,
+    pub event_seq: i64,
+}
+
+impl JobRow {
+    pub fn status(&self) -> JobStatus {
+        JobStatus::parse(&self.status).unwrap_or(JobStatus::Failed)
+    }
+
+    pub fn job_error(&self) -> Option<JobError> {
+        self.error
+            .as_ref()
+            .and_then(|e| serde_json::from_value(e.clone()).ok())
+    }
+
+    /// The client-facing representation.
+    pub fn to_job(&self) -> Job {
+        Job {
+            id: self.id,
+            kind: self.kind.clone(),
+            queue: self.queue.clone(),
+            status: self.status(),
+            attempt: self.attempt,
+            max_attempts: self.max_attempts,
+            input: self.input.clone(),
+            output: self.output.clone(),
+            error: self.job_error(),
+            metadata: self.metadata.clone(),
+            timeout_s: self.timeout_s,
+            created_by: self.created_by.clone(),
+            created_at: self.created_at,
+            started_at: self.started_at,
+            finished_at: self.finished_at,
+        }
+    }
+
+    pub fn dispatch_item(&self) -> DispatchItem {
+        DispatchItem {
+            id: self.id,
+            tenant_id: self.tenant_id,
+            queue: self.queue.clone(),
+            priority: self.priority,
+            run_at: self.run_at,
+        }
+    }
+}
+
+/// A job to insert. `event_seq` is 1: the `queued` status event.
+#[derive(Debug, Clone)]
+pub struct NewJob {
+    pub id: Uuid,
+    pub tenant_id: Uuid,
+    pub created_by: String,
+    pub kind: String,
+    pub queue: String,
+    pub priority: i16,
+    pub max_attempts: i32,
+    pub timeout_s: Option<i32>,
+    pub input: Value,
+    pub metadata: Value,
+    pub trace_parent: Option<String>,
+    pub created_at: DateTime<Utc>,
+}
+
+impl NewJob {
+    /// The row as it is right after insertion (saves a read-back).
+    pub fn to_job(&self) -> Job {
+        Job {
+            id: self.id,
+            kind: self.kind.clone(),
+            queue: self.queue.clone(),
+            status: JobStatus::Queued,
+            attempt: 0,
+            max_attempts: self.max_attempts,
+            input: self.input.clone(),
+            output: None,
+            error: None,
+            metadata: self.metadata.clone(),
+            timeout_s: self.timeout_s,
+            created_by: self.created_by.clone(),
+            created_at: self.created_at,
+            started_at: None,
+            finished_at: None,
+        }
+    }
+
+    pub fn dispatch_item(&self) -> DispatchItem {
+        DispatchItem {
+            id: self.id,
+            tenant_id: self.tenant_id,
+            queue: self.queue.clone(),
+            priority: self.priority,
+            run_at: None,
+        }
+    }
+}
+
+/// Filters of `GET /v1/jobs`.
+#[derive(Debug, Clone, Default)]
+pub struct JobFilter {
+    pub status: Option<JobStatus>,
+    pub kind: Option<String>,
+    /// Only jobs with an id below this one (the cursor).
+    pub before: Option<Uuid>,
+    pub limit: i64,
+}
+
+#[derive(Debug)]
+pub enum CancelOutcome {
+    NotFound,
+    /// Was queued: now cancelled; the `cancelled` event has this seq.
+    Cancelled(JobRow),
+    /// Is running: a durable cancel request was recorded; the worker confirms.
+    Requested(JobRow),
+    /// Already terminal.
+    Finished(JobRow),
+}
+
+#[derive(Debug)]
+pub enum ClaimOutcome {
+    /// This worker now runs `attempt` (the fencing token) of the job.
+    Claimed(JobRow),
+    /// Nothing to run: the job is gone, finished, or held by a live lease elsewhere.
+    Skip(&'static str),
+    /// The job waits for `run_at`: park it in the delayed set.
+    NotDue(JobRow),
+    /// The claim finished the job instead (cancel requested, attempts exhausted): publish its
+    /// terminal event (`event_seq`).
+    Finalized(JobRow),
+}
+
+/// How a run ended, as written by the worker for its attempt.
+#[derive(Debug, Clone)]
+pub enum RunEnd {
+    Succeeded(Value),
+    Failed(JobError),
+    Cancelled,
+    /// Retry later: back to `queued` with `run_at`.
+    Retry {
+        error: JobError,
+        run_at: DateTime<Utc>,
+    },
+}
+
+fn millis(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+impl Store {
+    /// Inserts a batch in one statement (group commit). On failure the caller retries rows one by
+    /// one so one bad row never fails the others.
+    pub async fn insert_jobs(&self, jobs: &[NewJob]) -> Result<()> {
+        if jobs.is_empty() {
+            return Ok(());
+        }
+        let mut ids = Vec::with_capacity(jobs.len());
+        let mut tenants = Vec::with_capacity(jobs.len());
+        let mut created_by = Vec::with_capacity(jobs.len());
+        let mut kinds = Vec::with_capacity(jobs.len());
+        let mut queues = Vec::with_capacity(jobs.len());
+        let mut priorities = Vec::with_capacity(jobs.len());
+        let mut max_attempts = Vec::with_capacity(jobs.len());
+        let mut timeouts: Vec<Option<i32>> = Vec::with_capacity(jobs.len());
+        let mut inputs = Vec::with_capacity(jobs.len());
+        let mut metadata = Vec::with_capacity(jobs.len());
+        let mut traces: Vec<Option<String>> = Vec::with_capacity(jobs.len());
+        let mut created = Vec::with_capacity(jobs.len());
+        for j in jobs {
+            ids.push(j.id);
+            tenants.push(j.tenant_id);
+            created_by.push(j.created_by.clone());
+            kinds.push(j.kind.clone());
+            queues.push(j.queue.clone());
+            priorities.push(j.priority);
+            max_attempts.push(j.max_attempts);
+            timeouts.push(j.timeout_s);
+            inputs.push(j.input.clone());
+            metadata.push(j.metadata.clone());
+            traces.push(j.trace_parent.clone());
+            created.push(j.created_at);
+        }
+        sqlx::query(
+            "INSERT INTO jobs (id, tenant_id, created_by, kind, queue, priority, status, max_attempts,
+                timeout_s, input, metadata, trace_parent, created_at, event_seq)
+             SELECT id, tenant_id, created_by, kind, queue, priority, 'queued', max_attempts,
+                timeout_s, input, metadata, trace_parent, created_at, 1
+             FROM UNNEST($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::text[], $6::int2[],
+                $7::int4[], $8::int4[], $9::jsonb[], $10::jsonb[], $11::text[], $12::timestamptz[])
+             AS t(id, tenant_id, created_by, kind, queue, priority, max_attempts, timeout_s, input,
+                metadata, trace_parent, created_at)",
+        )
+        .bind(&ids)
+        .bind(&tenants)
+        .bind(&created_by)
+        .bind(&kinds)
+        .bind(&queues)
+        .bind(&priorities)
+        .bind(&max_attempts)
+        .bind(&timeouts)
+        .bind(&inputs)
+        .bind(&metadata)
+        .bind(&traces)
+        .bind(&created)
+        .execute(self.pool())
+        .await?;
+        Ok(())
+    }
+
+    /// Records that these jobs were handed to Redis in `epoch`.
+    pub async fn mark_dispatched(&self, ids: &[Uuid], epoch: i64) -> Result<()> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        sqlx::query(
+            "UPDATE jobs SET dispatch_epoch = $2 WHERE id = ANY($1) AND dispatch_epoch < $2",
+        )
+        .bind(ids)
+        .bind(epoch)
+        .execute(self.pool())
+        .await?;
+        Ok(())
+    }
+
+    /// A job of this tenant (another tenant's job is `None`, like a missing one).
+    pub async fn get_job(&self, tenant_id: Uuid, id: Uuid) -> Result<Option<JobRow>> {
+        Ok(sqlx::query_as::<_, JobRow>(&format!(
+            "SELECT {JOB_COLUMNS} FROM jobs WHERE id = $1 AND tenant_id = $2"
+        ))
+        .bind(id)
+        .bind(tenant_id)
+        .fetch_optional(self.pool())
+        .await?)
+    }
+
+    /// Internal lookup, any tenant (workers, reconciler).
+    pub async fn get_job_unscoped(&self, id: Uuid) -> Result<Option<JobRow>> {
+        Ok(
+            sqlx::query_as::<_, JobRow>(&format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = $1"))
+                .bind(id)
+                .fetch_optional(self.pool())
+                .await?,
+        )
+    }
+
+    /// Newest first; `filter.before` is the cursor.
+    pub async fn list_jobs(&self, tenant_id: Uuid, filter: &JobFilter) -> Result<Vec<JobRow>> {
+        Ok(sqlx::query_as::<_, JobRow>(&format!(
+            "SELECT {JOB_COLUMNS} FROM jobs
+             WHERE tenant_id = $1
+               AND ($2::text IS NULL OR status = $2)
+               AND ($3::text IS NULL OR kind = $3)
+               AND ($4::uuid IS NULL OR id < $4)
+             ORDER BY id DESC LIMIT $5"
+        ))
+        .bind(tenant_id)
+        .bind(filter.status.map(|s| s.as_str()))
+        .bind(filter.kind.as_deref())
+        .bind(filter.before)
+        .bind(filter.limit)
+        .fetch_all(self.pool())
+        .await?)
+    }
+
+    /// Cancels a queued job at once, or records a cancel request for a running one.
+    pub async fn cancel_job(&self, tenant_id: Uuid, id: Uuid) -> Result<CancelOutcome> {
+        let cancelled = sqlx::query_as::<_, JobRow>(&format!(
+            "UPDATE jobs SET status = 'cancelled', finished_at = now(), updated_at = now(),
+                cancel_requested_at = COALESCE(cancel_requested_at, now()), event_seq = event_seq + 1,
+                lease_owner = NULL, lease_expires_at = NULL
+             WHERE id = $1 AND tenant_id = $2 AND status = 'queued'
+             RETURNING {JOB_COLUMNS}"
+        ))
+        .bind(id)
+        .bind(tenant_id)
+        .fetch_optional(self.pool())
+        .await?;
+        if let Some(row) = cancelled {
+            return Ok(CancelOutcome::Cancelled(row));
+        }
+        let requested = sqlx::query_as::<_, JobRow>(&format!(
+            "UPDATE jobs SET cancel_requested_at = COALESCE(cancel_requested_at, now()), updated_at = now()
+             WHERE id = $1 AND tenant_id = $2 AND status = 'running'
+             RETURNING {JOB_COLUMNS}"
+        ))
+        .bind(id)
+        .bind(tenant_id)
+        .fetch_optional(self.pool())
+        .await?;
+        if let Some(row) = requested {
+            return Ok(CancelOutcome::Requested(row));
+        }
+        match self.get_job(tenant_id, id).await? {
+            None => Ok(CancelOutcome::NotFound),
+            Some(row) if row.status().is_terminal() => Ok(CancelOutcome::Finished(row)),
+            // it changed state between our statements (e.g. was just claimed): try again
+            Some(_) => Box::pin(self.cancel_job(tenant_id, id)).await,
+        }
+    }
+
+    /// Claims a job for a run: increments `attempt` (the fencing token) and takes the lease.
+    /// Jobs that cannot run any more are finalized here (cancel requested, attempts exhausted).
+    pub async fn claim(&self, id: Uuid, worker: &str, lease: Duration) -> Result<ClaimOutcome> {
+        let claimed = sqlx::query_as::<_, JobRow>(&format!(
+            "UPDATE jobs SET attempt = attempt + 1, status = 'running',
+                started_at = COALESCE(started_at, now()), lease_owner = $2,
+                lease_expires_at = now() + make_interval(secs => $3 / 1000.0),
+                run_at = NULL, updated_at = now()
+             WHERE id = $1 AND cancel_requested_at IS NULL AND attempt < max_attempts
+               AND ((status = 'queued' AND (run_at IS NULL OR run_at <= now()))
+                 OR (status = 'running' AND lease_expires_at < now()))
+             RETURNING {JOB_COLUMNS}"
+        ))
+        .bind(id)
+        .bind(worker)
+        .bind(millis(lease))
+        .fetch_optional(self.pool())
+        .await?;
+        if let Some(row) = claimed {
+            return Ok(ClaimOutcome::Claimed(row));
+        }
+        let Some(row) = self.get_job_unscoped(id).await? else {
+            return Ok(ClaimOutcome::Skip("missing"));
+        };
+        let status = row.status();
+        if status.is_terminal() {
+            return Ok(ClaimOutcome::Skip("finished"));
+        }
+        let lease_live =
+            status == JobStatus::Running && row.lease_expires_at.is_some_and(|t| t >= Utc::now());
+        if lease_live {
+            return Ok(ClaimOutcome::Skip("lease held"));
+        }
+        if row.cancel_requested_at.is_some() {
+            if let Some(done) = self
+                .finalize_unowned(id, row.attempt, JobStatus::Cancelled, None)
+                .await?
+            {
+                return Ok(ClaimOutcome::Finalized(done));
+            }
+            return Ok(ClaimOutcome::Skip("raced"));
+        }
+        if row.attempt >= row.max_attempts {
+            let err = JobError::new(
+                job_error_codes::LEASE_EXPIRED,
+                format!(
+                    "the worker running attempt {} stopped responding and no attempts are left",
+                    row.attempt
+                ),
+                true,
+            );
+            if let Some(done) = self
+                .finalize_unowned(id, row.attempt, JobStatus::Failed, Some(&err))
+                .await?
+            {
+                return Ok(ClaimOutcome::Finalized(done));
+            }
+            return Ok(ClaimOutcome::Skip("raced"));
+        }
+        if status == JobStatus::Queued && row.run_at.is_some_and(|t| t > Utc::now()) {
+            return Ok(ClaimOutcome::NotDue(row));
+        }
+        Ok(ClaimOutcome::Skip("raced"))
+    }
+
+    /// Ends a job nobody holds a live lease on (used by claim and the reconciler).
+    async fn finalize_unowned(
+        &self,
+        id: Uuid,
+        attempt: i32,
+        status: JobStatus,
+        error: Option<&JobError>,
+    ) -> Result<Option<JobRow>> {
+        Ok(sqlx::query_as::<_, JobRow>(&format!(
+            "UPDATE jobs SET status = $3, error = $4, finished_at = now(), updated_at = now(),
+                event_seq = event_seq + 1, lease_owner = NULL, lease_expires_at = NULL
+             WHERE id = $1 AND attempt = $2 AND status IN ('queued', 'running')
+               AND (status = 'queued' OR lease_expires_at IS NULL OR lease_expires_at < now())
+             RETURNING {JOB_COLUMNS}"
+        ))
+        .bind(id)
+        .bind(attempt)
+        .bind(status.as_str())
+        .bind(error.map(|e| serde_json::to_value(e).unwrap_or(Value::Null)))
+        .fetch_optional(self.pool())
+        .await?)
+    }
+
+    /// Extends the lease of a run. `None`: the run was fenced out (a newer attempt exists or the
+    /// job ended); `Some(true)`: a cancel was requested.
+    pub async fn heartbeat(&self, id: Uuid, attempt: i32, lease: Duration) -> Result<Option<bool>> {
+        let row: Option<(bool,)> = sqlx::query_as(
+            "UPDATE jobs SET lease_expires_at = now() + make_interval(secs => $3 / 1000.0)
+             WHERE id = $1 AND attempt = $2 AND status = 'running'
+             RETURNING cancel_requested_at IS NOT NULL",
+        )
+        .bind(id)
+        .bind(attempt)
+        .bind(millis(lease))
+        .fetch_optional(self.pool())
+        .await?;
+        Ok(row.map(|r| r.0))
+    }
+
+    /// Writes the end of a run, fenced by `attempt`; `seq` is the seq of the event announcing it.
+    /// Returns false if this run was fenced out (its write is ignored).
+    pub async fn end_run(&self, id: Uuid, attempt: i32, end: &RunEnd, seq: u64) -> Result<bool> {
+        let (status, output, error, run_at) = match end {
+            RunEnd::Succeeded(v) => (JobStatus::Succeeded, Some(v.clone()), None, None),
+            RunEnd::Failed(e) => (JobStatus::Failed, None, Some(e), None),
+            RunEnd::Cancelled => (JobStatus::Cancelled, None, None, None),
+            RunEnd::Retry { error, run_at } => {
+                (JobStatus::Queued, None, Some(error), Some(*run_at))
+            }
+        };
+        let finished = status.is_terminal();
+        let res = sqlx::query(
+            "UPDATE jobs SET status = $3, output = $4, error = $5, run_at = $6,
+                finished_at = CASE WHEN $7 THEN now() ELSE NULL END,
+                lease_owner = NULL, lease_expires_at = NULL, event_seq = GREATEST(event_seq, $8),
+                updated_at = now()
+             WHERE id = $1 AND attempt = $2 AND status = 'running'",
+        )
+        .bind(id)
+        .bind(attempt)
+        .bind(status.as_str())
+        .bind(output)
+        .bind(error.map(|e| serde_json::to_value(e).unwrap_or(Value::Null)))
+        .bind(run_at)
+        .bind(finished)
+        .bind(seq as i64)
+        .execute(self.pool())
+        .await?;
+        Ok(res.rows_affected() == 1)
+    }
+
+    /// Unfinished jobs not handed to Redis in `epoch` (never dispatched, or Redis lost them),
+    /// committed at least `min_age` ago, oldest first, at most `limit`.
+    pub async fn undispatched(
+        &self,
+        epoch: i64,
+        min_age: Duration,
+        limit: i64,
+    ) -> Result<Vec<DispatchItem>> {
+        let rows: Vec<ItemRow> = sqlx::query_as(
+            "SELECT id, tenant_id, queue, priority, run_at FROM jobs
+             WHERE status IN ('queued', 'running') AND dispatch_epoch < $1
+               AND created_at < now() - make_interval(secs => $2 / 1000.0)
+             ORDER BY dispatch_epoch, id LIMIT $3",
+        )
+        .bind(epoch)
+        .bind(millis(min_age))
+        .bind(limit)
+        .fetch_all(self.pool())
+        .await?;
+        Ok(rows.into_iter().map(to_item).collect())
+    }
+
+    /// Running jobs whose lease ran out more than `grace` ago: their worker is gone and the
+    /// stream entry may be gone too. Their lease is pushed forward by `grace` so each pass picks
+    /// different jobs (no full rescan of the backlog).
+    pub async fn take_expired_leases(
+        &self,
+        grace: Duration,
+        limit: i64,
+    ) -> Result<Vec<DispatchItem>> {
+        let rows: Vec<ItemRow> = sqlx::query_as(
+            "UPDATE jobs SET lease_expires_at = now() - make_interval(secs => 0.001)
+             WHERE id IN (
+                SELECT id FROM jobs WHERE status = 'running'
+                  AND lease_expires_at < now() - make_interval(secs => $1 / 1000.0)
+                ORDER BY lease_expires_at LIMIT $2 FOR UPDATE SKIP LOCKED)
+             RETURNING id, tenant_id, queue, priority, run_at",
+        )
+        .bind(millis(grace))
+        .bind(limit)
+        .fetch_all(self.pool())
+        .await?;
+        Ok(rows.into_iter().map(to_item).collect())
+    }
+
+    /// Counts of jobs by (kind, status) for metrics.
+    pub async fn job_counts(&self) -> Result<Vec<(String, String, i64)>> {
+        Ok(sqlx::query_as(
+            "SELECT kind, status, count(*) FROM jobs GROUP BY kind, status ORDER BY kind, status",
+        )
+        .fetch_all(self.pool())
+        .await?)
+    }
+
+    /// Age in seconds of the oldest queued job per queue.
+    pub async fn oldest_queued(&self) -> Result<Vec<(String, f64)>> {
+        Ok(sqlx::query_as(
+            "SELECT queue, EXTRACT(EPOCH FROM now() - min(created_at))::float8 FROM jobs
+             WHERE status = 'queued' GROUP BY queue",
+        )
+        .fetch_all(self.pool())
+        .await?)
+    }
+}
+
+type ItemRow = (Uuid, Uuid, String, i16, Option<DateTime<Utc>>);
+
+fn to_item(r: ItemRow) -> DispatchItem {
+    DispatchItem {
+        id: r.0,
+        tenant_id: r.1,
+        queue: r.2,
+        priority: r.3,
+        run_at: r.4,
+    }
+}

@@ -1,0 +1,111 @@
+//! Postgres store: the source of truth for tenants, API keys and jobs (with attempt fencing).
+
+mod jobs;
+mod tenants;
+
+pub use jobs::*;
+pub use tenants::*;
+
+use std::time::Duration;
+
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::PgPool;
+
+/// Errors of the store. `Unavailable` means Postgres could not be reached (retry later).
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("postgres unavailable: {0}")]
+    Unavailable(#[source] sqlx::Error),
+    #[error("already exists: {0}")]
+    AlreadyExists(String),
+    #[error("not found: {0}")]
+    NotFound(String),
+    #[error("database error: {0}")]
+    Database(#[source] sqlx::Error),
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(e: sqlx::Error) -> Self {
+        match &e {
+            sqlx::Error::Io(_)
+            | sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::Tls(_)
+            | sqlx::Error::WorkerCrashed => StoreError::Unavailable(e),
+            sqlx::Error::Database(db) if db.code().as_deref() == Some("23505") => {
+                StoreError::AlreadyExists(db.message().to_string())
+            }
+            // admin_shutdown, cannot_connect_now, connection exceptions
+            sqlx::Error::Database(db)
+                if db
+                    .code()
+                    .is_some_and(|c| c.starts_with("08") || c == "57P01" || c == "57P03") =>
+            {
+                StoreError::Unavailable(e)
+            }
+            _ => StoreError::Database(e),
+        }
+    }
+}
+
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// Handle to Postgres; cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Store {
+    pool: PgPool,
+}
+
+/// The migrations, embedded at build time (no database needed to compile).
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations");
+
+impl Store {
+    /// Connects lazily: the pool (re)connects on demand, so a Postgres outage never kills a process.
+    pub fn connect_lazy(url: &str, max_connections: u32) -> anyhow::Result<Store> {
+        let opts: PgConnectOptions = url
+            .parse()
+            .map_err(|e| anyhow::anyhow!("invalid DATABASE_URL: {e}"))?;
+        let pool = PgPoolOptions::new()
+            .max_connections(max_connections)
+            .acquire_timeout(Duration::from_secs(5))
+            .connect_lazy_with(opts);
+        Ok(Store { pool })
+    }
+
+    pub fn from_pool(pool: PgPool) -> Store {
+        Store { pool }
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    pub async fn migrate(&self) -> anyhow::Result<()> {
+        MIGRATOR.run(&self.pool).await?;
+        Ok(())
+    }
+
+    pub async fn ping(&self) -> Result<()> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
+    /// The Redis epoch Postgres last agreed on (see the reconciler).
+    pub async fn redis_epoch(&self) -> Result<i64> {
+        let v: i64 = sqlx::query_scalar("SELECT value FROM system_state WHERE key = 'redis_epoch'")
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(v)
+    }
+
+    /// Starts a new Redis epoch (after Redis lost its data) and returns it.
+    pub async fn bump_redis_epoch(&self, seen: i64) -> Result<i64> {
+        let v: i64 = sqlx::query_scalar(
+            "UPDATE system_state SET value = GREATEST(value, $1) + 1 WHERE key = 'redis_epoch' RETURNING value",
+        )
+        .bind(seen)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(v)
+    }
+}

@@ -1,0 +1,147 @@
+//! Tenants and API keys (stored as SHA-256 digests only).
+
+use chrono::{DateTime, Utc};
+use switchyard_core::apikey;
+use uuid::Uuid;
+
+use crate::{Result, Store, StoreError};
+
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct Tenant {
+    pub id: Uuid,
+    pub name: String,
+    pub created_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct ApiKeyRecord {
+    pub id: Uuid,
+    pub tenant_id: Uuid,
+    pub name: String,
+    pub prefix: String,
+    pub created_at: DateTime<Utc>,
+    pub revoked_at: Option<DateTime<Utc>>,
+}
+
+/// Who is calling: the tenant and the key (later also token subjects).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Principal {
+    pub tenant_id: Uuid,
+    pub key_id: Uuid,
+}
+
+impl Principal {
+    /// The `created_by` recorded on jobs.
+    pub fn subject(&self) -> String {
+        format!("key:{}", self.key_id)
+    }
+}
+
+impl Store {
+    pub async fn create_tenant(&self, name: &str) -> Result<Tenant> {
+        let t = sqlx::query_as::<_, Tenant>(
+            "INSERT INTO tenants (id, name) VALUES ($1, $2) RETURNING id, name, created_at",
+        )
+        .bind(Uuid::now_v7())
+        .bind(name)
+        .fetch_one(self.pool())
+        .await?;
+        Ok(t)
+    }
+
+    pub async fn tenant_by_name(&self, name: &str) -> Result<Option<Tenant>> {
+        Ok(
+            sqlx::query_as::<_, Tenant>("SELECT id, name, created_at FROM tenants WHERE name = $1")
+                .bind(name)
+                .fetch_optional(self.pool())
+                .await?,
+        )
+    }
+
+    /// Creates a tenant unless one with that name exists; returns it either way.
+    pub async fn ensure_tenant(&self, name: &str) -> Result<Tenant> {
+        if let Some(t) = self.tenant_by_name(name).await? {
+            return Ok(t);
+        }
+        match self.create_tenant(name).await {
+            Err(StoreError::AlreadyExists(_)) => self
+                .tenant_by_name(name)
+                .await?
+                .ok_or_else(|| StoreError::NotFound(name.into())),
+            other => other,
+        }
+    }
+
+    /// Creates an API key. With `fixed` (a well-formed `sy_` key), that key is stored instead of
+    /// a random one (used by `SWITCHYARD_DEV_API_KEY`); an existing identical key is returned.
+    pub async fn create_api_key(
+        &self,
+        tenant_id: Uuid,
+        name: &str,
+        fixed: Option<&str>,
+    ) -> Result<(ApiKeyRecord, String)> {
+        let key = match fixed {
+            Some(f) => apikey::from_full(f).ok_or_else(|| {
+                StoreError::NotFound("malformed fixed key: expected sy_<8 alnum>_<40 alnum>".into())
+            })?,
+            None => apikey::generate(),
+        };
+        let rec = sqlx::query_as::<_, ApiKeyRecord>(
+            "INSERT INTO api_keys (id, tenant_id, name, prefix, digest) VALUES ($1, $2, $3, $4, $5)
+             ON CONFLICT (digest) DO UPDATE SET revoked_at = NULL
+             RETURNING id, tenant_id, name, prefix, created_at, revoked_at",
+        )
+        .bind(Uuid::now_v7())
+        .bind(tenant_id)
+        .bind(name)
+        .bind(&key.prefix)
+        .bind(&key.digest[..])
+        .fetch_one(self.pool())
+        .await?;
+        Ok((rec, key.full))
+    }
+
+    /// Revokes a key by id or by its visible prefix; returns how many keys were revoked.
+    pub async fn revoke_api_key(&self, id_or_prefix: &str) -> Result<u64> {
+        let res = match Uuid::parse_str(id_or_prefix) {
+            Ok(id) => {
+                sqlx::query(
+                    "UPDATE api_keys SET revoked_at = now() WHERE id = $1 AND revoked_at IS NULL",
+                )
+                .bind(id)
+                .execute(self.pool())
+                .await?
+            }
+            Err(_) => sqlx::query(
+                "UPDATE api_keys SET revoked_at = now() WHERE prefix = $1 AND revoked_at IS NULL",
+            )
+            .bind(id_or_prefix)
+            .execute(self.pool())
+            .await?,
+        };
+        Ok(res.rows_affected())
+    }
+
+    pub async fn list_api_keys(&self, tenant_id: Uuid) -> Result<Vec<ApiKeyRecord>> {
+        Ok(sqlx::query_as::<_, ApiKeyRecord>(
+            "SELECT id, tenant_id, name, prefix, created_at, revoked_at FROM api_keys WHERE tenant_id = $1 ORDER BY created_at",
+        )
+        .bind(tenant_id)
+        .fetch_all(self.pool())
+        .await?)
+    }
+
+    /// Looks up a presented key; `None` for malformed, unknown or revoked keys.
+    pub async fn authenticate(&self, presented: &str) -> Result<Option<Principal>> {
+        let Some(key) = apikey::from_full(presented) else {
+            return Ok(None);
+        };
+        let row: Option<(Uuid, Uuid)> = sqlx::query_as(
+            "SELECT id, tenant_id FROM api_keys WHERE digest = $1 AND revoked_at IS NULL",
+        )
+        .bind(&key.digest[..])
+        .fetch_optional(self.pool())
+        .await?;
+        Ok(row.map(|(key_id, tenant_id)| Principal { tenant_id, key_id }))
+    }
+}

@@ -1,0 +1,240 @@
+//! `switchyard dev` services: use Postgres and Redis at the configured URLs when reachable,
+//! otherwise start private `postgres` / `redis-server` processes under `./.switchyard/` and stop
+//! them on exit. Says exactly what to install when the binaries are missing.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use secrecy::ExposeSecret;
+use sqlx::postgres::PgConnectOptions;
+use sqlx::{ConnectOptions, Connection};
+use switchyard_core::config::Config;
+
+/// Private processes started for `dev`; stopped when dropped.
+#[derive(Default)]
+pub struct Services {
+    children: Vec<(String, Child)>,
+}
+
+impl Drop for Services {
+    fn drop(&mut self) {
+        for (name, child) in self.children.iter_mut().rev() {
+            // SIGINT: postgres' "fast" shutdown; redis saves nothing (no persistence)
+            unsafe {
+                libc::kill(child.id() as i32, libc::SIGINT);
+            }
+            for _ in 0..50 {
+                if let Ok(Some(_)) = child.try_wait() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+            eprintln!("stopped private {name}");
+        }
+    }
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+fn find_binary(name: &str) -> Option<PathBuf> {
+    if let Some(path) = std::env::var_os("PATH") {
+        for dir in std::env::split_paths(&path) {
+            let p = dir.join(name);
+            if p.is_file() {
+                return Some(p);
+            }
+        }
+    }
+    let mut versions: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .map(|rd| {
+            rd.filter_map(|e| e.ok())
+                .map(|e| e.path().join("bin").join(name))
+                .collect()
+        })
+        .unwrap_or_default();
+    versions.retain(|p| p.is_file());
+    versions.sort();
+    versions.pop()
+}
+
+async fn redis_reachable(url: &str) -> bool {
+    let Ok(client) = redis::Client::open(url) else {
+        return false;
+    };
+    let fut = async {
+        let mut c = client.get_multiplexed_async_connection().await?;
+        redis::cmd("PING").query_async::<()>(&mut c).await
+    };
+    matches!(
+        tokio::time::timeout(Duration::from_secs(2), fut).await,
+        Ok(Ok(()))
+    )
+}
+
+/// Makes sure Postgres and Redis are usable, starting private ones when needed.
+pub async fn ensure_services(cfg: &mut Config) -> anyhow::Result<Services> {
+    let mut services = Services::default();
+    let base = PathBuf::from(".switchyard");
+    if !redis_reachable(cfg.redis_url()).await {
+        let bin = find_binary("redis-server").context(
+            "no Redis at REDIS_URL and no redis-server binary: install it (Debian/Ubuntu: `sudo apt-get install redis-server`) or set REDIS_URL",
+        )?;
+        let port = free_port()?;
+        let dir = base.join("redis");
+        std::fs::create_dir_all(&dir)?;
+        eprintln!(
+            "no Redis at {}: starting a private one on port {port}",
+            redact(cfg.redis_url())
+        );
+        let child = Command::new(bin)
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .arg("--dir")
+            .arg(&dir)
+            .stdout(Stdio::null())
+            .spawn()
+            .context("starting redis-server")?;
+        services.children.push(("redis".into(), child));
+        let url = format!("redis://127.0.0.1:{port}");
+        for _ in 0..50 {
+            if redis_reachable(&url).await {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        cfg.redis_url = url.into();
+    }
+    let opts: PgConnectOptions = cfg
+        .database_url
+        .expose_secret()
+        .parse()
+        .context("invalid DATABASE_URL")?;
+    let server_up = ensure_database(&opts).await?;
+    if !server_up {
+        let port = free_port()?;
+        start_private_postgres(&base.join("pg"), port, &mut services)?;
+        let url = format!("postgres://postgres@127.0.0.1:{port}/switchyard");
+        let opts: PgConnectOptions = url.parse()?;
+        let mut ok = false;
+        for _ in 0..100 {
+            if ensure_database(&opts).await? {
+                ok = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        if !ok {
+            bail!("the private postgres did not come up; see .switchyard/pg/log");
+        }
+        cfg.database_url = url.into();
+    }
+    Ok(services)
+}
+
+fn redact(url: &str) -> String {
+    match url.split_once('@') {
+        Some((scheme_user, host)) => {
+            let scheme = scheme_user.split("://").next().unwrap_or("");
+            format!("{scheme}://***@{host}")
+        }
+        None => url.to_string(),
+    }
+}
+
+/// Returns false if no server answers; creates the database if the server lacks it.
+async fn ensure_database(opts: &PgConnectOptions) -> anyhow::Result<bool> {
+    match tokio::time::timeout(Duration::from_secs(3), opts.connect()).await {
+        Ok(Ok(c)) => {
+            let _ = c.close().await;
+            Ok(true)
+        }
+        Ok(Err(sqlx::Error::Database(e))) if e.code().as_deref() == Some("3D000") => {
+            let db = opts.get_database().unwrap_or("switchyard").to_string();
+            let admin = opts.clone().database("postgres");
+            let mut c = admin
+                .connect()
+                .await
+                .context("connecting to create the database")?;
+            let q = format!("CREATE DATABASE \"{}\"", db.replace('"', ""));
+            match sqlx::query(&q).execute(&mut c).await {
+                Ok(_) => eprintln!("created database {db}"),
+                Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("42P04") => {}
+                Err(e) => return Err(e).context("creating the database"),
+            }
+            Ok(true)
+        }
+        Ok(Err(sqlx::Error::Io(_))) | Err(_) => Ok(false),
+        Ok(Err(e)) => Err(e).context("connecting to postgres"),
+    }
+}
+
+fn start_private_postgres(dir: &Path, port: u16, services: &mut Services) -> anyhow::Result<()> {
+    let missing = "no Postgres at DATABASE_URL and no postgres binaries: install them (Debian/Ubuntu: `sudo apt-get install postgresql`) or set DATABASE_URL";
+    let initdb = find_binary("initdb").context(missing)?;
+    let postgres = find_binary("postgres").context(missing)?;
+    std::fs::create_dir_all(dir)?;
+    let dir = dir.canonicalize()?;
+    let data = dir.join("data");
+    // postgres refuses to run as root: run it as the `postgres` user then
+    let as_root = unsafe { libc::geteuid() } == 0;
+    let wrap = |bin: &Path| -> Command {
+        if as_root {
+            let mut c = Command::new("runuser");
+            c.args(["-u", "postgres", "--"]).arg(bin);
+            c
+        } else {
+            Command::new(bin)
+        }
+    };
+    if as_root {
+        let st = Command::new("chown")
+            .args(["-R", "postgres"])
+            .arg(&dir)
+            .status();
+        if !matches!(st, Ok(s) if s.success()) {
+            bail!("running as root needs a `postgres` system user to run a private postgres (install the postgresql package)");
+        }
+    }
+    if !data.join("PG_VERSION").exists() {
+        eprintln!("initialising a private postgres in {}", data.display());
+        let st = wrap(&initdb)
+            .arg("-D")
+            .arg(&data)
+            .args(["-U", "postgres", "--auth=trust", "-E", "UTF8"])
+            .stdout(Stdio::null())
+            .status()
+            .context("running initdb")?;
+        if !st.success() {
+            bail!("initdb failed");
+        }
+    }
+    eprintln!("no Postgres at DATABASE_URL: starting a private one on port {port}");
+    let log = std::fs::File::create(dir.join("log"))?;
+    let child = wrap(&postgres)
+        .arg("-D")
+        .arg(&data)
+        .args(["-p", &port.to_string(), "-h", "127.0.0.1", "-k"])
+        .arg(&dir)
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .context("starting postgres")?;
+    services.children.push(("postgres".into(), child));
+    Ok(())
+}

@@ -1,0 +1,5 @@
+//! Wiring of the `switchyard` binary: builds each role (API, worker, scheduler, mock LLM, dev)
+//! from the configuration. The binary itself only parses arguments.
+
+pub mod devsvc;
+pub mod roles;

@@ -1,0 +1,226 @@
+//! `switchyard`: one binary for every role (dev, api, worker, scheduler, migrate, mock-llm, admin).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use switchyard::roles;
+use switchyard_core::config::Config;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+#[command(
+    name = "switchyard",
+    version,
+    about = "Durable LLM and code-execution jobs"
+)]
+struct Cli {
+    /// Configuration file (TOML); also SWITCHYARD_CONFIG. Env vars SWITCHYARD_* override it.
+    #[arg(long, global = true)]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Everything locally: services if missing, migrations, demo tenant + key, mock LLM, API, worker, scheduler.
+    Dev {
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: SocketAddr,
+        /// Where the mock LLM listens (when no provider is configured).
+        #[arg(long, default_value = "127.0.0.1:0")]
+        mock_listen: SocketAddr,
+    },
+    /// The HTTP API.
+    Api {
+        #[arg(long)]
+        listen: Option<SocketAddr>,
+    },
+    /// A worker.
+    Worker {
+        /// Queues to serve, comma separated (default: all).
+        #[arg(long, value_delimiter = ',')]
+        queues: Option<Vec<String>>,
+        /// Jobs run at once.
+        #[arg(long)]
+        concurrency: Option<usize>,
+    },
+    /// The scheduler (reconciler, delayed jobs).
+    Scheduler,
+    /// Applies database migrations.
+    Migrate,
+    /// The mock OpenAI-compatible LLM provider.
+    MockLlm {
+        #[arg(long, default_value = "127.0.0.1:8081")]
+        listen: SocketAddr,
+        /// Time to first token, ms.
+        #[arg(long, default_value_t = 0)]
+        ttft_ms: u64,
+        /// Delay between tokens, ms.
+        #[arg(long, default_value_t = 0)]
+        inter_token_ms: u64,
+    },
+    /// Tenants and API keys.
+    Admin {
+        #[command(subcommand)]
+        cmd: AdminCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum AdminCmd {
+    /// Creates a tenant.
+    CreateTenant { name: String },
+    /// Creates an API key for a tenant and prints it (shown only this once).
+    CreateKey {
+        #[arg(long)]
+        tenant: String,
+        #[arg(long, default_value = "")]
+        name: String,
+    },
+    /// Revokes an API key by id or visible prefix (sy_xxxxxxxx).
+    RevokeKey { key: String },
+    /// Lists a tenant's keys (prefixes only).
+    ListKeys {
+        #[arg(long)]
+        tenant: String,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let mut cfg = Config::load(cli.config.as_deref())?;
+    switchyard_core::telemetry::init(cfg.log_json);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    rt.block_on(async move {
+        match cli.cmd {
+            Cmd::Dev {
+                listen,
+                mock_listen,
+            } => {
+                let fixed_key = std::env::var("SWITCHYARD_DEV_API_KEY")
+                    .ok()
+                    .filter(|k| !k.is_empty());
+                roles::run_dev(
+                    cfg,
+                    roles::DevOptions {
+                        listen,
+                        mock_listen,
+                        fixed_key,
+                    },
+                )
+                .await
+            }
+            Cmd::Api { listen } => {
+                let addr = listen.unwrap_or(cfg.listen);
+                let listener = tokio::net::TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("binding {addr}"))?;
+                let stop = CancellationToken::new();
+                roles::shutdown_on_signals(stop.clone());
+                roles::run_api(&cfg, listener, stop).await
+            }
+            Cmd::Worker {
+                queues,
+                concurrency,
+            } => {
+                if let Some(q) = queues {
+                    cfg.worker.queues = q;
+                }
+                if let Some(c) = concurrency {
+                    cfg.worker.concurrency = c.max(1);
+                }
+                let stop = CancellationToken::new();
+                roles::shutdown_on_signals(stop.clone());
+                let handle = roles::start_worker(&cfg, stop).await?;
+                handle.join().await;
+                Ok(())
+            }
+            Cmd::Scheduler => {
+                let stop = CancellationToken::new();
+                roles::shutdown_on_signals(stop.clone());
+                roles::run_scheduler(&cfg, stop).await
+            }
+            Cmd::Migrate => {
+                let store = roles::store(&cfg, 2)?;
+                store.migrate().await.context("applying migrations")?;
+                println!("migrations applied");
+                Ok(())
+            }
+            Cmd::MockLlm {
+                listen,
+                ttft_ms,
+                inter_token_ms,
+            } => {
+                let l = tokio::net::TcpListener::bind(listen)
+                    .await
+                    .with_context(|| format!("binding {listen}"))?;
+                println!("mock LLM on http://{}/v1", l.local_addr()?);
+                let stop = CancellationToken::new();
+                roles::shutdown_on_signals(stop.clone());
+                let mock = switchyard_mock_llm::MockLlmConfig {
+                    ttft: std::time::Duration::from_millis(ttft_ms),
+                    inter_token: std::time::Duration::from_millis(inter_token_ms),
+                    ..Default::default()
+                };
+                switchyard_mock_llm::serve(l, mock, stop).await
+            }
+            Cmd::Admin { cmd } => admin(&cfg, cmd).await,
+        }
+    })
+}
+
+async fn admin(cfg: &Config, cmd: AdminCmd) -> anyhow::Result<()> {
+    let store = roles::store(cfg, 2)?;
+    store.migrate().await.context("applying migrations")?;
+    match cmd {
+        AdminCmd::CreateTenant { name } => {
+            let t = store.create_tenant(&name).await?;
+            println!("tenant {} ({})", t.name, t.id);
+        }
+        AdminCmd::CreateKey { tenant, name } => {
+            let t = store
+                .tenant_by_name(&tenant)
+                .await?
+                .with_context(|| format!("no tenant named {tenant}"))?;
+            let (rec, key) = store.create_api_key(t.id, &name, None).await?;
+            println!("{key}");
+            eprintln!(
+                "key id {} (prefix {}); it is shown only this once",
+                rec.id, rec.prefix
+            );
+        }
+        AdminCmd::RevokeKey { key } => {
+            let n = store.revoke_api_key(&key).await?;
+            if n == 0 {
+                anyhow::bail!("no active key matches {key}");
+            }
+            println!("revoked {n} key(s)");
+        }
+        AdminCmd::ListKeys { tenant } => {
+            let t = store
+                .tenant_by_name(&tenant)
+                .await?
+                .with_context(|| format!("no tenant named {tenant}"))?;
+            for k in store.list_api_keys(t.id).await? {
+                println!(
+                    "{}  {}  {}  {}",
+                    k.id,
+                    k.prefix,
+                    if k.revoked_at.is_some() {
+                        "revoked"
+                    } else {
+                        "active"
+                    },
+                    k.name
+                );
+            }
+        }
+    }
+    Ok(())
+}

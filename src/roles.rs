@@ -1,0 +1,244 @@
+//! Starting and stopping each role from a `Config`; `dev` runs them all in one process.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use switchyard_core::config::Config;
+use switchyard_core::job::JobKind;
+use switchyard_queue::{EventBus, Keys, Queue};
+use switchyard_scheduler::{Scheduler, SchedulerOptions};
+use switchyard_store::Store;
+use switchyard_worker::executor::ExecutorRegistry;
+use switchyard_worker::llm::{LlmChatExecutor, OpenAiCompatible, ProviderRouter};
+use switchyard_worker::noop::NoopExecutor;
+use switchyard_worker::{Worker, WorkerHandle, WorkerOptions};
+use tokio_util::sync::CancellationToken;
+
+/// Connects to Postgres (lazily: outages are retried, never fatal).
+pub fn store(cfg: &Config, max_connections: u32) -> anyhow::Result<Store> {
+    Store::connect_lazy(cfg.database_url(), max_connections)
+}
+
+pub fn redis_client(cfg: &Config) -> anyhow::Result<redis::Client> {
+    redis::Client::open(cfg.redis_url()).map_err(|e| anyhow::anyhow!("invalid REDIS_URL: {e}"))
+}
+
+/// Waits until Postgres answers (startup only), printing what it waits for.
+pub async fn wait_for_postgres(store: &Store, what: &str) -> anyhow::Result<()> {
+    let mut delay = Duration::from_millis(100);
+    for i in 0..60 {
+        match store.ping().await {
+            Ok(()) => return Ok(()),
+            Err(e) if i == 59 => {
+                return Err(anyhow::anyhow!("postgres unreachable for {what}: {e}"))
+            }
+            Err(e) => {
+                if i % 10 == 0 {
+                    tracing::warn!(error = %e, "waiting for postgres");
+                }
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(1));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Starts the API on `listener`; returns when `stop` fired and it drained.
+pub async fn run_api(
+    cfg: &Config,
+    listener: tokio::net::TcpListener,
+    stop: CancellationToken,
+) -> anyhow::Result<()> {
+    let store = store(cfg, 32)?;
+    wait_for_postgres(&store, "the API").await?;
+    let state = switchyard_api::AppState::build(cfg, store, stop).await?;
+    tracing::info!(addr = %listener.local_addr()?, "API listening");
+    switchyard_api::serve(listener, state).await
+}
+
+/// The executors a worker offers, from the configuration.
+pub fn executors(cfg: &Config) -> ExecutorRegistry {
+    let mut reg = ExecutorRegistry::new();
+    let timeout = Duration::from_secs(cfg.llm.request_timeout_s);
+    let mut router = ProviderRouter::default();
+    if let Some(mock) = &cfg.llm.mock_base_url {
+        router.mock = Some(Arc::new(OpenAiCompatible::new(mock, None, timeout)));
+    }
+    if cfg.llm.openai_api_key.is_some() || cfg.llm.openai_base_url != "https://api.openai.com/v1" {
+        router.default = Some(Arc::new(OpenAiCompatible::new(
+            &cfg.llm.openai_base_url,
+            cfg.llm.openai_api_key.clone(),
+            timeout,
+        )));
+    }
+    reg.register(JobKind::LlmChat, Arc::new(LlmChatExecutor { router }));
+    reg.register(JobKind::SystemNoop, Arc::new(NoopExecutor));
+    reg
+}
+
+pub fn worker_options(cfg: &Config) -> WorkerOptions {
+    WorkerOptions {
+        queues: cfg.worker.queues.clone(),
+        concurrency: cfg.worker.concurrency,
+        lease: cfg.lease(),
+        name: cfg
+            .worker
+            .name
+            .clone()
+            .unwrap_or_else(|| format!("worker-{}", std::process::id())),
+        shutdown_grace: Duration::from_secs(cfg.shutdown_grace_s),
+        ..WorkerOptions::default()
+    }
+}
+
+/// Starts a worker; call `drain` on the handle to stop it.
+pub async fn start_worker(cfg: &Config, stop: CancellationToken) -> anyhow::Result<WorkerHandle> {
+    let store = store(cfg, (cfg.worker.concurrency as u32 / 2).clamp(4, 64))?;
+    wait_for_postgres(&store, "the worker").await?;
+    let client = redis_client(cfg)?;
+    let conn = connect_redis_retrying(&client).await?;
+    let keys = Keys::new(&cfg.redis_prefix);
+    let queue = Queue::new(keys.clone(), conn.clone());
+    let bus = EventBus::new(keys, conn, Duration::from_secs(cfg.event_ttl_s));
+    let worker = Worker::new(
+        store,
+        queue,
+        bus,
+        client,
+        executors(cfg),
+        worker_options(cfg),
+    );
+    Ok(worker.start(stop))
+}
+
+async fn connect_redis_retrying(
+    client: &redis::Client,
+) -> anyhow::Result<redis::aio::ConnectionManager> {
+    let mut delay = Duration::from_millis(100);
+    for i in 0..60 {
+        match switchyard_queue::connect(client, Duration::from_secs(5)).await {
+            Ok(c) => return Ok(c),
+            Err(e) if i == 59 => return Err(anyhow::anyhow!("redis unreachable: {e}")),
+            Err(e) => {
+                if i % 10 == 0 {
+                    tracing::warn!(error = %e, "waiting for redis");
+                }
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(1));
+            }
+        }
+    }
+    unreachable!()
+}
+
+/// Runs the scheduler until `stop`.
+pub async fn run_scheduler(cfg: &Config, stop: CancellationToken) -> anyhow::Result<()> {
+    let store = store(cfg, 4)?;
+    wait_for_postgres(&store, "the scheduler").await?;
+    let client = redis_client(cfg)?;
+    let conn = connect_redis_retrying(&client).await?;
+    let queue = Queue::new(Keys::new(&cfg.redis_prefix), conn);
+    let opts = SchedulerOptions {
+        lease: cfg.lease(),
+        ..SchedulerOptions::default()
+    };
+    Scheduler::new(store, queue, opts).run(stop).await;
+    Ok(())
+}
+
+/// Fires the token on SIGTERM or Ctrl-C.
+pub fn shutdown_on_signals(token: CancellationToken) {
+    tokio::spawn(async move {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot listen for SIGTERM");
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM: draining"),
+            _ = tokio::signal::ctrl_c() => tracing::info!("interrupt: draining"),
+            _ = token.cancelled() => return,
+        }
+        token.cancel();
+    });
+}
+
+/// Options of `switchyard dev`.
+pub struct DevOptions {
+    pub listen: SocketAddr,
+    pub mock_listen: SocketAddr,
+    pub fixed_key: Option<String>,
+}
+
+/// The local all-in-one: services, migrations, demo tenant and key, mock LLM, API, worker and
+/// scheduler in one process.
+pub async fn run_dev(mut cfg: Config, opts: DevOptions) -> anyhow::Result<()> {
+    let stop = CancellationToken::new();
+    shutdown_on_signals(stop.clone());
+    let services = crate::devsvc::ensure_services(&mut cfg).await?;
+    cfg.enable_noop = true;
+    let store = store(&cfg, 8)?;
+    store.migrate().await.context("applying migrations")?;
+    let tenant = store.ensure_tenant("demo").await?;
+    let (_, key) = store
+        .create_api_key(tenant.id, "dev", opts.fixed_key.as_deref())
+        .await
+        .context("creating the demo API key (SWITCHYARD_DEV_API_KEY must look like sy_<8 alnum>_<40 alnum>)")?;
+
+    let mock_stop = stop.child_token();
+    let mut mock_task = None;
+    if cfg.llm.mock_base_url.is_none() {
+        let l = tokio::net::TcpListener::bind(opts.mock_listen)
+            .await
+            .with_context(|| format!("binding the mock LLM to {}", opts.mock_listen))?;
+        let addr = l.local_addr()?;
+        cfg.llm.mock_base_url = Some(format!("http://{addr}/v1"));
+        let s = mock_stop.clone();
+        mock_task = Some(tokio::spawn(async move {
+            switchyard_mock_llm::serve(l, switchyard_mock_llm::MockLlmConfig::default(), s).await
+        }));
+    }
+    let listener = tokio::net::TcpListener::bind(opts.listen)
+        .await
+        .with_context(|| format!("binding the API to {}", opts.listen))?;
+    let addr = listener.local_addr()?;
+
+    let worker = start_worker(&cfg, stop.child_token()).await?;
+    let sched_cfg = cfg.clone();
+    let sched_stop = stop.child_token();
+    let scheduler = tokio::spawn(async move { run_scheduler(&sched_cfg, sched_stop).await });
+    let api_cfg = cfg.clone();
+    let api_stop = stop.child_token();
+    let api = tokio::spawn(async move { run_api(&api_cfg, listener, api_stop).await });
+
+    println!();
+    println!("  Switchyard dev is running");
+    println!("  API:      http://{addr}");
+    println!("  API key:  {key}   (tenant `demo`)");
+    if let Some(m) = &cfg.llm.mock_base_url {
+        println!("  mock LLM: {m}  (models mock-*)");
+    }
+    println!();
+    println!("  try: curl -s -X POST http://{addr}/v1/jobs -H 'Authorization: Bearer {key}' \\");
+    println!("         -H 'content-type: application/json' \\");
+    println!("         -d '{{\"kind\":\"llm.chat\",\"input\":{{\"model\":\"mock-echo\",\"messages\":[{{\"role\":\"user\",\"content\":\"hello\"}}]}}}}'");
+    println!();
+    println!("  Ctrl-C stops everything.");
+
+    stop.cancelled().await;
+    worker.drain().await;
+    let _ = api.await;
+    let _ = scheduler.await;
+    mock_stop.cancel();
+    if let Some(t) = mock_task {
+        let _ = t.await;
+    }
+    drop(services);
+    Ok(())
+}

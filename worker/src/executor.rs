@@ -1,0 +1,144 @@
+//! The executor seam: one implementation per job kind; executors return typed errors with
+//! `retryable`, and the runtime decides between retry and final failure.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde_json::Value;
+use switchyard_core::job::{JobError, JobKind};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+/// Failure of one attempt.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ExecError {
+    pub code: String,
+    pub message: String,
+    pub retryable: bool,
+    /// A hint from the failing service (e.g. `retry-after`).
+    pub retry_after: Option<Duration>,
+}
+
+impl ExecError {
+    pub fn retryable(code: &str, message: impl Into<String>) -> Self {
+        ExecError {
+            code: code.into(),
+            message: message.into(),
+            retryable: true,
+            retry_after: None,
+        }
+    }
+
+    pub fn fatal(code: &str, message: impl Into<String>) -> Self {
+        ExecError {
+            code: code.into(),
+            message: message.into(),
+            retryable: false,
+            retry_after: None,
+        }
+    }
+
+    pub fn to_job_error(&self) -> JobError {
+        JobError::new(&self.code, self.message.clone(), self.retryable)
+    }
+}
+
+impl std::fmt::Display for ExecError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.code, self.message)
+    }
+}
+
+/// Something an executor streams while it runs.
+#[derive(Debug, Clone)]
+pub enum Emit {
+    /// Output text (tokens): coalesced into `output.delta` events.
+    Delta(String),
+    /// Any other event type (open set).
+    Event { kind: String, data: Value },
+}
+
+/// What an executor gets for one attempt.
+pub struct JobContext {
+    pub job_id: Uuid,
+    pub tenant_id: Uuid,
+    pub kind: JobKind,
+    pub input: Value,
+    pub attempt: i32,
+    pub max_attempts: i32,
+    /// Cancelled when the job is cancelled, times out or the run is fenced out.
+    pub cancel: CancellationToken,
+    emit: mpsc::Sender<Emit>,
+}
+
+/// Identity and input of one attempt, for [`JobContext::new`].
+#[derive(Debug, Clone)]
+pub struct JobMeta {
+    pub job_id: Uuid,
+    pub tenant_id: Uuid,
+    pub kind: JobKind,
+    pub input: Value,
+    pub attempt: i32,
+    pub max_attempts: i32,
+}
+
+impl JobContext {
+    pub fn new(meta: JobMeta, cancel: CancellationToken, emit: mpsc::Sender<Emit>) -> Self {
+        JobContext {
+            job_id: meta.job_id,
+            tenant_id: meta.tenant_id,
+            kind: meta.kind,
+            input: meta.input,
+            attempt: meta.attempt,
+            max_attempts: meta.max_attempts,
+            cancel,
+            emit,
+        }
+    }
+
+    /// Streams output text; waits if the publisher is behind (bounded buffer).
+    pub async fn delta(&self, text: impl Into<String>) {
+        let _ = self.emit.send(Emit::Delta(text.into())).await;
+    }
+
+    /// Streams an event of another type.
+    pub async fn event(&self, kind: &str, data: Value) {
+        let _ = self
+            .emit
+            .send(Emit::Event {
+                kind: kind.to_string(),
+                data,
+            })
+            .await;
+    }
+}
+
+/// Runs jobs of one kind.
+#[async_trait]
+pub trait Executor: Send + Sync {
+    async fn execute(&self, ctx: &JobContext) -> Result<Value, ExecError>;
+}
+
+/// Executors by kind.
+#[derive(Clone, Default)]
+pub struct ExecutorRegistry {
+    map: HashMap<&'static str, Arc<dyn Executor>>,
+}
+
+impl ExecutorRegistry {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn register(&mut self, kind: JobKind, exec: Arc<dyn Executor>) -> &mut Self {
+        self.map.insert(kind.as_str(), exec);
+        self
+    }
+
+    pub fn get(&self, kind: &str) -> Option<Arc<dyn Executor>> {
+        self.map.get(kind).cloned()
+    }
+}

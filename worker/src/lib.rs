@@ -1,0 +1,10 @@
+//! The worker: fetches jobs from the Redis queues it serves, claims them in Postgres (attempt
+//! fencing), runs them through executors, streams their events and records the outcome.
+
+pub mod executor;
+pub mod llm;
+pub mod noop;
+pub mod runtime;
+
+pub use executor::{ExecError, Executor, ExecutorRegistry, JobContext};
+pub use runtime::{Worker, WorkerHandle, WorkerOptions};

@@ -1,0 +1,760 @@
+//! The worker runtime: per-queue fetch loops, lease heartbeats, reclaim of expired leases,
+//! cancel notifications, retries with backoff, and draining on shutdown.
+//!
+//! Invariants: a stream entry is acknowledged only after Postgres holds the run's outcome; every
+//! write of a run is fenced by its `attempt`; a fenced-out run stops without writing anything.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use chrono::Utc;
+use rand::Rng;
+use serde_json::{json, Value};
+use switchyard_core::event::types;
+use switchyard_core::job::{job_error_codes, JobError, JobKind, JobStatus};
+use switchyard_core::Event;
+use switchyard_queue::events::Published;
+use switchyard_queue::{Delivery, EventBus, Queue};
+use switchyard_store::{ClaimOutcome, JobRow, RunEnd, Store, StoreError};
+use tokio::sync::{mpsc, Notify, OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+use uuid::Uuid;
+
+use crate::executor::{Emit, ExecError, ExecutorRegistry, JobContext, JobMeta};
+
+/// Tunables of a worker process.
+#[derive(Debug, Clone)]
+pub struct WorkerOptions {
+    pub queues: Vec<String>,
+    pub concurrency: usize,
+    pub lease: Duration,
+    /// Consumer name prefix; a random suffix makes it unique.
+    pub name: String,
+    pub shutdown_grace: Duration,
+    /// Longest blocking read on a queue.
+    pub fetch_block: Duration,
+    /// First retry delay; doubles per attempt (capped at 60 s), with jitter.
+    pub retry_base: Duration,
+}
+
+impl Default for WorkerOptions {
+    fn default() -> Self {
+        WorkerOptions {
+            queues: switchyard_core::job::known_queues()
+                .into_iter()
+                .map(String::from)
+                .collect(),
+            concurrency: 64,
+            lease: Duration::from_secs(30),
+            name: "worker".into(),
+            shutdown_grace: Duration::from_secs(30),
+            fetch_block: Duration::from_secs(1),
+            retry_base: Duration::from_secs(1),
+        }
+    }
+}
+
+struct Running {
+    beat_now: Arc<Notify>,
+}
+
+struct Shared {
+    id: String,
+    store: Store,
+    queue: Queue,
+    bus: EventBus,
+    client: redis::Client,
+    executors: ExecutorRegistry,
+    opts: WorkerOptions,
+    slots: Arc<Semaphore>,
+    running: Mutex<HashMap<Uuid, Running>>,
+    /// Fired after the grace period: runs still going are released to other workers.
+    hard_stop: CancellationToken,
+    jobs: TaskTracker,
+}
+
+pub struct Worker {
+    shared: Arc<Shared>,
+}
+
+/// A started worker. `drain` stops fetching, waits for in-flight jobs (up to the grace period)
+/// and releases the rest.
+pub struct WorkerHandle {
+    id: String,
+    stop: CancellationToken,
+    done: tokio::task::JoinHandle<()>,
+}
+
+impl WorkerHandle {
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    pub async fn drain(self) {
+        self.stop.cancel();
+        let _ = self.done.await;
+    }
+
+    /// Completes when the worker stopped (after its stop token fired and it drained).
+    pub async fn join(self) {
+        let _ = self.done.await;
+    }
+}
+
+impl Worker {
+    pub fn new(
+        store: Store,
+        queue: Queue,
+        bus: EventBus,
+        client: redis::Client,
+        executors: ExecutorRegistry,
+        opts: WorkerOptions,
+    ) -> Worker {
+        let suffix: String = {
+            let mut rng = rand::thread_rng();
+            (0..8)
+                .map(|_| char::from(b"abcdefghijklmnopqrstuvwxyz0123456789"[rng.gen_range(0..36)]))
+                .collect()
+        };
+        let id = format!("{}-{}", opts.name, suffix);
+        Worker {
+            shared: Arc::new(Shared {
+                id,
+                store,
+                queue,
+                bus,
+                client,
+                executors,
+                slots: Arc::new(Semaphore::new(opts.concurrency)),
+                opts,
+                running: Mutex::new(HashMap::new()),
+                hard_stop: CancellationToken::new(),
+                jobs: TaskTracker::new(),
+            }),
+        }
+    }
+
+    pub fn id(&self) -> &str {
+        &self.shared.id
+    }
+
+    /// Starts the loops; `stop` (e.g. SIGTERM) begins the drain.
+    pub fn start(self, stop: CancellationToken) -> WorkerHandle {
+        let s = self.shared;
+        let id = s.id.clone();
+        let stop2 = stop.clone();
+        let done = tokio::spawn(async move {
+            let loops = TaskTracker::new();
+            for q in s.opts.queues.clone() {
+                loops.spawn(fetch_loop(s.clone(), q, stop2.clone()));
+            }
+            loops.spawn(reclaim_loop(s.clone(), stop2.clone()));
+            loops.spawn(cancel_listener(s.clone(), stop2.clone()));
+            loops.close();
+            tracing::info!(worker = %s.id, queues = ?s.opts.queues, concurrency = s.opts.concurrency, "worker started");
+            stop2.cancelled().await;
+            tracing::info!(worker = %s.id, "draining: no new jobs; waiting for in-flight ones");
+            loops.wait().await;
+            s.jobs.close();
+            if tokio::time::timeout(s.opts.shutdown_grace, s.jobs.wait())
+                .await
+                .is_err()
+            {
+                tracing::warn!(worker = %s.id, "grace period over: releasing unfinished jobs");
+                s.hard_stop.cancel();
+                let _ = tokio::time::timeout(Duration::from_secs(10), s.jobs.wait()).await;
+            }
+            tracing::info!(worker = %s.id, "worker stopped");
+        });
+        WorkerHandle { id, stop, done }
+    }
+}
+
+async fn backoff_sleep(attempt: &mut u32, stop: &CancellationToken) -> bool {
+    let ms = (50u64 << (*attempt).min(6)).min(2000);
+    *attempt += 1;
+    tokio::select! {
+        _ = stop.cancelled() => false,
+        _ = tokio::time::sleep(Duration::from_millis(ms)) => true,
+    }
+}
+
+async fn fetch_loop(s: Arc<Shared>, queue: String, stop: CancellationToken) {
+    let mut tries = 0;
+    let mut conn = loop {
+        match switchyard_queue::connect(&s.client, s.opts.fetch_block + Duration::from_secs(5))
+            .await
+        {
+            Ok(c) => break c,
+            Err(e) => {
+                tracing::warn!(error = %e, queue, "worker: redis connect failed; retrying");
+                if !backoff_sleep(&mut tries, &stop).await {
+                    return;
+                }
+            }
+        }
+    };
+    let mut group_ready = false;
+    tries = 0;
+    while !stop.is_cancelled() {
+        if !group_ready {
+            match s.queue.ensure_group(&queue).await {
+                Ok(()) => group_ready = true,
+                Err(e) => {
+                    tracing::warn!(error = %e, queue, "worker: cannot create consumer group; retrying");
+                    if !backoff_sleep(&mut tries, &stop).await {
+                        return;
+                    }
+                    continue;
+                }
+            }
+        }
+        let first = tokio::select! {
+            _ = stop.cancelled() => return,
+            p = s.slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
+        };
+        let mut permits = vec![first];
+        while permits.len() < 64 {
+            match s.slots.clone().try_acquire_owned() {
+                Ok(p) => permits.push(p),
+                Err(_) => break,
+            }
+        }
+        match s
+            .queue
+            .fetch(&mut conn, &queue, &s.id, permits.len(), s.opts.fetch_block)
+            .await
+        {
+            Ok(deliveries) => {
+                tries = 0;
+                for d in deliveries {
+                    let Some(p) = permits.pop() else { break };
+                    spawn_delivery(&s, d, p);
+                }
+            }
+            Err(e) if e.code() == Some("NOGROUP") => {
+                tracing::warn!(
+                    queue,
+                    "worker: consumer group missing (redis lost data?); recreating"
+                );
+                group_ready = false;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, queue, "worker: fetch failed; retrying");
+                drop(permits);
+                if !backoff_sleep(&mut tries, &stop).await {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+async fn reclaim_loop(s: Arc<Shared>, stop: CancellationToken) {
+    let every = (s.opts.lease / 4).clamp(Duration::from_millis(250), Duration::from_secs(5));
+    let mut cursors: HashMap<String, String> = HashMap::new();
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+        for q in &s.opts.queues {
+            let mut permits = Vec::new();
+            while permits.len() < 32 {
+                match s.slots.clone().try_acquire_owned() {
+                    Ok(p) => permits.push(p),
+                    Err(_) => break,
+                }
+            }
+            if permits.is_empty() {
+                break;
+            }
+            let cursor = cursors.entry(q.clone()).or_insert_with(|| "0-0".into());
+            match s
+                .queue
+                .reclaim(q, &s.id, s.opts.lease, cursor, permits.len())
+                .await
+            {
+                Ok(ds) => {
+                    for d in ds {
+                        let Some(p) = permits.pop() else { break };
+                        tracing::info!(job_id = %d.job_id, queue = %q, "reclaimed a job whose lease expired");
+                        spawn_delivery(&s, d, p);
+                    }
+                }
+                Err(e) => {
+                    *cursor = "0-0".into();
+                    tracing::debug!(error = %e, queue = %q, "reclaim failed");
+                }
+            }
+        }
+    }
+}
+
+async fn cancel_listener(s: Arc<Shared>, stop: CancellationToken) {
+    use futures::StreamExt;
+    let channel = s.queue.keys().cancel_channel();
+    let mut tries = 0;
+    while !stop.is_cancelled() {
+        let ps = tokio::select! {
+            _ = stop.cancelled() => return,
+            ps = s.client.get_async_pubsub() => ps,
+        };
+        let mut ps = match ps {
+            Ok(ps) => ps,
+            Err(e) => {
+                tracing::debug!(error = %e, "cancel listener: connect failed");
+                if !backoff_sleep(&mut tries, &stop).await {
+                    return;
+                }
+                continue;
+            }
+        };
+        if ps.subscribe(&channel).await.is_err() {
+            if !backoff_sleep(&mut tries, &stop).await {
+                return;
+            }
+            continue;
+        }
+        tries = 0;
+        let mut msgs = ps.on_message();
+        loop {
+            let m = tokio::select! {
+                _ = stop.cancelled() => return,
+                m = msgs.next() => m,
+            };
+            let Some(m) = m else { break };
+            let Ok(payload) = m.get_payload::<String>() else {
+                continue;
+            };
+            let Ok(job) = Uuid::parse_str(&payload) else {
+                continue;
+            };
+            if let Ok(running) = s.running.lock() {
+                if let Some(r) = running.get(&job) {
+                    r.beat_now.notify_one();
+                }
+            }
+        }
+    }
+}
+
+fn spawn_delivery(s: &Arc<Shared>, d: Delivery, permit: OwnedSemaphorePermit) {
+    let s2 = s.clone();
+    let span = tracing::info_span!("job", job_id = %d.job_id, queue = %d.queue, worker = %s.id);
+    s.jobs.spawn(
+        async move {
+            handle_delivery(&s2, d).await;
+            drop(permit);
+        }
+        .instrument(span),
+    );
+}
+
+/// Retries a store call on transient errors (Postgres down) with backoff, up to ~`limit`.
+async fn with_retry<T, F, Fut>(what: &str, limit: Duration, mut f: F) -> Result<T, StoreError>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, StoreError>>,
+{
+    let start = tokio::time::Instant::now();
+    let mut delay = Duration::from_millis(50);
+    loop {
+        match f().await {
+            Err(StoreError::Unavailable(e)) if start.elapsed() < limit => {
+                tracing::warn!(error = %e, what, "postgres unavailable; retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(2));
+            }
+            other => return other,
+        }
+    }
+}
+
+async fn ack(s: &Shared, d: &Delivery) {
+    let mut delay = Duration::from_millis(50);
+    for _ in 0..8 {
+        match s.queue.ack(d).await {
+            Ok(()) => return,
+            Err(e) => {
+                tracing::warn!(error = %e, "ack failed; retrying");
+                tokio::time::sleep(delay).await;
+                delay *= 2;
+            }
+        }
+    }
+    // the entry will be reclaimed later; the claim then sees the job finished and drops it
+}
+
+async fn publish(s: &Shared, ev: &Event) -> Published {
+    match s.bus.publish(ev).await {
+        Ok(p) => p,
+        Err(e) => {
+            // live events are best effort; the durable state is in Postgres
+            tracing::warn!(error = %e, seq = ev.seq, "event publish failed");
+            Published::Stale
+        }
+    }
+}
+
+async fn handle_delivery(s: &Shared, d: Delivery) {
+    if d.job_id.is_nil() {
+        ack(s, &d).await;
+        return;
+    }
+    let claim = with_retry("claim", s.opts.lease, || {
+        s.store.claim(d.job_id, &s.id, s.opts.lease)
+    })
+    .await;
+    match claim {
+        Err(e) => {
+            // leave the entry pending: it is reclaimed once its idle time passes the lease
+            tracing::error!(error = %e, "claim failed");
+        }
+        Ok(ClaimOutcome::Skip(reason)) => {
+            tracing::debug!(reason, "nothing to run");
+            ack(s, &d).await;
+        }
+        Ok(ClaimOutcome::NotDue(row)) => {
+            if s.queue.delay(&row.dispatch_item()).await.is_ok() {
+                ack(s, &d).await;
+            }
+        }
+        Ok(ClaimOutcome::Finalized(row)) => {
+            let ev = Event::terminal(
+                row.id,
+                row.event_seq as u64,
+                row.attempt,
+                row.status(),
+                row.output.as_ref(),
+                row.job_error().as_ref(),
+            );
+            publish(s, &ev).await;
+            ack(s, &d).await;
+        }
+        Ok(ClaimOutcome::Claimed(row)) => run_claimed(s, d, row).await,
+    }
+}
+
+enum Interrupt {
+    Cancelled,
+    Fenced,
+    Released,
+}
+
+async fn run_claimed(s: &Shared, d: Delivery, row: JobRow) {
+    let id = row.id;
+    let attempt = row.attempt;
+    if let Some(tp) = &row.trace_parent {
+        tracing::Span::current().record("trace_parent", tp.as_str());
+        tracing::debug!(traceparent = %tp, attempt, "running");
+    }
+    let last = s
+        .bus
+        .begin_attempt(id, attempt)
+        .await
+        .ok()
+        .flatten()
+        .unwrap_or(0);
+    let mut seq = (row.event_seq as u64).max(last);
+    let running = Event::status(id, seq + 1, attempt, JobStatus::Running, json!({}));
+    if publish(s, &running).await == Published::Ok {
+        seq += 1;
+    }
+
+    let beat_now = Arc::new(Notify::new());
+    if let Ok(mut r) = s.running.lock() {
+        r.insert(
+            id,
+            Running {
+                beat_now: beat_now.clone(),
+            },
+        );
+    }
+    let cancel_req = CancellationToken::new();
+    let fenced = CancellationToken::new();
+    let run_token = CancellationToken::new();
+
+    // heartbeat: extends the lease in Postgres and Redis, and notices cancel requests
+    let hb = {
+        let (store, queue, lease) = (s.store.clone(), s.queue.clone(), s.opts.lease);
+        let (cancel_req, fenced, run_token, beat_now) = (
+            cancel_req.clone(),
+            fenced.clone(),
+            run_token.clone(),
+            beat_now.clone(),
+        );
+        let consumer = s.id.clone();
+        let d = d.clone();
+        async move {
+            let every = lease / 3;
+            loop {
+                tokio::select! {
+                    _ = run_token.cancelled() => return,
+                    _ = tokio::time::sleep(every) => {}
+                    _ = beat_now.notified() => {}
+                }
+                match store.heartbeat(id, attempt, lease).await {
+                    Ok(None) => {
+                        tracing::warn!("fenced out: a newer attempt owns this job; stopping");
+                        fenced.cancel();
+                        run_token.cancel();
+                        return;
+                    }
+                    Ok(Some(true)) => {
+                        cancel_req.cancel();
+                        run_token.cancel();
+                        return;
+                    }
+                    Ok(Some(false)) => {}
+                    Err(e) => tracing::warn!(error = %e, "heartbeat to postgres failed"),
+                }
+                if let Err(e) = queue.heartbeat(&d, &consumer).await {
+                    tracing::warn!(error = %e, "heartbeat to redis failed");
+                }
+            }
+        }
+    };
+
+    let (tx, rx) = mpsc::channel::<Emit>(256);
+    let kind = JobKind::parse(&row.kind);
+    let ctx = JobContext::new(
+        JobMeta {
+            job_id: id,
+            tenant_id: row.tenant_id,
+            kind: kind.unwrap_or(JobKind::SystemNoop),
+            input: row.input.clone(),
+            attempt,
+            max_attempts: row.max_attempts,
+        },
+        run_token.clone(),
+        tx,
+    );
+    let exec = s.executors.get(&row.kind);
+    let timeout = row.timeout_s.map(|t| Duration::from_secs(t as u64));
+    let exec_fut = async move {
+        let r = match exec {
+            None => Err(ExecError::fatal(
+                job_error_codes::NO_EXECUTOR,
+                format!(
+                    "this worker has no executor for kind `{}`",
+                    ctx.kind.as_str()
+                ),
+            )),
+            Some(e) => match timeout {
+                Some(t) => match tokio::time::timeout(t, e.execute(&ctx)).await {
+                    Ok(r) => r,
+                    Err(_) => Err(ExecError::retryable(
+                        job_error_codes::TIMEOUT,
+                        format!("attempt exceeded timeout_s ({}s)", t.as_secs()),
+                    )),
+                },
+                None => e.execute(&ctx).await,
+            },
+        };
+        drop(ctx);
+        r
+    };
+    let guarded = {
+        let run_token = run_token.clone();
+        let hard_stop = s.hard_stop.clone();
+        async move {
+            tokio::select! {
+                r = exec_fut => Some(r),
+                _ = run_token.cancelled() => None,
+                _ = hard_stop.cancelled() => None,
+            }
+        }
+    };
+    let publisher = publish_emits(s, id, attempt, seq, rx, fenced.clone(), run_token.clone());
+    let hb_task = tokio::spawn(hb);
+    let (result, new_seq) = tokio::join!(guarded, publisher);
+    seq = new_seq;
+    run_token.cancel();
+    let _ = hb_task.await;
+    if let Ok(mut r) = s.running.lock() {
+        r.remove(&id);
+    }
+
+    let interrupt = if fenced.is_cancelled() {
+        Some(Interrupt::Fenced)
+    } else if cancel_req.is_cancelled() {
+        Some(Interrupt::Cancelled)
+    } else if result.is_none() && s.hard_stop.is_cancelled() {
+        Some(Interrupt::Released)
+    } else {
+        None
+    };
+
+    let (end, event) = match (interrupt, result) {
+        (Some(Interrupt::Fenced), _) => return,
+        (Some(Interrupt::Cancelled), _) => (
+            RunEnd::Cancelled,
+            Event::terminal(id, seq + 1, attempt, JobStatus::Cancelled, None, None),
+        ),
+        (Some(Interrupt::Released), _) | (None, None) => {
+            let err = JobError::new(
+                "worker_shutdown",
+                "the worker shut down; the job runs again",
+                true,
+            );
+            let ev = Event::status(
+                id,
+                seq + 1,
+                attempt,
+                JobStatus::Queued,
+                json!({ "reason": "released", "error": err }),
+            );
+            (
+                RunEnd::Retry {
+                    error: err,
+                    run_at: Utc::now(),
+                },
+                ev,
+            )
+        }
+        (None, Some(Ok(output))) => (
+            RunEnd::Succeeded(output.clone()),
+            Event::terminal(
+                id,
+                seq + 1,
+                attempt,
+                JobStatus::Succeeded,
+                Some(&output),
+                None,
+            ),
+        ),
+        (None, Some(Err(e))) => {
+            let err = e.to_job_error();
+            if e.retryable && attempt < row.max_attempts {
+                let delay = e
+                    .retry_after
+                    .unwrap_or_else(|| retry_delay(s.opts.retry_base, attempt));
+                let run_at = Utc::now() + chrono::Duration::from_std(delay).unwrap_or_default();
+                tracing::info!(error = %e, ?delay, "attempt failed; will retry");
+                let ev = Event::status(
+                    id,
+                    seq + 1,
+                    attempt,
+                    JobStatus::Queued,
+                    json!({ "retry_at": run_at, "error": err }),
+                );
+                (RunEnd::Retry { error: err, run_at }, ev)
+            } else {
+                tracing::info!(error = %e, "job failed");
+                (
+                    RunEnd::Failed(err.clone()),
+                    Event::terminal(id, seq + 1, attempt, JobStatus::Failed, None, Some(&err)),
+                )
+            }
+        }
+    };
+    let written = with_retry("end run", s.opts.lease, || {
+        s.store.end_run(id, attempt, &end, seq + 1)
+    })
+    .await;
+    match written {
+        Ok(true) => {}
+        Ok(false) => {
+            tracing::warn!("fenced out at the end of the run; outcome discarded");
+            return;
+        }
+        Err(e) => {
+            // not acknowledged: the lease expires and the job runs again (at-least-once)
+            tracing::error!(error = %e, "could not record the outcome");
+            return;
+        }
+    }
+    publish(s, &event).await;
+    if let RunEnd::Retry { run_at, .. } = &end {
+        let mut item = row.dispatch_item();
+        item.run_at = Some(*run_at);
+        if let Err(e) = s.queue.delay(&item).await {
+            // the reconciler finds it (its dispatch epoch is stale only if Redis lost data;
+            // otherwise its expired-lease/undispatched scans do)
+            tracing::warn!(error = %e, "could not re-dispatch for retry");
+        }
+    }
+    ack(s, &d).await;
+}
+
+/// Publishes executor output as events, coalescing deltas that are already waiting.
+async fn publish_emits(
+    s: &Shared,
+    id: Uuid,
+    attempt: i32,
+    mut seq: u64,
+    mut rx: mpsc::Receiver<Emit>,
+    fenced: CancellationToken,
+    run_token: CancellationToken,
+) -> u64 {
+    let mut batch: Vec<Emit> = Vec::with_capacity(64);
+    while let Some(first) = rx.recv().await {
+        batch.push(first);
+        while batch.len() < 64 {
+            match rx.try_recv() {
+                Ok(m) => batch.push(m),
+                Err(_) => break,
+            }
+        }
+        let mut text = String::new();
+        let mut events: Vec<(String, Value)> = Vec::new();
+        for m in batch.drain(..) {
+            match m {
+                Emit::Delta(t) => text.push_str(&t),
+                Emit::Event { kind, data } => {
+                    if !text.is_empty() {
+                        events.push((
+                            types::OUTPUT_DELTA.into(),
+                            json!({ "text": std::mem::take(&mut text) }),
+                        ));
+                    }
+                    events.push((kind, data));
+                }
+            }
+        }
+        if !text.is_empty() {
+            events.push((types::OUTPUT_DELTA.into(), json!({ "text": text })));
+        }
+        for (kind, data) in events {
+            if fenced.is_cancelled() {
+                continue;
+            }
+            let ev = Event::new(id, seq + 1, attempt, &kind, data);
+            match publish(s, &ev).await {
+                Published::Ok => seq += 1,
+                Published::Fenced => {
+                    tracing::warn!("fenced out by a newer attempt while streaming; stopping");
+                    fenced.cancel();
+                    run_token.cancel();
+                }
+                Published::Stale => {}
+            }
+        }
+    }
+    seq
+}
+
+fn retry_delay(base: Duration, attempt: i32) -> Duration {
+    let exp = base.saturating_mul(1u32 << (attempt.clamp(1, 16) - 1) as u32);
+    let capped = exp.min(Duration::from_secs(60));
+    let jitter = rand::thread_rng().gen_range(0.8..1.2);
+    capped.mul_f64(jitter)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_delay_grows_and_caps() {
+        let b = Duration::from_secs(1);
+        assert!(retry_delay(b, 1) <= Duration::from_millis(1200));
+        assert!(retry_delay(b, 3) >= Duration::from_millis(3200));
+        assert!(retry_delay(b, 30) <= Duration::from_secs(72));
+    }
+}
