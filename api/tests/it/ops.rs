@@ -1,0 +1,109 @@
+//! Health, readiness, metrics and the OpenAPI document.
+
+use serde_json::{json, Value};
+use sqlx::PgPool;
+
+use crate::support::{spawn_app_with, Opts};
+
+#[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
+async fn health_ready_metrics(pool: PgPool) {
+    let app = spawn_app_with(
+        pool,
+        Opts {
+            worker: false,
+            scheduler: false,
+            ..Opts::default()
+        },
+    )
+    .await;
+    let r = app.http.get(app.url("/healthz")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let r = app.http.get(app.url("/readyz")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["postgres"], "ok");
+    assert_eq!(body["redis"], "ok");
+    app.submit_noop(json!({})).await;
+    let text = app
+        .http
+        .get(app.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for name in [
+        "switchyard_jobs{",
+        "switchyard_queue_depth{",
+        "switchyard_oldest_queued_age_seconds{",
+        "switchyard_submit_latency_seconds_bucket",
+        "switchyard_event_delivery_latency_seconds",
+        "switchyard_ws_connections",
+    ] {
+        assert!(text.contains(name), "{name} missing from:\n{text}");
+    }
+    assert!(
+        text.contains(r#"switchyard_jobs{kind="system.noop",status="queued"} 1"#),
+        "{text}"
+    );
+    app.stop().await;
+}
+
+#[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
+async fn openapi_documents_every_route_and_error(pool: PgPool) {
+    let app = spawn_app_with(
+        pool,
+        Opts {
+            worker: false,
+            scheduler: false,
+            ..Opts::default()
+        },
+    )
+    .await;
+    let doc: Value = app
+        .http
+        .get(app.url("/openapi.json"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let paths = doc["paths"].as_object().unwrap();
+    for p in [
+        "/v1/jobs",
+        "/v1/jobs/{id}",
+        "/v1/jobs/{id}/cancel",
+        "/v1/jobs/{id}/events",
+        "/v1/ws",
+        "/healthz",
+        "/readyz",
+        "/metrics",
+        "/openapi.json",
+    ] {
+        assert!(paths.contains_key(p), "{p} missing");
+    }
+    for (path, ops) in paths {
+        if !path.starts_with("/v1/") {
+            continue;
+        }
+        for (method, op) in ops.as_object().unwrap() {
+            let responses = op["responses"].as_object().unwrap();
+            assert!(
+                responses.contains_key("401"),
+                "{method} {path} documents 401"
+            );
+        }
+    }
+    let desc = doc["info"]["description"].as_str().unwrap();
+    for c in switchyard_core::ErrorCode::ALL {
+        assert!(
+            desc.contains(&format!("`{}`", c.as_str())),
+            "{c} missing from the error table"
+        );
+    }
+    assert!(doc["components"]["schemas"]["ErrorBody"].is_object());
+    assert!(doc["components"]["securitySchemes"]["bearer"].is_object());
+    app.stop().await;
+}

@@ -1,0 +1,345 @@
+//! Nothing lost: retries, timeouts, attempt fencing, lease expiry, Redis data loss, jobs
+//! committed but never dispatched, draining.
+
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use chrono::Utc;
+use serde_json::json;
+use sqlx::PgPool;
+use switchyard_core::event::Event;
+use switchyard_core::job::JobStatus;
+use switchyard_queue::events::Published;
+use switchyard_store::{ClaimOutcome, NewJob, RunEnd};
+use uuid::Uuid;
+
+use crate::support::{spawn_app, spawn_app_with, Opts};
+
+const T: Duration = Duration::from_secs(30);
+
+#[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
+async fn retryable_failures_retry_then_succeed(pool: PgPool) {
+    let app = spawn_app(pool).await;
+    let mut ws = app.ws().await;
+    let id = app.submit_noop(json!({"fail_attempts": 2})).await;
+    ws.subscribe(id, 0).await;
+    let j = app.wait_status(id, "succeeded", T).await;
+    assert_eq!(j["attempt"], 3);
+    assert_eq!(j["output"]["attempt"], 3);
+    let events = ws.until_terminal(id, T).await;
+    crate::support::assert_contiguous(&events, 0);
+    let retries: Vec<_> = events
+        .iter()
+        .filter(|e| {
+            e["type"] == "status"
+                && e["data"]["status"] == "queued"
+                && e["data"]["retry_at"].is_string()
+        })
+        .collect();
+    assert_eq!(retries.len(), 2, "{events:#?}");
+    let attempts: Vec<_> = events
+        .iter()
+        .filter(|e| e["type"] == "status" && e["data"]["status"] == "running")
+        .map(|e| e["attempt"].as_i64().unwrap())
+        .collect();
+    assert_eq!(attempts, vec![1, 2, 3], "each new attempt announces itself");
+    app.stop().await;
+}
+
+#[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
+async fn fatal_errors_and_timeouts_fail(pool: PgPool) {
+    let app = spawn_app(pool).await;
+    let fatal = app.submit_noop(json!({"fail_fatal": true})).await;
+    let j = app.wait_status(fatal, "failed", T).await;
+    assert_eq!(j["error"]["code"], "noop_failed");
+    assert_eq!(j["error"]["retryable"], false);
+    assert_eq!(j["attempt"], 1);
+    let slow = app
+        .submit(json!({"kind": "system.noop", "input": {"sleep_ms": 30000}, "timeout_s": 1, "max_attempts": 2}))
+        .await;
+    let slow: Uuid = slow["id"].as_str().unwrap().parse().unwrap();
+    let j = app.wait_status(slow, "failed", T).await;
+    assert_eq!(j["error"]["code"], "timeout");
+    assert_eq!(j["error"]["retryable"], true);
+    assert_eq!(j["attempt"], 2);
+    app.stop().await;
+}
+
+#[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
+async fn a_stale_worker_cannot_overwrite_its_successor(pool: PgPool) {
+    let app = spawn_app_with(
+        pool,
+        Opts {
+            worker: false,
+            scheduler: false,
+            ..Opts::default()
+        },
+    )
+    .await;
+    let id = app.submit_noop(json!({})).await;
+    let lease = Duration::from_secs(30);
+    let ClaimOutcome::Claimed(first) = app.store.claim(id, "old", lease).await.unwrap() else {
+        panic!("first claim")
+    };
+    assert_eq!(first.attempt, 1);
+    // while the lease is live nobody else can claim
+    assert!(matches!(
+        app.store.claim(id, "new", lease).await.unwrap(),
+        ClaimOutcome::Skip(_)
+    ));
+    // the old worker stalls; its lease runs out
+    sqlx::query("UPDATE jobs SET lease_expires_at = now() - interval '1 second' WHERE id = $1")
+        .bind(id)
+        .execute(app.store.pool())
+        .await
+        .unwrap();
+    let ClaimOutcome::Claimed(second) = app.store.claim(id, "new", lease).await.unwrap() else {
+        panic!("second claim")
+    };
+    assert_eq!(second.attempt, 2);
+    let bus = app.bus().await;
+    assert!(bus.begin_attempt(id, 2).await.unwrap().is_some());
+
+    // every write of the stale run is refused
+    let stale = RunEnd::Succeeded(json!({"from": "old"}));
+    assert!(!app.store.end_run(id, 1, &stale, 10).await.unwrap());
+    assert_eq!(app.store.heartbeat(id, 1, lease).await.unwrap(), None);
+    let ev = Event::new(id, 50, 1, "output.delta", json!({"text": "stale"}));
+    assert_eq!(bus.publish(&ev).await.unwrap(), Published::Fenced);
+    assert_eq!(bus.begin_attempt(id, 1).await.unwrap(), None);
+
+    // the successor's writes count
+    assert_eq!(
+        app.store.heartbeat(id, 2, lease).await.unwrap(),
+        Some(false)
+    );
+    let ev = Event::new(id, 2, 2, "status", json!({"status": "running"}));
+    assert_eq!(bus.publish(&ev).await.unwrap(), Published::Ok);
+    assert!(app
+        .store
+        .end_run(id, 2, &RunEnd::Succeeded(json!({"from": "new"})), 3)
+        .await
+        .unwrap());
+    let j = app.get_job(id).await;
+    assert_eq!(j["status"], "succeeded");
+    assert_eq!(j["output"], json!({"from": "new"}));
+    // and a late write of the old run after the end changes nothing either
+    assert!(!app
+        .store
+        .end_run(id, 1, &RunEnd::Cancelled, 4)
+        .await
+        .unwrap());
+    assert_eq!(app.get_job(id).await["status"], "succeeded");
+    app.stop().await;
+}
+
+#[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
+async fn a_dead_workers_job_is_reclaimed_after_its_lease(pool: PgPool) {
+    let mut app = spawn_app_with(
+        pool,
+        Opts {
+            worker: false,
+            ..Opts::default()
+        },
+    )
+    .await;
+    let id = app.submit_noop(json!({})).await;
+    let exhausted = app
+        .submit(json!({"kind": "system.noop", "input": {}, "max_attempts": 1}))
+        .await;
+    let exhausted: Uuid = exhausted["id"].as_str().unwrap().parse().unwrap();
+    // a "worker" fetches both jobs, claims them, and dies without a word
+    let queue = app.queue().await;
+    queue.ensure_group("system").await.unwrap();
+    let mut conn = app.redis().await;
+    // (a fresh Redis epoch may dispatch a job twice; claiming dedups, so count distinct jobs)
+    let mut got = std::collections::HashSet::new();
+    for _ in 0..20 {
+        for d in queue
+            .fetch(&mut conn, "system", "ghost", 10, Duration::from_millis(200))
+            .await
+            .unwrap()
+        {
+            got.insert(d.job_id);
+        }
+        if got.len() >= 2 {
+            break;
+        }
+    }
+    assert_eq!(got, [id, exhausted].into_iter().collect());
+    for job in &got {
+        assert!(matches!(
+            app.store
+                .claim(*job, "ghost", app.opts.lease)
+                .await
+                .unwrap(),
+            ClaimOutcome::Claimed(_)
+        ));
+    }
+    app.start_worker().await;
+    let j = app.wait_status(id, "succeeded", T).await;
+    assert_eq!(j["attempt"], 2, "the lost attempt counts");
+    let j = app.wait_status(exhausted, "failed", T).await;
+    assert_eq!(j["error"]["code"], "lease_expired");
+    app.stop().await;
+}
+
+#[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
+async fn jobs_committed_but_never_dispatched_still_run(pool: PgPool) {
+    let app = spawn_app(pool).await;
+    // the API died between its commit and its XADD: the row exists, Redis never heard of it
+    let mut ids = Vec::new();
+    let jobs: Vec<NewJob> = (0..25)
+        .map(|_| {
+            let id = Uuid::now_v7();
+            ids.push(id);
+            NewJob {
+                id,
+                tenant_id: app.tenant,
+                created_by: "key:test".into(),
+                kind: "system.noop".into(),
+                queue: "system".into(),
+                priority: 0,
+                max_attempts: 3,
+                timeout_s: None,
+                input: json!({}),
+                metadata: json!({}),
+                trace_parent: None,
+                created_at: Utc::now(),
+            }
+        })
+        .collect();
+    app.store.insert_jobs(&jobs).await.unwrap();
+    for id in ids {
+        app.wait_status(id, "succeeded", T).await;
+    }
+    let undispatched: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM jobs WHERE dispatch_epoch = 0")
+            .fetch_one(app.store.pool())
+            .await
+            .unwrap();
+    assert_eq!(undispatched, 0);
+    app.stop().await;
+}
+
+struct PrivateRedis {
+    child: Child,
+    port: u16,
+    _dir: std::path::PathBuf,
+}
+
+impl PrivateRedis {
+    fn start() -> PrivateRedis {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let dir = std::env::temp_dir().join(format!("sy-redis-{port}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .arg("--dir")
+            .arg(&dir)
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("this test needs redis-server on PATH (apt-get install redis-server)");
+        for _ in 0..100 {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        PrivateRedis {
+            child,
+            port,
+            _dir: dir,
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for PrivateRedis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
+async fn redis_flushall_loses_nothing(pool: PgPool) {
+    let redis = PrivateRedis::start();
+    let mut app = spawn_app_with(
+        pool,
+        Opts {
+            worker: false,
+            redis_url: redis.url(),
+            ..Opts::default()
+        },
+    )
+    .await;
+    let mut ids = Vec::new();
+    for i in 0..30 {
+        ids.push(app.submit_noop(json!({"deltas": i % 3})).await);
+    }
+    // wait until the API dispatched them all to Redis...
+    let deadline = tokio::time::Instant::now() + T;
+    loop {
+        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM jobs WHERE dispatch_epoch > 0")
+            .fetch_one(app.store.pool())
+            .await
+            .unwrap();
+        if n == 30 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "jobs were not dispatched"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // ...then Redis loses everything
+    let mut c = app.redis().await;
+    redis::cmd("FLUSHALL")
+        .query_async::<()>(&mut c)
+        .await
+        .unwrap();
+    app.start_worker().await;
+    for id in &ids {
+        app.wait_status(*id, "succeeded", T).await;
+    }
+    // clients still get a terminal event for every job (from Postgres: the stream is gone)
+    let mut ws = app.ws().await;
+    ws.subscribe(ids[0], 0).await;
+    let evs = ws.until_terminal(ids[0], T).await;
+    assert_eq!(evs.last().unwrap()["type"], "succeeded");
+    app.stop().await;
+}
+
+#[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
+async fn draining_finishes_in_flight_jobs(pool: PgPool) {
+    let mut app = spawn_app(pool).await;
+    let id = app.submit_noop(json!({"sleep_ms": 800})).await;
+    app.wait_status(id, "running", T).await;
+    app.stop_workers().await;
+    let j = app.get_job(id).await;
+    assert_eq!(j["status"], "succeeded", "drain waits for in-flight jobs");
+    // a job submitted after the drain stays queued, nothing picks it up
+    let later = app.submit_noop(json!({})).await;
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert_eq!(app.get_job(later).await["status"], "queued");
+    assert_eq!(JobStatus::parse("queued"), Some(JobStatus::Queued));
+    app.stop().await;
+}

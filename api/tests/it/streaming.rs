@@ -1,0 +1,236 @@
+//! Events over WebSocket and SSE: order, resume (`after`, `Last-Event-ID`), many jobs per
+//! connection, protocol errors.
+
+use std::time::Duration;
+
+use futures::StreamExt;
+use serde_json::{json, Value};
+use sqlx::PgPool;
+use uuid::Uuid;
+
+use crate::support::{assert_contiguous, spawn_app, spawn_app_with, Opts};
+
+const T: Duration = Duration::from_secs(20);
+
+#[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
+async fn websocket_streams_tokens_in_order(pool: PgPool) {
+    let app = spawn_app(pool).await;
+    let mut ws = app.ws().await;
+    let job = app
+        .submit(json!({"kind": "llm.chat", "input": {"model": "mock-echo", "messages": [{"role": "user", "content": "one two three four five six"}]}}))
+        .await;
+    let id: Uuid = job["id"].as_str().unwrap().parse().unwrap();
+    ws.subscribe(id, 0).await;
+    let events = ws.until_terminal(id, T).await;
+    assert_contiguous(&events, 0);
+    assert_eq!(events[0]["type"], "status");
+    assert_eq!(events[0]["data"]["status"], "queued");
+    assert_eq!(events[1]["data"]["status"], "running");
+    assert_eq!(events[1]["attempt"], 1);
+    let last = events.last().unwrap();
+    assert_eq!(last["type"], "succeeded");
+    let text: String = events
+        .iter()
+        .filter(|e| e["type"] == "output.delta")
+        .map(|e| e["data"]["text"].as_str().unwrap().to_string())
+        .collect();
+    let expected = switchyard_mock_llm::expected_text(
+        &[("user".into(), "one two three four five six".into())],
+        None,
+    );
+    assert_eq!(text, expected);
+    assert_eq!(last["data"]["output"]["text"], expected);
+    for e in &events {
+        assert!(e["ts"].is_string());
+        assert_eq!(e["job_id"], json!(id));
+    }
+    app.stop().await;
+}
+
+#[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
+async fn websocket_resumes_after_and_replays_finished_jobs(pool: PgPool) {
+    let app = spawn_app(pool).await;
+    let id = app.submit_noop(json!({"deltas": 5})).await;
+    app.wait_status(id, "succeeded", T).await;
+    let mut ws = app.ws().await;
+    ws.subscribe(id, 0).await;
+    let all = ws.until_terminal(id, T).await;
+    assert_contiguous(&all, 0);
+    assert!(all.len() >= 4, "{all:#?}");
+    // resume from the middle: only later events, no duplicates, still ends with the terminal one
+    let mid = all[1]["seq"].as_u64().unwrap();
+    ws.subscribe(id, mid).await;
+    let rest = ws.until_terminal(id, T).await;
+    assert_contiguous(&rest, mid);
+    assert_eq!(rest, all[mid as usize..].to_vec());
+    app.stop().await;
+}
+
+#[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
+async fn many_jobs_share_one_connection(pool: PgPool) {
+    let app = spawn_app(pool).await;
+    let mut ws = app.ws().await;
+    let mut ids = Vec::new();
+    for i in 0..10 {
+        let id = app.submit_noop(json!({"deltas": i, "sleep_ms": 50})).await;
+        ws.subscribe(id, 0).await;
+        ids.push(id);
+    }
+    let mut per_job: std::collections::HashMap<Uuid, Vec<Value>> = Default::default();
+    let mut finished = 0;
+    while finished < ids.len() {
+        let v = ws.next(T).await.expect("open");
+        let id: Uuid = v["job_id"].as_str().unwrap().parse().unwrap();
+        let t = v["type"].as_str().unwrap().to_string();
+        per_job.entry(id).or_default().push(v);
+        if t == "succeeded" {
+            finished += 1;
+        }
+    }
+    for id in ids {
+        assert_contiguous(&per_job[&id], 0);
+    }
+    app.stop().await;
+}
+
+#[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
+async fn websocket_protocol_errors(pool: PgPool) {
+    let app = spawn_app_with(
+        pool,
+        Opts {
+            worker: false,
+            scheduler: false,
+            ..Opts::default()
+        },
+    )
+    .await;
+    let mut ws = app.ws().await;
+    ws.inner
+        .send(tokio_tungstenite::tungstenite::Message::Text("nope".into()))
+        .await
+        .unwrap();
+    let e = ws.next(T).await.unwrap();
+    assert_eq!(
+        (e["type"].as_str(), e["error"]["code"].as_str()),
+        (Some("error"), Some("malformed_json"))
+    );
+    ws.send(json!({"op": "subscribe"})).await;
+    let e = ws.next(T).await.unwrap();
+    assert_eq!(e["error"]["field"], "job_id");
+    ws.send(json!({"op": "dance", "job_id": Uuid::now_v7()}))
+        .await;
+    let e = ws.next(T).await.unwrap();
+    assert_eq!(e["error"]["field"], "op");
+    ws.subscribe(Uuid::now_v7(), 0).await;
+    let e = ws.next(T).await.unwrap();
+    assert_eq!(e["error"]["code"], "not_found");
+    assert!(e["job_id"].is_string());
+    // the connection survives all of that: a real subscription still works
+    let id = app.submit_noop(json!({})).await;
+    ws.subscribe(id, 0).await;
+    let first = ws.next(T).await.unwrap();
+    assert_eq!(first["seq"], 1);
+    // unsubscribe stops the flow; cancelling the job would otherwise send more
+    ws.send(json!({"op": "unsubscribe", "job_id": id})).await;
+    app.stop().await;
+}
+
+use futures::SinkExt;
+
+#[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
+async fn websocket_needs_a_key(pool: PgPool) {
+    let app = spawn_app_with(
+        pool,
+        Opts {
+            worker: false,
+            scheduler: false,
+            ..Opts::default()
+        },
+    )
+    .await;
+    let url = format!("{}/v1/ws", app.base.replace("http://", "ws://"));
+    let err = tokio_tungstenite::connect_async(url.clone())
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("401"), "{err}");
+    // ?token= for browsers
+    let (_ws, _) = tokio_tungstenite::connect_async(format!("{url}?token={}", app.key))
+        .await
+        .unwrap();
+    app.stop().await;
+}
+
+async fn sse_events(resp: reqwest::Response) -> Vec<(Option<String>, String, Value)> {
+    let mut out = Vec::new();
+    let mut buf = String::new();
+    let mut body = resp.bytes_stream();
+    while let Some(chunk) = tokio::time::timeout(T, body.next())
+        .await
+        .expect("sse timed out")
+    {
+        buf.push_str(&String::from_utf8_lossy(&chunk.unwrap()));
+        while let Some(end) = buf.find("\n\n") {
+            let block: String = buf[..end].to_string();
+            buf.drain(..end + 2);
+            let (mut id, mut ev, mut data) = (None, String::new(), String::new());
+            for line in block.lines() {
+                if let Some(v) = line.strip_prefix("id:") {
+                    id = Some(v.trim().to_string());
+                } else if let Some(v) = line.strip_prefix("event:") {
+                    ev = v.trim().to_string();
+                } else if let Some(v) = line.strip_prefix("data:") {
+                    data.push_str(v.trim_start());
+                }
+            }
+            if !data.is_empty() {
+                out.push((id, ev, serde_json::from_str(&data).unwrap()));
+            }
+        }
+    }
+    out
+}
+
+#[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
+async fn sse_streams_and_resumes_with_last_event_id(pool: PgPool) {
+    let app = spawn_app(pool).await;
+    let id = app.submit_noop(json!({"deltas": 3})).await;
+    let r = app
+        .auth(app.http.get(app.url(&format!("/v1/jobs/{id}/events"))))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(r.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/event-stream"));
+    let all = sse_events(r).await;
+    let values: Vec<Value> = all.iter().map(|(_, _, v)| v.clone()).collect();
+    assert_contiguous(&values, 0);
+    for (sid, ev, v) in &all {
+        assert_eq!(sid.as_deref(), Some(v["seq"].to_string().as_str()));
+        assert_eq!(ev, v["type"].as_str().unwrap());
+    }
+    assert_eq!(all.last().unwrap().1, "succeeded");
+    // resume: the stream closes after the terminal event, so a reconnect with Last-Event-ID
+    let r = app
+        .auth(app.http.get(app.url(&format!("/v1/jobs/{id}/events"))))
+        .header("last-event-id", "2")
+        .send()
+        .await
+        .unwrap();
+    let rest = sse_events(r).await;
+    let rest: Vec<Value> = rest.into_iter().map(|(_, _, v)| v).collect();
+    assert_contiguous(&rest, 2);
+    assert_eq!(rest, values[2..].to_vec());
+    // ?token= and ?after= for EventSource clients
+    let r = app
+        .http
+        .get(app.url(&format!("/v1/jobs/{id}/events?token={}&after=3", app.key)))
+        .send()
+        .await
+        .unwrap();
+    let tail: Vec<Value> = sse_events(r).await.into_iter().map(|(_, _, v)| v).collect();
+    assert_eq!(tail, values[3..].to_vec());
+    app.stop().await;
+}

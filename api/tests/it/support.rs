@@ -1,0 +1,353 @@
+//! `spawn_app()`: the real API on port 0 against the per-test database, a unique Redis key
+//! prefix, and optionally an in-process worker, scheduler and mock LLM provider.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::{SinkExt, StreamExt};
+use serde_json::{json, Value};
+use sqlx::PgPool;
+use switchyard_core::config::Config;
+use switchyard_core::job::JobKind;
+use switchyard_queue::{EventBus, Keys, Queue};
+use switchyard_scheduler::{Scheduler, SchedulerOptions};
+use switchyard_store::Store;
+use switchyard_worker::executor::ExecutorRegistry;
+use switchyard_worker::llm::{LlmChatExecutor, OpenAiCompatible, ProviderRouter};
+use switchyard_worker::noop::NoopExecutor;
+use switchyard_worker::{Worker, WorkerHandle, WorkerOptions};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+pub fn redis_url() -> String {
+    std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+}
+
+#[derive(Clone)]
+pub struct Opts {
+    pub worker: bool,
+    pub scheduler: bool,
+    pub lease: Duration,
+    pub redis_url: String,
+    pub max_body_bytes: usize,
+    pub enable_noop: bool,
+}
+
+impl Default for Opts {
+    fn default() -> Self {
+        Opts {
+            worker: true,
+            scheduler: true,
+            lease: Duration::from_secs(3),
+            redis_url: redis_url(),
+            max_body_bytes: 1024 * 1024,
+            enable_noop: true,
+        }
+    }
+}
+
+pub struct TestApp {
+    pub base: String,
+    pub key: String,
+    pub tenant: Uuid,
+    pub store: Store,
+    pub cfg: Config,
+    pub http: reqwest::Client,
+    pub mock_url: String,
+    pub opts: Opts,
+    api_stop: CancellationToken,
+    workers: Vec<WorkerHandle>,
+    sched_stop: CancellationToken,
+    mock_stop: CancellationToken,
+}
+
+pub async fn spawn_app(pool: PgPool) -> TestApp {
+    spawn_app_with(pool, Opts::default()).await
+}
+
+pub async fn spawn_app_with(pool: PgPool, opts: Opts) -> TestApp {
+    let prefix = format!("t{}", Uuid::new_v4().simple());
+    let mut cfg = Config::for_tests("postgres://unused", &opts.redis_url, &prefix);
+    cfg.max_body_bytes = opts.max_body_bytes;
+    cfg.enable_noop = opts.enable_noop;
+    cfg.lease_s = opts.lease.as_secs().max(2);
+    let store = Store::from_pool(pool);
+    let tenant = store.create_tenant("acme").await.unwrap();
+    let (_, key) = store.create_api_key(tenant.id, "test", None).await.unwrap();
+
+    let (mock_base, mock_stop) = switchyard_mock_llm::spawn(Default::default())
+        .await
+        .unwrap();
+    let mock_url = format!("{mock_base}/v1");
+
+    let api_stop = CancellationToken::new();
+    let state = switchyard_api::AppState::build(&cfg, store.clone(), api_stop.clone())
+        .await
+        .unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(switchyard_api::serve(listener, state));
+
+    let mut app = TestApp {
+        base: format!("http://{addr}"),
+        key,
+        tenant: tenant.id,
+        store,
+        cfg,
+        http: reqwest::Client::new(),
+        mock_url,
+        opts: opts.clone(),
+        api_stop,
+        workers: Vec::new(),
+        sched_stop: CancellationToken::new(),
+        mock_stop,
+    };
+    if opts.scheduler {
+        app.start_scheduler().await;
+    }
+    if opts.worker {
+        app.start_worker().await;
+    }
+    app
+}
+
+impl TestApp {
+    pub fn keys(&self) -> Keys {
+        Keys::new(&self.cfg.redis_prefix)
+    }
+
+    pub async fn redis(&self) -> redis::aio::ConnectionManager {
+        let client = redis::Client::open(self.opts.redis_url.as_str()).unwrap();
+        switchyard_queue::connect(&client, Duration::from_secs(5))
+            .await
+            .unwrap()
+    }
+
+    pub async fn queue(&self) -> Queue {
+        Queue::new(self.keys(), self.redis().await)
+    }
+
+    pub async fn bus(&self) -> EventBus {
+        EventBus::new(self.keys(), self.redis().await, Duration::from_secs(60))
+    }
+
+    pub fn executors(&self) -> ExecutorRegistry {
+        let mut reg = ExecutorRegistry::new();
+        let router = ProviderRouter {
+            mock: Some(Arc::new(OpenAiCompatible::new(
+                &self.mock_url,
+                None,
+                Duration::from_secs(5),
+            ))),
+            default: None,
+        };
+        reg.register(JobKind::LlmChat, Arc::new(LlmChatExecutor { router }));
+        reg.register(JobKind::SystemNoop, Arc::new(NoopExecutor));
+        reg
+    }
+
+    pub async fn start_worker(&mut self) {
+        let client = redis::Client::open(self.opts.redis_url.as_str()).unwrap();
+        let opts = WorkerOptions {
+            lease: self.opts.lease,
+            name: "test".into(),
+            shutdown_grace: Duration::from_secs(5),
+            fetch_block: Duration::from_millis(500),
+            retry_base: Duration::from_millis(100),
+            concurrency: 16,
+            ..WorkerOptions::default()
+        };
+        let w = Worker::new(
+            self.store.clone(),
+            self.queue().await,
+            self.bus().await,
+            client,
+            self.executors(),
+            opts,
+        );
+        self.workers.push(w.start(CancellationToken::new()));
+    }
+
+    pub async fn start_scheduler(&mut self) {
+        let s = Scheduler::new(
+            self.store.clone(),
+            self.queue().await,
+            self.scheduler_opts(),
+        );
+        let stop = self.sched_stop.clone();
+        tokio::spawn(s.run(stop));
+    }
+
+    pub fn scheduler_opts(&self) -> SchedulerOptions {
+        SchedulerOptions {
+            interval: Duration::from_millis(200),
+            undispatched_min_age: Duration::from_millis(500),
+            lease: self.opts.lease,
+            ..SchedulerOptions::default()
+        }
+    }
+
+    pub async fn stop_workers(&mut self) {
+        for w in self.workers.drain(..) {
+            w.drain().await;
+        }
+    }
+
+    /// Stops everything and removes this test's Redis keys.
+    pub async fn stop(mut self) {
+        self.stop_workers().await;
+        self.sched_stop.cancel();
+        self.api_stop.cancel();
+        self.mock_stop.cancel();
+        let mut c = self.redis().await;
+        let pattern = format!("*{}*", self.cfg.redis_prefix);
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg(&pattern)
+            .query_async(&mut c)
+            .await
+            .unwrap_or_default();
+        if !keys.is_empty() {
+            let _: Result<(), _> = redis::cmd("DEL").arg(&keys).query_async(&mut c).await;
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{}", self.base, path)
+    }
+
+    pub fn auth(&self, rb: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+        rb.bearer_auth(&self.key)
+    }
+
+    pub async fn submit(&self, body: Value) -> Value {
+        let r = self
+            .auth(self.http.post(self.url("/v1/jobs")))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        let status = r.status();
+        let v: Value = r.json().await.unwrap();
+        assert_eq!(status, 202, "submit failed: {v}");
+        v
+    }
+
+    pub async fn submit_noop(&self, input: Value) -> Uuid {
+        let v = self
+            .submit(json!({"kind": "system.noop", "input": input}))
+            .await;
+        v["id"].as_str().unwrap().parse().unwrap()
+    }
+
+    pub async fn get_job(&self, id: Uuid) -> Value {
+        let r = self
+            .auth(self.http.get(self.url(&format!("/v1/jobs/{id}"))))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        r.json().await.unwrap()
+    }
+
+    /// Polls until the job has `status` (panics after `timeout`).
+    pub async fn wait_status(&self, id: Uuid, status: &str, timeout: Duration) -> Value {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let j = self.get_job(id).await;
+            if j["status"] == status {
+                return j;
+            }
+            if tokio::time::Instant::now() > deadline {
+                panic!("job {id} did not reach {status} in {timeout:?}: {j}");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub async fn ws(&self) -> Ws {
+        ws_connect(&self.base, &self.key).await
+    }
+}
+
+pub type WsStream =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+pub struct Ws {
+    pub inner: WsStream,
+}
+
+pub async fn ws_connect(base: &str, key: &str) -> Ws {
+    let url = format!("{}/v1/ws", base.replace("http://", "ws://"));
+    let mut req = url.into_client_request().unwrap();
+    req.headers_mut()
+        .insert("authorization", format!("Bearer {key}").parse().unwrap());
+    let (inner, _) = tokio_tungstenite::connect_async(req).await.unwrap();
+    Ws { inner }
+}
+
+impl Ws {
+    pub async fn send(&mut self, v: Value) {
+        self.inner
+            .send(Message::Text(v.to_string().into()))
+            .await
+            .unwrap();
+    }
+
+    pub async fn subscribe(&mut self, job: Uuid, after: u64) {
+        self.send(json!({"op": "subscribe", "job_id": job, "after": after}))
+            .await;
+    }
+
+    /// The next JSON frame (panics after `timeout`); `None` when the server closed.
+    pub async fn next(&mut self, timeout: Duration) -> Option<Value> {
+        loop {
+            let m = tokio::time::timeout(timeout, self.inner.next())
+                .await
+                .expect("timed out waiting for a websocket frame");
+            match m {
+                None => return None,
+                Some(Err(_)) => return None,
+                Some(Ok(Message::Text(t))) => return Some(serde_json::from_str(&t).unwrap()),
+                Some(Ok(Message::Close(_))) => return None,
+                Some(Ok(_)) => continue,
+            }
+        }
+    }
+
+    /// Collects frames of `job` until its terminal event.
+    pub async fn until_terminal(&mut self, job: Uuid, timeout: Duration) -> Vec<Value> {
+        let mut out = Vec::new();
+        loop {
+            let v = self
+                .next(timeout)
+                .await
+                .expect("connection closed before the terminal event");
+            if v["job_id"] != json!(job) {
+                continue;
+            }
+            let t = v["type"].as_str().unwrap_or("").to_string();
+            out.push(v);
+            if matches!(
+                t.as_str(),
+                "succeeded" | "failed" | "cancelled" | "reset" | "error"
+            ) {
+                return out;
+            }
+        }
+    }
+}
+
+/// Asserts events are strictly increasing by one in seq, starting after `after`.
+pub fn assert_contiguous(events: &[Value], after: u64) {
+    let mut expect = after + 1;
+    for e in events {
+        assert_eq!(
+            e["seq"].as_u64(),
+            Some(expect),
+            "events out of order or with a gap: {events:#?}"
+        );
+        expect += 1;
+    }
+}
