@@ -341,13 +341,12 @@ impl Ws {
 
 /// Asserts events are strictly increasing by one in seq, starting after `after`.
 pub fn assert_contiguous(events: &[Value], after: u64) {
-    let mut expect = after + 1;
-    for e in events {
+    for (expect, e) in (after + 1..).zip(events.iter()) {
+        let seq = e["seq"].as_u64();
         assert_eq!(
-            e["seq"].as_u64(),
+            seq,
             Some(expect),
             "events out of order or with a gap: {events:#?}"
         );
-        expect += 1;
     }
 }

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Starts the whole system locally: API on 127.0.0.1:8080, worker, scheduler, mock LLM, a demo
+# tenant and API key (printed). Uses Postgres/Redis at DATABASE_URL/REDIS_URL when reachable,
+# otherwise `switchyard dev` starts private ones under ./.switchyard/ (installing them if needed).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/services.sh
+command -v cargo >/dev/null || die "cargo not found: install Rust (https://rustup.rs)"
+# binaries switchyard dev needs if it must start private services
+command -v redis-server >/dev/null || apt_install redis-server
+[ -n "$(pg_bin initdb)" ] || port_open 127.0.0.1 5432 || apt_install postgresql
+cargo build --release --locked -p switchyard
+exec ./target/release/switchyard dev "$@"

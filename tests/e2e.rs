@@ -1,0 +1,352 @@
+//! Multi-process tests of the `switchyard` binary: two API replicas and two workers sharing
+//! Postgres and Redis, a worker killed with SIGKILL mid-job, and SIGTERM draining.
+
+use std::net::TcpListener;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use futures::{SinkExt, StreamExt};
+use serde_json::{json, Value};
+use sqlx::postgres::PgConnectOptions;
+use sqlx::{ConnectOptions, Connection};
+use switchyard_store::Store;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::Message;
+use uuid::Uuid;
+
+const T: Duration = Duration::from_secs(40);
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// One isolated system: its own database and Redis prefix; child processes die with it.
+struct Cluster {
+    admin_url: String,
+    db_name: String,
+    db_url: String,
+    redis_url: String,
+    prefix: String,
+    mock_url: String,
+    key: String,
+    store: Store,
+    children: Vec<(String, Child)>,
+    http: reqwest::Client,
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for (_, c) in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        // drop this test's database (Drop is sync: use a small runtime on a plain thread)
+        let (admin, name) = (self.admin_url.clone(), self.db_name.clone());
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                let opts: PgConnectOptions = admin.parse().unwrap();
+                if let Ok(mut c) = opts.connect().await {
+                    let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                        .execute(&mut c)
+                        .await;
+                }
+            })
+        })
+        .join();
+    }
+}
+
+impl Cluster {
+    async fn new() -> Cluster {
+        let base = std::env::var("DATABASE_URL")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
+        let redis_url =
+            std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+        let name = format!("sy_e2e_{}", Uuid::new_v4().simple());
+        let opts: PgConnectOptions = base.parse().unwrap();
+        let mut c = opts.connect().await.unwrap();
+        sqlx::query(&format!("CREATE DATABASE {name}"))
+            .execute(&mut c)
+            .await
+            .unwrap();
+        c.close().await.unwrap();
+        let db_url = opts.clone().database(&name).to_url_lossy().to_string();
+        let mut cluster = Cluster {
+            admin_url: base.clone(),
+            db_name: name.clone(),
+            db_url: db_url.clone(),
+            redis_url,
+            prefix: format!("e2e{}", Uuid::new_v4().simple()),
+            mock_url: String::new(),
+            key: String::new(),
+            store: Store::connect_lazy(&db_url, 4).unwrap(),
+            children: Vec::new(),
+            http: reqwest::Client::new(),
+        };
+        let st = cluster.command(&["migrate"]).status().unwrap();
+        assert!(st.success());
+        let t = cluster.store.create_tenant("e2e").await.unwrap();
+        cluster.key = cluster
+            .store
+            .create_api_key(t.id, "e2e", None)
+            .await
+            .unwrap()
+            .1;
+        let mock_port = free_port();
+        cluster.spawn(
+            "mock",
+            &["mock-llm", "--listen", &format!("127.0.0.1:{mock_port}")],
+        );
+        cluster.mock_url = format!("http://127.0.0.1:{mock_port}/v1");
+        wait_port(mock_port).await;
+        cluster
+    }
+
+    fn command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_switchyard"));
+        cmd.args(args)
+            .env("DATABASE_URL", &self.db_url)
+            .env("REDIS_URL", &self.redis_url)
+            .env("SWITCHYARD_REDIS_PREFIX", &self.prefix)
+            .env("SWITCHYARD_ENABLE_NOOP", "true")
+            .env("SWITCHYARD_LEASE_S", "2")
+            .env("SWITCHYARD_SHUTDOWN_GRACE_S", "20")
+            .env("SWITCHYARD_LOG", "warn")
+            .env("SWITCHYARD_LLM__MOCK_BASE_URL", &self.mock_url)
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit());
+        cmd
+    }
+
+    fn spawn(&mut self, name: &str, args: &[&str]) -> usize {
+        let child = self.command(args).spawn().unwrap();
+        self.children.push((name.to_string(), child));
+        self.children.len() - 1
+    }
+
+    async fn api(&mut self) -> String {
+        let port = free_port();
+        self.spawn("api", &["api", "--listen", &format!("127.0.0.1:{port}")]);
+        wait_port(port).await;
+        format!("http://127.0.0.1:{port}")
+    }
+
+    fn worker(&mut self, concurrency: usize) -> usize {
+        self.spawn(
+            "worker",
+            &["worker", "--concurrency", &concurrency.to_string()],
+        )
+    }
+
+    async fn submit(&self, api: &str, body: Value) -> Uuid {
+        let r = self
+            .http
+            .post(format!("{api}/v1/jobs"))
+            .bearer_auth(&self.key)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 202);
+        let v: Value = r.json().await.unwrap();
+        v["id"].as_str().unwrap().parse().unwrap()
+    }
+
+    async fn job(&self, api: &str, id: Uuid) -> Value {
+        self.http
+            .get(format!("{api}/v1/jobs/{id}"))
+            .bearer_auth(&self.key)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
+    async fn wait_status(&self, api: &str, id: Uuid, status: &str) -> Value {
+        let deadline = tokio::time::Instant::now() + T;
+        loop {
+            let j = self.job(api, id).await;
+            if j["status"] == status {
+                return j;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "job {id} never reached {status}: {j}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+async fn wait_port(port: u16) {
+    for _ in 0..300 {
+        if tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_ok()
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("nothing listens on port {port}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn submit_on_one_replica_stream_from_the_other() {
+    let mut c = Cluster::new().await;
+    let api1 = c.api().await;
+    let api2 = c.api().await;
+    c.worker(8);
+    c.worker(8);
+    c.spawn("scheduler", &["scheduler"]);
+
+    let mut req = format!("{}/v1/ws", api2.replace("http://", "ws://"))
+        .into_client_request()
+        .unwrap();
+    req.headers_mut().insert(
+        "authorization",
+        format!("Bearer {}", c.key).parse().unwrap(),
+    );
+    let (mut ws, _) = tokio_tungstenite::connect_async(req).await.unwrap();
+
+    let mut ids = Vec::new();
+    for i in 0..6 {
+        let body = json!({"kind": "llm.chat", "input": {"model": "mock-echo", "messages": [{"role": "user", "content": format!("hello replica {i}")}]}});
+        let id = c.submit(&api1, body).await;
+        ws.send(Message::Text(
+            json!({"op": "subscribe", "job_id": id, "after": 0})
+                .to_string()
+                .into(),
+        ))
+        .await
+        .unwrap();
+        ids.push(id);
+    }
+    let mut texts: std::collections::HashMap<Uuid, String> = Default::default();
+    let mut done = 0;
+    while done < ids.len() {
+        let m = tokio::time::timeout(T, ws.next())
+            .await
+            .expect("events")
+            .unwrap()
+            .unwrap();
+        let Message::Text(t) = m else { continue };
+        let v: Value = serde_json::from_str(&t).unwrap();
+        let id: Uuid = v["job_id"].as_str().unwrap().parse().unwrap();
+        match v["type"].as_str().unwrap() {
+            "output.delta" => texts
+                .entry(id)
+                .or_default()
+                .push_str(v["data"]["text"].as_str().unwrap()),
+            "succeeded" => done += 1,
+            "failed" | "cancelled" | "reset" | "error" => panic!("unexpected {v}"),
+            _ => {}
+        }
+    }
+    for (i, id) in ids.iter().enumerate() {
+        let expected = switchyard_mock_llm::expected_text(
+            &[("user".into(), format!("hello replica {i}"))],
+            None,
+        );
+        assert_eq!(texts[id], expected);
+        let j = c.job(&api2, *id).await;
+        assert_eq!(j["output"]["text"], expected);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_of_a_worker_loses_nothing() {
+    let mut c = Cluster::new().await;
+    let api = c.api().await;
+    c.spawn("scheduler", &["scheduler"]);
+    let victim = c.worker(8);
+    let mut ids = Vec::new();
+    for _ in 0..16 {
+        ids.push(
+            c.submit(
+                &api,
+                json!({"kind": "system.noop", "input": {"sleep_ms": 1500}}),
+            )
+            .await,
+        );
+    }
+    // wait until the victim has jobs in flight
+    let deadline = tokio::time::Instant::now() + T;
+    loop {
+        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM jobs WHERE status = 'running'")
+            .fetch_one(c.store.pool())
+            .await
+            .unwrap();
+        if n > 0 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no job started");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    c.children[victim].1.kill().unwrap(); // SIGKILL
+    c.children[victim].1.wait().unwrap();
+    c.worker(8);
+    let mut retried = 0;
+    for id in &ids {
+        let j = c.wait_status(&api, *id, "succeeded").await;
+        if j["attempt"].as_i64().unwrap() > 1 {
+            retried += 1;
+        }
+    }
+    assert!(
+        retried > 0,
+        "some jobs were in flight on the killed worker and ran again"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_in_flight_jobs() {
+    let mut c = Cluster::new().await;
+    let api = c.api().await;
+    let w = c.worker(4);
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        ids.push(
+            c.submit(
+                &api,
+                json!({"kind": "system.noop", "input": {"sleep_ms": 1500}}),
+            )
+            .await,
+        );
+    }
+    for id in &ids {
+        c.wait_status(&api, *id, "running").await;
+    }
+    let pid = c.children[w].1.id() as i32;
+    unsafe {
+        libc::kill(pid, libc::SIGTERM);
+    }
+    let status = tokio::task::spawn_blocking({
+        let mut child = c.children.remove(w).1;
+        move || child.wait().unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(
+        status.success(),
+        "the worker exits cleanly after draining: {status:?}"
+    );
+    for id in &ids {
+        let j = c.job(&api, *id).await;
+        assert_eq!(
+            j["status"], "succeeded",
+            "in-flight jobs finished before exit"
+        );
+        assert_eq!(j["attempt"], 1);
+    }
+}
