@@ -55,7 +55,7 @@ CREATE INDEX jobs_tenant_id ON jobs (tenant_id, id DESC);
 CREATE INDEX jobs_tenant_status_id ON jobs (tenant_id, status, id DESC);
 CREATE INDEX jobs_tenant_kind_id ON jobs (tenant_id, kind, id DESC);
 -- reconciler: unfinished jobs not dispatched in the current Redis epoch
-CREATE INDEX jobs_unfinished_epoch ON jobs (dispatch_epoch) WHERE status IN ('queued', 'running');
+CREATE INDEX jobs_unfinished_epoch ON jobs (dispatch_epoch, id) WHERE status IN ('queued', 'running');
 -- reconciler: running jobs whose lease ran out
 CREATE INDEX jobs_running_lease ON jobs (lease_expires_at) WHERE status = 'running';
 -- metrics: oldest queued job

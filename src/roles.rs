@@ -52,7 +52,7 @@ pub async fn run_api(
     listener: tokio::net::TcpListener,
     stop: CancellationToken,
 ) -> anyhow::Result<()> {
-    let store = store(cfg, 32)?;
+    let store = store(cfg, cfg.database_max_connections.max(2))?;
     wait_for_postgres(&store, "the API").await?;
     let state = switchyard_api::AppState::build(cfg, store, stop).await?;
     tracing::info!(addr = %listener.local_addr()?, "API listening");
@@ -96,7 +96,10 @@ pub fn worker_options(cfg: &Config) -> WorkerOptions {
 
 /// Starts a worker; call `drain` on the handle to stop it.
 pub async fn start_worker(cfg: &Config, stop: CancellationToken) -> anyhow::Result<WorkerHandle> {
-    let store = store(cfg, (cfg.worker.concurrency as u32 / 2).clamp(4, 64))?;
+    let store = store(
+        cfg,
+        (cfg.worker.concurrency as u32 / 2).clamp(2, cfg.database_max_connections.max(2)),
+    )?;
     wait_for_postgres(&store, "the worker").await?;
     let client = redis_client(cfg)?;
     let conn = connect_redis_retrying(&client).await?;

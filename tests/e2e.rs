@@ -120,6 +120,7 @@ impl Cluster {
             .env("SWITCHYARD_LEASE_S", "2")
             .env("SWITCHYARD_SHUTDOWN_GRACE_S", "20")
             .env("SWITCHYARD_LOG", "warn")
+            .env("SWITCHYARD_DATABASE_MAX_CONNECTIONS", "4")
             .env("SWITCHYARD_LLM__MOCK_BASE_URL", &self.mock_url)
             .stdout(Stdio::null())
             .stderr(Stdio::inherit());

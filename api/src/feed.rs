@@ -17,10 +17,12 @@ use crate::error::ApiError;
 use crate::AppState;
 
 const HISTORY_PAGE: usize = 500;
-/// Re-read Redis after this much silence (covers lost pub/sub messages).
-const IDLE_REREAD: Duration = Duration::from_secs(2);
-/// Every this many idle re-reads, also check Postgres (covers a terminal event lost with Redis).
-const PG_CHECK_EVERY: u32 = 5;
+/// Re-read Redis after this much silence: a safety net only (dropped live messages raise the
+/// subscription's lagged flag and a pub/sub reconnect sends a resync, both re-read at once).
+const IDLE_REREAD: Duration = Duration::from_secs(10);
+/// Every this many idle re-reads, also check Postgres (a terminal event whose publication
+/// failed, or was lost with Redis).
+const PG_CHECK_EVERY: u32 = 3;
 
 /// What a feed yields.
 #[derive(Debug, Clone)]
@@ -87,12 +89,16 @@ impl Feed {
     pub async fn next(&mut self) -> Option<FeedItem> {
         loop {
             if let Some(item) = self.pending.pop_front() {
-                if let FeedItem::Event(e) = &item {
-                    self.last_sent = e.seq;
-                    if e.is_terminal() {
-                        self.done = true;
-                        self.pending.clear();
+                match &item {
+                    FeedItem::Event(e) => {
+                        self.last_sent = e.seq;
+                        if e.is_terminal() {
+                            self.done = true;
+                            self.pending.clear();
+                        }
                     }
+                    // after a reset the client starts over: any later event is new to it
+                    FeedItem::Reset => self.last_sent = 0,
                 }
                 return Some(item);
             }
@@ -104,21 +110,23 @@ impl Feed {
                 continue;
             }
             let msg = tokio::time::timeout(IDLE_REREAD, self.sub.rx.recv()).await;
+            if self.sub.take_lagged() {
+                self.refill(None).await;
+            }
             match msg {
                 Ok(Some(LiveMsg::Event(ev))) => {
                     self.idle_rounds = 0;
-                    if ev.seq <= self.last_sent && !self.reset_sent {
+                    let hw = self.high_water();
+                    if ev.seq <= hw {
                         continue;
                     }
-                    if self.reset_sent || ev.seq == self.last_sent + 1 {
-                        self.pending.push_back(FeedItem::Event(ev));
-                    } else {
+                    if ev.seq > hw + 1 {
                         // gap: something was missed (slow subscriber, reconnect); re-read
                         self.refill(None).await;
-                        if self.pending.is_empty() && ev.seq > self.last_sent {
-                            // history cannot fill the gap (lost): go on from here
-                            self.pending.push_back(FeedItem::Event(ev));
-                        }
+                    }
+                    if ev.seq > self.high_water() {
+                        // in order, or history cannot fill the gap (lost): go on from here
+                        self.pending.push_back(FeedItem::Event(ev));
                     }
                 }
                 Ok(Some(LiveMsg::Resync)) => self.refill(None).await,
@@ -179,7 +187,7 @@ impl Feed {
         if status.is_terminal() && !have_terminal {
             let seq = row.event_seq.max(0) as u64;
             let after = self.pending_last().unwrap_or(self.last_sent);
-            if seq > after || self.reset_sent {
+            if seq > after {
                 let ev = Event::terminal(
                     row.id,
                     seq,
@@ -205,6 +213,11 @@ impl Feed {
     fn done_after_pending(&mut self) {
         self.more = false;
         self.done = true;
+    }
+
+    /// The highest seq sent or about to be sent.
+    fn high_water(&self) -> u64 {
+        self.pending_last().unwrap_or(self.last_sent)
     }
 
     fn pending_last(&self) -> Option<u64> {

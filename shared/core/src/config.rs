@@ -19,6 +19,8 @@ pub struct Config {
     pub redis_url: SecretString,
     /// Prefix of every Redis key; tests use a unique one each.
     pub redis_prefix: String,
+    /// Postgres connections per process (the API's pool; workers use at most this many).
+    pub database_max_connections: u32,
     /// API listen address (`--listen`).
     pub listen: SocketAddr,
     /// Lease of a running job; a worker that stops heartbeating loses it after this long.
@@ -63,6 +65,7 @@ struct Defaults {
     database_url: &'static str,
     redis_url: &'static str,
     redis_prefix: &'static str,
+    database_max_connections: u32,
     listen: &'static str,
     lease_s: u64,
     shutdown_grace_s: u64,
@@ -88,6 +91,7 @@ fn defaults() -> Defaults {
         database_url: DEFAULT_DATABASE_URL,
         redis_url: DEFAULT_REDIS_URL,
         redis_prefix: "sy",
+        database_max_connections: 16,
         listen: "127.0.0.1:8080",
         lease_s: 30,
         shutdown_grace_s: 30,

@@ -2,15 +2,15 @@
 //! subscribers (WebSocket and SSE streams) over bounded channels. A slow subscriber loses
 //! messages (it notices the gap and re-reads history) instead of slowing anyone else.
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::StreamExt;
 use redis::aio::PubSubSink;
 use switchyard_core::Event;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
@@ -20,23 +20,24 @@ use crate::keys::Keys;
 #[derive(Debug, Clone)]
 pub enum LiveMsg {
     Event(Arc<Event>),
-    /// The pub/sub connection was re-established: messages may have been missed, re-read.
+    /// Re-read history: the subscription just took effect, or the pub/sub connection was
+    /// re-established (messages may have been missed).
     Resync,
 }
 
-type Subs = HashMap<Uuid, Vec<(u64, mpsc::Sender<LiveMsg>)>>;
+/// A subscriber: its id, its bounded channel, and a flag raised when a message was dropped
+/// because the channel was full (the subscriber then re-reads history).
+type Sub = (u64, mpsc::Sender<LiveMsg>, Arc<AtomicBool>);
+type Subs = HashMap<Uuid, Vec<Sub>>;
 
 struct Inner {
     keys: Keys,
     subs: Mutex<Subs>,
     next_id: AtomicU64,
-    /// (un)subscribe requests for the connection task.
-    ctl: mpsc::Sender<Ctl>,
-}
-
-enum Ctl {
-    Sub(String),
-    Unsub(String),
+    /// Jobs whose channel subscription may need to change; the connection task reconciles
+    /// them with what is subscribed, in batches (one SUBSCRIBE for many channels).
+    dirty: Mutex<HashSet<Uuid>>,
+    wake: Notify,
 }
 
 /// Shared fan-out of live events. Cheap to clone.
@@ -48,9 +49,17 @@ pub struct LiveHub {
 /// A live subscription to one job; unsubscribes when dropped.
 pub struct LiveSubscription {
     pub rx: mpsc::Receiver<LiveMsg>,
+    lagged: Arc<AtomicBool>,
     hub: LiveHub,
     job: Uuid,
     id: u64,
+}
+
+impl LiveSubscription {
+    /// Whether messages were dropped since the last call (the buffer was full): re-read history.
+    pub fn take_lagged(&self) -> bool {
+        self.lagged.swap(false, Ordering::AcqRel)
+    }
 }
 
 impl Drop for LiveSubscription {
@@ -67,17 +76,17 @@ impl LiveHub {
         shutdown: CancellationToken,
         tracker: &tokio_util::task::TaskTracker,
     ) -> LiveHub {
-        let (ctl_tx, ctl_rx) = mpsc::channel(4096);
         let hub = LiveHub {
             inner: Arc::new(Inner {
                 keys,
                 subs: Mutex::new(HashMap::new()),
                 next_id: AtomicU64::new(1),
-                ctl: ctl_tx,
+                dirty: Mutex::new(HashSet::new()),
+                wake: Notify::new(),
             }),
         };
         let h = hub.clone();
-        tracker.spawn(async move { h.run(client, ctl_rx, shutdown).await });
+        tracker.spawn(async move { h.run(client, shutdown).await });
         hub
     }
 
@@ -85,20 +94,19 @@ impl LiveHub {
     pub fn subscribe(&self, job: Uuid, buffer: usize) -> LiveSubscription {
         let (tx, rx) = mpsc::channel(buffer.max(1));
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+        let lagged = Arc::new(AtomicBool::new(false));
         let first = {
             let mut subs = self.inner.subs.lock().expect("live hub lock");
             let list = subs.entry(job).or_default();
-            list.push((id, tx));
+            list.push((id, tx, lagged.clone()));
             list.len() == 1
         };
         if first {
-            let _ = self
-                .inner
-                .ctl
-                .try_send(Ctl::Sub(self.inner.keys.event_channel(job)));
+            self.mark_dirty(job);
         }
         LiveSubscription {
             rx,
+            lagged,
             hub: self.clone(),
             job,
             id,
@@ -118,7 +126,7 @@ impl LiveHub {
             let Some(list) = subs.get_mut(&job) else {
                 return;
             };
-            list.retain(|(i, _)| *i != id);
+            list.retain(|(i, _, _)| *i != id);
             if list.is_empty() {
                 subs.remove(&job);
                 true
@@ -127,19 +135,25 @@ impl LiveHub {
             }
         };
         if last {
-            let _ = self
-                .inner
-                .ctl
-                .try_send(Ctl::Unsub(self.inner.keys.event_channel(job)));
+            self.mark_dirty(job);
         }
+    }
+
+    fn mark_dirty(&self, job: Uuid) {
+        if let Ok(mut d) = self.inner.dirty.lock() {
+            d.insert(job);
+        }
+        self.inner.wake.notify_one();
     }
 
     fn deliver(&self, job: Uuid, msg: LiveMsg) {
         let subs = self.inner.subs.lock().expect("live hub lock");
         if let Some(list) = subs.get(&job) {
-            for (_, tx) in list {
-                // full: the subscriber is slow; it will see the seq gap and re-read
-                let _ = tx.try_send(msg.clone());
+            for (_, tx, lagged) in list {
+                if tx.try_send(msg.clone()).is_err() {
+                    // full: the subscriber is slow; it re-reads history when it catches up
+                    lagged.store(true, Ordering::Release);
+                }
             }
         }
     }
@@ -147,25 +161,15 @@ impl LiveHub {
     fn broadcast_resync(&self) {
         let subs = self.inner.subs.lock().expect("live hub lock");
         for list in subs.values() {
-            for (_, tx) in list {
-                let _ = tx.try_send(LiveMsg::Resync);
+            for (_, tx, lagged) in list {
+                if tx.try_send(LiveMsg::Resync).is_err() {
+                    lagged.store(true, Ordering::Release);
+                }
             }
         }
     }
 
-    fn channels(&self) -> Vec<String> {
-        let subs = self.inner.subs.lock().expect("live hub lock");
-        subs.keys()
-            .map(|j| self.inner.keys.event_channel(*j))
-            .collect()
-    }
-
-    async fn run(
-        self,
-        client: redis::Client,
-        mut ctl: mpsc::Receiver<Ctl>,
-        shutdown: CancellationToken,
-    ) {
+    async fn run(self, client: redis::Client, shutdown: CancellationToken) {
         let prefix = self.inner.keys.event_channel_prefix();
         let mut backoff = Duration::from_millis(50);
         let mut connected_before = false;
@@ -189,10 +193,13 @@ impl LiveHub {
                     continue;
                 }
             };
-            // drain stale control messages, then subscribe to what is watched now
-            while ctl.try_recv().is_ok() {}
-            let chans = self.channels();
-            if !chans.is_empty() && resubscribe(&mut sink, &chans).await.is_err() {
+            // a new connection: subscribe to everything watched now
+            let mut active: HashSet<Uuid> = HashSet::new();
+            if let Ok(mut d) = self.inner.dirty.lock() {
+                d.clear();
+            }
+            let watched: Vec<Uuid> = self.watched();
+            if self.sync(&mut sink, &mut active, watched).await.is_err() {
                 continue;
             }
             backoff = Duration::from_millis(50);
@@ -203,13 +210,12 @@ impl LiveHub {
             loop {
                 tokio::select! {
                     _ = shutdown.cancelled() => return,
-                    c = ctl.recv() => {
-                        let res = match c {
-                            Some(Ctl::Sub(ch)) => sink.subscribe(ch).await,
-                            Some(Ctl::Unsub(ch)) => sink.unsubscribe(ch).await,
-                            None => return,
+                    _ = self.inner.wake.notified() => {
+                        let dirty: Vec<Uuid> = match self.inner.dirty.lock() {
+                            Ok(mut d) => d.drain().collect(),
+                            Err(_) => return,
                         };
-                        if let Err(e) = res {
+                        if let Err(e) = self.sync(&mut sink, &mut active, dirty).await {
                             tracing::warn!(error = %e, "live events: pub/sub command failed; reconnecting");
                             break;
                         }
@@ -223,8 +229,7 @@ impl LiveHub {
                         let Some(job) = channel.strip_prefix(&prefix).and_then(|j| Uuid::parse_str(j).ok()) else {
                             continue;
                         };
-                        let payload: Vec<u8> = msg.get_payload_bytes().to_vec();
-                        match serde_json::from_slice::<Event>(&payload) {
+                        match serde_json::from_slice::<Event>(msg.get_payload_bytes()) {
                             Ok(ev) => self.deliver(job, LiveMsg::Event(Arc::new(ev))),
                             Err(e) => tracing::warn!(error = %e, "live events: bad payload"),
                         }
@@ -237,11 +242,48 @@ impl LiveHub {
             }
         }
     }
-}
 
-async fn resubscribe(sink: &mut PubSubSink, chans: &[String]) -> redis::RedisResult<()> {
-    for chunk in chans.chunks(512) {
-        sink.subscribe(chunk).await?;
+    fn watched(&self) -> Vec<Uuid> {
+        let subs = self.inner.subs.lock().expect("live hub lock");
+        subs.keys().copied().collect()
     }
-    Ok(())
+
+    /// Brings the subscribed channels of `jobs` in line with who watches them (batched), then
+    /// tells the new subscribers to re-read history: anything published before the
+    /// subscription took effect is in the history by now.
+    async fn sync(
+        &self,
+        sink: &mut PubSubSink,
+        active: &mut HashSet<Uuid>,
+        jobs: Vec<Uuid>,
+    ) -> redis::RedisResult<()> {
+        let (mut add, mut del) = (Vec::new(), Vec::new());
+        {
+            let subs = self.inner.subs.lock().expect("live hub lock");
+            for j in jobs {
+                match (subs.contains_key(&j), active.contains(&j)) {
+                    (true, false) => add.push(j),
+                    (false, true) => del.push(j),
+                    _ => {}
+                }
+            }
+        }
+        let keys = &self.inner.keys;
+        for chunk in del.chunks(512) {
+            let chans: Vec<String> = chunk.iter().map(|j| keys.event_channel(*j)).collect();
+            sink.unsubscribe(&chans).await?;
+            for j in chunk {
+                active.remove(j);
+            }
+        }
+        for chunk in add.chunks(512) {
+            let chans: Vec<String> = chunk.iter().map(|j| keys.event_channel(*j)).collect();
+            sink.subscribe(&chans).await?;
+            for j in chunk {
+                active.insert(*j);
+                self.deliver(*j, LiveMsg::Resync);
+            }
+        }
+        Ok(())
+    }
 }

@@ -529,14 +529,22 @@ impl Store {
         .await?)
     }
 
-    /// Age in seconds of the oldest queued job per queue.
+    /// Age in seconds of the oldest queued job per queue (one index probe per queue).
     pub async fn oldest_queued(&self) -> Result<Vec<(String, f64)>> {
-        Ok(sqlx::query_as(
-            "SELECT queue, EXTRACT(EPOCH FROM now() - min(created_at))::float8 FROM jobs
-             WHERE status = 'queued' GROUP BY queue",
-        )
-        .fetch_all(self.pool())
-        .await?)
+        let mut out = Vec::new();
+        for q in switchyard_core::job::known_queues() {
+            let age: Option<f64> = sqlx::query_scalar(
+                "SELECT EXTRACT(EPOCH FROM now() - min(created_at))::float8 FROM jobs
+                 WHERE status = 'queued' AND queue = $1",
+            )
+            .bind(q)
+            .fetch_one(self.pool())
+            .await?;
+            if let Some(a) = age {
+                out.push((q.to_string(), a));
+            }
+        }
+        Ok(out)
     }
 }
 
