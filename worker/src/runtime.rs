@@ -17,7 +17,7 @@ use switchyard_core::job::{job_error_codes, JobError, JobKind, JobStatus};
 use switchyard_core::Event;
 use switchyard_queue::events::Published;
 use switchyard_queue::{Delivery, EventBus, Queue};
-use switchyard_store::{ClaimOutcome, JobRow, RunEnd, Store, StoreError};
+use switchyard_store::{ClaimOutcome, JobRow, RunEnd, RunEndWrite, Store, StoreError};
 use tokio::sync::{mpsc, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -75,6 +75,14 @@ struct Shared {
     /// Fired after the grace period: runs still going are released to other workers.
     hard_stop: CancellationToken,
     jobs: TaskTracker,
+    /// Run ends go through a group-commit task (one UPDATE for many jobs).
+    completer: mpsc::Sender<CompleteReq>,
+    completer_rx: Mutex<Option<mpsc::Receiver<CompleteReq>>>,
+}
+
+struct CompleteReq {
+    write: RunEndWrite,
+    done: tokio::sync::oneshot::Sender<Result<bool, StoreError>>,
 }
 
 pub struct Worker {
@@ -121,6 +129,7 @@ impl Worker {
                 .collect()
         };
         let id = format!("{}-{}", opts.name, suffix);
+        let (completer, completer_rx) = mpsc::channel(4096);
         Worker {
             shared: Arc::new(Shared {
                 id,
@@ -134,6 +143,8 @@ impl Worker {
                 running: Mutex::new(HashMap::new()),
                 hard_stop: CancellationToken::new(),
                 jobs: TaskTracker::new(),
+                completer,
+                completer_rx: Mutex::new(Some(completer_rx)),
             }),
         }
     }
@@ -147,6 +158,10 @@ impl Worker {
         let s = self.shared;
         let id = s.id.clone();
         let stop2 = stop.clone();
+        let completer_stop = CancellationToken::new();
+        let completer_rx = s.completer_rx.lock().ok().and_then(|mut r| r.take());
+        let completer = completer_rx
+            .map(|rx| tokio::spawn(complete_loop(s.store.clone(), rx, completer_stop.clone())));
         let done = tokio::spawn(async move {
             let loops = TaskTracker::new();
             for q in s.opts.queues.clone() {
@@ -167,6 +182,10 @@ impl Worker {
                 tracing::warn!(worker = %s.id, "grace period over: releasing unfinished jobs");
                 s.hard_stop.cancel();
                 let _ = tokio::time::timeout(Duration::from_secs(10), s.jobs.wait()).await;
+            }
+            completer_stop.cancel();
+            if let Some(c) = completer {
+                let _ = c.await;
             }
             tracing::info!(worker = %s.id, "worker stopped");
         });
@@ -231,10 +250,7 @@ async fn fetch_loop(s: Arc<Shared>, queue: String, stop: CancellationToken) {
         {
             Ok(deliveries) => {
                 tries = 0;
-                for d in deliveries {
-                    let Some(p) = permits.pop() else { break };
-                    spawn_delivery(&s, d, p);
-                }
+                spawn_batch(&s, deliveries, &mut permits).await;
             }
             Err(e) if e.code() == Some("NOGROUP") => {
                 tracing::warn!(
@@ -280,11 +296,10 @@ async fn reclaim_loop(s: Arc<Shared>, stop: CancellationToken) {
                 .await
             {
                 Ok(ds) => {
-                    for d in ds {
-                        let Some(p) = permits.pop() else { break };
+                    for d in &ds {
                         tracing::info!(job_id = %d.job_id, queue = %q, "reclaimed a job whose lease expired");
-                        spawn_delivery(&s, d, p);
                     }
+                    spawn_batch(&s, ds, &mut permits).await;
                 }
                 Err(e) => {
                     *cursor = "0-0".into();
@@ -343,16 +358,42 @@ async fn cancel_listener(s: Arc<Shared>, stop: CancellationToken) {
     }
 }
 
-fn spawn_delivery(s: &Arc<Shared>, d: Delivery, permit: OwnedSemaphorePermit) {
-    let s2 = s.clone();
-    let span = tracing::info_span!("job", job_id = %d.job_id, queue = %d.queue, worker = %s.id);
-    s.jobs.spawn(
-        async move {
-            handle_delivery(&s2, d).await;
-            drop(permit);
-        }
-        .instrument(span),
-    );
+/// Claims a fetched batch in one statement, then runs each delivery in its own task.
+async fn spawn_batch(
+    s: &Arc<Shared>,
+    deliveries: Vec<Delivery>,
+    permits: &mut Vec<OwnedSemaphorePermit>,
+) {
+    let ids: Vec<Uuid> = deliveries
+        .iter()
+        .map(|d| d.job_id)
+        .filter(|id| !id.is_nil())
+        .collect();
+    let mut claimed: HashMap<Uuid, JobRow> =
+        match s.store.claim_many(&ids, &s.id, s.opts.lease).await {
+            Ok(rows) => rows.into_iter().map(|r| (r.id, r)).collect(),
+            Err(e) => {
+                // each delivery then takes the one-by-one path (which retries)
+                tracing::warn!(error = %e, "batched claim failed");
+                HashMap::new()
+            }
+        };
+    for d in deliveries {
+        let Some(permit) = permits.pop() else { break };
+        let row = claimed.remove(&d.job_id);
+        let s2 = s.clone();
+        let span = tracing::info_span!("job", job_id = %d.job_id, queue = %d.queue, worker = %s.id);
+        s.jobs.spawn(
+            async move {
+                match row {
+                    Some(row) => run_claimed(&s2, d, row).await,
+                    None => handle_delivery(&s2, d).await,
+                }
+                drop(permit);
+            }
+            .instrument(span),
+        );
+    }
 }
 
 /// Retries a store call on transient errors (Postgres down) with backoff, up to ~`limit`.
@@ -373,6 +414,67 @@ where
             other => return other,
         }
     }
+}
+
+/// Group commit of run ends: everything waiting is written in one fenced UPDATE.
+async fn complete_loop(store: Store, mut rx: mpsc::Receiver<CompleteReq>, stop: CancellationToken) {
+    let mut batch: Vec<CompleteReq> = Vec::with_capacity(256);
+    loop {
+        let first = tokio::select! {
+            r = rx.recv() => r,
+            _ = stop.cancelled() => match rx.try_recv() { Ok(r) => Some(r), Err(_) => None },
+        };
+        let Some(first) = first else { return };
+        batch.push(first);
+        while batch.len() < 256 {
+            match rx.try_recv() {
+                Ok(r) => batch.push(r),
+                Err(_) => break,
+            }
+        }
+        let writes: Vec<RunEndWrite> = batch.iter().map(|r| r.write.clone()).collect();
+        match store.end_runs(&writes).await {
+            Ok(done) => {
+                let done: std::collections::HashSet<Uuid> = done.into_iter().collect();
+                for r in batch.drain(..) {
+                    let ok = done.contains(&r.write.id);
+                    let _ = r.done.send(Ok(ok));
+                }
+            }
+            Err(StoreError::Unavailable(e)) => {
+                tracing::warn!(error = %e, "recording run ends: postgres unavailable");
+                for r in batch.drain(..) {
+                    let _ = r
+                        .done
+                        .send(Err(StoreError::Unavailable(sqlx_unavailable())));
+                }
+            }
+            Err(e) => {
+                // a bad row must not fail the others: write them one by one
+                tracing::warn!(error = %e, "batched run ends failed; writing one by one");
+                for r in batch.drain(..) {
+                    let w = &r.write;
+                    let res = store.end_run(w.id, w.attempt, &w.end, w.seq).await;
+                    let _ = r.done.send(res);
+                }
+            }
+        }
+    }
+}
+
+fn sqlx_unavailable() -> sqlx::Error {
+    sqlx::Error::PoolTimedOut
+}
+
+/// Records the end of a run through the group-commit task.
+async fn complete(s: &Shared, write: RunEndWrite) -> Result<bool, StoreError> {
+    let (done, rx) = tokio::sync::oneshot::channel();
+    s.completer
+        .send(CompleteReq { write, done })
+        .await
+        .map_err(|_| StoreError::Unavailable(sqlx_unavailable()))?;
+    rx.await
+        .map_err(|_| StoreError::Unavailable(sqlx_unavailable()))?
 }
 
 async fn ack(s: &Shared, d: &Delivery) {
@@ -653,10 +755,13 @@ async fn run_claimed(s: &Shared, d: Delivery, row: JobRow) {
             }
         }
     };
-    let written = with_retry("end run", s.opts.lease, || {
-        s.store.end_run(id, attempt, &end, seq + 1)
-    })
-    .await;
+    let write = RunEndWrite {
+        id,
+        attempt,
+        end: end.clone(),
+        seq: seq + 1,
+    };
+    let written = with_retry("end run", s.opts.lease, || complete(s, write.clone())).await;
     match written {
         Ok(true) => {}
         Ok(false) => {

@@ -404,6 +404,34 @@ impl Store {
         Ok(ClaimOutcome::Skip("raced"))
     }
 
+    /// Claims many jobs in one statement (the fast path of a fetched batch). Returns the rows it
+    /// claimed; the others go through [`Store::claim`] to learn why not.
+    pub async fn claim_many(
+        &self,
+        ids: &[Uuid],
+        worker: &str,
+        lease: Duration,
+    ) -> Result<Vec<JobRow>> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        Ok(sqlx::query_as::<_, JobRow>(&format!(
+            "UPDATE jobs SET attempt = attempt + 1, status = 'running',
+                started_at = COALESCE(started_at, now()), lease_owner = $2,
+                lease_expires_at = now() + make_interval(secs => $3 / 1000.0),
+                run_at = NULL, updated_at = now()
+             WHERE id = ANY($1) AND cancel_requested_at IS NULL AND attempt < max_attempts
+               AND ((status = 'queued' AND (run_at IS NULL OR run_at <= now()))
+                 OR (status = 'running' AND lease_expires_at < now()))
+             RETURNING {JOB_COLUMNS}"
+        ))
+        .bind(ids)
+        .bind(worker)
+        .bind(millis(lease))
+        .fetch_all(self.pool())
+        .await?)
+    }
+
     /// Ends a job nobody holds a live lease on (used by claim and the reconciler).
     async fn finalize_unowned(
         &self,
@@ -446,14 +474,7 @@ impl Store {
     /// Writes the end of a run, fenced by `attempt`; `seq` is the seq of the event announcing it.
     /// Returns false if this run was fenced out (its write is ignored).
     pub async fn end_run(&self, id: Uuid, attempt: i32, end: &RunEnd, seq: u64) -> Result<bool> {
-        let (status, output, error, run_at) = match end {
-            RunEnd::Succeeded(v) => (JobStatus::Succeeded, Some(v.clone()), None, None),
-            RunEnd::Failed(e) => (JobStatus::Failed, None, Some(e), None),
-            RunEnd::Cancelled => (JobStatus::Cancelled, None, None, None),
-            RunEnd::Retry { error, run_at } => {
-                (JobStatus::Queued, None, Some(error), Some(*run_at))
-            }
-        };
+        let (status, output, error, run_at) = split_end(end);
         let finished = status.is_terminal();
         let res = sqlx::query(
             "UPDATE jobs SET status = $3, output = $4, error = $5, run_at = $6,
@@ -473,6 +494,56 @@ impl Store {
         .execute(self.pool())
         .await?;
         Ok(res.rows_affected() == 1)
+    }
+
+    /// Writes the ends of many runs in one statement, each fenced by its own attempt; returns
+    /// the ids whose write took effect (the others were fenced out).
+    pub async fn end_runs(&self, ends: &[RunEndWrite]) -> Result<Vec<Uuid>> {
+        if ends.is_empty() {
+            return Ok(Vec::new());
+        }
+        let n = ends.len();
+        let (mut ids, mut attempts, mut statuses) = (
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+        );
+        let (mut outputs, mut errors, mut run_ats, mut seqs) = (
+            Vec::<Option<Value>>::with_capacity(n),
+            Vec::<Option<Value>>::with_capacity(n),
+            Vec::<Option<DateTime<Utc>>>::with_capacity(n),
+            Vec::with_capacity(n),
+        );
+        for w in ends {
+            let (status, output, error, run_at) = split_end(&w.end);
+            ids.push(w.id);
+            attempts.push(w.attempt);
+            statuses.push(status.as_str());
+            outputs.push(output);
+            errors.push(error.map(|e| serde_json::to_value(e).unwrap_or(Value::Null)));
+            run_ats.push(run_at);
+            seqs.push(w.seq as i64);
+        }
+        let done: Vec<Uuid> = sqlx::query_scalar(
+            "UPDATE jobs j SET status = v.status, output = v.output, error = v.error, run_at = v.run_at,
+                finished_at = CASE WHEN v.status IN ('succeeded', 'failed', 'cancelled') THEN now() ELSE NULL END,
+                lease_owner = NULL, lease_expires_at = NULL, event_seq = GREATEST(j.event_seq, v.seq),
+                updated_at = now()
+             FROM UNNEST($1::uuid[], $2::int4[], $3::text[], $4::jsonb[], $5::jsonb[], $6::timestamptz[], $7::int8[])
+                AS v(id, attempt, status, output, error, run_at, seq)
+             WHERE j.id = v.id AND j.attempt = v.attempt AND j.status = 'running'
+             RETURNING j.id",
+        )
+        .bind(&ids)
+        .bind(&attempts)
+        .bind(&statuses)
+        .bind(&outputs)
+        .bind(&errors)
+        .bind(&run_ats)
+        .bind(&seqs)
+        .fetch_all(self.pool())
+        .await?;
+        Ok(done)
     }
 
     /// Unfinished jobs not handed to Redis in `epoch` (never dispatched, or Redis lost them),
@@ -545,6 +616,32 @@ impl Store {
             }
         }
         Ok(out)
+    }
+}
+
+/// One run end for [`Store::end_runs`].
+#[derive(Debug, Clone)]
+pub struct RunEndWrite {
+    pub id: Uuid,
+    pub attempt: i32,
+    pub end: RunEnd,
+    /// Seq of the event announcing the end.
+    pub seq: u64,
+}
+
+fn split_end(
+    end: &RunEnd,
+) -> (
+    JobStatus,
+    Option<Value>,
+    Option<&JobError>,
+    Option<DateTime<Utc>>,
+) {
+    match end {
+        RunEnd::Succeeded(v) => (JobStatus::Succeeded, Some(v.clone()), None, None),
+        RunEnd::Failed(e) => (JobStatus::Failed, None, Some(e), None),
+        RunEnd::Cancelled => (JobStatus::Cancelled, None, None, None),
+        RunEnd::Retry { error, run_at } => (JobStatus::Queued, None, Some(error), Some(*run_at)),
     }
 }
 
