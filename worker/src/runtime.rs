@@ -422,7 +422,7 @@ async fn complete_loop(store: Store, mut rx: mpsc::Receiver<CompleteReq>, stop: 
     loop {
         let first = tokio::select! {
             r = rx.recv() => r,
-            _ = stop.cancelled() => match rx.try_recv() { Ok(r) => Some(r), Err(_) => None },
+            _ = stop.cancelled() => rx.try_recv().ok(),
         };
         let Some(first) = first else { return };
         batch.push(first);
