@@ -44,6 +44,11 @@ pub struct Args {
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..))]
     pub ws_connections: u32,
 
+    /// Maximum submit rate in jobs per second, across all submitters
+    /// (default: unlimited). Use it to measure below saturation.
+    #[arg(long, value_name = "R", value_parser = parse_rate)]
+    pub rate: Option<f64>,
+
     /// Seconds to wait for outstanding terminal events after the last submission.
     #[arg(long, default_value_t = 120)]
     pub timeout_s: u64,
@@ -68,6 +73,18 @@ impl Args {
             }),
         }
     }
+}
+
+/// Parse `--rate`: a positive, finite number of jobs per second whose period
+/// (`1/R` seconds) fits in a `Duration`.
+fn parse_rate(s: &str) -> Result<f64, String> {
+    let r: f64 = s.trim().parse().map_err(|e| format!("not a number: {e}"))?;
+    if !r.is_finite() || r <= 0.0 {
+        return Err("must be a positive number of jobs per second".to_string());
+    }
+    std::time::Duration::try_from_secs_f64(1.0 / r)
+        .map_err(|_| "too small: the interval between jobs does not fit".to_string())?;
+    Ok(r)
 }
 
 /// The base URL without trailing slashes.
@@ -115,6 +132,21 @@ mod tests {
         assert_eq!(a.kind, JobKind::Noop);
         assert_eq!(a.ws_connections, 4);
         assert_eq!(a.timeout_s, 120);
+        assert_eq!(a.rate, None);
         assert_eq!(a.job_body()["kind"], "system.noop");
+    }
+
+    #[test]
+    fn parses_rate() {
+        let a = Args::try_parse_from(["switchyard-loadtest", "--api-key", "k", "--rate", "250.5"])
+            .unwrap();
+        assert_eq!(a.rate, Some(250.5));
+        for bad in ["0", "-3", "abc", "inf", "NaN", "1e-300"] {
+            assert!(
+                Args::try_parse_from(["switchyard-loadtest", "--api-key", "k", "--rate", bad])
+                    .is_err(),
+                "{bad}"
+            );
+        }
     }
 }

@@ -20,7 +20,7 @@ use tokio::sync::{mpsc, watch};
 
 use crate::cli::{Args, JobKind};
 use crate::stats::{new_histogram, LatencySummary, Report, Shared, Terminal};
-use crate::submit::Api;
+use crate::submit::{Api, Pacer};
 
 /// How often the progress bars and the completion check run.
 const TICK: Duration = Duration::from_millis(200);
@@ -92,6 +92,8 @@ async fn run(args: &Args) -> anyhow::Result<Report> {
     }
 
     let (stop_tx, stop_rx) = watch::channel(false);
+    // Set on Ctrl-C: cuts short submitters waiting for a `--rate` slot.
+    let (submit_stop_tx, submit_stop_rx) = watch::channel(false);
     let interrupted = Arc::new(AtomicBool::new(false));
     let (mp, pb_submitted, pb_finished) = progress_bars(args.jobs);
 
@@ -125,11 +127,13 @@ async fn run(args: &Args) -> anyhow::Result<Report> {
             if tokio::signal::ctrl_c().await.is_ok() {
                 interrupted.store(true, Ordering::SeqCst);
                 shared.next.store(u64::MAX / 2, Ordering::SeqCst);
+                let _ = submit_stop_tx.send(true);
             }
         });
     }
 
     // Submit phase.
+    let pacer = args.rate.map(|r| Arc::new(Pacer::new(r)));
     let mut submitters = Vec::with_capacity(concurrency);
     for _ in 0..concurrency {
         submitters.push(tokio::spawn(submit::submitter(
@@ -138,8 +142,11 @@ async fn run(args: &Args) -> anyhow::Result<Report> {
             body.clone(),
             args.jobs,
             senders.clone(),
+            pacer.clone(),
+            submit_stop_rx.clone(),
         )));
     }
+    drop(submit_stop_rx);
     drop(senders); // channels close once every submitter is done
     let mut all_submitters = futures::future::join_all(submitters);
     let mut tick = tokio::time::interval(TICK);
@@ -181,10 +188,18 @@ async fn run(args: &Args) -> anyhow::Result<Report> {
     let _ = stop_tx.send(true);
 
     let mut event_hist = new_histogram();
+    let mut live_hist = new_histogram();
+    let mut replay_hist = new_histogram();
     let mut unresolved = Vec::new();
     for t in ws_tasks {
         let out = t.await.context("WebSocket task panicked")?;
         event_hist.add(&out.hist).context("merging histograms")?;
+        live_hist
+            .add(&out.live_hist)
+            .context("merging histograms")?;
+        replay_hist
+            .add(&out.replay_hist)
+            .context("merging histograms")?;
         unresolved.extend(out.pending);
     }
     unresolved.extend(std::mem::take(&mut *shared.polling.lock().unwrap()));
@@ -234,6 +249,7 @@ async fn run(args: &Args) -> anyhow::Result<Report> {
         jobs_requested: args.jobs,
         concurrency: args.concurrency,
         ws_connections: args.ws_connections,
+        rate: args.rate,
         submitted,
         submit_errors: shared.submit_errors.load(Ordering::Relaxed),
         submit_error_samples: samples,
@@ -244,6 +260,8 @@ async fn run(args: &Args) -> anyhow::Result<Report> {
         failed: shared.failed.load(Ordering::Relaxed),
         cancelled: shared.cancelled.load(Ordering::Relaxed),
         event_latency: LatencySummary::from_histogram(&event_hist),
+        live_event_latency: LatencySummary::from_histogram(&live_hist),
+        replayed_event_latency: LatencySummary::from_histogram(&replay_hist),
         lost,
         lost_samples,
         finished_without_ws: shared.finished_without_ws.load(Ordering::Relaxed),

@@ -204,6 +204,8 @@ pub struct Report {
     pub jobs_requested: u64,
     pub concurrency: u32,
     pub ws_connections: u32,
+    /// `--rate` (jobs/s across all submitters); `None` = unlimited.
+    pub rate: Option<f64>,
     pub submitted: u64,
     pub submit_errors: u64,
     pub submit_error_samples: Vec<String>,
@@ -213,7 +215,12 @@ pub struct Report {
     pub succeeded: u64,
     pub failed: u64,
     pub cancelled: u64,
+    /// Delivery latency of every event with a `ts`.
     pub event_latency: LatencySummary,
+    /// Events published after the subscribe frame for their job was sent.
+    pub live_event_latency: LatencySummary,
+    /// Events published before that, i.e. replayed from the job's history.
+    pub replayed_event_latency: LatencySummary,
     pub lost: u64,
     pub lost_samples: Vec<String>,
     pub finished_without_ws: u64,
@@ -243,9 +250,13 @@ impl Report {
             .as_deref()
             .map(|m| format!(" model={m}"))
             .unwrap_or_default();
+        let rate = self
+            .rate
+            .map(|r| format!("{r}/s"))
+            .unwrap_or_else(|| "unlimited".to_string());
         let _ = writeln!(
             s,
-            "switchyard-loadtest: kind={}{model} jobs={} concurrency={} ws_connections={}",
+            "switchyard-loadtest: kind={}{model} jobs={} concurrency={} ws_connections={} rate={rate}",
             self.kind, self.jobs_requested, self.concurrency, self.ws_connections
         );
         let _ = writeln!(s, "  jobs submitted:            {}", self.submitted);
@@ -277,6 +288,18 @@ impl Report {
             self.event_latency.human(),
             self.event_latency.count
         );
+        let _ = writeln!(
+            s,
+            "    live event delivery latency (published after subscribe): {} ({} events)",
+            self.live_event_latency.human(),
+            self.live_event_latency.count
+        );
+        let _ = writeln!(
+            s,
+            "    replayed event latency (published before subscribe):     {} ({} events)",
+            self.replayed_event_latency.human(),
+            self.replayed_event_latency.count
+        );
         let _ = writeln!(s, "  lost jobs:                 {}", self.lost);
         for e in &self.lost_samples {
             let _ = writeln!(s, "    - {e}");
@@ -306,6 +329,7 @@ impl Report {
             "jobs_requested": self.jobs_requested,
             "concurrency": self.concurrency,
             "ws_connections": self.ws_connections,
+            "rate": self.rate,
             "submitted": self.submitted,
             "submit_errors": self.submit_errors,
             "submit_latency_ms": self.submit_latency.json(),
@@ -319,6 +343,8 @@ impl Report {
                 "cancelled": self.cancelled,
             },
             "event_latency_ms": self.event_latency.json(),
+            "live_event_latency_ms": self.live_event_latency.json(),
+            "replayed_event_latency_ms": self.replayed_event_latency.json(),
             "events": self.event_latency.count,
             "lost": self.lost,
             "finished_without_terminal_ws_event": self.finished_without_ws,
@@ -380,5 +406,86 @@ mod tests {
             Some(Terminal::Cancelled)
         );
         assert_eq!(Terminal::from_status("running"), None);
+    }
+
+    fn summary(count: u64, p50_ms: f64) -> LatencySummary {
+        LatencySummary {
+            count,
+            p50_ms,
+            p90_ms: p50_ms,
+            p99_ms: p50_ms,
+            max_ms: p50_ms,
+        }
+    }
+
+    fn report(rate: Option<f64>) -> Report {
+        Report {
+            kind: "system.noop".to_string(),
+            model: None,
+            jobs_requested: 10,
+            concurrency: 2,
+            ws_connections: 1,
+            rate,
+            submitted: 10,
+            submit_errors: 0,
+            submit_error_samples: Vec::new(),
+            submit_latency: summary(10, 1.0),
+            submit_phase: Duration::from_secs(1),
+            e2e_phase: Duration::from_secs(2),
+            succeeded: 10,
+            failed: 0,
+            cancelled: 0,
+            event_latency: summary(30, 2.0),
+            live_event_latency: summary(20, 0.5),
+            replayed_event_latency: summary(10, 7.25),
+            lost: 0,
+            lost_samples: Vec::new(),
+            finished_without_ws: 0,
+            ws_errors: 0,
+            ws_reconnects: 0,
+            resets: 0,
+        }
+    }
+
+    #[test]
+    fn report_shows_live_and_replayed_latency() {
+        let r = report(None);
+        let text = r.human();
+        assert!(
+            text.lines().next().unwrap().ends_with(" rate=unlimited"),
+            "{text}"
+        );
+        let live = text
+            .lines()
+            .find(|l| l.contains("live event delivery latency (published after subscribe)"))
+            .expect("live line");
+        assert!(
+            live.ends_with("p50=0.50ms p90=0.50ms p99=0.50ms max=0.50ms (20 events)"),
+            "{live}"
+        );
+        let replayed = text
+            .lines()
+            .find(|l| l.contains("replayed event latency (published before subscribe)"))
+            .expect("replayed line");
+        assert!(replayed.ends_with("max=7.25ms (10 events)"), "{replayed}");
+        // The two values line up.
+        assert_eq!(live.find("p50="), replayed.find("p50="));
+
+        let j = r.json();
+        assert_eq!(j["rate"], serde_json::Value::Null);
+        assert_eq!(j["event_latency_ms"]["count"], 30);
+        assert_eq!(j["live_event_latency_ms"]["count"], 20);
+        assert_eq!(j["live_event_latency_ms"]["p50_ms"], 0.5);
+        assert_eq!(j["replayed_event_latency_ms"]["count"], 10);
+        assert_eq!(j["replayed_event_latency_ms"]["max_ms"], 7.25);
+    }
+
+    #[test]
+    fn report_shows_rate() {
+        let r = report(Some(250.0));
+        assert!(r.human().lines().next().unwrap().ends_with(" rate=250/s"));
+        assert_eq!(r.json()["rate"], 250.0);
+        let r = report(Some(0.5));
+        assert!(r.human().lines().next().unwrap().ends_with(" rate=0.5/s"));
     }
 }

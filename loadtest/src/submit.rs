@@ -1,7 +1,7 @@
 //! REST side: job submission (`POST /v1/jobs`) and status checks (`GET /v1/jobs/{id}`).
 
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -9,7 +9,7 @@ use hdrhistogram::Histogram;
 use reqwest::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE};
 use reqwest::StatusCode;
 use serde::Deserialize;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use uuid::Uuid;
 
 use crate::stats::{new_histogram, record_us, Shared, Terminal};
@@ -82,15 +82,67 @@ pub fn truncate(s: &str, max: usize) -> &str {
     &s[..end]
 }
 
+/// Shared submit-rate limiter (`--rate`): hands out send slots at least one
+/// period (`1/R` s) apart, across all submitters.
+///
+/// A slot is never earlier than the moment it is reserved, so time lost while
+/// every submitter was busy is not made up later by a burst: the submit rate
+/// stays at or below `R` over any window. Each submitter sleeps once per job
+/// (no spinning); slots are computed, not taken from wake-up times, so the
+/// timer's millisecond granularity does not lower the achieved rate.
+pub struct Pacer {
+    period: Duration,
+    next: Mutex<Option<Instant>>,
+}
+
+impl Pacer {
+    /// A pacer for `rate` jobs per second (`rate` must be positive and finite).
+    pub fn new(rate: f64) -> Pacer {
+        Pacer {
+            period: Duration::from_secs_f64(1.0 / rate),
+            next: Mutex::new(None),
+        }
+    }
+
+    /// Reserve the next slot, given the current time: the later of `now` and
+    /// one period after the previously reserved slot.
+    pub fn reserve(&self, now: Instant) -> Instant {
+        let mut next = self.next.lock().unwrap();
+        let slot = match *next {
+            Some(n) if n > now => n,
+            _ => now,
+        };
+        *next = Some(slot + self.period);
+        slot
+    }
+
+    /// Wait for the next slot. Returns false if `stop` became true first.
+    pub async fn wait(&self, stop: &mut watch::Receiver<bool>) -> bool {
+        let now = Instant::now();
+        let slot = self.reserve(now);
+        if slot <= now {
+            return !*stop.borrow();
+        }
+        tokio::select! {
+            biased;
+            _ = crate::stopped(stop) => false,
+            _ = tokio::time::sleep_until(slot.into()) => true,
+        }
+    }
+}
+
 /// One submitter task: pulls indices from `shared.next` until `jobs` are taken,
-/// posts each job, records the submit latency (µs) and hands the id to a
-/// WebSocket connection (round robin over `ws_tx` by job index).
+/// waits for a `pacer` slot if `--rate` is set, posts each job, records the
+/// submit latency (µs) and hands the id to a WebSocket connection (round robin
+/// over `ws_tx` by job index). `stop` (Ctrl-C) cuts a pacer wait short.
 pub async fn submitter(
     api: Api,
     shared: Arc<Shared>,
     body: Bytes,
     jobs: u64,
     ws_tx: Arc<[mpsc::Sender<Uuid>]>,
+    pacer: Option<Arc<Pacer>>,
+    mut stop: watch::Receiver<bool>,
 ) -> Histogram<u64> {
     let mut hist = new_histogram();
     let url = format!("{}/v1/jobs", api.base);
@@ -99,6 +151,11 @@ pub async fn submitter(
         let i = shared.next.fetch_add(1, Ordering::Relaxed);
         if i >= jobs {
             break;
+        }
+        if let Some(pacer) = &pacer {
+            if !pacer.wait(&mut stop).await {
+                break;
+            }
         }
         let start = Instant::now();
         let res = api
@@ -183,6 +240,43 @@ pub async fn poll_until_terminal(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pacer_spaces_slots_and_never_bursts() {
+        let p = Pacer::new(1000.0); // 1ms period
+        let t = Instant::now();
+        let ms = Duration::from_millis(1);
+        // Back-to-back reservations are one period apart.
+        assert_eq!(p.reserve(t), t);
+        assert_eq!(p.reserve(t), t + ms);
+        assert_eq!(p.reserve(t), t + 2 * ms);
+        // After an idle gap the next slot is "now", not a catch-up burst.
+        let later = t + 100 * ms;
+        assert_eq!(p.reserve(later), later);
+        assert_eq!(p.reserve(later), later + ms);
+    }
+
+    #[tokio::test]
+    async fn pacer_wait_limits_rate_and_stops() {
+        let p = Pacer::new(200.0); // 5ms period
+        let (tx, mut rx) = watch::channel(false);
+        let start = Instant::now();
+        for _ in 0..5 {
+            assert!(p.wait(&mut rx).await);
+        }
+        // Slots at 0, 5, 10, 15, 20 ms: never earlier.
+        assert!(start.elapsed() >= Duration::from_millis(20));
+        // A pending wait is cut short by the stop signal.
+        let p = Pacer::new(0.01); // 100s period
+        assert!(p.wait(&mut rx).await); // first slot is immediate
+        let waiting = tokio::spawn(async move { p.wait(&mut rx).await });
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        tx.send(true).unwrap();
+        assert!(!tokio::time::timeout(Duration::from_secs(5), waiting)
+            .await
+            .expect("wait returns on stop")
+            .unwrap());
+    }
 
     #[test]
     fn truncate_respects_char_boundaries() {

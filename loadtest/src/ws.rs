@@ -137,6 +137,26 @@ fn de_ts_us<'de, D: Deserializer<'de>>(d: D) -> Result<Option<i64>, D::Error> {
     d.deserialize_any(V)
 }
 
+/// Whether an event was published after the tool subscribed to its job
+/// (delivered live) or before (replayed from the job's history).
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum EventOrigin {
+    /// `ts >= subscribed_at`: published after the subscribe frame was sent.
+    Live,
+    /// `ts < subscribed_at` (or no subscribe time known): replayed from history.
+    Replayed,
+}
+
+/// Classify an event by its publish time `ts_us` against the time the
+/// subscribe frame for its job was sent (both µs since the Unix epoch).
+#[inline]
+pub fn classify_event(ts_us: i64, subscribed_at_us: Option<i64>) -> EventOrigin {
+    match subscribed_at_us {
+        Some(sub) if ts_us >= sub => EventOrigin::Live,
+        _ => EventOrigin::Replayed,
+    }
+}
+
 /// `{"op":"subscribe","job_id":"…","after":N}`
 pub fn subscribe_frame(id: &Uuid, after: u64) -> String {
     format!(r#"{{"op":"subscribe","job_id":"{id}","after":{after}}}"#)
@@ -144,10 +164,24 @@ pub fn subscribe_frame(id: &Uuid, after: u64) -> String {
 
 /// What one connection task hands back at the end.
 pub struct WsOutcome {
-    /// Event delivery latencies (µs).
+    /// Event delivery latencies (µs), all events.
     pub hist: Histogram<u64>,
+    /// Latencies (µs) of events published after their job's subscribe frame was sent.
+    pub live_hist: Histogram<u64>,
+    /// Latencies (µs) of events published before that (replayed from history).
+    pub replay_hist: Histogram<u64>,
     /// Jobs subscribed here whose terminal event never arrived.
     pub pending: Vec<Uuid>,
+}
+
+/// What a connection knows about one job it follows.
+#[derive(Copy, Clone, Debug, Default)]
+struct Follow {
+    /// Highest `seq` seen so far.
+    last_seq: Option<u64>,
+    /// When (µs since the epoch, same clock as `ts`) the latest subscribe frame
+    /// for this job was sent; `None` until it has been sent on a connection.
+    subscribed_at: Option<i64>,
 }
 
 /// Per-connection state; survives reconnects.
@@ -156,9 +190,14 @@ struct ConnState {
     api: Api,
     shared: Arc<Shared>,
     stop: watch::Receiver<bool>,
-    /// Jobs we follow → highest `seq` seen so far.
-    pending: HashMap<Uuid, Option<u64>>,
+    /// Jobs we follow.
+    pending: HashMap<Uuid, Follow>,
+    /// All event latencies.
     hist: Histogram<u64>,
+    /// Events published after the subscribe frame was sent.
+    live_hist: Histogram<u64>,
+    /// Events published before it (replayed from history).
+    replay_hist: Histogram<u64>,
 }
 
 enum Exit {
@@ -227,17 +266,22 @@ impl ConnState {
             _ => {}
         }
         let Some(id) = ev.job_id else { return };
-        let Some(last) = self.pending.get_mut(&id) else {
+        let Some(follow) = self.pending.get_mut(&id) else {
             return; // not ours, or already terminal
         };
         if let Some(seq) = ev.seq {
-            if matches!(*last, Some(l) if seq <= l) {
+            if matches!(follow.last_seq, Some(l) if seq <= l) {
                 return; // replay after a reconnect
             }
-            *last = Some(seq);
+            follow.last_seq = Some(seq);
         }
         if let Some(ts) = ev.ts {
-            record_us(&mut self.hist, delivery_latency_us(now, ts));
+            let us = delivery_latency_us(now, ts);
+            record_us(&mut self.hist, us);
+            match classify_event(ts, follow.subscribed_at) {
+                EventOrigin::Live => record_us(&mut self.live_hist, us),
+                EventOrigin::Replayed => record_us(&mut self.replay_hist, us),
+            }
         }
         if let Some(t) = kind.terminal() {
             self.pending.remove(&id);
@@ -255,9 +299,13 @@ impl ConnState {
         let (mut sink, mut stream) = ws.split();
         // Re-subscribe whatever we were following before a reconnect.
         if !self.pending.is_empty() {
-            for (id, last) in &self.pending {
+            for (id, follow) in self.pending.iter_mut() {
+                follow.subscribed_at = Some(now_us());
                 if let Err(e) = sink
-                    .feed(Message::text(subscribe_frame(id, last.unwrap_or(0))))
+                    .feed(Message::text(subscribe_frame(
+                        id,
+                        follow.last_seq.unwrap_or(0),
+                    )))
                     .await
                 {
                     return Exit::Disconnected(e.to_string());
@@ -294,7 +342,10 @@ impl ConnState {
                         let mut next = Some(id);
                         let mut n = 0;
                         while let Some(id) = next {
-                            self.pending.insert(id, None);
+                            self.pending.insert(id, Follow {
+                                last_seq: None,
+                                subscribed_at: Some(now_us()),
+                            });
                             if let Err(e) = sink.feed(Message::text(subscribe_frame(&id, 0))).await {
                                 return Exit::Disconnected(e.to_string());
                             }
@@ -327,7 +378,7 @@ impl ConnState {
                 _ = crate::stopped(&mut stop) => return false,
                 _ = &mut sleep => return true,
                 id = rx.recv(), if *rx_open => match id {
-                    Some(id) => { self.pending.insert(id, None); }
+                    Some(id) => { self.pending.insert(id, Follow::default()); }
                     None => *rx_open = false,
                 },
             }
@@ -354,6 +405,8 @@ pub async fn connection_task(
         stop,
         pending: HashMap::new(),
         hist: new_histogram(),
+        live_hist: new_histogram(),
+        replay_hist: new_histogram(),
     };
     let mut rx_open = true;
     let mut conn = Some(first);
@@ -392,10 +445,12 @@ pub async fn connection_task(
     }
     // Anything still queued in the channel was never subscribed: also pending.
     while let Ok(id) = rx.try_recv() {
-        st.pending.insert(id, None);
+        st.pending.insert(id, Follow::default());
     }
     WsOutcome {
         hist: st.hist,
+        live_hist: st.live_hist,
+        replay_hist: st.replay_hist,
         pending: st.pending.into_keys().collect(),
     }
 }
@@ -446,6 +501,61 @@ mod tests {
 
         let f: ServerFrame = serde_json::from_str(r#"{"type":"succeeded"}"#).unwrap();
         assert_eq!(f.kind.unwrap().terminal(), Some(Terminal::Succeeded));
+    }
+
+    #[test]
+    fn classifies_live_and_replayed_events() {
+        let sub = 1_714_564_800_000_000;
+        // Published after (or exactly when) the subscribe frame was sent: live.
+        assert_eq!(classify_event(sub, Some(sub)), EventOrigin::Live);
+        assert_eq!(classify_event(sub + 1, Some(sub)), EventOrigin::Live);
+        // Published before: replayed from history.
+        assert_eq!(classify_event(sub - 1, Some(sub)), EventOrigin::Replayed);
+        // No subscribe time known: cannot be live.
+        assert_eq!(classify_event(sub, None), EventOrigin::Replayed);
+    }
+
+    #[test]
+    fn handle_splits_live_and_replayed_latency() {
+        let (_stop_tx, stop) = watch::channel(false);
+        let mut st = ConnState {
+            idx: 0,
+            api: Api::new("http://127.0.0.1:1", "sy_test", 1).unwrap(),
+            shared: Arc::new(Shared::new(std::time::Instant::now())),
+            stop,
+            pending: HashMap::new(),
+            hist: new_histogram(),
+            live_hist: new_histogram(),
+            replay_hist: new_histogram(),
+        };
+        let id = Uuid::from_u128(1);
+        let sub = parse_ts_us("2024-05-01T12:00:01Z").unwrap();
+        st.pending.insert(
+            id,
+            Follow {
+                last_seq: None,
+                subscribed_at: Some(sub),
+            },
+        );
+        let frame = |seq: u64, kind: &str, ts: &str| {
+            format!(r#"{{"job_id":"{id}","seq":{seq},"type":"{kind}","ts":"{ts}"}}"#)
+        };
+        let now = sub + 5_000;
+        // Published 0.5s before the subscribe: replayed.
+        st.handle(&frame(1, "status", "2024-05-01T12:00:00.5Z"), now);
+        // Published 1ms after the subscribe: live.
+        st.handle(&frame(2, "status", "2024-05-01T12:00:01.001Z"), now);
+        // Duplicate seq: ignored entirely.
+        st.handle(&frame(2, "status", "2024-05-01T12:00:01.001Z"), now);
+        st.handle(&frame(3, "succeeded", "2024-05-01T12:00:01.002Z"), now);
+        assert_eq!(st.hist.len(), 3);
+        assert_eq!(st.live_hist.len(), 2);
+        assert_eq!(st.replay_hist.len(), 1);
+        // 505ms for the replayed event, 4ms and 3ms for the live ones.
+        assert!(st.replay_hist.min() >= 504_000, "{}", st.replay_hist.min());
+        assert!(st.live_hist.max() <= 4_010, "{}", st.live_hist.max());
+        assert!(st.pending.is_empty());
+        assert_eq!(st.shared.succeeded.load(Ordering::Relaxed), 1);
     }
 
     #[test]
