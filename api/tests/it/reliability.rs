@@ -235,6 +235,10 @@ impl PrivateRedis {
             .local_addr()
             .unwrap()
             .port();
+        Self::start_on(port)
+    }
+
+    fn start_on(port: u16) -> PrivateRedis {
         let dir = std::env::temp_dir().join(format!("sy-redis-{port}"));
         std::fs::create_dir_all(&dir).unwrap();
         let child = Command::new("redis-server")
@@ -342,4 +346,62 @@ async fn draining_finishes_in_flight_jobs(pool: PgPool) {
     assert_eq!(app.get_job(later).await["status"], "queued");
     assert_eq!(JobStatus::parse("queued"), Some(JobStatus::Queued));
     app.stop().await;
+}
+
+#[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
+async fn jobs_still_running_after_the_grace_period_are_released(pool: PgPool) {
+    let mut app = spawn_app_with(
+        pool,
+        Opts {
+            worker: false,
+            ..Opts::default()
+        },
+    )
+    .await;
+    app.start_worker_with_grace(Duration::from_millis(300))
+        .await;
+    let id = app.submit_noop(json!({"sleep_ms": 3000})).await;
+    app.wait_status(id, "running", T).await;
+    app.stop_workers().await;
+    let j = app.get_job(id).await;
+    assert_eq!(j["status"], "queued", "released back to the queue: {j}");
+    assert_eq!(j["error"]["code"], "worker_shutdown");
+    app.start_worker().await;
+    let j = app.wait_status(id, "succeeded", T).await;
+    assert_eq!(j["attempt"], 2);
+    app.stop().await;
+}
+
+#[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
+async fn a_redis_restart_without_data_kills_nothing(pool: PgPool) {
+    let mut redis = PrivateRedis::start();
+    let app = spawn_app_with(
+        pool,
+        Opts {
+            redis_url: redis.url(),
+            ..Opts::default()
+        },
+    )
+    .await;
+    let before = app.submit_noop(json!({})).await;
+    app.wait_status(before, "succeeded", T).await;
+    // Redis goes away: submissions still commit (dispatch is retried by the reconciler)
+    let _ = redis.child.kill();
+    let _ = redis.child.wait();
+    let during = app.submit_noop(json!({"deltas": 2})).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // and comes back empty on the same port
+    redis = PrivateRedis::start_on(redis.port);
+    let after = app.submit_noop(json!({})).await;
+    for id in [during, after] {
+        app.wait_status(id, "succeeded", T).await;
+    }
+    // live streaming works again through the reconnected pub/sub hub
+    let mut ws = app.ws().await;
+    let live = app.submit_noop(json!({"deltas": 3, "sleep_ms": 200})).await;
+    ws.subscribe(live, 0).await;
+    let evs = ws.until_terminal(live, T).await;
+    assert_eq!(evs.last().unwrap()["type"], "succeeded");
+    app.stop().await;
+    drop(redis);
 }

@@ -234,3 +234,39 @@ async fn sse_streams_and_resumes_with_last_event_id(pool: PgPool) {
     assert_eq!(tail, values[3..].to_vec());
     app.stop().await;
 }
+
+#[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
+async fn websocket_closes_with_1012_when_the_api_drains(pool: PgPool) {
+    let app = spawn_app_with(
+        pool,
+        Opts {
+            worker: false,
+            scheduler: false,
+            ..Opts::default()
+        },
+    )
+    .await;
+    let mut ws = app.ws().await;
+    let id = app.submit_noop(json!({})).await;
+    ws.subscribe(id, 0).await;
+    assert_eq!(ws.next(T).await.unwrap()["seq"], 1);
+    app.stop_api();
+    loop {
+        let m = tokio::time::timeout(T, ws.inner.next())
+            .await
+            .expect("close frame");
+        match m {
+            Some(Ok(tokio_tungstenite::tungstenite::Message::Close(Some(f)))) => {
+                assert_eq!(
+                    u16::from(f.code),
+                    1012,
+                    "service restart: reconnect elsewhere"
+                );
+                break;
+            }
+            Some(Ok(_)) => continue,
+            other => panic!("expected a close frame, got {other:?}"),
+        }
+    }
+    app.stop().await;
+}

@@ -149,11 +149,20 @@ impl TestApp {
     }
 
     pub async fn start_worker(&mut self) {
+        self.start_worker_with_grace(Duration::from_secs(5)).await
+    }
+
+    /// Stops the API: streams close (WebSocket code 1012), new connections are refused.
+    pub fn stop_api(&self) {
+        self.api_stop.cancel();
+    }
+
+    pub async fn start_worker_with_grace(&mut self, grace: Duration) {
         let client = redis::Client::open(self.opts.redis_url.as_str()).unwrap();
         let opts = WorkerOptions {
             lease: self.opts.lease,
             name: "test".into(),
-            shutdown_grace: Duration::from_secs(5),
+            shutdown_grace: grace,
             fetch_block: Duration::from_millis(500),
             retry_base: Duration::from_millis(100),
             concurrency: 16,
