@@ -16,10 +16,15 @@ use switchyard_core::config::Config;
 #[derive(Default)]
 pub struct Services {
     children: Vec<(String, Child)>,
+    /// How to stop the private postgres cleanly (`pg_ctl stop`, waiting for the shutdown).
+    pg_stop: Option<Command>,
 }
 
 impl Drop for Services {
     fn drop(&mut self) {
+        if let Some(mut stop) = self.pg_stop.take() {
+            let _ = stop.stdout(Stdio::null()).stderr(Stdio::null()).status();
+        }
         for (name, child) in self.children.iter_mut().rev() {
             // SIGINT: postgres' "fast" shutdown; redis saves nothing (no persistence)
             unsafe {
@@ -87,7 +92,7 @@ pub async fn ensure_services(cfg: &mut Config) -> anyhow::Result<Services> {
         let bin = find_binary("redis-server").context(
             "no Redis at REDIS_URL and no redis-server binary: install it (Debian/Ubuntu: `sudo apt-get install redis-server`) or set REDIS_URL",
         )?;
-        let port = free_port()?;
+        let port = local_port_of_redis(cfg.redis_url()).map_or_else(free_port, Ok)?;
         let dir = base.join("redis");
         std::fs::create_dir_all(&dir)?;
         eprintln!(
@@ -127,9 +132,15 @@ pub async fn ensure_services(cfg: &mut Config) -> anyhow::Result<Services> {
         .context("invalid DATABASE_URL")?;
     let server_up = ensure_database(&opts).await?;
     if !server_up {
-        let port = free_port()?;
+        let loopback = matches!(opts.get_host(), "127.0.0.1" | "localhost" | "::1");
+        let port = if loopback {
+            opts.get_port()
+        } else {
+            free_port()?
+        };
         start_private_postgres(&base.join("pg"), port, &mut services)?;
-        let url = format!("postgres://postgres@127.0.0.1:{port}/switchyard");
+        let db = opts.get_database().unwrap_or("switchyard").to_string();
+        let url = format!("postgres://postgres@127.0.0.1:{port}/{db}");
         let opts: PgConnectOptions = url.parse()?;
         let mut ok = false;
         for _ in 0..100 {
@@ -145,6 +156,21 @@ pub async fn ensure_services(cfg: &mut Config) -> anyhow::Result<Services> {
         cfg.database_url = url.into();
     }
     Ok(services)
+}
+
+/// The port of a loopback Redis URL (a private Redis then takes that port, so the URL stays valid).
+fn local_port_of_redis(url: &str) -> Option<u16> {
+    let info = redis::Client::open(url)
+        .ok()?
+        .get_connection_info()
+        .addr
+        .clone();
+    match info {
+        redis::ConnectionAddr::Tcp(host, port) if host == "127.0.0.1" || host == "localhost" => {
+            Some(port)
+        }
+        _ => None,
+    }
 }
 
 fn redact(url: &str) -> String {
@@ -236,5 +262,11 @@ fn start_private_postgres(dir: &Path, port: u16, services: &mut Services) -> any
         .spawn()
         .context("starting postgres")?;
     services.children.push(("postgres".into(), child));
+    if let Some(pg_ctl) = find_binary("pg_ctl") {
+        let mut stop = wrap(&pg_ctl);
+        stop.args(["stop", "-m", "fast", "-w", "-t", "20", "-D"])
+            .arg(&data);
+        services.pg_stop = Some(stop);
+    }
     Ok(())
 }

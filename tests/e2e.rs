@@ -351,3 +351,152 @@ async fn sigterm_drains_in_flight_jobs() {
         assert_eq!(j["attempt"], 1);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_commands_manage_tenants_and_keys() {
+    let mut c = Cluster::new().await;
+    let api = c.api().await;
+    let run = |args: &[&str]| {
+        let out = c.command(args).stdout(Stdio::piped()).output().unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).trim().to_string(),
+        )
+    };
+    let (ok, out) = run(&["admin", "create-tenant", "globex"]);
+    assert!(ok && out.contains("globex"), "{out}");
+    let (ok, _) = run(&["admin", "create-tenant", "globex"]);
+    assert!(!ok, "duplicate tenant names are refused");
+    let (ok, key) = run(&["admin", "create-key", "--tenant", "globex", "--name", "ci"]);
+    assert!(ok && key.starts_with("sy_"), "{key}");
+    let r = c
+        .http
+        .get(format!("{api}/v1/jobs"))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let (ok, list) = run(&["admin", "list-keys", "--tenant", "globex"]);
+    assert!(
+        ok && list.contains("active") && !list.contains(&key),
+        "keys are listed by prefix only: {list}"
+    );
+    let prefix = &key[..11];
+    let (ok, _) = run(&["admin", "revoke-key", prefix]);
+    assert!(ok);
+    let (ok, _) = run(&["admin", "revoke-key", prefix]);
+    assert!(!ok, "nothing left to revoke");
+    // the API caches lookups for a few seconds; a revoked key is refused after that
+    let deadline = tokio::time::Instant::now() + T;
+    loop {
+        let r = c
+            .http
+            .get(format!("{api}/v1/jobs"))
+            .bearer_auth(&key)
+            .send()
+            .await
+            .unwrap();
+        if r.status() == 401 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "revoked key still accepted"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// `switchyard dev` with nothing reachable at DATABASE_URL / REDIS_URL starts private Postgres
+/// and Redis under ./.switchyard/, serves jobs end to end, and stops them on SIGTERM.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dev_starts_private_services_and_runs_jobs() {
+    let dir = std::env::temp_dir().join(format!("sy-dev-{}", Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (pg_port, redis_port, api_port) = (free_port(), free_port(), free_port());
+    let key = "sy_devtest1_0123456789abcdefghij0123456789ABCDEFGHIJ";
+    let mut child = Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(["dev", "--listen", &format!("127.0.0.1:{api_port}")])
+        .current_dir(&dir)
+        .env(
+            "DATABASE_URL",
+            format!("postgres://postgres@127.0.0.1:{pg_port}/switchyard"),
+        )
+        .env("REDIS_URL", format!("redis://127.0.0.1:{redis_port}"))
+        .env("SWITCHYARD_DEV_API_KEY", key)
+        .env("SWITCHYARD_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let api = format!("http://127.0.0.1:{api_port}");
+    let http = reqwest::Client::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
+    loop {
+        if let Ok(r) = http.get(format!("{api}/readyz")).send().await {
+            if r.status() == 200 {
+                break;
+            }
+        }
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "switchyard dev exited early"
+        );
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "switchyard dev never became ready"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let body = json!({"kind": "llm.chat", "input": {"model": "mock-echo", "messages": [{"role": "user", "content": "hello dev"}]}});
+    let r = http
+        .post(format!("{api}/v1/jobs"))
+        .bearer_auth(key)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    let id = r.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let deadline = tokio::time::Instant::now() + T;
+    loop {
+        let j: Value = http
+            .get(format!("{api}/v1/jobs/{id}"))
+            .bearer_auth(key)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if j["status"] == "succeeded" {
+            assert_eq!(j["output"]["text"], "Mock reply: hello dev");
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "job never finished: {j}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGTERM);
+    }
+    let status = tokio::task::spawn_blocking(move || child.wait().unwrap())
+        .await
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+    for port in [pg_port, redis_port, api_port] {
+        assert!(
+            tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .is_err(),
+            "port {port} still open after dev stopped"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -14,6 +14,7 @@ use rand::Rng;
 use serde_json::{json, Value};
 use switchyard_core::event::types;
 use switchyard_core::job::{job_error_codes, JobError, JobKind, JobStatus};
+use switchyard_core::telemetry::TraceParent;
 use switchyard_core::Event;
 use switchyard_queue::events::Published;
 use switchyard_queue::{Delivery, EventBus, Queue};
@@ -382,7 +383,15 @@ async fn spawn_batch(
         let Some(permit) = permits.pop() else { break };
         let row = claimed.remove(&d.job_id);
         let s2 = s.clone();
-        let span = tracing::info_span!("job", job_id = %d.job_id, queue = %d.queue, worker = %s.id);
+        let span = tracing::info_span!(
+            "job",
+            job_id = %d.job_id,
+            queue = %d.queue,
+            worker = %s.id,
+            attempt = tracing::field::Empty,
+            trace_id = tracing::field::Empty,
+            parent_span_id = tracing::field::Empty,
+        );
         s.jobs.spawn(
             async move {
                 match row {
@@ -551,10 +560,14 @@ enum Interrupt {
 async fn run_claimed(s: &Shared, d: Delivery, row: JobRow) {
     let id = row.id;
     let attempt = row.attempt;
-    if let Some(tp) = &row.trace_parent {
-        tracing::Span::current().record("trace_parent", tp.as_str());
-        tracing::debug!(traceparent = %tp, attempt, "running");
+    // join the submitter's trace: the job span carries its trace id and parent span id
+    let span = tracing::Span::current();
+    span.record("attempt", attempt);
+    if let Some(tp) = row.trace_parent.as_deref().and_then(TraceParent::parse) {
+        span.record("trace_id", tp.trace_id.as_str());
+        span.record("parent_span_id", tp.parent_id.as_str());
     }
+    tracing::debug!("running");
     let last = s
         .bus
         .begin_attempt(id, attempt)

@@ -85,6 +85,7 @@ pub async fn create_job(
         .and_then(TraceParent::parse)
         .map(|t| t.child())
         .unwrap_or_else(TraceParent::generate);
+    tracing::Span::current().record("trace_id", trace.trace_id.as_str());
     let job = NewJob {
         id: Uuid::now_v7(),
         tenant_id: principal.tenant_id,
@@ -106,7 +107,13 @@ pub async fn create_job(
     let location = format!("/v1/jobs/{}", view.id);
     Ok((
         StatusCode::ACCEPTED,
-        [(header::LOCATION, location)],
+        [
+            (header::LOCATION, location),
+            (
+                header::HeaderName::from_static("traceparent"),
+                trace.to_string(),
+            ),
+        ],
         Json(view),
     )
         .into_response())
