@@ -342,21 +342,7 @@ impl Store {
     /// Claims a job for a run: increments `attempt` (the fencing token) and takes the lease.
     /// Jobs that cannot run any more are finalized here (cancel requested, attempts exhausted).
     pub async fn claim(&self, id: Uuid, worker: &str, lease: Duration) -> Result<ClaimOutcome> {
-        let claimed = sqlx::query_as::<_, JobRow>(&format!(
-            "UPDATE jobs SET attempt = attempt + 1, status = 'running',
-                started_at = COALESCE(started_at, now()), lease_owner = $2,
-                lease_expires_at = now() + make_interval(secs => $3 / 1000.0),
-                run_at = NULL, updated_at = now()
-             WHERE id = $1 AND cancel_requested_at IS NULL AND attempt < max_attempts
-               AND ((status = 'queued' AND (run_at IS NULL OR run_at <= now()))
-                 OR (status = 'running' AND lease_expires_at < now()))
-             RETURNING {JOB_COLUMNS}"
-        ))
-        .bind(id)
-        .bind(worker)
-        .bind(millis(lease))
-        .fetch_optional(self.pool())
-        .await?;
+        let claimed = self.claim_many(&[id], worker, lease).await?.pop();
         if let Some(row) = claimed {
             return Ok(ClaimOutcome::Claimed(row));
         }
