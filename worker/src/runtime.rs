@@ -73,6 +73,9 @@ struct Shared {
     opts: WorkerOptions,
     slots: Arc<Semaphore>,
     running: Mutex<HashMap<Uuid, Running>>,
+    /// Cancel notices for jobs not (yet) running here: a run that registers right after its
+    /// notice arrived still sees it.
+    recent_cancels: Mutex<HashMap<Uuid, tokio::time::Instant>>,
     /// Fired after the grace period: runs still going are released to other workers.
     hard_stop: CancellationToken,
     jobs: TaskTracker,
@@ -142,6 +145,7 @@ impl Worker {
                 slots: Arc::new(Semaphore::new(opts.concurrency)),
                 opts,
                 running: Mutex::new(HashMap::new()),
+                recent_cancels: Mutex::new(HashMap::new()),
                 hard_stop: CancellationToken::new(),
                 jobs: TaskTracker::new(),
                 completer,
@@ -350,9 +354,22 @@ async fn cancel_listener(s: Arc<Shared>, stop: CancellationToken) {
             let Ok(job) = Uuid::parse_str(&payload) else {
                 continue;
             };
-            if let Ok(running) = s.running.lock() {
-                if let Some(r) = running.get(&job) {
-                    r.beat_now.notify_one();
+            let here = s
+                .running
+                .lock()
+                .ok()
+                .and_then(|r| r.get(&job).map(|r| r.beat_now.clone()));
+            match here {
+                Some(beat_now) => beat_now.notify_one(),
+                None => {
+                    if let Ok(mut recent) = s.recent_cancels.lock() {
+                        let now = tokio::time::Instant::now();
+                        if recent.len() >= 10_000 {
+                            recent
+                                .retain(|_, at| now.duration_since(*at) < Duration::from_secs(30));
+                        }
+                        recent.insert(job, now);
+                    }
                 }
             }
         }
@@ -491,6 +508,8 @@ async fn ack(s: &Shared, d: &Delivery) {
     for _ in 0..8 {
         match s.queue.ack(d).await {
             Ok(()) => return,
+            // the stream or its group is gone (Redis lost its data): nothing left to acknowledge
+            Err(e) if e.code() == Some("NOGROUP") => return,
             Err(e) => {
                 tracing::warn!(error = %e, "ack failed; retrying");
                 tokio::time::sleep(delay).await;
@@ -589,6 +608,16 @@ async fn run_claimed(s: &Shared, d: Delivery, row: JobRow) {
                 beat_now: beat_now.clone(),
             },
         );
+    }
+    // a cancel notice that arrived between the claim and the registration above
+    let noticed = s
+        .recent_cancels
+        .lock()
+        .ok()
+        .and_then(|mut recent| recent.remove(&id))
+        .is_some();
+    if noticed {
+        beat_now.notify_one();
     }
     let cancel_req = CancellationToken::new();
     let fenced = CancellationToken::new();

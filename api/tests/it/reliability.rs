@@ -405,3 +405,82 @@ async fn a_redis_restart_without_data_kills_nothing(pool: PgPool) {
     app.stop().await;
     drop(redis);
 }
+
+#[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
+async fn one_bad_row_never_fails_its_batch(pool: PgPool) {
+    let app = spawn_app_with(
+        pool,
+        Opts {
+            worker: false,
+            scheduler: false,
+            ..Opts::default()
+        },
+    )
+    .await;
+    let tracker = tokio_util::task::TaskTracker::new();
+    let submitter = switchyard_api::submit::Submitter::start(
+        app.store.clone(),
+        app.keys(),
+        app.redis().await,
+        &tracker,
+    );
+    let job = |tenant: Uuid| NewJob {
+        id: Uuid::now_v7(),
+        tenant_id: tenant,
+        created_by: "key:test".into(),
+        kind: "system.noop".into(),
+        queue: "system".into(),
+        priority: 0,
+        max_attempts: 3,
+        timeout_s: None,
+        input: json!({}),
+        metadata: json!({}),
+        trace_parent: None,
+        created_at: Utc::now(),
+    };
+    // 40 good rows and, in their midst, one whose tenant does not exist (a foreign-key error)
+    let mut jobs: Vec<NewJob> = (0..40).map(|_| job(app.tenant)).collect();
+    let bad = job(Uuid::now_v7());
+    jobs.insert(20, bad.clone());
+    let results =
+        futures::future::join_all(jobs.iter().cloned().map(|j| submitter.submit(j))).await;
+    for (j, r) in jobs.iter().zip(&results) {
+        if j.id == bad.id {
+            assert!(r.is_err(), "the bad row fails");
+        } else {
+            assert!(r.is_ok(), "a good row never fails with its batch: {r:?}");
+            assert!(app.store.get_job(app.tenant, j.id).await.unwrap().is_some());
+        }
+    }
+    app.stop().await;
+}
+
+#[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
+async fn lost_history_of_a_running_job_is_a_reset_then_the_terminal_event(pool: PgPool) {
+    let redis = PrivateRedis::start();
+    let app = spawn_app_with(
+        pool,
+        Opts {
+            redis_url: redis.url(),
+            ..Opts::default()
+        },
+    )
+    .await;
+    let id = app
+        .submit_noop(json!({"sleep_ms": 1500, "deltas": 2}))
+        .await;
+    app.wait_status(id, "running", T).await;
+    let mut c = app.redis().await;
+    redis::cmd("FLUSHALL")
+        .query_async::<()>(&mut c)
+        .await
+        .unwrap();
+    let mut ws = app.ws().await;
+    ws.subscribe(id, 3).await;
+    let first = ws.next(T).await.unwrap();
+    assert_eq!(first["type"], "reset", "{first}");
+    // the run goes on; its terminal event still arrives
+    let rest = ws.until_terminal(id, T).await;
+    assert_eq!(rest.last().unwrap()["type"], "succeeded", "{rest:#?}");
+    app.stop().await;
+}
