@@ -33,10 +33,11 @@ pub enum FeedItem {
 }
 
 impl FeedItem {
-    pub fn to_json(&self, job_id: Uuid) -> serde_json::Value {
+    /// The frame sent to clients (the event object, or `{"job_id", "type": "reset"}`).
+    pub fn to_text(&self, job_id: Uuid) -> String {
         match self {
-            FeedItem::Event(e) => serde_json::to_value(e.as_ref()).unwrap_or_default(),
-            FeedItem::Reset => json!({ "job_id": job_id, "type": types::RESET }),
+            FeedItem::Event(e) => serde_json::to_string(e.as_ref()).unwrap_or_default(),
+            FeedItem::Reset => json!({ "job_id": job_id, "type": types::RESET }).to_string(),
         }
     }
 }

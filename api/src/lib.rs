@@ -37,9 +37,18 @@ pub struct ApiConfig {
     pub enable_noop: bool,
 }
 
-/// Everything handlers need; cheap to clone.
+/// Everything handlers need; cheap to clone (one `Arc`).
 #[derive(Clone)]
-pub struct AppState {
+pub struct AppState(Arc<AppStateInner>);
+
+impl std::ops::Deref for AppState {
+    type Target = AppStateInner;
+    fn deref(&self) -> &AppStateInner {
+        &self.0
+    }
+}
+
+pub struct AppStateInner {
     pub store: Store,
     pub queue: Queue,
     pub bus: EventBus,
@@ -81,7 +90,7 @@ impl AppState {
         let live = LiveHub::start(client.clone(), keys.clone(), shutdown.clone(), &tasks);
         let submit_conn = switchyard_queue::connect(&client, Duration::from_secs(5)).await?;
         let submitter = Submitter::start(store.clone(), keys, submit_conn, &tasks);
-        Ok(AppState {
+        Ok(AppState(Arc::new(AppStateInner {
             store,
             queue,
             bus,
@@ -95,7 +104,7 @@ impl AppState {
             auth_cache: Arc::new(AuthCache::default()),
             shutdown,
             tasks,
-        })
+        })))
     }
 }
 

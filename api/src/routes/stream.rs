@@ -200,7 +200,7 @@ fn handle_op(
                         i = feed.next() => i,
                     };
                     let Some(item) = item else { break };
-                    let text = item.to_json(job_id).to_string();
+                    let text = item.to_text(job_id);
                     if out.try_send(Message::Text(text.into())).is_err() {
                         slow.cancel();
                         return;
@@ -276,7 +276,7 @@ pub async fn sse(
         let metrics = metrics.clone();
         async move {
             let item = f.next().await?;
-            let data = item.to_json(f.job_id).to_string();
+            let data = item.to_text(f.job_id);
             let ev = match &item {
                 FeedItem::Event(e) => {
                     metrics.observe_delivery(e.ts);

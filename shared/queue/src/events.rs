@@ -1,6 +1,7 @@
 //! Live job events in Redis: one stream per job (entry id `<seq>-0`), fenced by attempt, plus a
 //! pub/sub notification per event. The final state of a job is in Postgres, not here.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use redis::aio::ConnectionManager;
@@ -60,8 +61,8 @@ pub struct History {
 pub struct EventBus {
     keys: Keys,
     conn: ConnectionManager,
-    publish_script: Script,
-    begin_script: Script,
+    publish_script: Arc<Script>,
+    begin_script: Arc<Script>,
     /// TTL of a live (unfinished) job's stream, refreshed by every event.
     live_ttl: Duration,
     /// TTL after the terminal event.
@@ -73,8 +74,8 @@ impl EventBus {
         EventBus {
             keys,
             conn,
-            publish_script: Script::new(PUBLISH_LUA),
-            begin_script: Script::new(BEGIN_LUA),
+            publish_script: Arc::new(Script::new(PUBLISH_LUA)),
+            begin_script: Arc::new(Script::new(BEGIN_LUA)),
             live_ttl: Duration::from_secs(7 * 24 * 3600),
             done_ttl,
         }

@@ -22,13 +22,13 @@ pub const PRIORITIES: [i16; 1] = [0];
 
 #[derive(Debug, Clone)]
 pub struct Keys {
-    prefix: String,
+    prefix: std::sync::Arc<str>,
 }
 
 impl Keys {
     pub fn new(prefix: &str) -> Keys {
         Keys {
-            prefix: prefix.to_string(),
+            prefix: prefix.into(),
         }
     }
 

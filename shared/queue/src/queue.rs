@@ -2,6 +2,7 @@
 //! lease heartbeat, XAUTOCLAIM to reclaim expired leases, XACK+XDEL when done, and a delayed
 //! zset moved into the streams in bounded batches. No operation costs O(backlog).
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::Utc;
@@ -27,8 +28,8 @@ pub struct Delivery {
 pub struct Queue {
     keys: Keys,
     conn: ConnectionManager,
-    heartbeat_script: Script,
-    move_due_script: Script,
+    heartbeat_script: Arc<Script>,
+    move_due_script: Arc<Script>,
 }
 
 const HEARTBEAT_LUA: &str = r#"
@@ -58,8 +59,8 @@ impl Queue {
         Queue {
             keys,
             conn,
-            heartbeat_script: Script::new(HEARTBEAT_LUA),
-            move_due_script: Script::new(MOVE_DUE_LUA),
+            heartbeat_script: Arc::new(Script::new(HEARTBEAT_LUA)),
+            move_due_script: Arc::new(Script::new(MOVE_DUE_LUA)),
         }
     }
 
