@@ -53,6 +53,8 @@ pub struct Feed {
     /// The last history read returned a full page: read more before waiting.
     more: bool,
     idle_rounds: u32,
+    /// The job row read at open, reconciled at the first read of history.
+    deferred: Option<JobRow>,
 }
 
 impl Feed {
@@ -81,8 +83,14 @@ impl Feed {
             reset_sent: false,
             more: false,
             idle_rounds: 0,
+            deferred: None,
         };
-        feed.refill(Some(row)).await;
+        if feed.sub.activating {
+            // the hub sends a resync once the channel is live: read history then (saves a read)
+            feed.deferred = Some(row);
+        } else {
+            feed.refill(Some(row)).await;
+        }
         Ok(feed)
     }
 
@@ -130,7 +138,10 @@ impl Feed {
                         self.pending.push_back(FeedItem::Event(ev));
                     }
                 }
-                Ok(Some(LiveMsg::Resync)) => self.refill(None).await,
+                Ok(Some(LiveMsg::Resync)) => {
+                    let row = self.deferred.take();
+                    self.refill(row).await
+                }
                 Ok(None) => {
                     // the hub is gone (shutdown)
                     self.done = true;
@@ -138,7 +149,9 @@ impl Feed {
                 Err(_) => {
                     self.idle_rounds += 1;
                     let pg = self.idle_rounds.is_multiple_of(PG_CHECK_EVERY);
-                    if pg {
+                    if let Some(row) = self.deferred.take() {
+                        self.refill(Some(row)).await;
+                    } else if pg {
                         let row = self
                             .state
                             .store

@@ -587,18 +587,22 @@ async fn run_claimed(s: &Shared, d: Delivery, row: JobRow) {
         span.record("parent_span_id", tp.parent_id.as_str());
     }
     tracing::debug!("running");
-    let last = s
-        .bus
-        .begin_attempt(id, attempt)
-        .await
-        .ok()
-        .flatten()
-        .unwrap_or(0);
-    let mut seq = (row.event_seq as u64).max(last);
-    let running = Event::status(id, seq + 1, attempt, JobStatus::Running, json!({}));
-    if publish(s, &running).await == Published::Ok {
-        seq += 1;
-    }
+    // fence older attempts and announce this one (`status: running`) in one round trip
+    let durable = row.event_seq.max(0) as u64;
+    let running = Event::status(id, 0, attempt, JobStatus::Running, json!({}));
+    let mut seq = match s.bus.begin_attempt_with(&running, durable).await {
+        Ok(Some(seq)) => seq,
+        Ok(None) => {
+            tracing::warn!(
+                "a newer attempt already owns this job in redis; postgres fences this run"
+            );
+            durable
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "could not announce the attempt (live events are best effort)");
+            durable
+        }
+    };
 
     let beat_now = Arc::new(Notify::new());
     if let Ok(mut r) = s.running.lock() {

@@ -87,6 +87,8 @@ async fn connection(state: AppState, tenant: Uuid, socket: WebSocket) {
     let slow = CancellationToken::new();
     let conn_done = CancellationToken::new();
     let mut subs: HashMap<Uuid, CancellationToken> = HashMap::new();
+    // finished subscriptions are pruned when the map doubles, not on every message
+    let mut prune_at = 64;
     let mut ping = tokio::time::interval(PING_EVERY);
     ping.tick().await;
     let close = |code: u16, reason: &'static str| {
@@ -126,7 +128,10 @@ async fn connection(state: AppState, tenant: Uuid, socket: WebSocket) {
                     }
                     Some(Ok(_)) => continue,
                 };
-                subs.retain(|_, t| !t.is_cancelled());
+                if subs.len() >= prune_at {
+                    subs.retain(|_, t| !t.is_cancelled());
+                    prune_at = (subs.len() * 2).max(64);
+                }
                 if let Err((job, err)) = handle_op(&state, tenant, text.as_str(), &mut subs, &out_tx, &slow, &conn_done) {
                     let _ = out_tx.try_send(error_frame(job, &err));
                 }

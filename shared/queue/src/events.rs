@@ -49,6 +49,30 @@ local ms = string.match(last[1][1], '^(%d+)-')
 return tonumber(ms)
 "#;
 
+// Starts an attempt and publishes its first event in one round trip: fences older attempts,
+// numbers the event after the highest seq in the stream (or ARGV[2], Postgres' durable seq),
+// and returns that seq (-1 if a newer attempt owns the job).
+// KEYS: ev stream, meta hash. ARGV: attempt, durable seq, payload head, payload tail, channel, ttl
+const BEGIN_PUBLISH_LUA: &str = r#"
+local cur = tonumber(redis.call('HGET', KEYS[2], 'attempt') or '0')
+local att = tonumber(ARGV[1])
+if att < cur then return -1 end
+redis.call('HSET', KEYS[2], 'attempt', att)
+local last = 0
+local l = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
+if #l > 0 then last = tonumber(string.match(l[1][1], '^(%d+)-')) end
+local seq = math.max(last, tonumber(ARGV[2])) + 1
+local payload = ARGV[3] .. string.format('%d', seq) .. ARGV[4]
+redis.call('XADD', KEYS[1], string.format('%d', seq) .. '-0', 'e', payload)
+redis.call('PUBLISH', ARGV[5], payload)
+redis.call('EXPIRE', KEYS[1], tonumber(ARGV[6]))
+redis.call('EXPIRE', KEYS[2], tonumber(ARGV[6]))
+return seq
+"#;
+
+/// Placeholder seq used to split an event's JSON around its seq (filled in by Redis).
+const SEQ_PLACEHOLDER: u64 = 9_007_199_254_740_991;
+
 /// What `read` found of a job's event history.
 #[derive(Debug, Clone)]
 pub struct History {
@@ -63,6 +87,7 @@ pub struct EventBus {
     conn: ConnectionManager,
     publish_script: Arc<Script>,
     begin_script: Arc<Script>,
+    begin_publish_script: Arc<Script>,
     /// TTL of a live (unfinished) job's stream, refreshed by every event.
     live_ttl: Duration,
     /// TTL after the terminal event.
@@ -76,6 +101,7 @@ impl EventBus {
             conn,
             publish_script: Arc::new(Script::new(PUBLISH_LUA)),
             begin_script: Arc::new(Script::new(BEGIN_LUA)),
+            begin_publish_script: Arc::new(Script::new(BEGIN_PUBLISH_LUA)),
             live_ttl: Duration::from_secs(7 * 24 * 3600),
             done_ttl,
         }
@@ -98,6 +124,45 @@ impl EventBus {
             .invoke_async(&mut c)
             .await?;
         Ok(if last < 0 { None } else { Some(last as u64) })
+    }
+
+    /// [`EventBus::begin_attempt`] and the publication of `first` (whose `seq` is ignored) in
+    /// one round trip: `first` gets seq = max(last seq in the stream, `durable_seq`) + 1, which
+    /// is returned; `None` if a newer attempt owns the job.
+    pub async fn begin_attempt_with(
+        &self,
+        first: &Event,
+        durable_seq: u64,
+    ) -> RedisResult<Option<u64>> {
+        let mut ev = first.clone();
+        ev.seq = SEQ_PLACEHOLDER;
+        let json = serde_json::to_string(&ev).map_err(|e| {
+            redis::RedisError::from((redis::ErrorKind::TypeError, "event json", e.to_string()))
+        })?;
+        let marker = format!("\"seq\":{SEQ_PLACEHOLDER}");
+        let at = json.find(&marker).ok_or_else(|| {
+            redis::RedisError::from((
+                redis::ErrorKind::TypeError,
+                "event json",
+                "no seq".to_string(),
+            ))
+        })?;
+        let head = &json[..at + "\"seq\":".len()];
+        let tail = &json[at + marker.len()..];
+        let mut c = self.conn.clone();
+        let seq: i64 = self
+            .begin_publish_script
+            .key(self.keys.events(ev.job_id))
+            .key(self.keys.event_meta(ev.job_id))
+            .arg(ev.attempt)
+            .arg(durable_seq)
+            .arg(head)
+            .arg(tail)
+            .arg(self.keys.event_channel(ev.job_id))
+            .arg(self.live_ttl.as_secs())
+            .invoke_async(&mut c)
+            .await?;
+        Ok(if seq < 0 { None } else { Some(seq as u64) })
     }
 
     /// Appends an event and notifies live subscribers, unless a newer attempt owns the job.

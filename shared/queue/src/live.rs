@@ -49,6 +49,8 @@ pub struct LiveHub {
 /// A live subscription to one job; unsubscribes when dropped.
 pub struct LiveSubscription {
     pub rx: mpsc::Receiver<LiveMsg>,
+    /// The job's channel was not subscribed yet: a `Resync` follows once it is.
+    pub activating: bool,
     lagged: Arc<AtomicBool>,
     hub: LiveHub,
     job: Uuid,
@@ -106,6 +108,7 @@ impl LiveHub {
         }
         LiveSubscription {
             rx,
+            activating: first,
             lagged,
             hub: self.clone(),
             job,
