@@ -102,7 +102,9 @@ pub async fn start_worker(cfg: &Config, stop: CancellationToken) -> anyhow::Resu
     )?;
     wait_for_postgres(&store, "the worker").await?;
     let client = redis_client(cfg)?;
-    let conn = connect_redis_retrying(&client).await?;
+    let conn = switchyard_queue::connect_retrying(&client)
+        .await
+        .map_err(|e| anyhow::anyhow!("redis unreachable: {e}"))?;
     let keys = Keys::new(&cfg.redis_prefix);
     let queue = Queue::new(keys.clone(), conn.clone());
     let bus = EventBus::new(keys, conn, Duration::from_secs(cfg.event_ttl_s));
@@ -117,32 +119,14 @@ pub async fn start_worker(cfg: &Config, stop: CancellationToken) -> anyhow::Resu
     Ok(worker.start(stop))
 }
 
-async fn connect_redis_retrying(
-    client: &redis::Client,
-) -> anyhow::Result<redis::aio::ConnectionManager> {
-    let mut delay = Duration::from_millis(100);
-    for i in 0..60 {
-        match switchyard_queue::connect(client, Duration::from_secs(5)).await {
-            Ok(c) => return Ok(c),
-            Err(e) if i == 59 => return Err(anyhow::anyhow!("redis unreachable: {e}")),
-            Err(e) => {
-                if i % 10 == 0 {
-                    tracing::warn!(error = %e, "waiting for redis");
-                }
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(1));
-            }
-        }
-    }
-    unreachable!()
-}
-
 /// Runs the scheduler until `stop`.
 pub async fn run_scheduler(cfg: &Config, stop: CancellationToken) -> anyhow::Result<()> {
     let store = store(cfg, 4)?;
     wait_for_postgres(&store, "the scheduler").await?;
     let client = redis_client(cfg)?;
-    let conn = connect_redis_retrying(&client).await?;
+    let conn = switchyard_queue::connect_retrying(&client)
+        .await
+        .map_err(|e| anyhow::anyhow!("redis unreachable: {e}"))?;
     let queue = Queue::new(Keys::new(&cfg.redis_prefix), conn);
     let opts = SchedulerOptions {
         lease: cfg.lease(),

@@ -78,7 +78,7 @@ impl AppState {
     ) -> anyhow::Result<AppState> {
         let client = redis::Client::open(cfg.redis_url())
             .map_err(|e| anyhow::anyhow!("invalid REDIS_URL: {e}"))?;
-        let conn = switchyard_queue::connect(&client, Duration::from_secs(5)).await?;
+        let conn = switchyard_queue::connect_retrying(&client).await?;
         let keys = Keys::new(&cfg.redis_prefix);
         let tasks = TaskTracker::new();
         let queue = Queue::new(keys.clone(), conn.clone());
@@ -88,7 +88,7 @@ impl AppState {
             Duration::from_secs(cfg.event_ttl_s),
         );
         let live = LiveHub::start(client.clone(), keys.clone(), shutdown.clone(), &tasks);
-        let submit_conn = switchyard_queue::connect(&client, Duration::from_secs(5)).await?;
+        let submit_conn = switchyard_queue::connect_retrying(&client).await?;
         let submitter = Submitter::start(store.clone(), keys, submit_conn, &tasks);
         Ok(AppState(Arc::new(AppStateInner {
             store,

@@ -30,6 +30,26 @@ pub async fn connect(
     ConnectionManager::new_with_config(client.clone(), cfg).await
 }
 
+/// [`connect`], retrying with backoff for about a minute (a restarting Redis is not fatal).
+pub async fn connect_retrying(client: &redis::Client) -> redis::RedisResult<ConnectionManager> {
+    let mut delay = Duration::from_millis(100);
+    let mut tries = 0;
+    loop {
+        match connect(client, Duration::from_secs(5)).await {
+            Ok(c) => return Ok(c),
+            Err(e) if tries >= 60 => return Err(e),
+            Err(e) => {
+                if tries % 10 == 0 {
+                    tracing::warn!(error = %e, "waiting for redis");
+                }
+                tries += 1;
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(1));
+            }
+        }
+    }
+}
+
 /// Whether an error is worth a retry after a pause (connection trouble, failover, loading).
 pub fn is_transient(e: &redis::RedisError) -> bool {
     e.is_io_error()
