@@ -164,6 +164,12 @@ pub async fn serve(listener: tokio::net::TcpListener, state: AppState) -> anyhow
     let shutdown = state.shutdown.clone();
     let tasks = state.tasks.clone();
     let app = router(state);
+    // small frames (events, 202s) go out at once instead of waiting for Nagle's algorithm
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp: &mut tokio::net::TcpStream| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "TCP_NODELAY");
+        }
+    });
     axum::serve(listener, app)
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
         .await?;

@@ -820,6 +820,9 @@ async fn run_claimed(s: &Shared, d: Delivery, row: JobRow) {
             return;
         }
     }
+    // `ts` is the publication time: stamp it now, after the durable write
+    let mut event = event;
+    event.ts = Utc::now();
     publish(s, &event).await;
     if let RunEnd::Retry { run_at, .. } = &end {
         let mut item = row.dispatch_item();
