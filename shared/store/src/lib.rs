@@ -65,6 +65,10 @@ impl Store {
         let opts: PgConnectOptions = url
             .parse()
             .map_err(|e| anyhow::anyhow!("invalid DATABASE_URL: {e}"))?;
+        // Plan every execution with the table as it is now. A generic plan cached while `jobs`
+        // was empty (a fresh deployment) keeps sequential scans as the table grows, making each
+        // claim O(table) until the process restarts (measured: 5,000 → 1,300 jobs/s).
+        let opts = opts.options([("plan_cache_mode", "force_custom_plan")]);
         let pool = PgPoolOptions::new()
             .max_connections(max_connections)
             .acquire_timeout(Duration::from_secs(5))
