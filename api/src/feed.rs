@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use serde_json::json;
 use switchyard_core::event::types;
+use switchyard_core::job::JobStatus;
 use switchyard_core::Event;
 use switchyard_queue::{LiveMsg, LiveSubscription};
 use switchyard_store::JobRow;
@@ -23,6 +24,23 @@ const IDLE_REREAD: Duration = Duration::from_secs(10);
 /// Every this many idle re-reads, also check Postgres (a terminal event whose publication
 /// failed, or was lost with Redis).
 const PG_CHECK_EVERY: u32 = 3;
+
+/// Whether an unfinished job without an event stream had history that is gone. A job that was
+/// only ever queued had nothing but its `queued` event, which a reconciler dispatch does not
+/// write; a run writes its stream as it starts, so one running for a while without one, or any
+/// later attempt or retry, means Redis lost it.
+fn history_lost(row: &JobRow) -> bool {
+    match row.status() {
+        JobStatus::Queued => row.attempt > 0 || row.event_seq > 1,
+        JobStatus::Running => {
+            row.attempt > 1
+                || row
+                    .started_at
+                    .is_none_or(|t| chrono::Utc::now() - t > chrono::Duration::seconds(1))
+        }
+        _ => false,
+    }
+}
 
 /// What a feed yields.
 #[derive(Debug, Clone)]
@@ -217,8 +235,7 @@ impl Feed {
                 self.reset_sent = true;
                 self.done_after_pending();
             }
-        } else if !status.is_terminal() && !exists && row.dispatch_epoch > 0 && !self.reset_sent {
-            // an unfinished, dispatched job without any event stream: Redis lost it
+        } else if !exists && !self.reset_sent && history_lost(&row) {
             self.pending.push_back(FeedItem::Reset);
             self.reset_sent = true;
         }

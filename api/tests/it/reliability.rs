@@ -467,9 +467,11 @@ async fn lost_history_of_a_running_job_is_a_reset_then_the_terminal_event(pool: 
     )
     .await;
     let id = app
-        .submit_noop(json!({"sleep_ms": 1500, "deltas": 2}))
+        .submit_noop(json!({"sleep_ms": 5000, "deltas": 2}))
         .await;
     app.wait_status(id, "running", T).await;
+    // a run that just started may not have written its stream yet; this one has
+    tokio::time::sleep(Duration::from_millis(1200)).await;
     let mut c = app.redis().await;
     redis::cmd("FLUSHALL")
         .query_async::<()>(&mut c)

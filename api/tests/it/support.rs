@@ -212,13 +212,28 @@ impl TestApp {
         self.mock_stop.cancel();
         let mut c = self.redis().await;
         let pattern = format!("*{}*", self.cfg.redis_prefix);
-        let keys: Vec<String> = redis::cmd("KEYS")
-            .arg(&pattern)
-            .query_async(&mut c)
-            .await
-            .unwrap_or_default();
-        if !keys.is_empty() {
-            let _: Result<(), _> = redis::cmd("DEL").arg(&keys).query_async(&mut c).await;
+        // SCAN, not KEYS: never block a shared Redis
+        let mut cursor: u64 = 0;
+        loop {
+            let (next, keys): (u64, Vec<String>) = match redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(&pattern)
+                .arg("COUNT")
+                .arg(10_000)
+                .query_async(&mut c)
+                .await
+            {
+                Ok(r) => r,
+                Err(_) => break,
+            };
+            if !keys.is_empty() {
+                let _: Result<(), _> = redis::cmd("DEL").arg(&keys).query_async(&mut c).await;
+            }
+            if next == 0 {
+                break;
+            }
+            cursor = next;
         }
     }
 
