@@ -44,6 +44,32 @@ impl Drop for Cluster {
             let _ = c.kill();
             let _ = c.wait();
         }
+        // remove this test's Redis keys (SCAN, never KEYS, on a shared Redis)
+        if let Ok(mut r) =
+            redis::Client::open(self.redis_url.as_str()).and_then(|c| c.get_connection())
+        {
+            let pattern = format!("*{}*", self.prefix);
+            let mut cursor: u64 = 0;
+            loop {
+                let Ok((next, keys)) = redis::cmd("SCAN")
+                    .arg(cursor)
+                    .arg("MATCH")
+                    .arg(&pattern)
+                    .arg("COUNT")
+                    .arg(10_000)
+                    .query::<(u64, Vec<String>)>(&mut r)
+                else {
+                    break;
+                };
+                if !keys.is_empty() {
+                    let _ = redis::cmd("DEL").arg(&keys).query::<()>(&mut r);
+                }
+                if next == 0 {
+                    break;
+                }
+                cursor = next;
+            }
+        }
         // drop this test's database (Drop is sync: use a small runtime on a plain thread)
         let (admin, name) = (self.admin_url.clone(), self.db_name.clone());
         let _ = std::thread::spawn(move || {
