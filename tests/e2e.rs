@@ -50,17 +50,14 @@ impl Drop for Cluster {
         {
             let pattern = format!("*{}*", self.prefix);
             let mut cursor: u64 = 0;
-            loop {
-                let Ok((next, keys)) = redis::cmd("SCAN")
-                    .arg(cursor)
-                    .arg("MATCH")
-                    .arg(&pattern)
-                    .arg("COUNT")
-                    .arg(10_000)
-                    .query::<(u64, Vec<String>)>(&mut r)
-                else {
-                    break;
-                };
+            while let Ok((next, keys)) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(&pattern)
+                .arg("COUNT")
+                .arg(10_000)
+                .query::<(u64, Vec<String>)>(&mut r)
+            {
                 if !keys.is_empty() {
                     let _ = redis::cmd("DEL").arg(&keys).query::<()>(&mut r);
                 }
