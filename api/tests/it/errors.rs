@@ -5,7 +5,7 @@ use std::time::Duration;
 use serde_json::{json, Value};
 use sqlx::PgPool;
 
-use crate::support::{spawn_app_with, Opts};
+use crate::support::{spawn_api_only, spawn_app_with, Opts};
 
 async fn error_of(resp: reqwest::Response) -> (u16, Value) {
     let status = resp.status().as_u16();
@@ -15,15 +15,7 @@ async fn error_of(resp: reqwest::Response) -> (u16, Value) {
 
 #[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
 async fn missing_bad_and_revoked_keys_are_401(pool: PgPool) {
-    let app = spawn_app_with(
-        pool,
-        Opts {
-            worker: false,
-            scheduler: false,
-            ..Opts::default()
-        },
-    )
-    .await;
+    let app = spawn_api_only(pool).await;
     let url = app.url("/v1/jobs");
     let (s, e) = error_of(app.http.get(&url).send().await.unwrap()).await;
     assert_eq!((s, e["code"].as_str()), (401, Some("unauthorized")));
@@ -73,15 +65,7 @@ async fn missing_bad_and_revoked_keys_are_401(pool: PgPool) {
 
 #[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
 async fn validation_errors_name_the_field(pool: PgPool) {
-    let app = spawn_app_with(
-        pool,
-        Opts {
-            worker: false,
-            scheduler: false,
-            ..Opts::default()
-        },
-    )
-    .await;
+    let app = spawn_api_only(pool).await;
     let post = |body: String| {
         app.auth(app.http.post(app.url("/v1/jobs")))
             .header("content-type", "application/json")
@@ -267,15 +251,7 @@ async fn noop_is_off_unless_enabled(pool: PgPool) {
 
 #[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
 async fn other_tenants_jobs_are_404(pool: PgPool) {
-    let app = spawn_app_with(
-        pool,
-        Opts {
-            worker: false,
-            scheduler: false,
-            ..Opts::default()
-        },
-    )
-    .await;
+    let app = spawn_api_only(pool).await;
     let id = app.submit_noop(json!({})).await;
     let other = app.store.create_tenant("other").await.unwrap();
     let (_, key) = app.store.create_api_key(other.id, "k", None).await.unwrap();

@@ -6,21 +6,13 @@ use serde_json::{json, Value};
 use sqlx::PgPool;
 use uuid::Uuid;
 
-use crate::support::{spawn_app, spawn_app_with, Opts};
+use crate::support::{spawn_api_only, spawn_app, spawn_app_with, Opts};
 
 const T: Duration = Duration::from_secs(20);
 
 #[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
 async fn submit_is_durable_and_readable(pool: PgPool) {
-    let app = spawn_app_with(
-        pool,
-        Opts {
-            worker: false,
-            scheduler: false,
-            ..Opts::default()
-        },
-    )
-    .await;
+    let app = spawn_api_only(pool).await;
     let r = app
         .auth(app.http.post(app.url("/v1/jobs")))
         .header("traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")
@@ -58,15 +50,7 @@ async fn submit_is_durable_and_readable(pool: PgPool) {
 
 #[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
 async fn list_is_newest_first_with_filters_and_cursor(pool: PgPool) {
-    let app = spawn_app_with(
-        pool,
-        Opts {
-            worker: false,
-            scheduler: false,
-            ..Opts::default()
-        },
-    )
-    .await;
+    let app = spawn_api_only(pool).await;
     let mut ids = Vec::new();
     for _ in 0..5 {
         ids.push(app.submit_noop(json!({})).await);

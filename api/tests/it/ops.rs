@@ -3,19 +3,11 @@
 use serde_json::{json, Value};
 use sqlx::PgPool;
 
-use crate::support::{spawn_app_with, Opts};
+use crate::support::spawn_api_only;
 
 #[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
 async fn health_ready_metrics(pool: PgPool) {
-    let app = spawn_app_with(
-        pool,
-        Opts {
-            worker: false,
-            scheduler: false,
-            ..Opts::default()
-        },
-    )
-    .await;
+    let app = spawn_api_only(pool).await;
     let r = app.http.get(app.url("/healthz")).send().await.unwrap();
     assert_eq!(r.status(), 200);
     let r = app.http.get(app.url("/readyz")).send().await.unwrap();
@@ -52,15 +44,7 @@ async fn health_ready_metrics(pool: PgPool) {
 
 #[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
 async fn openapi_documents_every_route_and_error(pool: PgPool) {
-    let app = spawn_app_with(
-        pool,
-        Opts {
-            worker: false,
-            scheduler: false,
-            ..Opts::default()
-        },
-    )
-    .await;
+    let app = spawn_api_only(pool).await;
     let doc: Value = app
         .http
         .get(app.url("/openapi.json"))

@@ -4,7 +4,6 @@
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use chrono::Utc;
 use serde_json::json;
 use sqlx::PgPool;
 use switchyard_core::event::Event;
@@ -13,7 +12,7 @@ use switchyard_queue::events::Published;
 use switchyard_store::{ClaimOutcome, NewJob, RunEnd};
 use uuid::Uuid;
 
-use crate::support::{spawn_app, spawn_app_with, Opts};
+use crate::support::{new_job, spawn_api_only, spawn_app, spawn_app_with, Opts};
 
 const T: Duration = Duration::from_secs(30);
 
@@ -67,15 +66,7 @@ async fn fatal_errors_and_timeouts_fail(pool: PgPool) {
 
 #[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
 async fn a_stale_worker_cannot_overwrite_its_successor(pool: PgPool) {
-    let app = spawn_app_with(
-        pool,
-        Opts {
-            worker: false,
-            scheduler: false,
-            ..Opts::default()
-        },
-    )
-    .await;
+    let app = spawn_api_only(pool).await;
     let id = app.submit_noop(json!({})).await;
     let lease = Duration::from_secs(30);
     let ClaimOutcome::Claimed(first) = app.store.claim(id, "old", lease).await.unwrap() else {
@@ -188,27 +179,8 @@ async fn a_dead_workers_job_is_reclaimed_after_its_lease(pool: PgPool) {
 async fn jobs_committed_but_never_dispatched_still_run(pool: PgPool) {
     let app = spawn_app(pool).await;
     // the API died between its commit and its XADD: the row exists, Redis never heard of it
-    let mut ids = Vec::new();
-    let jobs: Vec<NewJob> = (0..25)
-        .map(|_| {
-            let id = Uuid::now_v7();
-            ids.push(id);
-            NewJob {
-                id,
-                tenant_id: app.tenant,
-                created_by: "key:test".into(),
-                kind: "system.noop".into(),
-                queue: "system".into(),
-                priority: 0,
-                max_attempts: 3,
-                timeout_s: None,
-                input: json!({}),
-                metadata: json!({}),
-                trace_parent: None,
-                created_at: Utc::now(),
-            }
-        })
-        .collect();
+    let jobs: Vec<NewJob> = (0..25).map(|_| new_job(app.tenant)).collect();
+    let ids: Vec<Uuid> = jobs.iter().map(|j| j.id).collect();
     app.store.insert_jobs(&jobs).await.unwrap();
     for id in ids {
         app.wait_status(id, "succeeded", T).await;
@@ -408,15 +380,7 @@ async fn a_redis_restart_without_data_kills_nothing(pool: PgPool) {
 
 #[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
 async fn one_bad_row_never_fails_its_batch(pool: PgPool) {
-    let app = spawn_app_with(
-        pool,
-        Opts {
-            worker: false,
-            scheduler: false,
-            ..Opts::default()
-        },
-    )
-    .await;
+    let app = spawn_api_only(pool).await;
     let tracker = tokio_util::task::TaskTracker::new();
     let submitter = switchyard_api::submit::Submitter::start(
         app.store.clone(),
@@ -424,23 +388,9 @@ async fn one_bad_row_never_fails_its_batch(pool: PgPool) {
         app.redis().await,
         &tracker,
     );
-    let job = |tenant: Uuid| NewJob {
-        id: Uuid::now_v7(),
-        tenant_id: tenant,
-        created_by: "key:test".into(),
-        kind: "system.noop".into(),
-        queue: "system".into(),
-        priority: 0,
-        max_attempts: 3,
-        timeout_s: None,
-        input: json!({}),
-        metadata: json!({}),
-        trace_parent: None,
-        created_at: Utc::now(),
-    };
     // 40 good rows and, in their midst, one whose tenant does not exist (a foreign-key error)
-    let mut jobs: Vec<NewJob> = (0..40).map(|_| job(app.tenant)).collect();
-    let bad = job(Uuid::now_v7());
+    let mut jobs: Vec<NewJob> = (0..40).map(|_| new_job(app.tenant)).collect();
+    let bad = new_job(Uuid::now_v7());
     jobs.insert(20, bad.clone());
     let results =
         futures::future::join_all(jobs.iter().cloned().map(|j| submitter.submit(j))).await;

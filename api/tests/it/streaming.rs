@@ -8,7 +8,7 @@ use serde_json::{json, Value};
 use sqlx::PgPool;
 use uuid::Uuid;
 
-use crate::support::{assert_contiguous, spawn_app, spawn_app_with, Opts};
+use crate::support::{assert_contiguous, spawn_api_only, spawn_app};
 
 const T: Duration = Duration::from_secs(20);
 
@@ -95,15 +95,7 @@ async fn many_jobs_share_one_connection(pool: PgPool) {
 
 #[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
 async fn websocket_protocol_errors(pool: PgPool) {
-    let app = spawn_app_with(
-        pool,
-        Opts {
-            worker: false,
-            scheduler: false,
-            ..Opts::default()
-        },
-    )
-    .await;
+    let app = spawn_api_only(pool).await;
     let mut ws = app.ws().await;
     ws.inner
         .send(tokio_tungstenite::tungstenite::Message::Text("nope".into()))
@@ -139,15 +131,7 @@ use futures::SinkExt;
 
 #[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
 async fn websocket_needs_a_key(pool: PgPool) {
-    let app = spawn_app_with(
-        pool,
-        Opts {
-            worker: false,
-            scheduler: false,
-            ..Opts::default()
-        },
-    )
-    .await;
+    let app = spawn_api_only(pool).await;
     let url = format!("{}/v1/ws", app.base.replace("http://", "ws://"));
     let err = tokio_tungstenite::connect_async(url.clone())
         .await
@@ -237,15 +221,7 @@ async fn sse_streams_and_resumes_with_last_event_id(pool: PgPool) {
 
 #[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
 async fn websocket_closes_with_1012_when_the_api_drains(pool: PgPool) {
-    let app = spawn_app_with(
-        pool,
-        Opts {
-            worker: false,
-            scheduler: false,
-            ..Opts::default()
-        },
-    )
-    .await;
+    let app = spawn_api_only(pool).await;
     let mut ws = app.ws().await;
     let id = app.submit_noop(json!({})).await;
     ws.subscribe(id, 0).await;

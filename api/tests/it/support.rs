@@ -67,6 +67,34 @@ pub async fn spawn_app(pool: PgPool) -> TestApp {
     spawn_app_with(pool, Opts::default()).await
 }
 
+/// The API alone: no worker, no scheduler (jobs stay queued).
+pub async fn spawn_api_only(pool: PgPool) -> TestApp {
+    let opts = Opts {
+        worker: false,
+        scheduler: false,
+        ..Opts::default()
+    };
+    spawn_app_with(pool, opts).await
+}
+
+/// A job row as the API would build it (for tests that write to the store directly).
+pub fn new_job(tenant: Uuid) -> switchyard_store::NewJob {
+    switchyard_store::NewJob {
+        id: Uuid::now_v7(),
+        tenant_id: tenant,
+        created_by: "key:test".into(),
+        kind: "system.noop".into(),
+        queue: "system".into(),
+        priority: 0,
+        max_attempts: 3,
+        timeout_s: None,
+        input: json!({}),
+        metadata: json!({}),
+        trace_parent: None,
+        created_at: chrono::Utc::now(),
+    }
+}
+
 pub async fn spawn_app_with(pool: PgPool, opts: Opts) -> TestApp {
     let prefix = format!("t{}", Uuid::new_v4().simple());
     let mut cfg = Config::for_tests("postgres://unused", &opts.redis_url, &prefix);
