@@ -184,6 +184,16 @@ impl Cluster {
         v["id"].as_str().unwrap().parse().unwrap()
     }
 
+    /// Submits `n` `system.noop` jobs that each sleep `ms`.
+    async fn submit_sleepers(&self, api: &str, n: usize, ms: u64) -> Vec<Uuid> {
+        let mut ids = Vec::with_capacity(n);
+        for _ in 0..n {
+            let body = json!({"kind": "system.noop", "input": {"sleep_ms": ms}});
+            ids.push(self.submit(api, body).await);
+        }
+        ids
+    }
+
     async fn job(&self, api: &str, id: Uuid) -> Value {
         self.http
             .get(format!("{api}/v1/jobs/{id}"))
@@ -294,16 +304,7 @@ async fn sigkill_of_a_worker_loses_nothing() {
     let api = c.api().await;
     c.spawn("scheduler", &["scheduler"]);
     let victim = c.worker(8);
-    let mut ids = Vec::new();
-    for _ in 0..16 {
-        ids.push(
-            c.submit(
-                &api,
-                json!({"kind": "system.noop", "input": {"sleep_ms": 1500}}),
-            )
-            .await,
-        );
-    }
+    let ids = c.submit_sleepers(&api, 16, 1500).await;
     // wait until the victim has jobs in flight
     let deadline = tokio::time::Instant::now() + T;
     loop {
@@ -338,16 +339,7 @@ async fn sigterm_drains_in_flight_jobs() {
     let mut c = Cluster::new().await;
     let api = c.api().await;
     let w = c.worker(4);
-    let mut ids = Vec::new();
-    for _ in 0..3 {
-        ids.push(
-            c.submit(
-                &api,
-                json!({"kind": "system.noop", "input": {"sleep_ms": 1500}}),
-            )
-            .await,
-        );
-    }
+    let ids = c.submit_sleepers(&api, 3, 1500).await;
     for id in &ids {
         c.wait_status(&api, *id, "running").await;
     }

@@ -77,6 +77,15 @@ pub async fn spawn_api_only(pool: PgPool) -> TestApp {
     spawn_app_with(pool, opts).await
 }
 
+/// API and scheduler, no worker (tests start workers themselves).
+pub async fn spawn_without_worker(pool: PgPool) -> TestApp {
+    let opts = Opts {
+        worker: false,
+        ..Opts::default()
+    };
+    spawn_app_with(pool, opts).await
+}
+
 /// A job row as the API would build it (for tests that write to the store directly).
 pub fn new_job(tenant: Uuid) -> switchyard_store::NewJob {
     switchyard_store::NewJob {
