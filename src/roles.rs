@@ -11,7 +11,7 @@ use switchyard_queue::{EventBus, Keys, Queue};
 use switchyard_scheduler::{Scheduler, SchedulerOptions};
 use switchyard_store::Store;
 use switchyard_worker::executor::ExecutorRegistry;
-use switchyard_worker::llm::{LlmChatExecutor, OpenAiCompatible, ProviderRouter};
+use switchyard_worker::llm::{LlmChatExecutor, Providers};
 use switchyard_worker::noop::NoopExecutor;
 use switchyard_worker::{Worker, WorkerHandle, WorkerOptions};
 use tokio_util::sync::CancellationToken;
@@ -62,19 +62,10 @@ pub async fn run_api(
 /// The executors a worker offers, from the configuration.
 pub fn executors(cfg: &Config) -> ExecutorRegistry {
     let mut reg = ExecutorRegistry::new();
-    let timeout = Duration::from_secs(cfg.llm.request_timeout_s);
-    let mut router = ProviderRouter::default();
-    if let Some(mock) = &cfg.llm.mock_base_url {
-        router.mock = Some(Arc::new(OpenAiCompatible::new(mock, None, timeout)));
-    }
-    if cfg.llm.openai_api_key.is_some() || cfg.llm.openai_base_url != "https://api.openai.com/v1" {
-        router.default = Some(Arc::new(OpenAiCompatible::new(
-            &cfg.llm.openai_base_url,
-            cfg.llm.openai_api_key.clone(),
-            timeout,
-        )));
-    }
-    reg.register(JobKind::LlmChat, Arc::new(LlmChatExecutor { router }));
+    reg.register(
+        JobKind::LlmChat,
+        Arc::new(LlmChatExecutor::new(Providers::from_config(&cfg.llm))),
+    );
     reg.register(JobKind::SystemNoop, Arc::new(NoopExecutor));
     reg
 }

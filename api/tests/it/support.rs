@@ -13,7 +13,7 @@ use switchyard_queue::{EventBus, Keys, Queue};
 use switchyard_scheduler::{Scheduler, SchedulerOptions};
 use switchyard_store::Store;
 use switchyard_worker::executor::ExecutorRegistry;
-use switchyard_worker::llm::{LlmChatExecutor, OpenAiCompatible, ProviderRouter};
+use switchyard_worker::llm::{LlmChatExecutor, Providers};
 use switchyard_worker::noop::NoopExecutor;
 use switchyard_worker::{Worker, WorkerHandle, WorkerOptions};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
@@ -118,6 +118,8 @@ pub async fn spawn_app_with(pool: PgPool, opts: Opts) -> TestApp {
         .await
         .unwrap();
     let mock_url = format!("{mock_base}/v1");
+    // the API's model table lists the mock's aliases (`GET /v1/models`)
+    cfg.llm.mock_base_url = Some(mock_url.clone());
 
     let api_stop = CancellationToken::new();
     let state = switchyard_api::AppState::build(&cfg, store.clone(), api_stop.clone())
@@ -172,15 +174,15 @@ impl TestApp {
 
     pub fn executors(&self) -> ExecutorRegistry {
         let mut reg = ExecutorRegistry::new();
-        let router = ProviderRouter {
-            mock: Some(Arc::new(OpenAiCompatible::new(
-                &self.mock_url,
-                None,
-                Duration::from_secs(5),
-            ))),
-            default: None,
-        };
-        reg.register(JobKind::LlmChat, Arc::new(LlmChatExecutor { router }));
+        let mut llm = self.cfg.llm.clone();
+        llm.mock_base_url = Some(self.mock_url.clone());
+        llm.request_timeout_s = 5;
+        llm.retry_base_ms = 10;
+        llm.retry_max_ms = 2_000;
+        reg.register(
+            JobKind::LlmChat,
+            Arc::new(LlmChatExecutor::new(Providers::from_config(&llm))),
+        );
         reg.register(JobKind::SystemNoop, Arc::new(NoopExecutor));
         reg
     }

@@ -1,6 +1,7 @@
 //! Configuration: defaults, then an optional TOML file, then `SWITCHYARD_*` env vars, then
 //! `DATABASE_URL` / `REDIS_URL`. Secrets are wrapped so they never print.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
@@ -9,6 +10,10 @@ use figment::providers::{Env, Format, Serialized, Toml};
 use figment::Figment;
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
+
+use crate::models::{
+    ModelConfig, ModelTable, ProviderConfig, ProviderKind, MOCK_ANTHROPIC_PROVIDER, MOCK_PROVIDER,
+};
 
 /// Everything a Switchyard process may need. Each role reads the parts it uses.
 #[derive(Debug, Clone, Deserialize)]
@@ -51,13 +56,97 @@ pub struct WorkerConfig {
 
 #[derive(Debug, Clone, Deserialize)]
 pub struct LlmConfig {
-    /// Base URL (up to, not including, `/chat/completions`) of an OpenAI-compatible provider.
+    /// Base URL (up to, not including, `/chat/completions`) of the built-in `openai` provider.
     pub openai_base_url: String,
     pub openai_api_key: Option<SecretString>,
+    /// Key of the built-in `anthropic` provider (`ANTHROPIC_API_KEY`).
+    #[serde(default)]
+    pub anthropic_api_key: Option<SecretString>,
+    pub anthropic_base_url: String,
     /// Base URL of the mock provider serving `mock-*` models (e.g. `http://127.0.0.1:8081/v1`).
     pub mock_base_url: Option<String>,
-    /// Connect + first-byte timeout towards providers.
+    /// Connect timeout, and the longest silence tolerated inside a streamed reply.
     pub request_timeout_s: u64,
+    /// Default time to first token of one provider call.
+    pub ttft_timeout_ms: u64,
+    /// Default limit of one whole provider call.
+    pub call_timeout_s: u64,
+    /// Provider-level retries of one model inside one job attempt (before falling back).
+    pub max_retries: u32,
+    /// First retry delay; doubles per retry, with jitter, capped by `retry_max_ms`.
+    pub retry_base_ms: u64,
+    pub retry_max_ms: u64,
+    /// Extra providers by name (`openai`, `anthropic`, `mock`, `mock-anthropic` are built in
+    /// when configured).
+    #[serde(default)]
+    pub providers: BTreeMap<String, ProviderConfig>,
+    /// The model table: alias → provider, upstream model, context window, prices, fallbacks.
+    #[serde(default)]
+    pub models: BTreeMap<String, ModelConfig>,
+    /// Provider for bare names not in the table; default `openai` when that is configured.
+    #[serde(default)]
+    pub default_provider: Option<String>,
+}
+
+impl LlmConfig {
+    /// The model table with the built-in providers (and the mock's demo aliases) added.
+    pub fn table(&self) -> ModelTable {
+        let mut providers = BTreeMap::new();
+        let plain = |kind, base: &str, key: Option<SecretString>| ProviderConfig {
+            kind,
+            base_url: base.trim_end_matches('/').to_string(),
+            api_key: key,
+            api_key_env: None,
+            headers: BTreeMap::new(),
+        };
+        let openai_on = self.openai_api_key.is_some() || self.openai_base_url != DEFAULT_OPENAI_URL;
+        if openai_on {
+            providers.insert(
+                "openai".to_string(),
+                plain(
+                    ProviderKind::Openai,
+                    &self.openai_base_url,
+                    self.openai_api_key.clone(),
+                ),
+            );
+        }
+        if self.anthropic_api_key.is_some() || self.anthropic_base_url != DEFAULT_ANTHROPIC_URL {
+            providers.insert(
+                "anthropic".to_string(),
+                plain(
+                    ProviderKind::Anthropic,
+                    &self.anthropic_base_url,
+                    self.anthropic_api_key.clone(),
+                ),
+            );
+        }
+        let mut models = BTreeMap::new();
+        if let Some(mock) = &self.mock_base_url {
+            providers.insert(
+                MOCK_PROVIDER.to_string(),
+                plain(ProviderKind::OpenaiCompatible, mock, None),
+            );
+            providers.insert(
+                MOCK_ANTHROPIC_PROVIDER.to_string(),
+                plain(ProviderKind::Anthropic, mock, None),
+            );
+            models.insert("mock-echo".to_string(), ModelConfig::on(MOCK_PROVIDER));
+            let mut claude = ModelConfig::on(MOCK_ANTHROPIC_PROVIDER);
+            claude.model = Some("mock-echo".into());
+            models.insert("mock-claude".to_string(), claude);
+        }
+        providers.extend(self.providers.clone());
+        models.extend(self.models.clone());
+        let default_provider = self
+            .default_provider
+            .clone()
+            .or_else(|| openai_on.then(|| "openai".to_string()));
+        ModelTable {
+            providers,
+            models,
+            default_provider,
+        }
+    }
 }
 
 #[derive(Serialize)]
@@ -80,11 +169,19 @@ struct Defaults {
 #[derive(Serialize)]
 struct LlmDefaults {
     openai_base_url: &'static str,
+    anthropic_base_url: &'static str,
     request_timeout_s: u64,
+    ttft_timeout_ms: u64,
+    call_timeout_s: u64,
+    max_retries: u32,
+    retry_base_ms: u64,
+    retry_max_ms: u64,
 }
 
 pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/switchyard";
 pub const DEFAULT_REDIS_URL: &str = "redis://127.0.0.1:6379";
+pub const DEFAULT_OPENAI_URL: &str = "https://api.openai.com/v1";
+pub const DEFAULT_ANTHROPIC_URL: &str = "https://api.anthropic.com/v1";
 
 fn defaults() -> Defaults {
     Defaults {
@@ -108,8 +205,14 @@ fn defaults() -> Defaults {
             name: None,
         },
         llm: LlmDefaults {
-            openai_base_url: "https://api.openai.com/v1",
+            openai_base_url: DEFAULT_OPENAI_URL,
+            anthropic_base_url: DEFAULT_ANTHROPIC_URL,
             request_timeout_s: 60,
+            ttft_timeout_ms: 30_000,
+            call_timeout_s: 600,
+            max_retries: 2,
+            retry_base_ms: 250,
+            retry_max_ms: 10_000,
         },
     }
 }
@@ -146,6 +249,11 @@ impl Config {
                 Env::raw()
                     .only(&["OPENAI_API_KEY"])
                     .map(|_| "llm.openai_api_key".into()),
+            )
+            .merge(
+                Env::raw()
+                    .only(&["ANTHROPIC_API_KEY"])
+                    .map(|_| "llm.anthropic_api_key".into()),
             );
         let cfg: Config = fig
             .extract()
@@ -176,6 +284,33 @@ impl Config {
             !self.redis_prefix.is_empty() && !self.redis_prefix.contains(['{', '}']),
             "redis_prefix must be non-empty and contain no braces"
         );
+        let table = self.llm.table();
+        for (alias, m) in &table.models {
+            anyhow::ensure!(
+                table.providers.contains_key(&m.provider),
+                "llm.models.{alias}: provider `{}` is not configured (known: {})",
+                m.provider,
+                table
+                    .providers
+                    .keys()
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+            anyhow::ensure!(
+                m.context_window > m.max_output_tokens,
+                "llm.models.{alias}: context_window must exceed max_output_tokens"
+            );
+            anyhow::ensure!(
+                m.input_usd_per_mtok >= 0.0 && m.output_usd_per_mtok >= 0.0,
+                "llm.models.{alias}: prices must not be negative"
+            );
+            for f in &m.fallbacks {
+                if let Err(e) = table.resolve(f) {
+                    anyhow::bail!("llm.models.{alias}: fallback `{f}`: {e}");
+                }
+            }
+        }
         for q in &self.worker.queues {
             anyhow::ensure!(
                 crate::job::known_queues().contains(&q.as_str()),

@@ -333,19 +333,94 @@ fn strip_position(msg: &str) -> String {
 #[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct LlmChatInput {
-    /// Model name; `mock-*` models are served by the mock provider.
+    /// A model alias from `GET /v1/models`, `<provider>/<model>`, or a `mock-*` name.
     pub model: String,
     pub messages: Vec<ChatMessage>,
     pub max_tokens: Option<u32>,
     pub temperature: Option<f64>,
+    /// Functions the model may call (OpenAI's shape).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tools: Option<Vec<ToolSpec>>,
+    /// `auto`, `none`, `required`, or `{"type":"function","function":{"name":..}}`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub tool_choice: Option<Value>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ChatMessage {
     /// One of `system`, `user`, `assistant`, `tool`.
     pub role: String,
+    /// Text (`null` is read as empty, e.g. an assistant turn that only calls tools).
+    #[serde(default, deserialize_with = "null_as_empty")]
     pub content: String,
+    /// Tool calls made by an `assistant` turn.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<ToolCall>>,
+    /// The call a `tool` turn answers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
+}
+
+impl ChatMessage {
+    pub fn new(role: &str, content: impl Into<String>) -> ChatMessage {
+        ChatMessage {
+            role: role.to_string(),
+            content: content.into(),
+            tool_calls: None,
+            tool_call_id: None,
+        }
+    }
+}
+
+fn null_as_empty<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    Ok(Option::<String>::deserialize(d)?.unwrap_or_default())
+}
+
+/// A tool call (OpenAI's shape; `arguments` is a JSON text).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ToolCall {
+    pub id: String,
+    #[serde(rename = "type", default = "function_type")]
+    pub kind: String,
+    pub function: FunctionCall,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct FunctionCall {
+    pub name: String,
+    /// JSON text of the arguments.
+    pub arguments: String,
+}
+
+/// A tool the model may call (OpenAI's shape).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ToolSpec {
+    #[serde(rename = "type", default = "function_type")]
+    pub kind: String,
+    pub function: FunctionSpec,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct FunctionSpec {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    /// JSON Schema of the arguments.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub parameters: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub strict: Option<bool>,
+}
+
+fn function_type() -> String {
+    "function".to_string()
 }
 
 pub const CHAT_ROLES: [&str; 4] = ["system", "user", "assistant", "tool"];
@@ -368,6 +443,18 @@ impl LlmChatInput {
                     format!("must be one of {}", CHAT_ROLES.join(", ")),
                 ));
             }
+            if m.tool_calls.is_some() && m.role != "assistant" {
+                return Err(FieldError::invalid(
+                    format!("input.messages[{i}].tool_calls"),
+                    "only assistant messages carry tool calls",
+                ));
+            }
+            if m.role == "tool" && m.tool_call_id.as_deref().unwrap_or("").is_empty() {
+                return Err(FieldError::invalid(
+                    format!("input.messages[{i}].tool_call_id"),
+                    "a tool message needs the id of the call it answers",
+                ));
+            }
         }
         if let Some(t) = self.max_tokens {
             if t == 0 || t > 1_000_000 {
@@ -382,6 +469,33 @@ impl LlmChatInput {
                 return Err(FieldError::invalid(
                     "input.temperature",
                     "must be between 0 and 2",
+                ));
+            }
+        }
+        for (i, t) in self.tools.iter().flatten().enumerate() {
+            if t.kind != "function" {
+                return Err(FieldError::invalid(
+                    format!("input.tools[{i}].type"),
+                    "must be `function`",
+                ));
+            }
+            if t.function.name.is_empty() || t.function.name.len() > 64 {
+                return Err(FieldError::invalid(
+                    format!("input.tools[{i}].function.name"),
+                    "must be 1 to 64 characters",
+                ));
+            }
+        }
+        if let Some(c) = &self.tool_choice {
+            let ok = match c {
+                Value::String(s) => ["auto", "none", "required"].contains(&s.as_str()),
+                Value::Object(_) => c["function"]["name"].is_string(),
+                _ => false,
+            };
+            if !ok {
+                return Err(FieldError::invalid(
+                    "input.tool_choice",
+                    "must be `auto`, `none`, `required` or {\"type\":\"function\",\"function\":{\"name\":..}}",
                 ));
             }
         }

@@ -7,6 +7,7 @@ pub mod config;
 pub mod error;
 pub mod event;
 pub mod job;
+pub mod models;
 pub mod telemetry;
 
 pub use error::{ErrorCode, FieldError};

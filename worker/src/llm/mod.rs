@@ -1,75 +1,243 @@
-//! `llm.chat`: the provider seam (`LlmProvider`), routing by model name, and the executor.
+//! `llm.chat`: the provider seam (`LlmProvider`), the provider adapters (OpenAI, Anthropic,
+//! OpenAI-compatible), routing through the model table with retries and fallbacks (`call`),
+//! and the executor.
 
+mod anthropic;
+mod call;
+mod executor;
 mod openai;
+mod sse;
 
-pub use openai::OpenAiCompatible;
+pub use anthropic::Anthropic;
+pub use call::{CallPolicy, Providers};
+pub use executor::LlmChatExecutor;
+pub use openai::OpenAi;
 
-use std::sync::Arc;
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use serde::Serialize;
 use serde_json::Value;
-use switchyard_core::job::{parse_at, LlmChatInput};
+use switchyard_core::job::{ChatMessage, ToolCall, ToolSpec};
 
-use crate::executor::{ExecError, Executor, JobContext};
+use crate::executor::JobContext;
 
-/// Token counts reported by a provider.
+/// Token counts of one call.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct Usage {
     pub prompt_tokens: u64,
     pub completion_tokens: u64,
     pub total_tokens: u64,
+    /// Counted by us (the provider reported none).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub estimated: bool,
 }
 
-/// The output of `llm.chat`.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct ChatOutput {
-    pub text: String,
-    pub finish_reason: String,
-    pub usage: Usage,
-}
-
-/// An LLM provider. Implementations stream text through `ctx.delta` and keep their wire format
-/// private.
-#[async_trait]
-pub trait LlmProvider: Send + Sync {
-    async fn chat(&self, input: &LlmChatInput, ctx: &JobContext) -> Result<ChatOutput, ExecError>;
-}
-
-/// Picks a provider by model name: `mock-*` → the mock provider, anything else → the
-/// OpenAI-compatible provider (when configured).
-#[derive(Clone, Default)]
-pub struct ProviderRouter {
-    pub mock: Option<Arc<dyn LlmProvider>>,
-    pub default: Option<Arc<dyn LlmProvider>>,
-}
-
-impl ProviderRouter {
-    pub fn route(&self, model: &str) -> Option<Arc<dyn LlmProvider>> {
-        if model.starts_with("mock-") {
-            self.mock.clone()
-        } else {
-            self.default.clone()
+impl Usage {
+    pub fn new(prompt: u64, completion: u64) -> Usage {
+        Usage {
+            prompt_tokens: prompt,
+            completion_tokens: completion,
+            total_tokens: prompt + completion,
+            estimated: false,
         }
     }
 }
 
-pub struct LlmChatExecutor {
-    pub router: ProviderRouter,
+/// What one provider call produced.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ChatOutput {
+    pub text: String,
+    /// `stop`, `length`, `tool_calls` or `content_filter`.
+    pub finish_reason: String,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub tool_calls: Vec<ToolCall>,
+    pub usage: Usage,
 }
 
-#[async_trait]
-impl Executor for LlmChatExecutor {
-    async fn execute(&self, ctx: &JobContext) -> Result<Value, ExecError> {
-        let input: LlmChatInput = parse_at("input", &ctx.input)
-            .map_err(|e| ExecError::fatal("invalid_input", e.to_string()))?;
-        let provider = self.router.route(&input.model).ok_or_else(|| {
-            ExecError::fatal(
-                "no_provider",
-                format!("no provider is configured for model `{}`", input.model),
-            )
-        })?;
-        let out = provider.chat(&input, ctx).await?;
-        serde_json::to_value(out).map_err(|e| ExecError::fatal("internal", e.to_string()))
+/// One call as a provider adapter sees it (the model table already resolved).
+#[derive(Debug, Clone)]
+pub struct ProviderRequest<'a> {
+    /// The provider's model name.
+    pub model: &'a str,
+    pub messages: &'a [ChatMessage],
+    /// Reply budget (Anthropic requires one; the table's `max_output_tokens` by default).
+    pub max_tokens: u32,
+    /// Whether the client asked for a reply budget (OpenAI gets `max_tokens` only then).
+    pub max_tokens_explicit: bool,
+    pub temperature: Option<f64>,
+    pub tools: &'a [ToolSpec],
+    pub tool_choice: Option<&'a Value>,
+    /// Stream from the provider (the table's `stream`).
+    pub stream: bool,
+    /// Extra headers (the model's).
+    pub headers: &'a BTreeMap<String, String>,
+    /// Longest wait for the first token (or the whole reply when not streaming).
+    pub ttft_timeout: Duration,
+    /// Longest silence between two stream events once tokens flow.
+    pub idle_timeout: Duration,
+}
+
+/// Where a provider streams its tokens: the job's event stream, through [`JobContext`].
+pub struct Sink<'a> {
+    ctx: &'a JobContext,
+    streamed: AtomicBool,
+}
+
+impl<'a> Sink<'a> {
+    pub fn new(ctx: &'a JobContext) -> Self {
+        Sink {
+            ctx,
+            streamed: AtomicBool::new(false),
+        }
     }
+
+    /// Streams output text.
+    pub async fn text(&self, delta: String) {
+        if delta.is_empty() {
+            return;
+        }
+        self.streamed.store(true, Ordering::Relaxed);
+        self.ctx.delta(delta).await;
+    }
+
+    /// Streams a completed tool call (`output.tool_call`).
+    pub async fn tool_call(&self, index: usize, call: &ToolCall) {
+        self.streamed.store(true, Ordering::Relaxed);
+        let mut data = serde_json::to_value(call).unwrap_or(Value::Null);
+        if let Value::Object(m) = &mut data {
+            m.insert("index".into(), index.into());
+        }
+        self.ctx.event(TOOL_CALL_EVENT, data).await;
+    }
+
+    /// Whether anything reached the client through this sink.
+    pub fn streamed(&self) -> bool {
+        self.streamed.load(Ordering::Relaxed)
+    }
+
+    /// Forgets what streamed (after a restart was announced).
+    pub fn reset(&self) {
+        self.streamed.store(false, Ordering::Relaxed);
+    }
+
+    pub fn ctx(&self) -> &JobContext {
+        self.ctx
+    }
+}
+
+/// Event type of a completed tool call: `{"index", "id", "type", "function": {"name", "arguments"}}`.
+pub const TOOL_CALL_EVENT: &str = "output.tool_call";
+
+/// How a provider call failed; decides retry, fallback and the job's error code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failure {
+    /// 429 that may pass (`provider_rate_limited`).
+    RateLimited,
+    /// 429 because the account is out of quota or credit (`provider_quota_exhausted`).
+    QuotaExhausted,
+    /// 400 and other 4xx (`provider_bad_request`).
+    BadRequest,
+    /// The prompt does not fit the model (`provider_context_length`).
+    ContextLength,
+    /// 401/403 (`provider_auth`).
+    Auth,
+    /// 5xx (`provider_error`).
+    Server,
+    /// 529 or an `overloaded_error` (`provider_overloaded`).
+    Overloaded,
+    /// Time to first token, idle stream or whole call exceeded (`provider_timeout`).
+    Timeout,
+    /// Connection refused or reset before a reply (`provider_unavailable`).
+    Network,
+    /// The stream broke, was cut or carried an error after tokens (`provider_stream_error`).
+    Stream,
+}
+
+impl Failure {
+    /// The job error code.
+    pub fn code(self) -> &'static str {
+        match self {
+            Failure::RateLimited => "provider_rate_limited",
+            Failure::QuotaExhausted => "provider_quota_exhausted",
+            Failure::BadRequest => "provider_bad_request",
+            Failure::ContextLength => "provider_context_length",
+            Failure::Auth => "provider_auth",
+            Failure::Server => "provider_error",
+            Failure::Overloaded => "provider_overloaded",
+            Failure::Timeout => "provider_timeout",
+            Failure::Network => "provider_unavailable",
+            Failure::Stream => "provider_stream_error",
+        }
+    }
+
+    /// Worth calling the same model again (now, within the attempt, or as a later attempt).
+    pub fn transient(self) -> bool {
+        matches!(
+            self,
+            Failure::RateLimited
+                | Failure::Server
+                | Failure::Overloaded
+                | Failure::Timeout
+                | Failure::Network
+                | Failure::Stream
+        )
+    }
+
+    /// Worth trying the next model of the chain: timeouts, 5xx, overload, broken connections,
+    /// rate limits, and account problems of this provider (quota, auth). A bad request or a
+    /// prompt that is too long would fail the same way elsewhere.
+    pub fn falls_back(self) -> bool {
+        self.transient() || matches!(self, Failure::QuotaExhausted | Failure::Auth)
+    }
+}
+
+/// A failed provider call.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProviderError {
+    pub failure: Failure,
+    pub message: String,
+    pub retry_after: Option<Duration>,
+}
+
+impl ProviderError {
+    pub fn new(failure: Failure, message: impl Into<String>) -> Self {
+        ProviderError {
+            failure,
+            message: message.into(),
+            retry_after: None,
+        }
+    }
+}
+
+impl std::fmt::Display for ProviderError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.failure.code(), self.message)
+    }
+}
+
+/// An LLM provider adapter. Implementations keep their wire format private, stream text and
+/// tool calls through the [`Sink`], and classify failures.
+#[async_trait]
+pub trait LlmProvider: Send + Sync {
+    async fn chat(
+        &self,
+        req: &ProviderRequest<'_>,
+        sink: &Sink<'_>,
+    ) -> Result<ChatOutput, ProviderError>;
+}
+
+/// A documented estimate for models without a tokenizer here: 4 characters per token,
+/// rounded up, plus 4 tokens of framing per message.
+pub fn estimate_tokens(text: &str) -> u64 {
+    (text.chars().count() as u64).div_ceil(4)
+}
+
+pub(crate) fn estimate_prompt(messages: &[ChatMessage]) -> u64 {
+    messages
+        .iter()
+        .map(|m| 4 + estimate_tokens(&m.content))
+        .sum()
 }

@@ -1,39 +1,44 @@
-//! OpenAI-compatible Chat Completions client (streaming SSE parsed into token deltas).
+//! OpenAI Chat Completions, and OpenAI-compatible servers (Ollama, vLLM, llama.cpp, OpenRouter,
+//! Azure-style URLs): streaming with `include_usage` or not, tool calls, and the variants those
+//! servers produce (`choices: null`, `:` comment lines, an error object after HTTP 200).
 //! The wire format stays private to this module.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use eventsource_stream::Eventsource;
-use futures::StreamExt;
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
-use switchyard_core::job::LlmChatInput;
+use serde_json::Value;
+use switchyard_core::job::{ChatMessage, FunctionCall, ToolCall, ToolSpec};
+use tokio::time::Instant;
 
-use super::{ChatOutput, LlmProvider, Usage};
-use crate::executor::{ExecError, JobContext};
+use super::sse::{self, body_json, classify, endpoint, reader, send, with_headers};
+use super::{
+    estimate_prompt, estimate_tokens, ChatOutput, Failure, LlmProvider, ProviderError,
+    ProviderRequest, Sink, Usage,
+};
 
-pub struct OpenAiCompatible {
+/// An OpenAI-format endpoint.
+pub struct OpenAi {
     client: reqwest::Client,
-    /// e.g. `https://api.openai.com/v1`
     base_url: String,
     api_key: Option<SecretString>,
-    /// Longest silence tolerated between two stream chunks.
-    idle_timeout: Duration,
+    headers: BTreeMap<String, String>,
 }
 
-impl OpenAiCompatible {
-    pub fn new(base_url: &str, api_key: Option<SecretString>, idle_timeout: Duration) -> Self {
-        let client = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(10))
-            .pool_max_idle_per_host(256)
-            .build()
-            .expect("reqwest client");
-        OpenAiCompatible {
-            client,
+impl OpenAi {
+    pub fn new(
+        base_url: &str,
+        api_key: Option<SecretString>,
+        headers: BTreeMap<String, String>,
+        connect_timeout: Duration,
+    ) -> Self {
+        OpenAi {
+            client: sse::client(connect_timeout),
             base_url: base_url.trim_end_matches('/').to_string(),
             api_key,
-            idle_timeout,
+            headers,
         }
     }
 }
@@ -41,19 +46,18 @@ impl OpenAiCompatible {
 #[derive(Serialize)]
 struct WireRequest<'a> {
     model: &'a str,
-    messages: Vec<WireMessage<'a>>,
+    messages: &'a [ChatMessage],
     #[serde(skip_serializing_if = "Option::is_none")]
     max_tokens: Option<u32>,
     #[serde(skip_serializing_if = "Option::is_none")]
     temperature: Option<f64>,
+    #[serde(skip_serializing_if = "<[_]>::is_empty")]
+    tools: &'a [ToolSpec],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tool_choice: Option<&'a Value>,
     stream: bool,
-    stream_options: StreamOptions,
-}
-
-#[derive(Serialize)]
-struct WireMessage<'a> {
-    role: &'a str,
-    content: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    stream_options: Option<StreamOptions>,
 }
 
 #[derive(Serialize)]
@@ -61,148 +65,238 @@ struct StreamOptions {
     include_usage: bool,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Default)]
 struct Chunk {
     #[serde(default)]
-    choices: Vec<ChunkChoice>,
+    choices: Option<Vec<ChunkChoice>>,
+    #[serde(default)]
     usage: Option<WireUsage>,
+    #[serde(default)]
+    error: Option<Value>,
 }
 
 #[derive(Deserialize)]
 struct ChunkChoice {
     #[serde(default)]
     delta: Option<Delta>,
+    #[serde(default)]
     finish_reason: Option<String>,
 }
 
 #[derive(Deserialize)]
 struct Delta {
+    #[serde(default)]
     content: Option<String>,
+    #[serde(default)]
+    tool_calls: Option<Vec<ToolCallDelta>>,
 }
 
 #[derive(Deserialize)]
+struct ToolCallDelta {
+    #[serde(default)]
+    index: Option<usize>,
+    #[serde(default)]
+    id: Option<String>,
+    #[serde(default)]
+    function: Option<FunctionDelta>,
+}
+
+#[derive(Deserialize)]
+struct FunctionDelta {
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default)]
+    arguments: Option<String>,
+}
+
+#[derive(Deserialize, Clone, Copy)]
 struct WireUsage {
     #[serde(default)]
     prompt_tokens: u64,
     #[serde(default)]
     completion_tokens: u64,
-    #[serde(default)]
-    total_tokens: u64,
 }
 
-fn status_error(
-    status: reqwest::StatusCode,
-    retry_after: Option<Duration>,
-    body: &str,
-) -> ExecError {
-    let snippet: String = body.chars().take(300).collect();
-    let msg = format!("provider answered {status}: {snippet}");
-    let mut e = match status.as_u16() {
-        429 => ExecError::retryable("provider_rate_limited", msg),
-        408 | 409 | 500..=599 => ExecError::retryable("provider_error", msg),
-        401 | 403 => ExecError::fatal("provider_auth", msg),
-        _ => ExecError::fatal("provider_bad_request", msg),
+/// Tool calls assembled from their streamed fragments, by index.
+#[derive(Default)]
+struct ToolCalls(Vec<ToolCall>);
+
+impl ToolCalls {
+    fn apply(&mut self, d: ToolCallDelta) {
+        let i = d.index.unwrap_or(self.0.len().saturating_sub(1));
+        while self.0.len() <= i {
+            self.0.push(ToolCall {
+                id: String::new(),
+                kind: "function".into(),
+                function: FunctionCall {
+                    name: String::new(),
+                    arguments: String::new(),
+                },
+            });
+        }
+        let c = &mut self.0[i];
+        if let Some(id) = d.id.filter(|s| !s.is_empty()) {
+            c.id = id;
+        }
+        if let Some(f) = d.function {
+            if let Some(n) = f.name {
+                c.function.name.push_str(&n);
+            }
+            if let Some(a) = f.arguments {
+                c.function.arguments.push_str(&a);
+            }
+        }
+    }
+}
+
+fn finish(
+    text: String,
+    finish: Option<String>,
+    tool_calls: Vec<ToolCall>,
+    usage: Option<WireUsage>,
+    req: &ProviderRequest<'_>,
+) -> ChatOutput {
+    let usage = match usage {
+        Some(u) => Usage::new(u.prompt_tokens, u.completion_tokens),
+        None => Usage {
+            estimated: true,
+            ..Usage::new(estimate_prompt(req.messages), estimate_tokens(&text))
+        },
     };
-    e.retry_after = retry_after;
-    e
+    let finish_reason = match finish {
+        Some(f) => f,
+        None if !tool_calls.is_empty() => "tool_calls".into(),
+        None => "stop".into(),
+    };
+    ChatOutput {
+        text,
+        finish_reason,
+        tool_calls,
+        usage,
+    }
 }
 
-#[async_trait]
-impl LlmProvider for OpenAiCompatible {
-    async fn chat(&self, input: &LlmChatInput, ctx: &JobContext) -> Result<ChatOutput, ExecError> {
-        let body = WireRequest {
-            model: &input.model,
-            messages: input
-                .messages
-                .iter()
-                .map(|m| WireMessage {
-                    role: &m.role,
-                    content: &m.content,
-                })
-                .collect(),
-            max_tokens: input.max_tokens,
-            temperature: input.temperature,
-            stream: true,
-            stream_options: StreamOptions {
-                include_usage: true,
-            },
-        };
-        let mut req = self
-            .client
-            .post(format!("{}/chat/completions", self.base_url))
-            .json(&body);
-        if let Some(k) = &self.api_key {
-            req = req.bearer_auth(k.expose_secret());
-        }
-        let resp = tokio::time::timeout(self.idle_timeout, req.send())
-            .await
-            .map_err(|_| ExecError::retryable("provider_timeout", "no response from provider"))?
-            .map_err(|e| {
-                ExecError::retryable(
-                    "provider_unavailable",
-                    format!("provider request failed: {e}"),
-                )
-            })?;
-        let status = resp.status();
-        if !status.is_success() {
-            let retry_after = resp
-                .headers()
-                .get(reqwest::header::RETRY_AFTER)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.trim().parse::<u64>().ok())
-                .map(Duration::from_secs);
-            let text = resp.text().await.unwrap_or_default();
-            return Err(status_error(status, retry_after, &text));
-        }
-        let mut stream = resp.bytes_stream().eventsource();
-        let mut text = String::new();
-        let mut finish: Option<String> = None;
-        let mut usage = None;
+impl OpenAi {
+    async fn streamed(
+        &self,
+        resp: reqwest::Response,
+        started: Instant,
+        req: &ProviderRequest<'_>,
+        sink: &Sink<'_>,
+    ) -> Result<ChatOutput, ProviderError> {
+        let mut events = reader(resp, started, req.ttft_timeout, req.idle_timeout);
+        let (mut text, mut fin, mut usage) = (String::new(), None, None);
+        let mut calls = ToolCalls::default();
         let mut done = false;
-        loop {
-            let next = tokio::time::timeout(self.idle_timeout, stream.next())
-                .await
-                .map_err(|_| ExecError::retryable("provider_timeout", "provider stream stalled"))?;
-            let Some(item) = next else { break };
-            let ev = item.map_err(|e| {
-                ExecError::retryable("provider_error", format!("provider stream broke: {e}"))
-            })?;
-            if ev.data.trim() == "[DONE]" {
+        while let Some(ev) = events.next().await? {
+            let data = ev.data.trim();
+            if data.is_empty() {
+                continue;
+            }
+            if data == "[DONE]" {
                 done = true;
                 break;
             }
-            let chunk: Chunk = serde_json::from_str(&ev.data).map_err(|e| {
-                ExecError::retryable("provider_error", format!("unparseable stream chunk: {e}"))
+            let chunk: Chunk = serde_json::from_str(data).map_err(|e| {
+                ProviderError::new(Failure::Stream, format!("unparseable stream chunk: {e}"))
             })?;
-            if let Some(u) = chunk.usage {
-                usage = Some(Usage {
-                    prompt_tokens: u.prompt_tokens,
-                    completion_tokens: u.completion_tokens,
-                    total_tokens: u.total_tokens,
-                });
+            if let Some(err) = chunk.error.filter(|e| !e.is_null()) {
+                return Err(classify(
+                    None,
+                    &serde_json::json!({ "error": err }).to_string(),
+                ));
             }
-            for c in chunk.choices {
-                if let Some(d) = c.delta.and_then(|d| d.content) {
-                    if !d.is_empty() {
-                        text.push_str(&d);
-                        ctx.delta(d).await;
+            if let Some(u) = chunk.usage {
+                usage = Some(u);
+            }
+            for c in chunk.choices.unwrap_or_default() {
+                if let Some(d) = c.delta {
+                    if let Some(t) = d.content.filter(|t| !t.is_empty()) {
+                        events.token();
+                        text.push_str(&t);
+                        sink.text(t).await;
+                    }
+                    for tc in d.tool_calls.unwrap_or_default() {
+                        events.token();
+                        calls.apply(tc);
                     }
                 }
                 if c.finish_reason.is_some() {
-                    finish = c.finish_reason;
+                    fin = c.finish_reason;
                 }
             }
         }
-        if !done && finish.is_none() {
-            return Err(ExecError::retryable(
-                "provider_error",
+        if !done && fin.is_none() {
+            return Err(ProviderError::new(
+                Failure::Stream,
                 "provider stream ended before completion",
             ));
         }
-        Ok(ChatOutput {
-            text,
-            finish_reason: finish.unwrap_or_else(|| "stop".into()),
-            usage: usage.unwrap_or_default(),
-        })
+        for (i, c) in calls.0.iter().enumerate() {
+            sink.tool_call(i, c).await;
+        }
+        Ok(finish(text, fin, calls.0, usage, req))
+    }
+
+    async fn whole(
+        &self,
+        resp: reqwest::Response,
+        started: Instant,
+        req: &ProviderRequest<'_>,
+        sink: &Sink<'_>,
+    ) -> Result<ChatOutput, ProviderError> {
+        let v = body_json(resp, started, req.ttft_timeout).await?;
+        let choice = &v["choices"][0];
+        if choice.is_null() {
+            return Err(ProviderError::new(Failure::Stream, "reply without choices"));
+        }
+        let msg = &choice["message"];
+        let text = msg["content"].as_str().unwrap_or("").to_string();
+        let calls: Vec<ToolCall> =
+            serde_json::from_value(msg["tool_calls"].clone()).unwrap_or_default();
+        let usage: Option<WireUsage> = serde_json::from_value(v["usage"].clone()).ok();
+        sink.text(text.clone()).await;
+        for (i, c) in calls.iter().enumerate() {
+            sink.tool_call(i, c).await;
+        }
+        let fin = choice["finish_reason"].as_str().map(str::to_string);
+        Ok(finish(text, fin, calls, usage, req))
+    }
+}
+
+#[async_trait]
+impl LlmProvider for OpenAi {
+    async fn chat(
+        &self,
+        req: &ProviderRequest<'_>,
+        sink: &Sink<'_>,
+    ) -> Result<ChatOutput, ProviderError> {
+        let body = WireRequest {
+            model: req.model,
+            messages: req.messages,
+            max_tokens: req.max_tokens_explicit.then_some(req.max_tokens),
+            temperature: req.temperature,
+            tools: req.tools,
+            tool_choice: req.tool_choice.filter(|_| !req.tools.is_empty()),
+            stream: req.stream,
+            stream_options: req.stream.then_some(StreamOptions {
+                include_usage: true,
+            }),
+        };
+        let mut http = self
+            .client
+            .post(endpoint(&self.base_url, "chat/completions"))
+            .json(&body);
+        if let Some(k) = &self.api_key {
+            http = http.bearer_auth(k.expose_secret());
+        }
+        let http = with_headers(http, [&self.headers, req.headers]);
+        let started = Instant::now();
+        let resp = send(http, req.ttft_timeout).await?;
+        if req.stream {
+            self.streamed(resp, started, req, sink).await
+        } else {
+            self.whole(resp, started, req, sink).await
+        }
     }
 }

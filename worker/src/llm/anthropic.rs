@@ -1,0 +1,388 @@
+//! Anthropic Messages, native: system prompt apart, tool use and tool results as content
+//! blocks, streaming events `message_start` … `message_stop` (with `ping` and mid-stream
+//! `error`). The wire format stays private to this module.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use secrecy::{ExposeSecret, SecretString};
+use serde_json::{json, Value};
+use switchyard_core::job::{ChatMessage, FunctionCall, ToolCall};
+use tokio::time::Instant;
+
+use super::sse::{self, body_json, classify, endpoint, reader, send, with_headers};
+use super::{ChatOutput, Failure, LlmProvider, ProviderError, ProviderRequest, Sink, Usage};
+
+const VERSION: &str = "2023-06-01";
+
+pub struct Anthropic {
+    client: reqwest::Client,
+    base_url: String,
+    api_key: Option<SecretString>,
+    headers: BTreeMap<String, String>,
+}
+
+impl Anthropic {
+    pub fn new(
+        base_url: &str,
+        api_key: Option<SecretString>,
+        headers: BTreeMap<String, String>,
+        connect_timeout: Duration,
+    ) -> Self {
+        Anthropic {
+            client: sse::client(connect_timeout),
+            base_url: base_url.trim_end_matches('/').to_string(),
+            api_key,
+            headers,
+        }
+    }
+}
+
+/// Our messages in Anthropic's shape: system turns joined into `system`, tool calls as
+/// `tool_use` blocks, tool results as `tool_result` blocks in a user turn, consecutive turns of
+/// one role merged.
+fn wire_messages(messages: &[ChatMessage]) -> (Option<String>, Vec<Value>) {
+    let mut system: Vec<&str> = Vec::new();
+    let mut out: Vec<(String, Vec<Value>)> = Vec::new();
+    for m in messages {
+        let (role, blocks) = match m.role.as_str() {
+            "system" => {
+                system.push(&m.content);
+                continue;
+            }
+            "tool" => (
+                "user",
+                vec![json!({
+                    "type": "tool_result",
+                    "tool_use_id": m.tool_call_id.as_deref().unwrap_or_default(),
+                    "content": m.content,
+                })],
+            ),
+            "assistant" => {
+                let mut b = Vec::new();
+                if !m.content.is_empty() {
+                    b.push(json!({"type": "text", "text": m.content}));
+                }
+                for c in m.tool_calls.iter().flatten() {
+                    let input: Value =
+                        serde_json::from_str(&c.function.arguments).unwrap_or_else(|_| json!({}));
+                    b.push(json!({"type": "tool_use", "id": c.id, "name": c.function.name, "input": input}));
+                }
+                ("assistant", b)
+            }
+            _ => ("user", vec![json!({"type": "text", "text": m.content})]),
+        };
+        if blocks.is_empty() {
+            continue;
+        }
+        match out.last_mut() {
+            Some((r, b)) if r == role => b.extend(blocks),
+            _ => out.push((role.to_string(), blocks)),
+        }
+    }
+    let system = (!system.is_empty()).then(|| system.join("\n\n"));
+    let msgs = out
+        .into_iter()
+        .map(|(role, content)| json!({"role": role, "content": content}))
+        .collect();
+    (system, msgs)
+}
+
+fn wire_tool_choice(c: &Value) -> Option<Value> {
+    match c {
+        Value::String(s) if s == "auto" => Some(json!({"type": "auto"})),
+        Value::String(s) if s == "required" => Some(json!({"type": "any"})),
+        Value::String(s) if s == "none" => Some(json!({"type": "none"})),
+        Value::Object(_) => c["function"]["name"]
+            .as_str()
+            .map(|n| json!({"type": "tool", "name": n})),
+        _ => None,
+    }
+}
+
+fn finish_reason(stop: Option<&str>) -> String {
+    match stop {
+        Some("max_tokens") => "length",
+        Some("tool_use") => "tool_calls",
+        Some("refusal") => "content_filter",
+        _ => "stop",
+    }
+    .to_string()
+}
+
+/// Blocks of a streamed reply, by index.
+enum Block {
+    Text,
+    Tool(ToolCall),
+}
+
+impl Anthropic {
+    async fn streamed(
+        &self,
+        resp: reqwest::Response,
+        started: Instant,
+        req: &ProviderRequest<'_>,
+        sink: &Sink<'_>,
+    ) -> Result<ChatOutput, ProviderError> {
+        let mut events = reader(resp, started, req.ttft_timeout, req.idle_timeout);
+        let mut text = String::new();
+        let mut blocks: BTreeMap<u64, Block> = BTreeMap::new();
+        let (mut input_tokens, mut output_tokens) = (0u64, 0u64);
+        let mut stop: Option<String> = None;
+        let mut stopped = false;
+        while let Some(ev) = events.next().await? {
+            if ev.data.trim().is_empty() {
+                continue;
+            }
+            let v: Value = serde_json::from_str(&ev.data).map_err(|e| {
+                ProviderError::new(Failure::Stream, format!("unparseable stream event: {e}"))
+            })?;
+            let kind = v["type"].as_str().unwrap_or(ev.event.as_str());
+            match kind {
+                "message_start" => {
+                    let u = &v["message"]["usage"];
+                    input_tokens = u["input_tokens"].as_u64().unwrap_or(0)
+                        + u["cache_read_input_tokens"].as_u64().unwrap_or(0)
+                        + u["cache_creation_input_tokens"].as_u64().unwrap_or(0);
+                    output_tokens = u["output_tokens"].as_u64().unwrap_or(0);
+                }
+                "content_block_start" => {
+                    let i = v["index"].as_u64().unwrap_or(0);
+                    let b = &v["content_block"];
+                    let block = if b["type"] == "tool_use" {
+                        events.token();
+                        Block::Tool(ToolCall {
+                            id: b["id"].as_str().unwrap_or_default().to_string(),
+                            kind: "function".into(),
+                            function: FunctionCall {
+                                name: b["name"].as_str().unwrap_or_default().to_string(),
+                                arguments: String::new(),
+                            },
+                        })
+                    } else {
+                        Block::Text
+                    };
+                    blocks.insert(i, block);
+                }
+                "content_block_delta" => {
+                    let i = v["index"].as_u64().unwrap_or(0);
+                    let d = &v["delta"];
+                    match (d["type"].as_str(), blocks.get_mut(&i)) {
+                        (Some("text_delta"), _) => {
+                            let t = d["text"].as_str().unwrap_or_default().to_string();
+                            if !t.is_empty() {
+                                events.token();
+                                text.push_str(&t);
+                                sink.text(t).await;
+                            }
+                        }
+                        (Some("input_json_delta"), Some(Block::Tool(c))) => {
+                            events.token();
+                            c.function
+                                .arguments
+                                .push_str(d["partial_json"].as_str().unwrap_or_default());
+                        }
+                        _ => {}
+                    }
+                }
+                "message_delta" => {
+                    if let Some(s) = v["delta"]["stop_reason"].as_str() {
+                        stop = Some(s.to_string());
+                    }
+                    if let Some(o) = v["usage"]["output_tokens"].as_u64() {
+                        output_tokens = o;
+                    }
+                }
+                "message_stop" => {
+                    stopped = true;
+                    break;
+                }
+                "error" => return Err(classify(None, &ev.data)),
+                _ => {} // ping, content_block_stop, and event types added later
+            }
+        }
+        if !stopped {
+            return Err(ProviderError::new(
+                Failure::Stream,
+                "provider stream ended before message_stop",
+            ));
+        }
+        let calls = tool_calls(blocks);
+        for (i, c) in calls.iter().enumerate() {
+            sink.tool_call(i, c).await;
+        }
+        Ok(ChatOutput {
+            text,
+            finish_reason: finish_reason(stop.as_deref()),
+            tool_calls: calls,
+            usage: Usage::new(input_tokens, output_tokens),
+        })
+    }
+
+    async fn whole(
+        &self,
+        resp: reqwest::Response,
+        started: Instant,
+        req: &ProviderRequest<'_>,
+        sink: &Sink<'_>,
+    ) -> Result<ChatOutput, ProviderError> {
+        let v = body_json(resp, started, req.ttft_timeout).await?;
+        let mut text = String::new();
+        let mut blocks = BTreeMap::new();
+        for (i, b) in v["content"].as_array().into_iter().flatten().enumerate() {
+            match b["type"].as_str() {
+                Some("text") => text.push_str(b["text"].as_str().unwrap_or_default()),
+                Some("tool_use") => {
+                    blocks.insert(
+                        i as u64,
+                        Block::Tool(ToolCall {
+                            id: b["id"].as_str().unwrap_or_default().to_string(),
+                            kind: "function".into(),
+                            function: FunctionCall {
+                                name: b["name"].as_str().unwrap_or_default().to_string(),
+                                arguments: b["input"].to_string(),
+                            },
+                        }),
+                    );
+                }
+                _ => {}
+            }
+        }
+        sink.text(text.clone()).await;
+        let calls = tool_calls(blocks);
+        for (i, c) in calls.iter().enumerate() {
+            sink.tool_call(i, c).await;
+        }
+        let u = &v["usage"];
+        Ok(ChatOutput {
+            text,
+            finish_reason: finish_reason(v["stop_reason"].as_str()),
+            tool_calls: calls,
+            usage: Usage::new(
+                u["input_tokens"].as_u64().unwrap_or(0),
+                u["output_tokens"].as_u64().unwrap_or(0),
+            ),
+        })
+    }
+}
+
+fn tool_calls(blocks: BTreeMap<u64, Block>) -> Vec<ToolCall> {
+    blocks
+        .into_values()
+        .filter_map(|b| match b {
+            Block::Tool(mut c) => {
+                if c.function.arguments.is_empty() {
+                    c.function.arguments = "{}".into();
+                }
+                Some(c)
+            }
+            Block::Text => None,
+        })
+        .collect()
+}
+
+#[async_trait]
+impl LlmProvider for Anthropic {
+    async fn chat(
+        &self,
+        req: &ProviderRequest<'_>,
+        sink: &Sink<'_>,
+    ) -> Result<ChatOutput, ProviderError> {
+        let (system, messages) = wire_messages(req.messages);
+        let mut body = json!({
+            "model": req.model,
+            "max_tokens": req.max_tokens,
+            "messages": messages,
+            "stream": req.stream,
+        });
+        if let Some(s) = system {
+            body["system"] = s.into();
+        }
+        if let Some(t) = req.temperature {
+            body["temperature"] = t.min(1.0).into();
+        }
+        if !req.tools.is_empty() {
+            body["tools"] = req
+                .tools
+                .iter()
+                .map(|t| {
+                    json!({
+                        "name": t.function.name,
+                        "description": t.function.description.clone().unwrap_or_default(),
+                        "input_schema": t.function.parameters.clone()
+                            .unwrap_or_else(|| json!({"type": "object", "properties": {}})),
+                    })
+                })
+                .collect();
+            if let Some(c) = req.tool_choice.and_then(wire_tool_choice) {
+                body["tool_choice"] = c;
+            }
+        }
+        let mut http = self
+            .client
+            .post(endpoint(&self.base_url, "messages"))
+            .header("anthropic-version", VERSION)
+            .json(&body);
+        if let Some(k) = &self.api_key {
+            http = http.header("x-api-key", k.expose_secret());
+        }
+        let http = with_headers(http, [&self.headers, req.headers]);
+        let started = Instant::now();
+        let resp = send(http, req.ttft_timeout).await?;
+        if req.stream {
+            self.streamed(resp, started, req, sink).await
+        } else {
+            self.whole(resp, started, req, sink).await
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_in_anthropic_shape() {
+        let mut asst = ChatMessage::new("assistant", "");
+        asst.tool_calls = Some(vec![ToolCall {
+            id: "t1".into(),
+            kind: "function".into(),
+            function: FunctionCall {
+                name: "lookup".into(),
+                arguments: r#"{"q":"x"}"#.into(),
+            },
+        }]);
+        let mut tool = ChatMessage::new("tool", "42");
+        tool.tool_call_id = Some("t1".into());
+        let (system, msgs) = wire_messages(&[
+            ChatMessage::new("system", "be brief"),
+            ChatMessage::new("user", "a"),
+            ChatMessage::new("user", "b"),
+            asst,
+            tool,
+        ]);
+        assert_eq!(system.as_deref(), Some("be brief"));
+        assert_eq!(msgs.len(), 3, "{msgs:?}");
+        assert_eq!(msgs[0]["content"].as_array().unwrap().len(), 2);
+        assert_eq!(msgs[1]["content"][0]["type"], "tool_use");
+        assert_eq!(msgs[1]["content"][0]["input"]["q"], "x");
+        assert_eq!(msgs[2]["role"], "user");
+        assert_eq!(msgs[2]["content"][0]["tool_use_id"], "t1");
+    }
+
+    #[test]
+    fn tool_choice_and_stop_reasons() {
+        assert_eq!(
+            wire_tool_choice(&json!("required")),
+            Some(json!({"type": "any"}))
+        );
+        assert_eq!(
+            wire_tool_choice(&json!({"type": "function", "function": {"name": "f"}})),
+            Some(json!({"type": "tool", "name": "f"}))
+        );
+        assert_eq!(finish_reason(Some("max_tokens")), "length");
+        assert_eq!(finish_reason(Some("tool_use")), "tool_calls");
+        assert_eq!(finish_reason(Some("end_turn")), "stop");
+    }
+}

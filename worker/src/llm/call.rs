@@ -1,0 +1,275 @@
+//! One `llm.chat` completion inside one job attempt: resolve the model chain from the table,
+//! call each provider with time limits, retry transient failures with exponential backoff and
+//! jitter (honouring `retry-after`), fall back to the next model, and announce a restart
+//! (a `status` event) whenever output already streamed would otherwise be spliced.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rand::Rng;
+use secrecy::SecretString;
+use serde_json::json;
+use switchyard_core::config::LlmConfig;
+use switchyard_core::event::types;
+use switchyard_core::job::{ChatMessage, LlmChatInput};
+use switchyard_core::models::{ModelTable, ProviderKind, ResolvedModel};
+
+use super::{
+    Anthropic, ChatOutput, Failure, LlmProvider, OpenAi, ProviderError, ProviderRequest, Sink,
+};
+use crate::executor::ExecError;
+
+/// Time limits and retry policy of provider calls.
+#[derive(Debug, Clone)]
+pub struct CallPolicy {
+    /// Retries of one model inside one attempt.
+    pub max_retries: u32,
+    pub retry_base: Duration,
+    /// Cap of one backoff; a `retry-after` longer than this is not waited for inside the
+    /// attempt (the next model is tried, or the job retries later honouring it).
+    pub retry_max: Duration,
+    pub ttft: Duration,
+    pub call_timeout: Duration,
+    pub idle: Duration,
+}
+
+impl CallPolicy {
+    pub fn from_config(cfg: &LlmConfig) -> CallPolicy {
+        CallPolicy {
+            max_retries: cfg.max_retries,
+            retry_base: Duration::from_millis(cfg.retry_base_ms),
+            retry_max: Duration::from_millis(cfg.retry_max_ms),
+            ttft: Duration::from_millis(cfg.ttft_timeout_ms),
+            call_timeout: Duration::from_secs(cfg.call_timeout_s),
+            idle: Duration::from_secs(cfg.request_timeout_s),
+        }
+    }
+
+    /// Backoff before retry number `n` (0-based): `base · 2ⁿ` capped, times a jitter in
+    /// [0.5, 1]; a provider's `retry-after` wins when it is longer.
+    pub fn delay(&self, n: u32, retry_after: Option<Duration>) -> Duration {
+        let exp = self
+            .retry_base
+            .saturating_mul(1u32 << n.min(16))
+            .min(self.retry_max);
+        let jittered = exp.mul_f64(rand::thread_rng().gen_range(0.5..=1.0));
+        retry_after.map_or(jittered, |ra| ra.max(jittered))
+    }
+}
+
+/// The providers of the model table, by name, and the policy for calling them.
+#[derive(Clone)]
+pub struct Providers {
+    table: ModelTable,
+    by_name: HashMap<String, Arc<dyn LlmProvider>>,
+    policy: CallPolicy,
+}
+
+/// A completion and how it was obtained.
+#[derive(Debug, Clone)]
+pub struct Completion {
+    pub output: ChatOutput,
+    /// The model that answered (after fallbacks).
+    pub model: ResolvedModel,
+    /// Provider calls made, retries and fallbacks included.
+    pub calls: u32,
+}
+
+impl Providers {
+    /// Adapters for every configured provider (keys from `api_key` or `api_key_env`).
+    pub fn from_config(cfg: &LlmConfig) -> Providers {
+        let table = cfg.table();
+        let connect = Duration::from_secs(cfg.request_timeout_s.clamp(1, 30));
+        let mut by_name: HashMap<String, Arc<dyn LlmProvider>> = HashMap::new();
+        for (name, p) in &table.providers {
+            let key = p.api_key.clone().or_else(|| {
+                let var = p.api_key_env.as_deref()?;
+                std::env::var(var).ok().map(SecretString::from)
+            });
+            let adapter: Arc<dyn LlmProvider> = match p.kind {
+                ProviderKind::Openai | ProviderKind::OpenaiCompatible => {
+                    Arc::new(OpenAi::new(&p.base_url, key, p.headers.clone(), connect))
+                }
+                ProviderKind::Anthropic => {
+                    Arc::new(Anthropic::new(&p.base_url, key, p.headers.clone(), connect))
+                }
+            };
+            by_name.insert(name.clone(), adapter);
+        }
+        Providers {
+            table,
+            by_name,
+            policy: CallPolicy::from_config(cfg),
+        }
+    }
+
+    pub fn table(&self) -> &ModelTable {
+        &self.table
+    }
+
+    pub fn policy(&self) -> &CallPolicy {
+        &self.policy
+    }
+
+    /// Runs `input` (with `messages` as the prompt) through the model chain.
+    pub async fn complete(
+        &self,
+        input: &LlmChatInput,
+        messages: &[ChatMessage],
+        sink: &Sink<'_>,
+    ) -> Result<Completion, ExecError> {
+        let chain = self
+            .table
+            .chain(&input.model)
+            .map_err(|e| ExecError::fatal("unknown_model", e.to_string()))?;
+        let mut calls = 0u32;
+        let mut tried: Vec<String> = Vec::new();
+        for (ci, m) in chain.iter().enumerate() {
+            let Some(provider) = self.by_name.get(&m.provider) else {
+                continue;
+            };
+            tried.push(m.alias.clone());
+            let req = ProviderRequest {
+                model: &m.upstream,
+                messages,
+                max_tokens: input.max_tokens.unwrap_or(m.config.max_output_tokens),
+                max_tokens_explicit: input.max_tokens.is_some(),
+                temperature: input.temperature,
+                tools: input.tools.as_deref().unwrap_or_default(),
+                tool_choice: input.tool_choice.as_ref(),
+                stream: m.config.stream,
+                headers: &m.config.headers,
+                ttft_timeout: m
+                    .config
+                    .ttft_timeout_ms
+                    .map_or(self.policy.ttft, Duration::from_millis),
+                idle_timeout: self.policy.idle,
+            };
+            let limit = m
+                .config
+                .call_timeout_s
+                .map_or(self.policy.call_timeout, Duration::from_secs);
+            let mut retry = 0u32;
+            loop {
+                calls += 1;
+                let result = tokio::time::timeout(limit, provider.chat(&req, sink))
+                    .await
+                    .unwrap_or_else(|_| {
+                        Err(ProviderError::new(
+                            Failure::Timeout,
+                            format!("the call took longer than {limit:?}"),
+                        ))
+                    });
+                let e = match result {
+                    Ok(output) => {
+                        return Ok(Completion {
+                            output,
+                            model: m.clone(),
+                            calls,
+                        })
+                    }
+                    Err(e) => e,
+                };
+                let wait = self.policy.delay(retry, e.retry_after);
+                let again = e.failure.transient()
+                    && retry < self.policy.max_retries
+                    && wait <= self.policy.retry_max;
+                let next = chain[ci + 1..]
+                    .iter()
+                    .find(|n| self.by_name.contains_key(&n.provider))
+                    .filter(|_| e.failure.falls_back());
+                tracing::info!(
+                    model = %m.alias, provider = %m.provider, call = calls, error = %e,
+                    retry = again, fallback = next.map(|n| n.alias.as_str()),
+                    "provider call failed"
+                );
+                if !again && next.is_none() {
+                    return Err(job_error(e, &tried, calls));
+                }
+                if sink.streamed() {
+                    // the client saw part of a reply that will not be continued: say so
+                    let model = if again {
+                        &m.alias
+                    } else {
+                        &next.unwrap_or(m).alias
+                    };
+                    announce_restart(sink, &e, model, calls + 1).await;
+                }
+                if !again {
+                    break;
+                }
+                tokio::time::sleep(wait).await;
+                retry += 1;
+            }
+        }
+        Err(ExecError::fatal(
+            "no_provider",
+            format!("no provider is configured for model `{}`", input.model),
+        ))
+    }
+}
+
+async fn announce_restart(sink: &Sink<'_>, e: &ProviderError, model: &str, call: u32) {
+    let ctx = sink.ctx();
+    sink.reset();
+    ctx.event(
+        types::STATUS,
+        json!({
+            "status": "running",
+            "attempt": ctx.attempt,
+            "restart": {
+                "reason": e.failure.code(),
+                "message": e.message,
+                "model": model,
+                "call": call,
+                "discard_output": true,
+            },
+        }),
+    )
+    .await;
+}
+
+fn job_error(e: ProviderError, tried: &[String], calls: u32) -> ExecError {
+    let message = format!(
+        "{} (after {calls} call{} to {})",
+        e.message,
+        if calls == 1 { "" } else { "s" },
+        tried.join(", ")
+    );
+    let mut out = if e.failure.transient() {
+        ExecError::retryable(e.failure.code(), message)
+    } else {
+        ExecError::fatal(e.failure.code(), message)
+    };
+    out.retry_after = e.retry_after;
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_caps_and_honours_retry_after() {
+        let p = CallPolicy {
+            max_retries: 3,
+            retry_base: Duration::from_millis(100),
+            retry_max: Duration::from_millis(1000),
+            ttft: Duration::from_secs(1),
+            call_timeout: Duration::from_secs(1),
+            idle: Duration::from_secs(1),
+        };
+        for _ in 0..50 {
+            let d0 = p.delay(0, None);
+            assert!(d0 >= Duration::from_millis(50) && d0 <= Duration::from_millis(100));
+            let d3 = p.delay(3, None);
+            assert!(d3 >= Duration::from_millis(400) && d3 <= Duration::from_millis(800));
+            assert!(p.delay(10, None) <= Duration::from_millis(1000));
+            assert_eq!(
+                p.delay(0, Some(Duration::from_secs(2))),
+                Duration::from_secs(2)
+            );
+        }
+    }
+}

@@ -1,0 +1,313 @@
+//! What the provider adapters share: the HTTP client, endpoint URLs (Azure-style queries kept),
+//! sending with a first-byte deadline, reading SSE with time-to-first-token and idle deadlines,
+//! and classifying HTTP errors and error bodies.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use eventsource_stream::{Event, EventStreamError, Eventsource};
+use futures::{Stream, StreamExt};
+use serde_json::Value;
+use tokio::time::Instant;
+
+use super::{Failure, ProviderError};
+
+pub(crate) fn client(connect_timeout: Duration) -> reqwest::Client {
+    reqwest::Client::builder()
+        .connect_timeout(connect_timeout)
+        .pool_max_idle_per_host(256)
+        .tcp_nodelay(true)
+        .build()
+        .expect("reqwest client")
+}
+
+/// `base` + `/path`, keeping a query string of `base` (`...?api-version=...`) at the end.
+pub(crate) fn endpoint(base: &str, path: &str) -> String {
+    match base.split_once('?') {
+        Some((b, q)) => format!("{}/{path}?{q}", b.trim_end_matches('/')),
+        None => format!("{}/{path}", base.trim_end_matches('/')),
+    }
+}
+
+pub(crate) fn with_headers(
+    mut req: reqwest::RequestBuilder,
+    extra: [&BTreeMap<String, String>; 2],
+) -> reqwest::RequestBuilder {
+    for map in extra {
+        for (k, v) in map {
+            req = req.header(k.as_str(), v.as_str());
+        }
+    }
+    req
+}
+
+/// Sends `req`, waiting at most `limit` for the response head; non-2xx answers become errors
+/// classified by [`classify`].
+pub(crate) async fn send(
+    req: reqwest::RequestBuilder,
+    limit: Duration,
+) -> Result<reqwest::Response, ProviderError> {
+    let resp = tokio::time::timeout(limit, req.send())
+        .await
+        .map_err(|_| ProviderError::new(Failure::Timeout, "no response from the provider in time"))?
+        .map_err(|e| {
+            let failure = if e.is_timeout() {
+                Failure::Timeout
+            } else {
+                Failure::Network
+            };
+            ProviderError::new(failure, format!("provider request failed: {e}"))
+        })?;
+    let status = resp.status();
+    if status.is_success() {
+        return Ok(resp);
+    }
+    let retry_after = retry_after(resp.headers());
+    let body = tokio::time::timeout(limit, resp.text())
+        .await
+        .ok()
+        .and_then(Result::ok)
+        .unwrap_or_default();
+    let mut e = classify(Some(status.as_u16()), &body);
+    e.retry_after = retry_after;
+    Err(e)
+}
+
+/// `retry-after-ms`, or `retry-after` in seconds or as an HTTP date.
+pub(crate) fn retry_after(h: &reqwest::header::HeaderMap) -> Option<Duration> {
+    if let Some(ms) = h
+        .get("retry-after-ms")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .filter(|v| v.is_finite() && *v >= 0.0)
+    {
+        return Some(Duration::from_secs_f64(ms / 1000.0));
+    }
+    let v = h.get(reqwest::header::RETRY_AFTER)?.to_str().ok()?.trim();
+    if let Ok(secs) = v.parse::<f64>() {
+        return (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs));
+    }
+    let at = chrono::DateTime::parse_from_rfc2822(v).ok()?;
+    let wait = at.with_timezone(&chrono::Utc) - chrono::Utc::now();
+    Some(wait.to_std().unwrap_or_default())
+}
+
+/// Classifies an error from its HTTP status (when there is one) and its body, in either
+/// OpenAI's (`{"error":{"type","code","message"}}`) or Anthropic's
+/// (`{"type":"error","error":{"type","message"}}`) shape.
+pub(crate) fn classify(status: Option<u16>, body: &str) -> ProviderError {
+    let v: Value = serde_json::from_str(body).unwrap_or(Value::Null);
+    let err = if v["error"].is_object() {
+        &v["error"]
+    } else {
+        &v
+    };
+    let kind = err["type"].as_str().unwrap_or("");
+    let code = err["code"].as_str().unwrap_or("");
+    let message = err["message"]
+        .as_str()
+        .map(str::to_string)
+        .unwrap_or_else(|| body.chars().take(300).collect());
+    let lower = message.to_ascii_lowercase();
+    let quota = code == "insufficient_quota"
+        || kind == "insufficient_quota"
+        || kind == "billing_error"
+        || lower.contains("quota")
+        || lower.contains("credit balance");
+    let context = code == "context_length_exceeded"
+        || lower.contains("context length")
+        || lower.contains("context window")
+        || lower.contains("prompt is too long");
+    let failure = match (status, kind) {
+        (_, "overloaded_error") | (Some(529), _) => Failure::Overloaded,
+        (Some(429), _) | (_, "rate_limit_error") if quota => Failure::QuotaExhausted,
+        (Some(429), _) | (_, "rate_limit_error") => Failure::RateLimited,
+        (Some(401 | 403), _) | (_, "authentication_error" | "permission_error") => Failure::Auth,
+        (Some(402), _) | (_, "billing_error" | "insufficient_quota") => Failure::QuotaExhausted,
+        (Some(400 | 413 | 422), _) | (_, "invalid_request_error") if context => {
+            Failure::ContextLength
+        }
+        (Some(408 | 409 | 425), _) => Failure::Server,
+        (Some(s), _) if s >= 500 => Failure::Server,
+        (Some(_), _) => Failure::BadRequest,
+        // an error object inside a 200 stream or body
+        (None, "invalid_request_error") => Failure::BadRequest,
+        (None, _) => Failure::Stream,
+    };
+    let status_txt = status.map(|s| format!("{s} ")).unwrap_or_default();
+    ProviderError::new(failure, format!("provider answered {status_txt}{message}"))
+}
+
+/// An SSE reader with the call's deadlines: before the first token, `ttft` from the start of
+/// the call; after it, `idle` between events.
+pub(crate) struct SseReader<S> {
+    inner: S,
+    first_deadline: Instant,
+    idle: Duration,
+    got_token: bool,
+}
+
+pub(crate) fn reader(
+    resp: reqwest::Response,
+    started: Instant,
+    ttft: Duration,
+    idle: Duration,
+) -> SseReader<impl Stream<Item = Result<Event, EventStreamError<reqwest::Error>>>> {
+    SseReader {
+        inner: resp.bytes_stream().eventsource(),
+        first_deadline: started + ttft,
+        idle,
+        got_token: false,
+    }
+}
+
+impl<S> SseReader<S>
+where
+    S: Stream<Item = Result<Event, EventStreamError<reqwest::Error>>> + Unpin,
+{
+    /// Marks that a token arrived: from now on the idle limit applies.
+    pub fn token(&mut self) {
+        self.got_token = true;
+    }
+
+    /// The next event; `Ok(None)` at the end of the body.
+    pub async fn next(&mut self) -> Result<Option<Event>, ProviderError> {
+        let deadline = if self.got_token {
+            Instant::now() + self.idle
+        } else {
+            self.first_deadline
+        };
+        match tokio::time::timeout_at(deadline, self.inner.next()).await {
+            Err(_) if self.got_token => Err(ProviderError::new(
+                Failure::Timeout,
+                format!("provider stream stalled for {:?}", self.idle),
+            )),
+            Err(_) => Err(ProviderError::new(
+                Failure::Timeout,
+                "no first token from the provider in time",
+            )),
+            Ok(None) => Ok(None),
+            Ok(Some(Ok(ev))) => Ok(Some(ev)),
+            Ok(Some(Err(e))) => Err(ProviderError::new(
+                Failure::Stream,
+                format!("provider stream broke: {e}"),
+            )),
+        }
+    }
+}
+
+/// Reads a whole non-streamed body within the first-token limit.
+pub(crate) async fn body_json(
+    resp: reqwest::Response,
+    started: Instant,
+    ttft: Duration,
+) -> Result<Value, ProviderError> {
+    let text = tokio::time::timeout_at(started + ttft, resp.text())
+        .await
+        .map_err(|_| ProviderError::new(Failure::Timeout, "no reply from the provider in time"))?
+        .map_err(|e| ProviderError::new(Failure::Stream, format!("reply body broke: {e}")))?;
+    let v: Value = serde_json::from_str(&text).map_err(|e| {
+        ProviderError::new(Failure::Stream, format!("unparseable provider reply: {e}"))
+    })?;
+    if v.get("error").is_some_and(|e| !e.is_null()) || v["type"] == "error" {
+        return Err(classify(None, &text));
+    }
+    Ok(v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoints_keep_queries() {
+        assert_eq!(endpoint("http://h/v1/", "messages"), "http://h/v1/messages");
+        assert_eq!(
+            endpoint(
+                "https://x.azure.com/openai/deployments/d?api-version=2024-06-01",
+                "chat/completions"
+            ),
+            "https://x.azure.com/openai/deployments/d/chat/completions?api-version=2024-06-01"
+        );
+    }
+
+    #[test]
+    fn classification() {
+        let f = |s: Option<u16>, b: &str| classify(s, b).failure;
+        assert_eq!(
+            f(
+                Some(429),
+                r#"{"error":{"type":"rate_limit_error","code":"rate_limit_exceeded","message":"slow down"}}"#
+            ),
+            Failure::RateLimited
+        );
+        assert_eq!(
+            f(
+                Some(429),
+                r#"{"error":{"type":"insufficient_quota","code":"insufficient_quota","message":"x"}}"#
+            ),
+            Failure::QuotaExhausted
+        );
+        assert_eq!(
+            f(
+                Some(429),
+                r#"{"type":"error","error":{"type":"rate_limit_error","message":"quota exhausted"}}"#
+            ),
+            Failure::QuotaExhausted
+        );
+        assert_eq!(
+            f(
+                Some(400),
+                r#"{"error":{"type":"invalid_request_error","code":"context_length_exceeded","message":"x"}}"#
+            ),
+            Failure::ContextLength
+        );
+        assert_eq!(
+            f(
+                Some(400),
+                r#"{"type":"error","error":{"type":"invalid_request_error","message":"prompt is too long: 9000 tokens > 8192 maximum"}}"#
+            ),
+            Failure::ContextLength
+        );
+        assert_eq!(f(Some(400), "{}"), Failure::BadRequest);
+        assert_eq!(f(Some(404), "not json"), Failure::BadRequest);
+        assert_eq!(f(Some(401), "{}"), Failure::Auth);
+        assert_eq!(f(Some(502), "{}"), Failure::Server);
+        assert_eq!(
+            f(
+                Some(529),
+                r#"{"type":"error","error":{"type":"overloaded_error","message":"busy"}}"#
+            ),
+            Failure::Overloaded
+        );
+        assert_eq!(
+            f(
+                None,
+                r#"{"type":"error","error":{"type":"overloaded_error","message":"busy"}}"#
+            ),
+            Failure::Overloaded
+        );
+        assert_eq!(
+            f(
+                None,
+                r#"{"error":{"type":"server_error","message":"oops"}}"#
+            ),
+            Failure::Stream
+        );
+    }
+
+    #[test]
+    fn retry_after_forms() {
+        let mut h = reqwest::header::HeaderMap::new();
+        h.insert("retry-after", "2".parse().unwrap());
+        assert_eq!(retry_after(&h), Some(Duration::from_secs(2)));
+        h.insert("retry-after-ms", "150".parse().unwrap());
+        assert_eq!(retry_after(&h), Some(Duration::from_millis(150)));
+        let mut h = reqwest::header::HeaderMap::new();
+        h.insert(
+            "retry-after",
+            "Wed, 21 Oct 2015 07:28:00 GMT".parse().unwrap(),
+        );
+        assert_eq!(retry_after(&h), Some(Duration::ZERO));
+    }
+}

@@ -1,0 +1,227 @@
+//! The contract every `LlmProvider` adapter passes against the mock, in its own wire format,
+//! streaming and not: text, finish reasons, usage, tool calls, and the classification of every
+//! failure scenario.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use switchyard_core::job::{ChatMessage, ToolSpec};
+use switchyard_worker::llm::{Anthropic, Failure, LlmProvider, OpenAi, Sink};
+
+use crate::support::*;
+
+#[derive(Clone, Copy, PartialEq, Debug)]
+enum Format {
+    OpenAi,
+    Anthropic,
+}
+
+fn adapter(format: Format, base: &str) -> Arc<dyn LlmProvider> {
+    let url = format!("{base}/v1");
+    let t = Duration::from_secs(2);
+    match format {
+        Format::OpenAi => Arc::new(OpenAi::new(&url, None, BTreeMap::new(), t)),
+        Format::Anthropic => Arc::new(Anthropic::new(&url, None, BTreeMap::new(), t)),
+    }
+}
+
+async fn contract(format: Format) {
+    let (base, stop) = mock().await;
+    let p = adapter(format, &base);
+    for stream in [true, false] {
+        // text, deltas, usage
+        let msgs = vec![
+            ChatMessage::new("system", "be terse"),
+            ChatMessage::new("user", "alpha beta gamma"),
+        ];
+        let (c, rx) = ctx();
+        let out = p
+            .chat(&request("mock-echo", &msgs, stream), &Sink::new(&c))
+            .await
+            .unwrap();
+        let want = expected(&msgs, None);
+        assert_eq!(out.text, want, "{format:?} stream={stream}");
+        assert_eq!(out.finish_reason, "stop");
+        assert!(out.usage.prompt_tokens > 0 && !out.usage.estimated);
+        assert_eq!(
+            out.usage.completion_tokens,
+            want.split_whitespace().count() as u64
+        );
+        drop(c);
+        assert_eq!(
+            text_of(&drain(rx)),
+            want,
+            "streamed deltas add up to the text"
+        );
+
+        // a reply budget cuts the reply
+        let msgs = user("a b c d e f");
+        let (c, _rx) = ctx();
+        let mut req = request("mock-echo", &msgs, stream);
+        req.max_tokens = 2;
+        req.max_tokens_explicit = true;
+        let out = p.chat(&req, &Sink::new(&c)).await.unwrap();
+        assert_eq!(out.finish_reason, "length", "{format:?} stream={stream}");
+        assert_eq!(out.usage.completion_tokens, 2);
+
+        // tool calls
+        let tools: Vec<ToolSpec> = serde_json::from_value(json!([
+            {"type": "function", "function": {"name": "lookup", "description": "find", "parameters": {"type": "object", "properties": {"text": {"type": "string"}}}}},
+            {"type": "function", "function": {"name": "other"}}
+        ]))
+        .unwrap();
+        let msgs = user("find the weather");
+        let (c, rx) = ctx();
+        let mut req = request("mock-tool", &msgs, stream);
+        req.tools = &tools;
+        let out = p.chat(&req, &Sink::new(&c)).await.unwrap();
+        assert_eq!(
+            out.finish_reason, "tool_calls",
+            "{format:?} stream={stream}"
+        );
+        assert_eq!(out.tool_calls.len(), 1);
+        let call = &out.tool_calls[0];
+        assert_eq!(call.function.name, "lookup");
+        assert!(!call.id.is_empty());
+        let args: Value = serde_json::from_str(&call.function.arguments).unwrap();
+        assert_eq!(args, json!({"text": "find the weather"}));
+        drop(c);
+        let seen = drain(rx);
+        assert!(
+            seen.iter().any(|s| matches!(s, Seen::Event(k, d) if k == "output.tool_call" && d["function"]["name"] == "lookup")),
+            "{seen:?}"
+        );
+    }
+
+    // every failure scenario, classified
+    let midstream = match format {
+        Format::OpenAi => Failure::Stream,
+        Format::Anthropic => Failure::Overloaded,
+    };
+    let cases = [
+        ("mock-error-500", Failure::Server),
+        ("mock-error-502", Failure::Server),
+        ("mock-error-503", Failure::Server),
+        ("mock-error-429", Failure::RateLimited),
+        ("mock-error-429-quota", Failure::QuotaExhausted),
+        ("mock-error-400", Failure::BadRequest),
+        ("mock-context-length", Failure::ContextLength),
+        ("mock-error-401", Failure::Auth),
+        ("mock-overloaded", Failure::Overloaded),
+        ("mock-midstream-error", midstream),
+        ("mock-cut", Failure::Stream),
+        ("mock-drop", Failure::Stream),
+        ("mock-reset", Failure::Stream),
+        ("mock-stall", Failure::Timeout),
+        ("not-a-model", Failure::BadRequest),
+    ];
+    for (model, failure) in cases {
+        let msgs = user("x y");
+        let (c, rx) = ctx();
+        let mut req = request(model, &msgs, true);
+        req.ttft_timeout = Duration::from_millis(1500);
+        let e = p.chat(&req, &Sink::new(&c)).await.unwrap_err();
+        assert_eq!(e.failure, failure, "{format:?} {model}: {e}");
+        if model == "mock-error-429" {
+            assert_eq!(e.retry_after, Some(Duration::from_secs(1)));
+        }
+        if model == "mock-midstream-error" {
+            drop(c);
+            assert!(
+                !text_of(&drain(rx)).is_empty(),
+                "tokens came before the error"
+            );
+        }
+    }
+    // an error object after HTTP 200, not streamed
+    let msgs = user("x y");
+    let (c, _rx) = ctx();
+    let e = p
+        .chat(
+            &request("mock-midstream-error", &msgs, false),
+            &Sink::new(&c),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(e.failure, midstream, "{format:?}: {e}");
+
+    // time to first token: a slow first token fails the call, whatever the idle limit
+    let msgs = user("x y");
+    let (c, _rx) = ctx();
+    let mut headers = BTreeMap::new();
+    headers.insert("x-mock-ttft-ms".to_string(), "3000".to_string());
+    let mut req = request("mock-echo", &msgs, true);
+    req.headers = &headers;
+    req.ttft_timeout = Duration::from_millis(300);
+    req.idle_timeout = Duration::from_secs(10);
+    let e = p.chat(&req, &Sink::new(&c)).await.unwrap_err();
+    assert_eq!(e.failure, Failure::Timeout, "{e}");
+    assert!(e.message.contains("first token"), "{e}");
+    stop.cancel();
+}
+
+#[tokio::test]
+async fn openai_passes_the_contract() {
+    contract(Format::OpenAi).await;
+}
+
+#[tokio::test]
+async fn anthropic_passes_the_contract() {
+    contract(Format::Anthropic).await;
+}
+
+#[tokio::test]
+async fn openai_compatible_variants_are_tolerated() {
+    let (base, stop) = mock().await;
+    let p = adapter(Format::OpenAi, &base);
+    let msgs = user("one two three");
+    let (c, _rx) = ctx();
+    let out = p
+        .chat(&request("mock-variants", &msgs, true), &Sink::new(&c))
+        .await
+        .unwrap();
+    assert_eq!(out.text, expected(&msgs, None));
+    assert!(
+        !out.usage.estimated,
+        "usage read from the `choices: null` chunk"
+    );
+    assert_eq!(out.usage.completion_tokens, 5, "Mock, reply:, one, two, three");
+    stop.cancel();
+}
+
+#[tokio::test]
+async fn wire_requests_carry_what_each_format_needs() {
+    let (base, stop) = mock().await;
+    let key = Some("sk-test-123".to_string().into());
+    let url = format!("{base}/v1");
+    let oa = OpenAi::new(&url, key.clone(), BTreeMap::new(), Duration::from_secs(2));
+    let an = Anthropic::new(&url, key, BTreeMap::new(), Duration::from_secs(2));
+    let msgs = vec![
+        ChatMessage::new("system", "sys"),
+        ChatMessage::new("user", "hi"),
+    ];
+    let (c, _rx) = ctx();
+    oa.chat(&request("mock-wire-oa", &msgs, true), &Sink::new(&c))
+        .await
+        .unwrap();
+    an.chat(&request("mock-wire-an", &msgs, true), &Sink::new(&c))
+        .await
+        .unwrap();
+    let r = &requests(&base, "mock-wire-oa").await[0];
+    assert_eq!(r["headers"]["authorization"], "Bearer sk-test-123");
+    assert_eq!(r["body"]["stream_options"]["include_usage"], true);
+    assert_eq!(r["body"]["messages"][0]["role"], "system");
+    assert!(
+        r["body"].get("max_tokens").is_none(),
+        "no budget unless asked"
+    );
+    let r = &requests(&base, "mock-wire-an").await[0];
+    assert_eq!(r["headers"]["x-api-key"], "sk-test-123");
+    assert_eq!(r["headers"]["anthropic-version"], "2023-06-01");
+    assert_eq!(r["body"]["system"], "sys");
+    assert_eq!(r["body"]["max_tokens"], 1024);
+    assert_eq!(r["body"]["messages"].as_array().unwrap().len(), 1);
+    stop.cancel();
+}
