@@ -55,7 +55,7 @@ enum Cmd {
     Scheduler,
     /// Applies database migrations.
     Migrate,
-    /// The mock OpenAI-compatible LLM provider.
+    /// The mock LLM provider (OpenAI- and Anthropic-compatible).
     MockLlm {
         #[arg(long, default_value = "127.0.0.1:8081")]
         listen: SocketAddr,
@@ -65,6 +65,9 @@ enum Cmd {
         /// Delay between tokens, ms.
         #[arg(long, default_value_t = 0)]
         inter_token_ms: u64,
+        /// Upper bound of a uniform random extra added to every delay, ms.
+        #[arg(long, default_value_t = 0)]
+        jitter_ms: u64,
     },
     /// Tenants and API keys.
     Admin {
@@ -160,6 +163,7 @@ fn main() -> anyhow::Result<()> {
                 listen,
                 ttft_ms,
                 inter_token_ms,
+                jitter_ms,
             } => {
                 let l = tokio::net::TcpListener::bind(listen)
                     .await
@@ -170,6 +174,7 @@ fn main() -> anyhow::Result<()> {
                 let mock = switchyard_mock_llm::MockLlmConfig {
                     ttft: std::time::Duration::from_millis(ttft_ms),
                     inter_token: std::time::Duration::from_millis(inter_token_ms),
+                    jitter: std::time::Duration::from_millis(jitter_ms),
                     ..Default::default()
                 };
                 switchyard_mock_llm::serve(l, mock, stop).await

@@ -60,11 +60,14 @@ pub async fn run_api(
 }
 
 /// The executors a worker offers, from the configuration.
-pub fn executors(cfg: &Config) -> ExecutorRegistry {
+pub fn executors(cfg: &Config, store: Option<Store>) -> ExecutorRegistry {
     let mut reg = ExecutorRegistry::new();
     reg.register(
         JobKind::LlmChat,
-        Arc::new(LlmChatExecutor::new(Providers::from_config(&cfg.llm))),
+        Arc::new(LlmChatExecutor::new(
+            Providers::from_config(&cfg.llm),
+            store,
+        )),
     );
     reg.register(JobKind::SystemNoop, Arc::new(NoopExecutor));
     reg
@@ -100,11 +103,11 @@ pub async fn start_worker(cfg: &Config, stop: CancellationToken) -> anyhow::Resu
     let queue = Queue::new(keys.clone(), conn.clone());
     let bus = EventBus::new(keys, conn, Duration::from_secs(cfg.event_ttl_s));
     let worker = Worker::new(
-        store,
+        store.clone(),
         queue,
         bus,
         client,
-        executors(cfg),
+        executors(cfg, Some(store)),
         worker_options(cfg),
     );
     Ok(worker.start(stop))

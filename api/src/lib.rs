@@ -1,5 +1,6 @@
-//! The stateless HTTP API: REST for jobs, WebSocket/SSE for their events, health, metrics and
-//! OpenAPI. Any replica can serve any request or stream; all state is in Postgres and Redis.
+//! The stateless HTTP API: REST for jobs, models and usage, WebSocket/SSE for job events, health,
+//! metrics and OpenAPI. Any replica can serve any request or stream; all state is in Postgres and
+//! Redis.
 
 pub mod auth;
 pub mod error;
@@ -17,6 +18,7 @@ use axum::http::Request;
 use axum::routing::{get, post};
 use axum::Router;
 use switchyard_core::config::Config;
+use switchyard_core::models::ModelTable;
 use switchyard_core::ErrorCode;
 use switchyard_queue::{EventBus, Keys, LiveHub, Queue};
 use switchyard_store::Store;
@@ -57,6 +59,8 @@ pub struct AppStateInner {
     pub cfg: Arc<ApiConfig>,
     pub metrics: Arc<Metrics>,
     pub auth_cache: Arc<AuthCache>,
+    /// The model table (`GET /v1/models`), built once from `llm` at start.
+    pub models: Arc<ModelTable>,
     /// Fired when the process drains: streams close (WebSocket code 1012).
     pub shutdown: CancellationToken,
     /// Background tasks of this API (feeds, group commit); awaited on shutdown.
@@ -66,6 +70,12 @@ pub struct AppStateInner {
 impl FromRef<AppState> for Store {
     fn from_ref(s: &AppState) -> Store {
         s.store.clone()
+    }
+}
+
+impl FromRef<AppState> for Arc<ModelTable> {
+    fn from_ref(s: &AppState) -> Arc<ModelTable> {
+        s.models.clone()
     }
 }
 
@@ -102,6 +112,7 @@ impl AppState {
             }),
             metrics: Arc::new(Metrics::new()),
             auth_cache: Arc::new(AuthCache::default()),
+            models: Arc::new(cfg.llm.table()),
             shutdown,
             tasks,
         })))
@@ -121,7 +132,7 @@ async fn method_not_allowed() -> ApiError {
 
 /// The router with all routes and layers.
 pub fn router(state: AppState) -> Router {
-    use routes::{health, jobs, stream};
+    use routes::{conversations, health, jobs, models, stream, usage};
     let max_body = state.cfg.max_body_bytes;
     Router::new()
         .route("/v1/jobs", post(jobs::create_job).get(jobs::list_jobs))
@@ -129,6 +140,21 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/jobs/{id}/cancel", post(jobs::cancel_job))
         .route("/v1/jobs/{id}/events", get(stream::sse))
         .route("/v1/ws", get(stream::ws))
+        .route(
+            "/v1/conversations",
+            post(conversations::create).get(conversations::list),
+        )
+        .route(
+            "/v1/conversations/{id}",
+            get(conversations::get).delete(conversations::delete),
+        )
+        .route(
+            "/v1/conversations/{id}/messages",
+            post(conversations::post_message),
+        )
+        .route("/v1/models", get(models::list_models))
+        .route("/v1/models/{*id}", get(models::get_model))
+        .route("/v1/usage", get(usage::get_usage))
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
         .route("/metrics", get(health::metrics))

@@ -22,6 +22,7 @@ struct SubmitReq {
 #[derive(Clone)]
 pub struct Submitter {
     tx: mpsc::Sender<SubmitReq>,
+    dispatch: mpsc::Sender<Vec<NewJob>>,
 }
 
 impl Submitter {
@@ -33,9 +34,9 @@ impl Submitter {
     ) -> Submitter {
         let (tx, rx) = mpsc::channel(8192);
         let (dtx, drx) = mpsc::channel::<Vec<NewJob>>(64);
-        tracker.spawn(commit_loop(store.clone(), rx, dtx));
+        tracker.spawn(commit_loop(store.clone(), rx, dtx.clone()));
         tracker.spawn(dispatch_loop(store, keys, redis, drx));
-        Submitter { tx }
+        Submitter { tx, dispatch: dtx }
     }
 
     /// Commits one job; returns once it is durable in Postgres.
@@ -47,6 +48,14 @@ impl Submitter {
             .map_err(|_| StoreError::Unavailable(sqlx::Error::PoolClosed))?;
         rx.await
             .map_err(|_| StoreError::Unavailable(sqlx::Error::PoolClosed))?
+    }
+
+    /// Dispatches a job that was committed elsewhere (e.g. with a conversation message). If this
+    /// fails, the reconciler dispatches it (its `dispatch_epoch` is 0).
+    pub async fn dispatch(&self, job: NewJob) {
+        if self.dispatch.send(vec![job]).await.is_err() {
+            tracing::warn!("dispatcher stopped; the reconciler will dispatch the job");
+        }
     }
 }
 

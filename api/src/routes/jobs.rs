@@ -171,11 +171,11 @@ pub struct JobList {
     pub next_cursor: Option<String>,
 }
 
-fn encode_cursor(id: Uuid) -> String {
+pub(crate) fn encode_cursor(id: Uuid) -> String {
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(format!("v1:{id}"))
 }
 
-fn decode_cursor(c: &str) -> ApiResult<Uuid> {
+pub(crate) fn decode_cursor(c: &str) -> ApiResult<Uuid> {
     let bad = || ApiError::field(ErrorCode::InvalidParameter, "cursor", "invalid cursor");
     let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
         .decode(c)

@@ -1,5 +1,8 @@
 //! HTTP handlers, one file per resource.
 
+pub mod conversations;
 pub mod health;
 pub mod jobs;
+pub mod models;
 pub mod stream;
+pub mod usage;

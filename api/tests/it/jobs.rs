@@ -151,7 +151,7 @@ async fn provider_failures_are_typed(pool: PgPool) {
     let cut = app.submit(chat("mock-drop", 1)).await;
     let cut: Uuid = cut["id"].as_str().unwrap().parse().unwrap();
     let j = app.wait_status(cut, "failed", T).await;
-    assert_eq!(j["error"]["code"], "provider_error");
+    assert_eq!(j["error"]["code"], "provider_stream_error");
     app.stop().await;
 }
 

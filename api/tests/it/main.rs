@@ -1,9 +1,12 @@
 //! Integration tests of the API crate (one test binary): real Postgres (a fresh database per
 //! test via `#[sqlx::test]`), real Redis (a unique key prefix per test), the real mock LLM.
 
+mod conversations;
 mod errors;
 mod jobs;
+mod models;
 mod ops;
 mod reliability;
 mod streaming;
 mod support;
+mod usage;

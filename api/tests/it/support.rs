@@ -181,7 +181,10 @@ impl TestApp {
         llm.retry_max_ms = 2_000;
         reg.register(
             JobKind::LlmChat,
-            Arc::new(LlmChatExecutor::new(Providers::from_config(&llm))),
+            Arc::new(LlmChatExecutor::new(
+                Providers::from_config(&llm),
+                Some(self.store.clone()),
+            )),
         );
         reg.register(JobKind::SystemNoop, Arc::new(NoopExecutor));
         reg
@@ -243,12 +246,40 @@ impl TestApp {
         }
     }
 
+    /// Restarts every process of the app (API on a new port, workers, scheduler) after wiping
+    /// this test's Redis keys: what survives is what Postgres holds.
+    pub async fn restart(&mut self) {
+        self.stop_workers().await;
+        self.sched_stop.cancel();
+        self.api_stop.cancel();
+        self.clear_redis().await;
+        self.api_stop = CancellationToken::new();
+        let state =
+            switchyard_api::AppState::build(&self.cfg, self.store.clone(), self.api_stop.clone())
+                .await
+                .unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        self.base = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(switchyard_api::serve(listener, state));
+        self.sched_stop = CancellationToken::new();
+        if self.opts.scheduler {
+            self.start_scheduler().await;
+        }
+        if self.opts.worker {
+            self.start_worker().await;
+        }
+    }
+
     /// Stops everything and removes this test's Redis keys.
     pub async fn stop(mut self) {
         self.stop_workers().await;
         self.sched_stop.cancel();
         self.api_stop.cancel();
         self.mock_stop.cancel();
+        self.clear_redis().await;
+    }
+
+    async fn clear_redis(&self) {
         let mut c = self.redis().await;
         let pattern = format!("*{}*", self.cfg.redis_prefix);
         // SCAN, not KEYS: never block a shared Redis

@@ -335,6 +335,8 @@ fn strip_position(msg: &str) -> String {
 pub struct LlmChatInput {
     /// A model alias from `GET /v1/models`, `<provider>/<model>`, or a `mock-*` name.
     pub model: String,
+    /// The prompt; empty when `conversation` names the history instead.
+    #[serde(default)]
     pub messages: Vec<ChatMessage>,
     pub max_tokens: Option<u32>,
     pub temperature: Option<f64>,
@@ -345,6 +347,18 @@ pub struct LlmChatInput {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<Object>)]
     pub tool_choice: Option<Value>,
+    /// Answer turn `turn` of a stored conversation: the worker reads the history and fits it
+    /// into the model's window, then appends the reply (set by
+    /// `POST /v1/conversations/{id}/messages`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub conversation: Option<ConversationRef>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ConversationRef {
+    pub id: Uuid,
+    pub turn: i32,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
@@ -433,8 +447,15 @@ impl LlmChatInput {
                 "must be 1 to 200 characters",
             ));
         }
-        if self.messages.is_empty() {
-            return Err(FieldError::invalid("input.messages", "must not be empty"));
+        match (&self.conversation, self.messages.is_empty()) {
+            (None, true) => return Err(FieldError::invalid("input.messages", "must not be empty")),
+            (Some(_), false) => {
+                return Err(FieldError::invalid(
+                    "input.messages",
+                    "must be empty when `conversation` names the history",
+                ))
+            }
+            _ => {}
         }
         for (i, m) in self.messages.iter().enumerate() {
             if !CHAT_ROLES.contains(&m.role.as_str()) {

@@ -1,58 +1,50 @@
-//! HTTP handlers: `/v1/chat/completions` (plain and SSE), `/v1/models`, `/healthz`,
-//! and the per-model failure behaviours.
+//! The router, its state, `/v1/models` and `/healthz`, and the request flow both
+//! completion routes share: record, count, pick the scenario, answer plainly.
 
-use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
-use axum::body::{Body, Bytes};
-use axum::extract::State;
-use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::body::Bytes;
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 
-use crate::text::Completion;
-use crate::wire::{self, ApiError, ChatRequest, ResponseMeta};
-use crate::MockLlmConfig;
+use crate::scenario::{self, Behaviour, Failure, MOCK_MODELS};
+use crate::stats::{self, CallGuard, Observer};
+use crate::stream::{self, BodyPlan};
+use crate::text;
+use crate::timing::{pause, Rng, Timing};
+use crate::{anthropic, openai, wire, MockLlmConfig};
 
-/// Request header overriding the time to first token, in milliseconds.
-pub const TTFT_HEADER: &str = "x-mock-ttft-ms";
-/// Request header overriding the delay between tokens, in milliseconds.
-pub const INTER_TOKEN_HEADER: &str = "x-mock-inter-token-ms";
-
-/// Model names advertised by `GET /v1/models`. Any other `mock-` name behaves
-/// like `mock-echo`.
-pub const MOCK_MODELS: &[&str] = &[
-    "mock-echo",
-    "mock-slow",
-    "mock-stall",
-    "mock-drop",
-    "mock-error-500",
-    "mock-error-429",
-    "mock-error-400",
-];
-
+/// Everything the handlers share; cloned per request.
 #[derive(Clone)]
-struct AppState {
-    config: MockLlmConfig,
-    shutdown: CancellationToken,
-    next_id: Arc<AtomicU64>,
+pub(crate) struct AppState {
+    pub config: Arc<MockLlmConfig>,
+    pub shutdown: CancellationToken,
+    pub next_id: Arc<AtomicU64>,
+    pub observer: Arc<Observer>,
+    pub rng: Arc<Rng>,
 }
 
 /// Builds the router; `shutdown` ends streams and stalled requests early.
 pub(crate) fn build_router(config: MockLlmConfig, shutdown: CancellationToken) -> Router {
     let state = AppState {
-        config,
+        config: Arc::new(config),
         shutdown,
         next_id: Arc::new(AtomicU64::new(1)),
+        observer: Arc::new(Observer::default()),
+        rng: Arc::new(Rng::from_clock()),
     };
     Router::new()
-        .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/chat/completions", post(openai::chat_completions))
+        .route("/v1/messages", post(anthropic::messages))
         .route("/v1/models", get(list_models))
+        .route("/mock/stats", get(stats::stats))
+        .route("/mock/requests", get(stats::requests))
         .route("/healthz", get(healthz))
         .with_state(state)
 }
@@ -61,7 +53,27 @@ async fn healthz() -> &'static str {
     "ok"
 }
 
-async fn list_models() -> Json<Value> {
+/// OpenAI's model list, or Anthropic's when the client sends `anthropic-version`.
+async fn list_models(headers: HeaderMap) -> Json<Value> {
+    if headers.contains_key("anthropic-version") {
+        let data: Vec<Value> = MOCK_MODELS
+            .iter()
+            .map(|id| {
+                json!({
+                    "type": "model",
+                    "id": id,
+                    "display_name": id,
+                    "created_at": "2024-01-01T00:00:00Z",
+                })
+            })
+            .collect();
+        return Json(json!({
+            "data": data,
+            "has_more": false,
+            "first_id": MOCK_MODELS.first(),
+            "last_id": MOCK_MODELS.last(),
+        }));
+    }
     let data: Vec<Value> = MOCK_MODELS
         .iter()
         .map(|id| json!({ "id": id, "object": "model", "created": 0, "owned_by": "switchyard-mock" }))
@@ -69,342 +81,129 @@ async fn list_models() -> Json<Value> {
     Json(json!({ "object": "list", "data": data }))
 }
 
-/// What a model name asks the mock to do.
+/// Which API a request came in on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Behaviour {
-    Normal,
-    Slow,
-    Stall,
-    Drop,
+pub(crate) enum Route {
+    OpenAi,
+    Anthropic,
 }
 
-fn behaviour_for(model: &str) -> Result<Behaviour, ApiError> {
-    match model {
-        "mock-error-500" => Err(ApiError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "server_error",
-            "mock-error-500: simulated internal server error",
-        )),
-        "mock-error-429" => Err(ApiError::new(
-            StatusCode::TOO_MANY_REQUESTS,
-            "rate_limit_error",
-            "mock-error-429: simulated rate limit, retry after 1s",
-        )
-        .with_retry_after(1)),
-        "mock-error-400" => Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "invalid_request_error",
-            "mock-error-400: simulated invalid request",
-        )),
-        "mock-slow" => Ok(Behaviour::Slow),
-        "mock-stall" => Ok(Behaviour::Stall),
-        "mock-drop" => Ok(Behaviour::Drop),
-        m if m.starts_with("mock-") => Ok(Behaviour::Normal),
-        m => Err(ApiError::new(
-            StatusCode::NOT_FOUND,
-            "invalid_request_error",
-            format!("The model `{m}` does not exist or you do not have access to it."),
-        )
-        .with_code("model_not_found")),
+impl Route {
+    pub fn name(self) -> &'static str {
+        match self {
+            Route::OpenAi => "openai",
+            Route::Anthropic => "anthropic",
+        }
     }
-}
 
-fn header_ms(headers: &HeaderMap, name: &str) -> Option<Duration> {
-    let raw = headers.get(name)?;
-    match raw.to_str().ok().and_then(|s| s.trim().parse::<u64>().ok()) {
-        Some(ms) => Some(Duration::from_millis(ms)),
-        None => {
-            tracing::warn!(header = name, value = ?raw, "ignoring unparseable mock delay header");
-            None
+    /// `failure` in this route's error shape.
+    pub fn error(self, failure: &Failure) -> Response {
+        let spec = failure.spec();
+        tracing::debug!(route = self.name(), status = %spec.status, "mock LLM error response");
+        match self {
+            Route::OpenAi => wire::error_response(&spec),
+            Route::Anthropic => anthropic::error_response(&spec),
+        }
+    }
+
+    /// The error object `mock-midstream-error` sends.
+    fn midstream_error(self) -> Value {
+        match self {
+            Route::OpenAi => wire::midstream_error_json(),
+            Route::Anthropic => anthropic::midstream_error_json(),
         }
     }
 }
 
-/// Sleeps for `d` unless shutdown comes first; returns false on shutdown.
-/// A zero duration returns immediately without sleeping or yielding.
-async fn pause(d: Duration, shutdown: &CancellationToken) -> bool {
-    if d.is_zero() {
-        return !shutdown.is_cancelled();
-    }
-    tokio::select! {
-        () = tokio::time::sleep(d) => true,
-        () = shutdown.cancelled() => false,
-    }
-}
-
-fn unix_now() -> u64 {
+pub(crate) fn unix_now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0)
 }
 
-fn shutting_down() -> ApiError {
-    ApiError::new(
-        StatusCode::SERVICE_UNAVAILABLE,
-        "server_error",
-        "mock LLM server is shutting down",
-    )
+/// Parses the body as JSON and records the request (unparseable bodies are
+/// recorded as a string and refused with a 400).
+pub(crate) fn receive(
+    state: &AppState,
+    route: Route,
+    headers: &HeaderMap,
+    body: &Bytes,
+) -> Result<Value, Failure> {
+    match serde_json::from_slice::<Value>(body) {
+        Ok(v) => {
+            state.observer.record(route, headers, v.clone());
+            Ok(v)
+        }
+        Err(e) => {
+            let raw = String::from_utf8_lossy(body).into_owned();
+            state.observer.record(route, headers, Value::String(raw));
+            Err(Failure::Malformed(format!(
+                "could not parse the request body as JSON: {e}"
+            )))
+        }
+    }
 }
 
-async fn chat_completions(
-    State(state): State<AppState>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
-    let req: ChatRequest = match serde_json::from_slice(&body) {
-        Ok(r) => r,
-        Err(e) => {
-            return ApiError::new(
-                StatusCode::BAD_REQUEST,
-                "invalid_request_error",
-                format!("could not parse request body as a chat completion request: {e}"),
-            )
-            .into_response();
+/// A counted request that gets an answer.
+pub(crate) struct Call {
+    /// Unique per server; numbers the response and tool-call ids.
+    pub id: u64,
+    pub behaviour: Behaviour,
+    pub timing: Timing,
+    pub guard: CallGuard,
+}
+
+/// Counts the call and resolves its scenario; a refused call comes back as the
+/// failure to answer with.
+pub(crate) fn start_call(
+    state: &AppState,
+    headers: &HeaderMap,
+    model: &str,
+    pairs: &[(String, String)],
+) -> Result<Call, Failure> {
+    let (n, mut guard) = state.observer.begin(model);
+    match scenario::resolve(model, n, text::prompt_tokens(pairs)) {
+        Err(failure) => {
+            guard.settle();
+            Err(failure)
         }
-    };
-    let behaviour = match behaviour_for(&req.model) {
-        Ok(b) => b,
-        Err(e) => {
-            tracing::debug!(model = %req.model, status = %e.status, "mock LLM error response");
-            return e.into_response();
-        }
-    };
-
-    let (default_ttft, default_inter) = match behaviour {
-        Behaviour::Slow => (state.config.slow_ttft, state.config.slow_inter_token),
-        _ => (state.config.ttft, state.config.inter_token),
-    };
-    let ttft = header_ms(&headers, TTFT_HEADER).unwrap_or(default_ttft);
-    let inter_token = header_ms(&headers, INTER_TOKEN_HEADER).unwrap_or(default_inter);
-
-    let completion = Completion::plan(&req.message_pairs(), req.token_limit());
-    let meta = ResponseMeta {
-        id: format!(
-            "chatcmpl-mock-{}",
-            state.next_id.fetch_add(1, Ordering::Relaxed)
-        ),
-        created: unix_now(),
-        model: req.model.clone(),
-    };
-    tracing::debug!(
-        model = %meta.model,
-        stream = req.wants_stream(),
-        tokens = completion.tokens.len(),
-        "mock LLM completion"
-    );
-
-    if req.wants_stream() {
-        let plan = StreamPlan {
-            meta,
-            completion,
-            include_usage: req.include_usage(),
-            cut: match behaviour {
-                Behaviour::Stall => Some(Cut::Stall { after: 1 }),
-                Behaviour::Drop => Some(Cut::Drop { after: 2 }),
-                Behaviour::Normal | Behaviour::Slow => None,
-            },
-            ttft,
-            inter_token,
-            shutdown: state.shutdown.clone(),
-        };
-        return sse_response(plan);
+        Ok(behaviour) => Ok(Call {
+            id: state.next_id.fetch_add(1, Ordering::Relaxed),
+            behaviour,
+            timing: Timing::for_request(&state.config, headers, behaviour == Behaviour::Slow),
+            guard,
+        }),
     }
+}
 
+/// Answers `call` with the non-streaming `body`, after the time to first token
+/// (or never, for `mock-stall`), applying the scenario's breakage.
+pub(crate) async fn plain(state: &AppState, route: Route, call: Call, body: Value) -> Response {
+    let Call {
+        behaviour,
+        timing,
+        mut guard,
+        ..
+    } = call;
     if behaviour == Behaviour::Stall {
-        // Never answer; only shutdown (or the client dropping the request) ends this.
+        // Never answer; only shutdown (or the client dropping the request, which
+        // drops this future and counts it as aborted) ends this.
         state.shutdown.cancelled().await;
-        return shutting_down().into_response();
+        guard.settle();
+        return route.error(&Failure::ShuttingDown);
     }
-    if !pause(ttft, &state.shutdown).await {
-        return shutting_down().into_response();
+    if !pause(timing.token_delay(0, &state.rng), &state.shutdown).await {
+        guard.settle();
+        return route.error(&Failure::ShuttingDown);
     }
-    Json(wire::completion_json(&meta, &completion)).into_response()
-}
-
-/// Where a failure-mode stream stops.
-#[derive(Debug, Clone, Copy)]
-enum Cut {
-    /// After `after` tokens, send nothing more but keep the connection open.
-    Stall { after: usize },
-    /// After `after` tokens, abort the body (no finish chunk, no `[DONE]`).
-    Drop { after: usize },
-}
-
-impl Cut {
-    fn after(self) -> usize {
-        match self {
-            Cut::Stall { after } | Cut::Drop { after } => after,
-        }
+    if behaviour == Behaviour::MidstreamError {
+        guard.settle();
+        return (StatusCode::OK, Json(route.midstream_error())).into_response();
     }
-}
-
-struct StreamPlan {
-    meta: ResponseMeta,
-    completion: Completion,
-    include_usage: bool,
-    cut: Option<Cut>,
-    ttft: Duration,
-    inter_token: Duration,
-    shutdown: CancellationToken,
-}
-
-#[derive(Debug, Clone, Copy)]
-enum Phase {
-    Role,
-    /// About to emit token `i` (or the finish chunk once all tokens are out).
-    Token(usize),
-    Usage,
-    Done,
-    End,
-}
-
-struct StreamState {
-    plan: StreamPlan,
-    phase: Phase,
-}
-
-type Chunk = Result<Bytes, io::Error>;
-
-fn sse_event(value: &Value) -> Bytes {
-    Bytes::from(format!("data: {value}\n\n"))
-}
-
-fn aborted(msg: &str) -> io::Error {
-    io::Error::new(io::ErrorKind::ConnectionAborted, msg.to_owned())
-}
-
-impl StreamState {
-    /// Produces the next body chunk, or `None` when the body is complete.
-    async fn step(mut self) -> Option<(Chunk, Self)> {
-        let p = &self.plan;
-        let item = match self.phase {
-            Phase::End => return None,
-            Phase::Role => {
-                self.phase = Phase::Token(0);
-                sse_event(&wire::chunk_json(
-                    &p.meta,
-                    json!({ "role": "assistant", "content": "" }),
-                    None,
-                ))
-            }
-            Phase::Token(i) => {
-                let n = p.completion.tokens.len();
-                if let Some(cut) = p.cut {
-                    if i >= cut.after().min(n) {
-                        return self.cut(cut).await;
-                    }
-                }
-                match p.completion.tokens.get(i) {
-                    Some(token) => {
-                        let delay = if i == 0 { p.ttft } else { p.inter_token };
-                        if !pause(delay, &p.shutdown).await {
-                            return self.abort("mock LLM server is shutting down");
-                        }
-                        let chunk = sse_event(&wire::chunk_json(
-                            &p.meta,
-                            json!({ "content": token }),
-                            None,
-                        ));
-                        self.phase = Phase::Token(i + 1);
-                        chunk
-                    }
-                    None => {
-                        let chunk = sse_event(&wire::chunk_json(
-                            &p.meta,
-                            json!({}),
-                            Some(p.completion.finish_reason),
-                        ));
-                        self.phase = if p.include_usage {
-                            Phase::Usage
-                        } else {
-                            Phase::Done
-                        };
-                        chunk
-                    }
-                }
-            }
-            Phase::Usage => {
-                self.phase = Phase::Done;
-                sse_event(&wire::usage_chunk_json(&p.meta, &p.completion))
-            }
-            Phase::Done => {
-                self.phase = Phase::End;
-                Bytes::from_static(b"data: [DONE]\n\n")
-            }
-        };
-        Some((Ok(item), self))
+    if let Some(plan) = BodyPlan::broken_json(&body, behaviour) {
+        return stream::respond(plan, stream::JSON, guard, state.shutdown.clone());
     }
-
-    async fn cut(self, cut: Cut) -> Option<(Chunk, Self)> {
-        match cut {
-            Cut::Stall { .. } => {
-                // Hold the connection open; dropping the body (client gone) cancels this.
-                self.plan.shutdown.cancelled().await;
-                self.abort("mock LLM server is shutting down")
-            }
-            Cut::Drop { .. } => {
-                // Give the server a chance to flush the tokens already produced
-                // before the body error tears the connection down.
-                tokio::task::yield_now().await;
-                self.abort("mock-drop: simulated dropped connection")
-            }
-        }
-    }
-
-    /// Ends the body with an error so the connection is closed mid-stream.
-    fn abort(mut self, msg: &str) -> Option<(Chunk, Self)> {
-        self.phase = Phase::End;
-        Some((Err(aborted(msg)), self))
-    }
-}
-
-fn sse_response(plan: StreamPlan) -> Response {
-    let state = StreamState {
-        plan,
-        phase: Phase::Role,
-    };
-    let stream = futures::stream::unfold(state, StreamState::step);
-    let mut resp = Body::from_stream(stream).into_response();
-    let headers = resp.headers_mut();
-    headers.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/event-stream"),
-    );
-    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-    resp
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn model_routing() {
-        assert_eq!(behaviour_for("mock-echo").ok(), Some(Behaviour::Normal));
-        assert_eq!(behaviour_for("mock-1").ok(), Some(Behaviour::Normal));
-        assert_eq!(behaviour_for("mock-slow").ok(), Some(Behaviour::Slow));
-        assert_eq!(behaviour_for("mock-stall").ok(), Some(Behaviour::Stall));
-        assert_eq!(behaviour_for("mock-drop").ok(), Some(Behaviour::Drop));
-        let status = |m: &str| behaviour_for(m).err().map(|e| e.status);
-        assert_eq!(
-            status("mock-error-500"),
-            Some(StatusCode::INTERNAL_SERVER_ERROR)
-        );
-        assert_eq!(
-            status("mock-error-429"),
-            Some(StatusCode::TOO_MANY_REQUESTS)
-        );
-        assert_eq!(status("mock-error-400"), Some(StatusCode::BAD_REQUEST));
-        assert_eq!(status("gpt-4o"), Some(StatusCode::NOT_FOUND));
-    }
-
-    #[test]
-    fn delay_headers() {
-        let mut h = HeaderMap::new();
-        h.insert(TTFT_HEADER, HeaderValue::from_static(" 25 "));
-        h.insert(INTER_TOKEN_HEADER, HeaderValue::from_static("nope"));
-        assert_eq!(header_ms(&h, TTFT_HEADER), Some(Duration::from_millis(25)));
-        assert_eq!(header_ms(&h, INTER_TOKEN_HEADER), None);
-    }
+    guard.complete();
+    Json(body).into_response()
 }

@@ -3,7 +3,10 @@
 //! The reply is `"Mock reply:"` followed by each whitespace-separated word of the
 //! last `user` message, each preceded by one space. Tokens are the words of that
 //! text, every token after the first carrying its leading space, so concatenating
-//! the emitted tokens yields the text exactly.
+//! the emitted tokens yields the text exactly. A tool call's arguments are
+//! `{"text":"<last user message>"}`, streamed in fragments.
+
+use serde_json::{json, Value};
 
 /// The planned completion for one request.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -19,15 +22,12 @@ pub(crate) struct Completion {
 impl Completion {
     /// Plans the completion for `messages` (`(role, content)` pairs).
     pub fn plan(messages: &[(String, String)], max_tokens: Option<u32>) -> Self {
-        let last_user = messages
-            .iter()
-            .rev()
-            .find(|(role, _)| role == "user")
-            .map(|(_, content)| content.as_str())
-            .unwrap_or("");
-
         let mut tokens = vec!["Mock".to_owned(), " reply:".to_owned()];
-        tokens.extend(last_user.split_whitespace().map(|w| format!(" {w}")));
+        tokens.extend(
+            last_user(messages)
+                .split_whitespace()
+                .map(|w| format!(" {w}")),
+        );
 
         let mut finish_reason = "stop";
         if let Some(max) = max_tokens {
@@ -38,15 +38,10 @@ impl Completion {
             }
         }
 
-        let prompt_words: usize = messages
-            .iter()
-            .map(|(_, content)| content.split_whitespace().count())
-            .sum();
-
         Self {
             tokens,
             finish_reason,
-            prompt_tokens: saturating_u32(prompt_words),
+            prompt_tokens: prompt_tokens(messages),
         }
     }
 
@@ -63,6 +58,105 @@ impl Completion {
 
 fn saturating_u32(n: usize) -> u32 {
     u32::try_from(n).unwrap_or(u32::MAX)
+}
+
+/// Prompt tokens: whitespace-separated words across all message contents.
+pub(crate) fn prompt_tokens(messages: &[(String, String)]) -> u32 {
+    saturating_u32(
+        messages
+            .iter()
+            .map(|(_, content)| content.split_whitespace().count())
+            .sum(),
+    )
+}
+
+/// The content of the last `user` message, as sent (empty when there is none).
+fn last_user(messages: &[(String, String)]) -> &str {
+    messages
+        .iter()
+        .rev()
+        .find(|(role, _)| role == "user")
+        .map(|(_, content)| content.as_str())
+        .unwrap_or("")
+}
+
+/// A planned call to one tool.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct ToolCall {
+    /// `call_mock_N` or `toolu_mock_N`.
+    pub id: String,
+    pub name: String,
+    /// `{"text": <last user message>}`.
+    pub input: Value,
+    /// `input` serialized (compact, as `serde_json` writes it).
+    pub arguments: String,
+    /// `arguments` split into at least two pieces, streamed one per event.
+    pub fragments: Vec<String>,
+    pub prompt_tokens: u32,
+}
+
+impl ToolCall {
+    pub fn plan(id: String, name: &str, messages: &[(String, String)]) -> Self {
+        let input = json!({ "text": last_user(messages) });
+        let arguments = input.to_string();
+        let fragments = split_fragments(&arguments);
+        Self {
+            id,
+            name: name.to_owned(),
+            input,
+            arguments,
+            fragments,
+            prompt_tokens: prompt_tokens(messages),
+        }
+    }
+}
+
+/// Splits `s` into pieces of at most 8 characters, and into at least two pieces
+/// whenever it has two characters or more.
+fn split_fragments(s: &str) -> Vec<String> {
+    let chars: Vec<char> = s.chars().collect();
+    let size = if chars.len() >= 16 {
+        8
+    } else {
+        chars.len().div_ceil(2).max(1)
+    };
+    chars.chunks(size).map(|c| c.iter().collect()).collect()
+}
+
+/// What one request gets: text, or a tool call.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Reply {
+    Text(Completion),
+    Tool(ToolCall),
+}
+
+impl Reply {
+    /// A call to `tool` (`(id, name)`) when given, otherwise the text reply.
+    pub fn plan(
+        messages: &[(String, String)],
+        max_tokens: Option<u32>,
+        tool: Option<(String, &str)>,
+    ) -> Self {
+        match tool {
+            Some((id, name)) => Self::Tool(ToolCall::plan(id, name, messages)),
+            None => Self::Text(Completion::plan(messages, max_tokens)),
+        }
+    }
+
+    pub fn prompt_tokens(&self) -> u32 {
+        match self {
+            Self::Text(c) => c.prompt_tokens,
+            Self::Tool(t) => t.prompt_tokens,
+        }
+    }
+
+    /// Emitted tokens; a tool call counts one per argument fragment.
+    pub fn completion_tokens(&self) -> u32 {
+        match self {
+            Self::Text(c) => c.completion_tokens(),
+            Self::Tool(t) => saturating_u32(t.fragments.len()),
+        }
+    }
 }
 
 /// The exact completion text the mock produces for these messages and `max_tokens`.
@@ -116,6 +210,22 @@ mod tests {
         let zero = Completion::plan(&m, Some(0));
         assert_eq!(zero.text(), "");
         assert_eq!(zero.finish_reason, "length");
+    }
+
+    #[test]
+    fn tool_call_arguments_and_fragments() {
+        let m = msgs(&[("user", "first"), ("user", "say \"hi\"\n  now")]);
+        let t = ToolCall::plan("call_mock_1".to_owned(), "echo", &m);
+        assert_eq!(t.arguments, r#"{"text":"say \"hi\"\n  now"}"#);
+        assert_eq!(t.input, json!({ "text": "say \"hi\"\n  now" }));
+        assert!(t.fragments.len() >= 2);
+        assert_eq!(t.fragments.concat(), t.arguments);
+        assert_eq!(split_fragments("ab"), ["a", "b"]);
+        assert_eq!(split_fragments("abcde"), ["abc", "de"]);
+        assert_eq!(split_fragments("é"), ["é"]);
+        let r = Reply::plan(&m, None, Some(("x".to_owned(), "echo")));
+        assert!(r.completion_tokens() >= 2);
+        assert_eq!(r.prompt_tokens(), 4);
     }
 
     #[test]

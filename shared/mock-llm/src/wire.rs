@@ -1,13 +1,14 @@
 //! OpenAI Chat Completions wire types: the request subset the mock reads, and
 //! builders for responses, stream chunks and error bodies.
 
-use axum::http::{header, HeaderValue, StatusCode};
+use axum::http::{header, HeaderValue};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use crate::text::Completion;
+use crate::scenario::ErrorSpec;
+use crate::text::Reply;
 
 /// The part of a chat completion request the mock looks at; unknown fields are ignored.
 #[derive(Debug, Deserialize)]
@@ -22,6 +23,8 @@ pub(crate) struct ChatRequest {
     pub stream: Option<bool>,
     #[serde(default)]
     pub stream_options: Option<StreamOptions>,
+    #[serde(default)]
+    pub tools: Option<Vec<Value>>,
 }
 
 impl ChatRequest {
@@ -39,6 +42,21 @@ impl ChatRequest {
             .as_ref()
             .and_then(|o| o.include_usage)
             .unwrap_or(false)
+    }
+
+    /// The name of the first tool (`tools[0].function.name`).
+    pub fn first_tool_name(&self) -> Option<&str> {
+        self.tools
+            .as_ref()?
+            .first()?
+            .get("function")?
+            .get("name")?
+            .as_str()
+    }
+
+    /// Whether the last message is a tool result (role `tool`).
+    pub fn ends_with_tool_result(&self) -> bool {
+        self.messages.last().is_some_and(|m| m.role == "tool")
     }
 
     /// Messages flattened to `(role, text)` pairs.
@@ -86,9 +104,9 @@ pub(crate) struct ResponseMeta {
     pub model: String,
 }
 
-pub(crate) fn usage_json(c: &Completion) -> Value {
-    let prompt = c.prompt_tokens;
-    let completion = c.completion_tokens();
+pub(crate) fn usage_json(r: &Reply) -> Value {
+    let prompt = r.prompt_tokens();
+    let completion = r.completion_tokens();
     json!({
         "prompt_tokens": prompt,
         "completion_tokens": completion,
@@ -97,7 +115,25 @@ pub(crate) fn usage_json(c: &Completion) -> Value {
 }
 
 /// The non-streaming `chat.completion` object.
-pub(crate) fn completion_json(meta: &ResponseMeta, c: &Completion) -> Value {
+pub(crate) fn completion_json(meta: &ResponseMeta, r: &Reply) -> Value {
+    let (message, finish_reason) = match r {
+        Reply::Text(c) => (
+            json!({ "role": "assistant", "content": c.text() }),
+            c.finish_reason,
+        ),
+        Reply::Tool(t) => (
+            json!({
+                "role": "assistant",
+                "content": null,
+                "tool_calls": [{
+                    "id": t.id,
+                    "type": "function",
+                    "function": { "name": t.name, "arguments": t.arguments },
+                }],
+            }),
+            "tool_calls",
+        ),
+    };
     json!({
         "id": meta.id,
         "object": "chat.completion",
@@ -105,17 +141,23 @@ pub(crate) fn completion_json(meta: &ResponseMeta, c: &Completion) -> Value {
         "model": meta.model,
         "choices": [{
             "index": 0,
-            "message": { "role": "assistant", "content": c.text() },
+            "message": message,
             "logprobs": null,
-            "finish_reason": c.finish_reason,
+            "finish_reason": finish_reason,
         }],
-        "usage": usage_json(c),
+        "usage": usage_json(r),
     })
 }
 
-/// A `chat.completion.chunk` with a single choice.
-pub(crate) fn chunk_json(meta: &ResponseMeta, delta: Value, finish_reason: Option<&str>) -> Value {
-    json!({
+/// A `chat.completion.chunk` with a single choice; `bare` leaves out `object`
+/// and `created`, as some OpenAI-compatible servers do.
+pub(crate) fn chunk_json(
+    meta: &ResponseMeta,
+    delta: Value,
+    finish_reason: Option<&str>,
+    bare: bool,
+) -> Value {
+    let mut chunk = json!({
         "id": meta.id,
         "object": "chat.completion.chunk",
         "created": meta.created,
@@ -126,68 +168,65 @@ pub(crate) fn chunk_json(meta: &ResponseMeta, delta: Value, finish_reason: Optio
             "logprobs": null,
             "finish_reason": finish_reason,
         }],
-    })
+    });
+    if bare {
+        if let Some(o) = chunk.as_object_mut() {
+            o.remove("object");
+            o.remove("created");
+        }
+    }
+    chunk
 }
 
-/// The trailing usage chunk sent when `stream_options.include_usage` is true.
-pub(crate) fn usage_chunk_json(meta: &ResponseMeta, c: &Completion) -> Value {
+/// The trailing usage chunk: `choices: []` as OpenAI sends it when
+/// `stream_options.include_usage` is true, or `bare` (`choices: null`, no
+/// `object`/`created`) as some compatible servers send it.
+pub(crate) fn usage_chunk_json(meta: &ResponseMeta, r: &Reply, bare: bool) -> Value {
+    if bare {
+        return json!({
+            "id": meta.id,
+            "model": meta.model,
+            "choices": null,
+            "usage": usage_json(r),
+        });
+    }
     json!({
         "id": meta.id,
         "object": "chat.completion.chunk",
         "created": meta.created,
         "model": meta.model,
         "choices": [],
-        "usage": usage_json(c),
+        "usage": usage_json(r),
     })
 }
 
-/// An OpenAI-style error response.
-#[derive(Debug)]
-pub(crate) struct ApiError {
-    pub status: StatusCode,
-    pub message: String,
-    pub kind: &'static str,
-    pub code: Option<&'static str>,
-    pub retry_after_secs: Option<u32>,
+/// The error object `mock-midstream-error` sends in the stream (or as the
+/// body of an HTTP 200).
+pub(crate) fn midstream_error_json() -> Value {
+    json!({
+        "error": {
+            "message": "mock-midstream-error: simulated server error in the middle of the response",
+            "type": "server_error",
+            "param": null,
+            "code": null,
+        }
+    })
 }
 
-impl ApiError {
-    pub fn new(status: StatusCode, kind: &'static str, message: impl Into<String>) -> Self {
-        Self {
-            status,
-            message: message.into(),
-            kind,
-            code: None,
-            retry_after_secs: None,
+/// An OpenAI-style error response: `{"error":{"message","type","param","code"}}`.
+pub(crate) fn error_response(spec: &ErrorSpec) -> Response {
+    let body = json!({
+        "error": {
+            "message": spec.openai_message,
+            "type": spec.openai_type,
+            "param": null,
+            "code": spec.openai_code,
         }
+    });
+    let mut resp = (spec.status, Json(body)).into_response();
+    if let Some(secs) = spec.retry_after {
+        resp.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from(secs));
     }
-
-    pub fn with_code(mut self, code: &'static str) -> Self {
-        self.code = Some(code);
-        self
-    }
-
-    pub fn with_retry_after(mut self, secs: u32) -> Self {
-        self.retry_after_secs = Some(secs);
-        self
-    }
-}
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        let body = json!({
-            "error": {
-                "message": self.message,
-                "type": self.kind,
-                "param": null,
-                "code": self.code,
-            }
-        });
-        let mut resp = (self.status, Json(body)).into_response();
-        if let Some(secs) = self.retry_after_secs {
-            resp.headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
-        }
-        resp
-    }
+    resp
 }

@@ -1,10 +1,15 @@
-//! Postgres store: the source of truth for tenants, API keys and jobs (with attempt fencing).
+//! Postgres store: the source of truth for tenants, API keys and jobs (with attempt fencing),
+//! and usage reports over finished jobs.
 
+mod conversations;
 mod jobs;
 mod tenants;
+mod usage;
 
+pub use conversations::*;
 pub use jobs::*;
 pub use tenants::*;
+pub use usage::*;
 
 use std::time::Duration;
 

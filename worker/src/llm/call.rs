@@ -15,6 +15,8 @@ use switchyard_core::event::types;
 use switchyard_core::job::{ChatMessage, LlmChatInput};
 use switchyard_core::models::{ModelTable, ProviderKind, ResolvedModel};
 
+use super::context::Tokenizer;
+use super::conversation::fit_prompt;
 use super::{
     Anthropic, ChatOutput, Failure, LlmProvider, OpenAi, ProviderError, ProviderRequest, Sink,
 };
@@ -112,11 +114,14 @@ impl Providers {
         &self.policy
     }
 
-    /// Runs `input` (with `messages` as the prompt) through the model chain.
+    /// Runs `input` with the prompt `head` (kept whole) + `history` (oldest dropped first)
+    /// through the model chain, fitting the prompt into each model's window minus the reply
+    /// budget.
     pub async fn complete(
         &self,
         input: &LlmChatInput,
-        messages: &[ChatMessage],
+        head: &[ChatMessage],
+        history: &[ChatMessage],
         sink: &Sink<'_>,
     ) -> Result<Completion, ExecError> {
         let chain = self
@@ -130,10 +135,25 @@ impl Providers {
                 continue;
             };
             tried.push(m.alias.clone());
+            let max_tokens = input
+                .max_tokens
+                .unwrap_or(m.config.max_output_tokens)
+                .min(m.config.context_window.saturating_sub(16).max(1));
+            let tok = Tokenizer::for_model(m.config.tokenizer.as_deref(), &m.upstream);
+            let budget = u64::from(m.config.context_window.saturating_sub(max_tokens));
+            let messages = match fit_prompt(tok, head.to_vec(), history.to_vec(), budget).await {
+                Ok(msgs) => msgs,
+                Err(e) if ci + 1 < chain.len() => {
+                    tracing::info!(model = %m.alias, error = %e, "prompt does not fit; trying the next model");
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            let messages = &messages[..];
             let req = ProviderRequest {
                 model: &m.upstream,
                 messages,
-                max_tokens: input.max_tokens.unwrap_or(m.config.max_output_tokens),
+                max_tokens,
                 max_tokens_explicit: input.max_tokens.is_some(),
                 temperature: input.temperature,
                 tools: input.tools.as_deref().unwrap_or_default(),

@@ -1,20 +1,24 @@
-//! The `llm.chat` executor: parses the input, runs it through the model chain and shapes the
-//! job output (text, tool calls, usage, the model that answered, cost).
+//! The `llm.chat` executor: parses the input, reads a conversation's history when the job
+//! answers one, runs the prompt through the model chain and shapes the job output (text, tool
+//! calls, usage, the model that answered, cost); a conversation gets the reply appended.
 
 use async_trait::async_trait;
 use serde_json::{json, Value};
 use switchyard_core::job::{parse_at, LlmChatInput};
+use switchyard_store::Store;
 
-use super::{Providers, Sink};
+use super::{conversation, Providers, Sink};
 use crate::executor::{ExecError, Executor, JobContext};
 
 pub struct LlmChatExecutor {
     pub providers: Providers,
+    /// Needed for conversation turns.
+    pub store: Option<Store>,
 }
 
 impl LlmChatExecutor {
-    pub fn new(providers: Providers) -> Self {
-        LlmChatExecutor { providers }
+    pub fn new(providers: Providers, store: Option<Store>) -> Self {
+        LlmChatExecutor { providers, store }
     }
 }
 
@@ -23,12 +27,34 @@ impl Executor for LlmChatExecutor {
     async fn execute(&self, ctx: &JobContext) -> Result<Value, ExecError> {
         let input: LlmChatInput = parse_at("input", &ctx.input)
             .map_err(|e| ExecError::fatal("invalid_input", e.to_string()))?;
+        let (head, history) = match (input.conversation, &self.store) {
+            (None, _) => {
+                // the system prompt is kept whole; the rest is history, oldest dropped first
+                let split = input
+                    .messages
+                    .iter()
+                    .take_while(|m| m.role == "system")
+                    .count();
+                let (h, rest) = input.messages.split_at(split);
+                (h.to_vec(), rest.to_vec())
+            }
+            (Some(conv), Some(store)) => conversation::history(store, ctx, conv).await?,
+            (Some(_), None) => {
+                return Err(ExecError::fatal(
+                    "no_store",
+                    "this worker cannot answer conversation turns (no database)",
+                ))
+            }
+        };
         let sink = Sink::new(ctx);
         let done = self
             .providers
-            .complete(&input, &input.messages, &sink)
+            .complete(&input, &head, &history, &sink)
             .await?;
         let out = &done.output;
+        if let (Some(conv), Some(store)) = (input.conversation, &self.store) {
+            conversation::append(store, ctx, conv, &input, out, &done.model.alias).await?;
+        }
         let cost = done
             .model
             .config

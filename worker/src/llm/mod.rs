@@ -4,6 +4,8 @@
 
 mod anthropic;
 mod call;
+pub mod context;
+mod conversation;
 mod executor;
 mod openai;
 mod sse;

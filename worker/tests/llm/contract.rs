@@ -187,7 +187,10 @@ async fn openai_compatible_variants_are_tolerated() {
         !out.usage.estimated,
         "usage read from the `choices: null` chunk"
     );
-    assert_eq!(out.usage.completion_tokens, 5, "Mock, reply:, one, two, three");
+    assert_eq!(
+        out.usage.completion_tokens, 5,
+        "Mock, reply:, one, two, three"
+    );
     stop.cancel();
 }
 

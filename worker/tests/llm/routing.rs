@@ -42,7 +42,12 @@ async fn transient_failures_are_retried_then_succeed() {
     let name = unique("mock-fail-first-2");
     let (c, _rx) = ctx();
     let done = p
-        .complete(&input(&name, "hi there"), &user("hi there"), &Sink::new(&c))
+        .complete(
+            &input(&name, "hi there"),
+            &[],
+            &user("hi there"),
+            &Sink::new(&c),
+        )
         .await
         .unwrap();
     assert_eq!(done.calls, 3);
@@ -60,7 +65,12 @@ async fn retry_after_is_honoured_and_retries_are_bounded() {
     let (c, _rx) = ctx();
     let t0 = Instant::now();
     let e = p
-        .complete(&input("mock-error-429", "x"), &user("x"), &Sink::new(&c))
+        .complete(
+            &input("mock-error-429", "x"),
+            &[],
+            &user("x"),
+            &Sink::new(&c),
+        )
         .await
         .unwrap_err();
     assert!(
@@ -81,9 +91,14 @@ async fn retry_after_is_honoured_and_retries_are_bounded() {
     let p = Providers::from_config(&cfg);
     let (c, _rx) = ctx();
     let t0 = Instant::now();
-    p.complete(&input("mock-error-429", "x"), &user("x"), &Sink::new(&c))
-        .await
-        .unwrap_err();
+    p.complete(
+        &input("mock-error-429", "x"),
+        &[],
+        &user("x"),
+        &Sink::new(&c),
+    )
+    .await
+    .unwrap_err();
     assert!(t0.elapsed() < Duration::from_secs(1));
     assert_eq!(stats(&base, "mock-error-429").await.0, 3);
     stop.cancel();
@@ -101,7 +116,7 @@ async fn errors_that_cannot_pass_are_not_retried() {
     ] {
         let (c, _rx) = ctx();
         let e = p
-            .complete(&input(model, "x"), &user("x"), &Sink::new(&c))
+            .complete(&input(model, "x"), &[], &user("x"), &Sink::new(&c))
             .await
             .unwrap_err();
         assert_eq!((e.code.as_str(), e.retryable), (code, false), "{model}");
@@ -109,7 +124,7 @@ async fn errors_that_cannot_pass_are_not_retried() {
     }
     let (c, _rx) = ctx();
     let e = p
-        .complete(&input("gpt-nope", "x"), &user("x"), &Sink::new(&c))
+        .complete(&input("gpt-nope", "x"), &[], &user("x"), &Sink::new(&c))
         .await
         .unwrap_err();
     assert_eq!((e.code.as_str(), e.retryable), ("unknown_model", false));
@@ -134,7 +149,12 @@ async fn fallback_to_the_next_model_across_formats() {
     let p = Providers::from_config(&cfg);
     let (c, _rx) = ctx();
     let done = p
-        .complete(&input("primary", "go now"), &user("go now"), &Sink::new(&c))
+        .complete(
+            &input("primary", "go now"),
+            &[],
+            &user("go now"),
+            &Sink::new(&c),
+        )
         .await
         .unwrap();
     assert_eq!(done.model.alias, "tertiary");
@@ -155,7 +175,7 @@ async fn fallback_to_the_next_model_across_formats() {
     let p = Providers::from_config(&cfg);
     let (c, _rx) = ctx();
     let e = p
-        .complete(&input("strict", "x"), &user("x"), &Sink::new(&c))
+        .complete(&input("strict", "x"), &[], &user("x"), &Sink::new(&c))
         .await
         .unwrap_err();
     assert_eq!(e.code, "provider_bad_request");
@@ -167,7 +187,7 @@ async fn fallback_to_the_next_model_across_formats() {
     let p = Providers::from_config(&cfg);
     let (c, _rx) = ctx();
     let done = p
-        .complete(&input("stuck", "x"), &user("x"), &Sink::new(&c))
+        .complete(&input("stuck", "x"), &[], &user("x"), &Sink::new(&c))
         .await
         .unwrap();
     assert_eq!(done.model.alias, "tertiary");
@@ -191,6 +211,7 @@ async fn a_restart_after_streamed_tokens_is_announced_never_spliced() {
     let done = p
         .complete(
             &input("flaky", "red green blue yellow"),
+            &[],
             &msgs,
             &Sink::new(&c),
         )
@@ -234,7 +255,12 @@ async fn cost_comes_from_the_model_table() {
     let p = Providers::from_config(&cfg);
     let (c, _rx) = ctx();
     let done = p
-        .complete(&input("priced", "a b c"), &user("a b c"), &Sink::new(&c))
+        .complete(
+            &input("priced", "a b c"),
+            &[],
+            &user("a b c"),
+            &Sink::new(&c),
+        )
         .await
         .unwrap();
     let u = &done.output.usage;

@@ -1,4 +1,5 @@
-//! End-to-end tests: start the mock with `spawn` and talk to it over HTTP.
+//! OpenAI route basics: models, plain and streamed answers, delays, the
+//! original failure models, shutdown.
 
 use std::time::{Duration, Instant};
 
@@ -6,75 +7,7 @@ use futures::StreamExt;
 use serde_json::{json, Value};
 use switchyard_mock_llm::{expected_text, spawn, MockLlmConfig, MOCK_MODELS};
 
-fn pairs(messages: &Value) -> Vec<(String, String)> {
-    messages
-        .as_array()
-        .expect("messages array")
-        .iter()
-        .map(|m| {
-            (
-                m["role"].as_str().unwrap_or_default().to_owned(),
-                m["content"].as_str().unwrap_or_default().to_owned(),
-            )
-        })
-        .collect()
-}
-
-fn sample_messages() -> Value {
-    json!([
-        { "role": "system", "content": "You are terse." },
-        { "role": "user", "content": "Say  hello to\nthe world" }
-    ])
-}
-
-async fn post(base: &str, body: Value) -> reqwest::Response {
-    reqwest::Client::new()
-        .post(format!("{base}/v1/chat/completions"))
-        .json(&body)
-        .send()
-        .await
-        .expect("request sent")
-}
-
-/// Reads an SSE body to the end (or until a body error); returns the `data:`
-/// payloads in order and whether the body ended with an error.
-async fn read_sse(resp: reqwest::Response) -> (Vec<String>, bool) {
-    let mut buf = String::new();
-    let mut errored = false;
-    let mut stream = resp.bytes_stream();
-    while let Some(chunk) = stream.next().await {
-        match chunk {
-            Ok(bytes) => buf.push_str(std::str::from_utf8(&bytes).expect("utf8")),
-            Err(_) => {
-                errored = true;
-                break;
-            }
-        }
-    }
-    let events = buf
-        .split("\n\n")
-        .filter(|e| !e.is_empty())
-        .map(|e| {
-            e.strip_prefix("data: ")
-                .unwrap_or_else(|| panic!("event without data prefix: {e:?}"))
-                .to_owned()
-        })
-        .collect();
-    (events, errored)
-}
-
-fn content_deltas(events: &[String]) -> String {
-    events
-        .iter()
-        .filter(|e| e.as_str() != "[DONE]")
-        .filter_map(|e| {
-            let v: Value = serde_json::from_str(e).expect("chunk json");
-            v["choices"][0]["delta"]["content"]
-                .as_str()
-                .map(str::to_owned)
-        })
-        .collect()
-}
+use crate::common::{content_deltas, pairs, post, read_sse, sample_messages};
 
 #[tokio::test]
 async fn healthz_and_models() {

@@ -1,0 +1,363 @@
+//! `/v1/conversations`: create, read (with messages), list, delete, and post a user message
+//! (stored together with the `llm.chat` job that answers it).
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Path, Query, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use chrono::Utc;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use switchyard_core::job::{parse_at, Job, JobKind, DEFAULT_MAX_ATTEMPTS, MAX_METADATA_KEYS};
+use switchyard_core::telemetry::TraceParent;
+use switchyard_core::{ErrorCode, FieldError};
+use switchyard_store::{Conversation, Message, NewConversation, NewJob};
+use uuid::Uuid;
+
+use super::jobs::{decode_cursor, encode_cursor, json_body, parse_id};
+use crate::auth::Auth;
+use crate::error::{ApiError, ApiResult, ErrorBody};
+use crate::AppState;
+
+/// Largest message accepted (characters).
+pub const MAX_CONTENT_CHARS: usize = 1_000_000;
+const STRATEGIES: [&str; 1] = ["drop_oldest"];
+
+/// Body of `POST /v1/conversations`.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateConversation {
+    /// Default model of the conversation's messages.
+    pub model: Option<String>,
+    /// System prompt, always kept when the context is fitted.
+    pub system: Option<String>,
+    #[schema(value_type = Option<Object>)]
+    pub metadata: Option<Value>,
+    /// How the history is fitted into the model's window: `drop_oldest` (default).
+    pub context_strategy: Option<String>,
+}
+
+/// Body of `POST /v1/conversations/{id}/messages`.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PostMessage {
+    pub content: String,
+    /// Overrides the conversation's model for this turn.
+    pub model: Option<String>,
+    pub max_tokens: Option<u32>,
+    pub temperature: Option<f64>,
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct ConversationWithMessages {
+    #[serde(flatten)]
+    pub conversation: Conversation,
+    pub messages: Vec<Message>,
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct ConversationList {
+    pub data: Vec<Conversation>,
+    pub next_cursor: Option<String>,
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct PostedMessage {
+    pub message: Message,
+    /// The `llm.chat` job answering the message; its events stream the reply.
+    pub job: Job,
+}
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct ListParams {
+    /// Page size, 1..=200 (default 50).
+    pub limit: Option<String>,
+    /// `next_cursor` of the previous page.
+    pub cursor: Option<String>,
+}
+
+fn check_model(state: &AppState, field: &str, model: &str) -> ApiResult<()> {
+    state
+        .models
+        .resolve(model)
+        .map(|_| ())
+        .map_err(|e| ApiError::field(ErrorCode::InvalidInput, field, e.to_string()))
+}
+
+/// Create a conversation.
+#[utoipa::path(
+    post, path = "/v1/conversations", tag = "conversations",
+    request_body = CreateConversation,
+    responses(
+        (status = 201, body = Conversation),
+        (status = 400, description = "malformed_json", body = ErrorBody),
+        (status = 401, description = "unauthorized", body = ErrorBody),
+        (status = 422, description = "unknown_field, invalid_input (with `field`)", body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn create(
+    State(state): State<AppState>,
+    Auth(principal): Auth,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<Response> {
+    let value = json_body(&headers, body)?;
+    if !value.is_object() {
+        return Err(FieldError::invalid("body", "must be a JSON object").into());
+    }
+    let req: CreateConversation = parse_at("", &value)?;
+    if let Some(m) = &req.model {
+        check_model(&state, "model", m)?;
+    }
+    let metadata = match req.metadata {
+        None | Some(Value::Null) => json!({}),
+        Some(Value::Object(m)) if m.len() <= MAX_METADATA_KEYS => Value::Object(m),
+        Some(_) => {
+            return Err(FieldError::invalid(
+                "metadata",
+                format!("must be a JSON object with at most {MAX_METADATA_KEYS} keys"),
+            )
+            .into())
+        }
+    };
+    let strategy = req.context_strategy.unwrap_or_else(|| "drop_oldest".into());
+    if !STRATEGIES.contains(&strategy.as_str()) {
+        return Err(FieldError::invalid(
+            "context_strategy",
+            format!("must be one of {}", STRATEGIES.join(", ")),
+        )
+        .into());
+    }
+    let c = state
+        .store
+        .create_conversation(
+            principal.tenant_id,
+            &NewConversation {
+                model: req.model,
+                system: req.system,
+                metadata,
+                context_strategy: strategy,
+            },
+        )
+        .await?;
+    let location = format!("/v1/conversations/{}", c.id);
+    Ok((StatusCode::CREATED, [(header::LOCATION, location)], Json(c)).into_response())
+}
+
+/// Read a conversation with its messages (turn order; an assistant reply follows its user
+/// message).
+#[utoipa::path(
+    get, path = "/v1/conversations/{id}", tag = "conversations",
+    params(("id" = Uuid, Path, description = "conversation id")),
+    responses(
+        (status = 200, body = ConversationWithMessages),
+        (status = 401, description = "unauthorized", body = ErrorBody),
+        (status = 404, description = "not_found", body = ErrorBody),
+        (status = 422, description = "invalid_parameter", body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn get(
+    State(state): State<AppState>,
+    Auth(principal): Auth,
+    Path(id): Path<String>,
+) -> ApiResult<Json<ConversationWithMessages>> {
+    let id = parse_id(&id)?;
+    let conversation = state
+        .store
+        .get_conversation(principal.tenant_id, id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("conversation"))?;
+    let messages = state.store.messages(id, i32::MAX).await?;
+    Ok(Json(ConversationWithMessages {
+        conversation,
+        messages,
+    }))
+}
+
+/// List conversations, newest first.
+#[utoipa::path(
+    get, path = "/v1/conversations", tag = "conversations",
+    params(ListParams),
+    responses(
+        (status = 200, body = ConversationList),
+        (status = 401, description = "unauthorized", body = ErrorBody),
+        (status = 422, description = "invalid_parameter (limit or cursor)", body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn list(
+    State(state): State<AppState>,
+    Auth(principal): Auth,
+    params: Result<Query<ListParams>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult<Json<ConversationList>> {
+    let Query(p) =
+        params.map_err(|e| ApiError::field(ErrorCode::InvalidParameter, "query", e.body_text()))?;
+    let limit = match p.limit.as_deref() {
+        None | Some("") => 50,
+        Some(l) => l
+            .parse::<i64>()
+            .ok()
+            .filter(|l| (1..=200).contains(l))
+            .ok_or_else(|| {
+                ApiError::field(
+                    ErrorCode::InvalidParameter,
+                    "limit",
+                    "must be an integer from 1 to 200",
+                )
+            })?,
+    };
+    let before = match p.cursor.as_deref() {
+        None | Some("") => None,
+        Some(c) => Some(decode_cursor(c)?),
+    };
+    let mut rows = state
+        .store
+        .list_conversations(principal.tenant_id, before, limit + 1)
+        .await?;
+    let has_more = rows.len() as i64 > limit;
+    rows.truncate(limit as usize);
+    let next_cursor = has_more
+        .then(|| rows.last().map(|c| encode_cursor(c.id)))
+        .flatten();
+    Ok(Json(ConversationList {
+        data: rows,
+        next_cursor,
+    }))
+}
+
+/// Delete a conversation and its messages (jobs stay; an unanswered turn fails with
+/// `conversation_not_found`).
+#[utoipa::path(
+    delete, path = "/v1/conversations/{id}", tag = "conversations",
+    params(("id" = Uuid, Path, description = "conversation id")),
+    responses(
+        (status = 204, description = "deleted"),
+        (status = 401, description = "unauthorized", body = ErrorBody),
+        (status = 404, description = "not_found", body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn delete(
+    State(state): State<AppState>,
+    Auth(principal): Auth,
+    Path(id): Path<String>,
+) -> ApiResult<StatusCode> {
+    let id = parse_id(&id)?;
+    if state
+        .store
+        .delete_conversation(principal.tenant_id, id)
+        .await?
+    {
+        Ok(StatusCode::NO_CONTENT)
+    } else {
+        Err(ApiError::not_found("conversation"))
+    }
+}
+
+/// Post a user message: 202 with the stored message and the `llm.chat` job that answers it.
+/// Turns are answered in the order they were posted; the reply is appended when the job
+/// succeeds, and its tokens stream through the job's events.
+#[utoipa::path(
+    post, path = "/v1/conversations/{id}/messages", tag = "conversations",
+    params(("id" = Uuid, Path, description = "conversation id")),
+    request_body = PostMessage,
+    responses(
+        (status = 202, description = "stored; `Location` points at the job", body = PostedMessage),
+        (status = 401, description = "unauthorized", body = ErrorBody),
+        (status = 404, description = "not_found", body = ErrorBody),
+        (status = 422, description = "unknown_field, invalid_input (with `field`)", body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn post_message(
+    State(state): State<AppState>,
+    Auth(principal): Auth,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<Response> {
+    let id = parse_id(&id)?;
+    let value = json_body(&headers, body)?;
+    if !value.is_object() {
+        return Err(FieldError::invalid("body", "must be a JSON object").into());
+    }
+    let req: PostMessage = parse_at("", &value)?;
+    if req.content.trim().is_empty() || req.content.chars().count() > MAX_CONTENT_CHARS {
+        return Err(FieldError::invalid(
+            "content",
+            format!("must be 1 to {MAX_CONTENT_CHARS} characters"),
+        )
+        .into());
+    }
+    let conv = state
+        .store
+        .get_conversation(principal.tenant_id, id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("conversation"))?;
+    let model = req.model.or(conv.model).ok_or_else(|| {
+        ApiError::field(
+            ErrorCode::InvalidInput,
+            "model",
+            "name a model here or on the conversation",
+        )
+    })?;
+    check_model(&state, "model", &model)?;
+    let mut input = json!({
+        "model": model,
+        "max_tokens": req.max_tokens,
+        "temperature": req.temperature,
+    });
+    // validates max_tokens/temperature like a job's input would be
+    JobKind::LlmChat
+        .validate_input(&{
+            let mut probe = input.clone();
+            probe["messages"] = json!([{"role": "user", "content": "."}]);
+            probe
+        })
+        .map_err(|mut e| {
+            e.field = e.field.trim_start_matches("input.").to_string();
+            e
+        })?;
+    let trace = headers
+        .get("traceparent")
+        .and_then(|v| v.to_str().ok())
+        .and_then(TraceParent::parse)
+        .map(|t| t.child())
+        .unwrap_or_else(TraceParent::generate);
+    let posted = state
+        .store
+        .post_message(principal.tenant_id, id, &req.content, &model, |turn| {
+            input["conversation"] = json!({ "id": id, "turn": turn });
+            NewJob {
+                id: Uuid::now_v7(),
+                tenant_id: principal.tenant_id,
+                created_by: principal.subject(),
+                kind: JobKind::LlmChat.as_str().to_string(),
+                queue: JobKind::LlmChat.queue().to_string(),
+                priority: 0,
+                max_attempts: DEFAULT_MAX_ATTEMPTS,
+                timeout_s: None,
+                input,
+                metadata: json!({ "conversation_id": id, "turn": turn }),
+                trace_parent: Some(trace.to_string()),
+                created_at: Utc::now(),
+            }
+        })
+        .await?
+        .ok_or_else(|| ApiError::not_found("conversation"))?;
+    let (message, job) = posted;
+    let view = job.to_job();
+    state.submitter.dispatch(job).await;
+    let location = format!("/v1/jobs/{}", view.id);
+    Ok((
+        StatusCode::ACCEPTED,
+        [(header::LOCATION, location)],
+        Json(PostedMessage { message, job: view }),
+    )
+        .into_response())
+}

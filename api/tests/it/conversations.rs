@@ -1,0 +1,332 @@
+//! Conversations: CRUD and errors, answers appended in post order (concurrent posts), the
+//! context fitted into the model's window on a very long conversation, persistence across a
+//! restart of every process, and cancellation aborting the provider call.
+
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use sqlx::PgPool;
+use switchyard_core::job::ChatMessage;
+use switchyard_worker::llm::context::Tokenizer;
+use uuid::Uuid;
+
+use crate::support::*;
+
+const T: Duration = Duration::from_secs(20);
+
+async fn create(app: &TestApp, body: Value) -> Value {
+    let r = app
+        .auth(app.http.post(app.url("/v1/conversations")))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    r.json().await.unwrap()
+}
+
+async fn post(app: &TestApp, id: &str, body: Value) -> (u16, Value) {
+    let r = app
+        .auth(
+            app.http
+                .post(app.url(&format!("/v1/conversations/{id}/messages"))),
+        )
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
+}
+
+async fn get(app: &TestApp, path: &str) -> (u16, Value) {
+    let r = app.auth(app.http.get(app.url(path))).send().await.unwrap();
+    (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
+}
+
+async fn say(app: &TestApp, id: &str, content: &str) -> Value {
+    let (s, v) = post(app, id, json!({ "content": content })).await;
+    assert_eq!(s, 202, "{v}");
+    let job: Uuid = v["job"]["id"].as_str().unwrap().parse().unwrap();
+    app.wait_status(job, "succeeded", T).await
+}
+
+async fn mock_requests(app: &TestApp, model: &str) -> Vec<Value> {
+    let base = app.mock_url.trim_end_matches("/v1");
+    let v: Value = reqwest::get(format!("{base}/mock/requests?model={model}"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    v["requests"].as_array().cloned().unwrap_or_default()
+}
+
+#[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
+async fn crud_and_errors(pool: PgPool) {
+    let app = spawn_app(pool).await;
+    let c = create(
+        &app,
+        json!({"model": "mock-echo", "system": "be brief", "metadata": {"k": 1}}),
+    )
+    .await;
+    let id = c["id"].as_str().unwrap().to_string();
+    assert_eq!(c["context_strategy"], "drop_oldest");
+    let (s, got) = get(&app, &format!("/v1/conversations/{id}")).await;
+    assert_eq!(s, 200);
+    assert_eq!(got["system"], "be brief");
+    assert_eq!(got["messages"], json!([]));
+
+    for _ in 0..2 {
+        create(&app, json!({})).await;
+    }
+    let (_, page) = get(&app, "/v1/conversations?limit=2").await;
+    assert_eq!(page["data"].as_array().unwrap().len(), 2);
+    let cursor = page["next_cursor"].as_str().unwrap().to_string();
+    let (_, rest) = get(&app, &format!("/v1/conversations?limit=2&cursor={cursor}")).await;
+    assert_eq!(rest["data"].as_array().unwrap().len(), 1);
+    assert_eq!(rest["data"][0]["id"], id.as_str());
+    assert!(rest["next_cursor"].is_null());
+
+    // bad input: clear codes with the offending field
+    let bad = |body: Value, code: &'static str, field: &'static str| {
+        let app = &app;
+        let id = id.clone();
+        async move {
+            let (s, v) = post(app, &id, body).await;
+            assert_eq!(s, 422, "{v}");
+            assert_eq!(
+                (v["error"]["code"].as_str(), v["error"]["field"].as_str()),
+                (Some(code), Some(field)),
+                "{v}"
+            );
+        }
+    };
+    bad(json!({"content": ""}), "invalid_input", "content").await;
+    bad(
+        json!({"content": "x", "colour": 1}),
+        "unknown_field",
+        "colour",
+    )
+    .await;
+    bad(
+        json!({"content": "x", "model": "no-such-model"}),
+        "invalid_input",
+        "model",
+    )
+    .await;
+    bad(
+        json!({"content": "x", "temperature": 9}),
+        "invalid_input",
+        "temperature",
+    )
+    .await;
+    let r = app
+        .auth(app.http.post(app.url("/v1/conversations")))
+        .json(&json!({"context_strategy": "magic"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 422);
+    let nomodel = create(&app, json!({})).await;
+    let (s, v) = post(
+        &app,
+        nomodel["id"].as_str().unwrap(),
+        json!({"content": "hi"}),
+    )
+    .await;
+    assert_eq!((s, v["error"]["field"].as_str()), (422, Some("model")));
+    let (s, _) = post(&app, &Uuid::now_v7().to_string(), json!({"content": "hi"})).await;
+    assert_eq!(s, 404);
+
+    // another tenant sees nothing
+    let other = app.store.create_tenant("other").await.unwrap();
+    let (_, key) = app.store.create_api_key(other.id, "k", None).await.unwrap();
+    let r = app
+        .http
+        .get(app.url(&format!("/v1/conversations/{id}")))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+
+    let r = app
+        .auth(app.http.delete(app.url(&format!("/v1/conversations/{id}"))))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 204);
+    let (s, _) = get(&app, &format!("/v1/conversations/{id}")).await;
+    assert_eq!(s, 404);
+    let r = app
+        .auth(app.http.delete(app.url(&format!("/v1/conversations/{id}"))))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    app.stop().await;
+}
+
+#[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
+async fn concurrent_posts_are_answered_in_order_and_survive_a_restart(pool: PgPool) {
+    let mut app = spawn_app(pool).await;
+    let model = format!("mock-order-{}", Uuid::now_v7().simple());
+    let c = create(&app, json!({"model": model, "system": "sys"})).await;
+    let id = c["id"].as_str().unwrap().to_string();
+    let posts = (1..=5).map(|i| {
+        let (app, id) = (&app, id.clone());
+        async move { post(app, &id, json!({"content": format!("message number {i}")})).await }
+    });
+    let posted = futures::future::join_all(posts).await;
+    let mut jobs = Vec::new();
+    for (s, v) in &posted {
+        assert_eq!(*s, 202, "{v}");
+        assert_eq!(v["message"]["role"], "user");
+        jobs.push(v["job"]["id"].as_str().unwrap().parse::<Uuid>().unwrap());
+    }
+    for j in &jobs {
+        let done = app.wait_status(*j, "succeeded", T).await;
+        assert_eq!(done["output"]["model"], model.as_str());
+    }
+    let (_, conv) = get(&app, &format!("/v1/conversations/{id}")).await;
+    let msgs = conv["messages"].as_array().unwrap().clone();
+    assert_eq!(msgs.len(), 10);
+    for (i, pair) in msgs.chunks(2).enumerate() {
+        assert_eq!(pair[0]["turn"], i + 1);
+        assert_eq!(
+            (pair[0]["role"].as_str(), pair[1]["role"].as_str()),
+            (Some("user"), Some("assistant"))
+        );
+        let user = pair[0]["content"].as_str().unwrap();
+        let want = switchyard_mock_llm::expected_text(&[("user".into(), user.into())], None);
+        assert_eq!(pair[1]["content"], want.as_str());
+        assert!(pair[1]["usage"]["completion_tokens"].as_u64().unwrap() > 0);
+    }
+    // each turn was asked with every earlier turn's question and answer
+    let reqs = mock_requests(&app, &model).await;
+    assert_eq!(reqs.len(), 5);
+    for (k, r) in reqs.iter().enumerate() {
+        let m = r["body"]["messages"].as_array().unwrap();
+        assert_eq!(
+            m.len(),
+            1 + 2 * k + 1,
+            "system + {k} answered turns + the new one"
+        );
+        assert_eq!(m[0]["role"], "system");
+        assert_eq!(m.last().unwrap()["content"], msgs[2 * k]["content"]);
+    }
+
+    // every process restarts and Redis is wiped: the conversation is intact and goes on
+    app.restart().await;
+    let (s, again) = get(&app, &format!("/v1/conversations/{id}")).await;
+    assert_eq!(s, 200);
+    assert_eq!(again["messages"], conv["messages"]);
+    let done = say(&app, &id, "after the restart").await;
+    assert!(done["output"]["text"]
+        .as_str()
+        .unwrap()
+        .ends_with("after the restart"));
+    let (_, conv) = get(&app, &format!("/v1/conversations/{id}")).await;
+    assert_eq!(conv["messages"].as_array().unwrap().len(), 12);
+    let last = mock_requests(&app, &model).await;
+    assert_eq!(
+        last.last().unwrap()["body"]["messages"]
+            .as_array()
+            .unwrap()
+            .len(),
+        1 + 2 * 5 + 1
+    );
+    app.stop().await;
+}
+
+#[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
+async fn a_very_long_conversation_never_exceeds_the_window(pool: PgPool) {
+    let app = spawn_app(pool).await;
+    // mock models: an 8192-token window, 1024 reserved for the reply, estimated tokens
+    let model = format!("mock-long-{}", Uuid::now_v7().simple());
+    let c = create(
+        &app,
+        json!({"model": model, "system": "you are a patient listener"}),
+    )
+    .await;
+    let id = c["id"].as_str().unwrap().to_string();
+    let budget = 8192 - 1024;
+    let mut total_words = 0;
+    for i in 0..24 {
+        let content = format!("turn {i} ") + &"conversational ".repeat(100);
+        total_words += 2 * 102;
+        say(&app, &id, &content).await;
+    }
+    let reqs = mock_requests(&app, &model).await;
+    assert_eq!(reqs.len(), 24);
+    for r in &reqs {
+        let msgs: Vec<ChatMessage> = serde_json::from_value(r["body"]["messages"].clone()).unwrap();
+        let tokens = Tokenizer::Estimate.prompt(&msgs);
+        assert!(tokens <= budget, "prompt of {tokens} tokens > {budget}");
+        assert_eq!(msgs[0].role, "system");
+        assert_eq!(
+            msgs[1].role, "user",
+            "the kept history starts with a user turn"
+        );
+    }
+    let last: Vec<ChatMessage> =
+        serde_json::from_value(reqs[23]["body"]["messages"].clone()).unwrap();
+    assert!(
+        last.len() < 1 + 47,
+        "old turns were dropped ({} messages)",
+        last.len()
+    );
+    assert!(last.last().unwrap().content.starts_with("turn 23 "));
+    assert!(
+        total_words > 4_000,
+        "the whole history is far beyond the window"
+    );
+    app.stop().await;
+}
+
+#[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
+async fn cancelling_a_job_aborts_the_provider_call(pool: PgPool) {
+    let app = spawn_app(pool).await;
+    let job = app
+        .submit(json!({"kind": "llm.chat", "input": {"model": "mock-stall", "messages": [{"role": "user", "content": "wait for it"}]}}))
+        .await;
+    let id: Uuid = job["id"].as_str().unwrap().parse().unwrap();
+    app.wait_status(id, "running", T).await;
+    let base = app.mock_url.trim_end_matches("/v1").to_string();
+    let stats = || async {
+        let v: Value = reqwest::get(format!("{base}/mock/stats"))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let m = &v["models"]["mock-stall"];
+        (
+            m["calls"].as_u64().unwrap_or(0),
+            m["aborted"].as_u64().unwrap_or(0),
+        )
+    };
+    // the stream is open (one token sent, then silence)
+    let t0 = std::time::Instant::now();
+    while stats().await.0 == 0 && t0.elapsed() < T {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(stats().await, (1, 0));
+    let r = app
+        .auth(app.http.post(app.url(&format!("/v1/jobs/{id}/cancel"))))
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status() == 200 || r.status() == 202);
+    app.wait_status(id, "cancelled", T).await;
+    let t0 = std::time::Instant::now();
+    while stats().await.1 == 0 && t0.elapsed() < T {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        stats().await,
+        (1, 1),
+        "the provider saw the request aborted"
+    );
+    app.stop().await;
+}

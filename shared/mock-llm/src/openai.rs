@@ -1,0 +1,167 @@
+//! `POST /v1/chat/completions`: OpenAI Chat Completions, plain JSON or SSE
+//! (`data:` chunks ending with `data: [DONE]`), including tool calls and the
+//! `mock-variants` quirks of generic OpenAI-compatible servers.
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::HeaderMap;
+use axum::response::Response;
+use serde_json::json;
+
+use crate::scenario::{Behaviour, Failure};
+use crate::server::{self, AppState, Route};
+use crate::stream::{self, sse_data, BodyPlan, Frame, SseParts};
+use crate::text::Reply;
+use crate::timing::{Rng, Timing};
+use crate::wire::{self, ChatRequest, ResponseMeta};
+
+const ROUTE: Route = Route::OpenAi;
+
+pub(crate) async fn chat_completions(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let value = match server::receive(&state, ROUTE, &headers, &body) {
+        Ok(v) => v,
+        Err(failure) => return ROUTE.error(&failure),
+    };
+    let req: ChatRequest = match serde_json::from_value(value) {
+        Ok(r) => r,
+        Err(e) => {
+            return ROUTE.error(&Failure::Malformed(format!(
+                "could not parse request body as a chat completion request: {e}"
+            )))
+        }
+    };
+    let pairs = req.message_pairs();
+    let call = match server::start_call(&state, &headers, &req.model, &pairs) {
+        Ok(c) => c,
+        Err(failure) => return ROUTE.error(&failure),
+    };
+    let tool = match (call.behaviour, req.first_tool_name()) {
+        (Behaviour::Tool, Some(name)) if !req.ends_with_tool_result() => {
+            Some((format!("call_mock_{}", call.id), name))
+        }
+        _ => None,
+    };
+    let reply = Reply::plan(&pairs, req.token_limit(), tool);
+    let meta = ResponseMeta {
+        id: format!("chatcmpl-mock-{}", call.id),
+        created: server::unix_now(),
+        model: req.model.clone(),
+    };
+    tracing::debug!(
+        model = %meta.model,
+        stream = req.wants_stream(),
+        tokens = reply.completion_tokens(),
+        "mock LLM chat completion"
+    );
+
+    if req.wants_stream() {
+        let plan = stream_plan(
+            &meta,
+            &reply,
+            call.behaviour,
+            req.include_usage(),
+            &call.timing,
+            &state.rng,
+        );
+        return stream::respond(
+            plan,
+            stream::EVENT_STREAM,
+            call.guard,
+            state.shutdown.clone(),
+        );
+    }
+    let body = wire::completion_json(&meta, &reply);
+    server::plain(&state, ROUTE, call, body).await
+}
+
+/// The SSE body for `reply`, cut or decorated as `behaviour` asks.
+fn stream_plan(
+    meta: &ResponseMeta,
+    reply: &Reply,
+    behaviour: Behaviour,
+    include_usage: bool,
+    timing: &Timing,
+    rng: &Rng,
+) -> BodyPlan {
+    let variants = behaviour == Behaviour::Variants;
+    let chunk =
+        |delta, finish: Option<&str>| sse_data(wire::chunk_json(meta, delta, finish, variants));
+
+    let (head, tokens, finish_reason) = match reply {
+        Reply::Text(c) => {
+            let head = vec![Frame::now(chunk(
+                json!({ "role": "assistant", "content": "" }),
+                None,
+            ))];
+            let tokens = c
+                .tokens
+                .iter()
+                .enumerate()
+                .map(|(i, t)| {
+                    Frame::after(
+                        timing.token_delay(i, rng),
+                        chunk(json!({ "content": t }), None),
+                    )
+                })
+                .collect();
+            (head, tokens, c.finish_reason)
+        }
+        Reply::Tool(t) => {
+            // Like OpenAI: the first chunk carries the role and the call's header,
+            // then the arguments arrive in fragments.
+            let first = json!({
+                "role": "assistant",
+                "content": null,
+                "tool_calls": [{
+                    "index": 0,
+                    "id": t.id,
+                    "type": "function",
+                    "function": { "name": t.name, "arguments": "" },
+                }],
+            });
+            let mut tokens = vec![Frame::after(timing.token_delay(0, rng), chunk(first, None))];
+            tokens.extend(t.fragments.iter().enumerate().map(|(i, f)| {
+                let delta =
+                    json!({ "tool_calls": [{ "index": 0, "function": { "arguments": f } }] });
+                Frame::after(timing.token_delay(i + 1, rng), chunk(delta, None))
+            }));
+            (Vec::new(), tokens, "tool_calls")
+        }
+    };
+
+    let mut tail = vec![Frame::now(chunk(json!({}), Some(finish_reason)))];
+    if include_usage || variants {
+        tail.push(Frame::now(sse_data(wire::usage_chunk_json(
+            meta, reply, variants,
+        ))));
+    }
+    tail.push(Frame::now(sse_data("[DONE]")));
+
+    let mut plan = SseParts {
+        head,
+        tokens,
+        tail,
+        error_event: Frame::now(sse_data(wire::midstream_error_json())),
+    }
+    .assemble(behaviour);
+    if variants {
+        plan.frames = with_keep_alives(plan.frames);
+    }
+    plan
+}
+
+/// Puts a `: keep-alive` comment line between consecutive events.
+fn with_keep_alives(frames: Vec<Frame>) -> Vec<Frame> {
+    let mut out = Vec::with_capacity(frames.len() * 2);
+    for frame in frames {
+        if !out.is_empty() {
+            out.push(Frame::now(Bytes::from_static(b": keep-alive\n\n")));
+        }
+        out.push(frame);
+    }
+    out
+}

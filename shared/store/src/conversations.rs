@@ -1,0 +1,263 @@
+//! Conversations: creation, reads with messages, cursor listing, deletion, posting a user
+//! message together with the job that answers it (one transaction), and the worker's side:
+//! waiting for earlier turns, reading the history, appending the reply (fenced by attempt).
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use serde_json::Value;
+use sqlx::FromRow;
+use uuid::Uuid;
+
+use crate::{NewJob, Result, Store};
+
+/// A conversation as clients see it.
+#[derive(Debug, Clone, PartialEq, Serialize, FromRow, utoipa::ToSchema)]
+pub struct Conversation {
+    pub id: Uuid,
+    pub model: Option<String>,
+    pub system: Option<String>,
+    #[schema(value_type = Object)]
+    pub metadata: Value,
+    /// `drop_oldest` or `summarize`.
+    pub context_strategy: String,
+    /// Summary of the oldest turns, kept for reuse by the `summarize` strategy.
+    pub summary: Option<String>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// One stored message.
+#[derive(Debug, Clone, PartialEq, Serialize, FromRow, utoipa::ToSchema)]
+pub struct Message {
+    pub turn: i32,
+    /// `user` or `assistant`.
+    pub role: String,
+    pub content: String,
+    #[schema(value_type = Option<Object>)]
+    pub tool_calls: Option<Value>,
+    /// The `llm.chat` job answering this turn.
+    pub job_id: Uuid,
+    pub model: Option<String>,
+    #[schema(value_type = Option<Object>)]
+    pub usage: Option<Value>,
+    pub created_at: DateTime<Utc>,
+}
+
+/// Fields of a new conversation.
+#[derive(Debug, Clone)]
+pub struct NewConversation {
+    pub model: Option<String>,
+    pub system: Option<String>,
+    pub metadata: Value,
+    pub context_strategy: String,
+}
+
+/// An assistant reply to append.
+#[derive(Debug, Clone)]
+pub struct Reply {
+    pub conversation_id: Uuid,
+    pub turn: i32,
+    pub job_id: Uuid,
+    pub attempt: i32,
+    pub content: String,
+    pub tool_calls: Option<Value>,
+    pub model: String,
+    pub usage: Value,
+}
+
+const CONV_COLS: &str =
+    "id, model, system, metadata, context_strategy, summary, created_at, updated_at";
+const MSG_COLS: &str = "turn, role, content, tool_calls, job_id, model, usage, created_at";
+
+impl Store {
+    pub async fn create_conversation(
+        &self,
+        tenant_id: Uuid,
+        c: &NewConversation,
+    ) -> Result<Conversation> {
+        let row = sqlx::query_as::<_, Conversation>(&format!(
+            "INSERT INTO conversations (id, tenant_id, model, system, metadata, context_strategy)
+             VALUES ($1, $2, $3, $4, $5, $6) RETURNING {CONV_COLS}"
+        ))
+        .bind(Uuid::now_v7())
+        .bind(tenant_id)
+        .bind(&c.model)
+        .bind(&c.system)
+        .bind(&c.metadata)
+        .bind(&c.context_strategy)
+        .fetch_one(self.pool())
+        .await?;
+        Ok(row)
+    }
+
+    pub async fn get_conversation(
+        &self,
+        tenant_id: Uuid,
+        id: Uuid,
+    ) -> Result<Option<Conversation>> {
+        Ok(sqlx::query_as::<_, Conversation>(&format!(
+            "SELECT {CONV_COLS} FROM conversations WHERE id = $1 AND tenant_id = $2"
+        ))
+        .bind(id)
+        .bind(tenant_id)
+        .fetch_optional(self.pool())
+        .await?)
+    }
+
+    /// Messages in conversation order (turn, then user before assistant), up to `turn`.
+    pub async fn messages(&self, id: Uuid, upto_turn: i32) -> Result<Vec<Message>> {
+        Ok(sqlx::query_as::<_, Message>(&format!(
+            "SELECT {MSG_COLS} FROM conversation_messages
+             WHERE conversation_id = $1 AND turn <= $2 ORDER BY turn, part"
+        ))
+        .bind(id)
+        .bind(upto_turn)
+        .fetch_all(self.pool())
+        .await?)
+    }
+
+    /// Newest first; `before` is the last id of the previous page.
+    pub async fn list_conversations(
+        &self,
+        tenant_id: Uuid,
+        before: Option<Uuid>,
+        limit: i64,
+    ) -> Result<Vec<Conversation>> {
+        Ok(sqlx::query_as::<_, Conversation>(&format!(
+            "SELECT {CONV_COLS} FROM conversations
+             WHERE tenant_id = $1 AND ($2::uuid IS NULL OR id < $2)
+             ORDER BY id DESC LIMIT $3"
+        ))
+        .bind(tenant_id)
+        .bind(before)
+        .bind(limit)
+        .fetch_all(self.pool())
+        .await?)
+    }
+
+    /// Deletes a conversation and its messages; false when there was none.
+    pub async fn delete_conversation(&self, tenant_id: Uuid, id: Uuid) -> Result<bool> {
+        let r = sqlx::query("DELETE FROM conversations WHERE id = $1 AND tenant_id = $2")
+            .bind(id)
+            .bind(tenant_id)
+            .execute(self.pool())
+            .await?;
+        Ok(r.rows_affected() == 1)
+    }
+
+    /// Stores a user message as the next turn and the job answering it, atomically. `make_job`
+    /// gets the turn number and builds the job. `None` when the conversation does not exist.
+    pub async fn post_message(
+        &self,
+        tenant_id: Uuid,
+        id: Uuid,
+        content: &str,
+        model: &str,
+        make_job: impl FnOnce(i32) -> NewJob,
+    ) -> Result<Option<(Message, NewJob)>> {
+        let mut tx = self.pool().begin().await?;
+        // the row lock orders concurrent posts: turns are numbered in commit order
+        let turn: Option<i32> = sqlx::query_scalar(
+            "UPDATE conversations SET next_turn = next_turn + 1, updated_at = now()
+             WHERE id = $1 AND tenant_id = $2 RETURNING next_turn - 1",
+        )
+        .bind(id)
+        .bind(tenant_id)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(turn) = turn else {
+            return Ok(None);
+        };
+        let job = make_job(turn);
+        crate::jobs::insert_jobs_with(&mut *tx, std::slice::from_ref(&job)).await?;
+        let msg = sqlx::query_as::<_, Message>(&format!(
+            "INSERT INTO conversation_messages (conversation_id, turn, part, role, content, job_id, model)
+             VALUES ($1, $2, 0, 'user', $3, $4, $5) RETURNING {MSG_COLS}"
+        ))
+        .bind(id)
+        .bind(turn)
+        .bind(content)
+        .bind(job.id)
+        .bind(model)
+        .fetch_one(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(Some((msg, job)))
+    }
+
+    /// Jobs of earlier turns that have not finished yet, with their status.
+    pub async fn unfinished_turns_before(&self, id: Uuid, turn: i32) -> Result<Vec<(i32, String)>> {
+        Ok(sqlx::query_as::<_, (i32, String)>(
+            "SELECT m.turn, j.status FROM conversation_messages m JOIN jobs j ON j.id = m.job_id
+             WHERE m.conversation_id = $1 AND m.part = 0 AND m.turn < $2
+               AND j.status IN ('queued', 'running')
+             ORDER BY m.turn",
+        )
+        .bind(id)
+        .bind(turn)
+        .fetch_all(self.pool())
+        .await?)
+    }
+
+    /// The conversation a worker answers in (tenant-checked).
+    pub async fn conversation_for_job(
+        &self,
+        tenant_id: Uuid,
+        id: Uuid,
+    ) -> Result<Option<Conversation>> {
+        self.get_conversation(tenant_id, id).await
+    }
+
+    /// Appends (or replaces, for a newer attempt of the same job) the assistant reply of a turn.
+    /// False when a newer attempt already wrote it or the conversation is gone.
+    pub async fn append_reply(&self, r: &Reply) -> Result<bool> {
+        let done = sqlx::query(
+            "INSERT INTO conversation_messages
+                (conversation_id, turn, part, role, content, tool_calls, job_id, attempt, model, usage)
+             SELECT $1, $2, 1, 'assistant', $3, $4, $5, $6, $7, $8
+             WHERE EXISTS (SELECT 1 FROM conversations WHERE id = $1)
+             ON CONFLICT (conversation_id, turn, part) DO UPDATE
+                SET content = EXCLUDED.content, tool_calls = EXCLUDED.tool_calls,
+                    attempt = EXCLUDED.attempt, model = EXCLUDED.model, usage = EXCLUDED.usage,
+                    created_at = now()
+                WHERE conversation_messages.job_id = EXCLUDED.job_id
+                  AND conversation_messages.attempt <= EXCLUDED.attempt",
+        )
+        .bind(r.conversation_id)
+        .bind(r.turn)
+        .bind(&r.content)
+        .bind(&r.tool_calls)
+        .bind(r.job_id)
+        .bind(r.attempt)
+        .bind(&r.model)
+        .bind(&r.usage)
+        .execute(self.pool())
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// Keeps a summary of turns before `turn` for reuse.
+    pub async fn save_summary(&self, id: Uuid, summary: &str, turn: i32) -> Result<()> {
+        sqlx::query(
+            "UPDATE conversations SET summary = $2, summary_turn = $3
+             WHERE id = $1 AND summary_turn <= $3",
+        )
+        .bind(id)
+        .bind(summary)
+        .bind(turn)
+        .execute(self.pool())
+        .await?;
+        Ok(())
+    }
+
+    /// The turn a stored summary covers (turns before it).
+    pub async fn summary_turn(&self, id: Uuid) -> Result<i32> {
+        Ok(
+            sqlx::query_scalar("SELECT summary_turn FROM conversations WHERE id = $1")
+                .bind(id)
+                .fetch_optional(self.pool())
+                .await?
+                .unwrap_or(0),
+        )
+    }
+}

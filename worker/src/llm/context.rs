@@ -1,0 +1,177 @@
+//! Token counting per model (tiktoken encodings for OpenAI models, a documented estimate
+//! elsewhere) and fitting a conversation into the model's window minus the reply budget.
+
+use switchyard_core::job::ChatMessage;
+use tiktoken_rs::CoreBPE;
+
+/// How tokens are counted for one model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tokenizer {
+    O200k,
+    Cl100k,
+    /// [`super::estimate_tokens`]: 4 characters a token, rounded up. Deliberately generous
+    /// for English prose (real tokenizers average about 4.5 characters a token there).
+    Estimate,
+}
+
+impl Tokenizer {
+    /// From the table's `tokenizer`, else from the provider's model name.
+    pub fn for_model(configured: Option<&str>, upstream: &str) -> Tokenizer {
+        match configured {
+            Some("o200k_base") => return Tokenizer::O200k,
+            Some("cl100k_base") => return Tokenizer::Cl100k,
+            Some(_) => return Tokenizer::Estimate,
+            None => {}
+        }
+        let m = upstream.rsplit('/').next().unwrap_or(upstream);
+        if [
+            "gpt-4o",
+            "gpt-4.1",
+            "gpt-4.5",
+            "gpt-5",
+            "o1",
+            "o3",
+            "o4",
+            "chatgpt-4o",
+        ]
+        .iter()
+        .any(|p| m.starts_with(p))
+        {
+            Tokenizer::O200k
+        } else if m.starts_with("gpt-4") || m.starts_with("gpt-3.5") {
+            Tokenizer::Cl100k
+        } else {
+            Tokenizer::Estimate
+        }
+    }
+
+    fn bpe(self) -> Option<&'static CoreBPE> {
+        match self {
+            Tokenizer::O200k => Some(tiktoken_rs::o200k_base_singleton()),
+            Tokenizer::Cl100k => Some(tiktoken_rs::cl100k_base_singleton()),
+            Tokenizer::Estimate => None,
+        }
+    }
+
+    pub fn count(self, text: &str) -> u64 {
+        match self.bpe() {
+            Some(b) => b.encode_with_special_tokens(text).len() as u64,
+            None => super::estimate_tokens(text),
+        }
+    }
+
+    /// One message: its text, its tool calls, and OpenAI's 4 tokens of framing.
+    pub fn message(self, m: &ChatMessage) -> u64 {
+        let calls: u64 = m
+            .tool_calls
+            .iter()
+            .flatten()
+            .map(|c| self.count(&c.function.name) + self.count(&c.function.arguments) + 4)
+            .sum();
+        MESSAGE_OVERHEAD + self.count(&m.content) + calls
+    }
+
+    /// A whole prompt, with the 3 tokens that prime the reply.
+    pub fn prompt(self, messages: &[ChatMessage]) -> u64 {
+        3 + messages.iter().map(|m| self.message(m)).sum::<u64>()
+    }
+}
+
+const MESSAGE_OVERHEAD: u64 = 4;
+
+/// A prompt that fits.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Fitted {
+    pub messages: Vec<ChatMessage>,
+    /// History messages left out (oldest first).
+    pub dropped: Vec<ChatMessage>,
+    pub tokens: u64,
+}
+
+/// Fits `history` (oldest first; the last message is the turn being answered) after the fixed
+/// `head` (system prompt, summary) into `budget` tokens by dropping the oldest history messages.
+/// The head and the last message are always kept; the kept history never starts with an
+/// assistant or tool message. `None` when even those do not fit.
+pub fn fit(
+    tok: Tokenizer,
+    head: Vec<ChatMessage>,
+    history: Vec<ChatMessage>,
+    budget: u64,
+) -> Option<Fitted> {
+    let head_tokens = 3 + head.iter().map(|m| tok.message(m)).sum::<u64>();
+    let sizes: Vec<u64> = history.iter().map(|m| tok.message(m)).collect();
+    let mut total = head_tokens + sizes.iter().sum::<u64>();
+    let last = history.len().saturating_sub(1);
+    let mut start = 0;
+    while start < last && (total > budget || history[start].role != "user") {
+        total -= sizes[start];
+        start += 1;
+    }
+    if total > budget {
+        return None;
+    }
+    let mut history = history;
+    let kept = history.split_off(start);
+    let mut messages = head;
+    messages.extend(kept);
+    Some(Fitted {
+        messages,
+        dropped: history,
+        tokens: total,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn m(role: &str, words: usize) -> ChatMessage {
+        ChatMessage::new(role, "word ".repeat(words))
+    }
+
+    #[test]
+    fn tokenizers_by_model() {
+        assert_eq!(Tokenizer::for_model(None, "gpt-4o-mini"), Tokenizer::O200k);
+        assert_eq!(
+            Tokenizer::for_model(None, "openai/gpt-4-turbo"),
+            Tokenizer::Cl100k
+        );
+        assert_eq!(
+            Tokenizer::for_model(None, "claude-3-5-haiku"),
+            Tokenizer::Estimate
+        );
+        assert_eq!(
+            Tokenizer::for_model(Some("cl100k_base"), "x"),
+            Tokenizer::Cl100k
+        );
+        assert_eq!(Tokenizer::O200k.count("hello world"), 2);
+        assert_eq!(Tokenizer::Estimate.count("hello world"), 3);
+    }
+
+    #[test]
+    fn drops_oldest_keeps_head_and_last_and_starts_with_user() {
+        let tok = Tokenizer::Estimate;
+        let head = vec![ChatMessage::new("system", "be brief")];
+        let history: Vec<ChatMessage> = (0..40)
+            .map(|i| m(if i % 2 == 0 { "user" } else { "assistant" }, 20))
+            .collect();
+        let all = tok.prompt(&[head.clone(), history.clone()].concat());
+        let f = fit(tok, head.clone(), history.clone(), all).unwrap();
+        assert!(f.dropped.is_empty() && f.tokens == all);
+
+        let budget = all / 3;
+        let f = fit(tok, head.clone(), history.clone(), budget).unwrap();
+        assert!(f.tokens <= budget);
+        assert_eq!(f.tokens, tok.prompt(&f.messages));
+        assert_eq!(f.messages[0].role, "system");
+        assert_eq!(f.messages[1].role, "user");
+        assert_eq!(f.messages.last(), history.last());
+        assert_eq!(f.dropped.len() + f.messages.len() - 1, history.len());
+
+        // only the head and the last turn fit
+        let minimal = tok.prompt(&[head.clone(), vec![history[39].clone()]].concat());
+        let f = fit(tok, head.clone(), history.clone(), minimal).unwrap();
+        assert_eq!(f.messages.len(), 2);
+        assert!(fit(tok, head, history, minimal - 1).is_none());
+    }
+}

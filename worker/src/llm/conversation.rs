@@ -1,0 +1,149 @@
+//! Answering a turn of a stored conversation: wait until earlier turns are answered (posts are
+//! answered in order), read the history, fit it into the model's window, and append the reply.
+
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use switchyard_core::job::{ChatMessage, ConversationRef, LlmChatInput, ToolCall};
+use switchyard_store::{Reply, Store};
+
+use super::context::{fit, Tokenizer};
+use super::ChatOutput;
+use crate::executor::{ExecError, JobContext};
+
+/// How long a turn waits for an earlier turn that is still queued (not running) before it
+/// gives its slot back (a retryable `conversation_busy`).
+const QUEUED_PREDECESSOR_WAIT: Duration = Duration::from_secs(30);
+const POLL: Duration = Duration::from_millis(100);
+
+fn store_error(e: switchyard_store::StoreError) -> ExecError {
+    ExecError::retryable("store_unavailable", e.to_string())
+}
+
+/// Waits for earlier turns, then returns the conversation's prompt for `turn` (system prompt
+/// first) and the strategy.
+pub(crate) async fn history(
+    store: &Store,
+    ctx: &JobContext,
+    conv: ConversationRef,
+) -> Result<(Vec<ChatMessage>, Vec<ChatMessage>), ExecError> {
+    let gone = || {
+        ExecError::fatal(
+            "conversation_not_found",
+            format!("conversation {} no longer exists", conv.id),
+        )
+    };
+    let c = store
+        .get_conversation(ctx.tenant_id, conv.id)
+        .await
+        .map_err(store_error)?
+        .ok_or_else(gone)?;
+    let started = Instant::now();
+    loop {
+        let pending = store
+            .unfinished_turns_before(conv.id, conv.turn)
+            .await
+            .map_err(store_error)?;
+        if pending.is_empty() {
+            break;
+        }
+        if started.elapsed() > QUEUED_PREDECESSOR_WAIT && pending.iter().all(|(_, s)| s == "queued")
+        {
+            let mut e = ExecError::retryable(
+                "conversation_busy",
+                format!("turn {} waits for turn {}", conv.turn, pending[0].0),
+            );
+            e.retry_after = Some(Duration::from_secs(1));
+            return Err(e);
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(POLL) => {}
+            _ = ctx.cancel.cancelled() => return Err(ExecError::fatal("cancelled", "cancelled")),
+        }
+    }
+    let rows = store
+        .messages(conv.id, conv.turn)
+        .await
+        .map_err(store_error)?;
+    if !rows.iter().any(|m| m.turn == conv.turn) {
+        return Err(gone());
+    }
+    let mut head = Vec::new();
+    if let Some(s) = c.system.filter(|s| !s.is_empty()) {
+        head.push(ChatMessage::new("system", s));
+    }
+    let history = rows
+        .into_iter()
+        .map(|m| {
+            let mut msg = ChatMessage::new(&m.role, m.content);
+            msg.tool_calls = m
+                .tool_calls
+                .and_then(|v| serde_json::from_value::<Vec<ToolCall>>(v).ok())
+                .filter(|c| !c.is_empty());
+            msg
+        })
+        .collect();
+    Ok((head, history))
+}
+
+/// Fits head + history into `window − reply budget` on a blocking thread (tokenizing is CPU
+/// work).
+pub(crate) async fn fit_prompt(
+    tok: Tokenizer,
+    head: Vec<ChatMessage>,
+    history: Vec<ChatMessage>,
+    budget: u64,
+) -> Result<Vec<ChatMessage>, ExecError> {
+    let fitted = tokio::task::spawn_blocking(move || fit(tok, head, history, budget))
+        .await
+        .map_err(|e| ExecError::fatal("internal", e.to_string()))?;
+    match fitted {
+        Some(f) => {
+            if !f.dropped.is_empty() {
+                tracing::debug!(
+                    dropped = f.dropped.len(),
+                    tokens = f.tokens,
+                    budget,
+                    "context fitted"
+                );
+            }
+            Ok(f.messages)
+        }
+        None => Err(ExecError::fatal(
+            "context_too_long",
+            format!(
+                "the system prompt and the newest message alone exceed the model's window \
+                 minus the reply budget ({budget} tokens)"
+            ),
+        )),
+    }
+}
+
+/// Appends the assistant reply of the turn (fenced by the attempt).
+pub(crate) async fn append(
+    store: &Store,
+    ctx: &JobContext,
+    conv: ConversationRef,
+    input: &LlmChatInput,
+    out: &ChatOutput,
+    model: &str,
+) -> Result<(), ExecError> {
+    let tool_calls = (!out.tool_calls.is_empty())
+        .then(|| serde_json::to_value(&out.tool_calls).unwrap_or_default());
+    let reply = Reply {
+        conversation_id: conv.id,
+        turn: conv.turn,
+        job_id: ctx.job_id,
+        attempt: ctx.attempt,
+        content: out.text.clone(),
+        tool_calls,
+        model: model.to_string(),
+        usage: json!(out.usage),
+    };
+    let written = store.append_reply(&reply).await.map_err(store_error)?;
+    if !written {
+        tracing::info!(conversation = %conv.id, turn = conv.turn, model = %input.model,
+            "reply not appended (conversation deleted or a newer attempt wrote it)");
+    }
+    Ok(())
+}
