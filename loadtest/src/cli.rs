@@ -44,6 +44,15 @@ pub struct Args {
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..))]
     pub ws_connections: u32,
 
+    /// Words in the `--kind llm` prompt; the mock replies with as many tokens plus two, so
+    /// `--prompt-words 198` asks for 200-token replies.
+    #[arg(long, default_value_t = 3)]
+    pub prompt_words: u32,
+
+    /// `max_tokens` of `--kind llm` jobs.
+    #[arg(long, default_value_t = 16)]
+    pub max_tokens: u32,
+
     /// Maximum submit rate in jobs per second, across all submitters
     /// (default: unlimited). Use it to measure below saturation.
     #[arg(long, value_name = "R", value_parser = parse_rate)]
@@ -67,11 +76,21 @@ impl Args {
                 "kind": "llm.chat",
                 "input": {
                     "model": self.model,
-                    "messages": [{ "role": "user", "content": "hello load test" }],
-                    "max_tokens": 16
+                    "messages": [{ "role": "user", "content": self.prompt() }],
+                    "max_tokens": self.max_tokens
                 }
             }),
         }
+    }
+}
+
+impl Args {
+    fn prompt(&self) -> String {
+        const WORDS: [&str; 3] = ["hello", "load", "test"];
+        (0..self.prompt_words.max(1) as usize)
+            .map(|i| WORDS[i % WORDS.len()])
+            .collect::<Vec<_>>()
+            .join(" ")
     }
 }
 
