@@ -79,6 +79,14 @@ pub async fn create_job(
     let value = json_body(&headers, body)?;
     let enable_noop = state.cfg.enable_noop;
     let req = CreateJobRequest::parse(value, |k| k != JobKind::SystemNoop || enable_noop)?;
+    if req.kind == JobKind::LlmChat {
+        // the model must be one this deployment routes (its table, `provider/model`, mock-*)
+        let model = req.input["model"].as_str().unwrap_or_default();
+        state
+            .models
+            .resolve(model)
+            .map_err(|e| ApiError::field(ErrorCode::InvalidInput, "input.model", e.to_string()))?;
+    }
     let trace = headers
         .get("traceparent")
         .and_then(|v| v.to_str().ok())

@@ -138,6 +138,17 @@ async fn crud_and_errors(pool: PgPool) {
     let (s, _) = post(&app, &Uuid::now_v7().to_string(), json!({"content": "hi"})).await;
     assert_eq!(s, 404);
 
+    // jobs are checked against the model table too
+    let r = app
+        .auth(app.http.post(app.url("/v1/jobs")))
+        .json(&json!({"kind": "llm.chat", "input": {"model": "no-such-model", "messages": [{"role": "user", "content": "x"}]}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 422);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["field"], "input.model", "{v}");
+
     // another tenant sees nothing
     let other = app.store.create_tenant("other").await.unwrap();
     let (_, key) = app.store.create_api_key(other.id, "k", None).await.unwrap();
