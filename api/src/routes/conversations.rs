@@ -16,7 +16,7 @@ use switchyard_core::{ErrorCode, FieldError};
 use switchyard_store::{Conversation, Message, NewConversation, NewJob};
 use uuid::Uuid;
 
-use super::jobs::{decode_cursor, encode_cursor, json_body, parse_id};
+use super::jobs::{encode_cursor, json_body, page_params, parse_id};
 use crate::auth::Auth;
 use crate::error::{ApiError, ApiResult, ErrorBody};
 use crate::AppState;
@@ -197,24 +197,7 @@ pub async fn list(
 ) -> ApiResult<Json<ConversationList>> {
     let Query(p) =
         params.map_err(|e| ApiError::field(ErrorCode::InvalidParameter, "query", e.body_text()))?;
-    let limit = match p.limit.as_deref() {
-        None | Some("") => 50,
-        Some(l) => l
-            .parse::<i64>()
-            .ok()
-            .filter(|l| (1..=200).contains(l))
-            .ok_or_else(|| {
-                ApiError::field(
-                    ErrorCode::InvalidParameter,
-                    "limit",
-                    "must be an integer from 1 to 200",
-                )
-            })?,
-    };
-    let before = match p.cursor.as_deref() {
-        None | Some("") => None,
-        Some(c) => Some(decode_cursor(c)?),
-    };
+    let (limit, before) = page_params(p.limit.as_deref(), p.cursor.as_deref())?;
     let mut rows = state
         .store
         .list_conversations(principal.tenant_id, before, limit + 1)

@@ -183,7 +183,7 @@ pub(crate) fn encode_cursor(id: Uuid) -> String {
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(format!("v1:{id}"))
 }
 
-pub(crate) fn decode_cursor(c: &str) -> ApiResult<Uuid> {
+fn decode_cursor(c: &str) -> ApiResult<Uuid> {
     let bad = || ApiError::field(ErrorCode::InvalidParameter, "cursor", "invalid cursor");
     let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
         .decode(c)
@@ -191,6 +191,32 @@ pub(crate) fn decode_cursor(c: &str) -> ApiResult<Uuid> {
     let s = String::from_utf8(raw).map_err(|_| bad())?;
     let id = s.strip_prefix("v1:").ok_or_else(bad)?;
     Uuid::parse_str(id).map_err(|_| bad())
+}
+
+/// `limit` (1..=200, default 50) and the decoded `cursor` of a list request.
+pub(crate) fn page_params(
+    limit: Option<&str>,
+    cursor: Option<&str>,
+) -> ApiResult<(i64, Option<Uuid>)> {
+    let limit = match limit {
+        None | Some("") => 50,
+        Some(l) => l
+            .parse::<i64>()
+            .ok()
+            .filter(|l| (1..=200).contains(l))
+            .ok_or_else(|| {
+                ApiError::field(
+                    ErrorCode::InvalidParameter,
+                    "limit",
+                    "must be an integer from 1 to 200",
+                )
+            })?,
+    };
+    let before = match cursor {
+        None | Some("") => None,
+        Some(c) => Some(decode_cursor(c)?),
+    };
+    Ok((limit, before))
 }
 
 /// List jobs, newest first.
@@ -233,24 +259,7 @@ pub async fn list_jobs(
                 .to_string(),
         ),
     };
-    let limit = match p.limit.as_deref() {
-        None | Some("") => 50,
-        Some(l) => l
-            .parse::<i64>()
-            .ok()
-            .filter(|l| (1..=200).contains(l))
-            .ok_or_else(|| {
-                ApiError::field(
-                    ErrorCode::InvalidParameter,
-                    "limit",
-                    "must be an integer from 1 to 200",
-                )
-            })?,
-    };
-    let before = match p.cursor.as_deref() {
-        None | Some("") => None,
-        Some(c) => Some(decode_cursor(c)?),
-    };
+    let (limit, before) = page_params(p.limit.as_deref(), p.cursor.as_deref())?;
     let rows = state
         .store
         .list_jobs(

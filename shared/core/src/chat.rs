@@ -1,0 +1,203 @@
+//! `llm.chat` input: messages, tool calls and tools (OpenAI's shapes), a conversation
+//! reference, and their validation with field paths.
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use uuid::Uuid;
+
+use crate::error::FieldError;
+
+/// Input of `llm.chat`.
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LlmChatInput {
+    /// A model alias from `GET /v1/models`, `<provider>/<model>`, or a `mock-*` name.
+    pub model: String,
+    /// The prompt; empty when `conversation` names the history instead.
+    #[serde(default)]
+    pub messages: Vec<ChatMessage>,
+    pub max_tokens: Option<u32>,
+    pub temperature: Option<f64>,
+    /// Functions the model may call (OpenAI's shape).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tools: Option<Vec<ToolSpec>>,
+    /// `auto`, `none`, `required`, or `{"type":"function","function":{"name":..}}`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub tool_choice: Option<Value>,
+    /// Answer turn `turn` of a stored conversation: the worker reads the history and fits it
+    /// into the model's window, then appends the reply (set by
+    /// `POST /v1/conversations/{id}/messages`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub conversation: Option<ConversationRef>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ConversationRef {
+    pub id: Uuid,
+    pub turn: i32,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ChatMessage {
+    /// One of `system`, `user`, `assistant`, `tool`.
+    pub role: String,
+    /// Text (`null` is read as empty, e.g. an assistant turn that only calls tools).
+    #[serde(default, deserialize_with = "null_as_empty")]
+    pub content: String,
+    /// Tool calls made by an `assistant` turn.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<ToolCall>>,
+    /// The call a `tool` turn answers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
+}
+
+impl ChatMessage {
+    pub fn new(role: &str, content: impl Into<String>) -> ChatMessage {
+        ChatMessage {
+            role: role.to_string(),
+            content: content.into(),
+            tool_calls: None,
+            tool_call_id: None,
+        }
+    }
+}
+
+fn null_as_empty<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    Ok(Option::<String>::deserialize(d)?.unwrap_or_default())
+}
+
+/// A tool call (OpenAI's shape; `arguments` is a JSON text).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ToolCall {
+    pub id: String,
+    #[serde(rename = "type", default = "function_type")]
+    pub kind: String,
+    pub function: FunctionCall,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct FunctionCall {
+    pub name: String,
+    /// JSON text of the arguments.
+    pub arguments: String,
+}
+
+/// A tool the model may call (OpenAI's shape).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ToolSpec {
+    #[serde(rename = "type", default = "function_type")]
+    pub kind: String,
+    pub function: FunctionSpec,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct FunctionSpec {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    /// JSON Schema of the arguments.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub parameters: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub strict: Option<bool>,
+}
+
+fn function_type() -> String {
+    "function".to_string()
+}
+
+pub const CHAT_ROLES: [&str; 4] = ["system", "user", "assistant", "tool"];
+
+impl LlmChatInput {
+    pub fn validate(&self) -> Result<(), FieldError> {
+        if self.model.trim().is_empty() || self.model.len() > 200 {
+            return Err(FieldError::invalid(
+                "input.model",
+                "must be 1 to 200 characters",
+            ));
+        }
+        match (&self.conversation, self.messages.is_empty()) {
+            (None, true) => return Err(FieldError::invalid("input.messages", "must not be empty")),
+            (Some(_), false) => {
+                return Err(FieldError::invalid(
+                    "input.messages",
+                    "must be empty when `conversation` names the history",
+                ))
+            }
+            _ => {}
+        }
+        for (i, m) in self.messages.iter().enumerate() {
+            if !CHAT_ROLES.contains(&m.role.as_str()) {
+                return Err(FieldError::invalid(
+                    format!("input.messages[{i}].role"),
+                    format!("must be one of {}", CHAT_ROLES.join(", ")),
+                ));
+            }
+            if m.tool_calls.is_some() && m.role != "assistant" {
+                return Err(FieldError::invalid(
+                    format!("input.messages[{i}].tool_calls"),
+                    "only assistant messages carry tool calls",
+                ));
+            }
+            if m.role == "tool" && m.tool_call_id.as_deref().unwrap_or("").is_empty() {
+                return Err(FieldError::invalid(
+                    format!("input.messages[{i}].tool_call_id"),
+                    "a tool message needs the id of the call it answers",
+                ));
+            }
+        }
+        if let Some(t) = self.max_tokens {
+            if t == 0 || t > 1_000_000 {
+                return Err(FieldError::invalid(
+                    "input.max_tokens",
+                    "must be between 1 and 1000000",
+                ));
+            }
+        }
+        if let Some(t) = self.temperature {
+            if !(0.0..=2.0).contains(&t) {
+                return Err(FieldError::invalid(
+                    "input.temperature",
+                    "must be between 0 and 2",
+                ));
+            }
+        }
+        for (i, t) in self.tools.iter().flatten().enumerate() {
+            if t.kind != "function" {
+                return Err(FieldError::invalid(
+                    format!("input.tools[{i}].type"),
+                    "must be `function`",
+                ));
+            }
+            if t.function.name.is_empty() || t.function.name.len() > 64 {
+                return Err(FieldError::invalid(
+                    format!("input.tools[{i}].function.name"),
+                    "must be 1 to 64 characters",
+                ));
+            }
+        }
+        if let Some(c) = &self.tool_choice {
+            let ok = match c {
+                Value::String(s) => ["auto", "none", "required"].contains(&s.as_str()),
+                Value::Object(_) => c["function"]["name"].is_string(),
+                _ => false,
+            };
+            if !ok {
+                return Err(FieldError::invalid(
+                    "input.tool_choice",
+                    "must be `auto`, `none`, `required` or {\"type\":\"function\",\"function\":{\"name\":..}}",
+                ));
+            }
+        }
+        Ok(())
+    }
+}
