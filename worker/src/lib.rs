@@ -4,6 +4,7 @@
 pub mod executor;
 pub mod llm;
 pub mod noop;
+mod run;
 pub mod runtime;
 
 pub use executor::{ExecError, Executor, ExecutorRegistry, JobContext};

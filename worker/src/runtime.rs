@@ -9,23 +9,18 @@ use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use chrono::Utc;
 use rand::Rng;
-use serde_json::{json, Value};
-use switchyard_core::event::types;
-use switchyard_core::job::{job_error_codes, JobError, JobKind, JobStatus};
-use switchyard_core::telemetry::TraceParent;
 use switchyard_core::Event;
 use switchyard_queue::events::Published;
 use switchyard_queue::{Delivery, EventBus, Queue};
-use switchyard_store::{ClaimOutcome, JobRow, RunEnd, RunEndWrite, Store, StoreError};
+use switchyard_store::{ClaimOutcome, JobRow, RunEndWrite, Store, StoreError};
 use tokio::sync::{mpsc, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 use uuid::Uuid;
 
-use crate::executor::{Emit, ExecError, ExecutorRegistry, JobContext, JobMeta};
+use crate::executor::ExecutorRegistry;
 
 /// Tunables of a worker process.
 #[derive(Debug, Clone)]
@@ -59,26 +54,26 @@ impl Default for WorkerOptions {
     }
 }
 
-struct Running {
-    beat_now: Arc<Notify>,
+pub(crate) struct Running {
+    pub(crate) beat_now: Arc<Notify>,
 }
 
-struct Shared {
-    id: String,
-    store: Store,
-    queue: Queue,
-    bus: EventBus,
-    client: redis::Client,
-    executors: ExecutorRegistry,
-    opts: WorkerOptions,
-    slots: Arc<Semaphore>,
-    running: Mutex<HashMap<Uuid, Running>>,
+pub(crate) struct Shared {
+    pub(crate) id: String,
+    pub(crate) store: Store,
+    pub(crate) queue: Queue,
+    pub(crate) bus: EventBus,
+    pub(crate) client: redis::Client,
+    pub(crate) executors: ExecutorRegistry,
+    pub(crate) opts: WorkerOptions,
+    pub(crate) slots: Arc<Semaphore>,
+    pub(crate) running: Mutex<HashMap<Uuid, Running>>,
     /// Cancel notices for jobs not (yet) running here: a run that registers right after its
     /// notice arrived still sees it.
-    recent_cancels: Mutex<HashMap<Uuid, tokio::time::Instant>>,
+    pub(crate) recent_cancels: Mutex<HashMap<Uuid, tokio::time::Instant>>,
     /// Fired after the grace period: runs still going are released to other workers.
-    hard_stop: CancellationToken,
-    jobs: TaskTracker,
+    pub(crate) hard_stop: CancellationToken,
+    pub(crate) jobs: TaskTracker,
     /// Run ends go through a group-commit task (one UPDATE for many jobs).
     completer: mpsc::Sender<CompleteReq>,
     completer_rx: Mutex<Option<mpsc::Receiver<CompleteReq>>>,
@@ -412,7 +407,7 @@ async fn spawn_batch(
         s.jobs.spawn(
             async move {
                 match row {
-                    Some(row) => run_claimed(&s2, d, row).await,
+                    Some(row) => crate::run::run_claimed(&s2, d, row).await,
                     None => handle_delivery(&s2, d).await,
                 }
                 drop(permit);
@@ -423,7 +418,11 @@ async fn spawn_batch(
 }
 
 /// Retries a store call on transient errors (Postgres down) with backoff, up to ~`limit`.
-async fn with_retry<T, F, Fut>(what: &str, limit: Duration, mut f: F) -> Result<T, StoreError>
+pub(crate) async fn with_retry<T, F, Fut>(
+    what: &str,
+    limit: Duration,
+    mut f: F,
+) -> Result<T, StoreError>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<T, StoreError>>,
@@ -493,7 +492,7 @@ fn sqlx_unavailable() -> sqlx::Error {
 }
 
 /// Records the end of a run through the group-commit task.
-async fn complete(s: &Shared, write: RunEndWrite) -> Result<bool, StoreError> {
+pub(crate) async fn complete(s: &Shared, write: RunEndWrite) -> Result<bool, StoreError> {
     let (done, rx) = tokio::sync::oneshot::channel();
     s.completer
         .send(CompleteReq { write, done })
@@ -503,7 +502,7 @@ async fn complete(s: &Shared, write: RunEndWrite) -> Result<bool, StoreError> {
         .map_err(|_| StoreError::Unavailable(sqlx_unavailable()))?
 }
 
-async fn ack(s: &Shared, d: &Delivery) {
+pub(crate) async fn ack(s: &Shared, d: &Delivery) {
     let mut delay = Duration::from_millis(50);
     for _ in 0..8 {
         match s.queue.ack(d).await {
@@ -520,7 +519,7 @@ async fn ack(s: &Shared, d: &Delivery) {
     // the entry will be reclaimed later; the claim then sees the job finished and drops it
 }
 
-async fn publish(s: &Shared, ev: &Event) -> Published {
+pub(crate) async fn publish(s: &Shared, ev: &Event) -> Published {
     match s.bus.publish(ev).await {
         Ok(p) => p,
         Err(e) => {
@@ -566,349 +565,6 @@ async fn handle_delivery(s: &Shared, d: Delivery) {
             publish(s, &ev).await;
             ack(s, &d).await;
         }
-        Ok(ClaimOutcome::Claimed(row)) => run_claimed(s, d, row).await,
-    }
-}
-
-enum Interrupt {
-    Cancelled,
-    Fenced,
-    Released,
-}
-
-async fn run_claimed(s: &Shared, d: Delivery, row: JobRow) {
-    let id = row.id;
-    let attempt = row.attempt;
-    // join the submitter's trace: the job span carries its trace id and parent span id
-    let span = tracing::Span::current();
-    span.record("attempt", attempt);
-    if let Some(tp) = row.trace_parent.as_deref().and_then(TraceParent::parse) {
-        span.record("trace_id", tp.trace_id.as_str());
-        span.record("parent_span_id", tp.parent_id.as_str());
-    }
-    tracing::debug!("running");
-    // fence older attempts and announce this one (`status: running`) in one round trip
-    let durable = row.event_seq.max(0) as u64;
-    let running = Event::status(id, 0, attempt, JobStatus::Running, json!({}));
-    let mut seq = match s.bus.begin_attempt_with(&running, durable).await {
-        Ok(Some(seq)) => seq,
-        Ok(None) => {
-            tracing::warn!(
-                "a newer attempt already owns this job in redis; postgres fences this run"
-            );
-            durable
-        }
-        Err(e) => {
-            tracing::warn!(error = %e, "could not announce the attempt (live events are best effort)");
-            durable
-        }
-    };
-
-    let beat_now = Arc::new(Notify::new());
-    if let Ok(mut r) = s.running.lock() {
-        r.insert(
-            id,
-            Running {
-                beat_now: beat_now.clone(),
-            },
-        );
-    }
-    // a cancel notice that arrived between the claim and the registration above
-    let noticed = s
-        .recent_cancels
-        .lock()
-        .ok()
-        .and_then(|mut recent| recent.remove(&id))
-        .is_some();
-    if noticed {
-        beat_now.notify_one();
-    }
-    let cancel_req = CancellationToken::new();
-    let fenced = CancellationToken::new();
-    let run_token = CancellationToken::new();
-
-    // heartbeat: extends the lease in Postgres and Redis, and notices cancel requests
-    let hb = {
-        let (store, queue, lease) = (s.store.clone(), s.queue.clone(), s.opts.lease);
-        let (cancel_req, fenced, run_token, beat_now) = (
-            cancel_req.clone(),
-            fenced.clone(),
-            run_token.clone(),
-            beat_now.clone(),
-        );
-        let consumer = s.id.clone();
-        let d = d.clone();
-        async move {
-            let every = lease / 3;
-            loop {
-                tokio::select! {
-                    _ = run_token.cancelled() => return,
-                    _ = tokio::time::sleep(every) => {}
-                    _ = beat_now.notified() => {}
-                }
-                match store.heartbeat(id, attempt, lease).await {
-                    Ok(None) => {
-                        tracing::warn!("fenced out: a newer attempt owns this job; stopping");
-                        fenced.cancel();
-                        run_token.cancel();
-                        return;
-                    }
-                    Ok(Some(true)) => {
-                        cancel_req.cancel();
-                        run_token.cancel();
-                        return;
-                    }
-                    Ok(Some(false)) => {}
-                    Err(e) => tracing::warn!(error = %e, "heartbeat to postgres failed"),
-                }
-                if let Err(e) = queue.heartbeat(&d, &consumer).await {
-                    tracing::warn!(error = %e, "heartbeat to redis failed");
-                }
-            }
-        }
-    };
-
-    let (tx, rx) = mpsc::channel::<Emit>(256);
-    let kind = JobKind::parse(&row.kind);
-    let ctx = JobContext::new(
-        JobMeta {
-            job_id: id,
-            tenant_id: row.tenant_id,
-            kind: kind.unwrap_or(JobKind::SystemNoop),
-            input: row.input.clone(),
-            attempt,
-            max_attempts: row.max_attempts,
-        },
-        run_token.clone(),
-        tx,
-    );
-    let exec = s.executors.get(&row.kind);
-    let timeout = row.timeout_s.map(|t| Duration::from_secs(t as u64));
-    let exec_fut = async move {
-        let r = match exec {
-            None => Err(ExecError::fatal(
-                job_error_codes::NO_EXECUTOR,
-                format!(
-                    "this worker has no executor for kind `{}`",
-                    ctx.kind.as_str()
-                ),
-            )),
-            Some(e) => match timeout {
-                Some(t) => match tokio::time::timeout(t, e.execute(&ctx)).await {
-                    Ok(r) => r,
-                    Err(_) => Err(ExecError::retryable(
-                        job_error_codes::TIMEOUT,
-                        format!("attempt exceeded timeout_s ({}s)", t.as_secs()),
-                    )),
-                },
-                None => e.execute(&ctx).await,
-            },
-        };
-        drop(ctx);
-        r
-    };
-    let guarded = {
-        let run_token = run_token.clone();
-        let hard_stop = s.hard_stop.clone();
-        async move {
-            tokio::select! {
-                r = exec_fut => Some(r),
-                _ = run_token.cancelled() => None,
-                _ = hard_stop.cancelled() => None,
-            }
-        }
-    };
-    let publisher = publish_emits(s, id, attempt, seq, rx, fenced.clone(), run_token.clone());
-    let hb_task = tokio::spawn(hb);
-    let (result, new_seq) = tokio::join!(guarded, publisher);
-    seq = new_seq;
-    run_token.cancel();
-    let _ = hb_task.await;
-    if let Ok(mut r) = s.running.lock() {
-        r.remove(&id);
-    }
-
-    let interrupt = if fenced.is_cancelled() {
-        Some(Interrupt::Fenced)
-    } else if cancel_req.is_cancelled() {
-        Some(Interrupt::Cancelled)
-    } else if result.is_none() && s.hard_stop.is_cancelled() {
-        Some(Interrupt::Released)
-    } else {
-        None
-    };
-
-    let (end, event) = match (interrupt, result) {
-        (Some(Interrupt::Fenced), _) => return,
-        (Some(Interrupt::Cancelled), _) => (
-            RunEnd::Cancelled,
-            Event::terminal(id, seq + 1, attempt, JobStatus::Cancelled, None, None),
-        ),
-        (Some(Interrupt::Released), _) | (None, None) => {
-            let err = JobError::new(
-                "worker_shutdown",
-                "the worker shut down; the job runs again",
-                true,
-            );
-            let ev = Event::status(
-                id,
-                seq + 1,
-                attempt,
-                JobStatus::Queued,
-                json!({ "reason": "released", "error": err }),
-            );
-            (
-                RunEnd::Retry {
-                    error: err,
-                    run_at: Utc::now(),
-                },
-                ev,
-            )
-        }
-        (None, Some(Ok(output))) => (
-            RunEnd::Succeeded(output.clone()),
-            Event::terminal(
-                id,
-                seq + 1,
-                attempt,
-                JobStatus::Succeeded,
-                Some(&output),
-                None,
-            ),
-        ),
-        (None, Some(Err(e))) => {
-            let err = e.to_job_error();
-            if e.retryable && attempt < row.max_attempts {
-                let delay = e
-                    .retry_after
-                    .unwrap_or_else(|| retry_delay(s.opts.retry_base, attempt));
-                let run_at = Utc::now() + chrono::Duration::from_std(delay).unwrap_or_default();
-                tracing::info!(error = %e, ?delay, "attempt failed; will retry");
-                let ev = Event::status(
-                    id,
-                    seq + 1,
-                    attempt,
-                    JobStatus::Queued,
-                    json!({ "retry_at": run_at, "error": err }),
-                );
-                (RunEnd::Retry { error: err, run_at }, ev)
-            } else {
-                tracing::info!(error = %e, "job failed");
-                (
-                    RunEnd::Failed(err.clone()),
-                    Event::terminal(id, seq + 1, attempt, JobStatus::Failed, None, Some(&err)),
-                )
-            }
-        }
-    };
-    let write = RunEndWrite {
-        id,
-        attempt,
-        end: end.clone(),
-        seq: seq + 1,
-    };
-    let written = with_retry("end run", s.opts.lease, || complete(s, write.clone())).await;
-    match written {
-        Ok(true) => {}
-        Ok(false) => {
-            tracing::warn!("fenced out at the end of the run; outcome discarded");
-            return;
-        }
-        Err(e) => {
-            // not acknowledged: the lease expires and the job runs again (at-least-once)
-            tracing::error!(error = %e, "could not record the outcome");
-            return;
-        }
-    }
-    // `ts` is the publication time: stamp it now, after the durable write
-    let mut event = event;
-    event.ts = Utc::now();
-    publish(s, &event).await;
-    if let RunEnd::Retry { run_at, .. } = &end {
-        let mut item = row.dispatch_item();
-        item.run_at = Some(*run_at);
-        if let Err(e) = s.queue.delay(&item).await {
-            // the reconciler finds it (its dispatch epoch is stale only if Redis lost data;
-            // otherwise its expired-lease/undispatched scans do)
-            tracing::warn!(error = %e, "could not re-dispatch for retry");
-        }
-    }
-    ack(s, &d).await;
-}
-
-/// Publishes executor output as events, coalescing deltas that are already waiting.
-async fn publish_emits(
-    s: &Shared,
-    id: Uuid,
-    attempt: i32,
-    mut seq: u64,
-    mut rx: mpsc::Receiver<Emit>,
-    fenced: CancellationToken,
-    run_token: CancellationToken,
-) -> u64 {
-    let mut batch: Vec<Emit> = Vec::with_capacity(64);
-    while let Some(first) = rx.recv().await {
-        batch.push(first);
-        while batch.len() < 64 {
-            match rx.try_recv() {
-                Ok(m) => batch.push(m),
-                Err(_) => break,
-            }
-        }
-        let mut text = String::new();
-        let mut events: Vec<(String, Value)> = Vec::new();
-        for m in batch.drain(..) {
-            match m {
-                Emit::Delta(t) => text.push_str(&t),
-                Emit::Event { kind, data } => {
-                    if !text.is_empty() {
-                        events.push((
-                            types::OUTPUT_DELTA.into(),
-                            json!({ "text": std::mem::take(&mut text) }),
-                        ));
-                    }
-                    events.push((kind, data));
-                }
-            }
-        }
-        if !text.is_empty() {
-            events.push((types::OUTPUT_DELTA.into(), json!({ "text": text })));
-        }
-        for (kind, data) in events {
-            if fenced.is_cancelled() {
-                continue;
-            }
-            let ev = Event::new(id, seq + 1, attempt, &kind, data);
-            match publish(s, &ev).await {
-                Published::Ok => seq += 1,
-                Published::Fenced => {
-                    tracing::warn!("fenced out by a newer attempt while streaming; stopping");
-                    fenced.cancel();
-                    run_token.cancel();
-                }
-                Published::Stale => {}
-            }
-        }
-    }
-    seq
-}
-
-fn retry_delay(base: Duration, attempt: i32) -> Duration {
-    let exp = base.saturating_mul(1u32 << (attempt.clamp(1, 16) - 1) as u32);
-    let capped = exp.min(Duration::from_secs(60));
-    let jitter = rand::thread_rng().gen_range(0.8..1.2);
-    capped.mul_f64(jitter)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn retry_delay_grows_and_caps() {
-        let b = Duration::from_secs(1);
-        assert!(retry_delay(b, 1) <= Duration::from_millis(1200));
-        assert!(retry_delay(b, 3) >= Duration::from_millis(3200));
-        assert!(retry_delay(b, 30) <= Duration::from_secs(72));
+        Ok(ClaimOutcome::Claimed(row)) => crate::run::run_claimed(s, d, row).await,
     }
 }

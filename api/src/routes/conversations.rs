@@ -11,12 +11,11 @@ use chrono::Utc;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use switchyard_core::job::{parse_at, Job, JobKind, DEFAULT_MAX_ATTEMPTS, MAX_METADATA_KEYS};
-use switchyard_core::telemetry::TraceParent;
 use switchyard_core::{ErrorCode, FieldError};
 use switchyard_store::{Conversation, Message, NewConversation, NewJob};
 use uuid::Uuid;
 
-use super::jobs::{encode_cursor, json_body, page_params, parse_id};
+use super::jobs::{encode_cursor, json_body, page_params, parse_id, request_trace};
 use crate::auth::Auth;
 use crate::error::{ApiError, ApiResult, ErrorBody};
 use crate::AppState;
@@ -79,6 +78,14 @@ pub struct ListParams {
     pub cursor: Option<String>,
 }
 
+fn object_body(headers: &HeaderMap, body: Result<Bytes, BytesRejection>) -> ApiResult<Value> {
+    let value = json_body(headers, body)?;
+    if !value.is_object() {
+        return Err(FieldError::invalid("body", "must be a JSON object").into());
+    }
+    Ok(value)
+}
+
 fn check_model(state: &AppState, field: &str, model: &str) -> ApiResult<()> {
     state
         .models
@@ -105,10 +112,7 @@ pub async fn create(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult<Response> {
-    let value = json_body(&headers, body)?;
-    if !value.is_object() {
-        return Err(FieldError::invalid("body", "must be a JSON object").into());
-    }
+    let value = object_body(&headers, body)?;
     let req: CreateConversation = parse_at("", &value)?;
     if let Some(m) = &req.model {
         check_model(&state, "model", m)?;
@@ -265,10 +269,7 @@ pub async fn post_message(
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult<Response> {
     let id = parse_id(&id)?;
-    let value = json_body(&headers, body)?;
-    if !value.is_object() {
-        return Err(FieldError::invalid("body", "must be a JSON object").into());
-    }
+    let value = object_body(&headers, body)?;
     let req: PostMessage = parse_at("", &value)?;
     if req.content.trim().is_empty() || req.content.chars().count() > MAX_CONTENT_CHARS {
         return Err(FieldError::invalid(
@@ -306,12 +307,7 @@ pub async fn post_message(
             e.field = e.field.trim_start_matches("input.").to_string();
             e
         })?;
-    let trace = headers
-        .get("traceparent")
-        .and_then(|v| v.to_str().ok())
-        .and_then(TraceParent::parse)
-        .map(|t| t.child())
-        .unwrap_or_else(TraceParent::generate);
+    let trace = request_trace(&headers);
     let posted = state
         .store
         .post_message(principal.tenant_id, id, &req.content, &model, |turn| {

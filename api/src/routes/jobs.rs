@@ -54,6 +54,16 @@ pub fn json_body(headers: &HeaderMap, body: Result<Bytes, BytesRejection>) -> Ap
         .map_err(|e| ApiError::new(ErrorCode::MalformedJson, format!("malformed JSON: {e}")))
 }
 
+/// The caller's trace context (a child span of its `traceparent`), or a new trace.
+pub fn request_trace(headers: &HeaderMap) -> TraceParent {
+    headers
+        .get("traceparent")
+        .and_then(|v| v.to_str().ok())
+        .and_then(TraceParent::parse)
+        .map(|t| t.child())
+        .unwrap_or_else(TraceParent::generate)
+}
+
 /// Submit a job. It is durable in Postgres before the answer.
 #[utoipa::path(
     post, path = "/v1/jobs", tag = "jobs",
@@ -87,12 +97,7 @@ pub async fn create_job(
             .resolve(model)
             .map_err(|e| ApiError::field(ErrorCode::InvalidInput, "input.model", e.to_string()))?;
     }
-    let trace = headers
-        .get("traceparent")
-        .and_then(|v| v.to_str().ok())
-        .and_then(TraceParent::parse)
-        .map(|t| t.child())
-        .unwrap_or_else(TraceParent::generate);
+    let trace = request_trace(&headers);
     tracing::Span::current().record("trace_id", trace.trace_id.as_str());
     let job = NewJob {
         id: Uuid::now_v7(),

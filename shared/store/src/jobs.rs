@@ -184,7 +184,7 @@ pub enum RunEnd {
     },
 }
 
-fn millis(d: Duration) -> f64 {
+pub(crate) fn millis(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
@@ -478,78 +478,6 @@ impl Store {
         .await?;
         Ok(done)
     }
-
-    /// Unfinished jobs not handed to Redis in `epoch` (never dispatched, or Redis lost them),
-    /// committed at least `min_age` ago, oldest first, at most `limit`.
-    pub async fn undispatched(
-        &self,
-        epoch: i64,
-        min_age: Duration,
-        limit: i64,
-    ) -> Result<Vec<DispatchItem>> {
-        let rows: Vec<ItemRow> = sqlx::query_as(
-            "SELECT id, tenant_id, queue, priority, run_at FROM jobs
-             WHERE status IN ('queued', 'running') AND dispatch_epoch < $1
-               AND created_at < now() - make_interval(secs => $2 / 1000.0)
-             ORDER BY dispatch_epoch, id LIMIT $3",
-        )
-        .bind(epoch)
-        .bind(millis(min_age))
-        .bind(limit)
-        .fetch_all(self.pool())
-        .await?;
-        Ok(rows.into_iter().map(to_item).collect())
-    }
-
-    /// Running jobs whose lease ran out more than `grace` ago: their worker is gone and the
-    /// stream entry may be gone too. Their lease is pushed forward by `grace` so each pass picks
-    /// different jobs (no full rescan of the backlog).
-    pub async fn take_expired_leases(
-        &self,
-        grace: Duration,
-        limit: i64,
-    ) -> Result<Vec<DispatchItem>> {
-        let rows: Vec<ItemRow> = sqlx::query_as(
-            "UPDATE jobs SET lease_expires_at = now() - make_interval(secs => 0.001)
-             WHERE id IN (
-                SELECT id FROM jobs WHERE status = 'running'
-                  AND lease_expires_at < now() - make_interval(secs => $1 / 1000.0)
-                ORDER BY lease_expires_at LIMIT $2 FOR UPDATE SKIP LOCKED)
-             RETURNING id, tenant_id, queue, priority, run_at",
-        )
-        .bind(millis(grace))
-        .bind(limit)
-        .fetch_all(self.pool())
-        .await?;
-        Ok(rows.into_iter().map(to_item).collect())
-    }
-
-    /// Counts of jobs by (kind, status) for metrics.
-    pub async fn job_counts(&self) -> Result<Vec<(String, String, i64)>> {
-        Ok(sqlx::query_as(
-            "SELECT kind, status, count(*) FROM jobs GROUP BY kind, status ORDER BY kind, status",
-        )
-        .fetch_all(self.pool())
-        .await?)
-    }
-
-    /// Age in seconds of the oldest queued job per queue (one index probe per queue).
-    pub async fn oldest_queued(&self) -> Result<Vec<(String, f64)>> {
-        let mut out = Vec::new();
-        for q in switchyard_core::job::known_queues() {
-            let age: Option<f64> = sqlx::query_scalar(
-                "SELECT EXTRACT(EPOCH FROM now() - min(created_at))::float8 FROM jobs
-                 WHERE status = 'queued' AND queue = $1",
-            )
-            .bind(q)
-            .fetch_one(self.pool())
-            .await?;
-            if let Some(a) = age {
-                out.push((q.to_string(), a));
-            }
-        }
-        Ok(out)
-    }
 }
 
 /// One run end for [`Store::end_runs`].
@@ -575,18 +503,6 @@ fn split_end(
         RunEnd::Failed(e) => (JobStatus::Failed, None, Some(e), None),
         RunEnd::Cancelled => (JobStatus::Cancelled, None, None, None),
         RunEnd::Retry { error, run_at } => (JobStatus::Queued, None, Some(error), Some(*run_at)),
-    }
-}
-
-type ItemRow = (Uuid, Uuid, String, i16, Option<DateTime<Utc>>);
-
-fn to_item(r: ItemRow) -> DispatchItem {
-    DispatchItem {
-        id: r.0,
-        tenant_id: r.1,
-        queue: r.2,
-        priority: r.3,
-        run_at: r.4,
     }
 }
 

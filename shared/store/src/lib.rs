@@ -3,6 +3,7 @@
 
 mod conversations;
 mod jobs;
+mod reconcile;
 mod tenants;
 mod usage;
 

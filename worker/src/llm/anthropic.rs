@@ -11,16 +11,13 @@ use serde_json::{json, Value};
 use switchyard_core::job::{ChatMessage, FunctionCall, ToolCall};
 use tokio::time::Instant;
 
-use super::sse::{self, body_json, classify, endpoint, reader, send, with_headers};
+use super::sse::{body_json, classify, reader, send, Endpoint};
 use super::{ChatOutput, Failure, LlmProvider, ProviderError, ProviderRequest, Sink, Usage};
 
 const VERSION: &str = "2023-06-01";
 
 pub struct Anthropic {
-    client: reqwest::Client,
-    base_url: String,
-    api_key: Option<SecretString>,
-    headers: BTreeMap<String, String>,
+    ep: Endpoint,
 }
 
 impl Anthropic {
@@ -31,10 +28,7 @@ impl Anthropic {
         connect_timeout: Duration,
     ) -> Self {
         Anthropic {
-            client: sse::client(connect_timeout),
-            base_url: base_url.trim_end_matches('/').to_string(),
-            api_key,
-            headers,
+            ep: Endpoint::new(base_url, api_key, headers, connect_timeout),
         }
     }
 }
@@ -320,14 +314,13 @@ impl LlmProvider for Anthropic {
             }
         }
         let mut http = self
-            .client
-            .post(endpoint(&self.base_url, "messages"))
+            .ep
+            .post("messages", req.headers)
             .header("anthropic-version", VERSION)
             .json(&body);
-        if let Some(k) = &self.api_key {
+        if let Some(k) = &self.ep.api_key {
             http = http.header("x-api-key", k.expose_secret());
         }
-        let http = with_headers(http, [&self.headers, req.headers]);
         let started = Instant::now();
         let resp = send(http, req.ttft_timeout).await?;
         if req.stream {

@@ -13,7 +13,7 @@ use serde_json::Value;
 use switchyard_core::job::{ChatMessage, FunctionCall, ToolCall, ToolSpec};
 use tokio::time::Instant;
 
-use super::sse::{self, body_json, classify, endpoint, reader, send, with_headers};
+use super::sse::{body_json, classify, reader, send, Endpoint};
 use super::{
     estimate_prompt, estimate_tokens, ChatOutput, Failure, LlmProvider, ProviderError,
     ProviderRequest, Sink, Usage,
@@ -21,10 +21,7 @@ use super::{
 
 /// An OpenAI-format endpoint.
 pub struct OpenAi {
-    client: reqwest::Client,
-    base_url: String,
-    api_key: Option<SecretString>,
-    headers: BTreeMap<String, String>,
+    ep: Endpoint,
 }
 
 impl OpenAi {
@@ -35,10 +32,7 @@ impl OpenAi {
         connect_timeout: Duration,
     ) -> Self {
         OpenAi {
-            client: sse::client(connect_timeout),
-            base_url: base_url.trim_end_matches('/').to_string(),
-            api_key,
-            headers,
+            ep: Endpoint::new(base_url, api_key, headers, connect_timeout),
         }
     }
 }
@@ -283,14 +277,10 @@ impl LlmProvider for OpenAi {
                 include_usage: true,
             }),
         };
-        let mut http = self
-            .client
-            .post(endpoint(&self.base_url, "chat/completions"))
-            .json(&body);
-        if let Some(k) = &self.api_key {
+        let mut http = self.ep.post("chat/completions", req.headers).json(&body);
+        if let Some(k) = &self.ep.api_key {
             http = http.bearer_auth(k.expose_secret());
         }
-        let http = with_headers(http, [&self.headers, req.headers]);
         let started = Instant::now();
         let resp = send(http, req.ttft_timeout).await?;
         if req.stream {

@@ -7,12 +7,53 @@ use std::time::Duration;
 
 use eventsource_stream::{Event, EventStreamError, Eventsource};
 use futures::{Stream, StreamExt};
+use secrecy::SecretString;
 use serde_json::Value;
 use tokio::time::Instant;
 
 use super::{Failure, ProviderError};
 
-pub(crate) fn client(connect_timeout: Duration) -> reqwest::Client {
+/// Where a provider adapter sends its calls: one HTTP client (pooled), the base URL, the key
+/// and the provider's extra headers.
+pub(crate) struct Endpoint {
+    pub client: reqwest::Client,
+    pub base_url: String,
+    pub api_key: Option<SecretString>,
+    pub headers: BTreeMap<String, String>,
+}
+
+impl Endpoint {
+    pub fn new(
+        base_url: &str,
+        api_key: Option<SecretString>,
+        headers: BTreeMap<String, String>,
+        connect_timeout: Duration,
+    ) -> Self {
+        Endpoint {
+            client: client(connect_timeout),
+            base_url: base_url.trim_end_matches('/').to_string(),
+            api_key,
+            headers,
+        }
+    }
+
+    /// A POST to `path` below the base URL with the provider's and the model's headers.
+    pub fn post(
+        &self,
+        path: &str,
+        model_headers: &BTreeMap<String, String>,
+    ) -> reqwest::RequestBuilder {
+        let mut req = self.client.post(endpoint(&self.base_url, path));
+        for map in [&self.headers, model_headers] {
+            for (k, v) in map {
+                req = req.header(k.as_str(), v.as_str());
+            }
+        }
+        req
+    }
+}
+
+fn client(connect_timeout: Duration) -> reqwest::Client {
     reqwest::Client::builder()
         .connect_timeout(connect_timeout)
         .pool_max_idle_per_host(256)
@@ -27,18 +68,6 @@ pub(crate) fn endpoint(base: &str, path: &str) -> String {
         Some((b, q)) => format!("{}/{path}?{q}", b.trim_end_matches('/')),
         None => format!("{}/{path}", base.trim_end_matches('/')),
     }
-}
-
-pub(crate) fn with_headers(
-    mut req: reqwest::RequestBuilder,
-    extra: [&BTreeMap<String, String>; 2],
-) -> reqwest::RequestBuilder {
-    for map in extra {
-        for (k, v) in map {
-            req = req.header(k.as_str(), v.as_str());
-        }
-    }
-    req
 }
 
 /// Sends `req`, waiting at most `limit` for the response head; non-2xx answers become errors
