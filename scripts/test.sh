@@ -18,6 +18,14 @@ fi
 command -v redis-server >/dev/null || apt_install redis-server
 ensure_redis
 ensure_postgres
+# the front door is tested with the official `openai` Python package
+command -v python3 >/dev/null || apt_install python3 python3-pip
+if ! python3 -c "import openai" >/dev/null 2>&1; then
+  say "installing the openai Python package (for the front-door SDK test)"
+  python3 -m pip install --quiet --disable-pip-version-check openai 2>/dev/null \
+    || python3 -m pip install --quiet --disable-pip-version-check --break-system-packages openai \
+    || die "could not install the openai Python package: run 'python3 -m pip install openai'"
+fi
 
 say "cargo fmt --check"
 cargo fmt --all --check

@@ -6,6 +6,7 @@ pub mod auth;
 pub mod error;
 pub mod feed;
 pub mod metrics;
+pub mod openai;
 pub mod openapi;
 pub mod routes;
 pub mod submit;
@@ -151,6 +152,10 @@ pub fn router(state: AppState) -> Router {
         .route(
             "/v1/conversations/{id}/messages",
             post(conversations::post_message),
+        )
+        .route(
+            "/v1/chat/completions",
+            post(crate::openai::chat_completions),
         )
         .route("/v1/models", get(models::list_models))
         .route("/v1/models/{*id}", get(models::get_model))

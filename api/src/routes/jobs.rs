@@ -313,12 +313,24 @@ pub async fn cancel_job(
     Path(id): Path<String>,
 ) -> ApiResult<Response> {
     let id = parse_id(&id)?;
-    match state.store.cancel_job(principal.tenant_id, id).await? {
+    match cancel(&state, principal.tenant_id, id).await? {
         CancelOutcome::NotFound => Err(ApiError::not_found("job")),
         CancelOutcome::Finished(row) => Err(ApiError::new(
             ErrorCode::JobFinished,
             format!("job already {}", row.status),
         )),
+        CancelOutcome::Cancelled(row) => Ok((StatusCode::OK, Json(row.to_job())).into_response()),
+        CancelOutcome::Requested(row) => {
+            Ok((StatusCode::ACCEPTED, Json(row.to_job())).into_response())
+        }
+    }
+}
+
+/// Cancels a job: a queued one at once (its `cancelled` event is published), a running one by
+/// notifying its worker (it confirms).
+pub async fn cancel(state: &AppState, tenant: Uuid, id: Uuid) -> ApiResult<CancelOutcome> {
+    let outcome = state.store.cancel_job(tenant, id).await?;
+    match &outcome {
         CancelOutcome::Cancelled(row) => {
             let ev = Event::terminal(
                 row.id,
@@ -331,15 +343,15 @@ pub async fn cancel_job(
             if let Err(e) = state.bus.publish(&ev).await {
                 tracing::warn!(error = %e, "could not publish the cancelled event (clients get it from postgres)");
             }
-            Ok((StatusCode::OK, Json(row.to_job())).into_response())
         }
-        CancelOutcome::Requested(row) => {
+        CancelOutcome::Requested(_) => {
             if let Err(e) = state.queue.notify_cancel(id).await {
                 tracing::warn!(error = %e, "cancel notification failed; the worker sees it at its next heartbeat");
             }
-            Ok((StatusCode::ACCEPTED, Json(row.to_job())).into_response())
         }
+        CancelOutcome::NotFound | CancelOutcome::Finished(_) => {}
     }
+    Ok(outcome)
 }
 
 #[cfg(test)]

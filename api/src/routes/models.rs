@@ -1,15 +1,18 @@
 //! `/v1/models`: the model table in OpenAI's list shape (so OpenAI SDKs' `models.list()` works),
-//! with context windows, prices and fallbacks. Provider URLs and keys are never exposed.
+//! with context windows, prices and fallbacks. Provider URLs and keys are never exposed. Errors
+//! use OpenAI's shape here, like the front door.
 
 use std::sync::Arc;
 
 use axum::extract::{Path, State};
+use axum::http::StatusCode;
 use axum::Json;
 use serde::Serialize;
 use switchyard_core::models::{ModelConfig, ModelTable};
 
 use crate::auth::Auth;
-use crate::error::{ApiError, ApiResult, ErrorBody};
+use crate::error::{ApiError, ErrorBody};
+use crate::openai::OaiError;
 
 /// One model alias.
 #[derive(Debug, Serialize, utoipa::ToSchema)]
@@ -68,16 +71,20 @@ pub struct ModelList {
     ),
     security(("bearer" = []))
 )]
-pub async fn list_models(State(table): State<Arc<ModelTable>>, _auth: Auth) -> Json<ModelList> {
+pub async fn list_models(
+    State(table): State<Arc<ModelTable>>,
+    auth: Result<Auth, ApiError>,
+) -> Result<Json<ModelList>, OaiError> {
+    auth?;
     let data = table
         .listed()
         .into_iter()
         .map(|(alias, m)| Model::from_entry(alias, m))
         .collect();
-    Json(ModelList {
+    Ok(Json(ModelList {
         object: "list",
         data,
-    })
+    }))
 }
 
 /// Read one model alias (ids may contain `/`).
@@ -94,13 +101,21 @@ pub async fn list_models(State(table): State<Arc<ModelTable>>, _auth: Auth) -> J
 )]
 pub async fn get_model(
     State(table): State<Arc<ModelTable>>,
-    _auth: Auth,
+    auth: Result<Auth, ApiError>,
     Path(id): Path<String>,
-) -> ApiResult<Json<Model>> {
+) -> Result<Json<Model>, OaiError> {
+    auth?;
     table
         .listed()
         .into_iter()
         .find(|(alias, _)| *alias == id)
         .map(|(alias, m)| Json(Model::from_entry(alias, m)))
-        .ok_or_else(|| ApiError::not_found("model"))
+        .ok_or_else(|| {
+            OaiError::new(
+                StatusCode::NOT_FOUND,
+                "invalid_request_error",
+                format!("The model `{id}` does not exist or you do not have access to it."),
+            )
+            .code("model_not_found")
+        })
 }

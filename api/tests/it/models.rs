@@ -1,5 +1,5 @@
-//! `GET /v1/models` and `GET /v1/models/{id}`: OpenAI's list shape, our extra fields, 404s,
-//! authentication, and no provider URL or key in any answer.
+//! `GET /v1/models` and `GET /v1/models/{id}`: OpenAI's list shape, our extra fields, 404s and
+//! 401s in OpenAI's error shape, and no provider URL or key in any answer.
 
 use serde_json::{json, Value};
 use sqlx::PgPool;
@@ -87,13 +87,13 @@ async fn unknown_models_are_404_and_auth_is_required(pool: PgPool) {
     ] {
         let (s, body) = get(&app.http, app.url(path), Some(&app.key)).await;
         assert_eq!(s, 404, "{path}: {body}");
-        assert_eq!(body["error"]["code"], "not_found", "{path}");
-        assert_eq!(body["error"]["message"], "model not found");
+        assert_eq!(body["error"]["code"], "model_not_found", "{path}");
+        assert_eq!(body["error"]["type"], "invalid_request_error", "{path}");
     }
     for path in ["/v1/models", "/v1/models/mock-echo", "/v1/models/gpt-nope"] {
         let (s, body) = get(&app.http, app.url(path), None).await;
         assert_eq!(s, 401, "{path}");
-        assert_eq!(body["error"]["code"], "unauthorized");
+        assert_eq!(body["error"]["code"], "invalid_api_key");
         let (s, _) = get(&app.http, app.url(path), Some("sy_nope")).await;
         assert_eq!(s, 401, "{path}");
     }

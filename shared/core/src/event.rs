@@ -14,6 +14,9 @@ pub mod types {
     pub const STATUS: &str = "status";
     /// Streamed output (LLM tokens): `{"text": "..."}`.
     pub const OUTPUT_DELTA: &str = "output.delta";
+    /// A completed tool call of an LLM reply:
+    /// `{"index", "id", "type": "function", "function": {"name", "arguments"}}`.
+    pub const OUTPUT_TOOL_CALL: &str = "output.tool_call";
     pub const SUCCEEDED: &str = "succeeded";
     pub const FAILED: &str = "failed";
     pub const CANCELLED: &str = "cancelled";

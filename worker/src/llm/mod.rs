@@ -112,7 +112,9 @@ impl<'a> Sink<'a> {
         if let Value::Object(m) = &mut data {
             m.insert("index".into(), index.into());
         }
-        self.ctx.event(TOOL_CALL_EVENT, data).await;
+        self.ctx
+            .event(switchyard_core::event::types::OUTPUT_TOOL_CALL, data)
+            .await;
     }
 
     /// Whether anything reached the client through this sink.
@@ -129,9 +131,6 @@ impl<'a> Sink<'a> {
         self.ctx
     }
 }
-
-/// Event type of a completed tool call: `{"index", "id", "type", "function": {"name", "arguments"}}`.
-pub const TOOL_CALL_EVENT: &str = "output.tool_call";
 
 /// How a provider call failed; decides retry, fallback and the job's error code.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

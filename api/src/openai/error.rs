@@ -1,0 +1,129 @@
+//! OpenAI's error shape (`{"error": {"message", "type", "param", "code"}}`) for the front door:
+//! our API errors and failed jobs mapped onto the statuses and types OpenAI clients expect.
+
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde_json::{json, Value};
+use switchyard_core::{ErrorCode, FieldError};
+
+use crate::error::ApiError;
+
+#[derive(Debug)]
+pub struct OaiError {
+    pub status: StatusCode,
+    pub message: String,
+    pub kind: &'static str,
+    pub param: Option<String>,
+    pub code: Option<String>,
+}
+
+impl OaiError {
+    pub fn new(status: StatusCode, kind: &'static str, message: impl Into<String>) -> Self {
+        OaiError {
+            status,
+            message: message.into(),
+            kind,
+            param: None,
+            code: None,
+        }
+    }
+
+    pub fn code(mut self, code: &str) -> Self {
+        self.code = Some(code.to_string());
+        self
+    }
+
+    pub fn body(&self) -> Value {
+        json!({ "error": {
+            "message": self.message,
+            "type": self.kind,
+            "param": self.param,
+            "code": self.code,
+        }})
+    }
+
+    /// A failed (or cancelled) job of the front door, by its job error code.
+    pub fn from_job(code: &str, message: &str) -> Self {
+        use StatusCode as S;
+        let (status, kind, oai_code) = match code {
+            "provider_rate_limited" => (
+                S::TOO_MANY_REQUESTS,
+                "rate_limit_error",
+                "rate_limit_exceeded",
+            ),
+            "provider_quota_exhausted" => (
+                S::TOO_MANY_REQUESTS,
+                "insufficient_quota",
+                "insufficient_quota",
+            ),
+            "provider_context_length" | "context_too_long" => (
+                S::BAD_REQUEST,
+                "invalid_request_error",
+                "context_length_exceeded",
+            ),
+            "provider_bad_request" | "invalid_input" => {
+                (S::BAD_REQUEST, "invalid_request_error", code)
+            }
+            "unknown_model" => (S::NOT_FOUND, "invalid_request_error", "model_not_found"),
+            "provider_timeout" | "timeout" => (S::GATEWAY_TIMEOUT, "timeout", code),
+            "provider_overloaded" => (S::SERVICE_UNAVAILABLE, "overloaded_error", code),
+            "cancelled" => (S::CONFLICT, "cancelled", code),
+            _ => (S::BAD_GATEWAY, "api_error", code),
+        };
+        OaiError::new(status, kind, message).code(oai_code)
+    }
+}
+
+impl From<ApiError> for OaiError {
+    fn from(e: ApiError) -> Self {
+        let (status, kind, code) = match e.code {
+            ErrorCode::Unauthorized => (
+                StatusCode::UNAUTHORIZED,
+                "invalid_request_error",
+                Some("invalid_api_key"),
+            ),
+            ErrorCode::NotFound => (StatusCode::NOT_FOUND, "invalid_request_error", None),
+            ErrorCode::PayloadTooLarge => {
+                (StatusCode::PAYLOAD_TOO_LARGE, "invalid_request_error", None)
+            }
+            ErrorCode::RateLimited => (
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limit_error",
+                Some("rate_limit_exceeded"),
+            ),
+            ErrorCode::Unavailable => (StatusCode::SERVICE_UNAVAILABLE, "server_error", None),
+            ErrorCode::Internal => (StatusCode::INTERNAL_SERVER_ERROR, "server_error", None),
+            _ => (
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                Some(e.code.as_str()),
+            ),
+        };
+        OaiError {
+            status,
+            message: e.message,
+            kind,
+            param: e.field,
+            code: code.map(str::to_string),
+        }
+    }
+}
+
+impl From<FieldError> for OaiError {
+    fn from(e: FieldError) -> Self {
+        OaiError::from(ApiError::from(e))
+    }
+}
+
+impl IntoResponse for OaiError {
+    fn into_response(self) -> Response {
+        let retry = matches!(self.status.as_u16(), 429 | 503);
+        let mut resp = (self.status, Json(self.body())).into_response();
+        if retry {
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        resp
+    }
+}

@@ -1,0 +1,309 @@
+//! The OpenAI-compatible front door: `POST /v1/chat/completions`, streaming (SSE) and not.
+//! A request becomes an `llm.chat` job through the same group commit, queue, limits and
+//! accounting as any job; a worker runs it and this handler relays the job's events in OpenAI's
+//! chunk format (or waits for the outcome). A client that goes away cancels its job.
+
+mod error;
+mod wire;
+
+pub use error::OaiError;
+
+use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::State;
+use axum::http::{HeaderMap, HeaderName, HeaderValue};
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use chrono::Utc;
+use futures::{Stream, StreamExt};
+use serde_json::{json, Value};
+use switchyard_core::event::types;
+use switchyard_core::job::{JobKind, DEFAULT_MAX_ATTEMPTS};
+use switchyard_store::NewJob;
+use uuid::Uuid;
+
+use crate::auth::Auth;
+use crate::error::ApiError;
+use crate::feed::{Feed, FeedItem};
+use crate::routes::jobs::{cancel, json_body, request_trace};
+use crate::AppState;
+
+const LIVE_BUFFER: usize = 1024;
+const JOB_HEADER: &str = "x-switchyard-job-id";
+
+/// Cancels the job when dropped while armed (the client went away before the end).
+struct CancelOnDrop {
+    state: AppState,
+    tenant: Uuid,
+    job: Uuid,
+    armed: bool,
+}
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let (state, tenant, job) = (self.state.clone(), self.tenant, self.job);
+        tracing::info!(job_id = %job, "front-door client went away; cancelling its job");
+        self.state.tasks.spawn(async move {
+            if let Err(e) = cancel(&state, tenant, job).await {
+                tracing::warn!(job_id = %job, error = ?e, "could not cancel an abandoned job");
+            }
+        });
+    }
+}
+
+/// Chat completion in OpenAI's API shape (`base_url=<switchyard>/v1` and a Switchyard key work
+/// with OpenAI's SDKs): runs as an `llm.chat` job; `stream: true` relays its tokens as
+/// `chat.completion.chunk`s. Fields we do not model are ignored; errors use OpenAI's shape.
+#[utoipa::path(
+    post, path = "/v1/chat/completions", tag = "openai",
+    request_body(content = Object, description = "OpenAI chat completion request"),
+    responses(
+        (status = 200, description = "`chat.completion`, or `text/event-stream` of `chat.completion.chunk` when streaming; header `x-switchyard-job-id`"),
+        (status = 400, description = "invalid_request_error (with `param`), context_length_exceeded"),
+        (status = 401, description = "invalid_api_key"),
+        (status = 404, description = "model_not_found"),
+        (status = 429, description = "rate_limit_exceeded, insufficient_quota (from the provider)"),
+        (status = 502, description = "the provider failed"),
+        (status = 504, description = "the provider timed out"),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn chat_completions(
+    State(state): State<AppState>,
+    auth: Result<Auth, ApiError>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    match run(state, auth, headers, body).await {
+        Ok(r) => r,
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn run(
+    state: AppState,
+    auth: Result<Auth, ApiError>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, OaiError> {
+    let Auth(principal) = auth?;
+    let value = json_body(&headers, body)?;
+    let req = wire::parse(&value)?;
+    if let Err(e) = state.models.resolve(&req.input.model) {
+        let mut err = OaiError::new(
+            axum::http::StatusCode::NOT_FOUND,
+            "invalid_request_error",
+            format!(
+                "The model `{}` does not exist or you do not have access to it ({e}).",
+                req.input.model
+            ),
+        )
+        .code("model_not_found");
+        err.param = Some("model".into());
+        return Err(err);
+    }
+    let trace = request_trace(&headers);
+    let input =
+        serde_json::to_value(&req.input).map_err(|e| OaiError::from(ApiError::internal(e)))?;
+    let job = NewJob {
+        id: Uuid::now_v7(),
+        tenant_id: principal.tenant_id,
+        created_by: principal.subject(),
+        kind: JobKind::LlmChat.as_str().to_string(),
+        queue: JobKind::LlmChat.queue().to_string(),
+        priority: 0,
+        max_attempts: DEFAULT_MAX_ATTEMPTS,
+        timeout_s: None,
+        input,
+        metadata: json!({ "source": "chat.completions" }),
+        trace_parent: Some(trace.to_string()),
+        created_at: Utc::now(),
+    };
+    let job_id = job.id;
+    state.submitter.submit(job).await.map_err(ApiError::from)?;
+    let guard = CancelOnDrop {
+        state: state.clone(),
+        tenant: principal.tenant_id,
+        job: job_id,
+        armed: true,
+    };
+    let feed = Feed::open(&state, principal.tenant_id, job_id, 0, LIVE_BUFFER).await?;
+    let meta = wire::Meta {
+        id: format!("chatcmpl-{}", job_id.simple()),
+        created: Utc::now().timestamp(),
+        model: req.input.model.clone(),
+    };
+    let job_header = (
+        HeaderName::from_static(JOB_HEADER),
+        HeaderValue::from_str(&job_id.to_string()).map_err(ApiError::internal)?,
+    );
+    if req.stream {
+        let relay = Relay {
+            feed,
+            meta,
+            include_usage: req.include_usage,
+            sent_output: false,
+            pending: VecDeque::new(),
+            done: false,
+            guard,
+        };
+        let relay = relay.started();
+        let stream = relay
+            .into_stream()
+            .take_until(state.shutdown.clone().cancelled_owned());
+        let sse = Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15)));
+        return Ok(([job_header], sse).into_response());
+    }
+    let mut feed = feed;
+    let mut guard = guard;
+    while let Some(item) = feed.next().await {
+        let FeedItem::Event(ev) = item else { continue };
+        match ev.kind.as_str() {
+            types::SUCCEEDED => {
+                guard.armed = false;
+                let body = wire::completion(&meta, &job_id.to_string(), &ev.data["output"]);
+                return Ok(([job_header], Json(body)).into_response());
+            }
+            types::FAILED => {
+                guard.armed = false;
+                let e = &ev.data["error"];
+                return Err(OaiError::from_job(
+                    e["code"].as_str().unwrap_or("internal"),
+                    e["message"].as_str().unwrap_or("the job failed"),
+                ));
+            }
+            types::CANCELLED => {
+                guard.armed = false;
+                return Err(OaiError::from_job("cancelled", "the request was cancelled"));
+            }
+            _ => {}
+        }
+    }
+    Err(ApiError::new(
+        switchyard_core::ErrorCode::Unavailable,
+        "the server is shutting down",
+    )
+    .into())
+}
+
+/// Relays a job's events as `chat.completion.chunk`s.
+struct Relay {
+    feed: Feed,
+    meta: wire::Meta,
+    include_usage: bool,
+    /// Output already went to the client: a restart cannot be hidden any more.
+    sent_output: bool,
+    pending: VecDeque<String>,
+    done: bool,
+    guard: CancelOnDrop,
+}
+
+impl Relay {
+    /// Queues the first chunk (the assistant role), sent before any token.
+    fn started(mut self) -> Self {
+        self.pending.push_back(
+            wire::chunk(
+                &self.meta,
+                json!({"role": "assistant", "content": ""}),
+                None,
+            )
+            .to_string(),
+        );
+        self
+    }
+
+    fn error(&mut self, e: OaiError) {
+        self.pending.push_back(e.body().to_string());
+        self.finish();
+    }
+
+    fn finish(&mut self) {
+        self.done = true;
+        self.guard.armed = false;
+    }
+
+    fn on_event(&mut self, kind: &str, data: &Value) {
+        let job_id = self.guard.job.to_string();
+        match kind {
+            types::OUTPUT_DELTA => {
+                if let Some(t) = data["text"].as_str() {
+                    self.sent_output = true;
+                    self.pending.push_back(
+                        wire::chunk(&self.meta, json!({ "content": t }), None).to_string(),
+                    );
+                }
+            }
+            types::OUTPUT_TOOL_CALL => {
+                self.sent_output = true;
+                self.pending.push_back(
+                    wire::chunk(&self.meta, wire::tool_call_delta(data), None).to_string(),
+                );
+            }
+            types::STATUS => {
+                // a new attempt, or a provider restart inside one, after output went out:
+                // the reply would be spliced from two calls, so the stream ends with an error
+                let restart = data.get("restart").is_some()
+                    || (data["status"] == "running" && data["attempt"].as_i64() > Some(1));
+                if restart && self.sent_output {
+                    self.error(OaiError::from_job(
+                        "provider_stream_error",
+                        "the provider failed mid-reply and the reply restarted; retry the request",
+                    ));
+                }
+            }
+            types::SUCCEEDED => {
+                let out = &data["output"];
+                let fin = out["finish_reason"].as_str().unwrap_or("stop");
+                self.pending
+                    .push_back(wire::chunk(&self.meta, json!({}), Some(fin)).to_string());
+                if self.include_usage {
+                    self.pending
+                        .push_back(wire::usage_chunk(&self.meta, &job_id, out).to_string());
+                }
+                self.pending.push_back("[DONE]".to_string());
+                self.finish();
+            }
+            types::FAILED => {
+                let e = &data["error"];
+                self.error(OaiError::from_job(
+                    e["code"].as_str().unwrap_or("internal"),
+                    e["message"].as_str().unwrap_or("the job failed"),
+                ));
+            }
+            types::CANCELLED => {
+                self.error(OaiError::from_job("cancelled", "the request was cancelled"));
+            }
+            _ => {}
+        }
+    }
+
+    fn into_stream(self) -> impl Stream<Item = Result<SseEvent, Infallible>> {
+        futures::stream::unfold(self, |mut r| async move {
+            loop {
+                if let Some(data) = r.pending.pop_front() {
+                    return Some((Ok(SseEvent::default().data(data)), r));
+                }
+                if r.done {
+                    return None;
+                }
+                match r.feed.next().await {
+                    Some(FeedItem::Event(ev)) => r.on_event(&ev.kind, &ev.data),
+                    Some(FeedItem::Reset) if r.sent_output => r.error(OaiError::from_job(
+                        "provider_stream_error",
+                        "the reply's stream was lost; retry the request",
+                    )),
+                    Some(FeedItem::Reset) => {}
+                    None => return None,
+                }
+            }
+        })
+    }
+}

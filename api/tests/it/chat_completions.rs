@@ -1,0 +1,261 @@
+//! The OpenAI-compatible front door: non-streaming and streaming shapes, ignored extra fields,
+//! OpenAI-shaped errors (ours and failed jobs'), a client that goes away cancels its job, and the
+//! official `openai` Python package driving it unchanged.
+
+use std::time::Duration;
+
+use futures::StreamExt;
+use serde_json::{json, Value};
+use sqlx::PgPool;
+use uuid::Uuid;
+
+use crate::support::*;
+
+const T: Duration = Duration::from_secs(20);
+
+async fn chat(app: &TestApp, body: Value) -> reqwest::Response {
+    app.auth(app.http.post(app.url("/v1/chat/completions")))
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
+}
+
+/// The `data:` payloads of an SSE body, in order.
+async fn sse_data(resp: reqwest::Response) -> Vec<String> {
+    let mut buf = String::new();
+    let mut s = resp.bytes_stream();
+    while let Some(b) = s.next().await {
+        buf.push_str(std::str::from_utf8(&b.unwrap()).unwrap());
+    }
+    buf.split("\n\n")
+        .filter_map(|ev| {
+            ev.lines()
+                .find_map(|l| l.strip_prefix("data: ").or(l.strip_prefix("data:")))
+        })
+        .map(|d| d.trim().to_string())
+        .collect()
+}
+
+fn user(text: &str) -> Value {
+    json!([{"role": "system", "content": "be brief"}, {"role": "user", "content": text}])
+}
+
+fn expected(text: &str) -> String {
+    switchyard_mock_llm::expected_text(
+        &[
+            ("system".into(), "be brief".into()),
+            ("user".into(), text.into()),
+        ],
+        None,
+    )
+}
+
+#[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
+async fn non_streaming_completion(pool: PgPool) {
+    let app = spawn_app(pool).await;
+    let r = chat(&app, json!({"model": "mock-echo", "messages": user("one two three"), "user": "u-7", "seed": 1, "n": 1, "logit_bias": {}})).await;
+    assert_eq!(r.status(), 200);
+    let job_header = r.headers()["x-switchyard-job-id"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["object"], "chat.completion");
+    assert!(v["id"].as_str().unwrap().starts_with("chatcmpl-"));
+    assert_eq!(v["model"], "mock-echo");
+    assert_eq!(v["choices"][0]["message"]["role"], "assistant");
+    assert_eq!(
+        v["choices"][0]["message"]["content"],
+        expected("one two three").as_str()
+    );
+    assert_eq!(v["choices"][0]["finish_reason"], "stop");
+    let u = &v["usage"];
+    assert_eq!(
+        u["total_tokens"].as_u64(),
+        Some(u["prompt_tokens"].as_u64().unwrap() + u["completion_tokens"].as_u64().unwrap())
+    );
+    assert!(u["completion_tokens"].as_u64().unwrap() > 0);
+    // it ran as an ordinary job: same queue, same accounting
+    assert_eq!(v["switchyard"]["job_id"], job_header.as_str());
+    let job = app.get_job(job_header.parse().unwrap()).await;
+    assert_eq!(job["status"], "succeeded");
+    assert_eq!(job["kind"], "llm.chat");
+    assert_eq!(job["metadata"]["source"], "chat.completions");
+    app.stop().await;
+}
+
+#[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
+async fn streaming_completion_with_usage_and_tools(pool: PgPool) {
+    let app = spawn_app(pool).await;
+    let r = chat(&app, json!({"model": "mock-echo", "messages": user("red green blue"), "stream": true, "stream_options": {"include_usage": true}})).await;
+    assert_eq!(r.status(), 200);
+    assert!(r.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/event-stream"));
+    let data = sse_data(r).await;
+    assert_eq!(data.last().map(String::as_str), Some("[DONE]"));
+    let chunks: Vec<Value> = data[..data.len() - 1]
+        .iter()
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect();
+    assert!(chunks
+        .iter()
+        .all(|c| c["object"] == "chat.completion.chunk"));
+    assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+    let text: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    assert_eq!(text, expected("red green blue"));
+    let fin = chunks
+        .iter()
+        .find(|c| c["choices"][0]["finish_reason"].is_string())
+        .unwrap();
+    assert_eq!(fin["choices"][0]["finish_reason"], "stop");
+    let last = chunks.last().unwrap();
+    assert_eq!(last["choices"], json!([]));
+    assert!(last["usage"]["completion_tokens"].as_u64().unwrap() > 0);
+
+    // tool calls stream as tool_calls deltas
+    let tools = json!([{"type": "function", "function": {"name": "lookup", "parameters": {"type": "object"}}}]);
+    let r = chat(&app, json!({"model": "mock-tool", "messages": [{"role": "user", "content": "weather?"}], "tools": tools, "stream": true})).await;
+    let data = sse_data(r).await;
+    let chunks: Vec<Value> = data
+        .iter()
+        .filter(|d| *d != "[DONE]")
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect();
+    let call = chunks
+        .iter()
+        .find_map(|c| c["choices"][0]["delta"]["tool_calls"].get(0).cloned())
+        .expect("a tool call chunk");
+    assert_eq!(call["function"]["name"], "lookup");
+    let args: Value =
+        serde_json::from_str(call["function"]["arguments"].as_str().unwrap()).unwrap();
+    assert_eq!(args, json!({"text": "weather?"}));
+    assert!(chunks
+        .iter()
+        .any(|c| c["choices"][0]["finish_reason"] == "tool_calls"));
+    // and non-streaming: message.tool_calls, content null
+    let v: Value = chat(&app, json!({"model": "mock-tool", "messages": [{"role": "user", "content": "weather?"}], "tools": tools})).await.json().await.unwrap();
+    assert_eq!(
+        v["choices"][0]["message"]["tool_calls"][0]["function"]["name"],
+        "lookup"
+    );
+    assert!(v["choices"][0]["message"]["content"].is_null());
+    app.stop().await;
+}
+
+#[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
+async fn errors_use_openai_shape(pool: PgPool) {
+    let app = spawn_app(pool).await;
+    let shape = |v: &Value| {
+        let e = &v["error"];
+        assert!(e["message"].is_string() && e["type"].is_string(), "{v}");
+        assert!(e.get("param").is_some() && e.get("code").is_some(), "{v}");
+    };
+    // no key
+    let r = app
+        .http
+        .post(app.url("/v1/chat/completions"))
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    let v: Value = r.json().await.unwrap();
+    shape(&v);
+    assert_eq!(v["error"]["code"], "invalid_api_key");
+    // malformed JSON
+    let r = app
+        .auth(app.http.post(app.url("/v1/chat/completions")))
+        .header("content-type", "application/json")
+        .body("{nope")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    shape(&r.json().await.unwrap());
+    // missing messages: the param is named
+    let v: Value = chat(&app, json!({"model": "mock-echo"}))
+        .await
+        .json()
+        .await
+        .unwrap();
+    shape(&v);
+    assert_eq!(v["error"]["param"], "messages");
+    // unknown model
+    let r = chat(&app, json!({"model": "gpt-nope", "messages": user("x")})).await;
+    assert_eq!(r.status(), 404);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "model_not_found");
+    // failed jobs, by their error
+    for (model, status, code) in [
+        ("mock-error-400", 400, "provider_bad_request"),
+        ("mock-context-length", 400, "context_length_exceeded"),
+        ("mock-error-429-quota", 429, "insufficient_quota"),
+    ] {
+        let r = chat(&app, json!({"model": model, "messages": user("x")})).await;
+        assert_eq!(r.status(), status, "{model}");
+        let v: Value = r.json().await.unwrap();
+        shape(&v);
+        assert_eq!(v["error"]["code"], code, "{model}");
+    }
+    // a failure while streaming ends the stream with an error object
+    let r = chat(
+        &app,
+        json!({"model": "mock-error-400", "messages": user("x"), "stream": true}),
+    )
+    .await;
+    assert_eq!(r.status(), 200);
+    let data = sse_data(r).await;
+    let last: Value = serde_json::from_str(data.last().unwrap()).unwrap();
+    assert_eq!(last["error"]["code"], "provider_bad_request");
+    app.stop().await;
+}
+
+#[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
+async fn a_client_that_goes_away_cancels_its_job(pool: PgPool) {
+    let app = spawn_app(pool).await;
+    let r = chat(
+        &app,
+        json!({"model": "mock-stall", "messages": user("wait"), "stream": true}),
+    )
+    .await;
+    assert_eq!(r.status(), 200);
+    let id: Uuid = r.headers()["x-switchyard-job-id"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let mut body = r.bytes_stream();
+    // the role chunk arrives at once; then the client hangs up
+    assert!(body.next().await.is_some());
+    drop(body);
+    let j = app.wait_status(id, "cancelled", T).await;
+    assert_eq!(j["status"], "cancelled");
+    app.stop().await;
+}
+
+#[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
+async fn the_official_openai_python_package_works_unchanged(pool: PgPool) {
+    let app = spawn_app(pool).await;
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/python/openai_sdk.py");
+    let out = tokio::process::Command::new("python3")
+        .arg(script)
+        .env("SWITCHYARD_BASE_URL", app.url("/v1"))
+        .env("SWITCHYARD_API_KEY", &app.key)
+        .output()
+        .await
+        .expect("python3 runs (scripts/test.sh installs the `openai` package)");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "openai SDK script failed\nstdout:\n{stdout}\nstderr:\n{stderr}"
+    );
+    assert!(stdout.contains("ALL OK"), "{stdout}");
+    app.stop().await;
+}
