@@ -94,6 +94,13 @@ enum AdminCmd {
         #[arg(long)]
         tenant: String,
     },
+    /// Changes a tenant's settings.
+    SetTenant {
+        name: String,
+        /// Cache LLM responses for this tenant unless a request says otherwise.
+        #[arg(long, value_parser = clap::builder::BoolishValueParser::new())]
+        llm_cache: Option<bool>,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -191,6 +198,16 @@ async fn admin(cfg: &Config, cmd: AdminCmd) -> anyhow::Result<()> {
         AdminCmd::CreateTenant { name } => {
             let t = store.create_tenant(&name).await?;
             println!("tenant {} ({})", t.name, t.id);
+        }
+        AdminCmd::SetTenant { name, llm_cache } => {
+            let Some(on) = llm_cache else {
+                anyhow::bail!("nothing to set: pass --llm-cache on|off");
+            };
+            anyhow::ensure!(
+                store.set_tenant_llm_cache(&name, on).await?,
+                "no tenant named {name}"
+            );
+            println!("tenant {name}: llm_cache = {on}");
         }
         AdminCmd::CreateKey { tenant, name } => {
             let t = store

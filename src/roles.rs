@@ -11,6 +11,7 @@ use switchyard_queue::{EventBus, Keys, Queue};
 use switchyard_scheduler::{Scheduler, SchedulerOptions};
 use switchyard_store::Store;
 use switchyard_worker::executor::ExecutorRegistry;
+use switchyard_worker::llm::cache::ResponseCache;
 use switchyard_worker::llm::{LlmChatExecutor, Providers};
 use switchyard_worker::noop::NoopExecutor;
 use switchyard_worker::{Worker, WorkerHandle, WorkerOptions};
@@ -60,13 +61,25 @@ pub async fn run_api(
 }
 
 /// The executors a worker offers, from the configuration.
-pub fn executors(cfg: &Config, store: Option<Store>) -> ExecutorRegistry {
+/// `redis` enables the LLM response cache.
+pub fn executors(
+    cfg: &Config,
+    store: Option<Store>,
+    redis: Option<redis::aio::ConnectionManager>,
+) -> ExecutorRegistry {
     let mut reg = ExecutorRegistry::new();
     reg.register(
         JobKind::LlmChat,
         Arc::new(LlmChatExecutor::new(
             Providers::from_config(&cfg.llm),
             store,
+            redis.map(|c| {
+                ResponseCache::new(
+                    c,
+                    Keys::new(&cfg.redis_prefix),
+                    Duration::from_secs(cfg.llm.cache_ttl_s),
+                )
+            }),
         )),
     );
     reg.register(JobKind::SystemNoop, Arc::new(NoopExecutor));
@@ -101,13 +114,13 @@ pub async fn start_worker(cfg: &Config, stop: CancellationToken) -> anyhow::Resu
         .map_err(|e| anyhow::anyhow!("redis unreachable: {e}"))?;
     let keys = Keys::new(&cfg.redis_prefix);
     let queue = Queue::new(keys.clone(), conn.clone());
-    let bus = EventBus::new(keys, conn, Duration::from_secs(cfg.event_ttl_s));
+    let bus = EventBus::new(keys, conn.clone(), Duration::from_secs(cfg.event_ttl_s));
     let worker = Worker::new(
         store.clone(),
         queue,
         bus,
         client,
-        executors(cfg, Some(store)),
+        executors(cfg, Some(store), Some(conn)),
         worker_options(cfg),
     );
     Ok(worker.start(stop))

@@ -382,6 +382,10 @@ async fn admin_commands_manage_tenants_and_keys() {
     assert!(ok && out.contains("globex"), "{out}");
     let (ok, _) = run(&["admin", "create-tenant", "globex"]);
     assert!(!ok, "duplicate tenant names are refused");
+    let (ok, out) = run(&["admin", "set-tenant", "globex", "--llm-cache", "on"]);
+    assert!(ok && out.contains("llm_cache = true"), "{out}");
+    let (ok, _) = run(&["admin", "set-tenant", "nobody", "--llm-cache", "off"]);
+    assert!(!ok, "unknown tenants are refused");
     let (ok, key) = run(&["admin", "create-key", "--tenant", "globex", "--name", "ci"]);
     assert!(ok && key.starts_with("sy_"), "{key}");
     let r = c

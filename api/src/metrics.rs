@@ -25,6 +25,7 @@ pub struct Metrics {
     queue_depth: Family<Labels, Gauge>,
     queue_delayed: Family<Labels, Gauge>,
     oldest_queued: Family<Labels, Gauge<f64, AtomicU64>>,
+    llm_cache: Family<Labels, Gauge>,
 }
 
 fn latency_histogram() -> Histogram {
@@ -49,6 +50,7 @@ impl Metrics {
         let queue_depth = Family::<Labels, Gauge>::default();
         let queue_delayed = Family::<Labels, Gauge>::default();
         let oldest_queued = Family::<Labels, Gauge<f64, AtomicU64>>::default();
+        let llm_cache = Family::<Labels, Gauge>::default();
         registry.register(
             "submit_latency_seconds",
             "Time to accept a job (validation + durable commit), by kind",
@@ -80,6 +82,11 @@ impl Metrics {
             "Age of the oldest queued job per queue",
             oldest_queued.clone(),
         );
+        registry.register(
+            "llm_cache_lookups",
+            "LLM response cache lookups since Redis started, by result (hits, misses, shared = served by an identical request's call)",
+            llm_cache.clone(),
+        );
         Metrics {
             registry: Mutex::new(registry),
             submit_latency,
@@ -89,6 +96,7 @@ impl Metrics {
             queue_depth,
             queue_delayed,
             oldest_queued,
+            llm_cache,
         }
     }
 
@@ -129,6 +137,13 @@ impl Metrics {
                 self.oldest_queued
                     .get_or_create(&vec![("queue".to_string(), q)])
                     .set(age);
+            }
+        }
+        if let Ok(stats) = state.queue.llm_cache_stats().await {
+            for (result, n) in stats {
+                self.llm_cache
+                    .get_or_create(&vec![("result".to_string(), result)])
+                    .set(n);
             }
         }
         let mut out = String::new();

@@ -35,6 +35,8 @@ use crate::AppState;
 
 const LIVE_BUFFER: usize = 1024;
 const JOB_HEADER: &str = "x-switchyard-job-id";
+/// Request header opting in (`true`) or out (`false`) of the response cache.
+pub const CACHE_HEADER: &str = "x-switchyard-cache";
 
 /// Cancels the job when dropped while armed (the client went away before the end).
 struct CancelOnDrop {
@@ -96,7 +98,13 @@ async fn run(
 ) -> Result<Response, OaiError> {
     let Auth(principal) = auth?;
     let value = json_body(&headers, body)?;
-    let req = wire::parse(&value)?;
+    let mut req = wire::parse(&value)?;
+    if let Some(v) = headers.get(CACHE_HEADER).and_then(|v| v.to_str().ok()) {
+        req.input.cache = Some(matches!(v.trim(), "1" | "true" | "on" | "yes"));
+    }
+    if req.input.cache.is_none() && principal.llm_cache {
+        req.input.cache = Some(true);
+    }
     if let Err(e) = state.models.resolve(&req.input.model) {
         let mut err = OaiError::new(
             axum::http::StatusCode::NOT_FOUND,

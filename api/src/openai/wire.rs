@@ -27,6 +27,9 @@ struct Request {
     tools: Option<Vec<Tool>>,
     #[serde(default)]
     tool_choice: Option<Value>,
+    /// Our extension (`extra_body={"cache": true}` in OpenAI's SDKs).
+    #[serde(default)]
+    cache: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -166,6 +169,7 @@ pub fn parse(body: &Value) -> Result<Parsed, FieldError> {
         tools: tools.filter(|t| !t.is_empty()),
         tool_choice: req.tool_choice,
         conversation: None,
+        cache: req.cache,
     };
     input.validate().map_err(|mut e| {
         e.field = e.field.trim_start_matches("input.").to_string();

@@ -15,7 +15,9 @@ use switchyard_core::{ErrorCode, FieldError};
 use switchyard_store::{Conversation, Message, NewConversation, NewJob};
 use uuid::Uuid;
 
-use super::jobs::{encode_cursor, json_body, page_params, parse_id, request_trace};
+use super::jobs::{
+    encode_cursor, json_body, page_params, parse_id, request_trace, tenant_llm_defaults,
+};
 use crate::auth::Auth;
 use crate::error::{ApiError, ApiResult, ErrorBody};
 use crate::AppState;
@@ -47,6 +49,8 @@ pub struct PostMessage {
     pub model: Option<String>,
     pub max_tokens: Option<u32>,
     pub temperature: Option<f64>,
+    /// Use the response cache (default: the tenant's setting).
+    pub cache: Option<bool>,
 }
 
 #[derive(Debug, Serialize, utoipa::ToSchema)]
@@ -295,7 +299,9 @@ pub async fn post_message(
         "model": model,
         "max_tokens": req.max_tokens,
         "temperature": req.temperature,
+        "cache": req.cache,
     });
+    tenant_llm_defaults(&principal, &mut input);
     // validates max_tokens/temperature like a job's input would be
     JobKind::LlmChat
         .validate_input(&{

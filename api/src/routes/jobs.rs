@@ -54,6 +54,13 @@ pub fn json_body(headers: &HeaderMap, body: Result<Bytes, BytesRejection>) -> Ap
         .map_err(|e| ApiError::new(ErrorCode::MalformedJson, format!("malformed JSON: {e}")))
 }
 
+/// Fills an `llm.chat` input's unset options from the tenant's settings (the response cache).
+pub fn tenant_llm_defaults(principal: &switchyard_store::Principal, input: &mut Value) {
+    if principal.llm_cache && input.get("cache").is_none_or(Value::is_null) {
+        input["cache"] = Value::Bool(true);
+    }
+}
+
 /// The caller's trace context (a child span of its `traceparent`), or a new trace.
 pub fn request_trace(headers: &HeaderMap) -> TraceParent {
     headers
@@ -88,8 +95,9 @@ pub async fn create_job(
     let started = std::time::Instant::now();
     let value = json_body(&headers, body)?;
     let enable_noop = state.cfg.enable_noop;
-    let req = CreateJobRequest::parse(value, |k| k != JobKind::SystemNoop || enable_noop)?;
+    let mut req = CreateJobRequest::parse(value, |k| k != JobKind::SystemNoop || enable_noop)?;
     if req.kind == JobKind::LlmChat {
+        tenant_llm_defaults(&principal, &mut req.input);
         // the model must be one this deployment routes (its table, `provider/model`, mock-*)
         let model = req.input["model"].as_str().unwrap_or_default();
         state

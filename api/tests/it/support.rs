@@ -13,6 +13,7 @@ use switchyard_queue::{EventBus, Keys, Queue};
 use switchyard_scheduler::{Scheduler, SchedulerOptions};
 use switchyard_store::Store;
 use switchyard_worker::executor::ExecutorRegistry;
+use switchyard_worker::llm::cache::ResponseCache;
 use switchyard_worker::llm::{LlmChatExecutor, Providers};
 use switchyard_worker::noop::NoopExecutor;
 use switchyard_worker::{Worker, WorkerHandle, WorkerOptions};
@@ -172,7 +173,7 @@ impl TestApp {
         EventBus::new(self.keys(), self.redis().await, Duration::from_secs(60))
     }
 
-    pub fn executors(&self) -> ExecutorRegistry {
+    pub async fn executors(&self) -> ExecutorRegistry {
         let mut reg = ExecutorRegistry::new();
         let mut llm = self.cfg.llm.clone();
         llm.mock_base_url = Some(self.mock_url.clone());
@@ -184,6 +185,11 @@ impl TestApp {
             Arc::new(LlmChatExecutor::new(
                 Providers::from_config(&llm),
                 Some(self.store.clone()),
+                Some(ResponseCache::new(
+                    self.redis().await,
+                    self.keys(),
+                    Duration::from_secs(llm.cache_ttl_s),
+                )),
             )),
         );
         reg.register(JobKind::SystemNoop, Arc::new(NoopExecutor));
@@ -215,7 +221,7 @@ impl TestApp {
             self.queue().await,
             self.bus().await,
             client,
-            self.executors(),
+            self.executors().await,
             opts,
         );
         self.workers.push(w.start(CancellationToken::new()));

@@ -30,6 +30,10 @@ pub struct LlmChatInput {
     /// `POST /v1/conversations/{id}/messages`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub conversation: Option<ConversationRef>,
+    /// Use the exact-match response cache (default: the tenant's setting). A hit completes at
+    /// once, replays the stored reply as events and costs nothing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache: Option<bool>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]

@@ -76,6 +76,8 @@ pub struct LlmConfig {
     /// First retry delay; doubles per retry, with jitter, capped by `retry_max_ms`.
     pub retry_base_ms: u64,
     pub retry_max_ms: u64,
+    /// How long a cached LLM response is kept (exact-match cache, per tenant).
+    pub cache_ttl_s: u64,
     /// Extra providers by name (`openai`, `anthropic`, `mock`, `mock-anthropic` are built in
     /// when configured).
     #[serde(default)]
@@ -176,6 +178,7 @@ struct LlmDefaults {
     max_retries: u32,
     retry_base_ms: u64,
     retry_max_ms: u64,
+    cache_ttl_s: u64,
 }
 
 pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/switchyard";
@@ -213,6 +216,7 @@ fn defaults() -> Defaults {
             max_retries: 2,
             retry_base_ms: 250,
             retry_max_ms: 10_000,
+            cache_ttl_s: 3600,
         },
     }
 }

@@ -64,6 +64,21 @@ impl Keys {
         format!("{}:cancel", self.prefix)
     }
 
+    /// A cached LLM response of one tenant (`hash` = SHA-256 of the request).
+    pub fn llm_cache(&self, tenant: Uuid, hash: &str) -> String {
+        format!("{{{}:cache:{tenant}}}:{hash}", self.prefix)
+    }
+
+    /// The single-flight lock of one cached request (same slot as the entry).
+    pub fn llm_cache_lock(&self, tenant: Uuid, hash: &str) -> String {
+        format!("{{{}:cache:{tenant}}}:{hash}:lock", self.prefix)
+    }
+
+    /// Cache counters (`hits`, `misses`, `shared`), read by every API's `/metrics`.
+    pub fn llm_cache_stats(&self) -> String {
+        format!("{{{}:meta}}:llm_cache", self.prefix)
+    }
+
     pub fn epoch(&self) -> String {
         format!("{{{}:meta}}:epoch", self.prefix)
     }

@@ -262,6 +262,15 @@ impl Queue {
         Ok((streams, delayed))
     }
 
+    /// The LLM response cache's counters (`hits`, `misses`, `shared`), cluster-wide.
+    pub async fn llm_cache_stats(&self) -> RedisResult<Vec<(String, i64)>> {
+        let mut c = self.conn.clone();
+        redis::cmd("HGETALL")
+            .arg(self.keys.llm_cache_stats())
+            .query_async(&mut c)
+            .await
+    }
+
     /// The current epoch, or `None` if Redis lost it (fresh or flushed Redis).
     pub async fn epoch(&self) -> RedisResult<Option<i64>> {
         let mut c = self.conn.clone();

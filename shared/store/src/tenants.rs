@@ -28,6 +28,8 @@ pub struct ApiKeyRecord {
 pub struct Principal {
     pub tenant_id: Uuid,
     pub key_id: Uuid,
+    /// The tenant caches LLM responses unless a request says otherwise.
+    pub llm_cache: bool,
 }
 
 impl Principal {
@@ -136,12 +138,27 @@ impl Store {
         let Some(key) = apikey::from_full(presented) else {
             return Ok(None);
         };
-        let row: Option<(Uuid, Uuid)> = sqlx::query_as(
-            "SELECT id, tenant_id FROM api_keys WHERE digest = $1 AND revoked_at IS NULL",
+        let row: Option<(Uuid, Uuid, bool)> = sqlx::query_as(
+            "SELECT k.id, k.tenant_id, t.llm_cache FROM api_keys k JOIN tenants t ON t.id = k.tenant_id
+             WHERE k.digest = $1 AND k.revoked_at IS NULL",
         )
         .bind(&key.digest[..])
         .fetch_optional(self.pool())
         .await?;
-        Ok(row.map(|(key_id, tenant_id)| Principal { tenant_id, key_id }))
+        Ok(row.map(|(key_id, tenant_id, llm_cache)| Principal {
+            tenant_id,
+            key_id,
+            llm_cache,
+        }))
+    }
+
+    /// Sets a tenant's default for the LLM response cache; false when there is no such tenant.
+    pub async fn set_tenant_llm_cache(&self, name: &str, on: bool) -> Result<bool> {
+        let r = sqlx::query("UPDATE tenants SET llm_cache = $2 WHERE name = $1")
+            .bind(name)
+            .bind(on)
+            .execute(self.pool())
+            .await?;
+        Ok(r.rows_affected() == 1)
     }
 }

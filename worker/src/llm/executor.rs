@@ -1,24 +1,133 @@
 //! The `llm.chat` executor: parses the input, reads a conversation's history when the job
-//! answers one, runs the prompt through the model chain and shapes the job output (text, tool
-//! calls, usage, the model that answered, cost); a conversation gets the reply appended.
+//! answers one, serves it from the response cache or runs the prompt through the model chain,
+//! and shapes the job output (text, tool calls, usage, the model that answered, cost); a
+//! conversation gets the reply appended.
+
+use std::time::Duration;
 
 use async_trait::async_trait;
 use serde_json::{json, Value};
-use switchyard_core::job::{parse_at, LlmChatInput};
+use switchyard_core::job::{parse_at, ChatMessage, LlmChatInput};
 use switchyard_store::Store;
 
-use super::{conversation, Providers, Sink};
+use super::cache::{self, Entry, Lookup, ResponseCache};
+use super::{conversation, ChatOutput, Providers, Sink};
 use crate::executor::{ExecError, Executor, JobContext};
+
+/// Longest wait for an identical request's call (single flight) before calling ourselves.
+const SHARED_WAIT_MAX: Duration = Duration::from_secs(120);
 
 pub struct LlmChatExecutor {
     pub providers: Providers,
     /// Needed for conversation turns.
     pub store: Option<Store>,
+    /// The response cache (requests opt in).
+    pub cache: Option<ResponseCache>,
+}
+
+/// A reply and where it came from.
+struct Answer {
+    output: ChatOutput,
+    model: String,
+    provider: String,
+    cost_usd: f64,
+    calls: u32,
+    cached: bool,
 }
 
 impl LlmChatExecutor {
-    pub fn new(providers: Providers, store: Option<Store>) -> Self {
-        LlmChatExecutor { providers, store }
+    pub fn new(providers: Providers, store: Option<Store>, cache: Option<ResponseCache>) -> Self {
+        LlmChatExecutor {
+            providers,
+            store,
+            cache,
+        }
+    }
+
+    async fn call(
+        &self,
+        input: &LlmChatInput,
+        head: &[ChatMessage],
+        history: &[ChatMessage],
+        sink: &Sink<'_>,
+    ) -> Result<Answer, ExecError> {
+        let done = self.providers.complete(input, head, history, sink).await?;
+        let u = &done.output.usage;
+        Ok(Answer {
+            cost_usd: done
+                .model
+                .config
+                .cost_usd(u.prompt_tokens, u.completion_tokens),
+            model: done.model.alias,
+            provider: done.model.provider,
+            calls: done.calls,
+            cached: false,
+            output: done.output,
+        })
+    }
+
+    /// Through the cache: a hit replays the stored reply; a miss calls (holding the
+    /// single-flight lock, extended while the call runs) and stores the reply.
+    async fn cached_call(
+        &self,
+        cache: &ResponseCache,
+        ctx: &JobContext,
+        input: &LlmChatInput,
+        head: &[ChatMessage],
+        history: &[ChatMessage],
+        sink: &Sink<'_>,
+    ) -> Result<Answer, ExecError> {
+        let fp = cache::fingerprint(input, head, history);
+        let wait = self.providers.policy().call_timeout.min(SHARED_WAIT_MAX);
+        match cache.lookup(ctx.tenant_id, &fp, ctx.job_id, wait).await {
+            Lookup::Hit { entry, shared } => {
+                tracing::debug!(shared, "response cache hit");
+                for c in &entry.chunks {
+                    sink.text(c.clone()).await;
+                }
+                for (i, c) in entry.tool_calls.iter().enumerate() {
+                    sink.tool_call(i, c).await;
+                }
+                Ok(Answer {
+                    output: entry.output(),
+                    model: entry.model,
+                    provider: entry.provider,
+                    cost_usd: 0.0,
+                    calls: 0,
+                    cached: true,
+                })
+            }
+            Lookup::Bypass => self.call(input, head, history, sink).await,
+            Lookup::Lead => {
+                let call = self.call(input, head, history, sink);
+                tokio::pin!(call);
+                let mut tick = tokio::time::interval(cache::LOCK_EXTEND);
+                tick.tick().await;
+                let result = loop {
+                    tokio::select! {
+                        r = &mut call => break r,
+                        _ = tick.tick() => cache.extend(ctx.tenant_id, &fp).await,
+                    }
+                };
+                match &result {
+                    Ok(a) => {
+                        let entry = Entry {
+                            text: a.output.text.clone(),
+                            finish_reason: a.output.finish_reason.clone(),
+                            tool_calls: a.output.tool_calls.clone(),
+                            prompt_tokens: a.output.usage.prompt_tokens,
+                            completion_tokens: a.output.usage.completion_tokens,
+                            model: a.model.clone(),
+                            provider: a.provider.clone(),
+                            chunks: sink.recorded(),
+                        };
+                        cache.put(ctx.tenant_id, &fp, &entry).await;
+                    }
+                    Err(_) => cache.release(ctx.tenant_id, &fp).await,
+                }
+                result
+            }
+        }
     }
 }
 
@@ -46,28 +155,28 @@ impl Executor for LlmChatExecutor {
                 ))
             }
         };
-        let sink = Sink::new(ctx);
-        let done = self
-            .providers
-            .complete(&input, &head, &history, &sink)
-            .await?;
-        let out = &done.output;
+        let answer = match (&self.cache, input.cache.unwrap_or(false)) {
+            (Some(cache), true) => {
+                let sink = Sink::recording(ctx);
+                self.cached_call(cache, ctx, &input, &head, &history, &sink)
+                    .await?
+            }
+            _ => self.call(&input, &head, &history, &Sink::new(ctx)).await?,
+        };
+        let out = &answer.output;
         if let (Some(conv), Some(store)) = (input.conversation, &self.store) {
-            conversation::append(store, ctx, conv, &input, out, &done.model.alias).await?;
+            conversation::append(store, ctx, conv, &input, out, &answer.model).await?;
         }
-        let cost = done
-            .model
-            .config
-            .cost_usd(out.usage.prompt_tokens, out.usage.completion_tokens);
         let mut v = json!({
             "text": out.text,
             "finish_reason": out.finish_reason,
             "usage": out.usage,
-            "model": done.model.alias,
+            "model": answer.model,
             "requested_model": input.model,
-            "provider": done.model.provider,
-            "cost_usd": cost,
-            "provider_calls": done.calls,
+            "provider": answer.provider,
+            "cost_usd": answer.cost_usd,
+            "provider_calls": answer.calls,
+            "cached": answer.cached,
         });
         if !out.tool_calls.is_empty() {
             v["tool_calls"] = serde_json::to_value(&out.tool_calls)

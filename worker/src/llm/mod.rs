@@ -3,6 +3,7 @@
 //! and the executor.
 
 mod anthropic;
+pub mod cache;
 mod call;
 pub mod context;
 mod conversation;
@@ -17,6 +18,7 @@ pub use openai::OpenAi;
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -86,6 +88,8 @@ pub struct ProviderRequest<'a> {
 pub struct Sink<'a> {
     ctx: &'a JobContext,
     streamed: AtomicBool,
+    /// The text deltas of the current call, kept when the reply will be cached.
+    recorded: Option<Mutex<Vec<String>>>,
 }
 
 impl<'a> Sink<'a> {
@@ -93,6 +97,15 @@ impl<'a> Sink<'a> {
         Sink {
             ctx,
             streamed: AtomicBool::new(false),
+            recorded: None,
+        }
+    }
+
+    /// A sink that also keeps the deltas (for the response cache).
+    pub fn recording(ctx: &'a JobContext) -> Self {
+        Sink {
+            recorded: Some(Mutex::new(Vec::new())),
+            ..Sink::new(ctx)
         }
     }
 
@@ -102,7 +115,20 @@ impl<'a> Sink<'a> {
             return;
         }
         self.streamed.store(true, Ordering::Relaxed);
+        if let Some(r) = &self.recorded {
+            if let Ok(mut r) = r.lock() {
+                r.push(delta.clone());
+            }
+        }
         self.ctx.delta(delta).await;
+    }
+
+    /// The deltas recorded since the last reset.
+    pub fn recorded(&self) -> Vec<String> {
+        self.recorded
+            .as_ref()
+            .and_then(|r| r.lock().ok().map(|r| r.clone()))
+            .unwrap_or_default()
     }
 
     /// Streams a completed tool call (`output.tool_call`).
@@ -125,6 +151,11 @@ impl<'a> Sink<'a> {
     /// Forgets what streamed (after a restart was announced).
     pub fn reset(&self) {
         self.streamed.store(false, Ordering::Relaxed);
+        if let Some(r) = &self.recorded {
+            if let Ok(mut r) = r.lock() {
+                r.clear();
+            }
+        }
     }
 
     pub fn ctx(&self) -> &JobContext {

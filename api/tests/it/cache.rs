@@ -1,0 +1,200 @@
+//! The exact-match LLM response cache: a hit completes at once without a provider call and
+//! replays the stored stream as events; it is scoped per tenant, opt-in per request or per
+//! tenant, counted in `/metrics`, and identical concurrent requests share one provider call.
+
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use sqlx::PgPool;
+use uuid::Uuid;
+
+use crate::support::*;
+
+const T: Duration = Duration::from_secs(20);
+
+fn chat(model: &str, cache: Option<bool>) -> Value {
+    let mut input =
+        json!({"model": model, "messages": [{"role": "user", "content": "cache me if you can"}]});
+    if let Some(c) = cache {
+        input["cache"] = json!(c);
+    }
+    json!({"kind": "llm.chat", "input": input})
+}
+
+async fn calls(app: &TestApp, model: &str) -> u64 {
+    let base = app.mock_url.trim_end_matches("/v1");
+    let v: Value = reqwest::get(format!("{base}/mock/stats"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    v["models"][model]["calls"].as_u64().unwrap_or(0)
+}
+
+async fn run(app: &TestApp, body: Value) -> Value {
+    let job = app.submit(body).await;
+    let id: Uuid = job["id"].as_str().unwrap().parse().unwrap();
+    app.wait_status(id, "succeeded", T).await
+}
+
+async fn streamed_text(app: &TestApp, id: Uuid) -> String {
+    let mut ws = app.ws().await;
+    ws.subscribe(id, 0).await;
+    ws.until_terminal(id, T)
+        .await
+        .iter()
+        .filter(|e| e["type"] == "output.delta")
+        .map(|e| e["data"]["text"].as_str().unwrap().to_string())
+        .collect()
+}
+
+/// Submits as another tenant and returns the succeeded job's output.
+async fn run_as(app: &TestApp, key: &str, tenant: Uuid, body: Value) -> Value {
+    let r = app
+        .http
+        .post(app.url("/v1/jobs"))
+        .bearer_auth(key)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    let id: Uuid = r.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let t0 = std::time::Instant::now();
+    loop {
+        let row = app.store.get_job(tenant, id).await.unwrap().unwrap();
+        if row.status == "succeeded" {
+            return row.output.unwrap();
+        }
+        assert!(t0.elapsed() < T, "job {id} still {}", row.status);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn metric(app: &TestApp, result: &str) -> u64 {
+    let text = app
+        .http
+        .get(app.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let needle = format!("switchyard_llm_cache_lookups{{result=\"{result}\"}} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&needle))
+        .map(|n| n.trim().parse().unwrap())
+        .unwrap_or(0)
+}
+
+#[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
+async fn hits_replay_the_stream_without_a_provider_call(pool: PgPool) {
+    let app = spawn_app(pool).await;
+    let model = format!("mock-cache-{}", Uuid::now_v7().simple());
+    let first = run(&app, chat(&model, Some(true))).await;
+    assert_eq!(first["output"]["cached"], false);
+    assert_eq!(calls(&app, &model).await, 1);
+
+    let second = run(&app, chat(&model, Some(true))).await;
+    let out = &second["output"];
+    assert_eq!(out["cached"], true);
+    assert_eq!(out["cost_usd"], 0.0);
+    assert_eq!(out["provider_calls"], 0);
+    assert_eq!(out["text"], first["output"]["text"]);
+    assert_eq!(out["usage"], first["output"]["usage"]);
+    assert_eq!(calls(&app, &model).await, 1, "served from the cache");
+    let id: Uuid = second["id"].as_str().unwrap().parse().unwrap();
+    assert_eq!(
+        streamed_text(&app, id).await,
+        first["output"]["text"].as_str().unwrap(),
+        "the stored stream is replayed as deltas"
+    );
+    assert_eq!(metric(&app, "hits").await, 1);
+    assert_eq!(metric(&app, "misses").await, 1);
+
+    // not opted in: no cache
+    let plain = run(&app, chat(&model, None)).await;
+    assert_eq!(plain["output"]["cached"], false);
+    assert_eq!(calls(&app, &model).await, 2);
+    // a different request is a different entry
+    let mut other = chat(&model, Some(true));
+    other["input"]["max_tokens"] = json!(3);
+    assert_eq!(run(&app, other).await["output"]["cached"], false);
+    assert_eq!(calls(&app, &model).await, 3);
+
+    // another tenant never sees this tenant's entries
+    let t2 = app.store.create_tenant("other").await.unwrap();
+    let (_, key2) = app.store.create_api_key(t2.id, "k", None).await.unwrap();
+    let out = run_as(&app, &key2, t2.id, chat(&model, Some(true))).await;
+    assert_eq!(out["cached"], false);
+    assert_eq!(calls(&app, &model).await, 4);
+
+    // a tenant that opts in caches requests that do not say otherwise (a new key: the API
+    // keeps an authenticated principal for 5 s)
+    assert!(app.store.set_tenant_llm_cache("other", true).await.unwrap());
+    let (_, key3) = app.store.create_api_key(t2.id, "k3", None).await.unwrap();
+    assert_eq!(
+        run_as(&app, &key3, t2.id, chat(&model, None)).await["cached"],
+        true
+    );
+    let out = run_as(&app, &key3, t2.id, chat(&model, Some(false))).await;
+    assert_eq!(out["cached"], false, "a request can opt out");
+    app.stop().await;
+}
+
+#[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
+async fn identical_concurrent_requests_share_one_provider_call(pool: PgPool) {
+    let app = spawn_app(pool).await;
+    // mock-slow: 200 ms to the first token, so the requests overlap
+    let body = chat("mock-slow", Some(true));
+    let jobs = futures::future::join_all((0..6).map(|_| app.submit(body.clone()))).await;
+    let mut cached = 0;
+    for j in &jobs {
+        let id: Uuid = j["id"].as_str().unwrap().parse().unwrap();
+        let done = app.wait_status(id, "succeeded", T).await;
+        cached += done["output"]["cached"].as_bool().unwrap() as u32;
+    }
+    assert_eq!(
+        calls(&app, "mock-slow").await,
+        1,
+        "one provider call for six requests"
+    );
+    assert_eq!(cached, 5);
+    assert_eq!(metric(&app, "shared").await + metric(&app, "hits").await, 5);
+    app.stop().await;
+}
+
+#[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
+async fn the_front_door_opts_in_by_header_or_field(pool: PgPool) {
+    let app = spawn_app(pool).await;
+    let model = format!("mock-fd-{}", Uuid::now_v7().simple());
+    let body = json!({"model": model, "messages": [{"role": "user", "content": "hi"}]});
+    let post = |cache_header: bool, body: Value| {
+        let app = &app;
+        async move {
+            let mut rb = app
+                .auth(app.http.post(app.url("/v1/chat/completions")))
+                .json(&body);
+            if cache_header {
+                rb = rb.header("x-switchyard-cache", "true");
+            }
+            rb.send().await.unwrap().json::<Value>().await.unwrap()
+        }
+    };
+    assert_eq!(
+        post(true, body.clone()).await["switchyard"]["cached"],
+        false
+    );
+    assert_eq!(post(true, body.clone()).await["switchyard"]["cached"], true);
+    let mut with_field = body.clone();
+    with_field["cache"] = json!(true);
+    assert_eq!(post(false, with_field).await["switchyard"]["cached"], true);
+    assert_eq!(post(false, body).await["switchyard"]["cached"], false);
+    assert_eq!(calls(&app, &model).await, 2);
+    app.stop().await;
+}

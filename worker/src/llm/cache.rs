@@ -1,0 +1,206 @@
+//! Exact-match LLM response cache in Redis, scoped per tenant: the key is the SHA-256 of the
+//! request (model, prompt, limits, tools); the entry keeps the reply and the chunks it streamed
+//! so a hit replays them as events. Identical concurrent requests share one provider call: the
+//! first takes a short lock (extended while its call runs), the others wait for its entry.
+
+use std::time::Duration;
+
+use redis::aio::ConnectionManager;
+use redis::AsyncCommands;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use sha2::{Digest, Sha256};
+use switchyard_core::job::{ChatMessage, LlmChatInput, ToolCall};
+use switchyard_queue::Keys;
+use uuid::Uuid;
+
+use super::{ChatOutput, Usage};
+
+/// A lock lives this long unless its holder extends it (a crashed holder frees it soon).
+pub const LOCK_TTL: Duration = Duration::from_secs(10);
+/// How often a holder extends its lock.
+pub const LOCK_EXTEND: Duration = Duration::from_secs(3);
+const POLL: Duration = Duration::from_millis(20);
+
+#[derive(Clone)]
+pub struct ResponseCache {
+    conn: ConnectionManager,
+    keys: Keys,
+    ttl: Duration,
+}
+
+/// What a cache entry holds.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Entry {
+    pub text: String,
+    pub finish_reason: String,
+    #[serde(default)]
+    pub tool_calls: Vec<ToolCall>,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    /// The alias and provider that produced the reply.
+    pub model: String,
+    pub provider: String,
+    /// The text deltas as they streamed.
+    pub chunks: Vec<String>,
+}
+
+impl Entry {
+    pub fn output(&self) -> ChatOutput {
+        ChatOutput {
+            text: self.text.clone(),
+            finish_reason: self.finish_reason.clone(),
+            tool_calls: self.tool_calls.clone(),
+            usage: Usage::new(self.prompt_tokens, self.completion_tokens),
+        }
+    }
+}
+
+/// How a lookup ended.
+pub enum Lookup {
+    /// The reply was cached (`shared`: another request's call produced it while we waited).
+    Hit { entry: Entry, shared: bool },
+    /// We hold the lock: call the provider, then [`ResponseCache::put`].
+    Lead,
+    /// The cache is unavailable or the leader took too long: call without caching.
+    Bypass,
+}
+
+/// The request's identity: everything that shapes the reply.
+pub fn fingerprint(input: &LlmChatInput, head: &[ChatMessage], history: &[ChatMessage]) -> String {
+    let canonical = json!({
+        "v": 1,
+        "model": input.model,
+        "head": head,
+        "history": history,
+        "max_tokens": input.max_tokens,
+        "temperature": input.temperature,
+        "tools": input.tools,
+        "tool_choice": input.tool_choice,
+    });
+    hex::encode(Sha256::digest(canonical.to_string().as_bytes()))
+}
+
+impl ResponseCache {
+    pub fn new(conn: ConnectionManager, keys: Keys, ttl: Duration) -> Self {
+        ResponseCache { conn, keys, ttl }
+    }
+
+    async fn get(&self, tenant: Uuid, fp: &str) -> redis::RedisResult<Option<Entry>> {
+        let raw: Option<String> = self
+            .conn
+            .clone()
+            .get(self.keys.llm_cache(tenant, fp))
+            .await?;
+        Ok(raw.and_then(|r| serde_json::from_str(&r).ok()))
+    }
+
+    /// Finds the reply, or takes the lock to produce it, or waits for the holder of the lock
+    /// (at most `wait`).
+    pub async fn lookup(&self, tenant: Uuid, fp: &str, job: Uuid, wait: Duration) -> Lookup {
+        let started = tokio::time::Instant::now();
+        let mut waited = false;
+        loop {
+            match self.get(tenant, fp).await {
+                Ok(Some(entry)) => {
+                    self.count(if waited { "shared" } else { "hits" }).await;
+                    return Lookup::Hit {
+                        entry,
+                        shared: waited,
+                    };
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "response cache unavailable; calling the provider");
+                    return Lookup::Bypass;
+                }
+            }
+            let took: redis::RedisResult<bool> = redis::cmd("SET")
+                .arg(self.keys.llm_cache_lock(tenant, fp))
+                .arg(job.to_string())
+                .arg("NX")
+                .arg("PX")
+                .arg(LOCK_TTL.as_millis() as u64)
+                .query_async::<Option<String>>(&mut self.conn.clone())
+                .await
+                .map(|r| r.is_some());
+            match took {
+                Ok(true) => {
+                    // the previous holder stores its entry before it unlocks: look once more
+                    if let Ok(Some(entry)) = self.get(tenant, fp).await {
+                        self.release(tenant, fp).await;
+                        self.count("shared").await;
+                        return Lookup::Hit {
+                            entry,
+                            shared: true,
+                        };
+                    }
+                    self.count("misses").await;
+                    return Lookup::Lead;
+                }
+                Ok(false) if started.elapsed() < wait => {
+                    waited = true;
+                    tokio::time::sleep(POLL).await;
+                }
+                Ok(false) => {
+                    self.count("misses").await;
+                    return Lookup::Bypass;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "response cache lock failed; calling the provider");
+                    return Lookup::Bypass;
+                }
+            }
+        }
+    }
+
+    /// Keeps the lock while the call runs.
+    pub async fn extend(&self, tenant: Uuid, fp: &str) {
+        let _: redis::RedisResult<bool> = self
+            .conn
+            .clone()
+            .pexpire(
+                self.keys.llm_cache_lock(tenant, fp),
+                LOCK_TTL.as_millis() as i64,
+            )
+            .await;
+    }
+
+    /// Stores the reply and releases the lock (in one round trip).
+    pub async fn put(&self, tenant: Uuid, fp: &str, entry: &Entry) {
+        let Ok(raw) = serde_json::to_string(entry) else {
+            return;
+        };
+        let r: redis::RedisResult<()> = redis::pipe()
+            .set_ex(
+                self.keys.llm_cache(tenant, fp),
+                raw,
+                self.ttl.as_secs().max(1),
+            )
+            .ignore()
+            .del(self.keys.llm_cache_lock(tenant, fp))
+            .ignore()
+            .query_async(&mut self.conn.clone())
+            .await;
+        if let Err(e) = r {
+            tracing::warn!(error = %e, "could not store a cached response");
+        }
+    }
+
+    /// Releases the lock without an entry (the call failed): a waiter takes over.
+    pub async fn release(&self, tenant: Uuid, fp: &str) {
+        let _: redis::RedisResult<()> = self
+            .conn
+            .clone()
+            .del(self.keys.llm_cache_lock(tenant, fp))
+            .await;
+    }
+
+    async fn count(&self, field: &str) {
+        let _: redis::RedisResult<i64> = self
+            .conn
+            .clone()
+            .hincr(self.keys.llm_cache_stats(), field, 1)
+            .await;
+    }
+}
