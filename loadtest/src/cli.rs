@@ -53,6 +53,16 @@ pub struct Args {
     #[arg(long, default_value_t = 16)]
     pub max_tokens: u32,
 
+    /// Instead of jobs: send OpenAI chat completions (`POST {url}/v1/chat/completions`, not
+    /// streamed) open-loop at `--rate` for `--duration-s` and report their latency. Point
+    /// `--url` at Switchyard, then at the mock provider, to measure the front door's overhead.
+    #[arg(long)]
+    pub chat_completions: bool,
+
+    /// Length of a `--chat-completions` run.
+    #[arg(long, default_value_t = 30)]
+    pub duration_s: u64,
+
     /// Maximum submit rate in jobs per second, across all submitters
     /// (default: unlimited). Use it to measure below saturation.
     #[arg(long, value_name = "R", value_parser = parse_rate)]
@@ -85,7 +95,7 @@ impl Args {
 }
 
 impl Args {
-    fn prompt(&self) -> String {
+    pub fn prompt(&self) -> String {
         const WORDS: [&str; 3] = ["hello", "load", "test"];
         (0..self.prompt_words.max(1) as usize)
             .map(|i| WORDS[i % WORDS.len()])

@@ -1,6 +1,7 @@
 //! `switchyard-loadtest`: submit many jobs to a running Switchyard server over
 //! REST, follow them over WebSocket and report latency and throughput.
 
+mod chat;
 mod cli;
 mod stats;
 mod submit;
@@ -28,6 +29,15 @@ const TICK: Duration = Duration::from_millis(200);
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let args = Args::parse();
+    if args.chat_completions {
+        match chat::run(&args).await {
+            Ok(ok) => std::process::exit(if ok { 0 } else { 1 }),
+            Err(e) => {
+                eprintln!("switchyard-loadtest: error: {e:#}");
+                std::process::exit(2);
+            }
+        }
+    }
     let report = match run(&args).await {
         Ok(r) => r,
         Err(e) => {

@@ -24,7 +24,7 @@ use crate::AppState;
 
 /// Largest message accepted (characters).
 pub const MAX_CONTENT_CHARS: usize = 1_000_000;
-const STRATEGIES: [&str; 1] = ["drop_oldest"];
+const STRATEGIES: [&str; 2] = ["drop_oldest", "summarize"];
 
 /// Body of `POST /v1/conversations`.
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
@@ -36,7 +36,9 @@ pub struct CreateConversation {
     pub system: Option<String>,
     #[schema(value_type = Option<Object>)]
     pub metadata: Option<Value>,
-    /// How the history is fitted into the model's window: `drop_oldest` (default).
+    /// How the history is fitted into the model's window: `drop_oldest` (default) or
+    /// `summarize` (the oldest turns are summarized by `llm.summary_model`, and the summary is
+    /// kept for reuse).
     pub context_strategy: Option<String>,
 }
 

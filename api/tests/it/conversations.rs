@@ -341,3 +341,60 @@ async fn cancelling_a_job_aborts_the_provider_call(pool: PgPool) {
     );
     app.stop().await;
 }
+
+#[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
+async fn the_summarize_strategy_keeps_and_reuses_a_summary(pool: PgPool) {
+    let app = spawn_app(pool).await;
+    let model = format!("mock-sum-{}", Uuid::now_v7().simple());
+    let c = create(
+        &app,
+        json!({"model": model, "system": "you are a patient listener", "context_strategy": "summarize"}),
+    )
+    .await;
+    let id = c["id"].as_str().unwrap().to_string();
+    let budget = 8192 - 1024;
+    for i in 0..24 {
+        let content = format!("turn {i} ") + &"conversational ".repeat(100);
+        say(&app, &id, &content).await;
+    }
+    let (_, conv) = get(&app, &format!("/v1/conversations/{id}")).await;
+    assert!(conv["summary"].is_string(), "a summary is kept: {conv}");
+    assert!(conv["summary_turn"].as_i64().unwrap() > 1);
+    assert_eq!(
+        conv["messages"].as_array().unwrap().len(),
+        48,
+        "the history itself is intact"
+    );
+
+    let reqs = mock_requests(&app, &model).await;
+    let is_summary_call = |r: &Value| {
+        r["body"]["messages"][0]["content"]
+            .as_str()
+            .unwrap_or("")
+            .starts_with("You maintain the memory")
+    };
+    let summaries = reqs.iter().filter(|r| is_summary_call(r)).count();
+    let turns: Vec<&Value> = reqs.iter().filter(|r| !is_summary_call(r)).collect();
+    assert_eq!(turns.len(), 24);
+    assert!(summaries >= 1, "the oldest turns were summarized");
+    assert!(
+        summaries <= 8,
+        "the summary is reused, not remade every turn ({summaries} summaries)"
+    );
+    for r in &turns {
+        let msgs: Vec<ChatMessage> = serde_json::from_value(r["body"]["messages"].clone()).unwrap();
+        assert!(Tokenizer::Estimate.prompt(&msgs) <= budget);
+    }
+    let last: Vec<ChatMessage> =
+        serde_json::from_value(turns[23]["body"]["messages"].clone()).unwrap();
+    assert_eq!(last[0].content, "you are a patient listener");
+    assert!(
+        last[1]
+            .content
+            .starts_with("Summary of the earlier conversation:\n"),
+        "{:?}",
+        last[1]
+    );
+    assert!(last.last().unwrap().content.starts_with("turn 23 "));
+    app.stop().await;
+}

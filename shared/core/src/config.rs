@@ -78,6 +78,10 @@ pub struct LlmConfig {
     pub retry_max_ms: u64,
     /// How long a cached LLM response is kept (exact-match cache, per tenant).
     pub cache_ttl_s: u64,
+    /// Model that summarizes conversations under the `summarize` strategy (default: the
+    /// turn's own model).
+    #[serde(default)]
+    pub summary_model: Option<String>,
     /// Extra providers by name (`openai`, `anthropic`, `mock`, `mock-anthropic` are built in
     /// when configured).
     #[serde(default)]
@@ -310,9 +314,17 @@ impl Config {
                 "llm.models.{alias}: prices must not be negative"
             );
             for f in &m.fallbacks {
+                if f.is_empty() {
+                    anyhow::bail!("llm.models.{alias}: empty fallback name");
+                }
                 if let Err(e) = table.resolve(f) {
                     anyhow::bail!("llm.models.{alias}: fallback `{f}`: {e}");
                 }
+            }
+        }
+        if let Some(m) = &self.llm.summary_model {
+            if let Err(e) = table.resolve(m) {
+                anyhow::bail!("llm.summary_model: {e}");
             }
         }
         for q in &self.worker.queues {

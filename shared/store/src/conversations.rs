@@ -22,6 +22,8 @@ pub struct Conversation {
     pub context_strategy: String,
     /// Summary of the oldest turns, kept for reuse by the `summarize` strategy.
     pub summary: Option<String>,
+    /// Turns before this one are covered by `summary` (0: no summary yet).
+    pub summary_turn: i32,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
 }
@@ -66,7 +68,7 @@ pub struct Reply {
 }
 
 const CONV_COLS: &str =
-    "id, model, system, metadata, context_strategy, summary, created_at, updated_at";
+    "id, model, system, metadata, context_strategy, summary, summary_turn, created_at, updated_at";
 const MSG_COLS: &str = "turn, role, content, tool_calls, job_id, model, usage, created_at";
 
 impl Store {

@@ -66,6 +66,8 @@ pub struct Providers {
     table: ModelTable,
     by_name: HashMap<String, Arc<dyn LlmProvider>>,
     policy: CallPolicy,
+    /// Model that summarizes conversations (`summarize` strategy); default: the turn's model.
+    summary_model: Option<String>,
 }
 
 /// A completion and how it was obtained.
@@ -103,6 +105,7 @@ impl Providers {
             table,
             by_name,
             policy: CallPolicy::from_config(cfg),
+            summary_model: cfg.summary_model.clone(),
         }
     }
 
@@ -112,6 +115,10 @@ impl Providers {
 
     pub fn policy(&self) -> &CallPolicy {
         &self.policy
+    }
+
+    pub fn summary_model(&self) -> Option<&str> {
+        self.summary_model.as_deref()
     }
 
     /// Runs `input` with the prompt `head` (kept whole) + `history` (oldest dropped first)

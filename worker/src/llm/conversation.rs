@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 use switchyard_core::job::{ChatMessage, ConversationRef, LlmChatInput, ToolCall};
-use switchyard_store::{Reply, Store};
+use switchyard_store::{Conversation, Reply, Store};
 
 use super::context::{fit, Tokenizer};
 use super::ChatOutput;
@@ -20,13 +20,27 @@ fn store_error(e: switchyard_store::StoreError) -> ExecError {
     ExecError::retryable("store_unavailable", e.to_string())
 }
 
-/// Waits for earlier turns, then returns the conversation's prompt for `turn` (system prompt
-/// first) and the strategy.
+/// A conversation's prompt for one turn.
+pub(crate) struct History {
+    pub conversation: Conversation,
+    /// The system prompt.
+    pub head: Vec<ChatMessage>,
+    /// Every message up to the turn being answered, with its turn.
+    pub turns: Vec<(i32, ChatMessage)>,
+}
+
+impl History {
+    pub fn messages(&self) -> Vec<ChatMessage> {
+        self.turns.iter().map(|(_, m)| m.clone()).collect()
+    }
+}
+
+/// Waits for earlier turns, then returns the conversation's prompt for `turn`.
 pub(crate) async fn history(
     store: &Store,
     ctx: &JobContext,
     conv: ConversationRef,
-) -> Result<(Vec<ChatMessage>, Vec<ChatMessage>), ExecError> {
+) -> Result<History, ExecError> {
     let gone = || {
         ExecError::fatal(
             "conversation_not_found",
@@ -69,10 +83,10 @@ pub(crate) async fn history(
         return Err(gone());
     }
     let mut head = Vec::new();
-    if let Some(s) = c.system.filter(|s| !s.is_empty()) {
-        head.push(ChatMessage::new("system", s));
+    if let Some(s) = c.system.as_ref().filter(|s| !s.is_empty()) {
+        head.push(ChatMessage::new("system", s.clone()));
     }
-    let history = rows
+    let turns = rows
         .into_iter()
         .map(|m| {
             let mut msg = ChatMessage::new(&m.role, m.content);
@@ -80,10 +94,14 @@ pub(crate) async fn history(
                 .tool_calls
                 .and_then(|v| serde_json::from_value::<Vec<ToolCall>>(v).ok())
                 .filter(|c| !c.is_empty());
-            msg
+            (m.turn, msg)
         })
         .collect();
-    Ok((head, history))
+    Ok(History {
+        conversation: c,
+        head,
+        turns,
+    })
 }
 
 /// Fits head + history into `window − reply budget` on a blocking thread (tokenizing is CPU

@@ -11,7 +11,7 @@ use switchyard_core::job::{parse_at, ChatMessage, LlmChatInput};
 use switchyard_store::Store;
 
 use super::cache::{self, Entry, Lookup, ResponseCache};
-use super::{conversation, ChatOutput, Providers, Sink};
+use super::{conversation, summarize, ChatOutput, Providers, Sink};
 use crate::executor::{ExecError, Executor, JobContext};
 
 /// Longest wait for an identical request's call (single flight) before calling ourselves.
@@ -147,7 +147,15 @@ impl Executor for LlmChatExecutor {
                 let (h, rest) = input.messages.split_at(split);
                 (h.to_vec(), rest.to_vec())
             }
-            (Some(conv), Some(store)) => conversation::history(store, ctx, conv).await?,
+            (Some(conv), Some(store)) => {
+                let h = conversation::history(store, ctx, conv).await?;
+                if h.conversation.context_strategy == "summarize" {
+                    let model = self.providers.summary_model();
+                    summarize::prompt(&self.providers, model, store, ctx, &input, h).await?
+                } else {
+                    (h.head.clone(), h.messages())
+                }
+            }
             (Some(_), None) => {
                 return Err(ExecError::fatal(
                     "no_store",

@@ -10,6 +10,7 @@ mod conversation;
 mod executor;
 mod openai;
 mod sse;
+mod summarize;
 
 pub use anthropic::Anthropic;
 pub use call::{CallPolicy, Providers};
@@ -90,6 +91,8 @@ pub struct Sink<'a> {
     streamed: AtomicBool,
     /// The text deltas of the current call, kept when the reply will be cached.
     recorded: Option<Mutex<Vec<String>>>,
+    /// Emit nothing (an internal call, e.g. a summary).
+    silent: bool,
 }
 
 impl<'a> Sink<'a> {
@@ -98,6 +101,15 @@ impl<'a> Sink<'a> {
             ctx,
             streamed: AtomicBool::new(false),
             recorded: None,
+            silent: false,
+        }
+    }
+
+    /// A sink that streams nothing to the client.
+    pub fn silent(ctx: &'a JobContext) -> Self {
+        Sink {
+            silent: true,
+            ..Sink::new(ctx)
         }
     }
 
@@ -120,7 +132,9 @@ impl<'a> Sink<'a> {
                 r.push(delta.clone());
             }
         }
-        self.ctx.delta(delta).await;
+        if !self.silent {
+            self.ctx.delta(delta).await;
+        }
     }
 
     /// The deltas recorded since the last reset.
@@ -133,6 +147,9 @@ impl<'a> Sink<'a> {
 
     /// Streams a completed tool call (`output.tool_call`).
     pub async fn tool_call(&self, index: usize, call: &ToolCall) {
+        if self.silent {
+            return;
+        }
         self.streamed.store(true, Ordering::Relaxed);
         let mut data = serde_json::to_value(call).unwrap_or(Value::Null);
         if let Value::Object(m) = &mut data {

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Overhead of the OpenAI-compatible front door: the same open-loop load of chat completions
+# (RATE/s for DURATION s, not streamed) against Switchyard and against the mock directly.
+# Needs: cargo build --release -p switchyard -p switchyard-loadtest; psql; nothing on :8080.
+set -u
+cd "$(dirname "$0")/.."
+KEY=sy_demo1234_0123456789abcdefghij0123456789ABCDEFGHIJ
+RATE=${RATE:-500}
+DURATION=${DURATION:-30}
+./target/release/switchyard mock-llm --listen 127.0.0.1:18081 > /tmp/mock.log 2>&1 &
+MOCK=$!
+psql -q -h 127.0.0.1 -U postgres -c "DROP DATABASE IF EXISTS sybench" -c "CREATE DATABASE sybench" >/dev/null
+DATABASE_URL=postgres://postgres@127.0.0.1:5432/sybench SWITCHYARD_REDIS_PREFIX=bench$RANDOM \
+SWITCHYARD_DEV_API_KEY=$KEY SWITCHYARD_LLM__MOCK_BASE_URL=http://127.0.0.1:18081/v1 \
+SWITCHYARD_WORKER__CONCURRENCY=512 SWITCHYARD_DATABASE_MAX_CONNECTIONS=32 SWITCHYARD_LOG=warn \
+  ./target/release/switchyard dev > /tmp/dev.log 2>&1 &
+DEV=$!
+for _ in $(seq 1 60); do curl -sf localhost:8080/readyz >/dev/null && break; sleep 1; done
+lt() {
+  ./target/release/switchyard-loadtest --chat-completions --rate "$RATE" --model mock-echo \
+    --max-tokens 16 --api-key "$KEY" "$@"
+}
+echo "== warm-up (5 s, not counted)"
+lt --url http://127.0.0.1:8080 --duration-s 5 | tail -1
+echo "== through Switchyard"
+lt --url http://127.0.0.1:8080 --duration-s "$DURATION"
+echo "== the mock directly"
+lt --url http://127.0.0.1:18081 --duration-s "$DURATION"
+kill $DEV $MOCK; wait

@@ -1,0 +1,160 @@
+//! The `summarize` context strategy: when a conversation no longer fits the model's window, the
+//! oldest turns are summarized by a (configurable) model and the summary is kept on the
+//! conversation, so later turns reuse it and only summarize what newly falls out of the window.
+
+use switchyard_core::job::{ChatMessage, LlmChatInput};
+use switchyard_store::Store;
+
+use super::context::{fit, Tokenizer};
+use super::conversation::History;
+use super::{Providers, Sink};
+use crate::executor::{ExecError, JobContext};
+
+/// Reply budget of a summary.
+const SUMMARY_TOKENS: u32 = 512;
+const INSTRUCTIONS: &str = "You maintain the memory of a conversation. Rewrite the previous \
+summary (if any) and the new messages into one concise summary that keeps every fact, decision, \
+name and number a later reply may need. Answer with the summary only.";
+/// How the summary enters the prompt.
+pub const SUMMARY_PREFIX: &str = "Summary of the earlier conversation:\n";
+
+fn with_summary(head: &[ChatMessage], summary: Option<&str>) -> Vec<ChatMessage> {
+    let mut h = head.to_vec();
+    if let Some(s) = summary.filter(|s| !s.is_empty()) {
+        h.push(ChatMessage::new("system", format!("{SUMMARY_PREFIX}{s}")));
+    }
+    h
+}
+
+fn transcript(previous: Option<&str>, dropped: &[ChatMessage], max_chars: usize) -> String {
+    let mut t = String::new();
+    if let Some(p) = previous.filter(|p| !p.is_empty()) {
+        t.push_str("Previous summary:\n");
+        t.push_str(p);
+        t.push_str("\n\n");
+    }
+    t.push_str("New messages:\n");
+    for m in dropped {
+        t.push_str(&m.role);
+        t.push_str(": ");
+        t.push_str(&m.content);
+        t.push('\n');
+    }
+    // keep the newest part if it is too long for the summarizer
+    if t.chars().count() > max_chars {
+        let skip = t.chars().count() - max_chars;
+        t = t.chars().skip(skip).collect();
+    }
+    t
+}
+
+/// Head and history for this turn under the `summarize` strategy: the stored summary replaces
+/// the turns it covers; when the rest still overflows the window of `input.model`, the
+/// overflowing turns are folded into a new summary (stored for reuse).
+pub(crate) async fn prompt(
+    providers: &Providers,
+    summary_model: Option<&str>,
+    store: &Store,
+    ctx: &JobContext,
+    input: &LlmChatInput,
+    h: History,
+) -> Result<(Vec<ChatMessage>, Vec<ChatMessage>), ExecError> {
+    let Ok(primary) = providers.table().resolve(&input.model) else {
+        // the call reports the unknown model
+        return Ok((h.head.clone(), h.messages()));
+    };
+    let c = &h.conversation;
+    let from = if c.summary.is_some() {
+        c.summary_turn
+    } else {
+        0
+    };
+    let rest: Vec<(i32, ChatMessage)> = h
+        .turns
+        .iter()
+        .filter(|(t, _)| *t >= from)
+        .cloned()
+        .collect();
+    let reply = input.max_tokens.unwrap_or(primary.config.max_output_tokens);
+    let budget = u64::from(primary.config.context_window.saturating_sub(reply));
+    let tok = Tokenizer::for_model(primary.config.tokenizer.as_deref(), &primary.upstream);
+    let head = with_summary(&h.head, c.summary.as_deref());
+    let msgs: Vec<ChatMessage> = rest.iter().map(|(_, m)| m.clone()).collect();
+    let fits = {
+        let (head, msgs) = (head.clone(), msgs.clone());
+        tokio::task::spawn_blocking(move || fit(tok, head, msgs, budget))
+            .await
+            .map_err(|e| ExecError::fatal("internal", e.to_string()))?
+    };
+    if fits.is_some_and(|f| f.dropped.is_empty()) {
+        return Ok((head, msgs));
+    }
+    // fold enough that the kept turns fill at most half the budget: the next turns then fit
+    // without a new summary for a while
+    let dropped = {
+        let (head, msgs) = (head.clone(), msgs.clone());
+        tokio::task::spawn_blocking(move || fit(tok, head, msgs, budget / 2))
+            .await
+            .map_err(|e| ExecError::fatal("internal", e.to_string()))?
+    }
+    // even the newest turn alone overflows that: summarize all but it
+    .map_or(msgs.len().saturating_sub(1), |f| f.dropped.len());
+    if dropped == 0 {
+        return Ok((head, msgs));
+    }
+    let new_from = rest[dropped].0;
+    let model = summary_model.unwrap_or(&input.model).to_string();
+    let summarizer = providers
+        .table()
+        .resolve(&model)
+        .map_err(|e| ExecError::fatal("unknown_model", format!("summary model: {e}")))?;
+    let max_chars = (summarizer
+        .config
+        .context_window
+        .saturating_sub(SUMMARY_TOKENS + 200) as usize)
+        * 3;
+    let text = transcript(c.summary.as_deref(), &msgs[..dropped], max_chars);
+    let summary_input = LlmChatInput {
+        model,
+        messages: Vec::new(),
+        max_tokens: Some(SUMMARY_TOKENS),
+        temperature: Some(0.0),
+        tools: None,
+        tool_choice: None,
+        conversation: None,
+        cache: None,
+    };
+    let done = providers
+        .complete(
+            &summary_input,
+            &[ChatMessage::new("system", INSTRUCTIONS)],
+            &[ChatMessage::new("user", text)],
+            &Sink::silent(ctx),
+        )
+        .await?;
+    let summary = done.output.text;
+    tracing::info!(conversation = %c.id, summarized_before_turn = new_from, "conversation summarized");
+    if let Err(e) = store.save_summary(c.id, &summary, new_from).await {
+        tracing::warn!(error = %e, "could not keep the summary (it is made again next time)");
+    }
+    let kept = rest[dropped..].iter().map(|(_, m)| m.clone()).collect();
+    Ok((with_summary(&h.head, Some(&summary)), kept))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transcripts_keep_the_newest_part() {
+        let dropped = [
+            ChatMessage::new("user", "a b"),
+            ChatMessage::new("assistant", "c"),
+        ];
+        let t = transcript(Some("old"), &dropped, 1000);
+        assert!(t.starts_with("Previous summary:\nold") && t.ends_with("assistant: c\n"));
+        let t = transcript(None, &dropped, 10);
+        assert_eq!(t.chars().count(), 10);
+        assert!(t.ends_with("assistant: c\n"));
+    }
+}
