@@ -44,29 +44,7 @@ impl Drop for Cluster {
             let _ = c.kill();
             let _ = c.wait();
         }
-        // remove this test's Redis keys (SCAN, never KEYS, on a shared Redis)
-        if let Ok(mut r) =
-            redis::Client::open(self.redis_url.as_str()).and_then(|c| c.get_connection())
-        {
-            let pattern = format!("*{}*", self.prefix);
-            let mut cursor: u64 = 0;
-            while let Ok((next, keys)) = redis::cmd("SCAN")
-                .arg(cursor)
-                .arg("MATCH")
-                .arg(&pattern)
-                .arg("COUNT")
-                .arg(10_000)
-                .query::<(u64, Vec<String>)>(&mut r)
-            {
-                if !keys.is_empty() {
-                    let _ = redis::cmd("DEL").arg(&keys).query::<()>(&mut r);
-                }
-                if next == 0 {
-                    break;
-                }
-                cursor = next;
-            }
-        }
+        self.clear_redis();
         // drop this test's database (Drop is sync: use a small runtime on a plain thread)
         let (admin, name) = (self.admin_url.clone(), self.db_name.clone());
         let _ = std::thread::spawn(move || {
@@ -131,6 +109,32 @@ impl Cluster {
         cluster.mock_url = format!("http://127.0.0.1:{mock_port}/v1");
         wait_port(mock_port).await;
         cluster
+    }
+
+    /// Removes this test's Redis keys (SCAN, never KEYS, on a shared Redis).
+    fn clear_redis(&self) {
+        if let Ok(mut r) =
+            redis::Client::open(self.redis_url.as_str()).and_then(|c| c.get_connection())
+        {
+            let pattern = format!("*{}*", self.prefix);
+            let mut cursor: u64 = 0;
+            while let Ok((next, keys)) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(&pattern)
+                .arg("COUNT")
+                .arg(10_000)
+                .query::<(u64, Vec<String>)>(&mut r)
+            {
+                if !keys.is_empty() {
+                    let _ = redis::cmd("DEL").arg(&keys).query::<()>(&mut r);
+                }
+                if next == 0 {
+                    break;
+                }
+                cursor = next;
+            }
+        }
     }
 
     fn command(&self, args: &[&str]) -> Command {
@@ -518,4 +522,114 @@ async fn dev_starts_private_services_and_runs_jobs() {
         );
     }
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conversations_survive_sigkill_of_every_process_and_a_redis_wipe() {
+    let mut c = Cluster::new().await;
+    let api = c.api().await;
+    c.spawn("scheduler", &["scheduler"]);
+    c.worker(4);
+    let (http0, key0) = (c.http.clone(), c.key.clone());
+    let post = move |api: String, path: String, body: Value| {
+        let (http, key) = (http0.clone(), key0.clone());
+        async move {
+            let r = http
+                .post(format!("{api}{path}"))
+                .bearer_auth(key)
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
+            let status = r.status();
+            let v: Value = r.json().await.unwrap();
+            assert!(status.is_success(), "{path}: {v}");
+            v
+        }
+    };
+    let conv = post(
+        api.clone(),
+        "/v1/conversations".into(),
+        json!({"model": "mock-slow", "system": "sys"}),
+    )
+    .await;
+    let id = conv["id"].as_str().unwrap().to_string();
+    let path = format!("/v1/conversations/{id}/messages");
+    let first = post(
+        api.clone(),
+        path.clone(),
+        json!({"content": "first question"}),
+    )
+    .await;
+    let job: Uuid = first["job"]["id"].as_str().unwrap().parse().unwrap();
+    c.wait_status(&api, job, "succeeded").await;
+    // the second turn is in flight (mock-slow streams for about a second) when everything dies
+    let words = "word ".repeat(20);
+    let second = post(
+        api.clone(),
+        path.clone(),
+        json!({"content": format!("second {words}")}),
+    )
+    .await;
+    let job2: Uuid = second["job"]["id"].as_str().unwrap().parse().unwrap();
+    c.wait_status(&api, job2, "running").await;
+    for (_, child) in &mut c.children {
+        if child.id() > 0 {
+            let _ = child.kill(); // SIGKILL
+            let _ = child.wait();
+        }
+    }
+    c.children.clear();
+    c.clear_redis();
+
+    // a fresh set of processes (and a fresh mock) on the same database
+    let mock_port = free_port();
+    c.spawn(
+        "mock",
+        &["mock-llm", "--listen", &format!("127.0.0.1:{mock_port}")],
+    );
+    c.mock_url = format!("http://127.0.0.1:{mock_port}/v1");
+    wait_port(mock_port).await;
+    let api = c.api().await;
+    c.spawn("scheduler", &["scheduler"]);
+    c.worker(4);
+    let j = c.wait_status(&api, job2, "succeeded").await;
+    assert!(
+        j["attempt"].as_i64().unwrap() >= 2,
+        "the interrupted turn ran again: {j}"
+    );
+    let third = post(api.clone(), path, json!({"content": "third question"})).await;
+    let job3: Uuid = third["job"]["id"].as_str().unwrap().parse().unwrap();
+    c.wait_status(&api, job3, "succeeded").await;
+    let conv: Value = c
+        .http
+        .get(format!("{api}/v1/conversations/{id}"))
+        .bearer_auth(&c.key)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let msgs = conv["messages"].as_array().unwrap();
+    let roles: Vec<&str> = msgs.iter().map(|m| m["role"].as_str().unwrap()).collect();
+    assert_eq!(
+        roles,
+        [
+            "user",
+            "assistant",
+            "user",
+            "assistant",
+            "user",
+            "assistant"
+        ],
+        "{conv}"
+    );
+    assert_eq!(msgs[0]["content"], "first question");
+    assert!(
+        msgs[3]["content"].as_str().unwrap().ends_with("word"),
+        "{}",
+        msgs[3]
+    );
+    assert_eq!(msgs[5]["content"], "Mock reply: third question");
 }
