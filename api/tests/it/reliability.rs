@@ -422,3 +422,41 @@ async fn lost_history_of_a_running_job_is_a_reset_then_the_terminal_event(pool: 
     assert_eq!(rest.last().unwrap()["type"], "succeeded", "{rest:#?}");
     app.stop().await;
 }
+
+#[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
+async fn batched_updates_of_overlapping_jobs_never_deadlock(pool: PgPool) {
+    // dispatch marks and batched claims of the same jobs in opposite orders, concurrently: they
+    // lock rows in one order, so none is aborted as a deadlock (Postgres would, after 1 s)
+    let app = spawn_api_only(pool).await;
+    let jobs: Vec<NewJob> = (0..300).map(|_| new_job(app.tenant)).collect();
+    app.store.insert_jobs(&jobs).await.unwrap();
+    let ids: Vec<Uuid> = jobs.iter().map(|j| j.id).collect();
+    let mut tasks = Vec::new();
+    for round in 0..4i64 {
+        let (store, mut fwd) = (app.store.clone(), ids.clone());
+        let mut rev = ids.clone();
+        rev.reverse();
+        if round % 2 == 1 {
+            fwd.rotate_left(150);
+        }
+        let s2 = app.store.clone();
+        tasks.push(tokio::spawn(async move {
+            for epoch in 0..10 {
+                store.mark_dispatched(&fwd, round * 10 + epoch + 1).await?;
+            }
+            Ok::<_, switchyard_store::StoreError>(())
+        }));
+        tasks.push(tokio::spawn(async move {
+            for _ in 0..10 {
+                s2.claim_many(&rev, "w", Duration::from_secs(30)).await?;
+            }
+            Ok(())
+        }));
+    }
+    for t in tasks {
+        t.await
+            .unwrap()
+            .expect("no batched update fails (deadlock)");
+    }
+    app.stop().await;
+}
