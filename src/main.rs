@@ -100,6 +100,10 @@ enum AdminCmd {
         /// Cache LLM responses for this tenant unless a request says otherwise.
         #[arg(long, value_parser = clap::builder::BoolishValueParser::new())]
         llm_cache: Option<bool>,
+        /// Models the tenant may use, comma-separated aliases, `provider/model` names or
+        /// prefixes ending in `*` (`mock-*`); `all` lifts the limit.
+        #[arg(long)]
+        models: Option<String>,
     },
 }
 
@@ -199,15 +203,38 @@ async fn admin(cfg: &Config, cmd: AdminCmd) -> anyhow::Result<()> {
             let t = store.create_tenant(&name).await?;
             println!("tenant {} ({})", t.name, t.id);
         }
-        AdminCmd::SetTenant { name, llm_cache } => {
-            let Some(on) = llm_cache else {
-                anyhow::bail!("nothing to set: pass --llm-cache on|off");
-            };
+        AdminCmd::SetTenant {
+            name,
+            llm_cache,
+            models,
+        } => {
             anyhow::ensure!(
-                store.set_tenant_llm_cache(&name, on).await?,
-                "no tenant named {name}"
+                llm_cache.is_some() || models.is_some(),
+                "nothing to set: pass --llm-cache on|off and/or --models a,b,prefix-*|all"
             );
-            println!("tenant {name}: llm_cache = {on}");
+            if let Some(on) = llm_cache {
+                anyhow::ensure!(
+                    store.set_tenant_llm_cache(&name, on).await?,
+                    "no tenant named {name}"
+                );
+                println!("tenant {name}: llm_cache = {on}");
+            }
+            if let Some(list) = models {
+                let list: Option<Vec<String>> = (list.trim() != "all").then(|| {
+                    list.split(',')
+                        .map(|m| m.trim().to_string())
+                        .filter(|m| !m.is_empty())
+                        .collect()
+                });
+                anyhow::ensure!(
+                    store.set_tenant_models(&name, list.as_deref()).await?,
+                    "no tenant named {name}"
+                );
+                match list {
+                    Some(l) => println!("tenant {name}: models = {}", l.join(", ")),
+                    None => println!("tenant {name}: models = all"),
+                }
+            }
         }
         AdminCmd::CreateKey { tenant, name } => {
             let t = store

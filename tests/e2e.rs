@@ -388,6 +388,19 @@ async fn admin_commands_manage_tenants_and_keys() {
     assert!(!ok, "duplicate tenant names are refused");
     let (ok, out) = run(&["admin", "set-tenant", "globex", "--llm-cache", "on"]);
     assert!(ok && out.contains("llm_cache = true"), "{out}");
+    let (ok, out) = run(&[
+        "admin",
+        "set-tenant",
+        "globex",
+        "--models",
+        "mock-echo, mock-tool*",
+    ]);
+    assert!(
+        ok && out.contains("models = mock-echo, mock-tool*"),
+        "{out}"
+    );
+    let (ok, out) = run(&["admin", "set-tenant", "globex", "--models", "all"]);
+    assert!(ok && out.contains("models = all"), "{out}");
     let (ok, _) = run(&["admin", "set-tenant", "nobody", "--llm-cache", "off"]);
     assert!(!ok, "unknown tenants are refused");
     let (ok, key) = run(&["admin", "create-key", "--tenant", "globex", "--name", "ci"]);

@@ -105,13 +105,14 @@ async fn run(
     if req.input.cache.is_none() && principal.llm_cache {
         req.input.cache = Some(true);
     }
-    if let Err(e) = state.models.resolve(&req.input.model) {
+    if let Err(e) = crate::routes::models::usable(&state.models, &principal, &req.input.model) {
         let mut err = OaiError::new(
             axum::http::StatusCode::NOT_FOUND,
             "invalid_request_error",
             format!(
-                "The model `{}` does not exist or you do not have access to it ({e}).",
-                req.input.model
+                "The model `{}` does not exist or you do not have access to it ({}).",
+                req.input.model,
+                e.message(&req.input.model)
             ),
         )
         .code("model_not_found");

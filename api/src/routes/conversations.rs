@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use switchyard_core::job::{parse_at, Job, JobKind, DEFAULT_MAX_ATTEMPTS, MAX_METADATA_KEYS};
 use switchyard_core::{ErrorCode, FieldError};
-use switchyard_store::{Conversation, Message, NewConversation, NewJob};
+use switchyard_store::{Conversation, Message, NewConversation, NewJob, Principal};
 use uuid::Uuid;
 
 use super::jobs::{
@@ -92,12 +92,9 @@ fn object_body(headers: &HeaderMap, body: Result<Bytes, BytesRejection>) -> ApiR
     Ok(value)
 }
 
-fn check_model(state: &AppState, field: &str, model: &str) -> ApiResult<()> {
-    state
-        .models
-        .resolve(model)
-        .map(|_| ())
-        .map_err(|e| ApiError::field(ErrorCode::InvalidInput, field, e.to_string()))
+fn check_model(state: &AppState, principal: &Principal, field: &str, model: &str) -> ApiResult<()> {
+    super::models::usable(&state.models, principal, model)
+        .map_err(|e| ApiError::field(ErrorCode::InvalidInput, field, e.message(model)))
 }
 
 /// Create a conversation.
@@ -121,7 +118,7 @@ pub async fn create(
     let value = object_body(&headers, body)?;
     let req: CreateConversation = parse_at("", &value)?;
     if let Some(m) = &req.model {
-        check_model(&state, "model", m)?;
+        check_model(&state, &principal, "model", m)?;
     }
     let metadata = match req.metadata {
         None | Some(Value::Null) => json!({}),
@@ -296,7 +293,7 @@ pub async fn post_message(
             "name a model here or on the conversation",
         )
     })?;
-    check_model(&state, "model", &model)?;
+    check_model(&state, &principal, "model", &model)?;
     let mut input = json!({
         "model": model,
         "max_tokens": req.max_tokens,

@@ -99,11 +99,11 @@ pub async fn create_job(
     if req.kind == JobKind::LlmChat {
         tenant_llm_defaults(&principal, &mut req.input);
         // the model must be one this deployment routes (its table, `provider/model`, mock-*)
+        // and the tenant may use
         let model = req.input["model"].as_str().unwrap_or_default();
-        state
-            .models
-            .resolve(model)
-            .map_err(|e| ApiError::field(ErrorCode::InvalidInput, "input.model", e.to_string()))?;
+        super::models::usable(&state.models, &principal, model).map_err(|e| {
+            ApiError::field(ErrorCode::InvalidInput, "input.model", e.message(model))
+        })?;
     }
     let trace = request_trace(&headers);
     tracing::Span::current().record("trace_id", trace.trace_id.as_str());

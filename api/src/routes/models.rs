@@ -9,6 +9,7 @@ use axum::http::StatusCode;
 use axum::Json;
 use serde::Serialize;
 use switchyard_core::models::{ModelConfig, ModelTable};
+use switchyard_store::Principal;
 
 use crate::auth::Auth;
 use crate::error::{ApiError, ErrorBody};
@@ -53,6 +54,37 @@ impl Model {
     }
 }
 
+/// Why a tenant cannot use a model name.
+#[derive(Debug)]
+pub enum ModelRefused {
+    /// Not routable here (message from the table).
+    Unknown(String),
+    /// Routable, but not enabled for this tenant.
+    NotAllowed,
+}
+
+impl ModelRefused {
+    pub fn message(&self, model: &str) -> String {
+        match self {
+            ModelRefused::Unknown(m) => m.clone(),
+            ModelRefused::NotAllowed => format!("model `{model}` is not enabled for this tenant"),
+        }
+    }
+}
+
+/// Checks that `model` resolves in the table and that the tenant may use it (fallbacks the
+/// operator configured are not checked: they are the alias' own business).
+pub fn usable(table: &ModelTable, principal: &Principal, model: &str) -> Result<(), ModelRefused> {
+    table
+        .resolve(model)
+        .map_err(|e| ModelRefused::Unknown(e.to_string()))?;
+    if principal.may_use(model) {
+        Ok(())
+    } else {
+        Err(ModelRefused::NotAllowed)
+    }
+}
+
 /// The models, sorted by id.
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct ModelList {
@@ -61,7 +93,7 @@ pub struct ModelList {
     pub data: Vec<Model>,
 }
 
-/// List the model aliases this server can route.
+/// List the model aliases this server can route and the caller's tenant may use.
 #[utoipa::path(
     get, path = "/v1/models", tag = "models",
     responses(
@@ -75,10 +107,11 @@ pub async fn list_models(
     State(table): State<Arc<ModelTable>>,
     auth: Result<Auth, ApiError>,
 ) -> Result<Json<ModelList>, OaiError> {
-    auth?;
+    let Auth(principal) = auth?;
     let data = table
         .listed()
         .into_iter()
+        .filter(|(alias, _)| principal.may_use(alias))
         .map(|(alias, m)| Model::from_entry(alias, m))
         .collect();
     Ok(Json(ModelList {
@@ -104,11 +137,11 @@ pub async fn get_model(
     auth: Result<Auth, ApiError>,
     Path(id): Path<String>,
 ) -> Result<Json<Model>, OaiError> {
-    auth?;
+    let Auth(principal) = auth?;
     table
         .listed()
         .into_iter()
-        .find(|(alias, _)| *alias == id)
+        .find(|(alias, _)| *alias == id && principal.may_use(alias))
         .map(|(alias, m)| Json(Model::from_entry(alias, m)))
         .ok_or_else(|| {
             OaiError::new(

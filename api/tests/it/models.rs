@@ -194,3 +194,82 @@ async fn configured_table_shows_prices_and_fallbacks_but_no_secrets(pool: PgPool
     assert_eq!(s, 404);
     stop.cancel();
 }
+
+#[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
+async fn a_tenant_sees_and_uses_only_its_models(pool: PgPool) {
+    let app = crate::support::spawn_app(pool).await;
+    let t = app.store.create_tenant("limited").await.unwrap();
+    assert!(app
+        .store
+        .set_tenant_models(
+            "limited",
+            Some(&["mock-echo".to_string(), "mock-tool*".to_string()])
+        )
+        .await
+        .unwrap());
+    let (_, key) = app.store.create_api_key(t.id, "k", None).await.unwrap();
+    let (s, list) = get(&app.http, app.url("/v1/models"), Some(&key)).await;
+    assert_eq!(s, 200);
+    let ids: Vec<&str> = list["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        ids,
+        ["mock-echo"],
+        "mock-claude is configured but not enabled for this tenant"
+    );
+    let (s, _) = get(&app.http, app.url("/v1/models/mock-claude"), Some(&key)).await;
+    assert_eq!(s, 404);
+    // the unrestricted tenant still sees both
+    let (_, all) = get(&app.http, app.url("/v1/models"), Some(&app.key)).await;
+    assert_eq!(all["data"].as_array().unwrap().len(), 2);
+
+    let job = |model: &str| json!({"kind": "llm.chat", "input": {"model": model, "messages": [{"role": "user", "content": "x"}]}});
+    let submit = |body: Value| {
+        let (http, url, key) = (app.http.clone(), app.url("/v1/jobs"), key.clone());
+        async move {
+            let r = http
+                .post(url)
+                .bearer_auth(key)
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
+            (r.status().as_u16(), r.json::<Value>().await.unwrap())
+        }
+    };
+    assert_eq!(submit(job("mock-echo")).await.0, 202);
+    assert_eq!(
+        submit(job("mock-tool-x")).await.0,
+        202,
+        "prefix entries match"
+    );
+    let (s, v) = submit(job("mock-claude")).await;
+    assert_eq!(
+        (s, v["error"]["field"].as_str()),
+        (422, Some("input.model")),
+        "{v}"
+    );
+    assert!(v["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("not enabled"));
+    // the front door answers like OpenAI for a model the key cannot use
+    let r = app
+        .http
+        .post(app.url("/v1/chat/completions"))
+        .bearer_auth(&key)
+        .json(&json!({"model": "mock-claude", "messages": [{"role": "user", "content": "x"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    assert_eq!(
+        r.json::<Value>().await.unwrap()["error"]["code"],
+        "model_not_found"
+    );
+    app.stop().await;
+}

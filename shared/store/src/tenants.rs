@@ -30,9 +30,23 @@ pub struct Principal {
     pub key_id: Uuid,
     /// The tenant caches LLM responses unless a request says otherwise.
     pub llm_cache: bool,
+    /// The models the tenant may use (`None`: all); see [`Principal::may_use`].
+    pub allowed_models: Option<Vec<String>>,
 }
 
 impl Principal {
+    /// Whether the tenant may use `model`: every model when no list is set, else an exact
+    /// entry or a prefix entry ending in `*`.
+    pub fn may_use(&self, model: &str) -> bool {
+        match &self.allowed_models {
+            None => true,
+            Some(list) => list.iter().any(|p| match p.strip_suffix('*') {
+                Some(prefix) => model.starts_with(prefix),
+                None => p == model,
+            }),
+        }
+    }
+
     /// The `created_by` recorded on jobs.
     pub fn subject(&self) -> String {
         format!("key:{}", self.key_id)
@@ -138,18 +152,32 @@ impl Store {
         let Some(key) = apikey::from_full(presented) else {
             return Ok(None);
         };
-        let row: Option<(Uuid, Uuid, bool)> = sqlx::query_as(
-            "SELECT k.id, k.tenant_id, t.llm_cache FROM api_keys k JOIN tenants t ON t.id = k.tenant_id
+        let row: Option<(Uuid, Uuid, bool, Option<Vec<String>>)> = sqlx::query_as(
+            "SELECT k.id, k.tenant_id, t.llm_cache, t.allowed_models
+             FROM api_keys k JOIN tenants t ON t.id = k.tenant_id
              WHERE k.digest = $1 AND k.revoked_at IS NULL",
         )
         .bind(&key.digest[..])
         .fetch_optional(self.pool())
         .await?;
-        Ok(row.map(|(key_id, tenant_id, llm_cache)| Principal {
-            tenant_id,
-            key_id,
-            llm_cache,
-        }))
+        Ok(
+            row.map(|(key_id, tenant_id, llm_cache, allowed_models)| Principal {
+                tenant_id,
+                key_id,
+                llm_cache,
+                allowed_models,
+            }),
+        )
+    }
+
+    /// Limits the models a tenant may use (`None`: all); false when there is no such tenant.
+    pub async fn set_tenant_models(&self, name: &str, models: Option<&[String]>) -> Result<bool> {
+        let r = sqlx::query("UPDATE tenants SET allowed_models = $2 WHERE name = $1")
+            .bind(name)
+            .bind(models)
+            .execute(self.pool())
+            .await?;
+        Ok(r.rows_affected() == 1)
     }
 
     /// Sets a tenant's default for the LLM response cache; false when there is no such tenant.
@@ -160,5 +188,26 @@ impl Store {
             .execute(self.pool())
             .await?;
         Ok(r.rows_affected() == 1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn model_allow_lists() {
+        let mut p = Principal {
+            tenant_id: Uuid::nil(),
+            key_id: Uuid::nil(),
+            llm_cache: false,
+            allowed_models: None,
+        };
+        assert!(p.may_use("anything"));
+        p.allowed_models = Some(vec!["fast".into(), "mock-*".into(), "openai/*".into()]);
+        assert!(p.may_use("fast") && p.may_use("mock-echo") && p.may_use("openai/gpt-4o"));
+        assert!(!p.may_use("faster") && !p.may_use("anthropic/claude") && !p.may_use("mock"));
+        p.allowed_models = Some(vec![]);
+        assert!(!p.may_use("fast"));
     }
 }
