@@ -26,6 +26,13 @@ if ! python3 -c "import openai" >/dev/null 2>&1; then
     || python3 -m pip install --quiet --disable-pip-version-check --break-system-packages openai \
     || die "could not install the openai Python package: run 'python3 -m pip install openai'"
 fi
+# ... and with the official `openai` Node package (v5 runs on Node 18+)
+command -v node >/dev/null || apt_install nodejs npm
+if [ ! -d api/tests/node/node_modules/openai ]; then
+  say "installing the openai Node package into api/tests/node (for the front-door SDK test)"
+  npm install --prefix api/tests/node --no-save --no-audit --no-fund --silent openai@5 \
+    || die "could not install the openai Node package: run 'npm install --prefix api/tests/node openai@5'"
+fi
 
 say "cargo fmt --check"
 cargo fmt --all --check

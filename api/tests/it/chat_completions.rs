@@ -1,6 +1,6 @@
 //! The OpenAI-compatible front door: non-streaming and streaming shapes, ignored extra fields,
 //! OpenAI-shaped errors (ours and failed jobs'), a client that goes away cancels its job, and the
-//! official `openai` Python package driving it unchanged.
+//! official `openai` Python and Node packages driving it unchanged.
 
 use std::time::Duration;
 
@@ -255,6 +255,27 @@ async fn the_official_openai_python_package_works_unchanged(pool: PgPool) {
     assert!(
         out.status.success(),
         "openai SDK script failed\nstdout:\n{stdout}\nstderr:\n{stderr}"
+    );
+    assert!(stdout.contains("ALL OK"), "{stdout}");
+    app.stop().await;
+}
+
+#[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
+async fn the_official_openai_node_package_works_unchanged(pool: PgPool) {
+    let app = spawn_app(pool).await;
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/node/openai_sdk.mjs");
+    let out = tokio::process::Command::new("node")
+        .arg(script)
+        .env("SWITCHYARD_BASE_URL", app.url("/v1"))
+        .env("SWITCHYARD_API_KEY", &app.key)
+        .output()
+        .await
+        .expect("node runs (scripts/test.sh installs the `openai` package into api/tests/node)");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "openai Node SDK script failed\nstdout:\n{stdout}\nstderr:\n{stderr}"
     );
     assert!(stdout.contains("ALL OK"), "{stdout}");
     app.stop().await;
