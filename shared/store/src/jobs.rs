@@ -190,6 +190,12 @@ pub enum RunEnd {
 /// `deadlock_timeout`, a 1 s stall measured under load before this).
 const LOCK_IN_ORDER: &str = "ARRAY(SELECT id FROM jobs WHERE id = ANY($1) ORDER BY id FOR UPDATE)";
 
+/// Like [`LOCK_IN_ORDER`] but skipping rows another statement holds: marking jobs dispatched
+/// never waits for a worker's claim (the claim records the epoch itself, since the worker just
+/// read the job from Redis).
+const LOCK_FREE_IN_ORDER: &str =
+    "ARRAY(SELECT id FROM jobs WHERE id = ANY($1) ORDER BY id FOR UPDATE SKIP LOCKED)";
+
 pub(crate) fn millis(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
@@ -201,14 +207,15 @@ impl Store {
         insert_jobs_with(self.pool(), jobs).await
     }
 
-    /// Records that these jobs were handed to Redis in `epoch`.
+    /// Records that these jobs were handed to Redis in `epoch`. Rows locked by a concurrent
+    /// claim are skipped: the claim sets the epoch itself.
     pub async fn mark_dispatched(&self, ids: &[Uuid], epoch: i64) -> Result<()> {
         if ids.is_empty() {
             return Ok(());
         }
         sqlx::query(
             &format!(
-                "UPDATE jobs SET dispatch_epoch = $2 WHERE id = ANY({LOCK_IN_ORDER}) AND dispatch_epoch < $2"
+                "UPDATE jobs SET dispatch_epoch = $2 WHERE id = ANY({LOCK_FREE_IN_ORDER}) AND dispatch_epoch < $2"
             ),
         )
         .bind(ids)
@@ -360,7 +367,9 @@ impl Store {
             "UPDATE jobs SET attempt = attempt + 1, status = 'running',
                 started_at = COALESCE(started_at, now()), lease_owner = $2,
                 lease_expires_at = now() + make_interval(secs => $3 / 1000.0),
-                run_at = NULL, updated_at = now()
+                run_at = NULL, updated_at = now(),
+                dispatch_epoch = GREATEST(dispatch_epoch,
+                    (SELECT value FROM system_state WHERE key = 'redis_epoch'))
              WHERE id = ANY({LOCK_IN_ORDER}) AND cancel_requested_at IS NULL AND attempt < max_attempts
                AND ((status = 'queued' AND (run_at IS NULL OR run_at <= now()))
                  OR (status = 'running' AND lease_expires_at < now()))
