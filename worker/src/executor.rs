@@ -20,6 +20,9 @@ pub struct ExecError {
     pub retryable: bool,
     /// A hint from the failing service (e.g. `retry-after`).
     pub retry_after: Option<Duration>,
+    /// Not a failure: the job cannot run yet; it goes back to the queue for `retry_after`
+    /// without using up an attempt.
+    pub defer: bool,
 }
 
 impl ExecError {
@@ -29,6 +32,16 @@ impl ExecError {
             message: message.into(),
             retryable: true,
             retry_after: None,
+            defer: false,
+        }
+    }
+
+    /// The job cannot run yet: run it again after `after`, without counting this attempt.
+    pub fn defer(code: &str, message: impl Into<String>, after: Duration) -> Self {
+        ExecError {
+            retry_after: Some(after),
+            defer: true,
+            ..ExecError::retryable(code, message)
         }
     }
 
@@ -38,6 +51,7 @@ impl ExecError {
             message: message.into(),
             retryable: false,
             retry_after: None,
+            defer: false,
         }
     }
 

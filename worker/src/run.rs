@@ -23,6 +23,9 @@ use uuid::Uuid;
 use crate::executor::{Emit, ExecError, JobContext, JobMeta};
 use crate::runtime::{ack, complete, publish, with_retry, Running, Shared};
 
+/// A job is deferred at most this many times (its attempts then count again).
+const MAX_DEFERRALS: i32 = 1000;
+
 enum Interrupt {
     Cancelled,
     Fenced,
@@ -229,6 +232,19 @@ pub(crate) async fn run_claimed(s: &Shared, d: Delivery, row: JobRow) {
                 None,
             ),
         ),
+        (None, Some(Err(e))) if e.defer && attempt < MAX_DEFERRALS => {
+            let delay = e.retry_after.unwrap_or(Duration::from_secs(1));
+            let run_at = Utc::now() + chrono::Duration::from_std(delay).unwrap_or_default();
+            tracing::debug!(reason = %e, ?delay, "deferred");
+            let ev = Event::status(
+                id,
+                seq + 1,
+                attempt,
+                JobStatus::Queued,
+                json!({ "retry_at": run_at, "reason": "deferred", "detail": e.message }),
+            );
+            (RunEnd::Defer { run_at }, ev)
+        }
         (None, Some(Err(e))) => {
             let err = e.to_job_error();
             if e.retryable && attempt < row.max_attempts {
@@ -277,9 +293,9 @@ pub(crate) async fn run_claimed(s: &Shared, d: Delivery, row: JobRow) {
     let mut event = event;
     event.ts = Utc::now();
     publish(s, &event).await;
-    if let RunEnd::Retry { run_at, .. } = &end {
+    if let Some(run_at) = end.requeued_at() {
         let mut item = row.dispatch_item();
-        item.run_at = Some(*run_at);
+        item.run_at = Some(run_at);
         if let Err(e) = s.queue.delay(&item).await {
             // the reconciler finds it (its dispatch epoch is stale only if Redis lost data;
             // otherwise its expired-lease/undispatched scans do)

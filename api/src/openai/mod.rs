@@ -20,7 +20,7 @@ use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use chrono::Utc;
-use futures::{Stream, StreamExt};
+use futures::Stream;
 use serde_json::{json, Value};
 use switchyard_core::event::types;
 use switchyard_core::job::{JobKind, DEFAULT_MAX_ATTEMPTS};
@@ -163,11 +163,9 @@ async fn run(
             pending: VecDeque::new(),
             done: false,
             guard,
+            shutdown: state.shutdown.clone(),
         };
-        let relay = relay.started();
-        let stream = relay
-            .into_stream()
-            .take_until(state.shutdown.clone().cancelled_owned());
+        let stream = relay.started().into_stream();
         let sse = Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15)));
         return Ok(([job_header], sse).into_response());
     }
@@ -213,6 +211,7 @@ struct Relay {
     pending: VecDeque<String>,
     done: bool,
     guard: CancelOnDrop,
+    shutdown: tokio_util::sync::CancellationToken,
 }
 
 impl Relay {
@@ -232,6 +231,13 @@ impl Relay {
     fn error(&mut self, e: OaiError) {
         self.pending.push_back(e.body().to_string());
         self.finish();
+    }
+
+    /// Ends the stream with an error and leaves the job to be cancelled (its reply can no
+    /// longer reach this client, which is told to retry).
+    fn abandon(&mut self, e: OaiError) {
+        self.pending.push_back(e.body().to_string());
+        self.done = true;
     }
 
     fn finish(&mut self) {
@@ -262,7 +268,7 @@ impl Relay {
                 let restart = data.get("restart").is_some()
                     || (data["status"] == "running" && data["attempt"].as_i64() > Some(1));
                 if restart && self.sent_output {
-                    self.error(OaiError::from_job(
+                    self.abandon(OaiError::from_job(
                         "provider_stream_error",
                         "the provider failed mid-reply and the reply restarted; retry the request",
                     ));
@@ -303,14 +309,29 @@ impl Relay {
                 if r.done {
                     return None;
                 }
-                match r.feed.next().await {
+                let item = tokio::select! {
+                    i = r.feed.next() => i,
+                    _ = r.shutdown.cancelled() => {
+                        r.abandon(OaiError::new(
+                            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                            "server_error",
+                            "the server is shutting down; retry the request",
+                        ));
+                        continue;
+                    }
+                };
+                match item {
                     Some(FeedItem::Event(ev)) => r.on_event(&ev.kind, &ev.data),
-                    Some(FeedItem::Reset) if r.sent_output => r.error(OaiError::from_job(
+                    Some(FeedItem::Reset) if r.sent_output => r.abandon(OaiError::from_job(
                         "provider_stream_error",
                         "the reply's stream was lost; retry the request",
                     )),
                     Some(FeedItem::Reset) => {}
-                    None => return None,
+                    None => r.abandon(OaiError::new(
+                        axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                        "server_error",
+                        "the reply's stream ended early; retry the request",
+                    )),
                 }
             }
         })

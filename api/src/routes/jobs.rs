@@ -97,6 +97,13 @@ pub async fn create_job(
     let enable_noop = state.cfg.enable_noop;
     let mut req = CreateJobRequest::parse(value, |k| k != JobKind::SystemNoop || enable_noop)?;
     if req.kind == JobKind::LlmChat {
+        if req.input.get("conversation").is_some_and(|c| !c.is_null()) {
+            return Err(ApiError::field(
+                ErrorCode::InvalidInput,
+                "input.conversation",
+                "conversation turns are posted with POST /v1/conversations/{id}/messages",
+            ));
+        }
         tenant_llm_defaults(&principal, &mut req.input);
         // the model must be one this deployment routes (its table, `provider/model`, mock-*)
         // and the tenant may use

@@ -398,3 +398,99 @@ async fn the_summarize_strategy_keeps_and_reuses_a_summary(pool: PgPool) {
     assert!(last.last().unwrap().content.starts_with("turn 23 "));
     app.stop().await;
 }
+
+#[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
+async fn replies_are_fenced_and_a_retried_turn_never_sees_its_own_old_reply(pool: PgPool) {
+    let app = spawn_without_worker(pool).await;
+    let c = create(&app, json!({"model": "mock-echo"})).await;
+    let id: Uuid = c["id"].as_str().unwrap().parse().unwrap();
+    let (s, posted) = post(&app, &id.to_string(), json!({"content": "question"})).await;
+    assert_eq!(s, 202);
+    let job: Uuid = posted["job"]["id"].as_str().unwrap().parse().unwrap();
+    let lease = Duration::from_secs(30);
+    let reply = |attempt: i32, text: &str| switchyard_store::Reply {
+        conversation_id: id,
+        turn: 1,
+        job_id: job,
+        attempt,
+        content: text.into(),
+        tool_calls: None,
+        model: "mock-echo".into(),
+        usage: json!({}),
+    };
+    let store = &app.store;
+    assert!(matches!(
+        store.claim(job, "w1", lease).await.unwrap(),
+        switchyard_store::ClaimOutcome::Claimed(_)
+    ));
+    assert!(store.append_reply(&reply(1, "first try")).await.unwrap());
+    // the attempt's outcome is lost; a second attempt answers the same turn
+    store
+        .end_run(
+            job,
+            1,
+            &switchyard_store::RunEnd::Retry {
+                error: switchyard_core::JobError::new("x", "x", true),
+                run_at: chrono::Utc::now(),
+            },
+            2,
+        )
+        .await
+        .unwrap();
+    assert!(matches!(
+        store.claim(job, "w2", lease).await.unwrap(),
+        switchyard_store::ClaimOutcome::Claimed(_)
+    ));
+    let prompt = store.messages(id, 1).await.unwrap();
+    assert_eq!(
+        prompt.len(),
+        1,
+        "the turn's prompt has its question, not the old reply"
+    );
+    assert_eq!(prompt[0].role, "user");
+    assert!(
+        !store.append_reply(&reply(1, "stale")).await.unwrap(),
+        "a stale attempt cannot write"
+    );
+    assert!(store.append_reply(&reply(2, "second try")).await.unwrap());
+    let all = store.messages(id, i32::MAX).await.unwrap();
+    assert_eq!(all.len(), 2);
+    assert_eq!(all[1].content, "second try");
+
+    // conversation turns cannot be forged through /v1/jobs
+    let r = app
+        .auth(app.http.post(app.url("/v1/jobs")))
+        .json(&json!({"kind": "llm.chat", "input": {"model": "mock-echo", "conversation": {"id": id, "turn": 1}}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 422);
+    assert_eq!(
+        r.json::<Value>().await.unwrap()["error"]["field"],
+        "input.conversation"
+    );
+    app.stop().await;
+}
+
+#[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
+async fn a_turn_behind_a_retrying_turn_is_answered_not_failed(pool: PgPool) {
+    let app = spawn_app(pool).await;
+    let c = create(&app, json!({"model": "mock-echo"})).await;
+    let id = c["id"].as_str().unwrap().to_string();
+    // turn 1 keeps failing (429 + retry-after: 1 s) through all its attempts
+    let (_, first) = post(
+        &app,
+        &id,
+        json!({"content": "one", "model": "mock-error-429"}),
+    )
+    .await;
+    let (_, second) = post(&app, &id, json!({"content": "two"})).await;
+    let j1: Uuid = first["job"]["id"].as_str().unwrap().parse().unwrap();
+    let j2: Uuid = second["job"]["id"].as_str().unwrap().parse().unwrap();
+    app.wait_status(j1, "failed", Duration::from_secs(60)).await;
+    let done = app
+        .wait_status(j2, "succeeded", Duration::from_secs(60))
+        .await;
+    assert_eq!(done["output"]["text"], "Mock reply: two");
+    app.stop().await;
+}

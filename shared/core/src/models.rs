@@ -46,7 +46,8 @@ pub struct ModelConfig {
     /// The provider's model name; defaults to the alias.
     #[serde(default)]
     pub model: Option<String>,
-    /// Tokens the model accepts (prompt + reply).
+    /// Tokens the model accepts (prompt + reply); 0 for a name outside the table (unknown:
+    /// the prompt is sent as it is and the provider judges).
     #[serde(default = "default_context_window")]
     pub context_window: u32,
     /// Reply budget when the request names none (also the reserve when fitting context).
@@ -108,6 +109,15 @@ impl ModelConfig {
         }
     }
 
+    /// The entry of a name outside the table (`<provider>/<model>`, or a bare name for the
+    /// default provider): unknown window, unpriced.
+    pub fn unlisted(provider: &str) -> ModelConfig {
+        ModelConfig {
+            context_window: 0,
+            ..ModelConfig::on(provider)
+        }
+    }
+
     /// Cost in USD of a call with these token counts.
     pub fn cost_usd(&self, prompt_tokens: u64, completion_tokens: u64) -> f64 {
         (prompt_tokens as f64 * self.input_usd_per_mtok
@@ -161,7 +171,7 @@ impl ModelTable {
             .split_once('/')
             .filter(|(p, m)| !m.is_empty() && self.providers.contains_key(*p))
         {
-            (p.to_string(), m.to_string(), ModelConfig::on(p))
+            (p.to_string(), m.to_string(), ModelConfig::unlisted(p))
         } else if name.starts_with("mock-") && self.providers.contains_key(MOCK_PROVIDER) {
             (
                 MOCK_PROVIDER.into(),
@@ -169,7 +179,7 @@ impl ModelTable {
                 ModelConfig::on(MOCK_PROVIDER),
             )
         } else if let Some(p) = &self.default_provider {
-            (p.clone(), name.to_string(), ModelConfig::on(p))
+            (p.clone(), name.to_string(), ModelConfig::unlisted(p))
         } else {
             return Err(ModelError::Unknown(name.to_string()));
         };

@@ -45,6 +45,16 @@ pub struct Message {
     pub created_at: DateTime<Utc>,
 }
 
+/// An earlier turn whose job has not finished.
+#[derive(Debug, Clone, FromRow)]
+pub struct PendingTurn {
+    pub turn: i32,
+    /// Its job runs now (under a live lease).
+    pub active: bool,
+    /// A queued job's due time (retry backoff).
+    pub run_at: Option<DateTime<Utc>>,
+}
+
 /// Fields of a new conversation.
 #[derive(Debug, Clone)]
 pub struct NewConversation {
@@ -106,11 +116,14 @@ impl Store {
         .await?)
     }
 
-    /// Messages in conversation order (turn, then user before assistant), up to `turn`.
+    /// Messages in conversation order (turn, then user before assistant): every message of
+    /// the turns before `upto_turn` and its user message (a reply an earlier attempt wrote for
+    /// `upto_turn` itself is not part of its prompt).
     pub async fn messages(&self, id: Uuid, upto_turn: i32) -> Result<Vec<Message>> {
         Ok(sqlx::query_as::<_, Message>(&format!(
             "SELECT {MSG_COLS} FROM conversation_messages
-             WHERE conversation_id = $1 AND turn <= $2 ORDER BY turn, part"
+             WHERE conversation_id = $1 AND (turn < $2 OR (turn = $2 AND part = 0))
+             ORDER BY turn, part"
         ))
         .bind(id)
         .bind(upto_turn)
@@ -187,10 +200,14 @@ impl Store {
         Ok(Some((msg, job)))
     }
 
-    /// Jobs of earlier turns that have not finished yet, with their status.
-    pub async fn unfinished_turns_before(&self, id: Uuid, turn: i32) -> Result<Vec<(i32, String)>> {
-        Ok(sqlx::query_as::<_, (i32, String)>(
-            "SELECT m.turn, j.status FROM conversation_messages m JOIN jobs j ON j.id = m.job_id
+    /// Jobs of earlier turns that have not finished yet: their turn, whether one is actively
+    /// running (a live lease), and when a queued one is due (`None`: now).
+    pub async fn unfinished_turns_before(&self, id: Uuid, turn: i32) -> Result<Vec<PendingTurn>> {
+        Ok(sqlx::query_as::<_, PendingTurn>(
+            "SELECT m.turn,
+                    (j.status = 'running' AND j.lease_expires_at >= now()) AS active,
+                    j.run_at
+             FROM conversation_messages m JOIN jobs j ON j.id = m.job_id
              WHERE m.conversation_id = $1 AND m.part = 0 AND m.turn < $2
                AND j.status IN ('queued', 'running')
              ORDER BY m.turn",
@@ -218,6 +235,8 @@ impl Store {
                 (conversation_id, turn, part, role, content, tool_calls, job_id, attempt, model, usage)
              SELECT $1, $2, 1, 'assistant', $3, $4, $5, $6, $7, $8
              WHERE EXISTS (SELECT 1 FROM conversations WHERE id = $1)
+               -- only the job's current attempt, while it runs (fencing)
+               AND EXISTS (SELECT 1 FROM jobs WHERE id = $5 AND attempt = $6 AND status = 'running')
              ON CONFLICT (conversation_id, turn, part) DO UPDATE
                 SET content = EXCLUDED.content, tool_calls = EXCLUDED.tool_calls,
                     attempt = EXCLUDED.attempt, model = EXCLUDED.model, usage = EXCLUDED.usage,

@@ -182,6 +182,21 @@ pub enum RunEnd {
         error: JobError,
         run_at: DateTime<Utc>,
     },
+    /// Not runnable yet (e.g. an earlier conversation turn is pending): back to `queued` with
+    /// `run_at`, and the attempt is given back (`max_attempts + 1`; `attempt` itself only grows).
+    Defer {
+        run_at: DateTime<Utc>,
+    },
+}
+
+impl RunEnd {
+    /// When a run that goes back to the queue is due.
+    pub fn requeued_at(&self) -> Option<DateTime<Utc>> {
+        match self {
+            RunEnd::Retry { run_at, .. } | RunEnd::Defer { run_at } => Some(*run_at),
+            _ => None,
+        }
+    }
 }
 
 /// The rows of the ids in `$1`, locked in id order first: every statement that updates many
@@ -424,10 +439,11 @@ impl Store {
     /// Writes the end of a run, fenced by `attempt`; `seq` is the seq of the event announcing it.
     /// Returns false if this run was fenced out (its write is ignored).
     pub async fn end_run(&self, id: Uuid, attempt: i32, end: &RunEnd, seq: u64) -> Result<bool> {
-        let (status, output, error, run_at) = split_end(end);
+        let (status, output, error, run_at, grant) = split_end(end);
         let finished = status.is_terminal();
         let res = sqlx::query(
             "UPDATE jobs SET status = $3, output = $4, error = $5, run_at = $6,
+                max_attempts = max_attempts + $9,
                 finished_at = CASE WHEN $7 THEN now() ELSE NULL END,
                 lease_owner = NULL, lease_expires_at = NULL, event_seq = GREATEST(event_seq, $8),
                 updated_at = now()
@@ -441,6 +457,7 @@ impl Store {
         .bind(run_at)
         .bind(finished)
         .bind(seq as i64)
+        .bind(grant)
         .execute(self.pool())
         .await?;
         Ok(res.rows_affected() == 1)
@@ -464,8 +481,10 @@ impl Store {
             Vec::<Option<DateTime<Utc>>>::with_capacity(n),
             Vec::with_capacity(n),
         );
+        let mut grants = Vec::with_capacity(n);
         for w in ends {
-            let (status, output, error, run_at) = split_end(&w.end);
+            let (status, output, error, run_at, grant) = split_end(&w.end);
+            grants.push(grant);
             ids.push(w.id);
             attempts.push(w.attempt);
             statuses.push(status.as_str());
@@ -478,9 +497,9 @@ impl Store {
             "UPDATE jobs j SET status = v.status, output = v.output, error = v.error, run_at = v.run_at,
                 finished_at = CASE WHEN v.status IN ('succeeded', 'failed', 'cancelled') THEN now() ELSE NULL END,
                 lease_owner = NULL, lease_expires_at = NULL, event_seq = GREATEST(j.event_seq, v.seq),
-                updated_at = now()
-             FROM UNNEST($1::uuid[], $2::int4[], $3::text[], $4::jsonb[], $5::jsonb[], $6::timestamptz[], $7::int8[])
-                AS v(id, attempt, status, output, error, run_at, seq)
+                max_attempts = j.max_attempts + v.grant, updated_at = now()
+             FROM UNNEST($1::uuid[], $2::int4[], $3::text[], $4::jsonb[], $5::jsonb[], $6::timestamptz[], $7::int8[], $8::int4[])
+                AS v(id, attempt, status, output, error, run_at, seq, grant)
              WHERE j.id = v.id AND j.id = ANY({LOCK_IN_ORDER})
                AND j.attempt = v.attempt AND j.status = 'running'
              RETURNING j.id"
@@ -492,6 +511,7 @@ impl Store {
         .bind(&errors)
         .bind(&run_ats)
         .bind(&seqs)
+        .bind(&grants)
         .fetch_all(self.pool())
         .await?;
         Ok(done)
@@ -508,19 +528,22 @@ pub struct RunEndWrite {
     pub seq: u64,
 }
 
-fn split_end(
-    end: &RunEnd,
-) -> (
+/// Status, output, error, due time and attempts given back of a run end.
+type EndParts<'a> = (
     JobStatus,
     Option<Value>,
-    Option<&JobError>,
+    Option<&'a JobError>,
     Option<DateTime<Utc>>,
-) {
+    i32,
+);
+
+fn split_end(end: &RunEnd) -> EndParts<'_> {
     match end {
-        RunEnd::Succeeded(v) => (JobStatus::Succeeded, Some(v.clone()), None, None),
-        RunEnd::Failed(e) => (JobStatus::Failed, None, Some(e), None),
-        RunEnd::Cancelled => (JobStatus::Cancelled, None, None, None),
-        RunEnd::Retry { error, run_at } => (JobStatus::Queued, None, Some(error), Some(*run_at)),
+        RunEnd::Succeeded(v) => (JobStatus::Succeeded, Some(v.clone()), None, None, 0),
+        RunEnd::Failed(e) => (JobStatus::Failed, None, Some(e), None, 0),
+        RunEnd::Cancelled => (JobStatus::Cancelled, None, None, None, 0),
+        RunEnd::Retry { error, run_at } => (JobStatus::Queued, None, Some(error), Some(*run_at), 0),
+        RunEnd::Defer { run_at } => (JobStatus::Queued, None, None, Some(*run_at), 1),
     }
 }
 

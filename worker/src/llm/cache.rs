@@ -3,6 +3,7 @@
 //! so a hit replays them as events. Identical concurrent requests share one provider call: the
 //! first takes a short lock (extended while its call runs), the others wait for its entry.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use redis::aio::ConnectionManager;
@@ -22,11 +23,34 @@ pub const LOCK_TTL: Duration = Duration::from_secs(10);
 pub const LOCK_EXTEND: Duration = Duration::from_secs(3);
 const POLL: Duration = Duration::from_millis(20);
 
+/// Extends the lock only if `ARGV[1]` (the job) holds it.
+const EXTEND: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0";
+/// Stores the entry (`KEYS[2]`) and releases the lock if `ARGV[1]` holds it.
+const PUT: &str = r"
+redis.call('SET', KEYS[2], ARGV[2], 'EX', ARGV[3])
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('DEL', KEYS[1])
+end
+return 1";
+/// Releases the lock if `ARGV[1]` holds it.
+const RELEASE: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0";
+
 #[derive(Clone)]
 pub struct ResponseCache {
     conn: ConnectionManager,
     keys: Keys,
     ttl: Duration,
+    extend: Arc<redis::Script>,
+    put: Arc<redis::Script>,
+    release: Arc<redis::Script>,
 }
 
 /// What a cache entry holds.
@@ -83,7 +107,14 @@ pub fn fingerprint(input: &LlmChatInput, head: &[ChatMessage], history: &[ChatMe
 
 impl ResponseCache {
     pub fn new(conn: ConnectionManager, keys: Keys, ttl: Duration) -> Self {
-        ResponseCache { conn, keys, ttl }
+        ResponseCache {
+            conn,
+            keys,
+            ttl,
+            extend: Arc::new(redis::Script::new(EXTEND)),
+            put: Arc::new(redis::Script::new(PUT)),
+            release: Arc::new(redis::Script::new(RELEASE)),
+        }
     }
 
     async fn get(&self, tenant: Uuid, fp: &str) -> redis::RedisResult<Option<Entry>> {
@@ -100,6 +131,7 @@ impl ResponseCache {
     pub async fn lookup(&self, tenant: Uuid, fp: &str, job: Uuid, wait: Duration) -> Lookup {
         let started = tokio::time::Instant::now();
         let mut waited = false;
+        let mut polls = 0u32;
         loop {
             match self.get(tenant, fp).await {
                 Ok(Some(entry)) => {
@@ -128,7 +160,7 @@ impl ResponseCache {
                 Ok(true) => {
                     // the previous holder stores its entry before it unlocks: look once more
                     if let Ok(Some(entry)) = self.get(tenant, fp).await {
-                        self.release(tenant, fp).await;
+                        self.release(tenant, fp, job).await;
                         self.count("shared").await;
                         return Lookup::Hit {
                             entry,
@@ -140,7 +172,9 @@ impl ResponseCache {
                 }
                 Ok(false) if started.elapsed() < wait => {
                     waited = true;
-                    tokio::time::sleep(POLL).await;
+                    // 20 ms, growing to 200 ms: prompt for short calls, light for long ones
+                    polls += 1;
+                    tokio::time::sleep(POLL.saturating_mul(polls.min(10))).await;
                 }
                 Ok(false) => {
                     self.count("misses").await;
@@ -154,45 +188,44 @@ impl ResponseCache {
         }
     }
 
-    /// Keeps the lock while the call runs.
-    pub async fn extend(&self, tenant: Uuid, fp: &str) {
-        let _: redis::RedisResult<bool> = self
-            .conn
-            .clone()
-            .pexpire(
-                self.keys.llm_cache_lock(tenant, fp),
-                LOCK_TTL.as_millis() as i64,
-            )
+    /// Keeps the lock while the call runs (only the holder can).
+    pub async fn extend(&self, tenant: Uuid, fp: &str, job: Uuid) {
+        let _: redis::RedisResult<i64> = self
+            .extend
+            .key(self.keys.llm_cache_lock(tenant, fp))
+            .arg(job.to_string())
+            .arg(LOCK_TTL.as_millis() as u64)
+            .invoke_async(&mut self.conn.clone())
             .await;
     }
 
-    /// Stores the reply and releases the lock (in one round trip).
-    pub async fn put(&self, tenant: Uuid, fp: &str, entry: &Entry) {
+    /// Stores the reply and releases the lock if this job still holds it (one round trip).
+    pub async fn put(&self, tenant: Uuid, fp: &str, job: Uuid, entry: &Entry) {
         let Ok(raw) = serde_json::to_string(entry) else {
             return;
         };
-        let r: redis::RedisResult<()> = redis::pipe()
-            .set_ex(
-                self.keys.llm_cache(tenant, fp),
-                raw,
-                self.ttl.as_secs().max(1),
-            )
-            .ignore()
-            .del(self.keys.llm_cache_lock(tenant, fp))
-            .ignore()
-            .query_async(&mut self.conn.clone())
+        let r: redis::RedisResult<i64> = self
+            .put
+            .key(self.keys.llm_cache_lock(tenant, fp))
+            .key(self.keys.llm_cache(tenant, fp))
+            .arg(job.to_string())
+            .arg(raw)
+            .arg(self.ttl.as_secs().max(1))
+            .invoke_async(&mut self.conn.clone())
             .await;
         if let Err(e) = r {
             tracing::warn!(error = %e, "could not store a cached response");
         }
     }
 
-    /// Releases the lock without an entry (the call failed): a waiter takes over.
-    pub async fn release(&self, tenant: Uuid, fp: &str) {
-        let _: redis::RedisResult<()> = self
-            .conn
-            .clone()
-            .del(self.keys.llm_cache_lock(tenant, fp))
+    /// Releases the lock without an entry (the call failed) if this job holds it: a waiter
+    /// takes over.
+    pub async fn release(&self, tenant: Uuid, fp: &str, job: Uuid) {
+        let _: redis::RedisResult<i64> = self
+            .release
+            .key(self.keys.llm_cache_lock(tenant, fp))
+            .arg(job.to_string())
+            .invoke_async(&mut self.conn.clone())
             .await;
     }
 

@@ -142,13 +142,24 @@ impl Providers {
                 continue;
             };
             tried.push(m.alias.clone());
+            let window = match m.config.context_window {
+                0 => u32::MAX,
+                w => w,
+            };
             let max_tokens = input
                 .max_tokens
                 .unwrap_or(m.config.max_output_tokens)
-                .min(m.config.context_window.saturating_sub(16).max(1));
+                .min(window.saturating_sub(16).max(1));
             let tok = Tokenizer::for_model(m.config.tokenizer.as_deref(), &m.upstream);
             let budget = u64::from(m.config.context_window.saturating_sub(max_tokens));
-            let messages = match fit_prompt(tok, head.to_vec(), history.to_vec(), budget).await {
+            let extra = tok.tools(input.tools.as_deref());
+            let fitted = if m.config.context_window == 0 {
+                // a name outside the table: its window is unknown, the provider judges
+                Ok([head, history].concat())
+            } else {
+                fit_prompt(tok, head.to_vec(), history.to_vec(), budget, extra).await
+            };
+            let messages = match fitted {
                 Ok(msgs) => msgs,
                 Err(e) if ci + 1 < chain.len() => {
                     tracing::info!(model = %m.alias, error = %e, "prompt does not fit; trying the next model");

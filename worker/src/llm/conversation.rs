@@ -11,9 +11,9 @@ use super::context::{fit, Tokenizer};
 use super::ChatOutput;
 use crate::executor::{ExecError, JobContext};
 
-/// How long a turn waits for an earlier turn that is still queued (not running) before it
-/// gives its slot back (a retryable `conversation_busy`).
-const QUEUED_PREDECESSOR_WAIT: Duration = Duration::from_secs(30);
+/// How long a turn waits in its slot for earlier turns none of which is running (queued for a
+/// retry, or held by a dead worker) before it gives the slot back (deferred, no attempt used).
+const IDLE_PREDECESSOR_WAIT: Duration = Duration::from_secs(5);
 const POLL: Duration = Duration::from_millis(100);
 
 fn store_error(e: switchyard_store::StoreError) -> ExecError {
@@ -58,17 +58,20 @@ pub(crate) async fn history(
             .unfinished_turns_before(conv.id, conv.turn)
             .await
             .map_err(store_error)?;
-        if pending.is_empty() {
-            break;
-        }
-        if started.elapsed() > QUEUED_PREDECESSOR_WAIT && pending.iter().all(|(_, s)| s == "queued")
-        {
-            let mut e = ExecError::retryable(
+        let Some(first) = pending.first() else { break };
+        // waiting in the slot is cheap while an earlier turn runs; when none runs (queued for
+        // a retry, or its worker died and the lease ran out) the slot goes back for a while,
+        // without using up an attempt
+        if !pending.iter().any(|p| p.active) && started.elapsed() > IDLE_PREDECESSOR_WAIT {
+            let due = first
+                .run_at
+                .and_then(|t| (t - chrono::Utc::now()).to_std().ok())
+                .unwrap_or_default();
+            return Err(ExecError::defer(
                 "conversation_busy",
-                format!("turn {} waits for turn {}", conv.turn, pending[0].0),
-            );
-            e.retry_after = Some(Duration::from_secs(1));
-            return Err(e);
+                format!("turn {} waits for turn {}", conv.turn, first.turn),
+                due.clamp(Duration::from_secs(1), Duration::from_secs(60)),
+            ));
         }
         tokio::select! {
             _ = tokio::time::sleep(POLL) => {}
@@ -111,8 +114,9 @@ pub(crate) async fn fit_prompt(
     head: Vec<ChatMessage>,
     history: Vec<ChatMessage>,
     budget: u64,
+    extra: u64,
 ) -> Result<Vec<ChatMessage>, ExecError> {
-    let fitted = tokio::task::spawn_blocking(move || fit(tok, head, history, budget))
+    let fitted = tokio::task::spawn_blocking(move || fit(tok, head, history, budget, extra))
         .await
         .map_err(|e| ExecError::fatal("internal", e.to_string()))?;
     match fitted {

@@ -106,7 +106,7 @@ impl LlmChatExecutor {
                 let result = loop {
                     tokio::select! {
                         r = &mut call => break r,
-                        _ = tick.tick() => cache.extend(ctx.tenant_id, &fp).await,
+                        _ = tick.tick() => cache.extend(ctx.tenant_id, &fp, ctx.job_id).await,
                     }
                 };
                 match &result {
@@ -121,9 +121,9 @@ impl LlmChatExecutor {
                             provider: a.provider.clone(),
                             chunks: sink.recorded(),
                         };
-                        cache.put(ctx.tenant_id, &fp, &entry).await;
+                        cache.put(ctx.tenant_id, &fp, ctx.job_id, &entry).await;
                     }
-                    Err(_) => cache.release(ctx.tenant_id, &fp).await,
+                    Err(_) => cache.release(ctx.tenant_id, &fp, ctx.job_id).await,
                 }
                 result
             }

@@ -111,6 +111,9 @@ struct WireUsage {
     completion_tokens: u64,
 }
 
+/// Most tool calls kept from one reply.
+const MAX_TOOL_CALLS: usize = 128;
+
 /// Tool calls assembled from their streamed fragments, by index.
 #[derive(Default)]
 struct ToolCalls(Vec<ToolCall>);
@@ -118,6 +121,9 @@ struct ToolCalls(Vec<ToolCall>);
 impl ToolCalls {
     fn apply(&mut self, d: ToolCallDelta) {
         let i = d.index.unwrap_or(self.0.len().saturating_sub(1));
+        if i >= MAX_TOOL_CALLS {
+            return; // a misbehaving server; never grow without bound
+        }
         while self.0.len() <= i {
             self.0.push(ToolCall {
                 id: String::new(),

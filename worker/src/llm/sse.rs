@@ -102,19 +102,26 @@ pub(crate) async fn send(
     Err(e)
 }
 
-/// `retry-after-ms`, or `retry-after` in seconds or as an HTTP date.
+/// Longest `retry-after` believed (a provider's header could say anything).
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
+
+/// `retry-after-ms`, or `retry-after` in seconds or as an HTTP date; at most an hour.
 pub(crate) fn retry_after(h: &reqwest::header::HeaderMap) -> Option<Duration> {
+    parse_retry_after(h).map(|d| d.min(MAX_RETRY_AFTER))
+}
+
+fn parse_retry_after(h: &reqwest::header::HeaderMap) -> Option<Duration> {
     if let Some(ms) = h
         .get("retry-after-ms")
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().parse::<f64>().ok())
         .filter(|v| v.is_finite() && *v >= 0.0)
     {
-        return Some(Duration::from_secs_f64(ms / 1000.0));
+        return Some(Duration::from_secs_f64((ms / 1000.0).min(1e9)));
     }
     let v = h.get(reqwest::header::RETRY_AFTER)?.to_str().ok()?.trim();
     if let Ok(secs) = v.parse::<f64>() {
-        return (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs));
+        return (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs.min(1e9)));
     }
     let at = chrono::DateTime::parse_from_rfc2822(v).ok()?;
     let wait = at.with_timezone(&chrono::Utc) - chrono::Utc::now();
@@ -332,6 +339,12 @@ mod tests {
         assert_eq!(retry_after(&h), Some(Duration::from_secs(2)));
         h.insert("retry-after-ms", "150".parse().unwrap());
         assert_eq!(retry_after(&h), Some(Duration::from_millis(150)));
+        h.insert("retry-after-ms", "1e300".parse().unwrap());
+        assert_eq!(
+            retry_after(&h),
+            Some(Duration::from_secs(3600)),
+            "absurd values are capped"
+        );
         let mut h = reqwest::header::HeaderMap::new();
         h.insert(
             "retry-after",

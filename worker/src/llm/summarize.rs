@@ -59,9 +59,10 @@ pub(crate) async fn prompt(
     input: &LlmChatInput,
     h: History,
 ) -> Result<(Vec<ChatMessage>, Vec<ChatMessage>), ExecError> {
-    let Ok(primary) = providers.table().resolve(&input.model) else {
-        // the call reports the unknown model
-        return Ok((h.head.clone(), h.messages()));
+    let primary = match providers.table().resolve(&input.model) {
+        // a known window; otherwise the call reports the unknown model, or the provider judges
+        Ok(p) if p.config.context_window > 0 => p,
+        _ => return Ok((h.head.clone(), h.messages())),
     };
     let c = &h.conversation;
     let from = if c.summary.is_some() {
@@ -78,11 +79,12 @@ pub(crate) async fn prompt(
     let reply = input.max_tokens.unwrap_or(primary.config.max_output_tokens);
     let budget = u64::from(primary.config.context_window.saturating_sub(reply));
     let tok = Tokenizer::for_model(primary.config.tokenizer.as_deref(), &primary.upstream);
+    let extra = tok.tools(input.tools.as_deref());
     let head = with_summary(&h.head, c.summary.as_deref());
     let msgs: Vec<ChatMessage> = rest.iter().map(|(_, m)| m.clone()).collect();
     let fits = {
         let (head, msgs) = (head.clone(), msgs.clone());
-        tokio::task::spawn_blocking(move || fit(tok, head, msgs, budget))
+        tokio::task::spawn_blocking(move || fit(tok, head, msgs, budget, extra))
             .await
             .map_err(|e| ExecError::fatal("internal", e.to_string()))?
     };
@@ -93,7 +95,7 @@ pub(crate) async fn prompt(
     // without a new summary for a while
     let dropped = {
         let (head, msgs) = (head.clone(), msgs.clone());
-        tokio::task::spawn_blocking(move || fit(tok, head, msgs, budget / 2))
+        tokio::task::spawn_blocking(move || fit(tok, head, msgs, budget / 2, extra))
             .await
             .map_err(|e| ExecError::fatal("internal", e.to_string()))?
     }
