@@ -23,14 +23,12 @@ use chrono::Utc;
 use futures::Stream;
 use serde_json::{json, Value};
 use switchyard_core::event::types;
-use switchyard_core::job::{JobKind, DEFAULT_MAX_ATTEMPTS};
-use switchyard_store::NewJob;
 use uuid::Uuid;
 
 use crate::auth::Auth;
 use crate::error::ApiError;
 use crate::feed::{Feed, FeedItem};
-use crate::routes::jobs::{cancel, json_body, request_trace};
+use crate::routes::jobs::{cancel, json_body, llm_chat_job, request_trace};
 use crate::AppState;
 
 const LIVE_BUFFER: usize = 1024;
@@ -122,20 +120,12 @@ async fn run(
     let trace = request_trace(&headers);
     let input =
         serde_json::to_value(&req.input).map_err(|e| OaiError::from(ApiError::internal(e)))?;
-    let job = NewJob {
-        id: Uuid::now_v7(),
-        tenant_id: principal.tenant_id,
-        created_by: principal.subject(),
-        kind: JobKind::LlmChat.as_str().to_string(),
-        queue: JobKind::LlmChat.queue().to_string(),
-        priority: 0,
-        max_attempts: DEFAULT_MAX_ATTEMPTS,
-        timeout_s: None,
+    let job = llm_chat_job(
+        &principal,
         input,
-        metadata: json!({ "source": "chat.completions" }),
-        trace_parent: Some(trace.to_string()),
-        created_at: Utc::now(),
-    };
+        json!({ "source": "chat.completions" }),
+        &trace,
+    );
     let job_id = job.id;
     state.submitter.submit(job).await.map_err(ApiError::from)?;
     let guard = CancelOnDrop {

@@ -7,16 +7,15 @@ use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use chrono::Utc;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
-use switchyard_core::job::{parse_at, Job, JobKind, DEFAULT_MAX_ATTEMPTS, MAX_METADATA_KEYS};
+use switchyard_core::job::{parse_at, Job, JobKind, MAX_METADATA_KEYS};
 use switchyard_core::{ErrorCode, FieldError};
-use switchyard_store::{Conversation, Message, NewConversation, NewJob, Principal};
-use uuid::Uuid;
+use switchyard_store::{Conversation, Message, NewConversation, Principal};
 
 use super::jobs::{
-    encode_cursor, json_body, page_params, parse_id, request_trace, tenant_llm_defaults,
+    encode_cursor, json_body, llm_chat_job, page_params, parse_id, request_trace,
+    tenant_llm_defaults,
 };
 use crate::auth::Auth;
 use crate::error::{ApiError, ApiResult, ErrorBody};
@@ -317,20 +316,12 @@ pub async fn post_message(
         .store
         .post_message(principal.tenant_id, id, &req.content, &model, |turn| {
             input["conversation"] = json!({ "id": id, "turn": turn });
-            NewJob {
-                id: Uuid::now_v7(),
-                tenant_id: principal.tenant_id,
-                created_by: principal.subject(),
-                kind: JobKind::LlmChat.as_str().to_string(),
-                queue: JobKind::LlmChat.queue().to_string(),
-                priority: 0,
-                max_attempts: DEFAULT_MAX_ATTEMPTS,
-                timeout_s: None,
+            llm_chat_job(
+                &principal,
                 input,
-                metadata: json!({ "conversation_id": id, "turn": turn }),
-                trace_parent: Some(trace.to_string()),
-                created_at: Utc::now(),
-            }
+                json!({ "conversation_id": id, "turn": turn }),
+                &trace,
+            )
         })
         .await?
         .ok_or_else(|| ApiError::not_found("conversation"))?;

@@ -61,6 +61,30 @@ pub fn tenant_llm_defaults(principal: &switchyard_store::Principal, input: &mut 
     }
 }
 
+/// A new `llm.chat` job of the caller's tenant with default limits (conversation turns and
+/// the front door build theirs here).
+pub fn llm_chat_job(
+    principal: &switchyard_store::Principal,
+    input: Value,
+    metadata: Value,
+    trace: &TraceParent,
+) -> NewJob {
+    NewJob {
+        id: Uuid::now_v7(),
+        tenant_id: principal.tenant_id,
+        created_by: principal.subject(),
+        kind: JobKind::LlmChat.as_str().to_string(),
+        queue: JobKind::LlmChat.queue().to_string(),
+        priority: 0,
+        max_attempts: switchyard_core::job::DEFAULT_MAX_ATTEMPTS,
+        timeout_s: None,
+        input,
+        metadata,
+        trace_parent: Some(trace.to_string()),
+        created_at: Utc::now(),
+    }
+}
+
 /// The caller's trace context (a child span of its `traceparent`), or a new trace.
 pub fn request_trace(headers: &HeaderMap) -> TraceParent {
     headers
