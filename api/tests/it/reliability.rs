@@ -460,3 +460,66 @@ async fn batched_updates_of_overlapping_jobs_never_deadlock(pool: PgPool) {
     }
     app.stop().await;
 }
+
+#[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
+async fn run_ends_are_written_in_one_batch(pool: PgPool) {
+    // the batched statement itself must work (its row-by-row fallback would hide a broken one)
+    let app = spawn_api_only(pool).await;
+    let jobs: Vec<NewJob> = (0..4).map(|_| new_job(app.tenant)).collect();
+    app.store.insert_jobs(&jobs).await.unwrap();
+    let ids: Vec<Uuid> = jobs.iter().map(|j| j.id).collect();
+    let claimed = app
+        .store
+        .claim_many(&ids, "w", Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert_eq!(claimed.len(), 4);
+    let now = chrono::Utc::now();
+    let ends = [
+        RunEnd::Succeeded(json!({"ok": true})),
+        RunEnd::Failed(switchyard_core::JobError::new("x", "x", false)),
+        RunEnd::Retry {
+            error: switchyard_core::JobError::new("y", "y", true),
+            run_at: now,
+        },
+        RunEnd::Defer { run_at: now },
+    ];
+    let writes: Vec<switchyard_store::RunEndWrite> = ids
+        .iter()
+        .zip(ends)
+        .map(|(id, end)| switchyard_store::RunEndWrite {
+            id: *id,
+            attempt: 1,
+            end,
+            seq: 2,
+        })
+        .collect();
+    let done = app
+        .store
+        .end_runs(&writes)
+        .await
+        .expect("one batched statement");
+    assert_eq!(done.len(), 4);
+    let deferred = app
+        .store
+        .get_job(app.tenant, ids[3])
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (deferred.status.as_str(), deferred.max_attempts),
+        ("queued", 4),
+        "a deferral gives the attempt back"
+    );
+    let retried = app
+        .store
+        .get_job(app.tenant, ids[2])
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (retried.status.as_str(), retried.max_attempts),
+        ("queued", 3)
+    );
+    app.stop().await;
+}

@@ -107,8 +107,11 @@ pub(crate) async fn history(
     })
 }
 
-/// Fits head + history into `window − reply budget` on a blocking thread (tokenizing is CPU
-/// work).
+/// Prompts up to this many characters are fitted in place; longer ones on a blocking thread
+/// (tokenizing a long prompt is CPU work; a short one costs less than the thread hop).
+const INLINE_FIT_CHARS: usize = 16 * 1024;
+
+/// Fits head + history into `window − reply budget`.
 pub(crate) async fn fit_prompt(
     tok: Tokenizer,
     head: Vec<ChatMessage>,
@@ -116,9 +119,14 @@ pub(crate) async fn fit_prompt(
     budget: u64,
     extra: u64,
 ) -> Result<Vec<ChatMessage>, ExecError> {
-    let fitted = tokio::task::spawn_blocking(move || fit(tok, head, history, budget, extra))
-        .await
-        .map_err(|e| ExecError::fatal("internal", e.to_string()))?;
+    let chars: usize = head.iter().chain(&history).map(|m| m.content.len()).sum();
+    let fitted = if chars <= INLINE_FIT_CHARS {
+        fit(tok, head, history, budget, extra)
+    } else {
+        tokio::task::spawn_blocking(move || fit(tok, head, history, budget, extra))
+            .await
+            .map_err(|e| ExecError::fatal("internal", e.to_string()))?
+    };
     match fitted {
         Some(f) => {
             if !f.dropped.is_empty() {
