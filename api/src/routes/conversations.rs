@@ -58,7 +58,45 @@ pub struct PostMessage {
 pub struct ConversationWithMessages {
     #[serde(flatten)]
     pub conversation: Conversation,
+    /// The messages of up to `turns` turns after `after_turn`.
     pub messages: Vec<Message>,
+    /// Pass as `after_turn` for the next page; null on the last page.
+    pub next_after_turn: Option<i32>,
+}
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct MessagePage {
+    /// Only turns after this one (default 0: from the start).
+    pub after_turn: Option<String>,
+    /// Turns per page, 1..=1000 (default 200).
+    pub turns: Option<String>,
+}
+
+fn int_param(
+    v: Option<&str>,
+    name: &str,
+    default: i32,
+    range: std::ops::RangeInclusive<i32>,
+) -> ApiResult<i32> {
+    match v {
+        None | Some("") => Ok(default),
+        Some(s) => s
+            .parse::<i32>()
+            .ok()
+            .filter(|n| range.contains(n))
+            .ok_or_else(|| {
+                ApiError::field(
+                    ErrorCode::InvalidParameter,
+                    name,
+                    format!(
+                        "must be an integer from {} to {}",
+                        range.start(),
+                        range.end()
+                    ),
+                )
+            }),
+    }
 }
 
 #[derive(Debug, Serialize, utoipa::ToSchema)]
@@ -158,7 +196,7 @@ pub async fn create(
 /// message).
 #[utoipa::path(
     get, path = "/v1/conversations/{id}", tag = "conversations",
-    params(("id" = Uuid, Path, description = "conversation id")),
+    params(("id" = Uuid, Path, description = "conversation id"), MessagePage),
     responses(
         (status = 200, body = ConversationWithMessages),
         (status = 401, description = "unauthorized", body = ErrorBody),
@@ -171,17 +209,28 @@ pub async fn get(
     State(state): State<AppState>,
     Auth(principal): Auth,
     Path(id): Path<String>,
+    page: Result<Query<MessagePage>, axum::extract::rejection::QueryRejection>,
 ) -> ApiResult<Json<ConversationWithMessages>> {
     let id = parse_id(&id)?;
+    let Query(page) =
+        page.map_err(|e| ApiError::field(ErrorCode::InvalidParameter, "query", e.body_text()))?;
+    let after = int_param(
+        page.after_turn.as_deref(),
+        "after_turn",
+        0,
+        0..=i32::MAX - 1001,
+    )?;
+    let turns = int_param(page.turns.as_deref(), "turns", 200, 1..=1000)?;
     let conversation = state
         .store
         .get_conversation(principal.tenant_id, id)
         .await?
         .ok_or_else(|| ApiError::not_found("conversation"))?;
-    let messages = state.store.messages(id, i32::MAX).await?;
+    let (messages, more) = state.store.messages_page(id, after, turns).await?;
     Ok(Json(ConversationWithMessages {
         conversation,
         messages,
+        next_after_turn: more.then_some(after + turns),
     }))
 }
 

@@ -227,6 +227,21 @@ async fn concurrent_posts_are_answered_in_order_and_survive_a_restart(pool: PgPo
         assert_eq!(m.last().unwrap()["content"], msgs[2 * k]["content"]);
     }
 
+    // pages of turns
+    let (_, page) = get(&app, &format!("/v1/conversations/{id}?turns=2")).await;
+    assert_eq!(page["messages"].as_array().unwrap().len(), 4);
+    assert_eq!(page["next_after_turn"], 2);
+    let (_, page) = get(
+        &app,
+        &format!("/v1/conversations/{id}?after_turn=4&turns=2"),
+    )
+    .await;
+    assert_eq!(page["messages"].as_array().unwrap().len(), 2);
+    assert_eq!(page["messages"][0]["turn"], 5);
+    assert!(page["next_after_turn"].is_null());
+    let (s, v) = get(&app, &format!("/v1/conversations/{id}?turns=0")).await;
+    assert_eq!((s, v["error"]["field"].as_str()), (422, Some("turns")));
+
     // every process restarts and Redis is wiped: the conversation is intact and goes on
     app.restart().await;
     let (s, again) = get(&app, &format!("/v1/conversations/{id}")).await;

@@ -131,6 +131,51 @@ impl Store {
         .await?)
     }
 
+    /// Messages of turns `from_turn..=upto_turn` (the reply of `upto_turn` excluded), in order:
+    /// the part of the history a summary does not cover.
+    pub async fn messages_from(
+        &self,
+        id: Uuid,
+        from_turn: i32,
+        upto_turn: i32,
+    ) -> Result<Vec<Message>> {
+        Ok(sqlx::query_as::<_, Message>(&format!(
+            "SELECT {MSG_COLS} FROM conversation_messages
+             WHERE conversation_id = $1 AND turn >= $3
+               AND (turn < $2 OR (turn = $2 AND part = 0))
+             ORDER BY turn, part"
+        ))
+        .bind(id)
+        .bind(upto_turn)
+        .bind(from_turn)
+        .fetch_all(self.pool())
+        .await?)
+    }
+
+    /// One page of a conversation's messages: the turns after `after_turn`, at most `turns` of
+    /// them, and whether more follow.
+    pub async fn messages_page(
+        &self,
+        id: Uuid,
+        after_turn: i32,
+        turns: i32,
+    ) -> Result<(Vec<Message>, bool)> {
+        let mut rows = sqlx::query_as::<_, Message>(&format!(
+            "SELECT {MSG_COLS} FROM conversation_messages
+             WHERE conversation_id = $1 AND turn > $2 AND turn <= $2 + $3 + 1
+             ORDER BY turn, part"
+        ))
+        .bind(id)
+        .bind(after_turn)
+        .bind(turns)
+        .fetch_all(self.pool())
+        .await?;
+        let last = after_turn.saturating_add(turns);
+        let more = rows.iter().any(|m| m.turn > last);
+        rows.retain(|m| m.turn <= last);
+        Ok((rows, more))
+    }
+
     /// Newest first; `before` is the last id of the previous page.
     pub async fn list_conversations(
         &self,

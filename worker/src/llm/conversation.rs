@@ -78,8 +78,13 @@ pub(crate) async fn history(
             _ = ctx.cancel.cancelled() => return Err(ExecError::fatal("cancelled", "cancelled")),
         }
     }
+    // under `summarize`, turns the stored summary covers are not read again
+    let from = match (&c.summary, c.context_strategy.as_str()) {
+        (Some(_), "summarize") => c.summary_turn.min(conv.turn),
+        _ => 0,
+    };
     let rows = store
-        .messages(conv.id, conv.turn)
+        .messages_from(conv.id, from, conv.turn)
         .await
         .map_err(store_error)?;
     if !rows.iter().any(|m| m.turn == conv.turn) {
