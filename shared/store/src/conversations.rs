@@ -229,7 +229,7 @@ impl Store {
             return Ok(None);
         };
         let job = make_job(turn);
-        crate::jobs::insert_jobs_with(&mut *tx, std::slice::from_ref(&job)).await?;
+        crate::insert::insert_jobs_with(&mut *tx, std::slice::from_ref(&job)).await?;
         let msg = sqlx::query_as::<_, Message>(&format!(
             "INSERT INTO conversation_messages (conversation_id, turn, part, role, content, job_id, model)
              VALUES ($1, $2, 0, 'user', $3, $4, $5) RETURNING {MSG_COLS}"

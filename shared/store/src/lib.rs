@@ -2,6 +2,7 @@
 //! and usage reports over finished jobs.
 
 mod conversations;
+mod insert;
 mod jobs;
 mod reconcile;
 mod tenants;

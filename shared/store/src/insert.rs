@@ -1,0 +1,65 @@
+//! The group-commit INSERT of new jobs (one statement for a batch), usable on the pool or
+//! inside a transaction (a conversation turn stores its message and its job together).
+
+use crate::{NewJob, Result};
+
+/// Inserts jobs in one statement, on a pool or inside a transaction.
+pub(crate) async fn insert_jobs_with<'e, E: sqlx::PgExecutor<'e>>(
+    db: E,
+    jobs: &[NewJob],
+) -> Result<()> {
+    if jobs.is_empty() {
+        return Ok(());
+    }
+    let mut ids = Vec::with_capacity(jobs.len());
+    let mut tenants = Vec::with_capacity(jobs.len());
+    let mut created_by = Vec::with_capacity(jobs.len());
+    let mut kinds = Vec::with_capacity(jobs.len());
+    let mut queues = Vec::with_capacity(jobs.len());
+    let mut priorities = Vec::with_capacity(jobs.len());
+    let mut max_attempts = Vec::with_capacity(jobs.len());
+    let mut timeouts: Vec<Option<i32>> = Vec::with_capacity(jobs.len());
+    let mut inputs = Vec::with_capacity(jobs.len());
+    let mut metadata = Vec::with_capacity(jobs.len());
+    let mut traces: Vec<Option<String>> = Vec::with_capacity(jobs.len());
+    let mut created = Vec::with_capacity(jobs.len());
+    for j in jobs {
+        ids.push(j.id);
+        tenants.push(j.tenant_id);
+        created_by.push(j.created_by.clone());
+        kinds.push(j.kind.clone());
+        queues.push(j.queue.clone());
+        priorities.push(j.priority);
+        max_attempts.push(j.max_attempts);
+        timeouts.push(j.timeout_s);
+        inputs.push(j.input.clone());
+        metadata.push(j.metadata.clone());
+        traces.push(j.trace_parent.clone());
+        created.push(j.created_at);
+    }
+    sqlx::query(
+        "INSERT INTO jobs (id, tenant_id, created_by, kind, queue, priority, status, max_attempts,
+            timeout_s, input, metadata, trace_parent, created_at, event_seq)
+         SELECT id, tenant_id, created_by, kind, queue, priority, 'queued', max_attempts,
+            timeout_s, input, metadata, trace_parent, created_at, 1
+         FROM UNNEST($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::text[], $6::int2[],
+            $7::int4[], $8::int4[], $9::jsonb[], $10::jsonb[], $11::text[], $12::timestamptz[])
+         AS t(id, tenant_id, created_by, kind, queue, priority, max_attempts, timeout_s, input,
+            metadata, trace_parent, created_at)",
+    )
+    .bind(&ids)
+    .bind(&tenants)
+    .bind(&created_by)
+    .bind(&kinds)
+    .bind(&queues)
+    .bind(&priorities)
+    .bind(&max_attempts)
+    .bind(&timeouts)
+    .bind(&inputs)
+    .bind(&metadata)
+    .bind(&traces)
+    .bind(&created)
+    .execute(db)
+    .await?;
+    Ok(())
+}
