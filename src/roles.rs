@@ -222,6 +222,7 @@ pub async fn run_dev(mut cfg: Config, opts: DevOptions) -> anyhow::Result<()> {
     println!("  try: curl -s -X POST http://{addr}/v1/jobs -H 'Authorization: Bearer {key}' \\");
     println!("         -H 'content-type: application/json' \\");
     println!("         -d '{{\"kind\":\"llm.chat\",\"input\":{{\"model\":\"mock-echo\",\"messages\":[{{\"role\":\"user\",\"content\":\"hello\"}}]}}}}'");
+    println!("  OpenAI SDKs: base_url=http://{addr}/v1  api_key={key}  model=mock-echo");
     println!();
     println!("  Ctrl-C stops everything.");
 
