@@ -91,6 +91,15 @@ impl Providers {
                 let var = p.api_key_env.as_deref()?;
                 std::env::var(var).ok().map(SecretString::from)
             });
+            if key.is_none() && !name.starts_with("mock") {
+                match &p.api_key_env {
+                    Some(var) => tracing::warn!(provider = %name, env = %var,
+                        "the provider's API key variable is not set; its calls will fail with provider_auth unless it needs none"),
+                    None => {
+                        tracing::info!(provider = %name, "provider configured without an API key")
+                    }
+                }
+            }
             let adapter: Arc<dyn LlmProvider> = match p.kind {
                 ProviderKind::Openai | ProviderKind::OpenaiCompatible => {
                     Arc::new(OpenAi::new(&p.base_url, key, p.headers.clone(), connect))
