@@ -6,6 +6,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use uuid::Uuid;
 
+use crate::code::CodeExecInput;
 use crate::error::{ErrorCode, FieldError};
 
 pub use crate::chat::*;
@@ -65,15 +66,18 @@ pub enum JobKind {
     LlmChat,
     /// Does nothing (optionally sleeps, streams or fails): measures the queue alone (`system` queue).
     SystemNoop,
+    /// Untrusted code in a sandbox (`code` queue, served only by workers that have sandboxes).
+    CodeExec,
 }
 
 impl JobKind {
-    pub const ALL: [JobKind; 2] = [JobKind::LlmChat, JobKind::SystemNoop];
+    pub const ALL: [JobKind; 3] = [JobKind::LlmChat, JobKind::SystemNoop, JobKind::CodeExec];
 
     pub fn as_str(self) -> &'static str {
         match self {
             JobKind::LlmChat => "llm.chat",
             JobKind::SystemNoop => "system.noop",
+            JobKind::CodeExec => "code.exec",
         }
     }
 
@@ -86,6 +90,7 @@ impl JobKind {
         match self {
             JobKind::LlmChat => "llm",
             JobKind::SystemNoop => "system",
+            JobKind::CodeExec => "code",
         }
     }
 
@@ -102,6 +107,10 @@ impl JobKind {
             JobKind::SystemNoop => {
                 let noop: NoopInput = parse_at("input", input)?;
                 noop.validate()
+            }
+            JobKind::CodeExec => {
+                let code: CodeExecInput = parse_at("input", input)?;
+                code.validate()
             }
         }
     }

@@ -4,6 +4,7 @@
 
 pub mod apikey;
 pub mod chat;
+pub mod code;
 pub mod config;
 pub mod error;
 pub mod event;

@@ -1,0 +1,436 @@
+//! The WebAssembly tier: WASI preview 1 programs inside the worker process (wasmtime).
+//!
+//! Interpreters (CPython, QuickJS-NG; fetched by `sandbox-images/wasm/fetch.sh`) are compiled
+//! once (cached as `.cwasm`) and pre-linked (`InstancePre`); each run gets a fresh `Store` with
+//! its own memory limit, an empty environment, no sockets, stdin from memory, stdout/stderr into
+//! the run's [`Capture`], and one preopened directory: a fresh scratch directory at `/work`
+//! holding the program and its `files`. Wall time, CPU time and cancellation are checked at
+//! every epoch tick (10 ms) on the thread that runs the guest.
+
+mod engine;
+mod stdio;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::anyhow;
+use async_trait::async_trait;
+use switchyard_core::code::{KilledBy, Language, Tier};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use wasmtime::{
+    Engine, InstancePre, Linker, Module, ResourceLimiter, Store, StoreLimits, StoreLimitsBuilder,
+    UpdateDeadline,
+};
+use wasmtime_wasi::p1::WasiP1Ctx;
+use wasmtime_wasi::p2::pipe::MemoryInputPipe;
+use wasmtime_wasi::{FsPerms, I32Exit, WasiCtxBuilder};
+
+use crate::output::{Capture, Stream};
+use crate::scratch::Scratch;
+use crate::{RunOutcome, RunRequest, Sandbox, SandboxError, Source};
+pub use engine::TICK;
+use engine::{ModuleCache, Ticker};
+
+/// Where the guest sees its working directory.
+pub const GUEST_DIR: &str = "/work";
+
+/// Settings of the wasm tier.
+#[derive(Debug, Clone)]
+pub struct WasmConfig {
+    /// Holds `python.wasm` and `quickjs.wasm` (either may be missing: that language is then
+    /// unsupported here).
+    pub runtimes_dir: PathBuf,
+    /// Compiled modules (`.cwasm`).
+    pub cache_dir: PathBuf,
+    /// Parent of the per-run scratch directories.
+    pub scratch_dir: PathBuf,
+    /// Runs at once (the size of the instance pool).
+    pub slots: u32,
+    /// The largest memory limit any run may have.
+    pub max_memory_mb: u64,
+    /// Longest time to compile a user's module.
+    pub compile_timeout: Duration,
+}
+
+/// An interpreter: its pre-linked module and how its command line is built.
+struct Interpreter {
+    pre: InstancePre<RunState>,
+    argv0: &'static str,
+    flags: &'static [&'static str],
+    file: &'static str,
+}
+
+/// Per-run state of a `Store`.
+struct RunState {
+    wasi: WasiP1Ctx,
+    limits: Limiter,
+}
+
+/// `StoreLimits` (memory, trap on grow failure) that remembers that the limit was hit.
+struct Limiter {
+    inner: StoreLimits,
+    memory_hit: bool,
+}
+
+impl ResourceLimiter for Limiter {
+    fn memory_growing(
+        &mut self,
+        current: usize,
+        desired: usize,
+        maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        let r = self.inner.memory_growing(current, desired, maximum);
+        if !matches!(r, Ok(true)) {
+            self.memory_hit = true;
+        }
+        r
+    }
+
+    fn table_growing(
+        &mut self,
+        current: usize,
+        desired: usize,
+        maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        self.inner.table_growing(current, desired, maximum)
+    }
+
+    fn instances(&self) -> usize {
+        self.inner.instances()
+    }
+
+    fn tables(&self) -> usize {
+        self.inner.tables()
+    }
+
+    fn memories(&self) -> usize {
+        self.inner.memories()
+    }
+}
+
+/// The wasm sandbox. Cheap to share (`Arc`).
+pub struct WasmSandbox {
+    engine: Engine,
+    linker: Arc<Linker<RunState>>,
+    interpreters: HashMap<Language, Arc<Interpreter>>,
+    slots: Arc<Semaphore>,
+    cfg: WasmConfig,
+    _ticker: Ticker,
+}
+
+impl WasmSandbox {
+    /// Builds the engine and loads the interpreters found in `runtimes_dir` (compiling them
+    /// on first use of a cache directory: seconds for CPython). Blocking.
+    pub fn new(cfg: WasmConfig) -> anyhow::Result<WasmSandbox> {
+        let engine = engine::build_engine(cfg.slots.max(1), cfg.max_memory_mb)?;
+        let mut linker: Linker<RunState> = Linker::new(&engine);
+        wasmtime_wasi::p1::add_to_linker_async(&mut linker, |s: &mut RunState| &mut s.wasi)
+            .map_err(|e| anyhow!("linking WASI: {e:#}"))?;
+        let cache = ModuleCache::new(&engine, &cfg.cache_dir)?;
+        let mut interpreters = HashMap::new();
+        let specs: [(
+            Language,
+            &str,
+            &'static str,
+            &'static [&'static str],
+            &'static str,
+        ); 2] = [
+            (
+                Language::Python,
+                "python.wasm",
+                "python",
+                &["-I", "-B"],
+                "main.py",
+            ),
+            (
+                Language::Javascript,
+                "quickjs.wasm",
+                "qjs",
+                &["--std"],
+                "main.js",
+            ),
+        ];
+        for (lang, file, argv0, flags, main) in specs {
+            let path = cfg.runtimes_dir.join(file);
+            let Ok(bytes) = std::fs::read(&path) else {
+                tracing::warn!(path = %path.display(), "wasm runtime missing: {} unavailable (run sandbox-images/wasm/fetch.sh)", lang.as_str());
+                continue;
+            };
+            let started = Instant::now();
+            let module = cache.load(&engine, &bytes)?;
+            let pre = linker
+                .instantiate_pre(&module)
+                .map_err(|e| anyhow!("linking {file}: {e:#}"))?;
+            tracing::info!(
+                language = lang.as_str(),
+                ms = started.elapsed().as_millis() as u64,
+                "wasm runtime ready"
+            );
+            interpreters.insert(
+                lang,
+                Arc::new(Interpreter {
+                    pre,
+                    argv0,
+                    flags,
+                    file: main,
+                }),
+            );
+        }
+        let ticker = Ticker::start(engine.clone())?;
+        Ok(WasmSandbox {
+            slots: Arc::new(Semaphore::new(cfg.slots.max(1) as usize)),
+            engine,
+            linker: Arc::new(linker),
+            interpreters,
+            cfg,
+            _ticker: ticker,
+        })
+    }
+
+    /// Compiles and links a user's module, within the compile time limit.
+    async fn user_module(&self, bytes: Vec<u8>) -> Result<InstancePre<RunState>, SandboxError> {
+        let engine = self.engine.clone();
+        let linker = self.linker.clone();
+        let job = tokio::task::spawn_blocking(move || {
+            let module =
+                Module::new(&engine, &bytes).map_err(|e| format!("invalid module: {e:#}"))?;
+            linker
+                .instantiate_pre(&module)
+                .map_err(|e| format!("module cannot run here (WASI preview 1 only): {e:#}"))
+        });
+        match tokio::time::timeout(self.cfg.compile_timeout, job).await {
+            Err(_) => Err(SandboxError::InvalidModule(format!(
+                "module took longer than {} ms to compile",
+                self.cfg.compile_timeout.as_millis()
+            ))),
+            Ok(Err(e)) => Err(SandboxError::Internal(anyhow!("compile task: {e}"))),
+            Ok(Ok(Err(msg))) => Err(SandboxError::InvalidModule(msg)),
+            Ok(Ok(Ok(pre))) => Ok(pre),
+        }
+    }
+}
+
+#[async_trait]
+impl Sandbox for WasmSandbox {
+    fn tier(&self) -> Tier {
+        Tier::Wasm
+    }
+
+    fn supports(&self, language: Language) -> bool {
+        language == Language::Wasm || self.interpreters.contains_key(&language)
+    }
+
+    async fn run(
+        &self,
+        req: RunRequest,
+        capture: Arc<Capture>,
+        cancel: CancellationToken,
+    ) -> Result<RunOutcome, SandboxError> {
+        let mut files = req.files.clone();
+        let (pre, argv) = match (&req.source, req.language) {
+            (Source::Module(bytes), Language::Wasm) => {
+                let pre = self.user_module(bytes.clone()).await?;
+                let mut argv = vec!["main.wasm".to_string()];
+                argv.extend(req.args.iter().cloned());
+                (pre, argv)
+            }
+            (Source::Code(code), lang) => {
+                let interp = self.interpreters.get(&lang).ok_or_else(|| {
+                    SandboxError::Unsupported(format!(
+                        "the wasm sandbox has no {} runtime installed",
+                        lang.as_str()
+                    ))
+                })?;
+                if files.contains_key(interp.file) {
+                    return Err(SandboxError::Unsupported(format!(
+                        "`files` may not contain `{}`: the program is stored there",
+                        interp.file
+                    )));
+                }
+                files.insert(interp.file.to_string(), code.as_bytes().to_vec());
+                let mut argv = vec![interp.argv0.to_string()];
+                argv.extend(interp.flags.iter().map(|s| s.to_string()));
+                argv.push(format!("{GUEST_DIR}/{}", interp.file));
+                argv.extend(req.args.iter().cloned());
+                (interp.pre.clone(), argv)
+            }
+            (Source::Module(_), lang) => {
+                return Err(SandboxError::Unsupported(format!(
+                    "a module cannot be run as {}",
+                    lang.as_str()
+                )))
+            }
+        };
+        let _slot = self
+            .slots
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| SandboxError::Internal(anyhow!("sandbox closed")))?;
+        let scratch_base = self.cfg.scratch_dir.clone();
+        let stdin = req.stdin.clone();
+        let limits = req.limits;
+        let cap = capture.clone();
+        // The guest runs on its own thread with a private single-threaded runtime, so WASI
+        // calls that block (sleep, reads) never hold an async thread of the worker, and a
+        // deadline or a cancellation simply drops the guest's future.
+        let task = tokio::task::spawn_blocking(move || -> anyhow::Result<Ended> {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_time()
+                .build()?;
+            let scratch = Scratch::create(&scratch_base, &files)
+                .map_err(|e| anyhow!("scratch directory: {e}"))?;
+            let ended = rt.block_on(run_guest(
+                &pre,
+                scratch.path(),
+                &argv,
+                stdin,
+                limits,
+                cap,
+                cancel,
+            ));
+            drop(scratch);
+            ended
+        });
+        let ended = task
+            .await
+            .map_err(|e| SandboxError::Internal(anyhow!("run task: {e}")))??;
+        let killed_by = match ended.stop {
+            Some(Stop::Timeout) => Some(KilledBy::Timeout),
+            Some(Stop::Cpu) => Some(KilledBy::Cpu),
+            Some(Stop::Cancelled) => None,
+            None if capture.exceeded() => Some(KilledBy::Output),
+            None if ended.memory_hit => Some(KilledBy::Memory),
+            None => None,
+        };
+        let exit_code = match ended.end {
+            End::Exit(c) => Some(c),
+            End::Trap(msg) if killed_by.is_none() && ended.stop.is_none() => {
+                capture.write(Stream::Stderr, format!("\n[wasm trap] {msg}\n").as_bytes());
+                Some(TRAP_EXIT_CODE)
+            }
+            End::Trap(_) | End::Stopped => None,
+        };
+        capture.wake();
+        Ok(RunOutcome {
+            exit_code,
+            killed_by,
+            duration: ended.duration,
+        })
+    }
+}
+
+/// Exit status reported for a guest that trapped on its own (like a native crash, SIGABRT).
+pub const TRAP_EXIT_CODE: i32 = 134;
+
+enum End {
+    Exit(i32),
+    Trap(String),
+    /// Dropped by the host (deadline, cancellation).
+    Stopped,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stop {
+    Timeout,
+    Cpu,
+    Cancelled,
+}
+
+struct Ended {
+    end: End,
+    stop: Option<Stop>,
+    memory_hit: bool,
+    duration: Duration,
+}
+
+fn thread_cpu() -> Duration {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes into the timespec we own.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+}
+
+async fn run_guest(
+    pre: &InstancePre<RunState>,
+    dir: &Path,
+    argv: &[String],
+    stdin: Vec<u8>,
+    limits: switchyard_core::code::Limits,
+    capture: Arc<Capture>,
+    cancel: CancellationToken,
+) -> anyhow::Result<Ended> {
+    let mut b = WasiCtxBuilder::new();
+    b.args(argv)
+        .stdin(MemoryInputPipe::new(stdin))
+        .stdout(stdio::CaptureStream::new(capture.clone(), Stream::Stdout))
+        .stderr(stdio::CaptureStream::new(capture, Stream::Stderr))
+        // the program's directory, at `/work` and at `/`: wasi-libc resolves relative paths
+        // from `/`, so `open('data.txt')` finds `/work/data.txt`
+        .preopened_dir(dir, GUEST_DIR, FsPerms::ReadWrite)
+        .and_then(|b| b.preopened_dir(dir, "/", FsPerms::ReadWrite))
+        .map_err(|e| anyhow!("preopen: {e:#}"))?;
+    let mem = usize::try_from(limits.memory_mb.saturating_mul(1 << 20)).unwrap_or(usize::MAX);
+    let state = RunState {
+        wasi: b.build_p1(),
+        limits: Limiter {
+            inner: StoreLimitsBuilder::new()
+                .memory_size(mem)
+                .instances(1)
+                .trap_on_grow_failure(true)
+                .build(),
+            memory_hit: false,
+        },
+    };
+    let mut store = Store::new(pre.module().engine(), state);
+    store.limiter(|s| &mut s.limits);
+    let started = Instant::now();
+    let cpu0 = thread_cpu();
+    let cpu = Duration::from_millis(limits.cpu_ms);
+    let cpu_hit = Arc::new(AtomicBool::new(false));
+    let flag = cpu_hit.clone();
+    // every tick: stop on CPU time (measured on this thread), else yield so the deadline
+    // and cancellation below are checked
+    store.set_epoch_deadline(1);
+    store.epoch_deadline_callback(move |_| {
+        if thread_cpu().saturating_sub(cpu0) >= cpu {
+            flag.store(true, Ordering::Relaxed);
+            return Ok(UpdateDeadline::Interrupt);
+        }
+        Ok(UpdateDeadline::Yield(1))
+    });
+    let deadline = tokio::time::Instant::from_std(started) + Duration::from_millis(limits.wall_ms);
+    let guest = async {
+        let instance = pre.instantiate_async(&mut store).await?;
+        let start = instance.get_typed_func::<(), ()>(&mut store, "_start")?;
+        start.call_async(&mut store, ()).await
+    };
+    let (end, mut stop) = tokio::select! {
+        r = guest => (match r {
+            Ok(()) => End::Exit(0),
+            Err(e) => match e.downcast_ref::<I32Exit>() {
+                Some(exit) => End::Exit(exit.0),
+                None => End::Trap(format!("{e:#}")),
+            },
+        }, None),
+        _ = tokio::time::sleep_until(deadline) => (End::Stopped, Some(Stop::Timeout)),
+        _ = cancel.cancelled() => (End::Stopped, Some(Stop::Cancelled)),
+    };
+    let duration = started.elapsed();
+    if stop.is_none() && cpu_hit.load(Ordering::Relaxed) {
+        stop = Some(Stop::Cpu);
+    }
+    Ok(Ended {
+        end,
+        stop,
+        memory_hit: store.data().limits.memory_hit,
+        duration,
+    })
+}

@@ -1,0 +1,166 @@
+//! The wasm tier: the contract suite plus raw-module cases.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use switchyard_core::code::{KilledBy, Language, Limits};
+use switchyard_sandbox::wasm::{WasmConfig, WasmSandbox};
+use switchyard_sandbox::{Capture, RunRequest, Sandbox, SandboxError, Source};
+use tokio_util::sync::CancellationToken;
+
+pub fn sandbox() -> Arc<WasmSandbox> {
+    crate::canary();
+    let root = crate::sandbox_dir();
+    let runtimes = root.join("wasm");
+    assert!(
+        runtimes.join("python.wasm").exists() && runtimes.join("quickjs.wasm").exists(),
+        "wasm runtimes missing in {}: run `bash sandbox-images/wasm/fetch.sh` (scripts/test.sh does)",
+        runtimes.display()
+    );
+    let tmp = std::env::temp_dir();
+    Arc::new(
+        WasmSandbox::new(WasmConfig {
+            runtimes_dir: runtimes,
+            cache_dir: tmp.join("switchyard-test-cwasm"),
+            scratch_dir: tmp.join("switchyard-test-scratch"),
+            slots: 4,
+            max_memory_mb: 512,
+            compile_timeout: Duration::from_secs(10),
+        })
+        .expect("wasm sandbox"),
+    )
+}
+
+crate::contract_tests!(sandbox());
+
+fn module(wat_text: &str) -> RunRequest {
+    RunRequest {
+        language: Language::Wasm,
+        source: Source::Module(wat::parse_str(wat_text).expect("wat")),
+        stdin: Vec::new(),
+        args: Vec::new(),
+        files: Default::default(),
+        limits: Limits::default(),
+    }
+}
+
+const HELLO: &str = r#"(module
+  (import "wasi_snapshot_preview1" "fd_write" (func $w (param i32 i32 i32 i32) (result i32)))
+  (import "wasi_snapshot_preview1" "proc_exit" (func $exit (param i32)))
+  (memory (export "memory") 1)
+  (data (i32.const 16) "hi from wasm\n")
+  (func (export "_start")
+    (i32.store (i32.const 0) (i32.const 16))
+    (i32.store (i32.const 4) (i32.const 13))
+    (drop (call $w (i32.const 1) (i32.const 0) (i32.const 1) (i32.const 8)))
+    (call $exit (i32.const 7))))"#;
+
+#[tokio::test]
+async fn raw_module_writes_and_exits() {
+    let r = crate::suite::run(&*sandbox(), module(HELLO)).await;
+    assert_eq!(r.stdout, "hi from wasm\n");
+    assert_eq!((r.outcome.exit_code, r.outcome.killed_by), (Some(7), None));
+}
+
+#[tokio::test]
+async fn raw_module_limits() {
+    let sb = sandbox();
+    let mut spin = module(r#"(module (func (export "_start") (loop (br 0))))"#);
+    spin.limits.wall_ms = 300;
+    let r = crate::suite::run(&*sb, spin).await;
+    assert_eq!(r.outcome.killed_by, Some(KilledBy::Timeout));
+
+    let mut grow = module(
+        r#"(module (memory 1) (func (export "_start")
+            (loop (br_if 0 (i32.ne (memory.grow (i32.const 16)) (i32.const -1))))))"#,
+    );
+    grow.limits.memory_mb = 32;
+    let r = crate::suite::run(&*sb, grow).await;
+    assert_eq!(r.outcome.killed_by, Some(KilledBy::Memory));
+
+    // its own trap (not a limit): reported like a crash, with the reason on stderr
+    let r = crate::suite::run(
+        &*sb,
+        module(r#"(module (func (export "_start") unreachable))"#),
+    )
+    .await;
+    assert_eq!(
+        (r.outcome.exit_code, r.outcome.killed_by),
+        (Some(switchyard_sandbox::wasm::TRAP_EXIT_CODE), None)
+    );
+    assert!(r.stderr.contains("wasm trap"), "{}", r.stderr);
+}
+
+#[tokio::test]
+async fn invalid_modules_are_refused() {
+    let sb = sandbox();
+    for (req, why) in [
+        (
+            RunRequest {
+                source: Source::Module(b"\0asm\x01\0\0\0garbage".to_vec()),
+                ..module(HELLO)
+            },
+            "invalid module",
+        ),
+        (
+            module(r#"(module (import "env" "system" (func)) (func (export "_start")))"#),
+            "WASI preview 1 only",
+        ),
+    ] {
+        let err = sb
+            .run(req, Arc::new(Capture::new(1000)), CancellationToken::new())
+            .await
+            .unwrap_err();
+        match err {
+            SandboxError::InvalidModule(m) => assert!(m.contains(why), "{m}"),
+            other => panic!("expected InvalidModule, got {other:?}"),
+        }
+    }
+}
+
+/// QuickJS specifics (the gVisor tier runs Node instead): stdin, args, files, exit codes.
+#[tokio::test]
+async fn quickjs_stdin_args_files_exit() {
+    let sb = sandbox();
+    let mut req = crate::suite::request(
+        Language::Javascript,
+        "console.log(std.in.readAsString().toUpperCase(), scriptArgs.slice(1).join('|'), \
+         std.loadFile('data/in.txt')); std.exit(4)",
+    );
+    req.stdin = b"def".to_vec();
+    req.args = vec!["a".into(), "b".into()];
+    req.files
+        .insert("data/in.txt".into(), b"js-nested".to_vec());
+    let r = crate::suite::run(&*sb, req).await;
+    assert_eq!(r.stdout, "DEF a|b js-nested\n", "{}", r.stderr);
+    assert_eq!(r.outcome.exit_code, Some(4));
+}
+
+/// QuickJS programs of the escape suite (std/os modules are what QuickJS offers the guest).
+fn quickjs_programs() -> Vec<crate::escape::Hostile> {
+    use crate::escape::{Expect::*, Hostile};
+    let js = |name, code, expect| Hostile {
+        name,
+        language: Language::Javascript,
+        code,
+        expect,
+    };
+    vec![
+        js("js: read /etc/shadow", "console.log(std.loadFile('/etc/shadow') === null ? 'blocked' : 'ESCAPED')", Blocked),
+        js("js: read a host-only file", "console.log(std.loadFile('{MARKER}') === null ? 'blocked' : 'ESCAPED')", Blocked),
+        js("js: environment", "console.log(JSON.stringify(std.getenviron()))", Contained),
+        js("js: exec a shell", "try { console.log(os.exec(['/bin/sh', '-c', 'id'])) } catch (e) { console.log('blocked', e) }", Contained),
+        js("js: list /", "console.log(JSON.stringify(os.readdir('/')))", Contained),
+        js("js: write outside", "const f = std.open('/tmp/sy-escape-{PID}', 'w'); console.log(f === null ? 'blocked' : 'opened')", Contained),
+        js("js: memory bomb", "const a = []; for (;;) a.push(new Array(1 << 20).fill(1));", Killed(&[KilledBy::Memory])),
+        js("js: busy loop", "for (;;) {}", Killed(&[KilledBy::Timeout, KilledBy::Cpu])),
+        js("js: huge output", "for (;;) std.out.puts('A'.repeat(65536));", Killed(&[KilledBy::Output])),
+    ]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn escape_suite() {
+    let mut programs = crate::escape::python_programs();
+    programs.extend(quickjs_programs());
+    crate::escape::assert_contained(sandbox(), programs).await;
+}
