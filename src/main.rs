@@ -104,6 +104,11 @@ enum AdminCmd {
         /// prefixes ending in `*` (`mock-*`); `all` lifts the limit.
         #[arg(long)]
         models: Option<String>,
+        /// Largest `code.exec` limits the tenant may ask for, e.g.
+        /// `wall_ms=60000,cpu_ms=30000,memory_mb=512,output_bytes=16777216` (missing ones keep
+        /// the worker's `code.max_limits`); `default` removes the tenant's own.
+        #[arg(long)]
+        code_limits: Option<String>,
     },
 }
 
@@ -207,11 +212,21 @@ async fn admin(cfg: &Config, cmd: AdminCmd) -> anyhow::Result<()> {
             name,
             llm_cache,
             models,
+            code_limits,
         } => {
             anyhow::ensure!(
-                llm_cache.is_some() || models.is_some(),
-                "nothing to set: pass --llm-cache on|off and/or --models a,b,prefix-*|all"
+                llm_cache.is_some() || models.is_some() || code_limits.is_some(),
+                "nothing to set: pass --llm-cache on|off, --models a,b,prefix-*|all and/or \
+                 --code-limits wall_ms=N,cpu_ms=N,memory_mb=N,output_bytes=N|default"
             );
+            if let Some(spec) = code_limits {
+                let limits = parse_code_limits(&spec)?;
+                anyhow::ensure!(
+                    store.set_tenant_code_limits(&name, limits.as_ref()).await?,
+                    "no tenant named {name}"
+                );
+                println!("tenant {name}: code_limits = {spec}");
+            }
             if let Some(on) = llm_cache {
                 anyhow::ensure!(
                     store.set_tenant_llm_cache(&name, on).await?,
@@ -276,4 +291,32 @@ async fn admin(cfg: &Config, cmd: AdminCmd) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// `wall_ms=N,cpu_ms=N,memory_mb=N,output_bytes=N` (any subset) or `default`.
+fn parse_code_limits(spec: &str) -> anyhow::Result<Option<switchyard_core::code::LimitsRequest>> {
+    if spec.trim() == "default" {
+        return Ok(None);
+    }
+    let mut l = switchyard_core::code::LimitsRequest::default();
+    for part in spec.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (k, v) = part
+            .split_once('=')
+            .ok_or_else(|| anyhow::anyhow!("`{part}`: expected name=value"))?;
+        let n: u64 = v
+            .trim()
+            .parse()
+            .map_err(|_| anyhow::anyhow!("`{part}`: the value must be a positive integer"))?;
+        anyhow::ensure!(n > 0, "`{part}`: the value must be at least 1");
+        match k.trim() {
+            "wall_ms" => l.wall_ms = Some(n),
+            "cpu_ms" => l.cpu_ms = Some(n),
+            "memory_mb" => l.memory_mb = Some(n),
+            "output_bytes" => l.output_bytes = Some(n),
+            other => {
+                anyhow::bail!("unknown limit `{other}` (wall_ms, cpu_ms, memory_mb, output_bytes)")
+            }
+        }
+    }
+    Ok(Some(l))
 }

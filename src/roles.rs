@@ -8,8 +8,10 @@ use anyhow::Context;
 use switchyard_core::config::Config;
 use switchyard_core::job::JobKind;
 use switchyard_queue::{EventBus, Keys, Queue};
+use switchyard_sandbox::Sandbox;
 use switchyard_scheduler::{Scheduler, SchedulerOptions};
 use switchyard_store::Store;
+use switchyard_worker::code::CodeExecExecutor;
 use switchyard_worker::executor::ExecutorRegistry;
 use switchyard_worker::llm::cache::ResponseCache;
 use switchyard_worker::llm::{LlmChatExecutor, Providers};
@@ -62,12 +64,24 @@ pub async fn run_api(
 
 /// The executors a worker offers, from the configuration.
 /// `redis` enables the LLM response cache.
+/// `sandboxes` (possibly none) serve `code.exec`.
 pub fn executors(
     cfg: &Config,
     store: Option<Store>,
     redis: Option<redis::aio::ConnectionManager>,
+    sandboxes: Vec<Arc<dyn Sandbox>>,
 ) -> ExecutorRegistry {
     let mut reg = ExecutorRegistry::new();
+    if !sandboxes.is_empty() {
+        reg.register(
+            JobKind::CodeExec,
+            Arc::new(CodeExecExecutor::new(
+                sandboxes,
+                cfg.code.clone(),
+                store.clone(),
+            )),
+        );
+    }
     reg.register(
         JobKind::LlmChat,
         Arc::new(LlmChatExecutor::new(
@@ -86,9 +100,24 @@ pub fn executors(
     reg
 }
 
-pub fn worker_options(cfg: &Config) -> WorkerOptions {
+/// `code`: whether this worker has sandboxes (otherwise it leaves the `code` queue alone).
+pub fn worker_options(cfg: &Config, code: bool) -> WorkerOptions {
+    let code_queue = JobKind::CodeExec.queue();
     WorkerOptions {
-        queues: cfg.worker.queues.clone(),
+        queues: cfg
+            .worker
+            .queues
+            .iter()
+            .filter(|q| code || q.as_str() != code_queue)
+            .cloned()
+            .collect(),
+        queue_concurrency: [(
+            code_queue.to_string(),
+            cfg.code
+                .concurrency
+                .unwrap_or_else(switchyard_worker::code::default_concurrency),
+        )]
+        .into(),
         concurrency: cfg.worker.concurrency,
         lease: cfg.lease(),
         name: cfg
@@ -108,6 +137,22 @@ pub async fn start_worker(cfg: &Config, stop: CancellationToken) -> anyhow::Resu
         (cfg.worker.concurrency as u32 / 2).clamp(2, cfg.database_max_connections.max(2)),
     )?;
     wait_for_postgres(&store, "the worker").await?;
+    let sandboxes = if cfg
+        .worker
+        .queues
+        .iter()
+        .any(|q| q == JobKind::CodeExec.queue())
+    {
+        match switchyard_worker::code::build_sandboxes(&cfg.code).await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(error = %e, "no code sandboxes: this worker leaves the `code` queue alone");
+                Vec::new()
+            }
+        }
+    } else {
+        Vec::new()
+    };
     let client = redis_client(cfg)?;
     let conn = switchyard_queue::connect_retrying(&client)
         .await
@@ -120,8 +165,8 @@ pub async fn start_worker(cfg: &Config, stop: CancellationToken) -> anyhow::Resu
         queue,
         bus,
         client,
-        executors(cfg, Some(store), Some(conn)),
-        worker_options(cfg),
+        executors(cfg, Some(store), Some(conn), sandboxes.clone()),
+        worker_options(cfg, !sandboxes.is_empty()),
     );
     Ok(worker.start(stop))
 }

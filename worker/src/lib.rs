@@ -1,6 +1,7 @@
 //! The worker: fetches jobs from the Redis queues it serves, claims them in Postgres (attempt
 //! fencing), runs them through executors, streams their events and records the outcome.
 
+pub mod code;
 pub mod executor;
 pub mod llm;
 pub mod noop;

@@ -35,6 +35,9 @@ pub struct WorkerOptions {
     pub fetch_block: Duration,
     /// First retry delay; doubles per attempt (capped at 60 s), with jitter.
     pub retry_base: Duration,
+    /// Queues with their own number of slots (e.g. `code`, bounded by CPUs), apart from
+    /// `concurrency`, which the other queues share.
+    pub queue_concurrency: HashMap<String, usize>,
 }
 
 impl Default for WorkerOptions {
@@ -50,7 +53,15 @@ impl Default for WorkerOptions {
             shutdown_grace: Duration::from_secs(30),
             fetch_block: Duration::from_secs(1),
             retry_base: Duration::from_secs(1),
+            queue_concurrency: HashMap::new(),
         }
+    }
+}
+
+impl Shared {
+    /// The slots a queue's jobs take.
+    pub(crate) fn slots_for(&self, queue: &str) -> &Arc<Semaphore> {
+        self.queue_slots.get(queue).unwrap_or(&self.slots)
     }
 }
 
@@ -66,7 +77,9 @@ pub(crate) struct Shared {
     pub(crate) client: redis::Client,
     pub(crate) executors: ExecutorRegistry,
     pub(crate) opts: WorkerOptions,
+    /// Run slots: one shared semaphore, plus one per queue with its own concurrency.
     pub(crate) slots: Arc<Semaphore>,
+    pub(crate) queue_slots: HashMap<String, Arc<Semaphore>>,
     pub(crate) running: Mutex<HashMap<Uuid, Running>>,
     /// Cancel notices for jobs not (yet) running here: a run that registers right after its
     /// notice arrived still sees it.
@@ -138,6 +151,11 @@ impl Worker {
                 client,
                 executors,
                 slots: Arc::new(Semaphore::new(opts.concurrency)),
+                queue_slots: opts
+                    .queue_concurrency
+                    .iter()
+                    .map(|(q, n)| (q.clone(), Arc::new(Semaphore::new((*n).max(1)))))
+                    .collect(),
                 opts,
                 running: Mutex::new(HashMap::new()),
                 recent_cancels: Mutex::new(HashMap::new()),
@@ -232,13 +250,14 @@ async fn fetch_loop(s: Arc<Shared>, queue: String, stop: CancellationToken) {
                 }
             }
         }
+        let slots = s.slots_for(&queue);
         let first = tokio::select! {
             _ = stop.cancelled() => return,
-            p = s.slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
+            p = slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
         };
         let mut permits = vec![first];
         while permits.len() < 64 {
-            match s.slots.clone().try_acquire_owned() {
+            match slots.clone().try_acquire_owned() {
                 Ok(p) => permits.push(p),
                 Err(_) => break,
             }
@@ -279,15 +298,16 @@ async fn reclaim_loop(s: Arc<Shared>, stop: CancellationToken) {
             _ = tokio::time::sleep(every) => {}
         }
         for q in &s.opts.queues {
+            let slots = s.slots_for(q);
             let mut permits = Vec::new();
             while permits.len() < 32 {
-                match s.slots.clone().try_acquire_owned() {
+                match slots.clone().try_acquire_owned() {
                     Ok(p) => permits.push(p),
                     Err(_) => break,
                 }
             }
             if permits.is_empty() {
-                break;
+                continue;
             }
             let cursor = cursors.entry(q.clone()).or_insert_with(|| "0-0".into());
             match s

@@ -3,6 +3,7 @@
 
 mod cache;
 mod chat_completions;
+mod code;
 mod conversations;
 mod errors;
 mod jobs;

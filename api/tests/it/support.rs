@@ -34,6 +34,8 @@ pub struct Opts {
     pub redis_url: String,
     pub max_body_bytes: usize,
     pub enable_noop: bool,
+    /// Give the worker the wasm sandbox (`code.exec`).
+    pub code: bool,
 }
 
 impl Default for Opts {
@@ -45,6 +47,7 @@ impl Default for Opts {
             redis_url: redis_url(),
             max_body_bytes: 1024 * 1024,
             enable_noop: true,
+            code: false,
         }
     }
 }
@@ -193,6 +196,22 @@ impl TestApp {
             )),
         );
         reg.register(JobKind::SystemNoop, Arc::new(NoopExecutor));
+        if self.opts.code {
+            let mut code = self.cfg.code.clone();
+            code.work_dir = Some(std::env::temp_dir().join("switchyard-test-code"));
+            code.concurrency = Some(4);
+            let sandboxes = switchyard_worker::code::build_sandboxes(&code)
+                .await
+                .expect("wasm sandbox (run sandbox-images/wasm/fetch.sh)");
+            reg.register(
+                JobKind::CodeExec,
+                Arc::new(switchyard_worker::code::CodeExecExecutor::new(
+                    sandboxes,
+                    code,
+                    Some(self.store.clone()),
+                )),
+            );
+        }
         reg
     }
 

@@ -2,6 +2,7 @@
 //! its validation with field paths, limit capping, and the output clients get back.
 
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 
 use base64::Engine as _;
 use serde::{Deserialize, Serialize};
@@ -73,6 +74,7 @@ pub struct LimitsRequest {
 
 /// Limits of one run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct Limits {
     /// Wall-clock time of the program (start to exit).
     pub wall_ms: u64,
@@ -97,6 +99,24 @@ impl Default for Limits {
 }
 
 impl Limits {
+    /// The ceiling of any tenant's limits: 10 minutes wall, 5 minutes CPU, 4 GiB, 64 MiB.
+    pub const MAX: Limits = Limits {
+        wall_ms: 600_000,
+        cpu_ms: 300_000,
+        memory_mb: 4096,
+        output_bytes: 64 * 1024 * 1024,
+    };
+
+    /// Each limit the smaller of the two.
+    pub fn min(self, o: Limits) -> Limits {
+        Limits {
+            wall_ms: self.wall_ms.min(o.wall_ms),
+            cpu_ms: self.cpu_ms.min(o.cpu_ms),
+            memory_mb: self.memory_mb.min(o.memory_mb),
+            output_bytes: self.output_bytes.min(o.output_bytes),
+        }
+    }
+
     /// What a run gets: the request where given, else `defaults`, never above `max`.
     pub fn resolve(req: Option<LimitsRequest>, defaults: Limits, max: Limits) -> Limits {
         let r = req.unwrap_or_default();
@@ -295,6 +315,74 @@ pub fn check_relative_path(p: &str) -> Result<(), &'static str> {
         return Err("path parts must not be empty, `.` or `..`");
     }
     Ok(())
+}
+
+/// Worker settings of `code.exec` (`code.*` in the config file, `SWITCHYARD_CODE__*`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CodeConfig {
+    /// Where `sandbox-images/*` put the runtimes (`wasm/`, `gvisor/`); default
+    /// `$SWITCHYARD_SANDBOX_DIR` or `~/.cache/switchyard/sandbox`.
+    pub sandbox_dir: Option<PathBuf>,
+    /// The worker's private directory (compiled modules, scratch directories, gVisor state);
+    /// default `<tmp>/switchyard-code`.
+    pub work_dir: Option<PathBuf>,
+    /// Tiers this worker offers (a worker without any does not serve the `code` queue).
+    pub tiers: Vec<Tier>,
+    /// The tier a language runs in when the job does not say.
+    pub python_sandbox: Tier,
+    pub javascript_sandbox: Tier,
+    /// Code jobs run at once by one worker (default: the number of CPUs).
+    pub concurrency: Option<usize>,
+    /// Limits of a job that asks for none (each capped by the tenant's maximum).
+    pub default_limits: Limits,
+    /// Largest limits a job may ask for, unless its tenant has its own (`admin set-tenant`).
+    pub max_limits: Limits,
+    /// Longest compile of a user's WebAssembly module.
+    pub compile_timeout_ms: u64,
+}
+
+impl Default for CodeConfig {
+    fn default() -> Self {
+        CodeConfig {
+            sandbox_dir: None,
+            work_dir: None,
+            tiers: vec![Tier::Wasm],
+            python_sandbox: Tier::Wasm,
+            javascript_sandbox: Tier::Wasm,
+            concurrency: None,
+            default_limits: Limits::default(),
+            max_limits: Limits::default(),
+            compile_timeout_ms: 10_000,
+        }
+    }
+}
+
+impl CodeConfig {
+    pub fn sandbox_dir(&self) -> PathBuf {
+        self.sandbox_dir
+            .clone()
+            .or_else(|| std::env::var_os("SWITCHYARD_SANDBOX_DIR").map(PathBuf::from))
+            .unwrap_or_else(|| {
+                PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/tmp".into()))
+                    .join(".cache/switchyard/sandbox")
+            })
+    }
+
+    pub fn work_dir(&self) -> PathBuf {
+        self.work_dir
+            .clone()
+            .unwrap_or_else(|| std::env::temp_dir().join("switchyard-code"))
+    }
+
+    /// The tier a job runs in.
+    pub fn tier_for(&self, input: &CodeExecInput) -> Tier {
+        input.sandbox.unwrap_or(match input.language {
+            Language::Python => self.python_sandbox,
+            Language::Javascript => self.javascript_sandbox,
+            Language::Wasm => Tier::Wasm,
+        })
+    }
 }
 
 /// Why a run was stopped.

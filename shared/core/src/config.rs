@@ -42,6 +42,9 @@ pub struct Config {
     pub log_json: bool,
     pub worker: WorkerConfig,
     pub llm: LlmConfig,
+    /// `code.exec`: sandboxes, limits (`SWITCHYARD_CODE__...`).
+    #[serde(default)]
+    pub code: crate::code::CodeConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

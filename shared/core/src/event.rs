@@ -17,6 +17,9 @@ pub mod types {
     /// A completed tool call of an LLM reply:
     /// `{"index", "id", "type": "function", "function": {"name", "arguments"}}`.
     pub const OUTPUT_TOOL_CALL: &str = "output.tool_call";
+    /// Output of a `code.exec` program while it runs: `{"text": "..."}`.
+    pub const STDOUT: &str = "stdout";
+    pub const STDERR: &str = "stderr";
     pub const SUCCEEDED: &str = "succeeded";
     pub const FAILED: &str = "failed";
     pub const CANCELLED: &str = "cancelled";

@@ -180,6 +180,35 @@ impl Store {
         Ok(r.rows_affected() == 1)
     }
 
+    /// A tenant's own maximum `code.exec` limits (`None`: the worker's defaults apply).
+    pub async fn tenant_code_limits(
+        &self,
+        tenant: Uuid,
+    ) -> Result<Option<switchyard_core::code::LimitsRequest>> {
+        let v: Option<Option<serde_json::Value>> =
+            sqlx::query_scalar("SELECT code_limits FROM tenants WHERE id = $1")
+                .bind(tenant)
+                .fetch_optional(self.pool())
+                .await?;
+        Ok(v.flatten().and_then(|v| serde_json::from_value(v).ok()))
+    }
+
+    /// Sets a tenant's maximum `code.exec` limits (`None`: the defaults); false when there is
+    /// no such tenant.
+    pub async fn set_tenant_code_limits(
+        &self,
+        name: &str,
+        limits: Option<&switchyard_core::code::LimitsRequest>,
+    ) -> Result<bool> {
+        let v = limits.map(|l| serde_json::to_value(l).unwrap_or_default());
+        let r = sqlx::query("UPDATE tenants SET code_limits = $2 WHERE name = $1")
+            .bind(name)
+            .bind(v)
+            .execute(self.pool())
+            .await?;
+        Ok(r.rows_affected() == 1)
+    }
+
     /// Sets a tenant's default for the LLM response cache; false when there is no such tenant.
     pub async fn set_tenant_llm_cache(&self, name: &str, on: bool) -> Result<bool> {
         let r = sqlx::query("UPDATE tenants SET llm_cache = $2 WHERE name = $1")

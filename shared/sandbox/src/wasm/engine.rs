@@ -104,16 +104,14 @@ impl ModuleCache {
         let stem = format!("{key}-{}", self.engine_key);
         let cwasm = self.dir.join(format!("{stem}.cwasm"));
         let digest_file = self.dir.join(format!("{stem}.sha256"));
-        if let (Ok(bytes), Ok(expected)) = (std::fs::read(&cwasm), std::fs::read(&digest_file)) {
-            if hex::encode(Sha256::digest(&bytes)).as_bytes() == expected.as_slice() {
-                // SAFETY: the bytes are a serialized module this cache wrote (checked against
-                // the digest stored beside it in our own 0700 directory); wasmtime also checks
-                // that they were compiled by this version with these settings.
-                match unsafe { Module::deserialize(engine, &bytes) } {
-                    Ok(m) => return Ok(m),
-                    Err(e) => tracing::warn!(error = %e, "cached module rejected; recompiling"),
-                }
-            }
+        if let Some(m) = load_verified(engine, &cwasm, &digest_file) {
+            return Ok(m);
+        }
+        // one compiler per module across processes sharing the directory; the others wait
+        // and then load what it stored
+        let _lock = lock_file(&self.dir.join(format!("{stem}.lock")))?;
+        if let Some(m) = load_verified(engine, &cwasm, &digest_file) {
+            return Ok(m);
         }
         let compiled = engine
             .precompile_module(wasm)
@@ -142,4 +140,46 @@ impl ModuleCache {
         std::fs::rename(&tmp, path)?;
         Ok(())
     }
+}
+
+/// The module in `cwasm` if its digest matches the one this cache stored beside it.
+fn load_verified(engine: &Engine, cwasm: &Path, digest_file: &Path) -> Option<Module> {
+    let bytes = std::fs::read(cwasm).ok()?;
+    let expected = std::fs::read(digest_file).ok()?;
+    if hex::encode(Sha256::digest(&bytes)).as_bytes() != expected.as_slice() {
+        tracing::warn!(path = %cwasm.display(), "cached module does not match its digest; recompiling");
+        return None;
+    }
+    // SAFETY: the bytes are a serialized module this cache wrote (checked against the digest
+    // stored beside it in our own 0700 directory); wasmtime also checks that they were
+    // compiled by this version with these settings.
+    match unsafe { Module::deserialize(engine, &bytes) } {
+        Ok(m) => Some(m),
+        Err(e) => {
+            tracing::warn!(error = %e, "cached module rejected; recompiling");
+            None
+        }
+    }
+}
+
+/// An exclusive `flock` on `path`, released when the file is dropped.
+fn lock_file(path: &Path) -> anyhow::Result<std::fs::File> {
+    use std::os::fd::AsRawFd;
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    // SAFETY: flock on a descriptor we own; blocks until the other holder is done.
+    let rc = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) };
+    anyhow::ensure!(
+        rc == 0,
+        "locking {}: {}",
+        path.display(),
+        std::io::Error::last_os_error()
+    );
+    Ok(f)
 }

@@ -21,7 +21,7 @@ pub fn sandbox() -> Arc<WasmSandbox> {
     Arc::new(
         WasmSandbox::new(WasmConfig {
             runtimes_dir: runtimes,
-            cache_dir: tmp.join("switchyard-test-cwasm"),
+            cache_dir: tmp.join("switchyard-test-code/cwasm"),
             scratch_dir: tmp.join("switchyard-test-scratch"),
             slots: 4,
             max_memory_mb: 512,
