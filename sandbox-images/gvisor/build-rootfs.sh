@@ -158,7 +158,7 @@ else
 fi
 
 log "installing loaders into /opt/switchyard"
-mkdir -p "$TMP/opt/switchyard" "$TMP/tmp" "$TMP/proc" "$TMP/dev" "$TMP/sys"
+mkdir -p "$TMP/opt/switchyard" "$TMP/tmp" "$TMP/proc" "$TMP/dev" "$TMP/sys" "$TMP/work"
 install -m 0644 "$HERE/loader/loader.py" "$HERE/loader/loader.js" "$TMP/opt/switchyard/"
 chmod 1777 "$TMP/tmp"
 # the sandbox runs as uid 65534: everything copied from the host must be world-readable

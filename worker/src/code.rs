@@ -189,7 +189,16 @@ pub async fn build_sandboxes(cfg: &CodeConfig) -> anyhow::Result<Vec<Arc<dyn San
                 .await??;
                 out.push(Arc::new(sb));
             }
-            Tier::Gvisor => anyhow::bail!("the gvisor tier is not available in this build yet"),
+            Tier::Gvisor => {
+                let mut g = switchyard_sandbox::gvisor::GvisorConfig::new(
+                    &cfg.sandbox_dir(),
+                    &cfg.work_dir(),
+                );
+                g.pool_size = cfg.gvisor_pool;
+                g.pool_memory_mb = cfg.default_limits.memory_mb;
+                let sb = switchyard_sandbox::gvisor::GvisorSandbox::new(g).await?;
+                out.push(Arc::new(sb));
+            }
         }
     }
     Ok(out)

@@ -340,6 +340,8 @@ pub struct CodeConfig {
     pub max_limits: Limits,
     /// Longest compile of a user's WebAssembly module.
     pub compile_timeout_ms: u64,
+    /// gVisor sandboxes kept started per language (the warm pool).
+    pub gvisor_pool: usize,
 }
 
 impl Default for CodeConfig {
@@ -354,6 +356,7 @@ impl Default for CodeConfig {
             default_limits: Limits::default(),
             max_limits: Limits::default(),
             compile_timeout_ms: 10_000,
+            gvisor_pool: 2,
         }
     }
 }

@@ -6,6 +6,7 @@
 //! no environment, no network, no host files except a fresh scratch directory or read-only
 //! runtime files.
 
+pub mod gvisor;
 pub mod output;
 pub mod scratch;
 pub mod wasm;

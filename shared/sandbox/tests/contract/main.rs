@@ -2,6 +2,7 @@
 //! and the escape suite of hostile programs.
 
 mod escape;
+mod gvisor;
 mod suite;
 mod wasm;
 
