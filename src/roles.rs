@@ -8,7 +8,6 @@ use anyhow::Context;
 use switchyard_core::config::Config;
 use switchyard_core::job::JobKind;
 use switchyard_queue::{EventBus, Keys, Queue};
-use switchyard_sandbox::Sandbox;
 use switchyard_scheduler::{Scheduler, SchedulerOptions};
 use switchyard_store::Store;
 use switchyard_worker::code::CodeExecExecutor;
@@ -64,23 +63,16 @@ pub async fn run_api(
 
 /// The executors a worker offers, from the configuration.
 /// `redis` enables the LLM response cache.
-/// `sandboxes` (possibly none) serve `code.exec`.
+/// `code` (when the worker serves `code.exec`) is registered as is.
 pub fn executors(
     cfg: &Config,
     store: Option<Store>,
     redis: Option<redis::aio::ConnectionManager>,
-    sandboxes: Vec<Arc<dyn Sandbox>>,
+    code: Option<Arc<CodeExecExecutor>>,
 ) -> ExecutorRegistry {
     let mut reg = ExecutorRegistry::new();
-    if !sandboxes.is_empty() {
-        reg.register(
-            JobKind::CodeExec,
-            Arc::new(CodeExecExecutor::new(
-                sandboxes,
-                cfg.code.clone(),
-                store.clone(),
-            )),
-        );
+    if let Some(code) = code {
+        reg.register(JobKind::CodeExec, code);
     }
     reg.register(
         JobKind::LlmChat,
@@ -137,21 +129,35 @@ pub async fn start_worker(cfg: &Config, stop: CancellationToken) -> anyhow::Resu
         (cfg.worker.concurrency as u32 / 2).clamp(2, cfg.database_max_connections.max(2)),
     )?;
     wait_for_postgres(&store, "the worker").await?;
-    let sandboxes = if cfg
+    let code = if cfg
         .worker
         .queues
         .iter()
         .any(|q| q == JobKind::CodeExec.queue())
     {
-        match switchyard_worker::code::build_sandboxes(&cfg.code).await {
-            Ok(s) => s,
+        match switchyard_worker::code::check_tiers(&cfg.code) {
+            Ok(()) => {
+                let exec = Arc::new(CodeExecExecutor::lazy(
+                    cfg.code.clone(),
+                    Some(store.clone()),
+                ));
+                // build the sandboxes now, while the worker already serves its queues
+                let (warm, stop) = (exec.clone(), stop.clone());
+                tokio::spawn(async move {
+                    tokio::select! {
+                        _ = warm.warm_up() => {}
+                        _ = stop.cancelled() => {}
+                    }
+                });
+                Some(exec)
+            }
             Err(e) => {
                 tracing::error!(error = %e, "no code sandboxes: this worker leaves the `code` queue alone");
-                Vec::new()
+                None
             }
         }
     } else {
-        Vec::new()
+        None
     };
     let client = redis_client(cfg)?;
     let conn = switchyard_queue::connect_retrying(&client)
@@ -165,8 +171,8 @@ pub async fn start_worker(cfg: &Config, stop: CancellationToken) -> anyhow::Resu
         queue,
         bus,
         client,
-        executors(cfg, Some(store), Some(conn), sandboxes.clone()),
-        worker_options(cfg, !sandboxes.is_empty()),
+        executors(cfg, Some(store), Some(conn), code.clone()),
+        worker_options(cfg, code.is_some()),
     );
     Ok(worker.start(stop))
 }

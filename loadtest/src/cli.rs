@@ -59,6 +59,16 @@ pub struct Args {
     #[arg(long)]
     pub chat_completions: bool,
 
+    /// Instead of the queue load: run `code.exec` jobs in `LANGUAGE` (python, javascript),
+    /// `--concurrency` closed loops of submit → WebSocket → end, and report submit → first
+    /// output and submit → completed, and executions per second.
+    #[arg(long, value_name = "LANGUAGE")]
+    pub code: Option<String>,
+
+    /// Sandbox tier of `--code` jobs (wasm, gvisor); default: the worker's choice.
+    #[arg(long)]
+    pub sandbox: Option<String>,
+
     /// Length of a `--chat-completions` run.
     #[arg(long, default_value_t = 30)]
     pub duration_s: u64,

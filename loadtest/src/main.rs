@@ -3,6 +3,7 @@
 
 mod chat;
 mod cli;
+mod code;
 mod stats;
 mod submit;
 mod ws;
@@ -29,6 +30,15 @@ const TICK: Duration = Duration::from_millis(200);
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let args = Args::parse();
+    if let Some(lang) = args.code.clone() {
+        match code::run(&args, &lang).await {
+            Ok(ok) => std::process::exit(if ok { 0 } else { 1 }),
+            Err(e) => {
+                eprintln!("switchyard-loadtest: error: {e:#}");
+                std::process::exit(2);
+            }
+        }
+    }
     if args.chat_completions {
         match chat::run(&args).await {
             Ok(ok) => std::process::exit(if ok { 0 } else { 1 }),

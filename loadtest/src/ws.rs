@@ -21,7 +21,7 @@ use uuid::Uuid;
 use crate::stats::{new_histogram, record_us, Shared, Terminal};
 use crate::submit::{poll_until_terminal, truncate, Api};
 
-type WsStream = WebSocketStream<MaybeTlsStream<TcpStream>>;
+pub type WsStream = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
 /// How many WS errors / disconnects to print before going quiet.
 const MAX_LOGGED: u64 = 5;

@@ -237,6 +237,11 @@ async fn dev_starts_private_services_and_runs_jobs() {
         .env("REDIS_URL", format!("redis://127.0.0.1:{redis_port}"))
         .env("SWITCHYARD_DEV_API_KEY", key)
         .env("SWITCHYARD_LOG", "warn")
+        // share the compiled interpreters with the other tests
+        .env(
+            "SWITCHYARD_CODE__WORK_DIR",
+            std::env::temp_dir().join("switchyard-test-code"),
+        )
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
@@ -260,40 +265,14 @@ async fn dev_starts_private_services_and_runs_jobs() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let body = json!({"kind": "llm.chat", "input": {"model": "mock-echo", "messages": [{"role": "user", "content": "hello dev"}]}});
-    let r = http
-        .post(format!("{api}/v1/jobs"))
-        .bearer_auth(key)
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 202);
-    let id = r.json::<Value>().await.unwrap()["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    let deadline = tokio::time::Instant::now() + T;
-    loop {
-        let j: Value = http
-            .get(format!("{api}/v1/jobs/{id}"))
-            .bearer_auth(key)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        if j["status"] == "succeeded" {
-            assert_eq!(j["output"]["text"], "Mock reply: hello dev");
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "job never finished: {j}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let chat = json!({"kind": "llm.chat", "input": {"model": "mock-echo", "messages": [{"role": "user", "content": "hello dev"}]}});
+    let j = run_to_end(&http, &api, key, &chat).await;
+    assert_eq!(j["output"]["text"], "Mock reply: hello dev");
+    // code.exec in the wasm sandbox (built in the background when dev starts)
+    let code = json!({"kind": "code.exec", "input": {"language": "javascript", "code": "console.log(6 * 7)"}});
+    let j = run_to_end(&http, &api, key, &code).await;
+    assert_eq!(j["output"]["stdout"], "42\n", "{j}");
+    assert_eq!(j["output"]["sandbox"], "wasm");
     unsafe {
         libc::kill(child.id() as i32, libc::SIGTERM);
     }
@@ -420,4 +399,40 @@ async fn conversations_survive_sigkill_of_every_process_and_a_redis_wipe() {
         msgs[3]
     );
     assert_eq!(msgs[5]["content"], "Mock reply: third question");
+}
+
+/// Submits `body` and polls the job until it succeeds.
+async fn run_to_end(http: &reqwest::Client, api: &str, key: &str, body: &Value) -> Value {
+    let r = http
+        .post(format!("{api}/v1/jobs"))
+        .bearer_auth(key)
+        .json(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    let id = r.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        let j: Value = http
+            .get(format!("{api}/v1/jobs/{id}"))
+            .bearer_auth(key)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if j["status"] == "succeeded" {
+            return j;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline && j["status"] != "failed",
+            "job never succeeded: {j}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }

@@ -22,8 +22,12 @@ use crate::executor::{ExecError, Executor, JobContext};
 /// How long a tenant's limits are cached by a worker.
 const TENANT_LIMITS_TTL: Duration = Duration::from_secs(30);
 
+type Tiers = Result<HashMap<Tier, Arc<dyn Sandbox>>, String>;
+
 pub struct CodeExecExecutor {
-    sandboxes: HashMap<Tier, Arc<dyn Sandbox>>,
+    /// Built on first use (or by [`CodeExecExecutor::warm_up`]): compiling the interpreters
+    /// takes seconds on a fresh host, and the worker serves its other queues meanwhile.
+    sandboxes: tokio::sync::OnceCell<Tiers>,
     cfg: CodeConfig,
     store: Option<Store>,
     tenant_max: Mutex<HashMap<Uuid, (Instant, Limits)>>,
@@ -32,12 +36,50 @@ pub struct CodeExecExecutor {
 impl CodeExecExecutor {
     /// `store` gives per-tenant maximum limits (without one, `cfg.max_limits` applies).
     pub fn new(sandboxes: Vec<Arc<dyn Sandbox>>, cfg: CodeConfig, store: Option<Store>) -> Self {
+        let tiers = sandboxes.into_iter().map(|s| (s.tier(), s)).collect();
         CodeExecExecutor {
-            sandboxes: sandboxes.into_iter().map(|s| (s.tier(), s)).collect(),
+            sandboxes: tokio::sync::OnceCell::new_with(Some(Ok(tiers))),
             cfg,
             store,
             tenant_max: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// An executor that builds the tiers `cfg.tiers` names when first needed.
+    pub fn lazy(cfg: CodeConfig, store: Option<Store>) -> Self {
+        CodeExecExecutor {
+            sandboxes: tokio::sync::OnceCell::new(),
+            cfg,
+            store,
+            tenant_max: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Builds the sandboxes now (call at start so the first job does not wait).
+    pub async fn warm_up(&self) {
+        let _ = self.tiers().await;
+    }
+
+    async fn tiers(&self) -> &Tiers {
+        self.sandboxes
+            .get_or_init(|| async {
+                let started = Instant::now();
+                match build_sandboxes(&self.cfg).await {
+                    Ok(v) => {
+                        tracing::info!(
+                            ms = started.elapsed().as_millis() as u64,
+                            tiers = ?v.iter().map(|s| s.tier()).collect::<Vec<_>>(),
+                            "code sandboxes ready"
+                        );
+                        Ok(v.into_iter().map(|s| (s.tier(), s)).collect())
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "code sandboxes unavailable");
+                        Err(format!("{e:#}"))
+                    }
+                }
+            })
+            .await
     }
 
     /// The largest limits `tenant` may ask for.
@@ -76,7 +118,13 @@ impl Executor for CodeExecExecutor {
         let input: CodeExecInput = parse_at("input", &ctx.input).map_err(invalid)?;
         input.validate().map_err(invalid)?;
         let tier = self.cfg.tier_for(&input);
-        let sandbox = self.sandboxes.get(&tier).ok_or_else(|| {
+        let tiers = self.tiers().await.as_ref().map_err(|e| {
+            ExecError::fatal(
+                "sandbox_unavailable",
+                format!("this worker's sandboxes failed to start: {e}"),
+            )
+        })?;
+        let sandbox = tiers.get(&tier).ok_or_else(|| {
             ExecError::fatal(
                 "sandbox_unavailable",
                 format!("this worker has no {} sandbox", tier.as_str()),
@@ -202,6 +250,23 @@ pub async fn build_sandboxes(cfg: &CodeConfig) -> anyhow::Result<Vec<Arc<dyn San
         }
     }
     Ok(out)
+}
+
+/// Whether the tiers `cfg.tiers` names can work here, checked without building them: a
+/// worker that fails this leaves the `code` queue alone.
+pub fn check_tiers(cfg: &CodeConfig) -> anyhow::Result<()> {
+    anyhow::ensure!(!cfg.tiers.is_empty(), "code.tiers is empty");
+    for tier in &cfg.tiers {
+        if *tier == Tier::Gvisor {
+            let rootfs = cfg.sandbox_dir().join("gvisor/rootfs");
+            anyhow::ensure!(
+                rootfs.join("opt/switchyard").is_dir(),
+                "no gVisor rootfs at {}: run sandbox-images/gvisor/build-rootfs.sh",
+                rootfs.display()
+            );
+        }
+    }
+    Ok(())
 }
 
 /// Code jobs at once when `code.concurrency` is not set: one per CPU.

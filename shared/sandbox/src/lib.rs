@@ -52,6 +52,17 @@ pub struct RunOutcome {
     pub duration: Duration,
 }
 
+impl RunOutcome {
+    /// Cancelled before the program started.
+    pub fn cancelled() -> RunOutcome {
+        RunOutcome {
+            exit_code: None,
+            killed_by: None,
+            duration: Duration::ZERO,
+        }
+    }
+}
+
 /// Why a run did not happen.
 #[derive(Debug, thiserror::Error)]
 pub enum SandboxError {

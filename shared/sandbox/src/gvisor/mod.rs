@@ -342,10 +342,13 @@ impl Sandbox for GvisorSandbox {
             .map_err(|e| SandboxError::Internal(e.into()))?;
 
         let limits = req.limits;
-        let (mut b, _pooled) = self
-            .take(req.language, limits.memory_mb)
-            .await
-            .map_err(SandboxError::Internal)?;
+        // a cancellation while the sandbox starts ends the run at once (a half-started
+        // sandbox is cleaned up when its start is dropped)
+        let taken = tokio::select! {
+            r = self.take(req.language, limits.memory_mb) => r,
+            _ = cancel.cancelled() => return Ok(RunOutcome::cancelled()),
+        };
+        let (mut b, _pooled) = taken.map_err(SandboxError::Internal)?;
         let cpu_base = b.cgroups.cpu_ns().unwrap_or(0);
         let started = Instant::now();
         let deadline = tokio::time::Instant::now() + Duration::from_millis(limits.wall_ms);
@@ -384,7 +387,8 @@ impl Sandbox for GvisorSandbox {
         };
         let duration = started.elapsed();
         let oom = b.cgroups.oom_killed();
-        b.destroy().await;
+        // kill (if still running) and clean up without making the job wait for the teardown
+        self.tasks.spawn(async move { b.destroy().await });
         capture.wake();
         let outcome = match ended {
             Ok(Ok(status)) if oom => {

@@ -233,7 +233,10 @@ impl Sandbox for WasmSandbox {
         let mut files = req.files.clone();
         let (pre, argv) = match (&req.source, req.language) {
             (Source::Module(bytes), Language::Wasm) => {
-                let pre = self.user_module(bytes.clone()).await?;
+                let pre = tokio::select! {
+                    r = self.user_module(bytes.clone()) => r?,
+                    _ = cancel.cancelled() => return Ok(RunOutcome::cancelled()),
+                };
                 let mut argv = vec!["main.wasm".to_string()];
                 argv.extend(req.args.iter().cloned());
                 (pre, argv)
@@ -265,12 +268,12 @@ impl Sandbox for WasmSandbox {
                 )))
             }
         };
-        let _slot = self
-            .slots
-            .clone()
-            .acquire_owned()
-            .await
-            .map_err(|_| SandboxError::Internal(anyhow!("sandbox closed")))?;
+        let _slot = tokio::select! {
+            s = self.slots.clone().acquire_owned() => {
+                s.map_err(|_| SandboxError::Internal(anyhow!("sandbox closed")))?
+            }
+            _ = cancel.cancelled() => return Ok(RunOutcome::cancelled()),
+        };
         let scratch_base = self.cfg.scratch_dir.clone();
         let stdin = req.stdin.clone();
         let limits = req.limits;

@@ -199,11 +199,14 @@ pub async fn memory_limit(sb: &dyn Sandbox) {
         ),
         (
             Language::Javascript,
-            "const a = []; for (;;) a.push(new Uint8Array(1 << 20));",
+            "const a = []; for (;;) a.push(new Uint8Array(1 << 20).fill(7));",
         ),
     ] {
         let mut req = request(lang, code);
         req.limits.memory_mb = 64;
+        // only the memory limit may end it, however slow the machine
+        req.limits.wall_ms = 60_000;
+        req.limits.cpu_ms = 60_000;
         let r = run(sb, req).await;
         assert_eq!(
             r.outcome.killed_by,
