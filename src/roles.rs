@@ -11,6 +11,7 @@ use switchyard_queue::{EventBus, Keys, Queue};
 use switchyard_scheduler::{Scheduler, SchedulerOptions};
 use switchyard_store::Store;
 use switchyard_worker::code::CodeExecExecutor;
+use switchyard_worker::code_metrics::CodeMetrics;
 use switchyard_worker::executor::ExecutorRegistry;
 use switchyard_worker::llm::cache::ResponseCache;
 use switchyard_worker::llm::{LlmChatExecutor, Providers};
@@ -129,6 +130,10 @@ pub async fn start_worker(cfg: &Config, stop: CancellationToken) -> anyhow::Resu
         (cfg.worker.concurrency as u32 / 2).clamp(2, cfg.database_max_connections.max(2)),
     )?;
     wait_for_postgres(&store, "the worker").await?;
+    let client = redis_client(cfg)?;
+    let conn = switchyard_queue::connect_retrying(&client)
+        .await
+        .map_err(|e| anyhow::anyhow!("redis unreachable: {e}"))?;
     let code = if cfg
         .worker
         .queues
@@ -137,10 +142,10 @@ pub async fn start_worker(cfg: &Config, stop: CancellationToken) -> anyhow::Resu
     {
         match switchyard_worker::code::check_tiers(&cfg.code) {
             Ok(()) => {
-                let exec = Arc::new(CodeExecExecutor::lazy(
-                    cfg.code.clone(),
-                    Some(store.clone()),
-                ));
+                let exec = Arc::new(
+                    CodeExecExecutor::lazy(cfg.code.clone(), Some(store.clone()))
+                        .with_metrics(CodeMetrics::new(conn.clone(), Keys::new(&cfg.redis_prefix))),
+                );
                 // build the sandboxes now, while the worker already serves its queues
                 let (warm, stop) = (exec.clone(), stop.clone());
                 tokio::spawn(async move {
@@ -159,10 +164,6 @@ pub async fn start_worker(cfg: &Config, stop: CancellationToken) -> anyhow::Resu
     } else {
         None
     };
-    let client = redis_client(cfg)?;
-    let conn = switchyard_queue::connect_retrying(&client)
-        .await
-        .map_err(|e| anyhow::anyhow!("redis unreachable: {e}"))?;
     let keys = Keys::new(&cfg.redis_prefix);
     let queue = Queue::new(keys.clone(), conn.clone());
     let bus = EventBus::new(keys, conn.clone(), Duration::from_secs(cfg.event_ttl_s));

@@ -26,7 +26,14 @@ pub struct Metrics {
     queue_delayed: Family<Labels, Gauge>,
     oldest_queued: Family<Labels, Gauge<f64, AtomicU64>>,
     llm_cache: Family<Labels, Gauge>,
+    code_runs: Family<Labels, Gauge>,
+    code_run_seconds: Family<Labels, Gauge<f64, AtomicU64>>,
+    code_start_seconds: Family<Labels, Gauge<f64, AtomicU64>>,
+    code_pool: Family<Labels, Gauge>,
 }
+
+/// A worker's warm-pool report older than this is ignored (the worker is gone).
+const POOL_REPORT_TTL_S: i64 = 120;
 
 fn latency_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.0001, 2.0, 18))
@@ -51,6 +58,30 @@ impl Metrics {
         let queue_delayed = Family::<Labels, Gauge>::default();
         let oldest_queued = Family::<Labels, Gauge<f64, AtomicU64>>::default();
         let llm_cache = Family::<Labels, Gauge>::default();
+        let code_runs = Family::<Labels, Gauge>::default();
+        let code_run_seconds = Family::<Labels, Gauge<f64, AtomicU64>>::default();
+        let code_start_seconds = Family::<Labels, Gauge<f64, AtomicU64>>::default();
+        let code_pool = Family::<Labels, Gauge>::default();
+        registry.register(
+            "code_runs",
+            "code.exec runs since Redis started, by tier, language and outcome (ok, exit_nonzero, timeout, cpu, memory, output, cancelled, error)",
+            code_runs.clone(),
+        );
+        registry.register(
+            "code_run_seconds_sum",
+            "Total run time of code.exec programs by tier and language (divide by code_runs for the mean)",
+            code_run_seconds.clone(),
+        );
+        registry.register(
+            "code_start_seconds_sum",
+            "Total time from taking a code.exec job to its program's start (pool hit, cold start, compile) by tier and language",
+            code_start_seconds.clone(),
+        );
+        registry.register(
+            "code_pool_ready",
+            "Started gVisor sandboxes waiting for a job, by language, summed over the workers",
+            code_pool.clone(),
+        );
         registry.register(
             "submit_latency_seconds",
             "Time to accept a job (validation + durable commit), by kind",
@@ -97,6 +128,10 @@ impl Metrics {
             queue_delayed,
             oldest_queued,
             llm_cache,
+            code_runs,
+            code_run_seconds,
+            code_start_seconds,
+            code_pool,
         }
     }
 
@@ -146,10 +181,63 @@ impl Metrics {
                     .set(n);
             }
         }
+        if let Ok((stats, pools)) = state.queue.code_stats().await {
+            self.record_code(stats, pools);
+        }
         let mut out = String::new();
         if let Ok(reg) = self.registry.lock() {
             let _ = encode(&mut out, &reg);
         }
         out
+    }
+
+    fn record_code(&self, stats: Vec<(String, i64)>, pools: Vec<(String, String)>) {
+        let label = |tier: &str, lang: &str| -> Labels {
+            vec![
+                ("tier".to_string(), tier.to_string()),
+                ("language".to_string(), lang.to_string()),
+            ]
+        };
+        for (field, n) in stats {
+            let parts: Vec<&str> = field.split('|').collect();
+            match parts.as_slice() {
+                ["runs", tier, lang, outcome] => {
+                    let mut l = label(tier, lang);
+                    l.push(("outcome".to_string(), outcome.to_string()));
+                    self.code_runs.get_or_create(&l).set(n);
+                }
+                ["run_ms", tier, lang] => {
+                    self.code_run_seconds
+                        .get_or_create(&label(tier, lang))
+                        .set(n as f64 / 1000.0);
+                }
+                ["start_ms", tier, lang] => {
+                    self.code_start_seconds
+                        .get_or_create(&label(tier, lang))
+                        .set(n as f64 / 1000.0);
+                }
+                _ => {}
+            }
+        }
+        let now = Utc::now().timestamp();
+        let mut per_lang: std::collections::BTreeMap<String, i64> = Default::default();
+        for (field, value) in pools {
+            let (Some((_, lang)), Some((n, at))) = (field.rsplit_once('|'), value.split_once('|'))
+            else {
+                continue;
+            };
+            let (Ok(n), Ok(at)) = (n.parse::<i64>(), at.parse::<i64>()) else {
+                continue;
+            };
+            let sum = per_lang.entry(lang.to_string()).or_default();
+            if now - at <= POOL_REPORT_TTL_S {
+                *sum += n;
+            }
+        }
+        for (lang, n) in per_lang {
+            self.code_pool
+                .get_or_create(&vec![("language".to_string(), lang)])
+                .set(n);
+        }
     }
 }

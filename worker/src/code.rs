@@ -17,6 +17,7 @@ use switchyard_store::Store;
 use tokio::sync::Mutex;
 use uuid::Uuid;
 
+use crate::code_metrics::{outcome_label, CodeMetrics};
 use crate::executor::{ExecError, Executor, JobContext};
 
 /// How long a tenant's limits are cached by a worker.
@@ -31,6 +32,7 @@ pub struct CodeExecExecutor {
     cfg: CodeConfig,
     store: Option<Store>,
     tenant_max: Mutex<HashMap<Uuid, (Instant, Limits)>>,
+    metrics: Option<CodeMetrics>,
 }
 
 impl CodeExecExecutor {
@@ -42,6 +44,7 @@ impl CodeExecExecutor {
             cfg,
             store,
             tenant_max: Mutex::new(HashMap::new()),
+            metrics: None,
         }
     }
 
@@ -52,7 +55,14 @@ impl CodeExecExecutor {
             cfg,
             store,
             tenant_max: Mutex::new(HashMap::new()),
+            metrics: None,
         }
+    }
+
+    /// Counts runs in Redis for `/metrics`.
+    pub fn with_metrics(mut self, metrics: CodeMetrics) -> Self {
+        self.metrics = Some(metrics);
+        self
     }
 
     /// Builds the sandboxes now (call at start so the first job does not wait).
@@ -169,6 +179,17 @@ impl Executor for CodeExecExecutor {
             }
         };
         fwd.forward(ctx, &capture, true).await;
+        if let (Some(m), Err(_)) = (&self.metrics, &outcome) {
+            m.record(
+                tier,
+                input.language,
+                "error",
+                0,
+                0,
+                &sandbox.pool_sizes().await,
+            )
+            .await;
+        }
         let outcome = outcome.map_err(|e| match e {
             SandboxError::Unsupported(m) => ExecError::fatal("sandbox_unavailable", m),
             SandboxError::InvalidModule(m) => ExecError::fatal("invalid_module", m),
@@ -188,6 +209,17 @@ impl Executor for CodeExecExecutor {
             sandbox: tier,
             limits,
         };
+        if let Some(m) = &self.metrics {
+            m.record(
+                tier,
+                input.language,
+                outcome_label(&out),
+                out.duration_ms,
+                outcome.start.as_millis() as u64,
+                &sandbox.pool_sizes().await,
+            )
+            .await;
+        }
         serde_json::to_value(out).map_err(|e| ExecError::fatal("internal", e.to_string()))
     }
 }

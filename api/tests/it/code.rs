@@ -62,6 +62,23 @@ async fn python_runs_and_streams_its_output(pool: PgPool) {
     assert_eq!(out["killed_by"], Value::Null);
     assert_eq!(out["truncated"], json!({"stdout": false, "stderr": false}));
     assert_eq!(out["limits"]["wall_ms"], 5000);
+    // counted for /metrics (cluster-wide, through Redis)
+    let metrics = app
+        .http
+        .get(app.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains(
+            r#"switchyard_code_runs{tier="wasm",language="python",outcome="exit_nonzero"} 1"#
+        ),
+        "{metrics}"
+    );
+    assert!(metrics.contains(r#"switchyard_code_run_seconds_sum{tier="wasm",language="python"}"#));
     app.stop().await;
 }
 

@@ -205,11 +205,19 @@ impl TestApp {
                 .expect("wasm sandbox (run sandbox-images/wasm/fetch.sh)");
             reg.register(
                 JobKind::CodeExec,
-                Arc::new(switchyard_worker::code::CodeExecExecutor::new(
-                    sandboxes,
-                    code,
-                    Some(self.store.clone()),
-                )),
+                Arc::new(
+                    switchyard_worker::code::CodeExecExecutor::new(
+                        sandboxes,
+                        code,
+                        Some(self.store.clone()),
+                    )
+                    .with_metrics(
+                        switchyard_worker::code_metrics::CodeMetrics::new(
+                            self.redis().await,
+                            self.keys(),
+                        ),
+                    ),
+                ),
             );
         }
         reg

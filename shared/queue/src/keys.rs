@@ -74,6 +74,17 @@ impl Keys {
         format!("{{{}:cache:{tenant}}}:{hash}:lock", self.prefix)
     }
 
+    /// `code.exec` counters written by workers (`runs|<tier>|<language>|<outcome>`,
+    /// `run_ms|<tier>|<language>`, `start_ms|<tier>|<language>`), read by `/metrics`.
+    pub fn code_stats(&self) -> String {
+        format!("{{{}:meta}}:code", self.prefix)
+    }
+
+    /// Warm gVisor sandboxes per worker: field `<worker>|<language>`, value `<n>|<unix s>`.
+    pub fn code_pool(&self) -> String {
+        format!("{{{}:meta}}:code_pool", self.prefix)
+    }
+
     /// Cache counters (`hits`, `misses`, `shared`), read by every API's `/metrics`.
     pub fn llm_cache_stats(&self) -> String {
         format!("{{{}:meta}}:llm_cache", self.prefix)

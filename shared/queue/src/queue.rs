@@ -271,6 +271,18 @@ impl Queue {
             .await
     }
 
+    /// `code.exec` counters and the warm-pool reports of the workers.
+    pub async fn code_stats(&self) -> RedisResult<(Vec<(String, i64)>, Vec<(String, String)>)> {
+        let mut c = self.conn.clone();
+        redis::pipe()
+            .cmd("HGETALL")
+            .arg(self.keys.code_stats())
+            .cmd("HGETALL")
+            .arg(self.keys.code_pool())
+            .query_async(&mut c)
+            .await
+    }
+
     /// The current epoch, or `None` if Redis lost it (fresh or flushed Redis).
     pub async fn epoch(&self) -> RedisResult<Option<i64>> {
         let mut c = self.conn.clone();

@@ -50,6 +50,8 @@ pub struct RunOutcome {
     pub killed_by: Option<KilledBy>,
     /// From the program's start to its end.
     pub duration: Duration,
+    /// From the request to the program's start (a pool hit, a cold start, a compile).
+    pub start: Duration,
 }
 
 impl RunOutcome {
@@ -59,6 +61,7 @@ impl RunOutcome {
             exit_code: None,
             killed_by: None,
             duration: Duration::ZERO,
+            start: Duration::ZERO,
         }
     }
 }
@@ -84,6 +87,11 @@ pub trait Sandbox: Send + Sync {
 
     /// Whether this sandbox can run `language` here.
     fn supports(&self, language: Language) -> bool;
+
+    /// Started sandboxes waiting per language (tiers without a pool: none).
+    async fn pool_sizes(&self) -> Vec<(Language, usize)> {
+        Vec::new()
+    }
 
     /// Runs one program to its end (or until a limit or `cancel` stops it; cancellation stops
     /// it within a second). Output goes to `capture`, whose budget is the output limit.

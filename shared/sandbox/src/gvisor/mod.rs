@@ -296,6 +296,14 @@ impl Sandbox for GvisorSandbox {
         self.languages.contains(&language)
     }
 
+    async fn pool_sizes(&self) -> Vec<(Language, usize)> {
+        let mut out = Vec::new();
+        for &l in &self.languages {
+            out.push((l, self.pool_len(l).await));
+        }
+        out
+    }
+
     async fn run(
         &self,
         req: RunRequest,
@@ -342,6 +350,7 @@ impl Sandbox for GvisorSandbox {
             .map_err(|e| SandboxError::Internal(e.into()))?;
 
         let limits = req.limits;
+        let entered = Instant::now();
         // a cancellation while the sandbox starts ends the run at once (a half-started
         // sandbox is cleaned up when its start is dropped)
         let taken = tokio::select! {
@@ -351,6 +360,7 @@ impl Sandbox for GvisorSandbox {
         let (mut b, _pooled) = taken.map_err(SandboxError::Internal)?;
         let cpu_base = b.cgroups.cpu_ns().unwrap_or(0);
         let started = Instant::now();
+        let start = started - entered;
         let deadline = tokio::time::Instant::now() + Duration::from_millis(limits.wall_ms);
         let (Some(mut stdin), Some(stdout), Some(stderr)) =
             (b.stdin.take(), b.stdout.take(), b.stderr.take())
@@ -397,6 +407,7 @@ impl Sandbox for GvisorSandbox {
                     exit_code: None,
                     killed_by: Some(KilledBy::Memory),
                     duration,
+                    start,
                 }
             }
             Ok(Ok(status)) => RunOutcome {
@@ -406,17 +417,20 @@ impl Sandbox for GvisorSandbox {
                 })),
                 killed_by: None,
                 duration,
+                start,
             },
             Ok(Err(e)) => return Err(SandboxError::Internal(anyhow!("waiting for runsc: {e}"))),
             Err(Stop::Limit(by)) => RunOutcome {
                 exit_code: None,
                 killed_by: Some(if oom { KilledBy::Memory } else { by }),
                 duration,
+                start,
             },
             Err(Stop::Cancelled) => RunOutcome {
                 exit_code: None,
                 killed_by: None,
                 duration,
+                start,
             },
         };
         Ok(outcome)

@@ -230,6 +230,7 @@ impl Sandbox for WasmSandbox {
         capture: Arc<Capture>,
         cancel: CancellationToken,
     ) -> Result<RunOutcome, SandboxError> {
+        let entered = Instant::now();
         let mut files = req.files.clone();
         let (pre, argv) = match (&req.source, req.language) {
             (Source::Module(bytes), Language::Wasm) => {
@@ -323,6 +324,7 @@ impl Sandbox for WasmSandbox {
             exit_code,
             killed_by,
             duration: ended.duration,
+            start: ended.started_at.saturating_duration_since(entered),
         })
     }
 }
@@ -345,6 +347,7 @@ enum Stop {
 }
 
 struct Ended {
+    started_at: Instant,
     end: End,
     stop: Option<Stop>,
     memory_hit: bool,
@@ -431,6 +434,7 @@ async fn run_guest(
         stop = Some(Stop::Cpu);
     }
     Ok(Ended {
+        started_at: started,
         end,
         stop,
         memory_hit: store.data().limits.memory_hit,
