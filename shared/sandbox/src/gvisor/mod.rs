@@ -48,6 +48,9 @@ pub struct GvisorConfig {
     pub pool_memory_mb: u64,
     /// `pids.max` of a sandbox (gVisor's own threads count: keep it generous).
     pub pids: u32,
+    /// Processes the program may have (`RLIMIT_NPROC`, enforced inside gVisor): what stops
+    /// a fork bomb.
+    pub nproc: u32,
     /// CPU quota per 100 ms period (100000 = one core).
     pub cpu_quota_us: u64,
     /// Size of the `/work` tmpfs (counts against the memory limit when used).
@@ -67,6 +70,7 @@ impl GvisorConfig {
             pool_size: 2,
             pool_memory_mb: 128,
             pids: 512,
+            nproc: 64,
             cpu_quota_us: 100_000,
             work_mb: 64,
             start_timeout: Duration::from_secs(10),

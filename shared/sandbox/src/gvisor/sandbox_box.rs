@@ -105,7 +105,9 @@ fn spec(cfg: &GvisorConfig, id: &str, language: Language) -> anyhow::Result<serd
             "capabilities": {"bounding": [], "effective": [], "inheritable": [], "permitted": [], "ambient": []},
             "rlimits": [
                 {"type": "RLIMIT_NOFILE", "hard": 256, "soft": 256},
-                {"type": "RLIMIT_CORE", "hard": 0, "soft": 0}
+                {"type": "RLIMIT_CORE", "hard": 0, "soft": 0},
+                // guest processes (gVisor enforces it; pids.max also counts gVisor's threads)
+                {"type": "RLIMIT_NPROC", "hard": cfg.nproc, "soft": cfg.nproc}
             ],
             "noNewPrivileges": true
         },
