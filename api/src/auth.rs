@@ -31,7 +31,8 @@ impl AuthCache {
         let digest = switchyard_core::apikey::digest(presented);
         if let Ok(map) = self.map.lock() {
             if let Some((p, at)) = map.get(&digest) {
-                if at.elapsed() < AUTH_CACHE_TTL {
+                let expired = p.expires_at.is_some_and(|e| e <= chrono::Utc::now());
+                if at.elapsed() < AUTH_CACHE_TTL && !expired {
                     return Ok(p.clone());
                 }
             }
@@ -98,6 +99,28 @@ fn percent_decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// The credential a request presents: `Authorization: Bearer ...`, else `?token=`.
+pub fn presented_credential(
+    headers: &axum::http::HeaderMap,
+    query: Option<&str>,
+) -> Option<String> {
+    let header = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim);
+    let presented = match header {
+        Some(h) => {
+            let (scheme, rest) = h.split_once(' ').unwrap_or((h, ""));
+            if !scheme.eq_ignore_ascii_case("bearer") {
+                return None;
+            }
+            rest.trim().to_string()
+        }
+        None => token_from_query(query)?,
+    };
+    (!presented.is_empty()).then_some(presented)
+}
+
 impl<S> FromRequestParts<S> for Auth
 where
     AppState: FromRef<S>,
@@ -106,27 +129,67 @@ where
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
-        let app = AppState::from_ref(state);
-        let header = parts
-            .headers
-            .get(axum::http::header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .map(str::trim);
-        let presented = match header {
-            Some(h) => {
-                let (scheme, rest) = h.split_once(' ').unwrap_or((h, ""));
-                if !scheme.eq_ignore_ascii_case("bearer") {
-                    return Err(ApiError::unauthorized());
-                }
-                rest.trim().to_string()
-            }
-            None => token_from_query(parts.uri.query()).ok_or_else(ApiError::unauthorized)?,
-        };
-        if presented.is_empty() {
-            return Err(ApiError::unauthorized());
+        // normally the authorization layer already authenticated the caller
+        if let Some(a) = parts.extensions.get::<Auth>() {
+            return Ok(a.clone());
         }
+        let app = AppState::from_ref(state);
+        let presented = presented_credential(&parts.headers, parts.uri.query())
+            .ok_or_else(ApiError::unauthorized)?;
         let p = app.auth_cache.authenticate(&app.store, &presented).await?;
         Ok(Auth(p))
+    }
+}
+
+/// Last use of API keys, written at most once a minute per key by this process (batched by a
+/// background task), never once per request.
+#[derive(Default)]
+pub struct KeyUsage {
+    last: Mutex<HashMap<uuid::Uuid, Instant>>,
+    pending: Mutex<Vec<uuid::Uuid>>,
+}
+
+/// How often a key's last use is written at most (per API process).
+pub const KEY_USAGE_EVERY: Duration = Duration::from_secs(60);
+
+impl KeyUsage {
+    pub fn used(&self, key: uuid::Uuid) {
+        let Ok(mut last) = self.last.lock() else {
+            return;
+        };
+        if last
+            .get(&key)
+            .is_some_and(|t| t.elapsed() < KEY_USAGE_EVERY)
+        {
+            return;
+        }
+        if last.len() >= AUTH_CACHE_MAX {
+            last.clear();
+        }
+        last.insert(key, Instant::now());
+        if let Ok(mut p) = self.pending.lock() {
+            p.push(key);
+        }
+    }
+
+    /// Writes what is pending (one statement).
+    pub async fn flush(&self, store: &Store) {
+        let ids = match self.pending.lock() {
+            Ok(mut p) => std::mem::take(&mut *p),
+            Err(_) => return,
+        };
+        if let Err(e) = store.touch_api_keys(&ids).await {
+            tracing::debug!(error = %e, "could not record API key use");
+        }
+    }
+}
+
+impl AuthCache {
+    /// Forgets every cached lookup (after a revocation through this process).
+    pub fn clear(&self) {
+        if let Ok(mut map) = self.map.lock() {
+            map.clear();
+        }
     }
 }
 

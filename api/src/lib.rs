@@ -3,6 +3,7 @@
 //! Redis.
 
 pub mod auth;
+pub mod authz;
 pub mod error;
 pub mod feed;
 pub mod metrics;
@@ -28,7 +29,7 @@ use tokio_util::task::TaskTracker;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::trace::TraceLayer;
 
-use crate::auth::AuthCache;
+use crate::auth::{AuthCache, KeyUsage};
 use crate::error::ApiError;
 use crate::metrics::Metrics;
 use crate::submit::Submitter;
@@ -60,6 +61,8 @@ pub struct AppStateInner {
     pub cfg: Arc<ApiConfig>,
     pub metrics: Arc<Metrics>,
     pub auth_cache: Arc<AuthCache>,
+    /// Last use of API keys, written in batches (at most once a minute per key).
+    pub key_usage: Arc<KeyUsage>,
     /// The model table (`GET /v1/models`), built once from `llm` at start.
     pub models: Arc<ModelTable>,
     /// Fired when the process drains: streams close (WebSocket code 1012).
@@ -101,6 +104,21 @@ impl AppState {
         let live = LiveHub::start(client.clone(), keys.clone(), shutdown.clone(), &tasks);
         let submit_conn = switchyard_queue::connect_retrying(&client).await?;
         let submitter = Submitter::start(store.clone(), keys, submit_conn, &tasks);
+        let key_usage = Arc::new(KeyUsage::default());
+        {
+            let (usage, store, stop) = (key_usage.clone(), store.clone(), shutdown.clone());
+            tasks.spawn(async move {
+                loop {
+                    tokio::select! {
+                        _ = stop.cancelled() => {
+                            usage.flush(&store).await;
+                            return;
+                        }
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => usage.flush(&store).await,
+                    }
+                }
+            });
+        }
         Ok(AppState(Arc::new(AppStateInner {
             store,
             queue,
@@ -113,6 +131,7 @@ impl AppState {
             }),
             metrics: Arc::new(Metrics::new()),
             auth_cache: Arc::new(AuthCache::default()),
+            key_usage,
             models: Arc::new(cfg.llm.table()),
             shutdown,
             tasks,
@@ -133,7 +152,7 @@ async fn method_not_allowed() -> ApiError {
 
 /// The router with all routes and layers.
 pub fn router(state: AppState) -> Router {
-    use routes::{conversations, health, jobs, models, stream, usage};
+    use routes::{api_keys, conversations, health, jobs, models, stream, usage};
     let max_body = state.cfg.max_body_bytes;
     Router::new()
         .route("/v1/jobs", post(jobs::create_job).get(jobs::list_jobs))
@@ -160,10 +179,20 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/models", get(models::list_models))
         .route("/v1/models/{*id}", get(models::get_model))
         .route("/v1/usage", get(usage::get_usage))
+        .route("/v1/api-keys", post(api_keys::create).get(api_keys::list))
+        .route(
+            "/v1/api-keys/{id}",
+            get(api_keys::get).delete(api_keys::revoke),
+        )
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
         .route("/metrics", get(health::metrics))
         .route("/openapi.json", get(health::openapi))
+        // every matched route: authenticate and check its permission (authz::ROUTES)
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            authz::authorize,
+        ))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(max_body))

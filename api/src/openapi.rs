@@ -23,6 +23,10 @@ use crate::routes;
         routes::models::list_models,
         routes::models::get_model,
         routes::usage::get_usage,
+        routes::api_keys::create,
+        routes::api_keys::list,
+        routes::api_keys::get,
+        routes::api_keys::revoke,
         routes::stream::ws,
         routes::stream::sse,
         routes::health::healthz,
@@ -60,6 +64,12 @@ use crate::routes;
         routes::usage::UsageReport,
         routes::usage::UsageEntry,
         routes::usage::UsageTotals,
+        routes::api_keys::CreateApiKey,
+        routes::api_keys::ApiKeyView,
+        routes::api_keys::CreatedApiKey,
+        routes::api_keys::ApiKeyList,
+        switchyard_core::authz::Role,
+        switchyard_core::authz::Permission,
     )),
     modifiers(&Security),
     tags(
@@ -69,6 +79,7 @@ use crate::routes;
         (name = "openai", description = "OpenAI-compatible front door (OpenAI's request, response and error shapes)"),
         (name = "models", description = "The model aliases this server routes (OpenAI list shape)"),
         (name = "usage", description = "Tokens and cost of succeeded llm.chat jobs per tenant"),
+        (name = "api-keys", description = "A tenant's API keys: roles, scopes, expiry (needs `keys:manage`)"),
         (name = "ops", description = "Health, readiness, metrics"),
     )
 )]

@@ -83,6 +83,7 @@ impl From<ApiError> for OaiError {
                 "invalid_request_error",
                 Some("invalid_api_key"),
             ),
+            ErrorCode::Forbidden => (StatusCode::FORBIDDEN, "permission_error", None),
             ErrorCode::NotFound => (StatusCode::NOT_FOUND, "invalid_request_error", None),
             ErrorCode::PayloadTooLarge => {
                 (StatusCode::PAYLOAD_TOO_LARGE, "invalid_request_error", None)

@@ -3,7 +3,7 @@
 //! accounting as any job; a worker runs it and this handler relays the job's events in OpenAI's
 //! chunk format (or waits for the outcome). A client that goes away cancels its job.
 
-mod error;
+pub(crate) mod error;
 mod wire;
 
 pub use error::OaiError;

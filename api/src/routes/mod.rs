@@ -1,5 +1,6 @@
 //! HTTP handlers, one file per resource.
 
+pub mod api_keys;
 pub mod conversations;
 pub mod health;
 pub mod jobs;

@@ -1,6 +1,7 @@
 //! Integration tests of the API crate (one test binary): real Postgres (a fresh database per
 //! test via `#[sqlx::test]`), real Redis (a unique key prefix per test), the real mock LLM.
 
+mod api_keys;
 mod cache;
 mod chat_completions;
 mod code;

@@ -11,6 +11,8 @@ pub enum ErrorCode {
     MalformedJson,
     /// 401: missing, malformed, unknown or revoked API key.
     Unauthorized,
+    /// 403: authenticated, but the key's role or scopes do not allow this action.
+    Forbidden,
     /// 404: no such object for this tenant (another tenant's objects are also 404).
     NotFound,
     /// 405: the route exists but not with this method.
@@ -42,6 +44,7 @@ impl ErrorCode {
     pub const ALL: &'static [ErrorCode] = &[
         ErrorCode::MalformedJson,
         ErrorCode::Unauthorized,
+        ErrorCode::Forbidden,
         ErrorCode::NotFound,
         ErrorCode::MethodNotAllowed,
         ErrorCode::JobFinished,
@@ -60,6 +63,7 @@ impl ErrorCode {
         match self {
             ErrorCode::MalformedJson => 400,
             ErrorCode::Unauthorized => 401,
+            ErrorCode::Forbidden => 403,
             ErrorCode::NotFound => 404,
             ErrorCode::MethodNotAllowed => 405,
             ErrorCode::JobFinished => 409,
@@ -78,6 +82,7 @@ impl ErrorCode {
     pub fn as_str(self) -> &'static str {
         match self {
             ErrorCode::MalformedJson => "malformed_json",
+            ErrorCode::Forbidden => "forbidden",
             ErrorCode::Unauthorized => "unauthorized",
             ErrorCode::NotFound => "not_found",
             ErrorCode::MethodNotAllowed => "method_not_allowed",
@@ -97,7 +102,8 @@ impl ErrorCode {
     pub fn description(self) -> &'static str {
         match self {
             ErrorCode::MalformedJson => "The request body is not valid JSON.",
-            ErrorCode::Unauthorized => "Missing, malformed, unknown or revoked API key.",
+            ErrorCode::Unauthorized => "Missing, malformed, unknown, expired or revoked API key.",
+            ErrorCode::Forbidden => "The key's role or scopes do not allow this action.",
             ErrorCode::NotFound => {
                 "No such object (objects of other tenants are not found either)."
             }

@@ -3,6 +3,7 @@
 //! This crate does no I/O; the store (Postgres), queue (Redis) and the binaries build on it.
 
 pub mod apikey;
+pub mod authz;
 pub mod chat;
 pub mod code;
 pub mod config;

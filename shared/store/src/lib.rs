@@ -1,6 +1,7 @@
 //! Postgres store: the source of truth for tenants, API keys and jobs (with attempt fencing),
 //! and usage reports over finished jobs.
 
+mod api_keys;
 mod conversations;
 mod insert;
 mod jobs;

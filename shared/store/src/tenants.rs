@@ -2,6 +2,7 @@
 
 use chrono::{DateTime, Utc};
 use switchyard_core::apikey;
+use switchyard_core::authz::{Permission, Role};
 use uuid::Uuid;
 
 use crate::{Result, Store, StoreError};
@@ -21,7 +22,18 @@ pub struct ApiKeyRecord {
     pub prefix: String,
     pub created_at: DateTime<Utc>,
     pub revoked_at: Option<DateTime<Utc>>,
+    /// `owner`, `admin`, `developer` or `viewer`.
+    pub role: String,
+    /// Permissions the key is narrowed to (`None`: all its role grants).
+    pub scopes: Option<Vec<String>>,
+    pub expires_at: Option<DateTime<Utc>>,
+    /// Last use, to within a minute (never written per request).
+    pub last_used_at: Option<DateTime<Utc>>,
 }
+
+/// The columns of [`ApiKeyRecord`].
+pub(crate) const KEY_COLUMNS: &str =
+    "id, tenant_id, name, prefix, created_at, revoked_at, role, scopes, expires_at, last_used_at";
 
 /// Who is calling: the tenant and the key (later also token subjects).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -32,6 +44,11 @@ pub struct Principal {
     pub llm_cache: bool,
     /// The models the tenant may use (`None`: all); see [`Principal::may_use`].
     pub allowed_models: Option<Vec<String>>,
+    pub role: Role,
+    /// The key's scopes (`None`: everything its role grants).
+    pub scopes: Option<Vec<Permission>>,
+    /// When the key stops working (caches must not outlive it).
+    pub expires_at: Option<DateTime<Utc>>,
 }
 
 impl Principal {
@@ -45,6 +62,11 @@ impl Principal {
                 None => p == model,
             }),
         }
+    }
+
+    /// Whether the caller may do `p` (its role, narrowed by its scopes).
+    pub fn can(&self, p: Permission) -> bool {
+        switchyard_core::authz::allows(self.role, self.scopes.as_deref(), p)
     }
 
     /// The `created_by` recorded on jobs.
@@ -105,7 +127,8 @@ impl Store {
         let rec = sqlx::query_as::<_, ApiKeyRecord>(
             "INSERT INTO api_keys (id, tenant_id, name, prefix, digest) VALUES ($1, $2, $3, $4, $5)
              ON CONFLICT (digest) DO UPDATE SET revoked_at = NULL
-             RETURNING id, tenant_id, name, prefix, created_at, revoked_at",
+             RETURNING id, tenant_id, name, prefix, created_at, revoked_at, role, scopes,
+                       expires_at, last_used_at",
         )
         .bind(Uuid::now_v7())
         .bind(tenant_id)
@@ -140,7 +163,9 @@ impl Store {
 
     pub async fn list_api_keys(&self, tenant_id: Uuid) -> Result<Vec<ApiKeyRecord>> {
         Ok(sqlx::query_as::<_, ApiKeyRecord>(
-            "SELECT id, tenant_id, name, prefix, created_at, revoked_at FROM api_keys WHERE tenant_id = $1 ORDER BY created_at",
+            "SELECT id, tenant_id, name, prefix, created_at, revoked_at, role, scopes, expires_at,
+                    last_used_at
+             FROM api_keys WHERE tenant_id = $1 ORDER BY created_at",
         )
         .bind(tenant_id)
         .fetch_all(self.pool())
@@ -152,22 +177,38 @@ impl Store {
         let Some(key) = apikey::from_full(presented) else {
             return Ok(None);
         };
-        let row: Option<(Uuid, Uuid, bool, Option<Vec<String>>)> = sqlx::query_as(
-            "SELECT k.id, k.tenant_id, t.llm_cache, t.allowed_models
+        type Row = (
+            Uuid,
+            Uuid,
+            bool,
+            Option<Vec<String>>,
+            String,
+            Option<Vec<String>>,
+            Option<DateTime<Utc>>,
+        );
+        let row: Option<Row> = sqlx::query_as(
+            "SELECT k.id, k.tenant_id, t.llm_cache, t.allowed_models, k.role, k.scopes,
+                    k.expires_at
              FROM api_keys k JOIN tenants t ON t.id = k.tenant_id
-             WHERE k.digest = $1 AND k.revoked_at IS NULL",
+             WHERE k.digest = $1 AND k.revoked_at IS NULL
+               AND (k.expires_at IS NULL OR k.expires_at > now())",
         )
         .bind(&key.digest[..])
         .fetch_optional(self.pool())
         .await?;
-        Ok(
-            row.map(|(key_id, tenant_id, llm_cache, allowed_models)| Principal {
+        Ok(row.map(
+            |(key_id, tenant_id, llm_cache, allowed_models, role, scopes, expires_at)| Principal {
                 tenant_id,
                 key_id,
                 llm_cache,
                 allowed_models,
-            }),
-        )
+                // the column's CHECK admits only known roles; anything else gets the least
+                role: Role::parse(&role).unwrap_or(Role::Viewer),
+                // unknown scope names (from a newer version) grant nothing
+                scopes: scopes.map(|s| s.iter().filter_map(|p| Permission::parse(p)).collect()),
+                expires_at,
+            },
+        ))
     }
 
     /// Limits the models a tenant may use (`None`: all); false when there is no such tenant.
@@ -231,6 +272,9 @@ mod tests {
             key_id: Uuid::nil(),
             llm_cache: false,
             allowed_models: None,
+            role: Role::Owner,
+            scopes: None,
+            expires_at: None,
         };
         assert!(p.may_use("anything"));
         p.allowed_models = Some(vec!["fast".into(), "mock-*".into(), "openai/*".into()]);

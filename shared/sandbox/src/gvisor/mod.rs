@@ -424,9 +424,10 @@ impl Sandbox for GvisorSandbox {
                 start,
             },
             Ok(Err(e)) => return Err(SandboxError::Internal(anyhow!("waiting for runsc: {e}"))),
+            // we stopped it for this limit (an OOM kill would have ended the run by itself)
             Err(Stop::Limit(by)) => RunOutcome {
                 exit_code: None,
-                killed_by: Some(if oom { KilledBy::Memory } else { by }),
+                killed_by: Some(by),
                 duration,
                 start,
             },

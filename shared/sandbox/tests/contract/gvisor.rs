@@ -85,7 +85,7 @@ fn node_programs() -> Vec<crate::escape::Hostile> {
         js("node: child process", "try { console.log(require('child_process').execSync('id').toString()) } catch (e) { console.log('blocked', e.message) }", Contained),
         js("node: memory bomb", "const a = []; for (;;) a.push(Buffer.alloc(8 << 20, 1));", Killed(&[KilledBy::Memory])),
         js("node: busy loop", "for (;;) {}", Killed(&[KilledBy::Timeout, KilledBy::Cpu])),
-        js("node: huge output", "const s = 'A'.repeat(65536); for (;;) process.stdout.write(s);", Killed(&[KilledBy::Output])),
+        js("node: huge output", "const s = 'A'.repeat(65536); for (;;) require('fs').writeSync(1, s);", Killed(&[KilledBy::Output])),
     ]
 }
 

@@ -1,0 +1,133 @@
+//! Authorization: the one table of which permission each route needs, and the middleware
+//! that authenticates the caller, checks the permission (403 `forbidden` otherwise) and hands
+//! the principal to the handler. Handlers never check roles themselves.
+
+use axum::extract::{MatchedPath, Request, State};
+use axum::http::Method;
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use switchyard_core::authz::Permission;
+use switchyard_core::ErrorCode;
+
+use crate::auth::{presented_credential, Auth};
+use crate::error::ApiError;
+use crate::openai::error::OaiError;
+use crate::AppState;
+
+/// What a route requires.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// No credentials (health, metrics, the API description).
+    Public,
+    /// An authenticated caller holding this permission.
+    Needs(Permission),
+}
+
+/// Every route of the API: method, path (as routed), access. A route missing here is refused
+/// (and a test fails).
+pub const ROUTES: &[(&str, &str, Access)] = {
+    use Access::*;
+    use Permission::*;
+    &[
+        ("POST", "/v1/jobs", Needs(JobsWrite)),
+        ("GET", "/v1/jobs", Needs(JobsRead)),
+        ("GET", "/v1/jobs/{id}", Needs(JobsRead)),
+        ("POST", "/v1/jobs/{id}/cancel", Needs(JobsWrite)),
+        ("GET", "/v1/jobs/{id}/events", Needs(JobsRead)),
+        ("GET", "/v1/ws", Needs(JobsRead)),
+        ("POST", "/v1/conversations", Needs(ConversationsWrite)),
+        ("GET", "/v1/conversations", Needs(ConversationsRead)),
+        ("GET", "/v1/conversations/{id}", Needs(ConversationsRead)),
+        (
+            "DELETE",
+            "/v1/conversations/{id}",
+            Needs(ConversationsWrite),
+        ),
+        (
+            "POST",
+            "/v1/conversations/{id}/messages",
+            Needs(ConversationsWrite),
+        ),
+        ("POST", "/v1/chat/completions", Needs(JobsWrite)),
+        ("GET", "/v1/models", Needs(ModelsRead)),
+        ("GET", "/v1/models/{*id}", Needs(ModelsRead)),
+        ("GET", "/v1/usage", Needs(UsageRead)),
+        ("POST", "/v1/api-keys", Needs(KeysManage)),
+        ("GET", "/v1/api-keys", Needs(KeysManage)),
+        ("GET", "/v1/api-keys/{id}", Needs(KeysManage)),
+        ("DELETE", "/v1/api-keys/{id}", Needs(KeysManage)),
+        ("GET", "/healthz", Public),
+        ("GET", "/readyz", Public),
+        ("GET", "/metrics", Public),
+        ("GET", "/openapi.json", Public),
+    ]
+};
+
+/// The access a route needs (`None`: not in the table).
+pub fn access(method: &Method, path: &str) -> Option<Access> {
+    ROUTES
+        .iter()
+        .find(|(m, p, _)| *m == method.as_str() && *p == path)
+        .map(|(_, _, a)| *a)
+}
+
+/// Routes whose errors use OpenAI's shape.
+fn openai_shaped(path: &str) -> bool {
+    path == "/v1/chat/completions" || path.starts_with("/v1/models")
+}
+
+fn refuse(path: &str, e: ApiError) -> Response {
+    if openai_shaped(path) {
+        OaiError::from(e).into_response()
+    } else {
+        e.into_response()
+    }
+}
+
+/// The middleware (a route layer: it runs once the route is known).
+pub async fn authorize(State(app): State<AppState>, mut req: Request, next: Next) -> Response {
+    let path = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|m| m.as_str().to_string())
+        .unwrap_or_default();
+    let needed = match access(req.method(), &path) {
+        Some(Access::Public) => return next.run(req).await,
+        Some(Access::Needs(p)) => p,
+        None => {
+            tracing::error!(method = %req.method(), path, "route missing from the authorization table");
+            return refuse(
+                &path,
+                ApiError::new(ErrorCode::Forbidden, "this route is not open to any role"),
+            );
+        }
+    };
+    let Some(presented) = presented_credential(req.headers(), req.uri().query()) else {
+        return refuse(&path, ApiError::unauthorized());
+    };
+    let principal = match app.auth_cache.authenticate(&app.store, &presented).await {
+        Ok(p) => p,
+        Err(e) => return refuse(&path, e),
+    };
+    app.key_usage.used(principal.key_id);
+    if !principal.can(needed) {
+        return refuse(
+            &path,
+            ApiError::new(
+                ErrorCode::Forbidden,
+                format!(
+                    "this key ({} role{}) lacks the `{}` permission",
+                    principal.role.as_str(),
+                    if principal.scopes.is_some() {
+                        ", scoped"
+                    } else {
+                        ""
+                    },
+                    needed.as_str()
+                ),
+            ),
+        );
+    }
+    req.extensions_mut().insert(Auth(principal));
+    next.run(req).await
+}

@@ -1,0 +1,280 @@
+//! API keys with roles, scopes and expiry; the authorization table covers every route.
+
+use std::time::Duration;
+
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+use sqlx::PgPool;
+use switchyard_core::authz::{Permission, Role};
+
+use crate::support::{spawn_api_only, TestApp};
+
+async fn key(app: &TestApp, role: Role, scopes: Option<&[Permission]>) -> String {
+    app.store
+        .create_scoped_api_key(app.tenant, "t", role, scopes, None)
+        .await
+        .unwrap()
+        .1
+}
+
+async fn call(
+    app: &TestApp,
+    key: &str,
+    method: &str,
+    path: &str,
+    body: Option<Value>,
+) -> (StatusCode, Value) {
+    let mut rb = app
+        .http
+        .request(method.parse().unwrap(), app.url(path))
+        .bearer_auth(key);
+    if let Some(b) = body {
+        rb = rb.json(&b);
+    }
+    let r = rb.send().await.unwrap();
+    let s = r.status();
+    (s, r.json().await.unwrap_or(Value::Null))
+}
+
+#[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
+async fn every_route_is_in_the_authorization_table(pool: PgPool) {
+    let app = spawn_api_only(pool).await;
+    let doc: Value = app
+        .http
+        .get(app.url("/openapi.json"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let mut n = 0;
+    for (path, ops) in doc["paths"].as_object().unwrap() {
+        for method in ops.as_object().unwrap().keys() {
+            let m: axum::http::Method = method.to_uppercase().parse().unwrap();
+            let routed = if path.starts_with("/v1/models/") {
+                "/v1/models/{*id}".to_string()
+            } else {
+                path.clone()
+            };
+            assert!(
+                switchyard_api::authz::access(&m, &routed).is_some(),
+                "{method} {path} is not in authz::ROUTES"
+            );
+            n += 1;
+        }
+    }
+    assert!(n >= 20, "only {n} operations in the document");
+    app.stop().await;
+}
+
+#[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
+async fn roles_and_scopes_decide_with_403(pool: PgPool) {
+    let app = spawn_api_only(pool).await;
+    let job = json!({"kind": "system.noop", "input": {}});
+    let viewer = key(&app, Role::Viewer, None).await;
+    assert_eq!(call(&app, &viewer, "GET", "/v1/jobs", None).await.0, 200);
+    let (s, e) = call(&app, &viewer, "POST", "/v1/jobs", Some(job.clone())).await;
+    assert_eq!(
+        (s, e["error"]["code"].as_str()),
+        (StatusCode::FORBIDDEN, Some("forbidden"))
+    );
+    assert!(
+        e["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("jobs:write"),
+        "{e}"
+    );
+    // OpenAI's error shape on the front door
+    let (s, e) = call(
+        &app,
+        &viewer,
+        "POST",
+        "/v1/chat/completions",
+        Some(json!({"model": "mock-echo", "messages": [{"role": "user", "content": "x"}]})),
+    )
+    .await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+    assert_eq!(e["error"]["type"], "permission_error", "{e}");
+
+    let dev = key(&app, Role::Developer, None).await;
+    assert_eq!(
+        call(&app, &dev, "POST", "/v1/jobs", Some(job.clone()))
+            .await
+            .0,
+        202
+    );
+    assert_eq!(call(&app, &dev, "GET", "/v1/api-keys", None).await.0, 403);
+
+    let scoped = key(&app, Role::Owner, Some(&[Permission::JobsRead])).await;
+    assert_eq!(call(&app, &scoped, "GET", "/v1/jobs", None).await.0, 200);
+    assert_eq!(
+        call(&app, &scoped, "POST", "/v1/jobs", Some(job)).await.0,
+        403
+    );
+    assert_eq!(call(&app, &scoped, "GET", "/v1/usage", None).await.0, 403);
+    // public routes need nothing
+    assert_eq!(
+        app.http
+            .get(app.url("/healthz"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    app.stop().await;
+}
+
+#[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
+async fn admins_manage_keys_within_their_role_and_tenant(pool: PgPool) {
+    let app = spawn_api_only(pool).await;
+    let admin = key(&app, Role::Admin, None).await;
+    // create: the secret once, a developer by default
+    let (s, created) = call(
+        &app,
+        &admin,
+        "POST",
+        "/v1/api-keys",
+        Some(json!({"name": "ci", "scopes": ["jobs:read", "jobs:write"]})),
+    )
+    .await;
+    assert_eq!(s, StatusCode::CREATED, "{created}");
+    assert_eq!(created["role"], "developer");
+    let secret = created["secret"].as_str().unwrap().to_string();
+    let id = created["id"].as_str().unwrap().to_string();
+    assert!(secret.starts_with(created["prefix"].as_str().unwrap()));
+    assert_eq!(call(&app, &secret, "GET", "/v1/jobs", None).await.0, 200);
+    // listed without secrets; last use recorded (batched, within seconds)
+    let t = std::time::Instant::now();
+    loop {
+        let (s, list) = call(&app, &admin, "GET", "/v1/api-keys", None).await;
+        assert_eq!(s, 200);
+        assert!(!list.to_string().contains(&secret));
+        let k = list["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|k| k["id"] == id.as_str())
+            .unwrap()
+            .clone();
+        if !k["last_used_at"].is_null() {
+            assert_eq!(k["scopes"], json!(["jobs:read", "jobs:write"]));
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "last_used_at never set: {k}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // no escalation: an admin cannot mint an owner, nor grant what it lacks
+    let (s, e) = call(
+        &app,
+        &admin,
+        "POST",
+        "/v1/api-keys",
+        Some(json!({"role": "owner"})),
+    )
+    .await;
+    assert_eq!(
+        (s, e["error"]["code"].as_str()),
+        (StatusCode::FORBIDDEN, Some("forbidden"))
+    );
+    let (s, e) = call(
+        &app,
+        &admin,
+        "POST",
+        "/v1/api-keys",
+        Some(json!({"scopes": ["jobs:fly"]})),
+    )
+    .await;
+    assert_eq!(
+        (s.as_u16(), e["error"]["field"].as_str()),
+        (422, Some("scopes[0]"))
+    );
+    let (s, e) = call(
+        &app,
+        &admin,
+        "POST",
+        "/v1/api-keys",
+        Some(json!({"rol": "viewer"})),
+    )
+    .await;
+    assert_eq!(
+        (s.as_u16(), e["error"]["code"].as_str()),
+        (422, Some("unknown_field"))
+    );
+    // revoke: refused at once on this replica
+    let (s, k) = call(&app, &admin, "DELETE", &format!("/v1/api-keys/{id}"), None).await;
+    assert_eq!(s, 200);
+    assert!(!k["revoked_at"].is_null());
+    assert_eq!(call(&app, &secret, "GET", "/v1/jobs", None).await.0, 401);
+    // another tenant's admin sees none of it
+    let other = app.store.create_tenant("other").await.unwrap();
+    let (_, other_admin) = app
+        .store
+        .create_scoped_api_key(other.id, "x", Role::Admin, None, None)
+        .await
+        .unwrap();
+    assert_eq!(
+        call(
+            &app,
+            &other_admin,
+            "GET",
+            &format!("/v1/api-keys/{id}"),
+            None
+        )
+        .await
+        .0,
+        404
+    );
+    assert_eq!(
+        call(
+            &app,
+            &other_admin,
+            "DELETE",
+            &format!("/v1/api-keys/{id}"),
+            None
+        )
+        .await
+        .0,
+        404
+    );
+    let (_, list) = call(&app, &other_admin, "GET", "/v1/api-keys", None).await;
+    assert_eq!(list["data"].as_array().unwrap().len(), 1);
+    app.stop().await;
+}
+
+#[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
+async fn expired_keys_stop_working(pool: PgPool) {
+    let app = spawn_api_only(pool).await;
+    let admin = key(&app, Role::Admin, None).await;
+    let (s, created) = call(
+        &app,
+        &admin,
+        "POST",
+        "/v1/api-keys",
+        Some(json!({"role": "viewer", "expires_in_s": 1})),
+    )
+    .await;
+    assert_eq!(s, StatusCode::CREATED);
+    let secret = created["secret"].as_str().unwrap().to_string();
+    assert_eq!(call(&app, &secret, "GET", "/v1/jobs", None).await.0, 200);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(call(&app, &secret, "GET", "/v1/jobs", None).await.0, 401);
+    let (s, e) = call(
+        &app,
+        &admin,
+        "POST",
+        "/v1/api-keys",
+        Some(json!({"expires_in_s": 0})),
+    )
+    .await;
+    assert_eq!(
+        (s.as_u16(), e["error"]["field"].as_str()),
+        (422, Some("expires_in_s"))
+    );
+    app.stop().await;
+}
