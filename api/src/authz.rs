@@ -2,7 +2,9 @@
 //! that authenticates the caller, checks the permission (403 `forbidden` otherwise) and hands
 //! the principal to the handler. Handlers never check roles themselves.
 
-use axum::extract::{MatchedPath, Request, State};
+use std::net::SocketAddr;
+
+use axum::extract::{ConnectInfo, MatchedPath, Request, State};
 use axum::http::Method;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -84,6 +86,14 @@ fn refuse(path: &str, e: ApiError) -> Response {
     }
 }
 
+fn too_many_failures(wait: std::time::Duration) -> ApiError {
+    ApiError::new(
+        ErrorCode::RateLimited,
+        "too many failed authentications from this address; retry later",
+    )
+    .retry_after(wait)
+}
+
 /// The middleware (a route layer: it runs once the route is known).
 pub async fn authorize(State(app): State<AppState>, mut req: Request, next: Next) -> Response {
     let path = req
@@ -102,11 +112,34 @@ pub async fn authorize(State(app): State<AppState>, mut req: Request, next: Next
             );
         }
     };
-    let Some(presented) = presented_credential(req.headers(), req.uri().query()) else {
-        return refuse(&path, ApiError::unauthorized());
+    let source = req
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0.ip());
+    if let Some(wait) = source.and_then(|s| app.auth_failures.blocked_for(s)) {
+        return refuse(&path, too_many_failures(wait));
+    }
+    let presented = presented_credential(req.headers(), req.uri().query());
+    let outcome = match &presented {
+        None => Err(ApiError::unauthorized()),
+        Some(p) => app.auth_cache.authenticate(&app.store, p).await,
     };
-    let principal = match app.auth_cache.authenticate(&app.store, &presented).await {
+    let principal = match outcome {
         Ok(p) => p,
+        Err(e) if e.code == ErrorCode::Unauthorized => {
+            // logged without the secret: the visible prefix at most
+            let prefix: String = presented
+                .as_deref()
+                .unwrap_or("")
+                .chars()
+                .take(switchyard_core::apikey::PREFIX_LEN)
+                .collect();
+            tracing::warn!(source = ?source, key_prefix = %prefix, path, "authentication failed");
+            if let Some(wait) = source.and_then(|s| app.auth_failures.failed(s)) {
+                return refuse(&path, too_many_failures(wait));
+            }
+            return refuse(&path, e);
+        }
         Err(e) => return refuse(&path, e),
     };
     app.key_usage.used(principal.key_id);

@@ -30,6 +30,8 @@ pub struct ApiError {
     pub code: ErrorCode,
     pub message: String,
     pub field: Option<String>,
+    /// Sent as `Retry-After` (429, 503).
+    pub retry_after: Option<std::time::Duration>,
 }
 
 impl ApiError {
@@ -38,6 +40,7 @@ impl ApiError {
             code,
             message: message.into(),
             field: None,
+            retry_after: None,
         }
     }
 
@@ -46,6 +49,7 @@ impl ApiError {
             code,
             message: message.into(),
             field: Some(field.to_string()),
+            retry_after: None,
         }
     }
 
@@ -66,6 +70,12 @@ impl ApiError {
         ApiError::new(ErrorCode::Internal, ErrorCode::Internal.description())
     }
 
+    /// Tells the client when to retry (`Retry-After`, whole seconds, at least 1).
+    pub fn retry_after(mut self, wait: std::time::Duration) -> Self {
+        self.retry_after = Some(wait);
+        self
+    }
+
     pub fn to_body(&self) -> ErrorBody {
         ErrorBody {
             error: ErrorDetail {
@@ -83,6 +93,7 @@ impl From<FieldError> for ApiError {
             code: e.code,
             message: e.message,
             field: Some(e.field),
+            retry_after: None,
         }
     }
 }
@@ -113,10 +124,14 @@ impl IntoResponse for ApiError {
                 axum::http::HeaderValue::from_static("Bearer"),
             );
         }
-        if self.code == ErrorCode::Unavailable {
+        let retry = match self.retry_after {
+            Some(w) => Some(w.as_secs_f64().ceil().max(1.0) as u64),
+            None => (self.code == ErrorCode::Unavailable).then_some(1),
+        };
+        if let Some(secs) = retry {
             resp.headers_mut().insert(
                 axum::http::header::RETRY_AFTER,
-                axum::http::HeaderValue::from_static("1"),
+                axum::http::HeaderValue::from(secs),
             );
         }
         resp

@@ -3,6 +3,7 @@
 //! Redis.
 
 pub mod auth;
+pub mod auth_limit;
 pub mod authz;
 pub mod error;
 pub mod feed;
@@ -63,6 +64,8 @@ pub struct AppStateInner {
     pub auth_cache: Arc<AuthCache>,
     /// Last use of API keys, written in batches (at most once a minute per key).
     pub key_usage: Arc<KeyUsage>,
+    /// Failed authentications per source address.
+    pub auth_failures: Arc<crate::auth_limit::AuthFailures>,
     /// The model table (`GET /v1/models`), built once from `llm` at start.
     pub models: Arc<ModelTable>,
     /// Fired when the process drains: streams close (WebSocket code 1012).
@@ -132,6 +135,9 @@ impl AppState {
             metrics: Arc::new(Metrics::new()),
             auth_cache: Arc::new(AuthCache::default()),
             key_usage,
+            auth_failures: Arc::new(crate::auth_limit::AuthFailures::new(
+                cfg.auth_failures_per_minute,
+            )),
             models: Arc::new(cfg.llm.table()),
             shutdown,
             tasks,
@@ -230,9 +236,13 @@ pub async fn serve(listener: tokio::net::TcpListener, state: AppState) -> anyhow
             tracing::debug!(error = %e, "TCP_NODELAY");
         }
     });
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async move { shutdown.cancelled().await })
-        .await?;
+    // the peer address feeds the failed-authentication limit
+    axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+    )
+    .with_graceful_shutdown(async move { shutdown.cancelled().await })
+    .await?;
     tasks.close();
     let _ = tokio::time::timeout(Duration::from_secs(10), tasks.wait()).await;
     Ok(())

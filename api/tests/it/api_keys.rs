@@ -278,3 +278,33 @@ async fn expired_keys_stop_working(pool: PgPool) {
     );
     app.stop().await;
 }
+
+#[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
+async fn failed_authentication_is_rate_limited_per_source(pool: PgPool) {
+    let app = spawn_api_only(pool).await;
+    let bad = "sy_aaaaaaaa_0123456789abcdefghij0123456789ABCDEFGHIJ";
+    // the default quota: 30 failures a minute per address
+    for i in 0..30 {
+        let (s, _) = call(&app, bad, "GET", "/v1/jobs", None).await;
+        assert_eq!(s, StatusCode::UNAUTHORIZED, "attempt {i}");
+    }
+    let r = app
+        .http
+        .get(app.url("/v1/jobs"))
+        .bearer_auth(bad)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
+    let wait: u64 = r.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=60).contains(&wait), "{wait}");
+    let e: Value = r.json().await.unwrap();
+    assert_eq!(e["error"]["code"], "rate_limited");
+    // while blocked, a valid key from the same address is refused too (no oracle)
+    assert_eq!(call(&app, &app.key, "GET", "/v1/jobs", None).await.0, 429);
+    app.stop().await;
+}

@@ -13,4 +13,5 @@ mod ops;
 mod reliability;
 mod streaming;
 mod support;
+mod tenancy;
 mod usage;

@@ -6,6 +6,8 @@ use sha2::{Digest, Sha256};
 /// Every key starts with this, so keys and JWTs can share `Authorization: Bearer`.
 pub const KEY_PREFIX: &str = "sy_";
 const ID_LEN: usize = 8;
+/// Length of the visible part (`sy_` + 8), the most of a key that may be logged.
+pub const PREFIX_LEN: usize = KEY_PREFIX.len() + ID_LEN;
 const SECRET_LEN: usize = 40;
 const ALPHABET: &[u8] = b"0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ";
 
