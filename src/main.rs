@@ -94,6 +94,19 @@ enum AdminCmd {
         #[arg(long)]
         tenant: String,
     },
+    /// Checks a tenant's audit chain (every tenant without --tenant); reports the first broken
+    /// link and exits 1 if there is one.
+    AuditVerify {
+        #[arg(long)]
+        tenant: Option<String>,
+    },
+    /// Deletes a tenant's audit rows older than DAYS and re-anchors its chain.
+    AuditPrune {
+        #[arg(long)]
+        tenant: String,
+        #[arg(long)]
+        older_than_days: u32,
+    },
     /// Changes a tenant's settings.
     SetTenant {
         name: String,
@@ -288,6 +301,46 @@ async fn admin(cfg: &Config, cmd: AdminCmd) -> anyhow::Result<()> {
                     k.name
                 );
             }
+        }
+        AdminCmd::AuditVerify { tenant } => {
+            let tenants = match tenant {
+                Some(name) => vec![store
+                    .tenant_by_name(&name)
+                    .await?
+                    .with_context(|| format!("no tenant named {name}"))?],
+                None => store.list_tenants().await?,
+            };
+            let mut broken = false;
+            for t in tenants {
+                let v = store.verify_audit(t.id).await?;
+                match v.first_broken {
+                    None => println!("tenant {}: audit chain intact ({} rows)", t.name, v.checked),
+                    Some(seq) => {
+                        broken = true;
+                        println!(
+                            "tenant {}: audit chain BROKEN at seq {seq}: {} ({} rows verified before it)",
+                            t.name,
+                            v.reason.unwrap_or_default(),
+                            v.checked
+                        );
+                    }
+                }
+            }
+            if broken {
+                std::process::exit(1);
+            }
+        }
+        AdminCmd::AuditPrune {
+            tenant,
+            older_than_days,
+        } => {
+            let t = store
+                .tenant_by_name(&tenant)
+                .await?
+                .with_context(|| format!("no tenant named {tenant}"))?;
+            let before = chrono::Utc::now() - chrono::Duration::days(older_than_days as i64);
+            let n = store.prune_audit(t.id, before).await?;
+            println!("tenant {tenant}: pruned {n} audit rows older than {older_than_days} days");
         }
     }
     Ok(())

@@ -10,6 +10,7 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use switchyard_core::authz::Permission;
 use switchyard_core::ErrorCode;
+use switchyard_store::AuditEntry;
 
 use crate::auth::{presented_credential, Auth};
 use crate::error::ApiError;
@@ -58,6 +59,7 @@ pub const ROUTES: &[(&str, &str, Access)] = {
         ("GET", "/v1/api-keys", Needs(KeysManage)),
         ("GET", "/v1/api-keys/{id}", Needs(KeysManage)),
         ("DELETE", "/v1/api-keys/{id}", Needs(KeysManage)),
+        ("GET", "/v1/audit", Needs(AuditRead)),
         ("GET", "/healthz", Public),
         ("GET", "/readyz", Public),
         ("GET", "/metrics", Public),
@@ -143,8 +145,25 @@ pub async fn authorize(State(app): State<AppState>, mut req: Request, next: Next
         Err(e) => return refuse(&path, e),
     };
     app.key_usage.used(principal.key_id);
+    let audited = !matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS);
+    let entry = audited.then(|| AuditEntry {
+        tenant_id: principal.tenant_id,
+        at: chrono::Utc::now(),
+        actor: principal.subject(),
+        action: format!("{} {path}", req.method()),
+        target: req.uri().path().to_string(),
+        outcome: 0,
+        request_id: req
+            .headers()
+            .get("x-request-id")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_string(),
+        source: source.map(|s| s.to_string()).unwrap_or_default(),
+        details: serde_json::json!({}),
+    });
     if !principal.can(needed) {
-        return refuse(
+        let resp = refuse(
             &path,
             ApiError::new(
                 ErrorCode::Forbidden,
@@ -160,7 +179,25 @@ pub async fn authorize(State(app): State<AppState>, mut req: Request, next: Next
                 ),
             ),
         );
+        if let Some(mut e) = entry {
+            e.outcome = resp.status().as_u16() as i32;
+            app.audit.record(e).await;
+        }
+        return resp;
     }
     req.extensions_mut().insert(Auth(principal));
-    next.run(req).await
+    let resp = next.run(req).await;
+    if let Some(mut e) = entry {
+        // what it created, where the handler says so (`Location`), else the path itself
+        if let Some(loc) = resp
+            .headers()
+            .get(axum::http::header::LOCATION)
+            .and_then(|v| v.to_str().ok())
+        {
+            e.target = loc.to_string();
+        }
+        e.outcome = resp.status().as_u16() as i32;
+        app.audit.record(e).await;
+    }
+    resp
 }

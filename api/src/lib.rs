@@ -2,6 +2,7 @@
 //! metrics and OpenAPI. Any replica can serve any request or stream; all state is in Postgres and
 //! Redis.
 
+pub mod audit;
 pub mod auth;
 pub mod auth_limit;
 pub mod authz;
@@ -64,6 +65,8 @@ pub struct AppStateInner {
     pub auth_cache: Arc<AuthCache>,
     /// Last use of API keys, written in batches (at most once a minute per key).
     pub key_usage: Arc<KeyUsage>,
+    /// Audit rows of state-changing requests, written in batches.
+    pub audit: crate::audit::AuditSink,
     /// Failed authentications per source address.
     pub auth_failures: Arc<crate::auth_limit::AuthFailures>,
     /// The model table (`GET /v1/models`), built once from `llm` at start.
@@ -107,6 +110,7 @@ impl AppState {
         let live = LiveHub::start(client.clone(), keys.clone(), shutdown.clone(), &tasks);
         let submit_conn = switchyard_queue::connect_retrying(&client).await?;
         let submitter = Submitter::start(store.clone(), keys, submit_conn, &tasks);
+        let audit = crate::audit::AuditSink::start(store.clone(), shutdown.clone(), &tasks);
         let key_usage = Arc::new(KeyUsage::default());
         {
             let (usage, store, stop) = (key_usage.clone(), store.clone(), shutdown.clone());
@@ -135,6 +139,7 @@ impl AppState {
             metrics: Arc::new(Metrics::new()),
             auth_cache: Arc::new(AuthCache::default()),
             key_usage,
+            audit,
             auth_failures: Arc::new(crate::auth_limit::AuthFailures::new(
                 cfg.auth_failures_per_minute,
             )),
@@ -158,7 +163,7 @@ async fn method_not_allowed() -> ApiError {
 
 /// The router with all routes and layers.
 pub fn router(state: AppState) -> Router {
-    use routes::{api_keys, conversations, health, jobs, models, stream, usage};
+    use routes::{api_keys, audit, conversations, health, jobs, models, stream, usage};
     let max_body = state.cfg.max_body_bytes;
     Router::new()
         .route("/v1/jobs", post(jobs::create_job).get(jobs::list_jobs))
@@ -190,6 +195,7 @@ pub fn router(state: AppState) -> Router {
             "/v1/api-keys/{id}",
             get(api_keys::get).delete(api_keys::revoke),
         )
+        .route("/v1/audit", get(audit::list))
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
         .route("/metrics", get(health::metrics))

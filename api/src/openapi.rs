@@ -27,6 +27,7 @@ use crate::routes;
         routes::api_keys::list,
         routes::api_keys::get,
         routes::api_keys::revoke,
+        routes::audit::list,
         routes::stream::ws,
         routes::stream::sse,
         routes::health::healthz,
@@ -68,6 +69,8 @@ use crate::routes;
         routes::api_keys::ApiKeyView,
         routes::api_keys::CreatedApiKey,
         routes::api_keys::ApiKeyList,
+        routes::audit::AuditPage,
+        switchyard_store::AuditRow,
         switchyard_core::authz::Role,
         switchyard_core::authz::Permission,
     )),
@@ -80,6 +83,7 @@ use crate::routes;
         (name = "models", description = "The model aliases this server routes (OpenAI list shape)"),
         (name = "usage", description = "Tokens and cost of succeeded llm.chat jobs per tenant"),
         (name = "api-keys", description = "A tenant's API keys: roles, scopes, expiry (needs `keys:manage`)"),
+        (name = "audit", description = "The tenant's hash-chained audit trail (needs `audit:read`)"),
         (name = "ops", description = "Health, readiness, metrics"),
     )
 )]

@@ -188,6 +188,26 @@ async fn admin_commands_manage_tenants_and_keys() {
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
+    // a state-changing request lands in the audit trail, whose chain the CLI verifies
+    let r = c
+        .http
+        .post(format!("{api}/v1/jobs"))
+        .bearer_auth(&key)
+        .json(&json!({"kind": "system.noop", "input": {}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    let deadline = tokio::time::Instant::now() + T;
+    loop {
+        let (ok, out) = run(&["admin", "audit-verify", "--tenant", "globex"]);
+        assert!(ok, "{out}");
+        if out.contains("intact (1 rows)") {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{out}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let (ok, list) = run(&["admin", "list-keys", "--tenant", "globex"]);
     assert!(
         ok && list.contains("active") && !list.contains(&key),

@@ -170,11 +170,17 @@ pub async fn create(
             expires_at,
         )
         .await?;
+    let location = format!("/v1/api-keys/{}", rec.id);
     let body = CreatedApiKey {
         key: rec.into(),
         secret,
     };
-    Ok((StatusCode::CREATED, Json(body)).into_response())
+    Ok((
+        StatusCode::CREATED,
+        [(axum::http::header::LOCATION, location)],
+        Json(body),
+    )
+        .into_response())
 }
 
 /// List the tenant's API keys (revoked ones included).

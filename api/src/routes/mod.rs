@@ -1,6 +1,7 @@
 //! HTTP handlers, one file per resource.
 
 pub mod api_keys;
+pub mod audit;
 pub mod conversations;
 pub mod health;
 pub mod jobs;

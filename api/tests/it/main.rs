@@ -2,6 +2,7 @@
 //! test via `#[sqlx::test]`), real Redis (a unique key prefix per test), the real mock LLM.
 
 mod api_keys;
+mod audit;
 mod cache;
 mod chat_completions;
 mod code;

@@ -25,6 +25,9 @@ pub enum Permission {
     /// Create, list and revoke the tenant's API keys.
     #[serde(rename = "keys:manage")]
     KeysManage,
+    /// Read the tenant's audit trail.
+    #[serde(rename = "audit:read")]
+    AuditRead,
 }
 
 impl Permission {
@@ -36,6 +39,7 @@ impl Permission {
         Permission::ModelsRead,
         Permission::UsageRead,
         Permission::KeysManage,
+        Permission::AuditRead,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -47,6 +51,7 @@ impl Permission {
             Permission::ModelsRead => "models:read",
             Permission::UsageRead => "usage:read",
             Permission::KeysManage => "keys:manage",
+            Permission::AuditRead => "audit:read",
         }
     }
 
@@ -75,7 +80,7 @@ pub enum Role {
     Viewer,
     /// A viewer that also submits and cancels jobs and writes conversations.
     Developer,
-    /// A developer that also manages API keys.
+    /// A developer that also manages API keys and reads the audit trail.
     Admin,
     /// Everything in the tenant.
     Owner,

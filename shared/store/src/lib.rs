@@ -2,6 +2,7 @@
 //! and usage reports over finished jobs.
 
 mod api_keys;
+mod audit;
 mod conversations;
 mod insert;
 mod jobs;
@@ -9,6 +10,7 @@ mod reconcile;
 mod tenants;
 mod usage;
 
+pub use audit::*;
 pub use conversations::*;
 pub use jobs::*;
 pub use tenants::*;

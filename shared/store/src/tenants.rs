@@ -87,6 +87,15 @@ impl Store {
         Ok(t)
     }
 
+    /// Every tenant, by name.
+    pub async fn list_tenants(&self) -> Result<Vec<Tenant>> {
+        Ok(
+            sqlx::query_as::<_, Tenant>("SELECT id, name, created_at FROM tenants ORDER BY name")
+                .fetch_all(self.pool())
+                .await?,
+        )
+    }
+
     pub async fn tenant_by_name(&self, name: &str) -> Result<Option<Tenant>> {
         Ok(
             sqlx::query_as::<_, Tenant>("SELECT id, name, created_at FROM tenants WHERE name = $1")

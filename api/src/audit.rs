@@ -1,0 +1,75 @@
+//! Auditing state-changing requests: the authorization layer hands each one (who, tenant,
+//! action, target, outcome, request id, source address) to this sink; a background task
+//! appends them in batches (one chain-head lock per tenant per batch, never one per request).
+//! Bodies — prompts, code, secrets — are never recorded.
+
+use std::time::Duration;
+
+use switchyard_store::{AuditEntry, Store};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// Entries waiting at most; a full queue makes requests wait (nothing is dropped).
+const QUEUE: usize = 8192;
+const BATCH: usize = 512;
+
+#[derive(Clone)]
+pub struct AuditSink {
+    tx: mpsc::Sender<AuditEntry>,
+}
+
+impl AuditSink {
+    /// Starts the writer; it drains what is queued when `stop` fires.
+    pub fn start(store: Store, stop: CancellationToken, tasks: &TaskTracker) -> AuditSink {
+        let (tx, rx) = mpsc::channel(QUEUE);
+        tasks.spawn(writer(store, rx, stop));
+        AuditSink { tx }
+    }
+
+    pub async fn record(&self, e: AuditEntry) {
+        if self.tx.send(e).await.is_err() {
+            tracing::error!("audit writer stopped; an audit entry was not recorded");
+        }
+    }
+}
+
+async fn writer(store: Store, mut rx: mpsc::Receiver<AuditEntry>, stop: CancellationToken) {
+    let mut batch = Vec::with_capacity(BATCH);
+    loop {
+        let n = tokio::select! {
+            n = rx.recv_many(&mut batch, BATCH) => n,
+            _ = stop.cancelled() => {
+                // requests still in flight may add more; take what is there
+                while let Ok(e) = rx.try_recv() {
+                    batch.push(e);
+                }
+                write(&store, &mut batch).await;
+                return;
+            }
+        };
+        if n == 0 {
+            return;
+        }
+        write(&store, &mut batch).await;
+    }
+}
+
+async fn write(store: &Store, batch: &mut Vec<AuditEntry>) {
+    let mut wait = Duration::from_millis(100);
+    for _ in 0..8 {
+        match store.append_audit(batch.clone()).await {
+            Ok(()) => {
+                batch.clear();
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, n = batch.len(), "audit append failed; retrying");
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+    tracing::error!(n = batch.len(), "audit entries could not be written");
+    batch.clear();
+}

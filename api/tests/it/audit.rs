@@ -1,0 +1,218 @@
+//! The audit trail: state-changing requests are recorded (who, action, target, outcome,
+//! request id, source), never secrets; the hash chain detects edits and deletions; pruning
+//! re-anchors it; the append-only trigger refuses changes.
+
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use sqlx::PgPool;
+use switchyard_store::AuditEntry;
+
+use crate::support::{spawn_api_only, TestApp};
+
+async fn audit_rows(app: &TestApp, at_least: usize) -> Vec<Value> {
+    let t = std::time::Instant::now();
+    loop {
+        let page: Value = app
+            .auth(app.http.get(app.url("/v1/audit?limit=1000")))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let rows = page["data"].as_array().cloned().unwrap_or_default();
+        if rows.len() >= at_least {
+            return rows;
+        }
+        assert!(t.elapsed() < Duration::from_secs(10), "audit rows: {page}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
+async fn state_changing_requests_are_audited_without_secrets(pool: PgPool) {
+    let app = spawn_api_only(pool).await;
+    let job = app
+        .submit(json!({"kind": "system.noop", "input": {}}))
+        .await;
+    let id = job["id"].as_str().unwrap();
+    let r = app
+        .auth(app.http.post(app.url(&format!("/v1/jobs/{id}/cancel"))))
+        .header("x-request-id", "req-audit-1")
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success());
+    let created: Value = app
+        .auth(app.http.post(app.url("/v1/api-keys")))
+        .json(&json!({"name": "audited", "role": "viewer"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let secret = created["secret"].as_str().unwrap().to_string();
+    // a forbidden attempt is audited too (the caller is known)
+    let r = app
+        .http
+        .post(app.url("/v1/jobs"))
+        .bearer_auth(&secret)
+        .json(&json!({"kind": "system.noop", "input": {}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    // reads are not
+    app.get_job(id.parse().unwrap()).await;
+
+    let rows = audit_rows(&app, 4).await;
+    let summary: Vec<(String, String, i64)> = rows
+        .iter()
+        .map(|r| {
+            (
+                r["action"].as_str().unwrap().to_string(),
+                r["target"].as_str().unwrap().to_string(),
+                r["outcome"].as_i64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(summary.len(), 4, "{summary:?}");
+    assert_eq!(
+        summary[0],
+        ("POST /v1/jobs".into(), format!("/v1/jobs/{id}"), 202)
+    );
+    assert_eq!(
+        summary[1],
+        (
+            "POST /v1/jobs/{id}/cancel".into(),
+            format!("/v1/jobs/{id}/cancel"),
+            200
+        )
+    );
+    assert_eq!(summary[2].0, "POST /v1/api-keys");
+    assert_eq!(
+        summary[2].1,
+        format!("/v1/api-keys/{}", created["id"].as_str().unwrap())
+    );
+    assert_eq!(
+        (summary[3].0.as_str(), summary[3].2),
+        ("POST /v1/jobs", 403)
+    );
+    assert_eq!(rows[1]["request_id"], "req-audit-1");
+    assert_eq!(rows[0]["source"], "127.0.0.1");
+    assert!(rows[0]["actor"].as_str().unwrap().starts_with("key:"));
+    assert_ne!(rows[3]["actor"], rows[0]["actor"]);
+    let all = serde_json::to_string(&rows).unwrap();
+    assert!(!all.contains(&secret), "a secret reached the audit trail");
+    let v = app.store.verify_audit(app.tenant).await.unwrap();
+    assert_eq!((v.checked, v.first_broken), (4, None));
+    // viewers do not read the audit trail
+    let r = app
+        .http
+        .get(app.url("/v1/audit"))
+        .bearer_auth(&secret)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    app.stop().await;
+}
+
+fn entry(app: &TestApp, i: i32) -> AuditEntry {
+    AuditEntry {
+        tenant_id: app.tenant,
+        at: chrono::Utc::now(),
+        actor: "key:test".into(),
+        action: "POST /v1/jobs".into(),
+        target: format!("/v1/jobs/{i}"),
+        outcome: 202,
+        request_id: format!("r{i}"),
+        source: "10.0.0.1".into(),
+        details: json!({"n": i}),
+    }
+}
+
+#[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
+async fn the_chain_detects_edits_and_deletions(pool: PgPool) {
+    let app = spawn_api_only(pool.clone()).await;
+    let s = &app.store;
+    s.append_audit((1..=5).map(|i| entry(&app, i)).collect())
+        .await
+        .unwrap();
+    s.append_audit((6..=8).map(|i| entry(&app, i)).collect())
+        .await
+        .unwrap();
+    assert_eq!(s.verify_audit(app.tenant).await.unwrap().first_broken, None);
+    // the table refuses changes
+    let e = sqlx::query("UPDATE audit_events SET outcome = 200 WHERE seq = 3")
+        .execute(&pool)
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("append-only"), "{e}");
+    assert!(sqlx::query("DELETE FROM audit_events WHERE seq = 3")
+        .execute(&pool)
+        .await
+        .is_err());
+    // someone with the power to bypass it edits a row...
+    sqlx::query("ALTER TABLE audit_events DISABLE TRIGGER audit_events_append_only")
+        .execute(&pool)
+        .await
+        .unwrap();
+    sqlx::query("UPDATE audit_events SET outcome = 200 WHERE tenant_id = $1 AND seq = 3")
+        .bind(app.tenant)
+        .execute(&pool)
+        .await
+        .unwrap();
+    let v = s.verify_audit(app.tenant).await.unwrap();
+    assert_eq!(v.first_broken, Some(3), "{v:?}");
+    assert_eq!(v.checked, 2);
+    sqlx::query("UPDATE audit_events SET outcome = 202 WHERE tenant_id = $1 AND seq = 3")
+        .bind(app.tenant)
+        .execute(&pool)
+        .await
+        .unwrap();
+    assert_eq!(s.verify_audit(app.tenant).await.unwrap().first_broken, None);
+    // ... or deletes one
+    sqlx::query("DELETE FROM audit_events WHERE tenant_id = $1 AND seq = 6")
+        .bind(app.tenant)
+        .execute(&pool)
+        .await
+        .unwrap();
+    let v = s.verify_audit(app.tenant).await.unwrap();
+    assert_eq!(v.first_broken, Some(6), "{v:?}");
+    // ... or the newest one (the head no longer matches)
+    sqlx::query("DELETE FROM audit_events WHERE tenant_id = $1 AND seq >= 6")
+        .bind(app.tenant)
+        .execute(&pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        s.verify_audit(app.tenant).await.unwrap().first_broken,
+        Some(6)
+    );
+    app.stop().await;
+}
+
+#[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
+async fn pruning_re_anchors_the_chain(pool: PgPool) {
+    let app = spawn_api_only(pool).await;
+    let s = &app.store;
+    s.append_audit((1..=5).map(|i| entry(&app, i)).collect())
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let cut = chrono::Utc::now();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    s.append_audit((6..=7).map(|i| entry(&app, i)).collect())
+        .await
+        .unwrap();
+    assert_eq!(s.prune_audit(app.tenant, cut).await.unwrap(), 5);
+    let v = s.verify_audit(app.tenant).await.unwrap();
+    assert_eq!((v.checked, v.first_broken), (2, None));
+    s.append_audit(vec![entry(&app, 8)]).await.unwrap();
+    let v = s.verify_audit(app.tenant).await.unwrap();
+    assert_eq!((v.checked, v.first_broken), (3, None));
+    app.stop().await;
+}
