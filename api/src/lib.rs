@@ -40,6 +40,7 @@ use crate::submit::Submitter;
 #[derive(Debug, Clone)]
 pub struct ApiConfig {
     pub max_body_bytes: usize,
+    pub max_job_body_bytes: usize,
     pub enable_noop: bool,
 }
 
@@ -134,6 +135,7 @@ impl AppState {
             submitter,
             cfg: Arc::new(ApiConfig {
                 max_body_bytes: cfg.max_body_bytes,
+                max_job_body_bytes: cfg.max_job_body_bytes,
                 enable_noop: cfg.enable_noop,
             }),
             metrics: Arc::new(Metrics::new()),
@@ -165,8 +167,15 @@ async fn method_not_allowed() -> ApiError {
 pub fn router(state: AppState) -> Router {
     use routes::{api_keys, audit, conversations, health, jobs, models, stream, usage};
     let max_body = state.cfg.max_body_bytes;
+    let max_job_body = state.cfg.max_job_body_bytes;
     Router::new()
-        .route("/v1/jobs", post(jobs::create_job).get(jobs::list_jobs))
+        .route(
+            "/v1/jobs",
+            // its own body limit: code.exec jobs carry modules and files
+            post(jobs::create_job)
+                .layer(DefaultBodyLimit::max(max_job_body))
+                .get(jobs::list_jobs),
+        )
         .route("/v1/jobs/{id}", get(jobs::get_job))
         .route("/v1/jobs/{id}/cancel", post(jobs::cancel_job))
         .route("/v1/jobs/{id}/events", get(stream::sse))

@@ -193,3 +193,28 @@ async fn cancelling_stops_the_sandbox(pool: PgPool) {
     assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
     app.stop().await;
 }
+
+#[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
+async fn code_jobs_may_be_larger_than_other_bodies(pool: PgPool) {
+    let app = code_app(pool).await;
+    // 3 MiB of files: over the 1 MiB body limit of other routes, within the jobs route's own
+    let big = "x".repeat(3 * 1024 * 1024);
+    let id = submit_code(
+        &app,
+        json!({"language": "python", "code": "import os\nprint(os.path.getsize('big.txt'))",
+               "files": {"big.txt": big}}),
+    )
+    .await;
+    let job = app
+        .wait_status(id, "succeeded", Duration::from_secs(60))
+        .await;
+    assert_eq!(job["output"]["stdout"], format!("{}\n", 3 * 1024 * 1024));
+    let r = app
+        .auth(app.http.post(app.url("/v1/conversations")))
+        .json(&json!({"system": "x".repeat(2 * 1024 * 1024)}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 413);
+    app.stop().await;
+}

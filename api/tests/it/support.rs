@@ -112,6 +112,10 @@ pub async fn spawn_app_with(pool: PgPool, opts: Opts) -> TestApp {
     let prefix = format!("t{}", Uuid::new_v4().simple());
     let mut cfg = Config::for_tests("postgres://unused", &opts.redis_url, &prefix);
     cfg.max_body_bytes = opts.max_body_bytes;
+    // a test that lowers the limit lowers it for jobs too
+    if opts.max_body_bytes < cfg.max_job_body_bytes && opts.max_body_bytes != 1024 * 1024 {
+        cfg.max_job_body_bytes = opts.max_body_bytes;
+    }
     cfg.enable_noop = opts.enable_noop;
     cfg.lease_s = opts.lease.as_secs().max(2);
     let store = Store::from_pool(pool);

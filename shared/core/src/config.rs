@@ -34,6 +34,9 @@ pub struct Config {
     pub shutdown_grace_s: u64,
     /// Maximum request body.
     pub max_body_bytes: usize,
+    /// Maximum body of `POST /v1/jobs` (a `code.exec` job may carry an 8 MiB module and 4 MiB
+    /// of files).
+    pub max_job_body_bytes: usize,
     /// Failed authentications a source address may make per minute before all its requests
     /// get 429 for a while.
     pub auth_failures_per_minute: u32,
@@ -171,6 +174,7 @@ struct Defaults {
     lease_s: u64,
     shutdown_grace_s: u64,
     max_body_bytes: usize,
+    max_job_body_bytes: usize,
     auth_failures_per_minute: u32,
     enable_noop: bool,
     event_ttl_s: u64,
@@ -207,6 +211,7 @@ fn defaults() -> Defaults {
         lease_s: 30,
         shutdown_grace_s: 30,
         max_body_bytes: 1024 * 1024,
+        max_job_body_bytes: 16 * 1024 * 1024,
         auth_failures_per_minute: 30,
         enable_noop: false,
         event_ttl_s: 3600,
