@@ -24,6 +24,8 @@ pub enum Access {
     Public,
     /// An authenticated caller holding this permission.
     Needs(Permission),
+    /// The platform operator (`operator_token` in the configuration), not a tenant's key.
+    Operator,
 }
 
 /// Every route of the API: method, path (as routed), access. A route missing here is refused
@@ -60,6 +62,8 @@ pub const ROUTES: &[(&str, &str, Access)] = {
         ("GET", "/v1/api-keys/{id}", Needs(KeysManage)),
         ("DELETE", "/v1/api-keys/{id}", Needs(KeysManage)),
         ("GET", "/v1/audit", Needs(AuditRead)),
+        ("POST", "/v1/tenants", Operator),
+        ("GET", "/v1/tenants", Operator),
         ("GET", "/healthz", Public),
         ("GET", "/readyz", Public),
         ("GET", "/metrics", Public),
@@ -88,6 +92,45 @@ fn refuse(path: &str, e: ApiError) -> Response {
     }
 }
 
+/// Operator routes: the operator token (compared by digest), else 403 for a tenant's key and
+/// 401 (counted as a failed authentication) for anything else.
+async fn operator(app: AppState, mut req: Request, next: Next, path: &str) -> Response {
+    let source = req
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0.ip());
+    if let Some(wait) = source.and_then(|s| app.auth_failures.blocked_for(s)) {
+        return refuse(path, too_many_failures(wait));
+    }
+    let presented = presented_credential(req.headers(), req.uri().query());
+    if let (Some(p), Some(expected)) = (&presented, app.cfg.operator_digest) {
+        if switchyard_core::apikey::digest(p) == expected {
+            req.extensions_mut().insert(OperatorCall);
+            return next.run(req).await;
+        }
+    }
+    if let Some(p) = &presented {
+        if app.auth_cache.authenticate(&app.store, p).await.is_ok() {
+            return refuse(
+                path,
+                ApiError::new(
+                    ErrorCode::Forbidden,
+                    "only the platform operator manages tenants",
+                ),
+            );
+        }
+    }
+    tracing::warn!(source = ?source, path, "operator authentication failed");
+    if let Some(wait) = source.and_then(|s| app.auth_failures.failed(s)) {
+        return refuse(path, too_many_failures(wait));
+    }
+    refuse(path, ApiError::unauthorized())
+}
+
+/// Marks a request the operator token authenticated.
+#[derive(Debug, Clone, Copy)]
+pub struct OperatorCall;
+
 fn too_many_failures(wait: std::time::Duration) -> ApiError {
     ApiError::new(
         ErrorCode::RateLimited,
@@ -105,6 +148,7 @@ pub async fn authorize(State(app): State<AppState>, mut req: Request, next: Next
         .unwrap_or_default();
     let needed = match access(req.method(), &path) {
         Some(Access::Public) => return next.run(req).await,
+        Some(Access::Operator) => return operator(app, req, next, &path).await,
         Some(Access::Needs(p)) => p,
         None => {
             tracing::error!(method = %req.method(), path, "route missing from the authorization table");

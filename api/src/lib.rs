@@ -41,6 +41,8 @@ use crate::submit::Submitter;
 pub struct ApiConfig {
     pub max_body_bytes: usize,
     pub max_job_body_bytes: usize,
+    /// SHA-256 of the operator token (`None`: operator routes closed).
+    pub operator_digest: Option<[u8; 32]>,
     pub enable_noop: bool,
 }
 
@@ -136,6 +138,9 @@ impl AppState {
             cfg: Arc::new(ApiConfig {
                 max_body_bytes: cfg.max_body_bytes,
                 max_job_body_bytes: cfg.max_job_body_bytes,
+                operator_digest: cfg.operator_token.as_ref().map(|t| {
+                    switchyard_core::apikey::digest(secrecy::ExposeSecret::expose_secret(t))
+                }),
                 enable_noop: cfg.enable_noop,
             }),
             metrics: Arc::new(Metrics::new()),
@@ -165,7 +170,7 @@ async fn method_not_allowed() -> ApiError {
 
 /// The router with all routes and layers.
 pub fn router(state: AppState) -> Router {
-    use routes::{api_keys, audit, conversations, health, jobs, models, stream, usage};
+    use routes::{api_keys, audit, conversations, health, jobs, models, stream, tenants, usage};
     let max_body = state.cfg.max_body_bytes;
     let max_job_body = state.cfg.max_job_body_bytes;
     Router::new()
@@ -205,6 +210,7 @@ pub fn router(state: AppState) -> Router {
             get(api_keys::get).delete(api_keys::revoke),
         )
         .route("/v1/audit", get(audit::list))
+        .route("/v1/tenants", post(tenants::create).get(tenants::list))
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
         .route("/metrics", get(health::metrics))

@@ -28,6 +28,8 @@ use crate::routes;
         routes::api_keys::get,
         routes::api_keys::revoke,
         routes::audit::list,
+        routes::tenants::create,
+        routes::tenants::list,
         routes::stream::ws,
         routes::stream::sse,
         routes::health::healthz,
@@ -70,6 +72,10 @@ use crate::routes;
         routes::api_keys::CreatedApiKey,
         routes::api_keys::ApiKeyList,
         routes::audit::AuditPage,
+        routes::tenants::CreateTenant,
+        routes::tenants::TenantView,
+        routes::tenants::CreatedTenant,
+        routes::tenants::TenantList,
         switchyard_store::AuditRow,
         switchyard_core::authz::Role,
         switchyard_core::authz::Permission,
@@ -84,6 +90,7 @@ use crate::routes;
         (name = "usage", description = "Tokens and cost of succeeded llm.chat jobs per tenant"),
         (name = "api-keys", description = "A tenant's API keys: roles, scopes, expiry (needs `keys:manage`)"),
         (name = "audit", description = "The tenant's hash-chained audit trail (needs `audit:read`)"),
+        (name = "tenants", description = "Tenants, managed by the platform operator (`operator_token`)"),
         (name = "ops", description = "Health, readiness, metrics"),
     )
 )]

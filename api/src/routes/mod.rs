@@ -7,4 +7,5 @@ pub mod health;
 pub mod jobs;
 pub mod models;
 pub mod stream;
+pub mod tenants;
 pub mod usage;

@@ -15,4 +15,5 @@ mod reliability;
 mod streaming;
 mod support;
 mod tenancy;
+mod tenants;
 mod usage;

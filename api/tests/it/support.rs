@@ -26,6 +26,9 @@ pub fn redis_url() -> String {
     std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
 }
 
+/// The platform operator's token in tests.
+pub const OPERATOR_TOKEN: &str = "operator-token-for-tests-0123456789abcdef";
+
 #[derive(Clone)]
 pub struct Opts {
     pub worker: bool,
@@ -112,6 +115,7 @@ pub async fn spawn_app_with(pool: PgPool, opts: Opts) -> TestApp {
     let prefix = format!("t{}", Uuid::new_v4().simple());
     let mut cfg = Config::for_tests("postgres://unused", &opts.redis_url, &prefix);
     cfg.max_body_bytes = opts.max_body_bytes;
+    cfg.operator_token = Some(OPERATOR_TOKEN.to_string().into());
     // a test that lowers the limit lowers it for jobs too
     if opts.max_body_bytes < cfg.max_job_body_bytes && opts.max_body_bytes != 1024 * 1024 {
         cfg.max_job_body_bytes = opts.max_body_bytes;

@@ -46,6 +46,10 @@ pub struct Config {
     pub event_ttl_s: u64,
     /// JSON logs instead of text.
     pub log_json: bool,
+    /// The platform operator's bearer token (`SWITCHYARD_OPERATOR_TOKEN`): manages tenants
+    /// over `/v1/tenants`. Unset: those routes are closed.
+    #[serde(default)]
+    pub operator_token: Option<SecretString>,
     pub worker: WorkerConfig,
     pub llm: LlmConfig,
     /// `code.exec`: sandboxes, limits (`SWITCHYARD_CODE__...`).
@@ -305,6 +309,12 @@ impl Config {
             !self.redis_prefix.is_empty() && !self.redis_prefix.contains(['{', '}']),
             "redis_prefix must be non-empty and contain no braces"
         );
+        if let Some(t) = &self.operator_token {
+            anyhow::ensure!(
+                t.expose_secret().len() >= 32,
+                "operator_token must be at least 32 characters"
+            );
+        }
         let table = self.llm.table();
         for (alias, m) in &table.models {
             anyhow::ensure!(

@@ -19,6 +19,8 @@ pub enum ErrorCode {
     MethodNotAllowed,
     /// 409: the job already reached a terminal status.
     JobFinished,
+    /// 409: the object conflicts with an existing one (e.g. a taken name).
+    Conflict,
     /// 413: the request body is larger than the configured limit.
     PayloadTooLarge,
     /// 415: the body is not `application/json`.
@@ -48,6 +50,7 @@ impl ErrorCode {
         ErrorCode::NotFound,
         ErrorCode::MethodNotAllowed,
         ErrorCode::JobFinished,
+        ErrorCode::Conflict,
         ErrorCode::PayloadTooLarge,
         ErrorCode::UnsupportedMediaType,
         ErrorCode::UnknownKind,
@@ -66,7 +69,7 @@ impl ErrorCode {
             ErrorCode::Forbidden => 403,
             ErrorCode::NotFound => 404,
             ErrorCode::MethodNotAllowed => 405,
-            ErrorCode::JobFinished => 409,
+            ErrorCode::JobFinished | ErrorCode::Conflict => 409,
             ErrorCode::PayloadTooLarge => 413,
             ErrorCode::UnsupportedMediaType => 415,
             ErrorCode::UnknownKind
@@ -83,6 +86,7 @@ impl ErrorCode {
         match self {
             ErrorCode::MalformedJson => "malformed_json",
             ErrorCode::Forbidden => "forbidden",
+            ErrorCode::Conflict => "conflict",
             ErrorCode::Unauthorized => "unauthorized",
             ErrorCode::NotFound => "not_found",
             ErrorCode::MethodNotAllowed => "method_not_allowed",
@@ -104,6 +108,7 @@ impl ErrorCode {
             ErrorCode::MalformedJson => "The request body is not valid JSON.",
             ErrorCode::Unauthorized => "Missing, malformed, unknown, expired or revoked API key.",
             ErrorCode::Forbidden => "The key's role or scopes do not allow this action.",
+            ErrorCode::Conflict => "The object conflicts with an existing one.",
             ErrorCode::NotFound => {
                 "No such object (objects of other tenants are not found either)."
             }
