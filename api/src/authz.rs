@@ -2,7 +2,7 @@
 //! that authenticates the caller, checks the permission (403 `forbidden` otherwise) and hands
 //! the principal to the handler. Handlers never check roles themselves.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use axum::extract::{ConnectInfo, MatchedPath, Request, State};
 use axum::http::Method;
@@ -92,13 +92,26 @@ fn refuse(path: &str, e: ApiError) -> Response {
     }
 }
 
+/// The client's address (absent when the server runs without connect info).
+fn peer(req: &Request) -> Option<IpAddr> {
+    req.extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0.ip())
+}
+
+/// The request's `x-request-id` (set by the request-id layer), for audit rows.
+pub fn request_id(headers: &axum::http::HeaderMap) -> String {
+    headers
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string()
+}
+
 /// Operator routes: the operator token (compared by digest), else 403 for a tenant's key and
 /// 401 (counted as a failed authentication) for anything else.
 async fn operator(app: AppState, mut req: Request, next: Next, path: &str) -> Response {
-    let source = req
-        .extensions()
-        .get::<ConnectInfo<SocketAddr>>()
-        .map(|c| c.0.ip());
+    let source = peer(&req);
     if let Some(wait) = source.and_then(|s| app.auth_failures.blocked_for(s)) {
         return refuse(path, too_many_failures(wait));
     }
@@ -158,10 +171,7 @@ pub async fn authorize(State(app): State<AppState>, mut req: Request, next: Next
             );
         }
     };
-    let source = req
-        .extensions()
-        .get::<ConnectInfo<SocketAddr>>()
-        .map(|c| c.0.ip());
+    let source = peer(&req);
     if let Some(wait) = source.and_then(|s| app.auth_failures.blocked_for(s)) {
         return refuse(&path, too_many_failures(wait));
     }
@@ -197,12 +207,7 @@ pub async fn authorize(State(app): State<AppState>, mut req: Request, next: Next
         action: format!("{} {path}", req.method()),
         target: req.uri().path().to_string(),
         outcome: 0,
-        request_id: req
-            .headers()
-            .get("x-request-id")
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("")
-            .to_string(),
+        request_id: request_id(req.headers()),
         source: source.map(|s| s.to_string()).unwrap_or_default(),
         details: serde_json::json!({}),
     });

@@ -16,7 +16,7 @@ use switchyard_store::AuditEntry;
 use uuid::Uuid;
 
 use super::jobs::json_body;
-use crate::authz::OperatorCall;
+use crate::authz::{request_id, OperatorCall};
 use crate::error::{ApiError, ApiResult, ErrorBody};
 use crate::AppState;
 
@@ -94,11 +94,6 @@ pub async fn create(
         .store
         .create_scoped_api_key(t.id, "owner", Role::Owner, None, None)
         .await?;
-    let request_id = headers
-        .get("x-request-id")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
-        .to_string();
     state
         .audit
         .record(AuditEntry {
@@ -108,7 +103,7 @@ pub async fn create(
             action: "POST /v1/tenants".into(),
             target: format!("tenant:{}", t.id),
             outcome: 201,
-            request_id,
+            request_id: request_id(&headers),
             source: String::new(),
             details: serde_json::json!({"name": t.name}),
         })

@@ -485,3 +485,34 @@ pub fn assert_contiguous(events: &[Value], after: u64) {
         );
     }
 }
+
+/// Every (METHOD, path) of the served OpenAPI document.
+pub async fn openapi_operations(app: &TestApp) -> Vec<(String, String)> {
+    let doc: Value = app
+        .http
+        .get(app.url("/openapi.json"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let mut ops = Vec::new();
+    for (path, item) in doc["paths"].as_object().unwrap() {
+        for method in item.as_object().unwrap().keys() {
+            ops.push((method.to_uppercase(), path.clone()));
+        }
+    }
+    ops
+}
+
+/// The authorization-table entry of a documented operation (the document writes the
+/// catch-all `/v1/models/{*id}` as `/v1/models/{id}`).
+pub fn documented_access(method: &str, path: &str) -> Option<switchyard_api::authz::Access> {
+    let routed = if path.starts_with("/v1/models/") {
+        "/v1/models/{*id}"
+    } else {
+        path
+    };
+    switchyard_api::authz::access(&method.parse().ok()?, routed)
+}

@@ -7,7 +7,7 @@ use serde_json::{json, Value};
 use sqlx::PgPool;
 use switchyard_core::authz::Role;
 
-use crate::support::{spawn_api_only, spawn_app, TestApp};
+use crate::support::{documented_access, openapi_operations, spawn_api_only, spawn_app, TestApp};
 
 /// A valid body for each POST route (so only authorization and tenancy decide).
 fn body_for(path: &str) -> Option<Value> {
@@ -42,26 +42,6 @@ async fn send(
     let r = rb.send().await.unwrap();
     let s = r.status();
     (s, r.text().await.unwrap_or_default())
-}
-
-/// Every (method, path) of the OpenAPI document.
-async fn operations(app: &TestApp) -> Vec<(String, String)> {
-    let doc: Value = app
-        .http
-        .get(app.url("/openapi.json"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let mut ops = Vec::new();
-    for (path, item) in doc["paths"].as_object().unwrap() {
-        for method in item.as_object().unwrap().keys() {
-            ops.push((method.to_uppercase(), path.clone()));
-        }
-    }
-    ops
 }
 
 #[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
@@ -105,7 +85,7 @@ async fn tenant_b_sees_nothing_of_tenant_a_on_any_route(pool: PgPool) {
         .unwrap();
 
     let mut walked = 0;
-    for (method, path) in operations(&app).await {
+    for (method, path) in openapi_operations(&app).await {
         let concrete = if path.starts_with("/v1/jobs/{id}") {
             path.replace("{id}", &job_id)
         } else if path.starts_with("/v1/conversations/{id}") {
@@ -184,13 +164,8 @@ async fn a_key_without_permissions_gets_403_on_every_protected_route(pool: PgPoo
         .await
         .unwrap();
     let mut checked = 0;
-    for (method, path) in operations(&app).await {
-        let routed = if path.starts_with("/v1/models/") {
-            "/v1/models/{*id}".to_string()
-        } else {
-            path.clone()
-        };
-        let access = switchyard_api::authz::access(&method.parse().unwrap(), &routed).unwrap();
+    for (method, path) in openapi_operations(&app).await {
+        let access = documented_access(&method, &path).unwrap();
         if access == switchyard_api::authz::Access::Public {
             continue;
         }

@@ -97,6 +97,16 @@ pub fn python_programs() -> Vec<Hostile> {
     ]
 }
 
+/// A JavaScript program of the suite (each tier has its own: QuickJS or Node).
+pub fn js(name: &'static str, code: &'static str, expect: Expect) -> Hostile {
+    Hostile {
+        name,
+        language: Language::Javascript,
+        code,
+        expect,
+    }
+}
+
 /// Host state the checks compare against.
 pub struct Host {
     pub pid: u32,

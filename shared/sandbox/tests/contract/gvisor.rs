@@ -70,14 +70,8 @@ async fn the_warm_pool_refills() {
 
 /// Node programs of the escape suite.
 fn node_programs() -> Vec<crate::escape::Hostile> {
-    use crate::escape::{Expect::*, Hostile};
+    use crate::escape::{js, Expect::*};
     use switchyard_core::code::KilledBy;
-    let js = |name, code, expect| Hostile {
-        name,
-        language: Language::Javascript,
-        code,
-        expect,
-    };
     vec![
         js("node: read a host-only file", "try { console.log('ESCAPED', require('fs').readFileSync('{MARKER}', 'utf8')) } catch (e) { console.log('blocked', e.code) }", Blocked),
         js("node: environment", "console.log(JSON.stringify(process.env))", Contained),

@@ -138,13 +138,7 @@ async fn quickjs_stdin_args_files_exit() {
 
 /// QuickJS programs of the escape suite (std/os modules are what QuickJS offers the guest).
 fn quickjs_programs() -> Vec<crate::escape::Hostile> {
-    use crate::escape::{Expect::*, Hostile};
-    let js = |name, code, expect| Hostile {
-        name,
-        language: Language::Javascript,
-        code,
-        expect,
-    };
+    use crate::escape::{js, Expect::*};
     vec![
         js("js: read /etc/shadow", "console.log(std.loadFile('/etc/shadow') === null ? 'blocked' : 'ESCAPED')", Blocked),
         js("js: read a host-only file", "console.log(std.loadFile('{MARKER}') === null ? 'blocked' : 'ESCAPED')", Blocked),
