@@ -122,6 +122,10 @@ enum AdminCmd {
         /// the worker's `code.max_limits`); `default` removes the tenant's own.
         #[arg(long)]
         code_limits: Option<String>,
+        /// Lets the tenant's app sign end users' JWTs (HS256) with issuer ISSUER: a new secret
+        /// is generated and printed once (rotating any old one); `off` stops accepting them.
+        #[arg(long, value_name = "ISSUER|off")]
+        jwt_hs256: Option<String>,
     },
 }
 
@@ -226,12 +230,40 @@ async fn admin(cfg: &Config, cmd: AdminCmd) -> anyhow::Result<()> {
             llm_cache,
             models,
             code_limits,
+            jwt_hs256,
         } => {
             anyhow::ensure!(
-                llm_cache.is_some() || models.is_some() || code_limits.is_some(),
-                "nothing to set: pass --llm-cache on|off, --models a,b,prefix-*|all and/or \
-                 --code-limits wall_ms=N,cpu_ms=N,memory_mb=N,output_bytes=N|default"
+                llm_cache.is_some()
+                    || models.is_some()
+                    || code_limits.is_some()
+                    || jwt_hs256.is_some(),
+                "nothing to set: pass --llm-cache on|off, --models a,b,prefix-*|all, \
+                 --code-limits wall_ms=N,cpu_ms=N,memory_mb=N,output_bytes=N|default and/or \
+                 --jwt-hs256 ISSUER|off"
             );
+            if let Some(issuer) = jwt_hs256 {
+                if issuer == "off" {
+                    anyhow::ensure!(
+                        store.set_tenant_jwt(&name, None).await?,
+                        "no tenant named {name}"
+                    );
+                    println!("tenant {name}: HS256 tokens are no longer accepted");
+                } else {
+                    anyhow::ensure!(!issuer.trim().is_empty(), "the issuer must not be empty");
+                    let secret = switchyard_core::apikey::random_secret(48);
+                    anyhow::ensure!(
+                        store
+                            .set_tenant_jwt(&name, Some((&issuer, &secret)))
+                            .await?,
+                        "no tenant named {name}"
+                    );
+                    println!("{secret}");
+                    eprintln!(
+                        "tenant {name}: HS256 tokens with iss={issuer} are signed with the secret \
+                         above; it is shown only this once"
+                    );
+                }
+            }
             if let Some(spec) = code_limits {
                 let limits = parse_code_limits(&spec)?;
                 anyhow::ensure!(

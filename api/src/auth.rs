@@ -1,5 +1,6 @@
-//! Authentication: `Authorization: Bearer sy_...` (or `?token=` where headers are impossible:
-//! browsers' WebSocket and EventSource). Lookups are cached for a few seconds.
+//! Authentication: `Authorization: Bearer ...` (or `?token=` where headers are impossible:
+//! browsers' WebSocket and EventSource) with a tenant's API key (`sy_...`) or an end user's JWT
+//! (anything else; see `jwt`). Lookups are cached for a few seconds.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -16,13 +17,20 @@ use crate::AppState;
 pub const AUTH_CACHE_TTL: Duration = Duration::from_secs(5);
 const AUTH_CACHE_MAX: usize = 10_000;
 
-/// Small TTL cache of key digest → principal.
-#[derive(Default)]
+/// Small TTL cache of credential digest → principal, and the JWT verifier.
 pub struct AuthCache {
     map: Mutex<HashMap<[u8; 32], (Principal, Instant)>>,
+    jwt: crate::jwt::JwtVerifier,
 }
 
 impl AuthCache {
+    pub fn new(jwt: switchyard_core::jwt_config::JwtConfig) -> AuthCache {
+        AuthCache {
+            map: Mutex::new(HashMap::new()),
+            jwt: crate::jwt::JwtVerifier::new(jwt),
+        }
+    }
+
     pub async fn authenticate(
         &self,
         store: &Store,
@@ -37,10 +45,20 @@ impl AuthCache {
                 }
             }
         }
-        let principal = store
-            .authenticate(presented)
-            .await?
-            .ok_or_else(ApiError::unauthorized)?;
+        let principal = if presented.starts_with(switchyard_core::apikey::KEY_PREFIX) {
+            store
+                .authenticate(presented)
+                .await?
+                .ok_or_else(ApiError::unauthorized)?
+        } else {
+            match self.jwt.verify(store, presented).await? {
+                Ok(p) => p,
+                Err(why) => {
+                    tracing::info!(reason = %why, "bearer token refused");
+                    return Err(ApiError::unauthorized());
+                }
+            }
+        };
         if let Ok(mut map) = self.map.lock() {
             if map.len() >= AUTH_CACHE_MAX {
                 map.clear();

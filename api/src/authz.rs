@@ -198,7 +198,9 @@ pub async fn authorize(State(app): State<AppState>, mut req: Request, next: Next
         }
         Err(e) => return refuse(&path, e),
     };
-    app.key_usage.used(principal.key_id);
+    if let Some(key) = principal.key_id() {
+        app.key_usage.used(key);
+    }
     let audited = !matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS);
     let entry = audited.then(|| AuditEntry {
         tenant_id: principal.tenant_id,

@@ -11,7 +11,7 @@ use switchyard_core::event::types;
 use switchyard_core::job::JobStatus;
 use switchyard_core::Event;
 use switchyard_queue::{LiveMsg, LiveSubscription};
-use switchyard_store::JobRow;
+use switchyard_store::{JobRow, Scope};
 use uuid::Uuid;
 
 use crate::error::ApiError;
@@ -80,14 +80,14 @@ impl Feed {
     /// tenant's.
     pub async fn open(
         state: &AppState,
-        tenant: Uuid,
+        scope: impl Into<Scope>,
         job_id: Uuid,
         after: u64,
         buffer: usize,
     ) -> Result<Feed, ApiError> {
         let row = state
             .store
-            .get_job(tenant, job_id)
+            .get_job(scope, job_id)
             .await?
             .ok_or_else(|| ApiError::not_found("job"))?;
         let sub = state.live.subscribe(job_id, buffer);

@@ -8,6 +8,7 @@ pub mod auth_limit;
 pub mod authz;
 pub mod error;
 pub mod feed;
+pub mod jwt;
 pub mod metrics;
 pub mod openai;
 pub mod openapi;
@@ -144,7 +145,7 @@ impl AppState {
                 enable_noop: cfg.enable_noop,
             }),
             metrics: Arc::new(Metrics::new()),
-            auth_cache: Arc::new(AuthCache::default()),
+            auth_cache: Arc::new(AuthCache::new(cfg.jwt.clone())),
             key_usage,
             audit,
             auth_failures: Arc::new(crate::auth_limit::AuthFailures::new(

@@ -106,7 +106,11 @@ impl Modify for Security {
             SecurityScheme::Http(
                 HttpBuilder::new()
                     .scheme(HttpAuthScheme::Bearer)
-                    .description(Some("An API key `sy_...`"))
+                    .bearer_format("sy_ API key or JWT")
+                    .description(Some(
+                        "A tenant's API key (`sy_...`), or an end user's JWT (HS256 signed with \
+                         the tenant's secret, or RS256/ES256 from a configured issuer's JWKS)",
+                    ))
                     .build(),
             ),
         );

@@ -180,6 +180,7 @@ pub async fn create(
         .store
         .create_conversation(
             principal.tenant_id,
+            &principal.subject(),
             &NewConversation {
                 model: req.model,
                 system: req.system,
@@ -223,7 +224,7 @@ pub async fn get(
     let turns = int_param(page.turns.as_deref(), "turns", 200, 1..=1000)?;
     let conversation = state
         .store
-        .get_conversation(principal.tenant_id, id)
+        .get_conversation(principal.scope(), id)
         .await?
         .ok_or_else(|| ApiError::not_found("conversation"))?;
     let (messages, more) = state.store.messages_page(id, after, turns).await?;
@@ -255,7 +256,7 @@ pub async fn list(
     let (limit, before) = page_params(p.limit.as_deref(), p.cursor.as_deref())?;
     let mut rows = state
         .store
-        .list_conversations(principal.tenant_id, before, limit + 1)
+        .list_conversations(principal.scope(), before, limit + 1)
         .await?;
     let has_more = rows.len() as i64 > limit;
     rows.truncate(limit as usize);
@@ -288,7 +289,7 @@ pub async fn delete(
     let id = parse_id(&id)?;
     if state
         .store
-        .delete_conversation(principal.tenant_id, id)
+        .delete_conversation(principal.scope(), id)
         .await?
     {
         Ok(StatusCode::NO_CONTENT)
@@ -331,7 +332,7 @@ pub async fn post_message(
     }
     let conv = state
         .store
-        .get_conversation(principal.tenant_id, id)
+        .get_conversation(principal.scope(), id)
         .await?
         .ok_or_else(|| ApiError::not_found("conversation"))?;
     let model = req.model.or(conv.model).ok_or_else(|| {
@@ -363,7 +364,7 @@ pub async fn post_message(
     let trace = request_trace(&headers);
     let posted = state
         .store
-        .post_message(principal.tenant_id, id, &req.content, &model, |turn| {
+        .post_message(principal.scope(), id, &req.content, &model, |turn| {
             input["conversation"] = json!({ "id": id, "turn": turn });
             llm_chat_job(
                 &principal,

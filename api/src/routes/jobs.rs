@@ -13,7 +13,7 @@ use serde_json::Value;
 use switchyard_core::job::{CreateJobRequest, Job, JobKind, JobStatus};
 use switchyard_core::telemetry::TraceParent;
 use switchyard_core::{ErrorCode, Event};
-use switchyard_store::{CancelOutcome, JobFilter, NewJob};
+use switchyard_store::{CancelOutcome, JobFilter, NewJob, Scope};
 use uuid::Uuid;
 
 use crate::auth::Auth;
@@ -192,7 +192,7 @@ pub async fn get_job(
     let id = parse_id(&id)?;
     let row = state
         .store
-        .get_job(principal.tenant_id, id)
+        .get_job(principal.scope(), id)
         .await?
         .ok_or_else(|| ApiError::not_found("job"))?;
     Ok(Json(row.to_job()))
@@ -307,7 +307,7 @@ pub async fn list_jobs(
     let rows = state
         .store
         .list_jobs(
-            principal.tenant_id,
+            principal.scope(),
             &JobFilter {
                 status,
                 kind,
@@ -352,7 +352,7 @@ pub async fn cancel_job(
     Path(id): Path<String>,
 ) -> ApiResult<Response> {
     let id = parse_id(&id)?;
-    match cancel(&state, principal.tenant_id, id).await? {
+    match cancel(&state, principal.scope(), id).await? {
         CancelOutcome::NotFound => Err(ApiError::not_found("job")),
         CancelOutcome::Finished(row) => Err(ApiError::new(
             ErrorCode::JobFinished,
@@ -367,8 +367,12 @@ pub async fn cancel_job(
 
 /// Cancels a job: a queued one at once (its `cancelled` event is published), a running one by
 /// notifying its worker (it confirms).
-pub async fn cancel(state: &AppState, tenant: Uuid, id: Uuid) -> ApiResult<CancelOutcome> {
-    let outcome = state.store.cancel_job(tenant, id).await?;
+pub async fn cancel(
+    state: &AppState,
+    scope: impl Into<Scope>,
+    id: Uuid,
+) -> ApiResult<CancelOutcome> {
+    let outcome = state.store.cancel_job(scope, id).await?;
     match &outcome {
         CancelOutcome::Cancelled(row) => {
             let ev = Event::terminal(

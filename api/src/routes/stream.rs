@@ -14,6 +14,7 @@ use futures::{SinkExt, Stream, StreamExt};
 use serde::Deserialize;
 use serde_json::json;
 use switchyard_core::ErrorCode;
+use switchyard_store::Scope;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -74,13 +75,13 @@ pub async fn ws(
             .into_response()
         }
     };
-    let tenant = principal.tenant_id;
+    let scope = principal.scope();
     upgrade
         .max_message_size(64 * 1024)
-        .on_upgrade(move |socket| connection(state, tenant, socket))
+        .on_upgrade(move |socket| connection(state, scope, socket))
 }
 
-async fn connection(state: AppState, tenant: Uuid, socket: WebSocket) {
+async fn connection(state: AppState, scope: Scope, socket: WebSocket) {
     state.metrics.ws_connections.inc();
     let (mut sink, mut stream) = socket.split();
     let (out_tx, mut out_rx) = mpsc::channel::<Message>(WS_BUFFER);
@@ -132,7 +133,7 @@ async fn connection(state: AppState, tenant: Uuid, socket: WebSocket) {
                     subs.retain(|_, t| !t.is_cancelled());
                     prune_at = (subs.len() * 2).max(64);
                 }
-                if let Err((job, err)) = handle_op(&state, tenant, text.as_str(), &mut subs, &out_tx, &slow, &conn_done) {
+                if let Err((job, err)) = handle_op(&state, &scope, text.as_str(), &mut subs, &out_tx, &slow, &conn_done) {
                     let _ = out_tx.try_send(error_frame(job, &err));
                 }
             }
@@ -144,7 +145,7 @@ async fn connection(state: AppState, tenant: Uuid, socket: WebSocket) {
 
 fn handle_op(
     state: &AppState,
-    tenant: Uuid,
+    scope: &Scope,
     text: &str,
     subs: &mut HashMap<Uuid, CancellationToken>,
     out: &mpsc::Sender<Message>,
@@ -188,10 +189,11 @@ fn handle_op(
             }
             let token = conn_done.child_token();
             subs.insert(job_id, token.clone());
-            let (state, out, slow) = (state.clone(), out.clone(), slow.clone());
+            let (state, out, slow, scope) =
+                (state.clone(), out.clone(), slow.clone(), scope.clone());
             let after = op.after.unwrap_or(0);
             state.tasks.clone().spawn(async move {
-                let mut feed = match Feed::open(&state, tenant, job_id, after, LIVE_BUFFER).await {
+                let mut feed = match Feed::open(&state, scope, job_id, after, LIVE_BUFFER).await {
                     Ok(f) => f,
                     Err(e) => {
                         let _ = out.try_send(error_frame(Some(job_id), &e));
@@ -275,7 +277,7 @@ pub async fn sse(
             )
         })?,
     };
-    let feed = Feed::open(&state, principal.tenant_id, id, after, LIVE_BUFFER).await?;
+    let feed = Feed::open(&state, principal.scope(), id, after, LIVE_BUFFER).await?;
     let metrics = state.metrics.clone();
     let stream = futures::stream::unfold(feed, move |mut f| {
         let metrics = metrics.clone();

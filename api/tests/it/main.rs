@@ -9,6 +9,7 @@ mod code;
 mod conversations;
 mod errors;
 mod jobs;
+mod jwt;
 mod models;
 mod ops;
 mod reliability;

@@ -39,6 +39,8 @@ pub struct Opts {
     pub enable_noop: bool,
     /// Give the worker the wasm sandbox (`code.exec`).
     pub code: bool,
+    /// Adjusts the configuration before anything starts.
+    pub configure: Option<std::sync::Arc<dyn Fn(&mut Config) + Send + Sync>>,
 }
 
 impl Default for Opts {
@@ -51,6 +53,7 @@ impl Default for Opts {
             max_body_bytes: 1024 * 1024,
             enable_noop: true,
             code: false,
+            configure: None,
         }
     }
 }
@@ -132,6 +135,9 @@ pub async fn spawn_app_with(pool: PgPool, opts: Opts) -> TestApp {
     let mock_url = format!("{mock_base}/v1");
     // the API's model table lists the mock's aliases (`GET /v1/models`)
     cfg.llm.mock_base_url = Some(mock_url.clone());
+    if let Some(f) = &opts.configure {
+        f(&mut cfg);
+    }
 
     let api_stop = CancellationToken::new();
     let state = switchyard_api::AppState::build(&cfg, store.clone(), api_stop.clone())

@@ -10,7 +10,7 @@ use switchyard_core::authz::Role;
 use crate::support::{documented_access, openapi_operations, spawn_api_only, spawn_app, TestApp};
 
 /// A valid body for each POST route (so only authorization and tenancy decide).
-fn body_for(path: &str) -> Option<Value> {
+pub fn body_for(path: &str) -> Option<Value> {
     Some(match path {
         "/v1/jobs" => json!({"kind": "system.noop", "input": {}}),
         "/v1/conversations" => json!({"model": "mock-echo"}),
@@ -23,7 +23,7 @@ fn body_for(path: &str) -> Option<Value> {
     })
 }
 
-async fn send(
+pub async fn send(
     app: &TestApp,
     key: &str,
     method: &str,

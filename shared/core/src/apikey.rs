@@ -35,6 +35,12 @@ fn random_string(len: usize) -> String {
         .collect()
 }
 
+/// A random secret of `len` alphanumeric characters (about 5.95 bits each, from the OS RNG),
+/// e.g. a tenant's HS256 signing secret.
+pub fn random_secret(len: usize) -> String {
+    random_string(len)
+}
+
 /// Generates `sy_<8 visible>_<40 secret>` (about 238 bits of entropy from the OS RNG).
 pub fn generate() -> GeneratedKey {
     let full = format!(

@@ -55,6 +55,9 @@ pub struct Config {
     /// `code.exec`: sandboxes, limits (`SWITCHYARD_CODE__...`).
     #[serde(default)]
     pub code: crate::code::CodeConfig,
+    /// End users' JWTs (`[jwt]`).
+    #[serde(default)]
+    pub jwt: crate::jwt_config::JwtConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -315,6 +318,7 @@ impl Config {
                 "operator_token must be at least 32 characters"
             );
         }
+        self.jwt.check().map_err(anyhow::Error::msg)?;
         let table = self.llm.table();
         for (alias, m) in &table.models {
             anyhow::ensure!(

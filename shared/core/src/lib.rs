@@ -10,6 +10,7 @@ pub mod config;
 pub mod error;
 pub mod event;
 pub mod job;
+pub mod jwt_config;
 pub mod models;
 pub mod telemetry;
 

@@ -8,7 +8,7 @@ use serde_json::Value;
 use sqlx::FromRow;
 use uuid::Uuid;
 
-use crate::{NewJob, Result, Store};
+use crate::{NewJob, Result, Scope, Store};
 
 /// A conversation as clients see it.
 #[derive(Debug, Clone, PartialEq, Serialize, FromRow, utoipa::ToSchema)]
@@ -82,14 +82,17 @@ const CONV_COLS: &str =
 const MSG_COLS: &str = "turn, role, content, tool_calls, job_id, model, usage, created_at";
 
 impl Store {
+    /// A new conversation of the tenant, recording who created it.
     pub async fn create_conversation(
         &self,
         tenant_id: Uuid,
+        created_by: &str,
         c: &NewConversation,
     ) -> Result<Conversation> {
         let row = sqlx::query_as::<_, Conversation>(&format!(
-            "INSERT INTO conversations (id, tenant_id, model, system, metadata, context_strategy)
-             VALUES ($1, $2, $3, $4, $5, $6) RETURNING {CONV_COLS}"
+            "INSERT INTO conversations (id, tenant_id, model, system, metadata, context_strategy,
+                created_by)
+             VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING {CONV_COLS}"
         ))
         .bind(Uuid::now_v7())
         .bind(tenant_id)
@@ -97,21 +100,26 @@ impl Store {
         .bind(&c.system)
         .bind(&c.metadata)
         .bind(&c.context_strategy)
+        .bind(created_by)
         .fetch_one(self.pool())
         .await?;
         Ok(row)
     }
 
+    /// A conversation in the scope (`None` when missing or not visible).
     pub async fn get_conversation(
         &self,
-        tenant_id: Uuid,
+        scope: impl Into<Scope>,
         id: Uuid,
     ) -> Result<Option<Conversation>> {
+        let scope = scope.into();
         Ok(sqlx::query_as::<_, Conversation>(&format!(
-            "SELECT {CONV_COLS} FROM conversations WHERE id = $1 AND tenant_id = $2"
+            "SELECT {CONV_COLS} FROM conversations WHERE id = $1 AND tenant_id = $2
+               AND ($3::text IS NULL OR created_by = $3)"
         ))
         .bind(id)
-        .bind(tenant_id)
+        .bind(scope.tenant_id)
+        .bind(scope.creator)
         .fetch_optional(self.pool())
         .await?)
     }
@@ -179,29 +187,37 @@ impl Store {
     /// Newest first; `before` is the last id of the previous page.
     pub async fn list_conversations(
         &self,
-        tenant_id: Uuid,
+        scope: impl Into<Scope>,
         before: Option<Uuid>,
         limit: i64,
     ) -> Result<Vec<Conversation>> {
+        let scope = scope.into();
         Ok(sqlx::query_as::<_, Conversation>(&format!(
             "SELECT {CONV_COLS} FROM conversations
              WHERE tenant_id = $1 AND ($2::uuid IS NULL OR id < $2)
+               AND ($4::text IS NULL OR created_by = $4)
              ORDER BY id DESC LIMIT $3"
         ))
-        .bind(tenant_id)
+        .bind(scope.tenant_id)
         .bind(before)
         .bind(limit)
+        .bind(scope.creator)
         .fetch_all(self.pool())
         .await?)
     }
 
     /// Deletes a conversation and its messages; false when there was none.
-    pub async fn delete_conversation(&self, tenant_id: Uuid, id: Uuid) -> Result<bool> {
-        let r = sqlx::query("DELETE FROM conversations WHERE id = $1 AND tenant_id = $2")
-            .bind(id)
-            .bind(tenant_id)
-            .execute(self.pool())
-            .await?;
+    pub async fn delete_conversation(&self, scope: impl Into<Scope>, id: Uuid) -> Result<bool> {
+        let scope = scope.into();
+        let r = sqlx::query(
+            "DELETE FROM conversations WHERE id = $1 AND tenant_id = $2
+               AND ($3::text IS NULL OR created_by = $3)",
+        )
+        .bind(id)
+        .bind(scope.tenant_id)
+        .bind(scope.creator)
+        .execute(self.pool())
+        .await?;
         Ok(r.rows_affected() == 1)
     }
 
@@ -209,20 +225,23 @@ impl Store {
     /// gets the turn number and builds the job. `None` when the conversation does not exist.
     pub async fn post_message(
         &self,
-        tenant_id: Uuid,
+        scope: impl Into<Scope>,
         id: Uuid,
         content: &str,
         model: &str,
         make_job: impl FnOnce(i32) -> NewJob,
     ) -> Result<Option<(Message, NewJob)>> {
+        let scope = scope.into();
         let mut tx = self.pool().begin().await?;
         // the row lock orders concurrent posts: turns are numbered in commit order
         let turn: Option<i32> = sqlx::query_scalar(
             "UPDATE conversations SET next_turn = next_turn + 1, updated_at = now()
-             WHERE id = $1 AND tenant_id = $2 RETURNING next_turn - 1",
+             WHERE id = $1 AND tenant_id = $2 AND ($3::text IS NULL OR created_by = $3)
+             RETURNING next_turn - 1",
         )
         .bind(id)
-        .bind(tenant_id)
+        .bind(scope.tenant_id)
+        .bind(scope.creator)
         .fetch_optional(&mut *tx)
         .await?;
         let Some(turn) = turn else {

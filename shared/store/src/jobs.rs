@@ -9,7 +9,7 @@ pub use switchyard_core::job::DispatchItem;
 use switchyard_core::job::{job_error_codes, Job, JobError, JobStatus};
 use uuid::Uuid;
 
-use crate::{Result, Store};
+use crate::{Result, Scope, Store};
 
 const JOB_COLUMNS: &str = "id, tenant_id, created_by, kind, queue, priority, status, attempt, \
     max_attempts, timeout_s, input, output, error, metadata, trace_parent, created_at, started_at, \
@@ -240,13 +240,17 @@ impl Store {
         Ok(())
     }
 
-    /// A job of this tenant (another tenant's job is `None`, like a missing one).
-    pub async fn get_job(&self, tenant_id: Uuid, id: Uuid) -> Result<Option<JobRow>> {
+    /// A job in the scope (another tenant's job, or another end user's, is `None`, like a
+    /// missing one).
+    pub async fn get_job(&self, scope: impl Into<Scope>, id: Uuid) -> Result<Option<JobRow>> {
+        let scope = scope.into();
         Ok(sqlx::query_as::<_, JobRow>(&format!(
-            "SELECT {JOB_COLUMNS} FROM jobs WHERE id = $1 AND tenant_id = $2"
+            "SELECT {JOB_COLUMNS} FROM jobs WHERE id = $1 AND tenant_id = $2
+               AND ($3::text IS NULL OR created_by = $3)"
         ))
         .bind(id)
-        .bind(tenant_id)
+        .bind(scope.tenant_id)
+        .bind(scope.creator)
         .fetch_optional(self.pool())
         .await?)
     }
@@ -262,35 +266,45 @@ impl Store {
     }
 
     /// Newest first; `filter.before` is the cursor.
-    pub async fn list_jobs(&self, tenant_id: Uuid, filter: &JobFilter) -> Result<Vec<JobRow>> {
+    pub async fn list_jobs(
+        &self,
+        scope: impl Into<Scope>,
+        filter: &JobFilter,
+    ) -> Result<Vec<JobRow>> {
+        let scope = scope.into();
         Ok(sqlx::query_as::<_, JobRow>(&format!(
             "SELECT {JOB_COLUMNS} FROM jobs
              WHERE tenant_id = $1
                AND ($2::text IS NULL OR status = $2)
                AND ($3::text IS NULL OR kind = $3)
                AND ($4::uuid IS NULL OR id < $4)
+               AND ($6::text IS NULL OR created_by = $6)
              ORDER BY id DESC LIMIT $5"
         ))
-        .bind(tenant_id)
+        .bind(scope.tenant_id)
         .bind(filter.status.map(|s| s.as_str()))
         .bind(filter.kind.as_deref())
         .bind(filter.before)
         .bind(filter.limit)
+        .bind(scope.creator)
         .fetch_all(self.pool())
         .await?)
     }
 
     /// Cancels a queued job at once, or records a cancel request for a running one.
-    pub async fn cancel_job(&self, tenant_id: Uuid, id: Uuid) -> Result<CancelOutcome> {
+    pub async fn cancel_job(&self, scope: impl Into<Scope>, id: Uuid) -> Result<CancelOutcome> {
+        let scope = scope.into();
         let cancelled = sqlx::query_as::<_, JobRow>(&format!(
             "UPDATE jobs SET status = 'cancelled', finished_at = now(), updated_at = now(),
                 cancel_requested_at = COALESCE(cancel_requested_at, now()), event_seq = event_seq + 1,
                 lease_owner = NULL, lease_expires_at = NULL
              WHERE id = $1 AND tenant_id = $2 AND status = 'queued'
+               AND ($3::text IS NULL OR created_by = $3)
              RETURNING {JOB_COLUMNS}"
         ))
         .bind(id)
-        .bind(tenant_id)
+        .bind(scope.tenant_id)
+        .bind(&scope.creator)
         .fetch_optional(self.pool())
         .await?;
         if let Some(row) = cancelled {
@@ -299,20 +313,22 @@ impl Store {
         let requested = sqlx::query_as::<_, JobRow>(&format!(
             "UPDATE jobs SET cancel_requested_at = COALESCE(cancel_requested_at, now()), updated_at = now()
              WHERE id = $1 AND tenant_id = $2 AND status = 'running'
+               AND ($3::text IS NULL OR created_by = $3)
              RETURNING {JOB_COLUMNS}"
         ))
         .bind(id)
-        .bind(tenant_id)
+        .bind(scope.tenant_id)
+        .bind(&scope.creator)
         .fetch_optional(self.pool())
         .await?;
         if let Some(row) = requested {
             return Ok(CancelOutcome::Requested(row));
         }
-        match self.get_job(tenant_id, id).await? {
+        match self.get_job(&scope, id).await? {
             None => Ok(CancelOutcome::NotFound),
             Some(row) if row.status().is_terminal() => Ok(CancelOutcome::Finished(row)),
             // it changed state between our statements (e.g. was just claimed): try again
-            Some(_) => Box::pin(self.cancel_job(tenant_id, id)).await,
+            Some(_) => Box::pin(self.cancel_job(scope, id)).await,
         }
     }
 

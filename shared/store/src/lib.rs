@@ -4,15 +4,19 @@
 mod api_keys;
 mod audit;
 mod conversations;
+mod end_users;
 mod insert;
 mod jobs;
 mod reconcile;
+mod scope;
 mod tenants;
 mod usage;
 
 pub use audit::*;
 pub use conversations::*;
+pub use end_users::*;
 pub use jobs::*;
+pub use scope::Scope;
 pub use tenants::*;
 pub use usage::*;
 

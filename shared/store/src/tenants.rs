@@ -35,11 +35,20 @@ pub struct ApiKeyRecord {
 pub(crate) const KEY_COLUMNS: &str =
     "id, tenant_id, name, prefix, created_at, revoked_at, role, scopes, expires_at, last_used_at";
 
-/// Who is calling: the tenant and the key (later also token subjects).
+/// How a caller proved who it is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Credential {
+    /// A tenant's API key (the tenant's own staff and services).
+    Key(Uuid),
+    /// A JWT of one of the tenant's end users (`sub`).
+    Token { subject: String },
+}
+
+/// Who is calling: the tenant, and the key or end user.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Principal {
     pub tenant_id: Uuid,
-    pub key_id: Uuid,
+    pub credential: Credential,
     /// The tenant caches LLM responses unless a request says otherwise.
     pub llm_cache: bool,
     /// The models the tenant may use (`None`: all); see [`Principal::may_use`].
@@ -69,9 +78,31 @@ impl Principal {
         switchyard_core::authz::allows(self.role, self.scopes.as_deref(), p)
     }
 
-    /// The `created_by` recorded on jobs.
+    /// The `created_by` recorded on jobs and conversations: `key:<id>` or `user:<sub>`.
     pub fn subject(&self) -> String {
-        format!("key:{}", self.key_id)
+        match &self.credential {
+            Credential::Key(id) => format!("key:{id}"),
+            Credential::Token { subject } => format!("user:{subject}"),
+        }
+    }
+
+    /// The API key, when the caller used one.
+    pub fn key_id(&self) -> Option<Uuid> {
+        match self.credential {
+            Credential::Key(id) => Some(id),
+            Credential::Token { .. } => None,
+        }
+    }
+
+    /// What the caller may see: API keys see their whole tenant; end users see what they
+    /// created unless their role is `admin` or higher.
+    pub fn scope(&self) -> crate::Scope {
+        match &self.credential {
+            Credential::Token { .. } if self.role < Role::Admin => {
+                crate::Scope::creator(self.tenant_id, self.subject())
+            }
+            _ => crate::Scope::tenant(self.tenant_id),
+        }
     }
 }
 
@@ -208,7 +239,7 @@ impl Store {
         Ok(row.map(
             |(key_id, tenant_id, llm_cache, allowed_models, role, scopes, expires_at)| Principal {
                 tenant_id,
-                key_id,
+                credential: Credential::Key(key_id),
                 llm_cache,
                 allowed_models,
                 // the column's CHECK admits only known roles; anything else gets the least
@@ -278,7 +309,7 @@ mod tests {
     fn model_allow_lists() {
         let mut p = Principal {
             tenant_id: Uuid::nil(),
-            key_id: Uuid::nil(),
+            credential: Credential::Key(Uuid::nil()),
             llm_cache: false,
             allowed_models: None,
             role: Role::Owner,
