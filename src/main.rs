@@ -126,6 +126,11 @@ enum AdminCmd {
         /// is generated and printed once (rotating any old one); `off` stops accepting them.
         #[arg(long, value_name = "ISSUER|off")]
         jwt_hs256: Option<String>,
+        /// The tenant's own quotas, e.g. `requests_per_minute=600,concurrent_jobs=20,
+        /// llm_tokens_per_day=1000000,sandbox_cpu_seconds_per_day=3600` (missing ones keep the
+        /// configured `quotas`); `default` removes the tenant's own.
+        #[arg(long)]
+        quotas: Option<String>,
     },
 }
 
@@ -231,16 +236,26 @@ async fn admin(cfg: &Config, cmd: AdminCmd) -> anyhow::Result<()> {
             models,
             code_limits,
             jwt_hs256,
+            quotas,
         } => {
             anyhow::ensure!(
                 llm_cache.is_some()
                     || models.is_some()
                     || code_limits.is_some()
-                    || jwt_hs256.is_some(),
+                    || jwt_hs256.is_some()
+                    || quotas.is_some(),
                 "nothing to set: pass --llm-cache on|off, --models a,b,prefix-*|all, \
                  --code-limits wall_ms=N,cpu_ms=N,memory_mb=N,output_bytes=N|default and/or \
-                 --jwt-hs256 ISSUER|off"
+                 --jwt-hs256 ISSUER|off, --quotas name=N,..|default"
             );
+            if let Some(spec) = quotas {
+                let q = parse_quotas(&spec)?;
+                anyhow::ensure!(
+                    store.set_tenant_quotas(&name, q.as_ref()).await?,
+                    "no tenant named {name}"
+                );
+                println!("tenant {name}: quotas = {spec}");
+            }
             if let Some(issuer) = jwt_hs256 {
                 if issuer == "off" {
                     anyhow::ensure!(
@@ -384,16 +399,8 @@ fn parse_code_limits(spec: &str) -> anyhow::Result<Option<switchyard_core::code:
         return Ok(None);
     }
     let mut l = switchyard_core::code::LimitsRequest::default();
-    for part in spec.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-        let (k, v) = part
-            .split_once('=')
-            .ok_or_else(|| anyhow::anyhow!("`{part}`: expected name=value"))?;
-        let n: u64 = v
-            .trim()
-            .parse()
-            .map_err(|_| anyhow::anyhow!("`{part}`: the value must be a positive integer"))?;
-        anyhow::ensure!(n > 0, "`{part}`: the value must be at least 1");
-        match k.trim() {
+    for (k, n) in assignments(spec)? {
+        match k.as_str() {
             "wall_ms" => l.wall_ms = Some(n),
             "cpu_ms" => l.cpu_ms = Some(n),
             "memory_mb" => l.memory_mb = Some(n),
@@ -404,4 +411,43 @@ fn parse_code_limits(spec: &str) -> anyhow::Result<Option<switchyard_core::code:
         }
     }
     Ok(Some(l))
+}
+
+/// `requests_per_minute=N,concurrent_jobs=N,llm_tokens_per_day=N,sandbox_cpu_seconds_per_day=N`
+/// (any subset) or `default`.
+fn parse_quotas(spec: &str) -> anyhow::Result<Option<switchyard_core::quota::QuotaLimits>> {
+    if spec.trim() == "default" {
+        return Ok(None);
+    }
+    let mut q = switchyard_core::quota::QuotaLimits::default();
+    for (k, n) in assignments(spec)? {
+        match k.as_str() {
+            "requests_per_minute" => q.requests_per_minute = Some(n),
+            "concurrent_jobs" => q.concurrent_jobs = Some(n),
+            "llm_tokens_per_day" => q.llm_tokens_per_day = Some(n),
+            "sandbox_cpu_seconds_per_day" => q.sandbox_cpu_seconds_per_day = Some(n),
+            other => anyhow::bail!(
+                "unknown quota `{other}` (requests_per_minute, concurrent_jobs, \
+                 llm_tokens_per_day, sandbox_cpu_seconds_per_day)"
+            ),
+        }
+    }
+    Ok(Some(q))
+}
+
+/// `name=N,...` with positive integers.
+fn assignments(spec: &str) -> anyhow::Result<Vec<(String, u64)>> {
+    let mut out = Vec::new();
+    for part in spec.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (k, v) = part
+            .split_once('=')
+            .ok_or_else(|| anyhow::anyhow!("`{part}`: expected name=value"))?;
+        let n: u64 = v
+            .trim()
+            .parse()
+            .map_err(|_| anyhow::anyhow!("`{part}`: the value must be a positive integer"))?;
+        anyhow::ensure!(n > 0, "`{part}`: the value must be at least 1");
+        out.push((k.trim().to_string(), n));
+    }
+    Ok(out)
 }

@@ -189,6 +189,8 @@ pub async fn run_scheduler(cfg: &Config, stop: CancellationToken) -> anyhow::Res
     let queue = Queue::new(Keys::new(&cfg.redis_prefix), conn);
     let opts = SchedulerOptions {
         lease: cfg.lease(),
+        audit_retention: (cfg.audit_retention_days > 0)
+            .then(|| std::time::Duration::from_secs(cfg.audit_retention_days * 24 * 3600)),
         ..SchedulerOptions::default()
     };
     Scheduler::new(store, queue, opts).run(stop).await;

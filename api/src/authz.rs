@@ -57,6 +57,7 @@ pub const ROUTES: &[(&str, &str, Access)] = {
         ("GET", "/v1/models", Needs(ModelsRead)),
         ("GET", "/v1/models/{*id}", Needs(ModelsRead)),
         ("GET", "/v1/usage", Needs(UsageRead)),
+        ("GET", "/v1/quotas", Needs(UsageRead)),
         ("POST", "/v1/api-keys", Needs(KeysManage)),
         ("GET", "/v1/api-keys", Needs(KeysManage)),
         ("GET", "/v1/api-keys/{id}", Needs(KeysManage)),
@@ -190,6 +191,7 @@ pub async fn authorize(State(app): State<AppState>, mut req: Request, next: Next
                 .chars()
                 .take(switchyard_core::apikey::PREFIX_LEN)
                 .collect();
+            let prefix = switchyard_core::telemetry::printable(&prefix);
             tracing::warn!(source = ?source, key_prefix = %prefix, path, "authentication failed");
             if let Some(wait) = source.and_then(|s| app.auth_failures.failed(s)) {
                 return refuse(&path, too_many_failures(wait));
@@ -200,6 +202,14 @@ pub async fn authorize(State(app): State<AppState>, mut req: Request, next: Next
     };
     if let Some(key) = principal.key_id() {
         app.key_usage.used(key);
+    }
+    let (rate, admitted) = app.admission.admit(&principal).await;
+    if let Err(e) = admitted {
+        let mut resp = refuse(&path, e);
+        if let Some(r) = rate {
+            r.apply(resp.headers_mut());
+        }
+        return resp;
     }
     let audited = !matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS);
     let entry = audited.then(|| AuditEntry {
@@ -237,7 +247,10 @@ pub async fn authorize(State(app): State<AppState>, mut req: Request, next: Next
         return resp;
     }
     req.extensions_mut().insert(Auth(principal));
-    let resp = next.run(req).await;
+    let mut resp = next.run(req).await;
+    if let Some(r) = rate {
+        r.apply(resp.headers_mut());
+    }
     if let Some(mut e) = entry {
         // what it created, where the handler says so (`Location`), else the path itself
         if let Some(loc) = resp

@@ -210,6 +210,7 @@ impl JwtVerifier {
             role,
             scopes,
             expires_at,
+            quotas: t.quotas,
         })
     }
 

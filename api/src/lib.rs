@@ -12,6 +12,7 @@ pub mod jwt;
 pub mod metrics;
 pub mod openai;
 pub mod openapi;
+pub mod quota;
 pub mod routes;
 pub mod submit;
 
@@ -73,6 +74,8 @@ pub struct AppStateInner {
     pub audit: crate::audit::AuditSink,
     /// Failed authentications per source address.
     pub auth_failures: Arc<crate::auth_limit::AuthFailures>,
+    /// Per-credential rates and tenant quotas.
+    pub admission: Arc<crate::quota::Admission>,
     /// The model table (`GET /v1/models`), built once from `llm` at start.
     pub models: Arc<ModelTable>,
     /// Fired when the process drains: streams close (WebSocket code 1012).
@@ -104,6 +107,7 @@ impl AppState {
             .map_err(|e| anyhow::anyhow!("invalid REDIS_URL: {e}"))?;
         let conn = switchyard_queue::connect_retrying(&client).await?;
         let keys = Keys::new(&cfg.redis_prefix);
+        let keys_for_quotas = keys.clone();
         let tasks = TaskTracker::new();
         let queue = Queue::new(keys.clone(), conn.clone());
         let bus = EventBus::new(
@@ -151,6 +155,10 @@ impl AppState {
             auth_failures: Arc::new(crate::auth_limit::AuthFailures::new(
                 cfg.auth_failures_per_minute,
             )),
+            admission: Arc::new(crate::quota::Admission::new(
+                &cfg.quotas,
+                switchyard_queue::Quotas::new(keys_for_quotas, conn.clone()),
+            )),
             models: Arc::new(cfg.llm.table()),
             shutdown,
             tasks,
@@ -171,7 +179,9 @@ async fn method_not_allowed() -> ApiError {
 
 /// The router with all routes and layers.
 pub fn router(state: AppState) -> Router {
-    use routes::{api_keys, audit, conversations, health, jobs, models, stream, tenants, usage};
+    use routes::{
+        api_keys, audit, conversations, health, jobs, models, quotas, stream, tenants, usage,
+    };
     let max_body = state.cfg.max_body_bytes;
     let max_job_body = state.cfg.max_job_body_bytes;
     Router::new()
@@ -205,6 +215,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/models", get(models::list_models))
         .route("/v1/models/{*id}", get(models::get_model))
         .route("/v1/usage", get(usage::get_usage))
+        .route("/v1/quotas", get(quotas::get_quotas))
         .route("/v1/api-keys", post(api_keys::create).get(api_keys::list))
         .route(
             "/v1/api-keys/{id}",

@@ -1,8 +1,10 @@
 //! The scheduler: the reconciler that makes Redis rebuildable from Postgres. Each pass it
 //! (1) detects Redis data loss through the epoch key and starts a new epoch, (2) dispatches
 //! committed jobs that never reached Redis in the current epoch, (3) re-dispatches running jobs
-//! whose lease ran out long ago, and (4) moves due delayed jobs into the queue streams. Every
-//! step works in bounded batches driven by indexes, so a pass never rescans the whole backlog.
+//! whose lease ran out long ago, (4) moves due delayed jobs into the queue streams, and (5)
+//! chains job state changes from the audit outbox into the tenants' audit trails; about once
+//! an hour it (6) prunes audit rows past their retention. Every step works in bounded batches
+//! driven by indexes, so a pass never rescans the whole backlog.
 
 use std::time::Duration;
 
@@ -23,6 +25,10 @@ pub struct SchedulerOptions {
     pub max_batches: usize,
     /// The job lease; a running job whose lease ran out more than this long ago is re-dispatched.
     pub lease: Duration,
+    /// Audit rows older than this are pruned (`None`: kept forever).
+    pub audit_retention: Option<Duration>,
+    /// How often retention runs.
+    pub audit_prune_every: Duration,
 }
 
 impl Default for SchedulerOptions {
@@ -33,6 +39,8 @@ impl Default for SchedulerOptions {
             batch: 1000,
             max_batches: 20,
             lease: Duration::from_secs(30),
+            audit_retention: Some(Duration::from_secs(365 * 24 * 3600)),
+            audit_prune_every: Duration::from_secs(3600),
         }
     }
 }
@@ -44,17 +52,25 @@ pub struct PassReport {
     pub redispatched: usize,
     pub expired: usize,
     pub moved_due: usize,
+    pub audited: usize,
+    pub audit_pruned: u64,
 }
 
 pub struct Scheduler {
     store: Store,
     queue: Queue,
     opts: SchedulerOptions,
+    last_prune: std::sync::Mutex<Option<std::time::Instant>>,
 }
 
 impl Scheduler {
     pub fn new(store: Store, queue: Queue, opts: SchedulerOptions) -> Scheduler {
-        Scheduler { store, queue, opts }
+        Scheduler {
+            store,
+            queue,
+            opts,
+            last_prune: std::sync::Mutex::new(None),
+        }
     }
 
     /// Runs passes until `stop`; errors (Redis or Postgres down) are logged and retried.
@@ -161,6 +177,27 @@ impl Scheduler {
                 report.moved_due += n;
                 if n < self.opts.batch as usize {
                     break;
+                }
+            }
+        }
+        for _ in 0..self.opts.max_batches {
+            let n = self.store.chain_job_audit(self.opts.batch).await?;
+            report.audited += n;
+            if (n as i64) < self.opts.batch {
+                break;
+            }
+        }
+        if let Some(keep) = self.opts.audit_retention {
+            let due = self
+                .last_prune
+                .lock()
+                .map(|l| l.is_none_or(|t| t.elapsed() >= self.opts.audit_prune_every))
+                .unwrap_or(false);
+            if due {
+                let before = chrono::Utc::now() - chrono::Duration::from_std(keep)?;
+                report.audit_pruned = self.store.prune_audit_all(before).await?;
+                if let Ok(mut l) = self.last_prune.lock() {
+                    *l = Some(std::time::Instant::now());
                 }
             }
         }

@@ -278,7 +278,7 @@ pub(crate) async fn run_claimed(s: &Shared, d: Delivery, row: JobRow) {
     };
     let written = with_retry("end run", s.opts.lease, || complete(s, write.clone())).await;
     match written {
-        Ok(true) => {}
+        Ok(true) => crate::quota::charge(s, &row, &end).await,
         Ok(false) => {
             tracing::warn!("fenced out at the end of the run; outcome discarded");
             return;

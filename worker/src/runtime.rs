@@ -73,6 +73,7 @@ pub(crate) struct Shared {
     pub(crate) id: String,
     pub(crate) store: Store,
     pub(crate) queue: Queue,
+    pub(crate) quotas: switchyard_queue::Quotas,
     pub(crate) bus: EventBus,
     pub(crate) client: redis::Client,
     pub(crate) executors: ExecutorRegistry,
@@ -146,6 +147,7 @@ impl Worker {
             shared: Arc::new(Shared {
                 id,
                 store,
+                quotas: switchyard_queue::Quotas::new(queue.keys().clone(), queue.conn()),
                 queue,
                 bus,
                 client,

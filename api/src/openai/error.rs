@@ -93,6 +93,11 @@ impl From<ApiError> for OaiError {
                 "rate_limit_error",
                 Some("rate_limit_exceeded"),
             ),
+            ErrorCode::QuotaExceeded => (
+                StatusCode::TOO_MANY_REQUESTS,
+                "insufficient_quota",
+                Some("insufficient_quota"),
+            ),
             ErrorCode::Unavailable => (StatusCode::SERVICE_UNAVAILABLE, "server_error", None),
             ErrorCode::Internal => (StatusCode::INTERNAL_SERVER_ERROR, "server_error", None),
             _ => (

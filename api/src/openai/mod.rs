@@ -117,6 +117,7 @@ async fn run(
         err.param = Some("model".into());
         return Err(err);
     }
+    crate::quota::check_daily(&state, &principal, "llm.chat").await?;
     let trace = request_trace(&headers);
     let input =
         serde_json::to_value(&req.input).map_err(|e| OaiError::from(ApiError::internal(e)))?;

@@ -9,7 +9,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
-use switchyard_core::job::{parse_at, Job, JobKind, MAX_METADATA_KEYS};
+use switchyard_core::job::{parse_at, Job, JobKind};
 use switchyard_core::{ErrorCode, FieldError};
 use switchyard_store::{Conversation, Message, NewConversation, Principal};
 
@@ -22,7 +22,7 @@ use crate::error::{ApiError, ApiResult, ErrorBody};
 use crate::AppState;
 
 /// Largest message accepted (characters).
-pub const MAX_CONTENT_CHARS: usize = 1_000_000;
+pub const MAX_CONTENT_CHARS: usize = switchyard_core::chat::MAX_MESSAGE_CHARS;
 const STRATEGIES: [&str; 2] = ["drop_oldest", "summarize"];
 
 /// Body of `POST /v1/conversations`.
@@ -157,17 +157,18 @@ pub async fn create(
     if let Some(m) = &req.model {
         check_model(&state, &principal, "model", m)?;
     }
-    let metadata = match req.metadata {
-        None | Some(Value::Null) => json!({}),
-        Some(Value::Object(m)) if m.len() <= MAX_METADATA_KEYS => Value::Object(m),
-        Some(_) => {
-            return Err(FieldError::invalid(
-                "metadata",
-                format!("must be a JSON object with at most {MAX_METADATA_KEYS} keys"),
-            )
-            .into())
-        }
-    };
+    let metadata = switchyard_core::job::check_metadata(req.metadata)?;
+    if req
+        .system
+        .as_ref()
+        .is_some_and(|s| s.chars().count() > MAX_CONTENT_CHARS)
+    {
+        return Err(FieldError::invalid(
+            "system",
+            format!("at most {MAX_CONTENT_CHARS} characters"),
+        )
+        .into());
+    }
     let strategy = req.context_strategy.unwrap_or_else(|| "drop_oldest".into());
     if !STRATEGIES.contains(&strategy.as_str()) {
         return Err(FieldError::invalid(
@@ -343,6 +344,7 @@ pub async fn post_message(
         )
     })?;
     check_model(&state, &principal, "model", &model)?;
+    crate::quota::check_daily(&state, &principal, "llm.chat").await?;
     let mut input = json!({
         "model": model,
         "max_tokens": req.max_tokens,

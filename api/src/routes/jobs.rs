@@ -106,6 +106,7 @@ pub fn request_trace(headers: &HeaderMap) -> TraceParent {
         (status = 413, description = "payload_too_large", body = ErrorBody),
         (status = 415, description = "unsupported_media_type", body = ErrorBody),
         (status = 422, description = "unknown_kind, unknown_field, invalid_input (with `field`)", body = ErrorBody),
+        (status = 429, description = "rate_limited, quota_exceeded (with `Retry-After`)", body = ErrorBody),
         (status = 503, description = "unavailable", body = ErrorBody),
     ),
     security(("bearer" = []))
@@ -136,6 +137,7 @@ pub async fn create_job(
             ApiError::field(ErrorCode::InvalidInput, "input.model", e.message(model))
         })?;
     }
+    crate::quota::check_daily(&state, &principal, req.kind.as_str()).await?;
     let trace = request_trace(&headers);
     tracing::Span::current().record("trace_id", trace.trace_id.as_str());
     let job = NewJob {

@@ -6,6 +6,7 @@ pub mod conversations;
 pub mod health;
 pub mod jobs;
 pub mod models;
+pub mod quotas;
 pub mod stream;
 pub mod tenants;
 pub mod usage;

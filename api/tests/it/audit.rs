@@ -216,3 +216,63 @@ async fn pruning_re_anchors_the_chain(pool: PgPool) {
     assert_eq!((v.checked, v.first_broken), (3, None));
     app.stop().await;
 }
+
+#[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
+async fn job_state_changes_are_chained_and_retention_prunes_them(pool: PgPool) {
+    let app = crate::support::spawn_app(pool).await;
+    let id = app.submit_noop(json!({})).await;
+    app.wait_status(id, "succeeded", Duration::from_secs(10))
+        .await;
+    // the scheduler moves the trigger's outbox rows into the chain
+    let target = format!("job:{id}");
+    let t = std::time::Instant::now();
+    let mine = loop {
+        let rows = audit_rows(&app, 1).await;
+        let mine: Vec<Value> = rows
+            .into_iter()
+            .filter(|r| r["target"] == target.as_str())
+            .collect();
+        if mine.iter().any(|r| r["action"] == "job.succeeded") {
+            break mine;
+        }
+        assert!(t.elapsed() < Duration::from_secs(10), "{mine:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let actions: Vec<&str> = mine.iter().map(|r| r["action"].as_str().unwrap()).collect();
+    assert_eq!(actions, ["job.queued", "job.running", "job.succeeded"]);
+    assert!(mine[0]["actor"].as_str().unwrap().starts_with("key:"));
+    assert!(mine[1]["actor"].as_str().unwrap().starts_with("worker:"));
+    assert_eq!(mine[2]["details"]["from"], "running");
+    // no prompt or input is copied into the trail
+    assert!(!mine.iter().any(|r| r["details"].get("input").is_some()));
+    let v = app.store.verify_audit(app.tenant).await.unwrap();
+    assert_eq!(v.first_broken, None);
+    assert!(v.checked >= 3);
+
+    // retention: a scheduler keeping nothing older than now prunes the trail and re-anchors
+    let opts = switchyard_scheduler::SchedulerOptions {
+        audit_retention: Some(Duration::ZERO),
+        ..app.scheduler_opts()
+    };
+    let sched = switchyard_scheduler::Scheduler::new(app.store.clone(), app.queue().await, opts);
+    let report = sched.pass().await.unwrap();
+    assert!(report.audit_pruned >= 3, "{report:?}");
+    let v = app.store.verify_audit(app.tenant).await.unwrap();
+    assert_eq!((v.checked, v.first_broken), (0, None));
+    // the chain goes on from its anchor
+    let next = app.submit_noop(json!({})).await;
+    app.wait_status(next, "succeeded", Duration::from_secs(10))
+        .await;
+    let t = std::time::Instant::now();
+    loop {
+        sched.pass().await.unwrap();
+        let v = app.store.verify_audit(app.tenant).await.unwrap();
+        assert_eq!(v.first_broken, None);
+        if v.checked >= 3 {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(10));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    app.stop().await;
+}

@@ -291,3 +291,50 @@ async fn other_tenants_jobs_are_404(pool: PgPool) {
     assert_eq!(f["error"]["code"], "not_found");
     app.stop().await;
 }
+
+#[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
+async fn counts_and_sizes_inside_a_body_are_limited_per_field(pool: PgPool) {
+    let app = spawn_api_only(pool).await;
+    let post = |path: &str, body: Value| app.auth(app.http.post(app.url(path))).json(&body).send();
+    let msg = json!({"role": "user", "content": "x"});
+    let many = vec![msg.clone(); switchyard_core::chat::MAX_MESSAGES + 1];
+    // ASCII, so the body stays under the 1 MiB limit of non-job routes
+    let long = "a".repeat(switchyard_core::chat::MAX_MESSAGE_CHARS + 1);
+    let big_meta: serde_json::Map<String, Value> = (0..10)
+        .map(|i| (format!("k{i}"), json!("v".repeat(2000))))
+        .collect();
+    let cases = [
+        (
+            "/v1/jobs",
+            json!({"kind": "llm.chat", "input": {"model": "mock-echo", "messages": many}}),
+            "input.messages",
+        ),
+        (
+            "/v1/jobs",
+            json!({"kind": "llm.chat", "input": {"model": "mock-echo",
+                "messages": [msg, {"role": "user", "content": long}]}}),
+            "input.messages[1].content",
+        ),
+        (
+            "/v1/jobs",
+            json!({"kind": "system.noop", "input": {}, "metadata": big_meta}),
+            "metadata",
+        ),
+        (
+            "/v1/conversations",
+            json!({"model": "mock-echo", "metadata": big_meta}),
+            "metadata",
+        ),
+        (
+            "/v1/conversations",
+            json!({"model": "mock-echo", "system": long}),
+            "system",
+        ),
+    ];
+    for (path, body, field) in cases {
+        let (status, e) = error_of(post(path, body).await.unwrap()).await;
+        assert_eq!(status, 422, "{path} {field}: {e}");
+        assert_eq!(e["field"], field, "{e}");
+    }
+    app.stop().await;
+}

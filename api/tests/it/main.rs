@@ -12,6 +12,7 @@ mod jobs;
 mod jwt;
 mod models;
 mod ops;
+mod quotas;
 mod reliability;
 mod streaming;
 mod support;

@@ -241,6 +241,19 @@ impl TestApp {
         self.start_worker_with_grace(Duration::from_secs(5)).await
     }
 
+    /// Starts another API process on the same database, Redis and configuration (a second
+    /// replica); stops with the app. Returns its base URL.
+    pub async fn spawn_api_replica(&self) -> String {
+        let state =
+            switchyard_api::AppState::build(&self.cfg, self.store.clone(), self.api_stop.clone())
+                .await
+                .unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(switchyard_api::serve(listener, state));
+        format!("http://{addr}")
+    }
+
     /// Stops the API: streams close (WebSocket code 1012), new connections are refused.
     pub fn stop_api(&self) {
         self.api_stop.cancel();

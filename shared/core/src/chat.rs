@@ -120,6 +120,10 @@ fn function_type() -> String {
 }
 
 pub const CHAT_ROLES: [&str; 4] = ["system", "user", "assistant", "tool"];
+/// Messages one request may carry.
+pub const MAX_MESSAGES: usize = 4096;
+/// Characters of one message's content (also a conversation turn's, and a system prompt's).
+pub const MAX_MESSAGE_CHARS: usize = 1_000_000;
 
 impl LlmChatInput {
     pub fn validate(&self) -> Result<(), FieldError> {
@@ -139,7 +143,21 @@ impl LlmChatInput {
             }
             _ => {}
         }
+        if self.messages.len() > MAX_MESSAGES {
+            return Err(FieldError::invalid(
+                "input.messages",
+                format!("at most {MAX_MESSAGES} messages"),
+            ));
+        }
         for (i, m) in self.messages.iter().enumerate() {
+            // cheap bound first: a char is at most 4 bytes
+            if m.content.len() > MAX_MESSAGE_CHARS && m.content.chars().count() > MAX_MESSAGE_CHARS
+            {
+                return Err(FieldError::invalid(
+                    format!("input.messages[{i}].content"),
+                    format!("at most {MAX_MESSAGE_CHARS} characters"),
+                ));
+            }
             if !CHAT_ROLES.contains(&m.role.as_str()) {
                 return Err(FieldError::invalid(
                     format!("input.messages[{i}].role"),

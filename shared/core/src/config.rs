@@ -40,6 +40,8 @@ pub struct Config {
     /// Failed authentications a source address may make per minute before all its requests
     /// get 429 for a while.
     pub auth_failures_per_minute: u32,
+    /// Audit rows older than this many days are pruned by the scheduler (0: kept forever).
+    pub audit_retention_days: u64,
     /// Whether `system.noop` is accepted (on in `dev` and benchmarks).
     pub enable_noop: bool,
     /// How long a finished job's live event stream stays in Redis.
@@ -58,6 +60,9 @@ pub struct Config {
     /// End users' JWTs (`[jwt]`).
     #[serde(default)]
     pub jwt: crate::jwt_config::JwtConfig,
+    /// Tenant quotas and per-credential rates (`[quotas]`).
+    #[serde(default)]
+    pub quotas: crate::quota::QuotaConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -183,6 +188,7 @@ struct Defaults {
     max_body_bytes: usize,
     max_job_body_bytes: usize,
     auth_failures_per_minute: u32,
+    audit_retention_days: u64,
     enable_noop: bool,
     event_ttl_s: u64,
     log_json: bool,
@@ -220,6 +226,7 @@ fn defaults() -> Defaults {
         max_body_bytes: 1024 * 1024,
         max_job_body_bytes: 16 * 1024 * 1024,
         auth_failures_per_minute: 30,
+        audit_retention_days: 365,
         enable_noop: false,
         event_ttl_s: 3600,
         log_json: false,

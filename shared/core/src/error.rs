@@ -35,6 +35,8 @@ pub enum ErrorCode {
     InvalidParameter,
     /// 429: too many requests (quota issues extend this).
     RateLimited,
+    /// 429: a daily quota of the tenant (LLM tokens, sandbox CPU time) is used up.
+    QuotaExceeded,
     /// 503: a backing service (Postgres, Redis) is unreachable; retry later.
     Unavailable,
     /// 500: a bug or unexpected failure; details are logged, never returned.
@@ -58,6 +60,7 @@ impl ErrorCode {
         ErrorCode::InvalidInput,
         ErrorCode::InvalidParameter,
         ErrorCode::RateLimited,
+        ErrorCode::QuotaExceeded,
         ErrorCode::Unavailable,
         ErrorCode::Internal,
     ];
@@ -76,7 +79,7 @@ impl ErrorCode {
             | ErrorCode::UnknownField
             | ErrorCode::InvalidInput
             | ErrorCode::InvalidParameter => 422,
-            ErrorCode::RateLimited => 429,
+            ErrorCode::RateLimited | ErrorCode::QuotaExceeded => 429,
             ErrorCode::Unavailable => 503,
             ErrorCode::Internal => 500,
         }
@@ -98,6 +101,7 @@ impl ErrorCode {
             ErrorCode::InvalidInput => "invalid_input",
             ErrorCode::InvalidParameter => "invalid_parameter",
             ErrorCode::RateLimited => "rate_limited",
+            ErrorCode::QuotaExceeded => "quota_exceeded",
             ErrorCode::Unavailable => "unavailable",
             ErrorCode::Internal => "internal",
         }
@@ -121,6 +125,9 @@ impl ErrorCode {
             ErrorCode::InvalidInput => "A field is missing or has a wrong type or value.",
             ErrorCode::InvalidParameter => "A query parameter or cursor is invalid.",
             ErrorCode::RateLimited => "Too many requests; retry later.",
+            ErrorCode::QuotaExceeded => {
+                "A daily quota of the tenant is used up; retry after it resets."
+            }
             ErrorCode::Unavailable => "A backing service is unavailable; retry later.",
             ErrorCode::Internal => "Internal error; it was logged.",
         }

@@ -197,6 +197,31 @@ pub const DEFAULT_MAX_ATTEMPTS: i32 = 3;
 pub const MAX_MAX_ATTEMPTS: i32 = 100;
 pub const MAX_TIMEOUT_S: i32 = 86_400;
 pub const MAX_METADATA_KEYS: usize = 64;
+/// Size of `metadata` as JSON.
+pub const MAX_METADATA_BYTES: usize = 16 * 1024;
+
+/// Checks a `metadata` value (a JSON object of at most [`MAX_METADATA_KEYS`] keys and
+/// [`MAX_METADATA_BYTES`]); `null` or absent is `{}`.
+pub fn check_metadata(v: Option<Value>) -> Result<Value, FieldError> {
+    match v {
+        None | Some(Value::Null) => Ok(Value::Object(Default::default())),
+        Some(Value::Object(m)) if m.len() > MAX_METADATA_KEYS => Err(FieldError::invalid(
+            "metadata",
+            format!("at most {MAX_METADATA_KEYS} keys"),
+        )),
+        Some(Value::Object(m)) => {
+            let v = Value::Object(m);
+            if v.to_string().len() > MAX_METADATA_BYTES {
+                return Err(FieldError::invalid(
+                    "metadata",
+                    format!("at most {MAX_METADATA_BYTES} bytes as JSON"),
+                ));
+            }
+            Ok(v)
+        }
+        Some(_) => Err(FieldError::invalid("metadata", "must be a JSON object")),
+    }
+}
 
 /// Body of `POST /v1/jobs`.
 #[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
@@ -260,17 +285,7 @@ impl CreateJobRequest {
                 ));
             }
         }
-        let metadata = match req.metadata {
-            None | Some(Value::Null) => Value::Object(Default::default()),
-            Some(Value::Object(m)) if m.len() <= MAX_METADATA_KEYS => Value::Object(m),
-            Some(Value::Object(_)) => {
-                return Err(FieldError::invalid(
-                    "metadata",
-                    format!("at most {MAX_METADATA_KEYS} keys"),
-                ))
-            }
-            Some(_) => return Err(FieldError::invalid("metadata", "must be a JSON object")),
-        };
+        let metadata = check_metadata(req.metadata)?;
         Ok(ValidJobRequest {
             kind,
             input: req.input,

@@ -98,3 +98,64 @@ mod tests {
         assert_eq!(TraceParent::parse(&g.to_string()), Some(g));
     }
 }
+
+/// `s` made safe for a log line: ANSI/VT escape sequences removed, other control characters
+/// (newlines included, which could forge log lines) replaced by a space. For text that came
+/// from outside: provider responses, sandboxes, credentials' visible prefixes.
+pub fn printable(s: &str) -> std::borrow::Cow<'_, str> {
+    if !s.chars().any(char::is_control) {
+        return std::borrow::Cow::Borrowed(s);
+    }
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            // ESC [ ... final byte (CSI), ESC ] ... BEL or ESC \ (OSC), ESC + one char
+            '\u{1b}' => match chars.next() {
+                Some('[') => {
+                    for n in chars.by_ref() {
+                        if ('\u{40}'..='\u{7e}').contains(&n) {
+                            break;
+                        }
+                    }
+                }
+                Some(']') => {
+                    while let Some(n) = chars.next() {
+                        if n == '\u{7}' || (n == '\u{1b}' && chars.next_if_eq(&'\\').is_some()) {
+                            break;
+                        }
+                    }
+                }
+                _ => {}
+            },
+            // 8-bit CSI
+            '\u{9b}' => {
+                for n in chars.by_ref() {
+                    if ('\u{40}'..='\u{7e}').contains(&n) {
+                        break;
+                    }
+                }
+            }
+            '\t' => out.push('\t'),
+            c if c.is_control() => out.push(' '),
+            c => out.push(c),
+        }
+    }
+    std::borrow::Cow::Owned(out)
+}
+
+#[cfg(test)]
+mod printable_tests {
+    use super::printable;
+
+    #[test]
+    fn escapes_and_controls_are_removed() {
+        assert_eq!(printable("plain text"), "plain text");
+        assert_eq!(printable("\u{1b}[31mred\u{1b}[0m"), "red");
+        assert_eq!(printable("a\u{1b}]0;title\u{7}b"), "ab");
+        assert_eq!(printable("a\u{1b}]8;;http://x\u{1b}\\b"), "ab");
+        assert_eq!(printable("line1\nFAKE log line\r"), "line1 FAKE log line ");
+        assert_eq!(printable("bell\u{7}\u{9b}2Jx"), "bell x");
+        assert_eq!(printable("tab\tok"), "tab\tok");
+    }
+}

@@ -10,6 +10,8 @@
 //! | `P:evch:<id>` | pub/sub | live events of a job (one SUBSCRIBE per watched job per API process) |
 //! | `P:cancel` | pub/sub | job ids whose cancellation was requested |
 //! | `{P:meta}:epoch` | string | Redis epoch; its absence means Redis lost its data |
+//! | `{P:quota:<tenant>}:rpm` | string | the tenant's request-rate state (GCRA theoretical arrival time, µs) |
+//! | `{P:quota:<tenant>}:day:<YYYYMMDD>` | hash | the tenant's use that UTC day: `tokens`, `cpu_ms` |
 //!
 //! `P` is the configured prefix (`sy` by default; tests use a unique one each).
 
@@ -88,6 +90,16 @@ impl Keys {
     /// Cache counters (`hits`, `misses`, `shared`), read by every API's `/metrics`.
     pub fn llm_cache_stats(&self) -> String {
         format!("{{{}:meta}}:llm_cache", self.prefix)
+    }
+
+    /// A tenant's request-rate state (GCRA).
+    pub fn quota_rate(&self, tenant: Uuid) -> String {
+        format!("{{{}:quota:{tenant}}}:rpm", self.prefix)
+    }
+
+    /// A tenant's use on one UTC day (`day` = `YYYYMMDD`).
+    pub fn quota_day(&self, tenant: Uuid, day: &str) -> String {
+        format!("{{{}:quota:{tenant}}}:day:{day}", self.prefix)
     }
 
     pub fn epoch(&self) -> String {

@@ -7,11 +7,13 @@ pub mod events;
 pub mod keys;
 pub mod live;
 pub mod queue;
+pub mod quotas;
 
 pub use events::EventBus;
 pub use keys::Keys;
 pub use live::{LiveHub, LiveMsg, LiveSubscription};
 pub use queue::{Delivery, Queue};
+pub use quotas::{DailyUse, Quotas, RateDecision};
 
 use std::time::Duration;
 

@@ -157,90 +157,163 @@ impl Store {
         if entries.is_empty() {
             return Ok(());
         }
-        let mut by_tenant: BTreeMap<Uuid, Vec<AuditEntry>> = BTreeMap::new();
-        for mut e in entries {
-            // the stored precision, so the hash is computed over what is stored
-            e.at = e.at.trunc_subsecs(6);
-            by_tenant.entry(e.tenant_id).or_default().push(e);
-        }
         let mut tx = self.pool().begin().await?;
-        for (tenant, rows) in by_tenant {
-            sqlx::query(
-                "INSERT INTO audit_heads (tenant_id, seq, hash, anchor_hash) VALUES ($1, 0, $2, $2)
-                 ON CONFLICT (tenant_id) DO NOTHING",
-            )
-            .bind(tenant)
-            .bind(&GENESIS[..])
-            .execute(&mut *tx)
-            .await?;
-            let (mut seq, mut prev): (i64, Vec<u8>) =
-                sqlx::query_as("SELECT seq, hash FROM audit_heads WHERE tenant_id = $1 FOR UPDATE")
-                    .bind(tenant)
-                    .fetch_one(&mut *tx)
-                    .await?;
-            let n = rows.len();
-            let mut cols = Columns::default();
-            for e in rows {
-                seq += 1;
-                let hash = chain_hash(
-                    &prev,
-                    tenant,
-                    seq,
-                    e.at,
-                    &e.actor,
-                    &e.action,
-                    &e.target,
-                    e.outcome,
-                    &e.request_id,
-                    &e.source,
-                    &e.details,
-                );
-                cols.seq.push(seq);
-                cols.at.push(e.at);
-                cols.actor.push(e.actor);
-                cols.action.push(e.action);
-                cols.target.push(e.target);
-                cols.outcome.push(e.outcome);
-                cols.request_id.push(e.request_id);
-                cols.source.push(e.source);
-                cols.details.push(e.details);
-                cols.prev_hash
-                    .push(std::mem::replace(&mut prev, hash.to_vec()));
-                cols.hash.push(hash.to_vec());
-            }
-            sqlx::query(
-                "INSERT INTO audit_events (tenant_id, seq, at, actor, action, target, outcome,
-                                           request_id, source, details, prev_hash, hash)
-                 SELECT $1, * FROM UNNEST($2::bigint[], $3::timestamptz[], $4::text[], $5::text[],
-                        $6::text[], $7::int[], $8::text[], $9::text[], $10::jsonb[], $11::bytea[],
-                        $12::bytea[])",
-            )
-            .bind(tenant)
-            .bind(&cols.seq)
-            .bind(&cols.at)
-            .bind(&cols.actor)
-            .bind(&cols.action)
-            .bind(&cols.target)
-            .bind(&cols.outcome)
-            .bind(&cols.request_id)
-            .bind(&cols.source)
-            .bind(&cols.details)
-            .bind(&cols.prev_hash)
-            .bind(&cols.hash)
-            .execute(&mut *tx)
-            .await?;
-            sqlx::query("UPDATE audit_heads SET seq = $2, hash = $3 WHERE tenant_id = $1")
-                .bind(tenant)
-                .bind(seq)
-                .bind(&prev)
-                .execute(&mut *tx)
-                .await?;
-            tracing::trace!(%tenant, n, "audit rows appended");
-        }
+        append_in(&mut tx, entries).await?;
         tx.commit().await?;
         Ok(())
     }
 
+    /// Moves up to `limit` job state changes from the outbox (written by a trigger on `jobs`)
+    /// into the chained trail, in one transaction; returns how many. Several schedulers may
+    /// run this at once (`SKIP LOCKED`).
+    pub async fn chain_job_audit(&self, limit: i64) -> Result<usize> {
+        let mut tx = self.pool().begin().await?;
+        type Row = (
+            Uuid,
+            DateTime<Utc>,
+            String,
+            String,
+            String,
+            serde_json::Value,
+        );
+        let rows: Vec<Row> = sqlx::query_as(
+            "DELETE FROM audit_outbox WHERE id IN
+                (SELECT id FROM audit_outbox ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED)
+             RETURNING tenant_id, at, actor, action, target, details",
+        )
+        .bind(limit)
+        .fetch_all(&mut *tx)
+        .await?;
+        let n = rows.len();
+        if n == 0 {
+            return Ok(0);
+        }
+        let mut rows = rows;
+        // DELETE ... RETURNING has no order: chain in the order the changes happened
+        rows.sort_by_key(|r| r.1);
+        let entries = rows
+            .into_iter()
+            .map(
+                |(tenant_id, at, actor, action, target, details)| AuditEntry {
+                    tenant_id,
+                    at,
+                    actor,
+                    action,
+                    target,
+                    outcome: 0,
+                    request_id: String::new(),
+                    source: String::new(),
+                    details,
+                },
+            )
+            .collect();
+        append_in(&mut tx, entries).await?;
+        tx.commit().await?;
+        Ok(n)
+    }
+
+    /// Deletes every tenant's audit rows older than `before` (retention), re-anchoring each
+    /// chain; returns how many rows went.
+    pub async fn prune_audit_all(&self, before: DateTime<Utc>) -> Result<u64> {
+        let tenants: Vec<Uuid> = sqlx::query_scalar("SELECT tenant_id FROM audit_heads")
+            .fetch_all(self.pool())
+            .await?;
+        let mut n = 0;
+        for t in tenants {
+            n += self.prune_audit(t, before).await?;
+        }
+        Ok(n)
+    }
+}
+
+/// Appends entries (any tenants) inside `tx`; see [`Store::append_audit`].
+async fn append_in(
+    tx: &mut sqlx::Transaction<'static, sqlx::Postgres>,
+    entries: Vec<AuditEntry>,
+) -> Result<()> {
+    let mut by_tenant: BTreeMap<Uuid, Vec<AuditEntry>> = BTreeMap::new();
+    for mut e in entries {
+        // the stored precision, so the hash is computed over what is stored
+        e.at = e.at.trunc_subsecs(6);
+        by_tenant.entry(e.tenant_id).or_default().push(e);
+    }
+    for (tenant, rows) in by_tenant {
+        sqlx::query(
+            "INSERT INTO audit_heads (tenant_id, seq, hash, anchor_hash) VALUES ($1, 0, $2, $2)
+             ON CONFLICT (tenant_id) DO NOTHING",
+        )
+        .bind(tenant)
+        .bind(&GENESIS[..])
+        .execute(&mut **tx)
+        .await?;
+        let (mut seq, mut prev): (i64, Vec<u8>) =
+            sqlx::query_as("SELECT seq, hash FROM audit_heads WHERE tenant_id = $1 FOR UPDATE")
+                .bind(tenant)
+                .fetch_one(&mut **tx)
+                .await?;
+        let n = rows.len();
+        let mut cols = Columns::default();
+        for e in rows {
+            seq += 1;
+            let hash = chain_hash(
+                &prev,
+                tenant,
+                seq,
+                e.at,
+                &e.actor,
+                &e.action,
+                &e.target,
+                e.outcome,
+                &e.request_id,
+                &e.source,
+                &e.details,
+            );
+            cols.seq.push(seq);
+            cols.at.push(e.at);
+            cols.actor.push(e.actor);
+            cols.action.push(e.action);
+            cols.target.push(e.target);
+            cols.outcome.push(e.outcome);
+            cols.request_id.push(e.request_id);
+            cols.source.push(e.source);
+            cols.details.push(e.details);
+            cols.prev_hash
+                .push(std::mem::replace(&mut prev, hash.to_vec()));
+            cols.hash.push(hash.to_vec());
+        }
+        sqlx::query(
+            "INSERT INTO audit_events (tenant_id, seq, at, actor, action, target, outcome,
+                                       request_id, source, details, prev_hash, hash)
+             SELECT $1, * FROM UNNEST($2::bigint[], $3::timestamptz[], $4::text[], $5::text[],
+                    $6::text[], $7::int[], $8::text[], $9::text[], $10::jsonb[], $11::bytea[],
+                    $12::bytea[])",
+        )
+        .bind(tenant)
+        .bind(&cols.seq)
+        .bind(&cols.at)
+        .bind(&cols.actor)
+        .bind(&cols.action)
+        .bind(&cols.target)
+        .bind(&cols.outcome)
+        .bind(&cols.request_id)
+        .bind(&cols.source)
+        .bind(&cols.details)
+        .bind(&cols.prev_hash)
+        .bind(&cols.hash)
+        .execute(&mut **tx)
+        .await?;
+        sqlx::query("UPDATE audit_heads SET seq = $2, hash = $3 WHERE tenant_id = $1")
+            .bind(tenant)
+            .bind(seq)
+            .bind(&prev)
+            .execute(&mut **tx)
+            .await?;
+        tracing::trace!(%tenant, n, "audit rows appended");
+    }
+    Ok(())
+}
+
+impl Store {
     /// A tenant's audit rows after `after_seq`, oldest first, filtered.
     pub async fn list_audit(&self, tenant: Uuid, f: &AuditFilter) -> Result<Vec<AuditRow>> {
         Ok(sqlx::query_as::<_, AuditRow>(&format!(

@@ -1,7 +1,8 @@
-//! What the API needs to accept the JWTs of a tenant's end users: the tenant's HS256 issuer and
-//! secret, and the tenant settings a token's principal carries.
+//! What the API needs to accept the JWTs of a tenant's end users and to enforce quotas: the
+//! tenant's HS256 issuer and secret, the tenant settings a principal carries, quotas.
 
 use secrecy::SecretString;
+use switchyard_core::quota::QuotaLimits;
 use uuid::Uuid;
 
 use crate::{Result, Store};
@@ -12,6 +13,7 @@ pub struct TenantSettings {
     pub tenant_id: Uuid,
     pub llm_cache: bool,
     pub allowed_models: Option<Vec<String>>,
+    pub quotas: QuotaLimits,
 }
 
 /// A tenant's HS256 signing secret (found by its issuer).
@@ -21,46 +23,78 @@ pub struct TenantJwt {
     pub secret: SecretString,
 }
 
+type SettingsRow = (Uuid, bool, Option<Vec<String>>, Option<serde_json::Value>);
+
+fn settings((tenant_id, llm_cache, allowed_models, quotas): SettingsRow) -> TenantSettings {
+    TenantSettings {
+        tenant_id,
+        llm_cache,
+        allowed_models,
+        quotas: crate::tenants::parse_quotas(quotas),
+    }
+}
+
 impl Store {
     /// The tenant whose HS256 issuer is `issuer`, with its secret.
     pub async fn tenant_jwt_by_issuer(&self, issuer: &str) -> Result<Option<TenantJwt>> {
-        let row: Option<(Uuid, bool, Option<Vec<String>>, String)> = sqlx::query_as(
-            "SELECT id, llm_cache, allowed_models, jwt_secret FROM tenants
+        type Row = (
+            Uuid,
+            bool,
+            Option<Vec<String>>,
+            Option<serde_json::Value>,
+            String,
+        );
+        let row: Option<Row> = sqlx::query_as(
+            "SELECT id, llm_cache, allowed_models, quotas, jwt_secret FROM tenants
              WHERE jwt_issuer = $1 AND jwt_secret IS NOT NULL",
         )
         .bind(issuer)
         .fetch_optional(self.pool())
         .await?;
-        Ok(
-            row.map(|(tenant_id, llm_cache, allowed_models, secret)| TenantJwt {
-                settings: TenantSettings {
-                    tenant_id,
-                    llm_cache,
-                    allowed_models,
-                },
-                secret: SecretString::from(secret),
-            }),
-        )
+        Ok(row.map(|(id, cache, models, quotas, secret)| TenantJwt {
+            settings: settings((id, cache, models, quotas)),
+            secret: SecretString::from(secret),
+        }))
     }
 
     /// A tenant's settings, by id or (when `key` is not a UUID) by name.
     pub async fn tenant_settings(&self, key: &str) -> Result<Option<TenantSettings>> {
         let id = Uuid::parse_str(key).ok();
-        let row: Option<(Uuid, bool, Option<Vec<String>>)> = sqlx::query_as(
-            "SELECT id, llm_cache, allowed_models FROM tenants
+        let row: Option<SettingsRow> = sqlx::query_as(
+            "SELECT id, llm_cache, allowed_models, quotas FROM tenants
              WHERE ($1::uuid IS NOT NULL AND id = $1) OR ($1::uuid IS NULL AND name = $2)",
         )
         .bind(id)
         .bind(key)
         .fetch_optional(self.pool())
         .await?;
-        Ok(
-            row.map(|(tenant_id, llm_cache, allowed_models)| TenantSettings {
-                tenant_id,
-                llm_cache,
-                allowed_models,
-            }),
+        Ok(row.map(settings))
+    }
+
+    /// Sets a tenant's own quotas (`None`: the configured defaults); false when there is no
+    /// such tenant.
+    pub async fn set_tenant_quotas(
+        &self,
+        name: &str,
+        quotas: Option<&QuotaLimits>,
+    ) -> Result<bool> {
+        let v = quotas.map(|q| serde_json::to_value(q).unwrap_or_default());
+        let r = sqlx::query("UPDATE tenants SET quotas = $2 WHERE name = $1")
+            .bind(name)
+            .bind(v)
+            .execute(self.pool())
+            .await?;
+        Ok(r.rows_affected() == 1)
+    }
+
+    /// Jobs of the tenant running now (for `GET /v1/quotas`).
+    pub async fn running_jobs(&self, tenant_id: Uuid) -> Result<i64> {
+        Ok(sqlx::query_scalar(
+            "SELECT count(*) FROM jobs WHERE tenant_id = $1 AND status = 'running'",
         )
+        .bind(tenant_id)
+        .fetch_one(self.pool())
+        .await?)
     }
 
     /// Sets (or with `None` removes) a tenant's HS256 issuer and secret; false when there is no

@@ -3,6 +3,7 @@
 use chrono::{DateTime, Utc};
 use switchyard_core::apikey;
 use switchyard_core::authz::{Permission, Role};
+use switchyard_core::quota::QuotaLimits;
 use uuid::Uuid;
 
 use crate::{Result, Store, StoreError};
@@ -58,6 +59,8 @@ pub struct Principal {
     pub scopes: Option<Vec<Permission>>,
     /// When the key stops working (caches must not outlive it).
     pub expires_at: Option<DateTime<Utc>>,
+    /// The tenant's own quotas (unset fields: the configured defaults).
+    pub quotas: QuotaLimits,
 }
 
 impl Principal {
@@ -104,6 +107,12 @@ impl Principal {
             _ => crate::Scope::tenant(self.tenant_id),
         }
     }
+}
+
+/// A tenant's stored quotas; unreadable ones (from a newer version) count as unset.
+pub(crate) fn parse_quotas(v: Option<serde_json::Value>) -> QuotaLimits {
+    v.and_then(|v| serde_json::from_value(v).ok())
+        .unwrap_or_default()
 }
 
 impl Store {
@@ -225,10 +234,11 @@ impl Store {
             String,
             Option<Vec<String>>,
             Option<DateTime<Utc>>,
+            Option<serde_json::Value>,
         );
         let row: Option<Row> = sqlx::query_as(
             "SELECT k.id, k.tenant_id, t.llm_cache, t.allowed_models, k.role, k.scopes,
-                    k.expires_at
+                    k.expires_at, t.quotas
              FROM api_keys k JOIN tenants t ON t.id = k.tenant_id
              WHERE k.digest = $1 AND k.revoked_at IS NULL
                AND (k.expires_at IS NULL OR k.expires_at > now())",
@@ -237,16 +247,19 @@ impl Store {
         .fetch_optional(self.pool())
         .await?;
         Ok(row.map(
-            |(key_id, tenant_id, llm_cache, allowed_models, role, scopes, expires_at)| Principal {
-                tenant_id,
-                credential: Credential::Key(key_id),
-                llm_cache,
-                allowed_models,
-                // the column's CHECK admits only known roles; anything else gets the least
-                role: Role::parse(&role).unwrap_or(Role::Viewer),
-                // unknown scope names (from a newer version) grant nothing
-                scopes: scopes.map(|s| s.iter().filter_map(|p| Permission::parse(p)).collect()),
-                expires_at,
+            |(key_id, tenant_id, llm_cache, allowed_models, role, scopes, expires_at, quotas)| {
+                Principal {
+                    tenant_id,
+                    credential: Credential::Key(key_id),
+                    llm_cache,
+                    allowed_models,
+                    // the column's CHECK admits only known roles; anything else gets the least
+                    role: Role::parse(&role).unwrap_or(Role::Viewer),
+                    // unknown scope names (from a newer version) grant nothing
+                    scopes: scopes.map(|s| s.iter().filter_map(|p| Permission::parse(p)).collect()),
+                    expires_at,
+                    quotas: parse_quotas(quotas),
+                }
             },
         ))
     }
@@ -315,6 +328,7 @@ mod tests {
             role: Role::Owner,
             scopes: None,
             expires_at: None,
+            quotas: QuotaLimits::default(),
         };
         assert!(p.may_use("anything"));
         p.allowed_models = Some(vec!["fast".into(), "mock-*".into(), "openai/*".into()]);

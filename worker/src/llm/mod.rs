@@ -253,9 +253,11 @@ pub struct ProviderError {
 
 impl ProviderError {
     pub fn new(failure: Failure, message: impl Into<String>) -> Self {
+        let message: String = message.into();
         ProviderError {
             failure,
-            message: message.into(),
+            // provider text reaches logs and job errors: no terminal control sequences
+            message: switchyard_core::telemetry::printable(&message).into_owned(),
             retry_after: None,
         }
     }

@@ -1,0 +1,147 @@
+//! Request admission and quotas: each credential's request rate in this process (`governor`),
+//! the tenant's requests per minute across all replicas (Redis), and the tenant's daily LLM
+//! tokens and sandbox time, checked when a job is submitted. Successful requests carry
+//! `RateLimit-*` headers when the tenant has a rate; refusals are 429 with `Retry-After`.
+
+use std::num::NonZeroU32;
+use std::time::Duration;
+
+use axum::http::{HeaderMap, HeaderValue};
+use governor::clock::{Clock, DefaultClock};
+use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+use switchyard_core::quota::{utc_day, QuotaConfig, QuotaLimits};
+use switchyard_core::ErrorCode;
+use switchyard_queue::{Quotas, RateDecision};
+use switchyard_store::Principal;
+
+use crate::error::ApiError;
+use crate::AppState;
+
+/// Credentials tracked at most per process before idle ones are forgotten.
+const MAX_CREDENTIALS: usize = 100_000;
+
+/// Per-credential limiter of one API process, plus the quota defaults.
+pub struct Admission {
+    per_credential: Option<DefaultKeyedRateLimiter<String>>,
+    defaults: QuotaLimits,
+    rps: u32,
+    pub quotas: Quotas,
+}
+
+/// `RateLimit-*` headers for a response.
+#[derive(Debug, Clone, Copy)]
+pub struct RateHeaders {
+    limit: u64,
+    decision: RateDecision,
+}
+
+impl RateHeaders {
+    pub fn apply(&self, h: &mut HeaderMap) {
+        let secs = |d: Duration| d.as_secs() + u64::from(d.subsec_nanos() > 0);
+        let mut put = |k: &'static str, v: String| {
+            if let Ok(v) = HeaderValue::from_str(&v) {
+                h.insert(k, v);
+            }
+        };
+        put("ratelimit-limit", self.limit.to_string());
+        put("ratelimit-remaining", self.decision.remaining.to_string());
+        put("ratelimit-reset", secs(self.decision.reset).to_string());
+        put("ratelimit-policy", format!("{};w=60", self.limit));
+    }
+}
+
+impl Admission {
+    pub fn new(cfg: &QuotaConfig, quotas: Quotas) -> Admission {
+        let per_credential = NonZeroU32::new(cfg.per_credential_rps).map(|rps| {
+            let burst = NonZeroU32::new(cfg.per_credential_burst).unwrap_or(rps);
+            RateLimiter::keyed(Quota::per_second(rps).allow_burst(burst.max(rps)))
+        });
+        Admission {
+            per_credential,
+            defaults: cfg.defaults(),
+            rps: cfg.per_credential_rps,
+            quotas,
+        }
+    }
+
+    /// The per-credential rate of this process (`None`: unlimited).
+    pub fn per_credential_rps(&self) -> Option<u32> {
+        self.per_credential.as_ref().map(|_| self.rps)
+    }
+
+    /// The tenant's effective limits.
+    pub fn limits(&self, p: &Principal) -> QuotaLimits {
+        p.quotas.over(&self.defaults)
+    }
+
+    /// Admits one request of `p`, or refuses it with 429; the `RateLimit-*` headers to send
+    /// either way. Redis trouble admits (the rate is a guard, not a promise; Postgres-backed
+    /// work still fails cleanly if Redis is down).
+    pub async fn admit(&self, p: &Principal) -> (Option<RateHeaders>, Result<(), ApiError>) {
+        if let Some(l) = &self.per_credential {
+            if l.len() > MAX_CREDENTIALS {
+                l.retain_recent();
+            }
+            if let Err(not_until) = l.check_key(&p.subject()) {
+                let wait = not_until.wait_time_from(DefaultClock::default().now());
+                let e = ApiError::new(
+                    ErrorCode::RateLimited,
+                    "too many requests from this credential; slow down",
+                )
+                .retry_after(wait);
+                return (None, Err(e));
+            }
+        }
+        let Some(limit) = self.limits(p).requests_per_minute else {
+            return (None, Ok(()));
+        };
+        let decision = match self.quotas.take_request(p.tenant_id, limit).await {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::warn!(error = %e, "tenant rate not checked: redis unavailable");
+                return (None, Ok(()));
+            }
+        };
+        let headers = Some(RateHeaders { limit, decision });
+        if !decision.allowed {
+            let e = ApiError::new(
+                ErrorCode::RateLimited,
+                format!("the tenant's limit of {limit} requests per minute is reached"),
+            )
+            .retry_after(decision.retry_after);
+            return (headers, Err(e));
+        }
+        (headers, Ok(()))
+    }
+}
+
+/// Refuses a new job of `kind` when the daily quota it draws on is used up.
+pub async fn check_daily(state: &AppState, p: &Principal, kind: &str) -> Result<(), ApiError> {
+    let limits = state.admission.limits(p);
+    let (limit, what) = match kind {
+        "llm.chat" => (limits.llm_tokens_per_day, "LLM tokens"),
+        "code.exec" => (
+            limits.sandbox_cpu_seconds_per_day.map(|s| s * 1000),
+            "sandbox CPU-seconds",
+        ),
+        _ => return Ok(()),
+    };
+    let Some(limit) = limit else { return Ok(()) };
+    let (day, left) = utc_day(chrono::Utc::now());
+    let used = match state.admission.quotas.daily_use(p.tenant_id, &day).await {
+        Ok(u) if kind == "llm.chat" => u.tokens,
+        Ok(u) => u.cpu_ms,
+        Err(e) => {
+            tracing::warn!(error = %e, "daily quota not checked: redis unavailable");
+            return Ok(());
+        }
+    };
+    if used >= limit {
+        return Err(ApiError::new(
+            ErrorCode::QuotaExceeded,
+            format!("the tenant's daily quota of {what} is used up; it resets at 00:00 UTC"),
+        )
+        .retry_after(left));
+    }
+    Ok(())
+}

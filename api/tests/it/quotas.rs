@@ -1,0 +1,249 @@
+//! Quotas: a tenant's request rate holds across two API replicas (Redis), each credential's
+//! rate per process (governor), daily LLM-token and sandbox quotas refuse new jobs with 429
+//! `quota_exceeded` and `Retry-After`, and `GET /v1/quotas` reports limits and use.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+use sqlx::PgPool;
+use switchyard_core::authz::Role;
+use switchyard_core::quota::QuotaLimits;
+
+use crate::support::{spawn_app_with, Opts};
+
+fn header(r: &reqwest::Response, name: &str) -> Option<u64> {
+    r.headers().get(name)?.to_str().ok()?.parse().ok()
+}
+
+#[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
+async fn a_tenant_rate_holds_across_two_api_replicas(pool: PgPool) {
+    let opts = Opts {
+        worker: false,
+        scheduler: false,
+        configure: Some(Arc::new(|cfg| {
+            cfg.quotas.requests_per_minute = Some(60);
+            cfg.quotas.per_credential_rps = 0;
+        })),
+        ..Opts::default()
+    };
+    let app = spawn_app_with(pool, opts).await;
+    let second = app.spawn_api_replica().await;
+    let (_, key2) = app
+        .store
+        .create_scoped_api_key(app.tenant, "second", Role::Developer, None, None)
+        .await
+        .unwrap();
+    // 60/min: a burst of 10 at once, then one a second; 40 requests alternate replicas and keys
+    let started = std::time::Instant::now();
+    let (mut ok, mut refused) = (0u64, 0u64);
+    for i in 0..40 {
+        let (base, key) = if i % 2 == 0 {
+            (&app.base, &app.key)
+        } else {
+            (&second, &key2)
+        };
+        let r = app
+            .http
+            .get(format!("{base}/v1/jobs"))
+            .bearer_auth(key)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(header(&r, "ratelimit-limit"), Some(60));
+        assert!(header(&r, "ratelimit-remaining").is_some());
+        match r.status() {
+            StatusCode::OK => ok += 1,
+            StatusCode::TOO_MANY_REQUESTS => {
+                refused += 1;
+                assert!(header(&r, "retry-after").is_some_and(|s| (1..=2).contains(&s)));
+                let body: Value = r.json().await.unwrap();
+                assert_eq!(body["error"]["code"], "rate_limited");
+            }
+            s => panic!("unexpected {s}"),
+        }
+    }
+    let allowed = 10 + started.elapsed().as_secs() + 1;
+    assert!(ok >= 10, "only {ok} admitted");
+    assert!(ok <= allowed, "{ok} admitted, at most {allowed} allowed");
+    assert_eq!(ok + refused, 40);
+    // another tenant has its own allowance
+    let other = app.store.create_tenant("other").await.unwrap();
+    let (_, k) = app
+        .store
+        .create_scoped_api_key(other.id, "o", Role::Owner, None, None)
+        .await
+        .unwrap();
+    let r = app
+        .http
+        .get(format!("{second}/v1/jobs"))
+        .bearer_auth(&k)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(header(&r, "ratelimit-remaining"), Some(9));
+    app.stop().await;
+}
+
+#[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
+async fn each_credential_has_its_own_rate_per_process(pool: PgPool) {
+    let opts = Opts {
+        worker: false,
+        scheduler: false,
+        configure: Some(Arc::new(|cfg| {
+            cfg.quotas.per_credential_rps = 1;
+            cfg.quotas.per_credential_burst = 3;
+        })),
+        ..Opts::default()
+    };
+    let app = spawn_app_with(pool, opts).await;
+    let (_, other) = app
+        .store
+        .create_scoped_api_key(app.tenant, "other", Role::Viewer, None, None)
+        .await
+        .unwrap();
+    let mut statuses = Vec::new();
+    for _ in 0..6 {
+        let r = app
+            .auth(app.http.get(app.url("/v1/jobs")))
+            .send()
+            .await
+            .unwrap();
+        statuses.push(r.status().as_u16());
+    }
+    assert_eq!(&statuses[..3], &[200, 200, 200], "{statuses:?}");
+    assert!(statuses[3..].contains(&429), "{statuses:?}");
+    let r = app
+        .http
+        .get(app.url("/v1/jobs"))
+        .bearer_auth(&other)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "another key is not slowed down");
+    app.stop().await;
+}
+
+#[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
+async fn daily_quotas_refuse_new_jobs_and_are_reported(pool: PgPool) {
+    let app = spawn_app_with(pool, Opts::default()).await;
+    let limits = QuotaLimits {
+        llm_tokens_per_day: Some(5),
+        sandbox_cpu_seconds_per_day: Some(1),
+        concurrent_jobs: Some(3),
+        ..Default::default()
+    };
+    app.store
+        .set_tenant_quotas("acme", Some(&limits))
+        .await
+        .unwrap();
+    let q: Value = app
+        .auth(app.http.get(app.url("/v1/quotas")))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(q["limits"]["llm_tokens_per_day"], 5, "{q}");
+    assert_eq!(
+        q["limits"]["requests_per_minute"],
+        Value::Null,
+        "unlimited: {q}"
+    );
+    assert_eq!(q["usage"]["llm_tokens_today"], 0);
+    // one chat within the quota; its tokens are charged when it ends
+    let job = app
+        .submit(json!({"kind": "llm.chat", "input": {"model": "mock-echo",
+            "messages": [{"role": "user", "content": "several words to count as tokens"}]}}))
+        .await;
+    let id = job["id"].as_str().unwrap().parse().unwrap();
+    app.wait_status(id, "succeeded", Duration::from_secs(20))
+        .await;
+    let mut q = Value::Null;
+    for _ in 0..50 {
+        q = app
+            .auth(app.http.get(app.url("/v1/quotas")))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if q["usage"]["llm_tokens_today"].as_u64().unwrap_or(0) > 5 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(q["usage"]["llm_tokens_today"].as_u64().unwrap() > 5, "{q}");
+    assert_eq!(q["limits"]["llm_tokens_per_day"], 5);
+    assert_eq!(q["limits"]["concurrent_jobs"], 3);
+    assert!(q["daily_reset_at"].is_string());
+    // every way to start an LLM call is refused now, until midnight UTC
+    let r = app
+        .auth(app.http.post(app.url("/v1/jobs")))
+        .json(&json!({"kind": "llm.chat", "input": {"model": "mock-echo",
+            "messages": [{"role": "user", "content": "again"}]}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 429);
+    let retry = header(&r, "retry-after").unwrap();
+    assert!((1..=86_400).contains(&retry));
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "quota_exceeded");
+    let r = app
+        .auth(app.http.post(app.url("/v1/chat/completions")))
+        .json(&json!({"model": "mock-echo", "messages": [{"role": "user", "content": "x"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 429);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["type"], "insufficient_quota", "{body}");
+    let conv: Value = app
+        .auth(app.http.post(app.url("/v1/conversations")))
+        .json(&json!({"model": "mock-echo"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let r = app
+        .auth(app.http.post(app.url(&format!(
+            "/v1/conversations/{}/messages",
+            conv["id"].as_str().unwrap()
+        ))))
+        .json(&json!({"content": "x"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 429);
+    // other kinds draw on other quotas
+    app.submit(json!({"kind": "system.noop", "input": {}}))
+        .await;
+    // the sandbox quota: charged by code.exec runs, refused once used up
+    let keys = app.keys();
+    let (day, _) = switchyard_core::quota::utc_day(chrono::Utc::now());
+    switchyard_queue::Quotas::new(keys, app.redis().await)
+        .charge(app.tenant, &day, 0, 1500)
+        .await
+        .unwrap();
+    let r = app
+        .auth(app.http.post(app.url("/v1/jobs")))
+        .json(&json!({"kind": "code.exec", "input": {"language": "python", "code": "print(1)"}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 429);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "quota_exceeded");
+    assert!(body["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("sandbox"));
+    app.stop().await;
+}
