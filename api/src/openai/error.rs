@@ -9,6 +9,23 @@ use switchyard_core::{ErrorCode, FieldError};
 
 use crate::error::ApiError;
 
+/// OpenAI's error body, as the OpenAI-compatible routes send it.
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub struct OaiErrorBody {
+    pub error: OaiErrorDetail,
+}
+
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub struct OaiErrorDetail {
+    pub message: String,
+    /// e.g. `invalid_request_error`, `rate_limit_error`, `insufficient_quota`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub param: Option<String>,
+    /// e.g. `invalid_api_key`, `model_not_found`, `rate_limit_exceeded`.
+    pub code: Option<String>,
+}
+
 #[derive(Debug)]
 pub struct OaiError {
     pub status: StatusCode,

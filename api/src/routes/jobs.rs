@@ -50,8 +50,12 @@ pub fn json_body(headers: &HeaderMap, body: Result<Bytes, BytesRejection>) -> Ap
             ));
         }
     }
-    serde_json::from_slice(&body)
-        .map_err(|e| ApiError::new(ErrorCode::MalformedJson, format!("malformed JSON: {e}")))
+    let value: Value = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::new(ErrorCode::MalformedJson, format!("malformed JSON: {e}")))?;
+    if let Some((field, why)) = switchyard_core::error::first_unstorable(&value) {
+        return Err(ApiError::field(ErrorCode::InvalidInput, &field, why));
+    }
+    Ok(value)
 }
 
 /// Fills an `llm.chat` input's unset options from the tenant's settings (the response cache).

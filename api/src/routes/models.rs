@@ -12,7 +12,8 @@ use switchyard_core::models::{ModelConfig, ModelTable};
 use switchyard_store::Principal;
 
 use crate::auth::Auth;
-use crate::error::{ApiError, ErrorBody};
+use crate::error::ApiError;
+use crate::openai::error::OaiErrorBody;
 use crate::openai::OaiError;
 
 /// One model alias.
@@ -98,8 +99,10 @@ pub struct ModelList {
     get, path = "/v1/models", tag = "models",
     responses(
         (status = 200, body = ModelList),
-        (status = 401, description = "unauthorized", body = ErrorBody),
-        (status = 503, description = "unavailable", body = ErrorBody),
+        (status = 401, description = "invalid_api_key", body = OaiErrorBody),
+        (status = 403, description = "permission_error", body = OaiErrorBody),
+        (status = 429, description = "rate_limit_exceeded", body = OaiErrorBody),
+        (status = 503, description = "unavailable", body = OaiErrorBody),
     ),
     security(("bearer" = []))
 )]
@@ -126,9 +129,11 @@ pub async fn list_models(
     params(("id" = String, Path, description = "model alias")),
     responses(
         (status = 200, body = Model),
-        (status = 401, description = "unauthorized", body = ErrorBody),
-        (status = 404, description = "not_found", body = ErrorBody),
-        (status = 503, description = "unavailable", body = ErrorBody),
+        (status = 401, description = "invalid_api_key", body = OaiErrorBody),
+        (status = 403, description = "permission_error", body = OaiErrorBody),
+        (status = 429, description = "rate_limit_exceeded", body = OaiErrorBody),
+        (status = 404, description = "model_not_found", body = OaiErrorBody),
+        (status = 503, description = "unavailable", body = OaiErrorBody),
     ),
     security(("bearer" = []))
 )]

@@ -330,6 +330,17 @@ async fn counts_and_sizes_inside_a_body_are_limited_per_field(pool: PgPool) {
             json!({"model": "mock-echo", "system": long}),
             "system",
         ),
+        // what Postgres cannot store or give back intact (found by the fuzz run)
+        (
+            "/v1/jobs",
+            json!({"kind": "system.noop", "input": {"note": "a\u{0}b"}}),
+            "input.note",
+        ),
+        (
+            "/v1/conversations",
+            json!({"model": "mock-echo", "metadata": {"k": [1, -1.7976931348623155e308]}}),
+            "metadata.k[1]",
+        ),
     ];
     for (path, body, field) in cases {
         let (status, e) = error_of(post(path, body).await.unwrap()).await;

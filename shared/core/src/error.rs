@@ -183,3 +183,84 @@ mod tests {
         }
     }
 }
+
+/// Largest magnitude of a JSON number we store: Postgres keeps jsonb numbers exactly, and values
+/// near `f64::MAX` do not read back as `f64`.
+pub const MAX_JSON_NUMBER: f64 = 1e300;
+
+/// The path of the first value in `v` that Postgres cannot store or give back intact — a string
+/// or object key holding NUL (`\u0000`), or a number beyond ±[`MAX_JSON_NUMBER`] — and why.
+/// Such input is refused up front (422 naming the field) rather than failing later, after the
+/// job was accepted.
+pub fn first_unstorable(v: &serde_json::Value) -> Option<(String, &'static str)> {
+    const NUL: &str = "strings must not contain NUL characters (\\u0000)";
+    const BIG: &str = "numbers must lie within ±1e300";
+    fn walk(v: &serde_json::Value, path: &mut String) -> Option<&'static str> {
+        match v {
+            serde_json::Value::String(s) => s.contains('\0').then_some(NUL),
+            serde_json::Value::Number(n) => n
+                .as_f64()
+                .is_some_and(|f| f.abs() > MAX_JSON_NUMBER)
+                .then_some(BIG),
+            serde_json::Value::Array(a) => a.iter().enumerate().find_map(|(i, x)| {
+                let len = path.len();
+                path.push_str(&format!("[{i}]"));
+                let found = walk(x, path);
+                if found.is_none() {
+                    path.truncate(len);
+                }
+                found
+            }),
+            serde_json::Value::Object(m) => m.iter().find_map(|(k, x)| {
+                let len = path.len();
+                if !path.is_empty() {
+                    path.push('.');
+                }
+                if k.contains('\0') {
+                    path.push_str(&k.replace('\0', "\\u0000"));
+                    return Some(NUL);
+                }
+                path.push_str(k);
+                let found = walk(x, path);
+                if found.is_none() {
+                    path.truncate(len);
+                }
+                found
+            }),
+            _ => None,
+        }
+    }
+    let mut path = String::new();
+    let why = walk(v, &mut path)?;
+    Some((if path.is_empty() { "body".into() } else { path }, why))
+}
+
+#[cfg(test)]
+mod unstorable_tests {
+    use super::first_unstorable;
+
+    fn first_nul(v: &serde_json::Value) -> Option<String> {
+        first_unstorable(v).map(|(p, _)| p)
+    }
+    use serde_json::json;
+
+    #[test]
+    fn nul_characters_are_found_with_their_path() {
+        assert_eq!(first_nul(&json!({"a": ["x", "y"]})), None);
+        assert_eq!(
+            first_nul(&json!({"input": {"messages": [{"content": "ok"}, {"content": "a\u{0}b"}]}}))
+                .as_deref(),
+            Some("input.messages[1].content")
+        );
+        assert_eq!(
+            first_nul(&json!({"metadata": {"k\u{0}": 1}})).as_deref(),
+            Some("metadata.k\\u0000")
+        );
+        assert_eq!(first_nul(&json!("\u{0}")).as_deref(), Some("body"));
+        assert_eq!(
+            first_nul(&json!({"m": [1, -1.7976931348623155e308]})).as_deref(),
+            Some("m[1]")
+        );
+        assert_eq!(first_nul(&json!({"m": [1e300, -1e-300, u64::MAX]})), None);
+    }
+}
