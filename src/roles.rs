@@ -21,7 +21,11 @@ use tokio_util::sync::CancellationToken;
 
 /// Connects to Postgres (lazily: outages are retried, never fatal).
 pub fn store(cfg: &Config, max_connections: u32) -> anyhow::Result<Store> {
-    Store::connect_lazy(cfg.database_url(), max_connections)
+    Store::connect_lazy(
+        cfg.database_url(),
+        max_connections,
+        Some(cfg.database_role.as_str()),
+    )
 }
 
 pub fn redis_client(cfg: &Config) -> anyhow::Result<redis::Client> {

@@ -65,6 +65,17 @@ pub struct Args {
     #[arg(long, value_name = "LANGUAGE")]
     pub code: Option<String>,
 
+    /// Instead of jobs: `--concurrency` closed loops of `GET /v1/jobs?limit=1` spread over these
+    /// API replicas (comma-separated base URLs) for `--duration-s`, counting admitted (200) and
+    /// refused (429) requests per second: shows a tenant's request quota holding across
+    /// replicas.
+    #[arg(long, value_name = "URLS", value_delimiter = ',')]
+    pub quota_urls: Vec<String>,
+
+    /// The tenant's configured requests per minute (for the report's margin).
+    #[arg(long, default_value_t = 0)]
+    pub quota_rpm: u64,
+
     /// Sandbox tier of `--code` jobs (wasm, gvisor); default: the worker's choice.
     #[arg(long)]
     pub sandbox: Option<String>,

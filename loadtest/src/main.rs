@@ -4,6 +4,7 @@
 mod chat;
 mod cli;
 mod code;
+mod quota;
 mod stats;
 mod submit;
 mod ws;
@@ -32,6 +33,15 @@ async fn main() {
     let args = Args::parse();
     if let Some(lang) = args.code.clone() {
         match code::run(&args, &lang).await {
+            Ok(ok) => std::process::exit(if ok { 0 } else { 1 }),
+            Err(e) => {
+                eprintln!("switchyard-loadtest: error: {e:#}");
+                std::process::exit(2);
+            }
+        }
+    }
+    if !args.quota_urls.is_empty() {
+        match quota::run(&args).await {
             Ok(ok) => std::process::exit(if ok { 0 } else { 1 }),
             Err(e) => {
                 eprintln!("switchyard-loadtest: error: {e:#}");

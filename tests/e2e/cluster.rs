@@ -86,7 +86,7 @@ impl Cluster {
             prefix: format!("e2e{}", Uuid::new_v4().simple()),
             mock_url: String::new(),
             key: String::new(),
-            store: Store::connect_lazy(&db_url, 4).unwrap(),
+            store: Store::connect_lazy(&db_url, 4, Some(switchyard_store::SERVICE_ROLE)).unwrap(),
             children: Vec::new(),
             http: reqwest::Client::new(),
         };

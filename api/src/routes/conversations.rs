@@ -228,7 +228,10 @@ pub async fn get(
         .get_conversation(principal.scope(), id)
         .await?
         .ok_or_else(|| ApiError::not_found("conversation"))?;
-    let (messages, more) = state.store.messages_page(id, after, turns).await?;
+    let (messages, more) = state
+        .store
+        .messages_page(principal.tenant_id, id, after, turns)
+        .await?;
     Ok(Json(ConversationWithMessages {
         conversation,
         messages,

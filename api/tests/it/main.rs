@@ -15,6 +15,7 @@ mod models;
 mod ops;
 mod quotas;
 mod reliability;
+mod rls;
 mod streaming;
 mod support;
 mod tenancy;

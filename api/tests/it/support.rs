@@ -29,6 +29,9 @@ pub fn redis_url() -> String {
 /// The platform operator's token in tests.
 pub const OPERATOR_TOKEN: &str = "operator-token-for-tests-0123456789abcdef";
 
+/// A change to the configuration a test makes before the app starts.
+pub type Configure = std::sync::Arc<dyn Fn(&mut Config) + Send + Sync>;
+
 #[derive(Clone)]
 pub struct Opts {
     pub worker: bool,
@@ -40,7 +43,7 @@ pub struct Opts {
     /// Give the worker the wasm sandbox (`code.exec`).
     pub code: bool,
     /// Adjusts the configuration before anything starts.
-    pub configure: Option<std::sync::Arc<dyn Fn(&mut Config) + Send + Sync>>,
+    pub configure: Option<Configure>,
 }
 
 impl Default for Opts {
@@ -125,7 +128,8 @@ pub async fn spawn_app_with(pool: PgPool, opts: Opts) -> TestApp {
     }
     cfg.enable_noop = opts.enable_noop;
     cfg.lease_s = opts.lease.as_secs().max(2);
-    let store = Store::from_pool(pool);
+    // as the services run: the service role, bound by row-level security
+    let store = Store::with_role(&pool, switchyard_store::SERVICE_ROLE);
     let tenant = store.create_tenant("acme").await.unwrap();
     let (_, key) = store.create_api_key(tenant.id, "test", None).await.unwrap();
 

@@ -24,6 +24,10 @@ pub struct Config {
     pub redis_url: SecretString,
     /// Prefix of every Redis key; tests use a unique one each.
     pub redis_prefix: String,
+    /// The Postgres role the services act as (`role=` on every connection), so row-level
+    /// security binds them; migrations run as the connecting user. Empty: act as the connecting
+    /// user (RLS then proves nothing for an owner or superuser).
+    pub database_role: String,
     /// Postgres connections per process (the API's pool; workers use at most this many).
     pub database_max_connections: u32,
     /// API listen address (`--listen`).
@@ -181,6 +185,7 @@ struct Defaults {
     database_url: &'static str,
     redis_url: &'static str,
     redis_prefix: &'static str,
+    database_role: &'static str,
     database_max_connections: u32,
     listen: &'static str,
     lease_s: u64,
@@ -219,6 +224,7 @@ fn defaults() -> Defaults {
         database_url: DEFAULT_DATABASE_URL,
         redis_url: DEFAULT_REDIS_URL,
         redis_prefix: "sy",
+        database_role: "switchyard_app",
         database_max_connections: 16,
         listen: "127.0.0.1:8080",
         lease_s: 30,
@@ -395,5 +401,16 @@ mod tests {
         assert_eq!(cfg.max_body_bytes, 1024 * 1024);
         assert!(!format!("{cfg:?}").contains("hunter2"));
         assert!(cfg.check().is_ok());
+    }
+
+    #[test]
+    fn the_example_configuration_loads() {
+        let path =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/switchyard.example.toml");
+        let cfg = Config::load(Some(&path)).unwrap();
+        assert_eq!(cfg.database_role, "switchyard_app");
+        assert_eq!(cfg.quotas.per_credential_rps, 1000);
+        assert_eq!(cfg.jwt.audience, "switchyard");
+        assert_eq!(cfg.audit_retention_days, 365);
     }
 }

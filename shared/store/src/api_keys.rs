@@ -40,13 +40,16 @@ impl Store {
 
     /// One key of `tenant` (another tenant's key is `None`).
     pub async fn get_tenant_api_key(&self, tenant: Uuid, id: Uuid) -> Result<Option<ApiKeyRecord>> {
-        Ok(sqlx::query_as::<_, ApiKeyRecord>(&format!(
+        let mut tx = self.tenant_tx(tenant).await?;
+        let out = sqlx::query_as::<_, ApiKeyRecord>(&format!(
             "SELECT {KEY_COLUMNS} FROM api_keys WHERE tenant_id = $1 AND id = $2"
         ))
         .bind(tenant)
         .bind(id)
-        .fetch_optional(self.pool())
-        .await?)
+        .fetch_optional(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(out)
     }
 
     /// Revokes a key of `tenant`; `None` when the tenant has no such key, else the record
@@ -56,14 +59,17 @@ impl Store {
         tenant: Uuid,
         id: Uuid,
     ) -> Result<Option<ApiKeyRecord>> {
-        Ok(sqlx::query_as::<_, ApiKeyRecord>(&format!(
+        let mut tx = self.tenant_tx(tenant).await?;
+        let out = sqlx::query_as::<_, ApiKeyRecord>(&format!(
             "UPDATE api_keys SET revoked_at = COALESCE(revoked_at, now())
              WHERE tenant_id = $1 AND id = $2 RETURNING {KEY_COLUMNS}"
         ))
         .bind(tenant)
         .bind(id)
-        .fetch_optional(self.pool())
-        .await?)
+        .fetch_optional(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(out)
     }
 
     /// Records that these keys were used now (one statement for a batch).

@@ -316,7 +316,8 @@ async fn append_in(
 impl Store {
     /// A tenant's audit rows after `after_seq`, oldest first, filtered.
     pub async fn list_audit(&self, tenant: Uuid, f: &AuditFilter) -> Result<Vec<AuditRow>> {
-        Ok(sqlx::query_as::<_, AuditRow>(&format!(
+        let mut tx = self.tenant_tx(tenant).await?;
+        let out = sqlx::query_as::<_, AuditRow>(&format!(
             "SELECT {COLUMNS} FROM audit_events
              WHERE tenant_id = $1 AND seq > $2
                AND ($3::text IS NULL OR action = $3)
@@ -332,8 +333,10 @@ impl Store {
         .bind(f.since)
         .bind(f.until)
         .bind(f.limit.clamp(1, 1000))
-        .fetch_all(self.pool())
-        .await?)
+        .fetch_all(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(out)
     }
 
     /// Checks a tenant's chain from its anchor to its head: every row must link to the previous

@@ -113,15 +113,18 @@ impl Store {
         id: Uuid,
     ) -> Result<Option<Conversation>> {
         let scope = scope.into();
-        Ok(sqlx::query_as::<_, Conversation>(&format!(
+        let mut tx = self.tenant_tx(scope.tenant_id).await?;
+        let out = sqlx::query_as::<_, Conversation>(&format!(
             "SELECT {CONV_COLS} FROM conversations WHERE id = $1 AND tenant_id = $2
                AND ($3::text IS NULL OR created_by = $3)"
         ))
         .bind(id)
         .bind(scope.tenant_id)
         .bind(scope.creator)
-        .fetch_optional(self.pool())
-        .await?)
+        .fetch_optional(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(out)
     }
 
     /// Messages in conversation order (turn, then user before assistant): every message of
@@ -164,10 +167,12 @@ impl Store {
     /// them, and whether more follow.
     pub async fn messages_page(
         &self,
+        tenant: Uuid,
         id: Uuid,
         after_turn: i32,
         turns: i32,
     ) -> Result<(Vec<Message>, bool)> {
+        let mut tx = self.tenant_tx(tenant).await?;
         let mut rows = sqlx::query_as::<_, Message>(&format!(
             "SELECT {MSG_COLS} FROM conversation_messages
              WHERE conversation_id = $1 AND turn > $2 AND turn <= $2 + $3 + 1
@@ -176,8 +181,9 @@ impl Store {
         .bind(id)
         .bind(after_turn)
         .bind(turns)
-        .fetch_all(self.pool())
+        .fetch_all(&mut *tx)
         .await?;
+        tx.commit().await?;
         let last = after_turn.saturating_add(turns);
         let more = rows.iter().any(|m| m.turn > last);
         rows.retain(|m| m.turn <= last);
@@ -192,7 +198,8 @@ impl Store {
         limit: i64,
     ) -> Result<Vec<Conversation>> {
         let scope = scope.into();
-        Ok(sqlx::query_as::<_, Conversation>(&format!(
+        let mut tx = self.tenant_tx(scope.tenant_id).await?;
+        let out = sqlx::query_as::<_, Conversation>(&format!(
             "SELECT {CONV_COLS} FROM conversations
              WHERE tenant_id = $1 AND ($2::uuid IS NULL OR id < $2)
                AND ($4::text IS NULL OR created_by = $4)
@@ -202,13 +209,16 @@ impl Store {
         .bind(before)
         .bind(limit)
         .bind(scope.creator)
-        .fetch_all(self.pool())
-        .await?)
+        .fetch_all(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(out)
     }
 
     /// Deletes a conversation and its messages; false when there was none.
     pub async fn delete_conversation(&self, scope: impl Into<Scope>, id: Uuid) -> Result<bool> {
         let scope = scope.into();
+        let mut tx = self.tenant_tx(scope.tenant_id).await?;
         let r = sqlx::query(
             "DELETE FROM conversations WHERE id = $1 AND tenant_id = $2
                AND ($3::text IS NULL OR created_by = $3)",
@@ -216,8 +226,9 @@ impl Store {
         .bind(id)
         .bind(scope.tenant_id)
         .bind(scope.creator)
-        .execute(self.pool())
+        .execute(&mut *tx)
         .await?;
+        tx.commit().await?;
         Ok(r.rows_affected() == 1)
     }
 
@@ -232,7 +243,7 @@ impl Store {
         make_job: impl FnOnce(i32) -> NewJob,
     ) -> Result<Option<(Message, NewJob)>> {
         let scope = scope.into();
-        let mut tx = self.pool().begin().await?;
+        let mut tx = self.tenant_tx(scope.tenant_id).await?;
         // the row lock orders concurrent posts: turns are numbered in commit order
         let turn: Option<i32> = sqlx::query_scalar(
             "UPDATE conversations SET next_turn = next_turn + 1, updated_at = now()

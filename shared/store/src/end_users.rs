@@ -89,12 +89,15 @@ impl Store {
 
     /// Jobs of the tenant running now (for `GET /v1/quotas`).
     pub async fn running_jobs(&self, tenant_id: Uuid) -> Result<i64> {
-        Ok(sqlx::query_scalar(
+        let mut tx = self.tenant_tx(tenant_id).await?;
+        let out = sqlx::query_scalar(
             "SELECT count(*) FROM jobs WHERE tenant_id = $1 AND status = 'running'",
         )
         .bind(tenant_id)
-        .fetch_one(self.pool())
-        .await?)
+        .fetch_one(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(out)
     }
 
     /// Sets (or with `None` removes) a tenant's HS256 issuer and secret; false when there is no

@@ -244,15 +244,18 @@ impl Store {
     /// missing one).
     pub async fn get_job(&self, scope: impl Into<Scope>, id: Uuid) -> Result<Option<JobRow>> {
         let scope = scope.into();
-        Ok(sqlx::query_as::<_, JobRow>(&format!(
+        let mut tx = self.tenant_tx(scope.tenant_id).await?;
+        let row = sqlx::query_as::<_, JobRow>(&format!(
             "SELECT {JOB_COLUMNS} FROM jobs WHERE id = $1 AND tenant_id = $2
                AND ($3::text IS NULL OR created_by = $3)"
         ))
         .bind(id)
         .bind(scope.tenant_id)
         .bind(scope.creator)
-        .fetch_optional(self.pool())
-        .await?)
+        .fetch_optional(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(row)
     }
 
     /// Internal lookup, any tenant (workers, reconciler).
@@ -272,7 +275,8 @@ impl Store {
         filter: &JobFilter,
     ) -> Result<Vec<JobRow>> {
         let scope = scope.into();
-        Ok(sqlx::query_as::<_, JobRow>(&format!(
+        let mut tx = self.tenant_tx(scope.tenant_id).await?;
+        let rows = sqlx::query_as::<_, JobRow>(&format!(
             "SELECT {JOB_COLUMNS} FROM jobs
              WHERE tenant_id = $1
                AND ($2::text IS NULL OR status = $2)
@@ -287,13 +291,16 @@ impl Store {
         .bind(filter.before)
         .bind(filter.limit)
         .bind(scope.creator)
-        .fetch_all(self.pool())
-        .await?)
+        .fetch_all(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(rows)
     }
 
     /// Cancels a queued job at once, or records a cancel request for a running one.
     pub async fn cancel_job(&self, scope: impl Into<Scope>, id: Uuid) -> Result<CancelOutcome> {
         let scope = scope.into();
+        let mut tx = self.tenant_tx(scope.tenant_id).await?;
         let cancelled = sqlx::query_as::<_, JobRow>(&format!(
             "UPDATE jobs SET status = 'cancelled', finished_at = now(), updated_at = now(),
                 cancel_requested_at = COALESCE(cancel_requested_at, now()), event_seq = event_seq + 1,
@@ -305,9 +312,10 @@ impl Store {
         .bind(id)
         .bind(scope.tenant_id)
         .bind(&scope.creator)
-        .fetch_optional(self.pool())
+        .fetch_optional(&mut *tx)
         .await?;
         if let Some(row) = cancelled {
+            tx.commit().await?;
             return Ok(CancelOutcome::Cancelled(row));
         }
         let requested = sqlx::query_as::<_, JobRow>(&format!(
@@ -319,8 +327,9 @@ impl Store {
         .bind(id)
         .bind(scope.tenant_id)
         .bind(&scope.creator)
-        .fetch_optional(self.pool())
+        .fetch_optional(&mut *tx)
         .await?;
+        tx.commit().await?;
         if let Some(row) = requested {
             return Ok(CancelOutcome::Requested(row));
         }

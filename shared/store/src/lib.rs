@@ -68,38 +68,107 @@ pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 #[derive(Clone, Debug)]
 pub struct Store {
     pool: PgPool,
+    /// How to connect as the owner (no role), for migrations.
+    owner: std::sync::Arc<PgConnectOptions>,
 }
+
+/// The role the services act as (row-level security binds it; see the RLS migration).
+pub const SERVICE_ROLE: &str = "switchyard_app";
 
 /// The migrations, embedded at build time (no database needed to compile).
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations");
 
 impl Store {
-    /// Connects lazily: the pool (re)connects on demand, so a Postgres outage never kills a process.
-    pub fn connect_lazy(url: &str, max_connections: u32) -> anyhow::Result<Store> {
-        let opts: PgConnectOptions = url
+    /// Connects lazily: the pool (re)connects on demand, so a Postgres outage never kills a
+    /// process. Sessions act as `role` (normally [`SERVICE_ROLE`], so row-level security
+    /// applies); `None` keeps the connecting user (RLS then proves nothing for an owner or
+    /// superuser).
+    pub fn connect_lazy(
+        url: &str,
+        max_connections: u32,
+        role: Option<&str>,
+    ) -> anyhow::Result<Store> {
+        let owner: PgConnectOptions = url
             .parse()
             .map_err(|e| anyhow::anyhow!("invalid DATABASE_URL: {e}"))?;
         // Plan every execution with the table as it is now. A generic plan cached while `jobs`
         // was empty (a fresh deployment) keeps sequential scans as the table grows, making each
         // claim O(table) until the process restarts (measured: 5,000 → 1,300 jobs/s).
-        let opts = opts.options([("plan_cache_mode", "force_custom_plan")]);
+        let owner = owner.options([("plan_cache_mode", "force_custom_plan")]);
+        let mut opts = owner.clone();
+        if let Some(role) = role.filter(|r| !r.is_empty()) {
+            opts = opts.options([("role", role)]);
+        }
         let pool = PgPoolOptions::new()
             .max_connections(max_connections)
             .acquire_timeout(Duration::from_secs(5))
             .connect_lazy_with(opts);
-        Ok(Store { pool })
+        Ok(Store {
+            pool,
+            owner: std::sync::Arc::new(owner),
+        })
     }
 
+    /// A store on an existing pool (tests); migrations run on it too.
     pub fn from_pool(pool: PgPool) -> Store {
-        Store { pool }
+        let owner = std::sync::Arc::new((*pool.connect_options()).clone());
+        Store { pool, owner }
+    }
+
+    /// The same database as `pool`'s, acting as `role` (tests run the services' role).
+    pub fn with_role(pool: &PgPool, role: &str) -> Store {
+        let owner = (*pool.connect_options()).clone();
+        let opts = owner.clone().options([("role", role)]);
+        let pool = PgPoolOptions::new()
+            .max_connections(16)
+            .acquire_timeout(Duration::from_secs(5))
+            .connect_lazy_with(opts);
+        Store {
+            pool,
+            owner: std::sync::Arc::new(owner),
+        }
+    }
+
+    /// A transaction confined to one tenant by row-level security (one round trip to open):
+    /// every statement in it sees and writes only that tenant's rows.
+    pub(crate) async fn tenant_tx(
+        &self,
+        tenant: uuid::Uuid,
+    ) -> Result<sqlx::Transaction<'static, sqlx::Postgres>> {
+        // a UUID's text form is hex and dashes: safe to inline
+        Ok(self
+            .pool
+            .begin_with(format!(
+                "BEGIN; SET LOCAL switchyard.tenant = '{}'",
+                tenant.hyphenated()
+            ))
+            .await?)
     }
 
     pub fn pool(&self) -> &PgPool {
         &self.pool
     }
 
+    /// Applies the migrations as the owner (the connecting user, not the service role).
     pub async fn migrate(&self) -> anyhow::Result<()> {
-        MIGRATOR.run(&self.pool).await?;
+        use sqlx::Connection;
+        // a Postgres that is still starting is waited for (up to about 30 s), like the pool does
+        let mut tries = 0;
+        let mut conn = loop {
+            match sqlx::PgConnection::connect_with(&self.owner).await {
+                Ok(c) => break c,
+                Err(e) => {
+                    let e = StoreError::from(e);
+                    if tries >= 60 || !matches!(e, StoreError::Unavailable(_)) {
+                        return Err(e.into());
+                    }
+                    tries += 1;
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+            }
+        };
+        MIGRATOR.run(&mut conn).await?;
+        conn.close().await?;
         Ok(())
     }
 

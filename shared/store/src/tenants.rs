@@ -211,14 +211,17 @@ impl Store {
     }
 
     pub async fn list_api_keys(&self, tenant_id: Uuid) -> Result<Vec<ApiKeyRecord>> {
-        Ok(sqlx::query_as::<_, ApiKeyRecord>(
+        let mut tx = self.tenant_tx(tenant_id).await?;
+        let out = sqlx::query_as::<_, ApiKeyRecord>(
             "SELECT id, tenant_id, name, prefix, created_at, revoked_at, role, scopes, expires_at,
                     last_used_at
              FROM api_keys WHERE tenant_id = $1 ORDER BY created_at",
         )
         .bind(tenant_id)
-        .fetch_all(self.pool())
-        .await?)
+        .fetch_all(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(out)
     }
 
     /// Looks up a presented key; `None` for malformed, unknown or revoked keys.

@@ -92,6 +92,7 @@ impl Store {
         to: DateTime<Utc>,
         group: UsageGroup,
     ) -> Result<UsageReport> {
+        let mut tx = self.tenant_tx(tenant_id).await?;
         let prompt = number("{usage,prompt_tokens}");
         let completion = number("{usage,completion_tokens}");
         // total_tokens when the provider reported it, else prompt + completion
@@ -122,7 +123,7 @@ impl Store {
             .bind(tenant_id)
             .bind(from)
             .bind(to)
-            .fetch_all(self.pool())
+            .fetch_all(&mut *tx)
             .await?;
         let mut report = UsageReport::default();
         for r in rows {
@@ -135,6 +136,7 @@ impl Store {
                 });
             }
         }
+        tx.commit().await?;
         Ok(report)
     }
 }
