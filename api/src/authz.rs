@@ -36,6 +36,7 @@ pub const ROUTES: &[(&str, &str, Access)] = {
     &[
         ("POST", "/v1/jobs", Needs(JobsWrite)),
         ("GET", "/v1/jobs", Needs(JobsRead)),
+        ("POST", "/v1/jobs/batch", Needs(JobsWrite)),
         ("GET", "/v1/jobs/{id}", Needs(JobsRead)),
         ("POST", "/v1/jobs/{id}/cancel", Needs(JobsWrite)),
         ("GET", "/v1/jobs/{id}/events", Needs(JobsRead)),

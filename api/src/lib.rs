@@ -180,7 +180,8 @@ async fn method_not_allowed() -> ApiError {
 /// The router with all routes and layers.
 pub fn router(state: AppState) -> Router {
     use routes::{
-        api_keys, audit, conversations, health, jobs, models, quotas, stream, tenants, usage,
+        api_keys, audit, conversations, health, job_batch, jobs, models, quotas, stream, tenants,
+        usage,
     };
     let max_body = state.cfg.max_body_bytes;
     let max_job_body = state.cfg.max_job_body_bytes;
@@ -191,6 +192,10 @@ pub fn router(state: AppState) -> Router {
             post(jobs::create_job)
                 .layer(DefaultBodyLimit::max(max_job_body))
                 .get(jobs::list_jobs),
+        )
+        .route(
+            "/v1/jobs/batch",
+            post(job_batch::create_batch).layer(DefaultBodyLimit::max(max_job_body)),
         )
         .route("/v1/jobs/{id}", get(jobs::get_job))
         .route("/v1/jobs/{id}/cancel", post(jobs::cancel_job))

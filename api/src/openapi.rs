@@ -12,6 +12,7 @@ use crate::routes;
     info(title = "Switchyard API", description = "Durable LLM and code-execution jobs."),
     paths(
         routes::jobs::create_job,
+        routes::job_batch::create_batch,
         routes::jobs::get_job,
         routes::jobs::list_jobs,
         routes::jobs::cancel_job,
@@ -72,6 +73,8 @@ use crate::routes;
         routes::usage::UsageEntry,
         routes::usage::UsageTotals,
         routes::quotas::QuotaReport,
+        routes::job_batch::BatchRequest,
+        routes::job_batch::BatchResponse,
         routes::quotas::QuotaUse,
         switchyard_core::quota::QuotaLimits,
         routes::api_keys::CreateApiKey,

@@ -53,7 +53,12 @@ impl Submitter {
     /// Dispatches a job that was committed elsewhere (e.g. with a conversation message). If this
     /// fails, the reconciler dispatches it (its `dispatch_epoch` is 0).
     pub async fn dispatch(&self, job: NewJob) {
-        if self.dispatch.send(vec![job]).await.is_err() {
+        self.dispatch_many(vec![job]).await
+    }
+
+    /// Dispatches jobs committed elsewhere (a batch), like [`Submitter::dispatch`].
+    pub async fn dispatch_many(&self, jobs: Vec<NewJob>) {
+        if self.dispatch.send(jobs).await.is_err() {
             tracing::warn!("dispatcher stopped; the reconciler will dispatch the job");
         }
     }
@@ -139,7 +144,7 @@ async fn dispatch_loop(
         for j in &jobs {
             let it = j.dispatch_item();
             pipe.xadd(
-                keys.stream(&it.queue, 0),
+                keys.stream(&it.queue, it.priority.clamp(0, 9)),
                 "*",
                 &[("job", it.id.to_string()), ("t", it.tenant_id.to_string())],
             )

@@ -187,6 +187,7 @@ impl Scheduler {
                 break;
             }
         }
+        self.store.prune_idempotency_keys(self.opts.batch).await?;
         if let Some(keep) = self.opts.audit_retention {
             let due = self
                 .last_prune

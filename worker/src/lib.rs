@@ -7,6 +7,7 @@ pub mod executor;
 pub mod llm;
 pub mod noop;
 mod quota;
+mod reclaim;
 mod run;
 pub mod runtime;
 

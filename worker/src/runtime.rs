@@ -187,7 +187,7 @@ impl Worker {
             for q in s.opts.queues.clone() {
                 loops.spawn(fetch_loop(s.clone(), q, stop2.clone()));
             }
-            loops.spawn(reclaim_loop(s.clone(), stop2.clone()));
+            loops.spawn(crate::reclaim::reclaim_loop(s.clone(), stop2.clone()));
             loops.spawn(cancel_listener(s.clone(), stop2.clone()));
             loops.close();
             tracing::info!(worker = %s.id, queues = ?s.opts.queues, concurrency = s.opts.concurrency, "worker started");
@@ -291,47 +291,6 @@ async fn fetch_loop(s: Arc<Shared>, queue: String, stop: CancellationToken) {
     }
 }
 
-async fn reclaim_loop(s: Arc<Shared>, stop: CancellationToken) {
-    let every = (s.opts.lease / 4).clamp(Duration::from_millis(250), Duration::from_secs(5));
-    let mut cursors: HashMap<String, String> = HashMap::new();
-    loop {
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = tokio::time::sleep(every) => {}
-        }
-        for q in &s.opts.queues {
-            let slots = s.slots_for(q);
-            let mut permits = Vec::new();
-            while permits.len() < 32 {
-                match slots.clone().try_acquire_owned() {
-                    Ok(p) => permits.push(p),
-                    Err(_) => break,
-                }
-            }
-            if permits.is_empty() {
-                continue;
-            }
-            let cursor = cursors.entry(q.clone()).or_insert_with(|| "0-0".into());
-            match s
-                .queue
-                .reclaim(q, &s.id, s.opts.lease, cursor, permits.len())
-                .await
-            {
-                Ok(ds) => {
-                    for d in &ds {
-                        tracing::info!(job_id = %d.job_id, queue = %q, "reclaimed a job whose lease expired");
-                    }
-                    spawn_batch(&s, ds, &mut permits).await;
-                }
-                Err(e) => {
-                    *cursor = "0-0".into();
-                    tracing::debug!(error = %e, queue = %q, "reclaim failed");
-                }
-            }
-        }
-    }
-}
-
 async fn cancel_listener(s: Arc<Shared>, stop: CancellationToken) {
     use futures::StreamExt;
     let channel = s.queue.keys().cancel_channel();
@@ -394,7 +353,7 @@ async fn cancel_listener(s: Arc<Shared>, stop: CancellationToken) {
 }
 
 /// Claims a fetched batch in one statement, then runs each delivery in its own task.
-async fn spawn_batch(
+pub(crate) async fn spawn_batch(
     s: &Arc<Shared>,
     deliveries: Vec<Delivery>,
     permits: &mut Vec<OwnedSemaphorePermit>,
@@ -414,7 +373,14 @@ async fn spawn_batch(
             }
         };
     for d in deliveries {
-        let Some(permit) = permits.pop() else { break };
+        // a blocking fetch can bring one more than asked (one per priority): wait for a slot
+        let permit = match permits.pop() {
+            Some(p) => p,
+            None => match s.slots_for(&d.queue).clone().acquire_owned().await {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+        };
         let row = claimed.remove(&d.job_id);
         let s2 = s.clone();
         let span = tracing::info_span!(

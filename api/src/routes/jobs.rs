@@ -99,11 +99,56 @@ pub fn request_trace(headers: &HeaderMap) -> TraceParent {
         .unwrap_or_else(TraceParent::generate)
 }
 
+/// Validates a job request (fields, kind, model, daily quota) and builds the job row; errors
+/// name the field as in the body.
+pub async fn build_job(
+    state: &AppState,
+    principal: &switchyard_store::Principal,
+    value: Value,
+    trace: &TraceParent,
+) -> ApiResult<NewJob> {
+    let enable_noop = state.cfg.enable_noop;
+    let mut req = CreateJobRequest::parse(value, |k| k != JobKind::SystemNoop || enable_noop)?;
+    if req.kind == JobKind::LlmChat {
+        if req.input.get("conversation").is_some_and(|c| !c.is_null()) {
+            return Err(ApiError::field(
+                ErrorCode::InvalidInput,
+                "input.conversation",
+                "conversation turns are posted with POST /v1/conversations/{id}/messages",
+            ));
+        }
+        tenant_llm_defaults(principal, &mut req.input);
+        // the model must be one this deployment routes (its table, `provider/model`, mock-*)
+        // and the tenant may use
+        let model = req.input["model"].as_str().unwrap_or_default();
+        super::models::usable(&state.models, principal, model).map_err(|e| {
+            ApiError::field(ErrorCode::InvalidInput, "input.model", e.message(model))
+        })?;
+    }
+    crate::quota::check_daily(state, principal, req.kind.as_str()).await?;
+    Ok(NewJob {
+        id: Uuid::now_v7(),
+        tenant_id: principal.tenant_id,
+        created_by: principal.subject(),
+        kind: req.kind.as_str().to_string(),
+        queue: req.kind.queue().to_string(),
+        priority: req.priority,
+        max_attempts: req.max_attempts,
+        timeout_s: req.timeout_s,
+        input: req.input,
+        metadata: req.metadata,
+        trace_parent: Some(trace.to_string()),
+        created_at: Utc::now(),
+    })
+}
+
 /// Submit a job. It is durable in Postgres before the answer.
 #[utoipa::path(
     post, path = "/v1/jobs", tag = "jobs",
     request_body = CreateJobRequest,
+    params(("Idempotency-Key" = Option<String>, Header, description = "the same key returns the same job for 24 h (header `Idempotent-Replayed: true`); a different body under it is 409")),
     responses(
+        (status = 409, description = "conflict: the Idempotency-Key was used with a different body", body = ErrorBody),
         (status = 202, description = "Accepted; `Location` points at the job", body = Job),
         (status = 400, description = "malformed_json", body = ErrorBody),
         (status = 401, description = "unauthorized", body = ErrorBody),
@@ -123,41 +168,17 @@ pub async fn create_job(
 ) -> ApiResult<Response> {
     let started = std::time::Instant::now();
     let value = json_body(&headers, body)?;
-    let enable_noop = state.cfg.enable_noop;
-    let mut req = CreateJobRequest::parse(value, |k| k != JobKind::SystemNoop || enable_noop)?;
-    if req.kind == JobKind::LlmChat {
-        if req.input.get("conversation").is_some_and(|c| !c.is_null()) {
-            return Err(ApiError::field(
-                ErrorCode::InvalidInput,
-                "input.conversation",
-                "conversation turns are posted with POST /v1/conversations/{id}/messages",
-            ));
-        }
-        tenant_llm_defaults(&principal, &mut req.input);
-        // the model must be one this deployment routes (its table, `provider/model`, mock-*)
-        // and the tenant may use
-        let model = req.input["model"].as_str().unwrap_or_default();
-        super::models::usable(&state.models, &principal, model).map_err(|e| {
-            ApiError::field(ErrorCode::InvalidInput, "input.model", e.message(model))
-        })?;
-    }
-    crate::quota::check_daily(&state, &principal, req.kind.as_str()).await?;
+    let idempotency = crate::routes::job_batch::idempotency_key(&headers)?;
+    let request_digest = idempotency
+        .as_ref()
+        .map(|_| switchyard_core::apikey::digest(&value.to_string()));
     let trace = request_trace(&headers);
     tracing::Span::current().record("trace_id", trace.trace_id.as_str());
-    let job = NewJob {
-        id: Uuid::now_v7(),
-        tenant_id: principal.tenant_id,
-        created_by: principal.subject(),
-        kind: req.kind.as_str().to_string(),
-        queue: req.kind.queue().to_string(),
-        priority: 0,
-        max_attempts: req.max_attempts,
-        timeout_s: req.timeout_s,
-        input: req.input,
-        metadata: req.metadata,
-        trace_parent: Some(trace.to_string()),
-        created_at: Utc::now(),
-    };
+    let job = build_job(&state, &principal, value, &trace).await?;
+    if let (Some(key), Some(digest)) = (idempotency, request_digest) {
+        return crate::routes::job_batch::submit_idempotent(&state, &principal, &key, digest, job)
+            .await;
+    }
     let view = job.to_job();
     state.submitter.submit(job).await?;
     state.metrics.observe_submit(&view.kind, started.elapsed());

@@ -4,6 +4,7 @@ pub mod api_keys;
 pub mod audit;
 pub mod conversations;
 pub mod health;
+pub mod job_batch;
 pub mod jobs;
 pub mod models;
 pub mod quotas;

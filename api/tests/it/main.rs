@@ -17,6 +17,7 @@ mod quotas;
 mod reliability;
 mod rls;
 mod streaming;
+mod submission;
 mod support;
 mod tenancy;
 mod tenants;

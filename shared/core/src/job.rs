@@ -164,6 +164,8 @@ pub struct Job {
     pub id: Uuid,
     pub kind: String,
     pub queue: String,
+    /// 0–9, higher first within a queue.
+    pub priority: i16,
     pub status: JobStatus,
     pub attempt: i32,
     pub max_attempts: i32,
@@ -239,12 +241,18 @@ pub struct CreateJobRequest {
     /// Free-form JSON object stored with the job.
     #[schema(value_type = Option<Object>)]
     pub metadata: Option<Value>,
+    /// 0 (default) to 9: within a queue, higher priorities are started first.
+    pub priority: Option<i16>,
 }
+
+/// Highest job priority (`priority` is 0..=MAX_PRIORITY).
+pub const MAX_PRIORITY: i16 = 9;
 
 /// A request that passed validation.
 #[derive(Debug, Clone)]
 pub struct ValidJobRequest {
     pub kind: JobKind,
+    pub priority: i16,
     pub input: Value,
     pub max_attempts: i32,
     pub timeout_s: Option<i32>,
@@ -286,8 +294,16 @@ impl CreateJobRequest {
             }
         }
         let metadata = check_metadata(req.metadata)?;
+        let priority = req.priority.unwrap_or(0);
+        if !(0..=MAX_PRIORITY).contains(&priority) {
+            return Err(FieldError::invalid(
+                "priority",
+                format!("must be between 0 and {MAX_PRIORITY}"),
+            ));
+        }
         Ok(ValidJobRequest {
             kind,
+            priority,
             input: req.input,
             max_attempts,
             timeout_s: req.timeout_s,

@@ -19,8 +19,8 @@ use uuid::Uuid;
 
 /// Consumer group of every queue stream.
 pub const GROUP: &str = "workers";
-/// Priorities are a seam for the priorities issue; the spine uses 0 only.
-pub const PRIORITIES: [i16; 1] = [0];
+/// Job priorities, lowest first (one stream each; workers read the highest with work first).
+pub const PRIORITIES: [i16; 10] = [0, 1, 2, 3, 4, 5, 6, 7, 8, 9];
 
 #[derive(Debug, Clone)]
 pub struct Keys {

@@ -30,6 +30,7 @@ pub struct Queue {
     conn: ConnectionManager,
     heartbeat_script: Arc<Script>,
     move_due_script: Arc<Script>,
+    fetch_script: Arc<Script>,
 }
 
 const HEARTBEAT_LUA: &str = r#"
@@ -54,6 +55,30 @@ end
 return #due
 "#;
 
+// KEYS = a queue's priority streams, highest first (one hash tag); ARGV[1] = group,
+// ARGV[2] = consumer, ARGV[3] = count. Takes up to `count` new entries, highest priority first
+// (non-blocking reads are allowed in scripts). Returns {stream, entry id, job id} triples.
+const FETCH_LUA: &str = r#"
+local want = tonumber(ARGV[3])
+local out = {}
+for _, k in ipairs(KEYS) do
+  if want <= 0 then break end
+  local r = redis.call('XREADGROUP', 'GROUP', ARGV[1], ARGV[2], 'COUNT', want, 'STREAMS', k, '>')
+  if r then
+    for _, e in ipairs(r[1][2]) do
+      local job = ''
+      local f = e[2]
+      for i = 1, #f, 2 do
+        if f[i] == 'job' then job = f[i + 1] end
+      end
+      table.insert(out, {k, e[1], job})
+      want = want - 1
+    end
+  end
+end
+return out
+"#;
+
 impl Queue {
     pub fn new(keys: Keys, conn: ConnectionManager) -> Queue {
         Queue {
@@ -61,6 +86,7 @@ impl Queue {
             conn,
             heartbeat_script: Arc::new(Script::new(HEARTBEAT_LUA)),
             move_due_script: Arc::new(Script::new(MOVE_DUE_LUA)),
+            fetch_script: Arc::new(Script::new(FETCH_LUA)),
         }
     }
 
@@ -109,7 +135,7 @@ impl Queue {
                 }
                 _ => {
                     pipe.xadd(
-                        self.keys.stream(&it.queue, it.priority.clamp(0, 0)),
+                        self.keys.stream(&it.queue, it.priority.clamp(0, 9)),
                         "*",
                         &[("job", it.id.to_string()), ("t", it.tenant_id.to_string())],
                     )
@@ -121,7 +147,9 @@ impl Queue {
         pipe.query_async::<()>(&mut c).await
     }
 
-    /// Reads up to `count` new entries of `queue` for `consumer`, blocking up to `block`.
+    /// Reads up to `count` new entries of `queue` for `consumer`, highest priority first; when
+    /// there are none, blocks up to `block` for the next one (then at most one per priority
+    /// can arrive at once, so a caller may get up to `PRIORITIES.len()` when `count` is lower).
     /// Use a connection of its own for this (a blocking read stalls other commands).
     pub async fn fetch(
         &self,
@@ -131,14 +159,31 @@ impl Queue {
         count: usize,
         block: Duration,
     ) -> RedisResult<Vec<Delivery>> {
+        let mut inv = self.fetch_script.prepare_invoke();
+        for p in PRIORITIES.iter().rev() {
+            inv.key(self.keys.stream(queue, *p));
+        }
+        let got: Vec<(String, String, String)> = inv
+            .arg(GROUP)
+            .arg(consumer)
+            .arg(count.max(1))
+            .invoke_async(conn)
+            .await?;
+        if !got.is_empty() {
+            return Ok(got
+                .into_iter()
+                .map(|(stream, id, job)| to_delivery(queue, &stream, &id, Some(job)))
+                .collect());
+        }
         let streams: Vec<String> = PRIORITIES
             .iter()
+            .rev()
             .map(|p| self.keys.stream(queue, *p))
             .collect();
         let ids: Vec<&str> = streams.iter().map(|_| ">").collect();
         let opts = StreamReadOptions::default()
             .group(GROUP, consumer)
-            .count(count)
+            .count(1)
             .block(block.as_millis() as usize);
         let reply: Option<StreamReadReply> = conn.xread_options(&streams, &ids, &opts).await?;
         let mut out = Vec::new();
@@ -186,12 +231,13 @@ impl Queue {
     pub async fn reclaim(
         &self,
         queue: &str,
+        priority: i16,
         consumer: &str,
         min_idle: Duration,
         cursor: &mut String,
         count: usize,
     ) -> RedisResult<Vec<Delivery>> {
-        let stream = self.keys.stream(queue, 0);
+        let stream = self.keys.stream(queue, priority);
         let mut c = self.conn.clone();
         let reply: Value = redis::cmd("XAUTOCLAIM")
             .arg(&stream)
@@ -307,7 +353,7 @@ impl Queue {
 }
 
 fn delayed_member(it: &DispatchItem) -> String {
-    format!("{}:{}:{}", it.id, it.tenant_id, it.priority.clamp(0, 0))
+    format!("{}:{}:{}", it.id, it.tenant_id, it.priority.clamp(0, 9))
 }
 
 fn field(fields: &[Value], name: &str) -> Option<String> {

@@ -1,0 +1,161 @@
+//! `/v1/jobs/batch` (up to 1,000 jobs, all or nothing, errors naming `jobs[i].field`) and
+//! idempotent submission (`Idempotency-Key` on `POST /v1/jobs`: the same job for 24 h, a
+//! different body under the same key is 409).
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::State;
+use axum::http::{header, HeaderMap, HeaderName, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use switchyard_core::job::Job;
+use switchyard_core::ErrorCode;
+use switchyard_store::{Idempotent, NewJob, Principal};
+
+use super::jobs::{build_job, json_body, request_trace};
+use crate::auth::Auth;
+use crate::error::{ApiError, ApiResult, ErrorBody};
+use crate::AppState;
+
+/// Jobs one batch may carry.
+pub const MAX_BATCH_JOBS: usize = 1000;
+/// Longest `Idempotency-Key`.
+pub const MAX_IDEMPOTENCY_KEY: usize = 255;
+const REPLAYED: HeaderName = HeaderName::from_static("idempotent-replayed");
+
+/// `POST /v1/jobs/batch` body.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+pub struct BatchRequest {
+    /// Up to 1,000 job requests, each as for `POST /v1/jobs`.
+    #[schema(value_type = Vec<switchyard_core::job::CreateJobRequest>)]
+    pub jobs: Vec<Value>,
+}
+
+/// The accepted jobs, in request order.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct BatchResponse {
+    pub jobs: Vec<Job>,
+}
+
+/// The request's `Idempotency-Key`, checked (1–255 visible ASCII characters).
+pub fn idempotency_key(headers: &HeaderMap) -> ApiResult<Option<String>> {
+    let Some(v) = headers.get("idempotency-key") else {
+        return Ok(None);
+    };
+    let bad = || {
+        ApiError::field(
+            ErrorCode::InvalidParameter,
+            "Idempotency-Key",
+            format!("must be 1 to {MAX_IDEMPOTENCY_KEY} visible ASCII characters"),
+        )
+    };
+    let s = v.to_str().map_err(|_| bad())?.trim();
+    if s.is_empty() || s.len() > MAX_IDEMPOTENCY_KEY || !s.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(bad());
+    }
+    Ok(Some(s.to_string()))
+}
+
+/// Submits `job` under `key`: a new key commits it (key and job in one transaction) and
+/// dispatches it; a live key with the same body answers with its job (`Idempotent-Replayed`);
+/// a different body is 409 `conflict`.
+pub async fn submit_idempotent(
+    state: &AppState,
+    principal: &Principal,
+    key: &str,
+    digest: [u8; 32],
+    job: NewJob,
+) -> ApiResult<Response> {
+    let outcome = state
+        .store
+        .insert_job_idempotent(key, &digest, &job)
+        .await?;
+    let (view, replayed) = match outcome {
+        Idempotent::Created => {
+            let view = job.to_job();
+            state.submitter.dispatch(job).await;
+            (view, false)
+        }
+        Idempotent::Existing(id) => {
+            let row = state
+                .store
+                .get_job(principal.scope(), id)
+                .await?
+                .ok_or_else(|| ApiError::not_found("job"))?;
+            (row.to_job(), true)
+        }
+        Idempotent::Conflict(id) => {
+            return Err(ApiError::field(
+                ErrorCode::Conflict,
+                "Idempotency-Key",
+                format!("already used with a different request (job {id}) in the last 24 h"),
+            ))
+        }
+    };
+    let location = format!("/v1/jobs/{}", view.id);
+    Ok((
+        StatusCode::ACCEPTED,
+        [
+            (header::LOCATION, location),
+            (REPLAYED, replayed.to_string()),
+        ],
+        Json(view),
+    )
+        .into_response())
+}
+
+/// Submit up to 1,000 jobs at once: all are accepted or none (an invalid job names its field
+/// as `jobs[17].input.model`).
+#[utoipa::path(
+    post, path = "/v1/jobs/batch", tag = "jobs",
+    request_body = BatchRequest,
+    responses(
+        (status = 202, description = "All accepted, in request order", body = BatchResponse),
+        (status = 422, description = "invalid_input naming `jobs[i].field`; nothing was accepted", body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn create_batch(
+    State(state): State<AppState>,
+    Auth(principal): Auth,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<Response> {
+    let started = std::time::Instant::now();
+    let value = json_body(&headers, body)?;
+    let req: BatchRequest = switchyard_core::job::parse_at("", &value)?;
+    if req.jobs.is_empty() || req.jobs.len() > MAX_BATCH_JOBS {
+        return Err(ApiError::field(
+            ErrorCode::InvalidInput,
+            "jobs",
+            format!("must hold 1 to {MAX_BATCH_JOBS} jobs"),
+        ));
+    }
+    let trace = request_trace(&headers);
+    let mut jobs = Vec::with_capacity(req.jobs.len());
+    for (i, v) in req.jobs.into_iter().enumerate() {
+        let job = build_job(&state, &principal, v, &trace)
+            .await
+            .map_err(|mut e| {
+                e.field = Some(match e.field.take() {
+                    Some(f) if f != "body" => format!("jobs[{i}].{f}"),
+                    _ => format!("jobs[{i}]"),
+                });
+                e
+            })?;
+        jobs.push(job);
+    }
+    state
+        .store
+        .insert_tenant_jobs(principal.tenant_id, &jobs)
+        .await?;
+    let views: Vec<Job> = jobs.iter().map(NewJob::to_job).collect();
+    for kind in views.iter().map(|j| j.kind.as_str()) {
+        state.metrics.observe_submit(kind, started.elapsed());
+    }
+    state.submitter.dispatch_many(jobs).await;
+    tracing::info!(n = views.len(), "batch accepted");
+    Ok((StatusCode::ACCEPTED, Json(BatchResponse { jobs: views })).into_response())
+}

@@ -1,0 +1,209 @@
+//! Submission features: `Idempotency-Key` (same job for the same key and body, also under
+//! concurrent duplicates; 409 for another body) and `POST /v1/jobs/batch` (all or nothing,
+//! errors naming `jobs[i].field`).
+
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+use sqlx::PgPool;
+
+use crate::support::spawn_api_only;
+
+#[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
+async fn an_idempotency_key_returns_the_same_job(pool: PgPool) {
+    let app = spawn_api_only(pool).await;
+    let body = json!({"kind": "system.noop", "input": {"sleep_ms": 1}});
+    let post = |key: &'static str, body: Value| {
+        app.auth(app.http.post(app.url("/v1/jobs")))
+            .header("idempotency-key", key)
+            .json(&body)
+            .send()
+    };
+    // ten concurrent duplicates: one job
+    let replies = futures::future::join_all((0..10).map(|_| post("order-42", body.clone()))).await;
+    let mut ids = std::collections::HashSet::new();
+    let mut replayed = 0;
+    for r in replies {
+        let r = r.unwrap();
+        assert_eq!(r.status(), StatusCode::ACCEPTED);
+        if r.headers()["idempotent-replayed"] == "true" {
+            replayed += 1;
+        }
+        let j: Value = r.json().await.unwrap();
+        ids.insert(j["id"].as_str().unwrap().to_string());
+    }
+    assert_eq!(ids.len(), 1, "{ids:?}");
+    assert_eq!(replayed, 9);
+    let id = ids.into_iter().next().unwrap();
+    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM jobs")
+        .fetch_one(app.store.pool())
+        .await
+        .unwrap();
+    assert_eq!(n, 1);
+    // the job is dispatched like any other
+    let j = app.get_job(id.parse().unwrap()).await;
+    assert_eq!(j["status"], "queued");
+    // another body under the same key: 409 naming the header
+    let r = post(
+        "order-42",
+        json!({"kind": "system.noop", "input": {"sleep_ms": 2}}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status(), StatusCode::CONFLICT);
+    let e: Value = r.json().await.unwrap();
+    assert_eq!(e["error"]["code"], "conflict");
+    assert_eq!(e["error"]["field"], "Idempotency-Key");
+    // keys are per tenant, and a bad key is refused
+    let r = post("order-43", body.clone()).await.unwrap();
+    let other: Value = r.json().await.unwrap();
+    assert_ne!(other["id"], id.as_str());
+    let r = app
+        .auth(app.http.post(app.url("/v1/jobs")))
+        .header("idempotency-key", "has space")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 422);
+    // expired keys make a new job
+    sqlx::query("UPDATE idempotency_keys SET expires_at = now() - interval '1 second'")
+        .execute(app.store.pool())
+        .await
+        .unwrap();
+    let r = post("order-42", body.clone()).await.unwrap();
+    let again: Value = r.json().await.unwrap();
+    assert_ne!(again["id"], id.as_str());
+    app.stop().await;
+}
+
+#[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
+async fn a_batch_is_all_or_nothing(pool: PgPool) {
+    let app = spawn_api_only(pool).await;
+    let ok = json!({"kind": "system.noop", "input": {}});
+    let mut jobs = vec![ok.clone(); 20];
+    jobs[17] = json!({"kind": "llm.chat", "input": {"model": "no-such-model",
+        "messages": [{"role": "user", "content": "x"}]}});
+    let r = app
+        .auth(app.http.post(app.url("/v1/jobs/batch")))
+        .json(&json!({ "jobs": jobs }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 422);
+    let e: Value = r.json().await.unwrap();
+    assert_eq!(e["error"]["field"], "jobs[17].input.model", "{e}");
+    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM jobs")
+        .fetch_one(app.store.pool())
+        .await
+        .unwrap();
+    assert_eq!(n, 0, "nothing accepted");
+    for (body, field) in [
+        (json!({"jobs": []}), "jobs"),
+        (json!({"jobs": vec![ok.clone(); 1001]}), "jobs"),
+        (
+            json!({"jobs": [ok.clone(), {"kind": "nope", "input": {}}]}),
+            "jobs[1].kind",
+        ),
+        (json!({"jobs": [ok.clone(), 7]}), "jobs[1]"),
+    ] {
+        let r = app
+            .auth(app.http.post(app.url("/v1/jobs/batch")))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 422);
+        let e: Value = r.json().await.unwrap();
+        assert_eq!(e["error"]["field"], field, "{e}");
+    }
+    // a valid batch: every job accepted in order, queued
+    let r = app
+        .auth(app.http.post(app.url("/v1/jobs/batch")))
+        .json(&json!({ "jobs": vec![ok.clone(); 1000] }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    let b: Value = r.json().await.unwrap();
+    let ids: Vec<&str> = b["jobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|j| j["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids.len(), 1000);
+    let j = app.get_job(ids[999].parse().unwrap()).await;
+    assert_eq!(j["status"], "queued");
+    app.stop().await;
+}
+
+#[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
+async fn higher_priorities_are_fetched_first(pool: PgPool) {
+    let app = crate::support::spawn_without_worker(pool).await;
+    let queue = app.queue().await;
+    // once the scheduler set the Redis epoch, each job is dispatched exactly once
+    let t = std::time::Instant::now();
+    while queue.epoch().await.unwrap().is_none() {
+        assert!(t.elapsed() < std::time::Duration::from_secs(10));
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    // low-priority jobs first, then high ones: a worker takes the high ones first
+    let mut low = Vec::new();
+    for _ in 0..4 {
+        low.push(
+            app.submit(json!({"kind": "system.noop", "input": {}}))
+                .await,
+        );
+    }
+    let mut high = std::collections::HashSet::new();
+    for p in [9, 5, 9] {
+        let j = app
+            .submit(json!({"kind": "system.noop", "input": {}, "priority": p}))
+            .await;
+        assert_eq!(j["priority"], p);
+        high.insert((j["id"].as_str().unwrap().parse::<uuid::Uuid>().unwrap(), p));
+    }
+    assert_eq!(low[0]["priority"], 0);
+    queue.ensure_group("system").await.unwrap();
+    let mut conn = app.redis().await;
+    // dispatch is asynchronous: wait until all seven are in the streams
+    let t = std::time::Instant::now();
+    while queue.depth("system").await.unwrap().0 < 7 {
+        assert!(t.elapsed() < std::time::Duration::from_secs(10));
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let wait = std::time::Duration::from_millis(100);
+    let first = queue
+        .fetch(&mut conn, "system", "c1", 2, wait)
+        .await
+        .unwrap();
+    let nines: Vec<_> = high.iter().filter(|h| h.1 == 9).map(|h| h.0).collect();
+    let got: Vec<_> = first.iter().map(|d| d.job_id).collect();
+    assert_eq!(got.len(), 2);
+    assert!(
+        got.iter().all(|g| nines.contains(g)),
+        "{got:?} vs {nines:?}"
+    );
+    let next = queue
+        .fetch(&mut conn, "system", "c1", 1, wait)
+        .await
+        .unwrap();
+    let five = high.iter().find(|h| h.1 == 5).unwrap().0;
+    assert_eq!(next[0].job_id, five);
+    let rest = queue
+        .fetch(&mut conn, "system", "c1", 10, wait)
+        .await
+        .unwrap();
+    assert_eq!(rest.len(), 4, "the four priority-0 jobs");
+    // out-of-range priorities are refused
+    let r = app
+        .auth(app.http.post(app.url("/v1/jobs")))
+        .json(&json!({"kind": "system.noop", "input": {}, "priority": 10}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 422);
+    let e: Value = r.json().await.unwrap();
+    assert_eq!(e["error"]["field"], "priority");
+    app.stop().await;
+}

@@ -1,0 +1,59 @@
+//! Lease reclaim: every quarter lease, a worker takes over (XAUTOCLAIM) entries of its queues
+//! whose worker stopped heartbeating, highest priority first, as far as it has free slots.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::runtime::{spawn_batch, Shared};
+
+pub(crate) async fn reclaim_loop(s: Arc<Shared>, stop: CancellationToken) {
+    let every = (s.opts.lease / 4).clamp(Duration::from_millis(250), Duration::from_secs(5));
+    let mut cursors: HashMap<String, String> = HashMap::new();
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+        for q in &s.opts.queues {
+            let slots = s.slots_for(q);
+            let mut permits = Vec::new();
+            while permits.len() < 32 {
+                match slots.clone().try_acquire_owned() {
+                    Ok(p) => permits.push(p),
+                    Err(_) => break,
+                }
+            }
+            if permits.is_empty() {
+                continue;
+            }
+            // highest priority first, while there are free slots
+            for p in switchyard_queue::keys::PRIORITIES.iter().rev() {
+                if permits.is_empty() {
+                    break;
+                }
+                let cursor = cursors
+                    .entry(format!("{q}:{p}"))
+                    .or_insert_with(|| "0-0".into());
+                match s
+                    .queue
+                    .reclaim(q, *p, &s.id, s.opts.lease, cursor, permits.len())
+                    .await
+                {
+                    Ok(ds) => {
+                        for d in &ds {
+                            tracing::info!(job_id = %d.job_id, queue = %q, "reclaimed a job whose lease expired");
+                        }
+                        spawn_batch(&s, ds, &mut permits).await;
+                    }
+                    Err(e) => {
+                        *cursor = "0-0".into();
+                        tracing::debug!(error = %e, queue = %q, "reclaim failed");
+                    }
+                }
+            }
+        }
+    }
+}
