@@ -39,6 +39,7 @@ pub const ROUTES: &[(&str, &str, Access)] = {
         ("POST", "/v1/jobs/batch", Needs(JobsWrite)),
         ("GET", "/v1/jobs/{id}", Needs(JobsRead)),
         ("POST", "/v1/jobs/{id}/cancel", Needs(JobsWrite)),
+        ("POST", "/v1/jobs/{id}/retry", Needs(JobsWrite)),
         ("GET", "/v1/jobs/{id}/events", Needs(JobsRead)),
         ("GET", "/v1/ws", Needs(JobsRead)),
         ("POST", "/v1/conversations", Needs(ConversationsWrite)),

@@ -180,8 +180,8 @@ async fn method_not_allowed() -> ApiError {
 /// The router with all routes and layers.
 pub fn router(state: AppState) -> Router {
     use routes::{
-        api_keys, audit, conversations, health, job_batch, jobs, models, quotas, stream, tenants,
-        usage,
+        api_keys, audit, conversations, dead, health, job_batch, jobs, models, quotas, stream,
+        tenants, usage,
     };
     let max_body = state.cfg.max_body_bytes;
     let max_job_body = state.cfg.max_job_body_bytes;
@@ -199,6 +199,7 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/v1/jobs/{id}", get(jobs::get_job))
         .route("/v1/jobs/{id}/cancel", post(jobs::cancel_job))
+        .route("/v1/jobs/{id}/retry", post(dead::retry_job))
         .route("/v1/jobs/{id}/events", get(stream::sse))
         .route("/v1/ws", get(stream::ws))
         .route(

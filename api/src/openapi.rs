@@ -13,6 +13,7 @@ use crate::routes;
     paths(
         routes::jobs::create_job,
         routes::job_batch::create_batch,
+        routes::dead::retry_job,
         routes::jobs::get_job,
         routes::jobs::list_jobs,
         routes::jobs::cancel_job,
@@ -74,6 +75,7 @@ use crate::routes;
         routes::usage::UsageTotals,
         routes::quotas::QuotaReport,
         routes::job_batch::BatchRequest,
+        routes::dead::RetryRequest,
         routes::job_batch::BatchResponse,
         routes::quotas::QuotaUse,
         switchyard_core::quota::QuotaLimits,

@@ -237,6 +237,8 @@ pub struct ListParams {
     pub status: Option<String>,
     /// Only jobs of this kind.
     pub kind: Option<String>,
+    /// `true`: only dead jobs (failed for good; the same as `status=failed`).
+    pub dead: Option<String>,
     /// Page size, 1..=200 (default 50).
     pub limit: Option<String>,
     /// `next_cursor` of the previous page.
@@ -318,6 +320,24 @@ pub async fn list_jobs(
                 "must be one of queued, running, succeeded, failed, cancelled",
             )
         })?),
+    };
+    let status = match p.dead.as_deref() {
+        None | Some("") | Some("false") => status,
+        Some("true") if status.is_none_or(|s| s == JobStatus::Failed) => Some(JobStatus::Failed),
+        Some("true") => {
+            return Err(ApiError::field(
+                ErrorCode::InvalidParameter,
+                "dead",
+                "dead jobs are `failed`; drop the other status",
+            ))
+        }
+        Some(_) => {
+            return Err(ApiError::field(
+                ErrorCode::InvalidParameter,
+                "dead",
+                "must be true or false",
+            ))
+        }
     };
     let kind = match p.kind.as_deref() {
         None | Some("") => None,

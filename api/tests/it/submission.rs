@@ -207,3 +207,70 @@ async fn higher_priorities_are_fetched_first(pool: PgPool) {
     assert_eq!(e["error"]["field"], "priority");
     app.stop().await;
 }
+
+#[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
+async fn dead_jobs_are_listed_and_can_be_retried(pool: PgPool) {
+    let app = crate::support::spawn_app(pool).await;
+    let t = std::time::Duration::from_secs(30);
+    // fails (retryably) on attempts 1-3 but may only make 2: dead
+    let j = app
+        .submit(json!({"kind": "system.noop", "input": {"fail_attempts": 3}, "max_attempts": 2}))
+        .await;
+    let id: uuid::Uuid = j["id"].as_str().unwrap().parse().unwrap();
+    let j = app.wait_status(id, "failed", t).await;
+    assert_eq!(
+        (j["dead"].clone(), j["attempt"].clone()),
+        (json!(true), json!(2))
+    );
+    let ok = app.submit_noop(json!({})).await;
+    app.wait_status(ok, "succeeded", t).await;
+    let page: Value = app
+        .auth(app.http.get(app.url("/v1/jobs?dead=true")))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let listed: Vec<&str> = page["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|j| j["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(listed, [id.to_string().as_str()]);
+    // only dead jobs are retried
+    let r = app
+        .auth(app.http.post(app.url(&format!("/v1/jobs/{ok}/retry"))))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::CONFLICT);
+    let r = app
+        .auth(
+            app.http
+                .post(app.url(&format!("/v1/jobs/{}/retry", uuid::Uuid::now_v7()))),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::NOT_FOUND);
+    // the same job again, its attempts continuing: attempt 3 fails, attempt 4 succeeds
+    let r = app
+        .auth(app.http.post(app.url(&format!("/v1/jobs/{id}/retry"))))
+        .json(&json!({"max_attempts": 2}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::ACCEPTED);
+    let j: Value = r.json().await.unwrap();
+    assert_eq!(
+        (j["status"].clone(), j["dead"].clone()),
+        (json!("queued"), json!(false))
+    );
+    assert_eq!(j["max_attempts"], 4);
+    let j = app.wait_status(id, "succeeded", t).await;
+    assert_eq!(j["attempt"], 4);
+    assert!(j["error"].is_null());
+    app.stop().await;
+}

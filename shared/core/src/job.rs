@@ -167,6 +167,9 @@ pub struct Job {
     /// 0–9, higher first within a queue.
     pub priority: i16,
     pub status: JobStatus,
+    /// Failed for good (out of attempts, or a fatal error): on the dead-letter list
+    /// (`GET /v1/jobs?dead=true`) until retried (`POST /v1/jobs/{id}/retry`).
+    pub dead: bool,
     pub attempt: i32,
     pub max_attempts: i32,
     #[schema(value_type = Object)]

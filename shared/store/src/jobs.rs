@@ -11,7 +11,7 @@ use uuid::Uuid;
 
 use crate::{Result, Scope, Store};
 
-const JOB_COLUMNS: &str = "id, tenant_id, created_by, kind, queue, priority, status, attempt, \
+pub(crate) const JOB_COLUMNS: &str = "id, tenant_id, created_by, kind, queue, priority, status, attempt, \
     max_attempts, timeout_s, input, output, error, metadata, trace_parent, created_at, started_at, \
     finished_at, run_at, lease_owner, lease_expires_at, cancel_requested_at, dispatch_epoch, event_seq";
 
@@ -63,6 +63,7 @@ impl JobRow {
             queue: self.queue.clone(),
             priority: self.priority,
             status: self.status(),
+            dead: self.status() == JobStatus::Failed,
             attempt: self.attempt,
             max_attempts: self.max_attempts,
             input: self.input.clone(),
@@ -114,6 +115,7 @@ impl NewJob {
             queue: self.queue.clone(),
             priority: self.priority,
             status: JobStatus::Queued,
+            dead: false,
             attempt: 0,
             max_attempts: self.max_attempts,
             input: self.input.clone(),

@@ -1,0 +1,98 @@
+//! `POST /v1/jobs/{id}/retry`: requeues a dead job (one that ended `failed`) with the same id;
+//! its attempts and event sequence continue. The dead-letter list is `GET /v1/jobs?dead=true`.
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::Deserialize;
+use serde_json::json;
+use switchyard_core::job::{Job, JobStatus, DEFAULT_MAX_ATTEMPTS, MAX_MAX_ATTEMPTS};
+use switchyard_core::{ErrorCode, Event};
+use switchyard_store::RetryOutcome;
+
+use super::jobs::{json_body, parse_id};
+use crate::auth::Auth;
+use crate::error::{ApiError, ApiResult, ErrorBody};
+use crate::AppState;
+
+/// Optional body of a retry.
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RetryRequest {
+    /// More attempts the job gets (default 3).
+    pub max_attempts: Option<i32>,
+}
+
+/// Requeue a dead job.
+#[utoipa::path(
+    post, path = "/v1/jobs/{id}/retry", tag = "jobs",
+    params(("id" = Uuid, Path, description = "job id")),
+    request_body(content = Option<RetryRequest>, description = "optional"),
+    responses(
+        (status = 202, description = "queued again (same id; `attempt` and event `seq` continue)", body = Job),
+        (status = 404, description = "not_found", body = ErrorBody),
+        (status = 409, description = "conflict: the job is not dead", body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn retry_job(
+    State(state): State<AppState>,
+    Auth(principal): Auth,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<Response> {
+    let id = parse_id(&id)?;
+    let empty = matches!(&body, Ok(b) if b.is_empty());
+    let req: RetryRequest = if empty {
+        RetryRequest::default()
+    } else {
+        switchyard_core::job::parse_at("", &json_body(&headers, body)?)?
+    };
+    let attempts = req.max_attempts.unwrap_or(DEFAULT_MAX_ATTEMPTS);
+    if !(1..=MAX_MAX_ATTEMPTS).contains(&attempts) {
+        return Err(ApiError::field(
+            ErrorCode::InvalidInput,
+            "max_attempts",
+            format!("must be between 1 and {MAX_MAX_ATTEMPTS}"),
+        ));
+    }
+    let row = match state
+        .store
+        .retry_job(principal.scope(), id, attempts)
+        .await?
+    {
+        RetryOutcome::NotFound => return Err(ApiError::not_found("job")),
+        RetryOutcome::NotDead(row) => {
+            return Err(ApiError::new(
+                ErrorCode::Conflict,
+                format!("only failed jobs are retried; this one is {}", row.status),
+            ))
+        }
+        RetryOutcome::Requeued(row) => row,
+    };
+    let ev = Event::status(
+        row.id,
+        row.event_seq as u64,
+        row.attempt,
+        JobStatus::Queued,
+        json!({ "reason": "retry" }),
+    );
+    if let Err(e) = state.bus.publish(&ev).await {
+        tracing::warn!(error = %e, "could not publish the retry's queued event");
+    }
+    // not marked dispatched: if this fails, or Redis loses it, the reconciler dispatches it
+    if let Err(e) = state.queue.dispatch(&[row.dispatch_item()]).await {
+        tracing::warn!(error = %e, "could not dispatch the retried job; the reconciler will");
+    }
+    let location = format!("/v1/jobs/{}", row.id);
+    Ok((
+        StatusCode::ACCEPTED,
+        [(axum::http::header::LOCATION, location)],
+        Json(row.to_job()),
+    )
+        .into_response())
+}
