@@ -24,6 +24,10 @@ pub struct Metrics {
     jobs: Family<Labels, Gauge>,
     queue_depth: Family<Labels, Gauge>,
     queue_delayed: Family<Labels, Gauge>,
+    queue_backlog: Family<Labels, Gauge>,
+    queue_in_flight: Family<Labels, Gauge>,
+    lease_reclaims: Family<Labels, Gauge>,
+    jobs_estimate: Gauge,
     oldest_queued: Family<Labels, Gauge<f64, AtomicU64>>,
     llm_cache: Family<Labels, Gauge>,
     code_runs: Family<Labels, Gauge>,
@@ -56,6 +60,10 @@ impl Metrics {
         let jobs = Family::<Labels, Gauge>::default();
         let queue_depth = Family::<Labels, Gauge>::default();
         let queue_delayed = Family::<Labels, Gauge>::default();
+        let queue_backlog = Family::<Labels, Gauge>::default();
+        let queue_in_flight = Family::<Labels, Gauge>::default();
+        let lease_reclaims = Family::<Labels, Gauge>::default();
+        let jobs_estimate = Gauge::default();
         let oldest_queued = Family::<Labels, Gauge<f64, AtomicU64>>::default();
         let llm_cache = Family::<Labels, Gauge>::default();
         let code_runs = Family::<Labels, Gauge>::default();
@@ -97,7 +105,31 @@ impl Metrics {
             "Open WebSocket connections",
             ws_connections.clone(),
         );
-        registry.register("jobs", "Jobs by kind and status", jobs.clone());
+        registry.register(
+            "jobs",
+            "Unfinished jobs (queued, running) by kind and status",
+            jobs.clone(),
+        );
+        registry.register(
+            "jobs_estimate",
+            "All jobs, the planner's estimate (no scan)",
+            jobs_estimate.clone(),
+        );
+        registry.register(
+            "queue_backlog",
+            "Entries of a queue not yet delivered to any worker, per priority: what an autoscaler reads",
+            queue_backlog.clone(),
+        );
+        registry.register(
+            "queue_in_flight",
+            "Entries delivered to workers and not yet acknowledged, per priority",
+            queue_in_flight.clone(),
+        );
+        registry.register(
+            "lease_reclaims",
+            "Deliveries taken over from a worker whose lease expired, per queue, since Redis started",
+            lease_reclaims.clone(),
+        );
         registry.register(
             "queue_depth",
             "Entries in a queue's streams (waiting and in flight)",
@@ -126,6 +158,10 @@ impl Metrics {
             jobs,
             queue_depth,
             queue_delayed,
+            queue_backlog,
+            queue_in_flight,
+            lease_reclaims,
+            jobs_estimate,
             oldest_queued,
             llm_cache,
             code_runs,
@@ -164,6 +200,28 @@ impl Metrics {
                 let l = vec![("queue".to_string(), q.to_string())];
                 self.queue_depth.get_or_create(&l).set(depth as i64);
                 self.queue_delayed.get_or_create(&l).set(delayed as i64);
+            }
+            if let Ok(rows) = state.queue.backlog(q).await {
+                for (p, lag, pending) in rows {
+                    let l = vec![
+                        ("queue".to_string(), q.to_string()),
+                        ("priority".to_string(), p.to_string()),
+                    ];
+                    if let Some(lag) = lag {
+                        self.queue_backlog.get_or_create(&l).set(lag as i64);
+                    }
+                    self.queue_in_flight.get_or_create(&l).set(pending as i64);
+                }
+            }
+        }
+        if let Ok(n) = state.store.jobs_estimate().await {
+            self.jobs_estimate.set(n);
+        }
+        if let Ok(rows) = state.queue.reclaims().await {
+            for (q, n) in rows {
+                self.lease_reclaims
+                    .get_or_create(&vec![("queue".to_string(), q)])
+                    .set(n);
             }
         }
         if let Ok(oldest) = state.store.oldest_queued().await {

@@ -43,6 +43,11 @@ pub(crate) async fn reclaim_loop(s: Arc<Shared>, stop: CancellationToken) {
                     .await
                 {
                     Ok(ds) => {
+                        if !ds.is_empty() {
+                            if let Err(e) = s.queue.count_reclaims(q, ds.len() as u64).await {
+                                tracing::debug!(error = %e, "could not count reclaims");
+                            }
+                        }
                         for d in &ds {
                             tracing::info!(job_id = %d.job_id, queue = %q, "reclaimed a job whose lease expired");
                         }

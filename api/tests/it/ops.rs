@@ -7,7 +7,14 @@ use crate::support::spawn_api_only;
 
 #[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
 async fn health_ready_metrics(pool: PgPool) {
-    let app = spawn_api_only(pool).await;
+    // the scheduler creates the consumer groups the backlog is read from
+    let app = crate::support::spawn_without_worker(pool).await;
+    let queue = app.queue().await;
+    let t = std::time::Instant::now();
+    while queue.epoch().await.unwrap().is_none() {
+        assert!(t.elapsed() < std::time::Duration::from_secs(10));
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
     let r = app.http.get(app.url("/healthz")).send().await.unwrap();
     assert_eq!(r.status(), 200);
     let r = app.http.get(app.url("/readyz")).send().await.unwrap();
@@ -16,15 +23,28 @@ async fn health_ready_metrics(pool: PgPool) {
     assert_eq!(body["postgres"], "ok");
     assert_eq!(body["redis"], "ok");
     app.submit_noop(json!({})).await;
-    let text = app
-        .http
-        .get(app.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    app.submit(json!({"kind": "system.noop", "input": {}, "priority": 7}))
+        .await;
+    let backlog = r#"switchyard_queue_backlog{queue="system",priority="7"} 1"#;
+    let mut text = String::new();
+    for _ in 0..100 {
+        text = app
+            .http
+            .get(app.url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        if text.contains(backlog) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(text.contains(backlog), "{text}");
+    assert!(text.contains(r#"switchyard_queue_backlog{queue="system",priority="0"} 1"#));
+    assert!(text.contains(r#"switchyard_queue_in_flight{queue="system",priority="0"} 0"#));
     for name in [
         "switchyard_jobs{",
         "switchyard_queue_depth{",
@@ -32,11 +52,12 @@ async fn health_ready_metrics(pool: PgPool) {
         "switchyard_submit_latency_seconds_bucket",
         "switchyard_event_delivery_latency_seconds",
         "switchyard_ws_connections",
+        "switchyard_jobs_estimate",
     ] {
         assert!(text.contains(name), "{name} missing from:\n{text}");
     }
     assert!(
-        text.contains(r#"switchyard_jobs{kind="system.noop",status="queued"} 1"#),
+        text.contains(r#"switchyard_jobs{kind="system.noop",status="queued"} 2"#),
         "{text}"
     );
     app.stop().await;

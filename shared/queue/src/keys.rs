@@ -10,6 +10,7 @@
 //! | `P:evch:<id>` | pub/sub | live events of a job (one SUBSCRIBE per watched job per API process) |
 //! | `P:cancel` | pub/sub | job ids whose cancellation was requested |
 //! | `{P:meta}:epoch` | string | Redis epoch; its absence means Redis lost its data |
+//! | `{P:meta}:reclaims` | hash | deliveries reclaimed after an expired lease, per queue |
 //! | `{P:quota:<tenant>}:rpm` | string | the tenant's request-rate state (GCRA theoretical arrival time, µs) |
 //! | `{P:quota:<tenant>}:day:<YYYYMMDD>` | hash | the tenant's use that UTC day: `tokens`, `cpu_ms` |
 //!
@@ -100,6 +101,11 @@ impl Keys {
     /// A tenant's use on one UTC day (`day` = `YYYYMMDD`).
     pub fn quota_day(&self, tenant: Uuid, day: &str) -> String {
         format!("{{{}:quota:{tenant}}}:day:{day}", self.prefix)
+    }
+
+    /// Deliveries reclaimed from workers whose lease expired, per queue (read by `/metrics`).
+    pub fn reclaims(&self) -> String {
+        format!("{{{}:meta}}:reclaims", self.prefix)
     }
 
     pub fn epoch(&self) -> String {

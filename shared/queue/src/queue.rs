@@ -308,6 +308,83 @@ impl Queue {
         Ok((streams, delayed))
     }
 
+    /// Per priority of `queue`: the backlog (entries not yet delivered to any worker: the
+    /// group's `lag`; `None` when Redis cannot tell) and the entries in flight (delivered, not
+    /// acknowledged). Streams without the group are left out.
+    pub async fn backlog(&self, queue: &str) -> RedisResult<Vec<(i16, Option<u64>, u64)>> {
+        let mut c = self.conn.clone();
+        let mut pipe = redis::pipe();
+        for p in PRIORITIES {
+            pipe.cmd("XINFO")
+                .arg("GROUPS")
+                .arg(self.keys.stream(queue, p));
+        }
+        let replies: Vec<Value> = pipe.query_async(&mut c).await?;
+        let mut out = Vec::new();
+        for (p, reply) in PRIORITIES.iter().zip(replies) {
+            let Value::Array(groups) = reply else {
+                continue;
+            };
+            for g in groups {
+                let fields: Vec<(String, Value)> = match g {
+                    Value::Array(kv) => kv
+                        .chunks(2)
+                        .filter_map(|c| match c {
+                            [Value::BulkString(k), v] => {
+                                Some((String::from_utf8_lossy(k).into_owned(), v.clone()))
+                            }
+                            [Value::SimpleString(k), v] => Some((k.clone(), v.clone())),
+                            _ => None,
+                        })
+                        .collect(),
+                    Value::Map(kv) => kv
+                        .into_iter()
+                        .filter_map(|(k, v)| match k {
+                            Value::BulkString(k) => {
+                                Some((String::from_utf8_lossy(&k).into_owned(), v))
+                            }
+                            Value::SimpleString(k) => Some((k, v)),
+                            _ => None,
+                        })
+                        .collect(),
+                    _ => continue,
+                };
+                let get = |name: &str| fields.iter().find(|(k, _)| k == name).map(|(_, v)| v);
+                let is_ours =
+                    matches!(get("name"), Some(Value::BulkString(n)) if n == GROUP.as_bytes());
+                if !is_ours {
+                    continue;
+                }
+                let num = |v: Option<&Value>| match v {
+                    Some(Value::Int(n)) => Some((*n).max(0) as u64),
+                    _ => None,
+                };
+                out.push((*p, num(get("lag")), num(get("pending")).unwrap_or(0)));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Counts reclaimed deliveries (a worker took over an expired lease) per queue.
+    pub async fn count_reclaims(&self, queue: &str, n: u64) -> RedisResult<()> {
+        let mut c = self.conn.clone();
+        redis::cmd("HINCRBY")
+            .arg(self.keys.reclaims())
+            .arg(queue)
+            .arg(n)
+            .query_async::<()>(&mut c)
+            .await
+    }
+
+    /// Reclaimed deliveries per queue since Redis started.
+    pub async fn reclaims(&self) -> RedisResult<Vec<(String, i64)>> {
+        let mut c = self.conn.clone();
+        redis::cmd("HGETALL")
+            .arg(self.keys.reclaims())
+            .query_async(&mut c)
+            .await
+    }
+
     /// The LLM response cache's counters (`hits`, `misses`, `shared`), cluster-wide.
     pub async fn llm_cache_stats(&self) -> RedisResult<Vec<(String, i64)>> {
         let mut c = self.conn.clone();

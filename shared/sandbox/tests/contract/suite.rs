@@ -223,7 +223,10 @@ pub async fn output_limit(sb: &dyn Sandbox) {
     let r = run(sb, req).await;
     assert_eq!(r.outcome.killed_by, Some(KilledBy::Output));
     assert_eq!(r.stdout.len(), 10_000);
-    assert!(r.truncated.stdout && !r.truncated.stderr);
+    assert!(r.truncated.stdout);
+    // the budget is shared: whatever the program still writes to stderr before the kill lands
+    // (CPython may report the broken pipe) is cut too — flagged, never kept
+    assert!(r.stderr.is_empty(), "{:?}", r.stderr);
 }
 
 pub async fn cancellation_stops_within_a_second(sb: &dyn Sandbox) {
