@@ -129,8 +129,13 @@ async fn dispatch_loop(
         }
         let mut pipe = redis::pipe();
         pipe.get(keys.epoch());
+        let now = chrono::Utc::now();
         for j in &jobs {
-            let ev = Event::status(j.id, 1, 0, JobStatus::Queued, serde_json::json!({}));
+            let data = match j.run_at {
+                Some(t) if t > now => serde_json::json!({ "run_at": t }),
+                _ => serde_json::json!({}),
+            };
+            let ev = Event::status(j.id, 1, 0, JobStatus::Queued, data);
             let payload = serde_json::to_string(&ev).unwrap_or_default();
             pipe.cmd("XADD")
                 .arg(keys.events(j.id))
@@ -143,12 +148,25 @@ async fn dispatch_loop(
         }
         for j in &jobs {
             let it = j.dispatch_item();
-            pipe.xadd(
-                keys.stream(&it.queue, it.priority.clamp(0, 9)),
-                "*",
-                &[("job", it.id.to_string()), ("t", it.tenant_id.to_string())],
-            )
-            .ignore();
+            match it.run_at {
+                // a delayed job waits in its queue's delayed set until the scheduler moves it
+                Some(t) if t > now => {
+                    pipe.zadd(
+                        keys.delayed(&it.queue),
+                        switchyard_queue::queue::delayed_member(&it),
+                        t.timestamp_millis(),
+                    )
+                    .ignore();
+                }
+                _ => {
+                    pipe.xadd(
+                        keys.stream(&it.queue, it.priority.clamp(0, 9)),
+                        "*",
+                        &[("job", it.id.to_string()), ("t", it.tenant_id.to_string())],
+                    )
+                    .ignore();
+                }
+            }
         }
         let epoch: Option<i64> = match pipe.query_async::<(Option<i64>,)>(&mut redis).await {
             Ok((e,)) => e,

@@ -86,6 +86,7 @@ pub fn llm_chat_job(
         metadata,
         trace_parent: Some(trace.to_string()),
         created_at: Utc::now(),
+        run_at: None,
     }
 }
 
@@ -139,6 +140,7 @@ pub async fn build_job(
         metadata: req.metadata,
         trace_parent: Some(trace.to_string()),
         created_at: Utc::now(),
+        run_at: req.run_at,
     })
 }
 

@@ -274,3 +274,67 @@ async fn dead_jobs_are_listed_and_can_be_retried(pool: PgPool) {
     assert!(j["error"].is_null());
     app.stop().await;
 }
+
+#[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
+async fn delayed_jobs_stay_queued_until_their_time(pool: PgPool) {
+    let app = crate::support::spawn_app(pool).await;
+    let t = std::time::Duration::from_secs(20);
+    let before = chrono::Utc::now();
+    let j = app
+        .submit(json!({"kind": "system.noop", "input": {}, "delay_s": 2}))
+        .await;
+    let id: uuid::Uuid = j["id"].as_str().unwrap().parse().unwrap();
+    let run_at: chrono::DateTime<chrono::Utc> = j["run_at"].as_str().unwrap().parse().unwrap();
+    assert!(run_at >= before + chrono::Duration::seconds(2), "{j}");
+    // far in the future: stays queued (with its run_at) and can be cancelled
+    let later = chrono::Utc::now() + chrono::Duration::hours(1);
+    let far = app
+        .submit(json!({"kind": "system.noop", "input": {}, "run_at": later}))
+        .await;
+    let far_id: uuid::Uuid = far["id"].as_str().unwrap().parse().unwrap();
+    // the delayed one runs once its time has come, not before
+    let done = app.wait_status(id, "succeeded", t).await;
+    let started: chrono::DateTime<chrono::Utc> =
+        done["started_at"].as_str().unwrap().parse().unwrap();
+    assert!(started >= run_at, "started {started} before {run_at}");
+    let f = app.get_job(far_id).await;
+    assert_eq!(f["status"], "queued");
+    assert!(f["run_at"].is_string());
+    let r = app
+        .auth(app.http.post(app.url(&format!("/v1/jobs/{far_id}/cancel"))))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    // bad schedules are refused with the field
+    for (body, field) in [
+        (
+            json!({"kind": "system.noop", "input": {}, "delay_s": 5, "run_at": later}),
+            "delay_s",
+        ),
+        (
+            json!({"kind": "system.noop", "input": {}, "delay_s": 400 * 86400}),
+            "delay_s",
+        ),
+        (
+            json!({"kind": "system.noop", "input": {}, "run_at": "tomorrow"}),
+            "run_at",
+        ),
+        (
+            json!({"kind": "system.noop", "input": {},
+                   "run_at": chrono::Utc::now() + chrono::Duration::days(400)}),
+            "run_at",
+        ),
+    ] {
+        let r = app
+            .auth(app.http.post(app.url("/v1/jobs")))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 422);
+        let e: Value = r.json().await.unwrap();
+        assert_eq!(e["error"]["field"], field, "{e}");
+    }
+    app.stop().await;
+}

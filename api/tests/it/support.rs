@@ -114,6 +114,7 @@ pub fn new_job(tenant: Uuid) -> switchyard_store::NewJob {
         metadata: json!({}),
         trace_parent: None,
         created_at: chrono::Utc::now(),
+        run_at: None,
     }
 }
 

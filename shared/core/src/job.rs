@@ -170,6 +170,8 @@ pub struct Job {
     /// Failed for good (out of attempts, or a fatal error): on the dead-letter list
     /// (`GET /v1/jobs?dead=true`) until retried (`POST /v1/jobs/{id}/retry`).
     pub dead: bool,
+    /// A queued job does not start before this time (a delay, or a retry's backoff).
+    pub run_at: Option<DateTime<Utc>>,
     pub attempt: i32,
     pub max_attempts: i32,
     #[schema(value_type = Object)]
@@ -246,7 +248,14 @@ pub struct CreateJobRequest {
     pub metadata: Option<Value>,
     /// 0 (default) to 9: within a queue, higher priorities are started first.
     pub priority: Option<i16>,
+    /// Start no earlier than this time (RFC 3339; at most a year ahead; a past time runs now).
+    pub run_at: Option<DateTime<Utc>>,
+    /// Start no earlier than this many seconds from now (instead of `run_at`).
+    pub delay_s: Option<u64>,
 }
+
+/// Farthest a job may be scheduled ahead.
+pub const MAX_DELAY_S: u64 = 365 * 24 * 3600;
 
 /// Highest job priority (`priority` is 0..=MAX_PRIORITY).
 pub const MAX_PRIORITY: i16 = 9;
@@ -256,6 +265,8 @@ pub const MAX_PRIORITY: i16 = 9;
 pub struct ValidJobRequest {
     pub kind: JobKind,
     pub priority: i16,
+    /// When it may start (`None`: now).
+    pub run_at: Option<DateTime<Utc>>,
     pub input: Value,
     pub max_attempts: i32,
     pub timeout_s: Option<i32>,
@@ -304,9 +315,31 @@ impl CreateJobRequest {
                 format!("must be between 0 and {MAX_PRIORITY}"),
             ));
         }
+        let now = Utc::now();
+        let run_at = match (req.run_at, req.delay_s) {
+            (Some(_), Some(_)) => {
+                return Err(FieldError::invalid(
+                    "delay_s",
+                    "give either run_at or delay_s, not both",
+                ))
+            }
+            (None, Some(d)) if d > MAX_DELAY_S => {
+                return Err(FieldError::invalid(
+                    "delay_s",
+                    format!("at most {MAX_DELAY_S} (a year)"),
+                ))
+            }
+            (None, Some(0)) | (None, None) => None,
+            (None, Some(d)) => Some(now + chrono::Duration::seconds(d as i64)),
+            (Some(t), None) if t > now + chrono::Duration::seconds(MAX_DELAY_S as i64) => {
+                return Err(FieldError::invalid("run_at", "at most a year ahead"))
+            }
+            (Some(t), None) => (t > now).then_some(t),
+        };
         Ok(ValidJobRequest {
             kind,
             priority,
+            run_at,
             input: req.input,
             max_attempts,
             timeout_s: req.timeout_s,

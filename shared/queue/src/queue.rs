@@ -429,7 +429,8 @@ impl Queue {
     }
 }
 
-fn delayed_member(it: &DispatchItem) -> String {
+/// A job's member in its queue's delayed set (`<id>:<tenant>:<priority>`, score = run_at ms).
+pub fn delayed_member(it: &DispatchItem) -> String {
     format!("{}:{}:{}", it.id, it.tenant_id, it.priority.clamp(0, 9))
 }
 

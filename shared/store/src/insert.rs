@@ -23,6 +23,7 @@ pub(crate) async fn insert_jobs_with<'e, E: sqlx::PgExecutor<'e>>(
     let mut metadata = Vec::with_capacity(jobs.len());
     let mut traces: Vec<Option<String>> = Vec::with_capacity(jobs.len());
     let mut created = Vec::with_capacity(jobs.len());
+    let mut run_at = Vec::with_capacity(jobs.len());
     for j in jobs {
         ids.push(j.id);
         tenants.push(j.tenant_id);
@@ -36,16 +37,18 @@ pub(crate) async fn insert_jobs_with<'e, E: sqlx::PgExecutor<'e>>(
         metadata.push(j.metadata.clone());
         traces.push(j.trace_parent.clone());
         created.push(j.created_at);
+        run_at.push(j.run_at);
     }
     sqlx::query(
         "INSERT INTO jobs (id, tenant_id, created_by, kind, queue, priority, status, max_attempts,
-            timeout_s, input, metadata, trace_parent, created_at, event_seq)
+            timeout_s, input, metadata, trace_parent, created_at, event_seq, run_at)
          SELECT id, tenant_id, created_by, kind, queue, priority, 'queued', max_attempts,
-            timeout_s, input, metadata, trace_parent, created_at, 1
+            timeout_s, input, metadata, trace_parent, created_at, 1, run_at
          FROM UNNEST($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::text[], $6::int2[],
-            $7::int4[], $8::int4[], $9::jsonb[], $10::jsonb[], $11::text[], $12::timestamptz[])
+            $7::int4[], $8::int4[], $9::jsonb[], $10::jsonb[], $11::text[], $12::timestamptz[],
+            $13::timestamptz[])
          AS t(id, tenant_id, created_by, kind, queue, priority, max_attempts, timeout_s, input,
-            metadata, trace_parent, created_at)",
+            metadata, trace_parent, created_at, run_at)",
     )
     .bind(&ids)
     .bind(&tenants)
@@ -59,6 +62,7 @@ pub(crate) async fn insert_jobs_with<'e, E: sqlx::PgExecutor<'e>>(
     .bind(&metadata)
     .bind(&traces)
     .bind(&created)
+    .bind(&run_at)
     .execute(db)
     .await?;
     Ok(())

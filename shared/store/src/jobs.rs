@@ -64,6 +64,7 @@ impl JobRow {
             priority: self.priority,
             status: self.status(),
             dead: self.status() == JobStatus::Failed,
+            run_at: self.run_at,
             attempt: self.attempt,
             max_attempts: self.max_attempts,
             input: self.input.clone(),
@@ -104,6 +105,8 @@ pub struct NewJob {
     pub metadata: Value,
     pub trace_parent: Option<String>,
     pub created_at: DateTime<Utc>,
+    /// Not before this time (a delayed job stays `queued` until then).
+    pub run_at: Option<DateTime<Utc>>,
 }
 
 impl NewJob {
@@ -116,6 +119,7 @@ impl NewJob {
             priority: self.priority,
             status: JobStatus::Queued,
             dead: false,
+            run_at: self.run_at,
             attempt: 0,
             max_attempts: self.max_attempts,
             input: self.input.clone(),
@@ -136,7 +140,7 @@ impl NewJob {
             tenant_id: self.tenant_id,
             queue: self.queue.clone(),
             priority: self.priority,
-            run_at: None,
+            run_at: self.run_at,
         }
     }
 }
