@@ -4,16 +4,15 @@
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, State};
-use axum::http::{HeaderMap, StatusCode};
-use axum::response::{IntoResponse, Response};
-use axum::Json;
+use axum::http::HeaderMap;
+use axum::response::Response;
 use serde::Deserialize;
 use serde_json::json;
 use switchyard_core::job::{Job, JobStatus, DEFAULT_MAX_ATTEMPTS, MAX_MAX_ATTEMPTS};
 use switchyard_core::{ErrorCode, Event};
 use switchyard_store::RetryOutcome;
 
-use super::jobs::{json_body, parse_id};
+use super::jobs::{accepted, json_body, parse_id};
 use crate::auth::Auth;
 use crate::error::{ApiError, ApiResult, ErrorBody};
 use crate::AppState;
@@ -88,11 +87,5 @@ pub async fn retry_job(
     if let Err(e) = state.queue.dispatch(&[row.dispatch_item()]).await {
         tracing::warn!(error = %e, "could not dispatch the retried job; the reconciler will");
     }
-    let location = format!("/v1/jobs/{}", row.id);
-    Ok((
-        StatusCode::ACCEPTED,
-        [(axum::http::header::LOCATION, location)],
-        Json(row.to_job()),
-    )
-        .into_response())
+    Ok(accepted(row.to_job(), None))
 }

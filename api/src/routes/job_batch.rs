@@ -5,7 +5,7 @@
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::State;
-use axum::http::{header, HeaderMap, HeaderName, StatusCode};
+use axum::http::{HeaderMap, HeaderName, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::{Deserialize, Serialize};
@@ -14,7 +14,7 @@ use switchyard_core::job::Job;
 use switchyard_core::ErrorCode;
 use switchyard_store::{Idempotent, NewJob, Principal};
 
-use super::jobs::{build_job, json_body, request_trace};
+use super::jobs::{accepted, build_job, json_body, request_trace};
 use crate::auth::Auth;
 use crate::error::{ApiError, ApiResult, ErrorBody};
 use crate::AppState;
@@ -94,16 +94,7 @@ pub async fn submit_idempotent(
             ))
         }
     };
-    let location = format!("/v1/jobs/{}", view.id);
-    Ok((
-        StatusCode::ACCEPTED,
-        [
-            (header::LOCATION, location),
-            (REPLAYED, replayed.to_string()),
-        ],
-        Json(view),
-    )
-        .into_response())
+    Ok(accepted(view, Some((REPLAYED, replayed.to_string()))))
 }
 
 /// Submit up to 1,000 jobs at once: all are accepted or none (an invalid job names its field

@@ -185,19 +185,31 @@ pub async fn create_job(
     state.submitter.submit(job).await?;
     state.metrics.observe_submit(&view.kind, started.elapsed());
     tracing::info!(job_id = %view.id, kind = %view.kind, traceparent = %trace, "job accepted");
-    let location = format!("/v1/jobs/{}", view.id);
-    Ok((
+    Ok(accepted(
+        view,
+        Some((
+            header::HeaderName::from_static("traceparent"),
+            trace.to_string(),
+        )),
+    ))
+}
+
+/// 202 with the job and `Location: /v1/jobs/{id}` (and `extra`): how every way of queueing a
+/// job answers (submit, idempotent replay, retry).
+pub fn accepted(job: Job, extra: Option<(header::HeaderName, String)>) -> Response {
+    let location = format!("/v1/jobs/{}", job.id);
+    let mut resp = (
         StatusCode::ACCEPTED,
-        [
-            (header::LOCATION, location),
-            (
-                header::HeaderName::from_static("traceparent"),
-                trace.to_string(),
-            ),
-        ],
-        Json(view),
+        [(header::LOCATION, location)],
+        Json(job),
     )
-        .into_response())
+        .into_response();
+    if let Some((name, value)) = extra {
+        if let Ok(v) = header::HeaderValue::from_str(&value) {
+            resp.headers_mut().insert(name, v);
+        }
+    }
+    resp
 }
 
 /// Read a job.

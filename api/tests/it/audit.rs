@@ -13,14 +13,7 @@ use crate::support::{spawn_api_only, TestApp};
 async fn audit_rows(app: &TestApp, at_least: usize) -> Vec<Value> {
     let t = std::time::Instant::now();
     loop {
-        let page: Value = app
-            .auth(app.http.get(app.url("/v1/audit?limit=1000")))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let page: Value = app.get_json("/v1/audit?limit=1000").await;
         let rows = page["data"].as_array().cloned().unwrap_or_default();
         if rows.len() >= at_least {
             return rows;

@@ -139,14 +139,7 @@ async fn daily_quotas_refuse_new_jobs_and_are_reported(pool: PgPool) {
         .set_tenant_quotas("acme", Some(&limits))
         .await
         .unwrap();
-    let q: Value = app
-        .auth(app.http.get(app.url("/v1/quotas")))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let q: Value = app.get_json("/v1/quotas").await;
     assert_eq!(q["limits"]["llm_tokens_per_day"], 5, "{q}");
     assert_eq!(
         q["limits"]["requests_per_minute"],
@@ -164,14 +157,7 @@ async fn daily_quotas_refuse_new_jobs_and_are_reported(pool: PgPool) {
         .await;
     let mut q = Value::Null;
     for _ in 0..50 {
-        q = app
-            .auth(app.http.get(app.url("/v1/quotas")))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        q = app.get_json("/v1/quotas").await;
         if q["usage"]["llm_tokens_today"].as_u64().unwrap_or(0) > 5 {
             break;
         }

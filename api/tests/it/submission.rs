@@ -224,14 +224,7 @@ async fn dead_jobs_are_listed_and_can_be_retried(pool: PgPool) {
     );
     let ok = app.submit_noop(json!({})).await;
     app.wait_status(ok, "succeeded", t).await;
-    let page: Value = app
-        .auth(app.http.get(app.url("/v1/jobs?dead=true")))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let page: Value = app.get_json("/v1/jobs?dead=true").await;
     let listed: Vec<&str> = page["data"]
         .as_array()
         .unwrap()

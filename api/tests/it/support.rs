@@ -401,12 +401,17 @@ impl TestApp {
     }
 
     pub async fn get_job(&self, id: Uuid) -> Value {
+        self.get_json(&format!("/v1/jobs/{id}")).await
+    }
+
+    /// `GET path` with the app's key; asserts 200 and returns the JSON body.
+    pub async fn get_json(&self, path: &str) -> Value {
         let r = self
-            .auth(self.http.get(self.url(&format!("/v1/jobs/{id}"))))
+            .auth(self.http.get(self.url(path)))
             .send()
             .await
             .unwrap();
-        assert_eq!(r.status(), 200);
+        assert_eq!(r.status(), 200, "GET {path}");
         r.json().await.unwrap()
     }
 

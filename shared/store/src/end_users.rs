@@ -79,12 +79,7 @@ impl Store {
         quotas: Option<&QuotaLimits>,
     ) -> Result<bool> {
         let v = quotas.map(|q| serde_json::to_value(q).unwrap_or_default());
-        let r = sqlx::query("UPDATE tenants SET quotas = $2 WHERE name = $1")
-            .bind(name)
-            .bind(v)
-            .execute(self.pool())
-            .await?;
-        Ok(r.rows_affected() == 1)
+        self.set_tenant_json(name, "quotas", v).await
     }
 
     /// Jobs of the tenant running now (for `GET /v1/quotas`).

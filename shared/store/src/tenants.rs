@@ -298,7 +298,18 @@ impl Store {
         limits: Option<&switchyard_core::code::LimitsRequest>,
     ) -> Result<bool> {
         let v = limits.map(|l| serde_json::to_value(l).unwrap_or_default());
-        let r = sqlx::query("UPDATE tenants SET code_limits = $2 WHERE name = $1")
+        self.set_tenant_json(name, "code_limits", v).await
+    }
+
+    /// Sets one JSON setting of a tenant (`column` is a constant of ours, never input); false
+    /// when there is no such tenant.
+    pub(crate) async fn set_tenant_json(
+        &self,
+        name: &str,
+        column: &'static str,
+        v: Option<serde_json::Value>,
+    ) -> Result<bool> {
+        let r = sqlx::query(&format!("UPDATE tenants SET {column} = $2 WHERE name = $1"))
             .bind(name)
             .bind(v)
             .execute(self.pool())
