@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
@@ -21,6 +22,7 @@ pub struct Metrics {
     submit_latency: Family<Labels, Histogram>,
     delivery_latency: Histogram,
     pub ws_connections: Gauge,
+    pub ws_slow_disconnects: Counter,
     jobs: Family<Labels, Gauge>,
     queue_depth: Family<Labels, Gauge>,
     queue_delayed: Family<Labels, Gauge>,
@@ -57,6 +59,7 @@ impl Metrics {
         );
         let delivery_latency = latency_histogram();
         let ws_connections = Gauge::default();
+        let ws_slow_disconnects = Counter::default();
         let jobs = Family::<Labels, Gauge>::default();
         let queue_depth = Family::<Labels, Gauge>::default();
         let queue_delayed = Family::<Labels, Gauge>::default();
@@ -104,6 +107,11 @@ impl Metrics {
             "ws_connections",
             "Open WebSocket connections",
             ws_connections.clone(),
+        );
+        registry.register(
+            "ws_slow_disconnects",
+            "WebSocket clients closed with 1008 because they stopped reading",
+            ws_slow_disconnects.clone(),
         );
         registry.register(
             "jobs",
@@ -155,6 +163,7 @@ impl Metrics {
             submit_latency,
             delivery_latency,
             ws_connections,
+            ws_slow_disconnects,
             jobs,
             queue_depth,
             queue_delayed,

@@ -104,17 +104,24 @@ async fn connection(state: AppState, scope: Scope, socket: WebSocket) {
                 let _ = tokio::time::timeout(SEND_TIMEOUT, sink.send(close(1012, "server restarting; reconnect"))).await;
                 break;
             }
-            _ = slow.cancelled() => {
-                let _ = tokio::time::timeout(SEND_TIMEOUT, sink.send(close(1008, "client too slow; events dropped"))).await;
-                break;
-            }
+            _ = slow.cancelled() => break,
             _ = ping.tick() => {
                 if !matches!(tokio::time::timeout(SEND_TIMEOUT, sink.send(Message::Ping(Vec::new().into()))).await, Ok(Ok(()))) {
                     break;
                 }
             }
             Some(msg) = out_rx.recv() => {
-                if !matches!(tokio::time::timeout(SEND_TIMEOUT, sink.send(msg)).await, Ok(Ok(()))) {
+                // a client that stopped reading blocks this send; its buffer filling up meanwhile
+                // must still end the connection with 1008 (the frame goes out once it reads again)
+                let sent = tokio::select! {
+                    r = tokio::time::timeout(SEND_TIMEOUT, sink.send(msg)) => matches!(r, Ok(Ok(()))),
+                    _ = slow.cancelled() => true,
+                };
+                if !sent {
+                    // blocked for SEND_TIMEOUT: as slow as a full buffer
+                    slow.cancel();
+                }
+                if slow.is_cancelled() {
                     break;
                 }
             }
@@ -138,6 +145,14 @@ async fn connection(state: AppState, scope: Scope, socket: WebSocket) {
                 }
             }
         }
+    }
+    if slow.is_cancelled() && !state.shutdown.is_cancelled() {
+        state.metrics.ws_slow_disconnects.inc();
+        let _ = tokio::time::timeout(
+            SEND_TIMEOUT,
+            sink.send(close(1008, "client too slow; events dropped")),
+        )
+        .await;
     }
     conn_done.cancel();
     state.metrics.ws_connections.dec();

@@ -246,3 +246,97 @@ async fn websocket_closes_with_1012_when_the_api_drains(pool: PgPool) {
     }
     app.stop().await;
 }
+
+/// A client that stops reading (a tiny TCP receive window, nothing read) fills its buffer: the
+/// server closes it with 1008 instead of buffering without bound, and what it did receive is a
+/// gap-free prefix of the job's events.
+#[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
+async fn a_websocket_client_that_stops_reading_is_closed_with_1008(pool: PgPool) {
+    use futures::SinkExt;
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+    use tokio_tungstenite::tungstenite::Message;
+
+    let app = spawn_api_only(pool).await;
+    let id = app.submit_noop(json!({})).await;
+    // a long history: 3,000 events of 8 KiB (24 MiB, far beyond socket buffers + 1024 frames)
+    let bus = app.bus().await;
+    bus.begin_attempt(id, 1).await.unwrap();
+    let text = "x".repeat(8 * 1024);
+    for seq in 2..3002u64 {
+        let ev =
+            switchyard_core::event::Event::new(id, seq, 1, "output.delta", json!({"text": text}));
+        bus.publish(&ev).await.unwrap();
+    }
+
+    let addr = app.base.trim_start_matches("http://").to_string();
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let tcp = socket.connect(addr.parse().unwrap()).await.unwrap();
+    let mut req = format!("ws://{addr}/v1/ws").into_client_request().unwrap();
+    req.headers_mut().insert(
+        "authorization",
+        format!("Bearer {}", app.key).parse().unwrap(),
+    );
+    let (mut ws, _) = tokio_tungstenite::client_async(req, tcp).await.unwrap();
+    ws.send(Message::Text(
+        json!({"op": "subscribe", "job_id": id, "after": 0})
+            .to_string()
+            .into(),
+    ))
+    .await
+    .unwrap();
+
+    // read nothing until the server gives up on this client
+    let series = "switchyard_ws_slow_disconnects_total";
+    let mut slow = 0.0;
+    for _ in 0..400 {
+        slow = app.metric(series).await.unwrap_or(0.0);
+        if slow >= 1.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        slow, 1.0,
+        "the server never noticed the client stopped reading"
+    );
+
+    // now read: a gap-free prefix of the events, then the 1008 close
+    let mut seqs = Vec::new();
+    let mut close = None;
+    while let Some(m) = tokio::time::timeout(T, ws.next())
+        .await
+        .expect("no close frame")
+    {
+        match m.unwrap() {
+            Message::Text(t) => {
+                let v: Value = serde_json::from_str(&t).unwrap();
+                seqs.push(v["seq"].as_u64().unwrap());
+            }
+            Message::Close(frame) => {
+                close = frame;
+                break;
+            }
+            _ => {}
+        }
+    }
+    let close = close.expect("closed without a close frame");
+    assert_eq!(close.code, CloseCode::Policy, "{close:?}");
+    assert!(
+        !seqs.is_empty() && seqs.len() < 3001,
+        "{} events",
+        seqs.len()
+    );
+    assert_eq!(seqs, (1..=seqs.len() as u64).collect::<Vec<_>>());
+    // the server let go of the connection and keeps serving
+    for _ in 0..100 {
+        if app.metric("switchyard_ws_connections").await == Some(0.0) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(app.metric("switchyard_ws_connections").await, Some(0.0));
+    assert_eq!(app.get_job(id).await["status"], "queued");
+    app.stop().await;
+}

@@ -430,6 +430,26 @@ impl TestApp {
         }
     }
 
+    /// The value of one `/metrics` series (`name{labels}` exactly as exported), if present.
+    pub async fn metric(&self, series: &str) -> Option<f64> {
+        let text = self
+            .http
+            .get(self.url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        text.lines().find_map(|l| {
+            l.strip_prefix(series)?
+                .strip_prefix(' ')?
+                .trim()
+                .parse()
+                .ok()
+        })
+    }
+
     pub async fn ws(&self) -> Ws {
         ws_connect(&self.base, &self.key).await
     }
