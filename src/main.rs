@@ -413,8 +413,8 @@ fn parse_code_limits(spec: &str) -> anyhow::Result<Option<switchyard_core::code:
     Ok(Some(l))
 }
 
-/// `requests_per_minute=N,concurrent_jobs=N,llm_tokens_per_day=N,sandbox_cpu_seconds_per_day=N`
-/// (any subset) or `default`.
+/// `requests_per_minute=N,concurrent_jobs=N,llm_tokens_per_day=N,sandbox_cpu_seconds_per_day=N,
+/// max_queued_jobs=N` (any subset) or `default`.
 fn parse_quotas(spec: &str) -> anyhow::Result<Option<switchyard_core::quota::QuotaLimits>> {
     if spec.trim() == "default" {
         return Ok(None);
@@ -426,9 +426,10 @@ fn parse_quotas(spec: &str) -> anyhow::Result<Option<switchyard_core::quota::Quo
             "concurrent_jobs" => q.concurrent_jobs = Some(n),
             "llm_tokens_per_day" => q.llm_tokens_per_day = Some(n),
             "sandbox_cpu_seconds_per_day" => q.sandbox_cpu_seconds_per_day = Some(n),
+            "max_queued_jobs" => q.max_queued_jobs = Some(n),
             other => anyhow::bail!(
                 "unknown quota `{other}` (requests_per_minute, concurrent_jobs, \
-                 llm_tokens_per_day, sandbox_cpu_seconds_per_day)"
+                 llm_tokens_per_day, sandbox_cpu_seconds_per_day, max_queued_jobs)"
             ),
         }
     }

@@ -7,6 +7,7 @@ use std::time::Duration;
 use anyhow::Context;
 use switchyard_core::config::Config;
 use switchyard_core::job::JobKind;
+use switchyard_core::queueing::is_code_queue;
 use switchyard_queue::{EventBus, Keys, Queue};
 use switchyard_scheduler::{Scheduler, SchedulerOptions};
 use switchyard_store::Store;
@@ -99,22 +100,32 @@ pub fn executors(
 
 /// `code`: whether this worker has sandboxes (otherwise it leaves the `code` queue alone).
 pub fn worker_options(cfg: &Config, code: bool) -> WorkerOptions {
-    let code_queue = JobKind::CodeExec.queue();
-    WorkerOptions {
-        queues: cfg
-            .worker
-            .queues
+    let queues: Vec<String> = cfg
+        .worker
+        .queues
+        .iter()
+        .filter(|q| code || !is_code_queue(q))
+        .cloned()
+        .collect();
+    let code_slots = cfg
+        .code
+        .concurrency
+        .unwrap_or_else(switchyard_worker::code::default_concurrency);
+    // code queues are bounded by the sandbox host; named queues may have their own slots
+    let mut queue_concurrency: std::collections::HashMap<String, usize> = queues
+        .iter()
+        .filter(|q| is_code_queue(q))
+        .map(|q| (q.clone(), code_slots))
+        .collect();
+    queue_concurrency.extend(
+        cfg.worker
+            .queue_concurrency
             .iter()
-            .filter(|q| code || q.as_str() != code_queue)
-            .cloned()
-            .collect(),
-        queue_concurrency: [(
-            code_queue.to_string(),
-            cfg.code
-                .concurrency
-                .unwrap_or_else(switchyard_worker::code::default_concurrency),
-        )]
-        .into(),
+            .map(|(q, n)| (q.clone(), *n)),
+    );
+    WorkerOptions {
+        queues,
+        queue_concurrency,
         concurrency: cfg.worker.concurrency,
         lease: cfg.lease(),
         name: cfg
@@ -138,12 +149,7 @@ pub async fn start_worker(cfg: &Config, stop: CancellationToken) -> anyhow::Resu
     let conn = switchyard_queue::connect_retrying(&client)
         .await
         .map_err(|e| anyhow::anyhow!("redis unreachable: {e}"))?;
-    let code = if cfg
-        .worker
-        .queues
-        .iter()
-        .any(|q| q == JobKind::CodeExec.queue())
-    {
+    let code = if cfg.worker.queues.iter().any(|q| is_code_queue(q)) {
         match switchyard_worker::code::check_tiers(&cfg.code) {
             Ok(()) => {
                 let exec = Arc::new(

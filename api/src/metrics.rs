@@ -204,7 +204,14 @@ impl Metrics {
                     .set(n);
             }
         }
-        for q in switchyard_core::job::known_queues() {
+        let queues = state.queue.queues().await.unwrap_or_else(|_| {
+            switchyard_core::job::known_queues()
+                .into_iter()
+                .map(String::from)
+                .collect()
+        });
+        for q in &queues {
+            let q = q.as_str();
             if let Ok((depth, delayed)) = state.queue.depth(q).await {
                 let l = vec![("queue".to_string(), q.to_string())];
                 self.queue_depth.get_or_create(&l).set(depth as i64);
@@ -233,7 +240,7 @@ impl Metrics {
                     .set(n);
             }
         }
-        if let Ok(oldest) = state.store.oldest_queued().await {
+        if let Ok(oldest) = state.store.oldest_queued(&queues).await {
             self.oldest_queued.clear();
             for (q, age) in oldest {
                 self.oldest_queued

@@ -3,8 +3,10 @@
 //! tokens and sandbox time, checked when a job is submitted. Successful requests carry
 //! `RateLimit-*` headers when the tenant has a rate; refusals are 429 with `Retry-After`.
 
+use std::collections::HashMap;
 use std::num::NonZeroU32;
-use std::time::Duration;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use axum::http::{HeaderMap, HeaderValue};
 use governor::clock::{Clock, DefaultClock};
@@ -13,6 +15,7 @@ use switchyard_core::quota::{utc_day, QuotaConfig, QuotaLimits};
 use switchyard_core::ErrorCode;
 use switchyard_queue::{Quotas, RateDecision};
 use switchyard_store::Principal;
+use uuid::Uuid;
 
 use crate::error::ApiError;
 use crate::AppState;
@@ -20,12 +23,17 @@ use crate::AppState;
 /// Credentials tracked at most per process before idle ones are forgotten.
 const MAX_CREDENTIALS: usize = 100_000;
 
+/// How long this process trusts a tenant's counted backlog (adding what it accepted since).
+const BACKLOG_TTL: Duration = Duration::from_secs(1);
+
 /// Per-credential limiter of one API process, plus the quota defaults.
 pub struct Admission {
     per_credential: Option<DefaultKeyedRateLimiter<String>>,
     defaults: QuotaLimits,
     rps: u32,
     pub quotas: Quotas,
+    /// Tenant → (when counted, queued jobs then + accepted here since).
+    backlog: Mutex<HashMap<Uuid, (Instant, u64)>>,
 }
 
 /// `RateLimit-*` headers for a response.
@@ -61,6 +69,7 @@ impl Admission {
             defaults: cfg.defaults(),
             rps: cfg.per_credential_rps,
             quotas,
+            backlog: Mutex::new(HashMap::new()),
         }
     }
 
@@ -143,5 +152,60 @@ pub async fn check_daily(state: &AppState, p: &Principal, kind: &str) -> Result<
         )
         .retry_after(left));
     }
+    Ok(())
+}
+
+/// Backpressure: refuses `n` more jobs when the tenant's queued jobs would pass its
+/// `max_queued_jobs` (429 `quota_exceeded` with `Retry-After`). The count comes from Postgres
+/// at most once per second per tenant and process, plus what this process accepted since, so
+/// replicas together may overshoot by what they accept within that second.
+pub async fn check_backlog(state: &AppState, p: &Principal, n: u64) -> Result<(), ApiError> {
+    let Some(max) = state.admission.limits(p).max_queued_jobs else {
+        return Ok(());
+    };
+    let cached = {
+        let map = state
+            .admission
+            .backlog
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        map.get(&p.tenant_id)
+            .filter(|(at, _)| at.elapsed() < BACKLOG_TTL)
+            .map(|(_, c)| *c)
+    };
+    let queued = match cached {
+        Some(c) => c,
+        None => match state
+            .store
+            .queued_jobs(p.tenant_id, max.min(i64::MAX as u64) as i64)
+            .await
+        {
+            Ok(c) => c.max(0) as u64,
+            // the insert that follows reports Postgres trouble itself
+            Err(_) => return Ok(()),
+        },
+    };
+    if queued.saturating_add(n) > max {
+        return Err(ApiError::new(
+            ErrorCode::QuotaExceeded,
+            format!(
+                "the tenant has {queued} queued jobs; its limit (max_queued_jobs) is {max}: retry when workers have caught up"
+            ),
+        )
+        .retry_after(Duration::from_secs(5)));
+    }
+    let mut map = state
+        .admission
+        .backlog
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    if map.len() > MAX_CREDENTIALS {
+        map.retain(|_, (at, _)| at.elapsed() < BACKLOG_TTL);
+    }
+    let entry = map.entry(p.tenant_id).or_insert((Instant::now(), queued));
+    if cached.is_none() {
+        *entry = (Instant::now(), queued);
+    }
+    entry.1 += n;
     Ok(())
 }

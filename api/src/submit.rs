@@ -119,6 +119,7 @@ async fn dispatch_loop(
     mut rx: mpsc::Receiver<Vec<NewJob>>,
 ) {
     let live_ttl = 7 * 24 * 3600;
+    let queue = switchyard_queue::Queue::new(keys.clone(), redis.clone());
     while let Some(mut jobs) = rx.recv().await {
         // merge batches that are already waiting
         while jobs.len() < 4 * MAX_BATCH {
@@ -146,28 +147,8 @@ async fn dispatch_loop(
             pipe.expire(keys.events(j.id), live_ttl).ignore();
             pipe.publish(keys.event_channel(j.id), &payload).ignore();
         }
-        for j in &jobs {
-            let it = j.dispatch_item();
-            match it.run_at {
-                // a delayed job waits in its queue's delayed set until the scheduler moves it
-                Some(t) if t > now => {
-                    pipe.zadd(
-                        keys.delayed(&it.queue),
-                        switchyard_queue::queue::delayed_member(&it),
-                        t.timestamp_millis(),
-                    )
-                    .ignore();
-                }
-                _ => {
-                    pipe.xadd(
-                        keys.stream(&it.queue, it.priority.clamp(0, 9)),
-                        "*",
-                        &[("job", it.id.to_string()), ("t", it.tenant_id.to_string())],
-                    )
-                    .ignore();
-                }
-            }
-        }
+        let items: Vec<_> = jobs.iter().map(|j| j.dispatch_item()).collect();
+        queue.pipe_dispatch(&mut pipe, items.iter(), now);
         let epoch: Option<i64> = match pipe.query_async::<(Option<i64>,)>(&mut redis).await {
             Ok((e,)) => e,
             Err(e) => {

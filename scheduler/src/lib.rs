@@ -171,9 +171,9 @@ impl Scheduler {
                 break;
             }
         }
-        for q in known_queues() {
+        for q in self.queue.queues().await? {
             for _ in 0..self.opts.max_batches {
-                let n = self.queue.move_due(q, self.opts.batch as usize).await?;
+                let n = self.queue.move_due(&q, self.opts.batch as usize).await?;
                 report.moved_due += n;
                 if n < self.opts.batch as usize {
                     break;

@@ -7,10 +7,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::Utc;
-use rand::Rng;
 use serde_json::{json, Value};
 use switchyard_core::event::types;
 use switchyard_core::job::{job_error_codes, JobError, JobKind, JobStatus};
+use switchyard_core::queueing::Backoff;
 use switchyard_core::telemetry::TraceParent;
 use switchyard_core::Event;
 use switchyard_queue::events::Published;
@@ -250,7 +250,7 @@ pub(crate) async fn run_claimed(s: &Shared, d: Delivery, row: JobRow) {
             if e.retryable && attempt < row.max_attempts {
                 let delay = e
                     .retry_after
-                    .unwrap_or_else(|| retry_delay(s.opts.retry_base, attempt));
+                    .unwrap_or_else(|| retry_delay(&row, s.opts.retry_base, attempt));
                 let run_at = Utc::now() + chrono::Duration::from_std(delay).unwrap_or_default();
                 tracing::info!(error = %e, ?delay, "attempt failed; will retry");
                 let ev = Event::status(
@@ -362,22 +362,10 @@ async fn publish_emits(
     seq
 }
 
-fn retry_delay(base: Duration, attempt: i32) -> Duration {
-    let exp = base.saturating_mul(1u32 << (attempt.clamp(1, 16) - 1) as u32);
-    let capped = exp.min(Duration::from_secs(60));
-    let jitter = rand::thread_rng().gen_range(0.8..1.2);
-    capped.mul_f64(jitter)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn retry_delay_grows_and_caps() {
-        let b = Duration::from_secs(1);
-        assert!(retry_delay(b, 1) <= Duration::from_millis(1200));
-        assert!(retry_delay(b, 3) >= Duration::from_millis(3200));
-        assert!(retry_delay(b, 30) <= Duration::from_secs(72));
-    }
+/// The wait before the next attempt: the job's own backoff, else the worker's default
+/// (`base` doubling per attempt up to 60 s, jittered).
+fn retry_delay(row: &JobRow, base: Duration, attempt: i32) -> Duration {
+    row.backoff()
+        .unwrap_or_else(|| Backoff::default_with(base))
+        .delay(attempt)
 }

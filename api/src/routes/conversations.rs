@@ -348,6 +348,7 @@ pub async fn post_message(
     })?;
     check_model(&state, &principal, "model", &model)?;
     crate::quota::check_daily(&state, &principal, "llm.chat").await?;
+    crate::quota::check_backlog(&state, &principal, 1).await?;
     let mut input = json!({
         "model": model,
         "max_tokens": req.max_tokens,

@@ -87,6 +87,7 @@ pub fn llm_chat_job(
         trace_parent: Some(trace.to_string()),
         created_at: Utc::now(),
         run_at: None,
+        backoff: None,
     }
 }
 
@@ -127,12 +128,13 @@ pub async fn build_job(
         })?;
     }
     crate::quota::check_daily(state, principal, req.kind.as_str()).await?;
+    crate::quota::check_backlog(state, principal, 1).await?;
     Ok(NewJob {
         id: Uuid::now_v7(),
         tenant_id: principal.tenant_id,
         created_by: principal.subject(),
         kind: req.kind.as_str().to_string(),
-        queue: req.kind.queue().to_string(),
+        queue: req.queue,
         priority: req.priority,
         max_attempts: req.max_attempts,
         timeout_s: req.timeout_s,
@@ -141,6 +143,7 @@ pub async fn build_job(
         trace_parent: Some(trace.to_string()),
         created_at: Utc::now(),
         run_at: req.run_at,
+        backoff: req.backoff,
     })
 }
 

@@ -16,6 +16,8 @@ use crate::AppState;
 pub struct QuotaUse {
     /// Jobs of the tenant running now.
     pub concurrent_jobs: i64,
+    /// Jobs of the tenant waiting in queues (counted up to `max_queued_jobs`, or 10,000,000).
+    pub queued_jobs: i64,
     /// LLM tokens used today (UTC).
     pub llm_tokens_today: u64,
     /// Sandbox time used today (UTC), in seconds.
@@ -49,6 +51,9 @@ pub async fn get_quotas(
     let now = Utc::now();
     let (day, left) = utc_day(now);
     let running = state.store.running_jobs(principal.tenant_id).await?;
+    let limits = state.admission.limits(&principal);
+    let cap = limits.max_queued_jobs.unwrap_or(10_000_000).min(10_000_000) as i64;
+    let queued = state.store.queued_jobs(principal.tenant_id, cap).await?;
     let daily = state
         .admission
         .quotas
@@ -63,9 +68,10 @@ pub async fn get_quotas(
         })?;
     let reset = now + chrono::Duration::from_std(left).unwrap_or_default();
     Ok(Json(QuotaReport {
-        limits: state.admission.limits(&principal),
+        limits,
         usage: QuotaUse {
             concurrent_jobs: running,
+            queued_jobs: queued,
             llm_tokens_today: daily.tokens,
             sandbox_cpu_seconds_today: daily.cpu_ms as f64 / 1000.0,
         },

@@ -13,6 +13,7 @@ mod jobs;
 mod jwt;
 mod models;
 mod ops;
+mod queues;
 mod quotas;
 mod reliability;
 mod rls;

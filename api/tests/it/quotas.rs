@@ -233,3 +233,60 @@ async fn daily_quotas_refuse_new_jobs_and_are_reported(pool: PgPool) {
         .contains("sandbox"));
     app.stop().await;
 }
+
+#[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
+async fn a_full_backlog_refuses_new_jobs_until_workers_catch_up(pool: PgPool) {
+    let mut app = spawn_app_with(
+        pool,
+        Opts {
+            worker: false,
+            ..Opts::default()
+        },
+    )
+    .await;
+    let limits = QuotaLimits {
+        max_queued_jobs: Some(3),
+        ..Default::default()
+    };
+    app.store
+        .set_tenant_quotas("acme", Some(&limits))
+        .await
+        .unwrap();
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        ids.push(app.submit_noop(json!({})).await);
+    }
+    let refused = |body: Value, path: &'static str| {
+        let r = app.auth(app.http.post(app.url(path))).json(&body).send();
+        async move {
+            let r = r.await.unwrap();
+            assert_eq!(r.status(), 429, "{path}");
+            let retry: u64 = r.headers()["retry-after"]
+                .to_str()
+                .unwrap()
+                .parse()
+                .unwrap();
+            assert!(retry >= 1);
+            let v: Value = r.json().await.unwrap();
+            assert_eq!(v["error"]["code"], "quota_exceeded", "{v}");
+        }
+    };
+    refused(json!({"kind": "system.noop", "input": {}}), "/v1/jobs").await;
+    refused(
+        json!({"jobs": [{"kind": "system.noop", "input": {}}]}),
+        "/v1/jobs/batch",
+    )
+    .await;
+    let q = app.get_json("/v1/quotas").await;
+    assert_eq!(q["usage"]["queued_jobs"], 3, "{q}");
+    assert_eq!(q["limits"]["max_queued_jobs"], 3, "{q}");
+    // once workers drain the backlog, submissions are accepted again
+    app.start_worker().await;
+    for id in ids {
+        app.wait_status(id, "succeeded", Duration::from_secs(20))
+            .await;
+    }
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    app.submit_noop(json!({})).await;
+    app.stop().await;
+}

@@ -115,6 +115,7 @@ pub fn new_job(tenant: Uuid) -> switchyard_store::NewJob {
         trace_parent: None,
         created_at: chrono::Utc::now(),
         run_at: None,
+        backoff: None,
     }
 }
 
@@ -273,6 +274,14 @@ impl TestApp {
             fetch_block: Duration::from_millis(500),
             retry_base: Duration::from_millis(100),
             concurrency: 16,
+            queues: self.cfg.worker.queues.clone(),
+            queue_concurrency: self
+                .cfg
+                .worker
+                .queue_concurrency
+                .iter()
+                .map(|(q, n)| (q.clone(), *n))
+                .collect(),
             ..WorkerOptions::default()
         };
         let w = Worker::new(

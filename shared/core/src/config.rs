@@ -73,8 +73,12 @@ pub struct Config {
 pub struct WorkerConfig {
     /// Queues this worker serves (`llm`, `system`, ...).
     pub queues: Vec<String>,
-    /// Jobs run at once by one worker process.
+    /// Jobs run at once by one worker process (shared by the queues without their own).
     pub concurrency: usize,
+    /// Queues with their own number of slots, e.g. `{ reports = 4 }` (`code` queues default to
+    /// `code.concurrency`).
+    #[serde(default)]
+    pub queue_concurrency: std::collections::BTreeMap<String, usize>,
     /// Name prefix of this worker's consumers (a random suffix is added).
     pub name: Option<String>,
 }
@@ -242,6 +246,7 @@ fn defaults() -> Defaults {
                 .map(String::from)
                 .collect(),
             concurrency: 64,
+            queue_concurrency: Default::default(),
             name: None,
         },
         llm: LlmDefaults {
@@ -368,11 +373,16 @@ impl Config {
             }
         }
         for q in &self.worker.queues {
+            if let Err(e) = crate::queueing::check_queue_name("worker.queues", q) {
+                anyhow::bail!("worker.queues: `{q}`: {}", e.message);
+            }
+        }
+        for (q, n) in &self.worker.queue_concurrency {
             anyhow::ensure!(
-                crate::job::known_queues().contains(&q.as_str()),
-                "unknown queue `{q}` in worker.queues (known: {})",
-                crate::job::known_queues().join(", ")
+                self.worker.queues.contains(q),
+                "worker.queue_concurrency.{q}: not one of worker.queues"
             );
+            anyhow::ensure!(*n >= 1, "worker.queue_concurrency.{q} must be at least 1");
         }
         Ok(())
     }

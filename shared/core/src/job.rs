@@ -174,6 +174,9 @@ pub struct Job {
     pub run_at: Option<DateTime<Utc>>,
     pub attempt: i32,
     pub max_attempts: i32,
+    /// The job's own retry backoff, when it set one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backoff: Option<crate::queueing::Backoff>,
     #[schema(value_type = Object)]
     pub input: Value,
     #[schema(value_type = Option<Object>)]
@@ -252,6 +255,11 @@ pub struct CreateJobRequest {
     pub run_at: Option<DateTime<Utc>>,
     /// Start no earlier than this many seconds from now (instead of `run_at`).
     pub delay_s: Option<u64>,
+    /// Named queue (default: the kind's queue: `llm`, `code`, `system`); workers serve the
+    /// queues they are configured for, each with its own concurrency.
+    pub queue: Option<String>,
+    /// Wait between attempts after a retryable failure (default: 1 s doubling to 60 s, jittered).
+    pub backoff: Option<crate::queueing::Backoff>,
 }
 
 /// Farthest a job may be scheduled ahead.
@@ -271,6 +279,9 @@ pub struct ValidJobRequest {
     pub max_attempts: i32,
     pub timeout_s: Option<i32>,
     pub metadata: Value,
+    /// The job's queue (its kind's, or the named one).
+    pub queue: String,
+    pub backoff: Option<crate::queueing::Backoff>,
 }
 
 impl CreateJobRequest {
@@ -336,6 +347,10 @@ impl CreateJobRequest {
             }
             (Some(t), None) => (t > now).then_some(t),
         };
+        let queue = crate::queueing::job_queue(kind, req.queue.as_deref())?;
+        if let Some(b) = &req.backoff {
+            b.validate()?;
+        }
         Ok(ValidJobRequest {
             kind,
             priority,
@@ -344,6 +359,8 @@ impl CreateJobRequest {
             max_attempts,
             timeout_s: req.timeout_s,
             metadata,
+            queue,
+            backoff: req.backoff,
         })
     }
 }

@@ -20,6 +20,9 @@ pub struct QuotaLimits {
     /// Sandbox time per UTC day, in seconds (a run is charged its duration: an upper bound of
     /// its CPU time, since a sandbox gets at most one core).
     pub sandbox_cpu_seconds_per_day: Option<u64>,
+    /// Jobs waiting in queues (status `queued`); submissions beyond it get 429 with
+    /// `Retry-After` (backpressure).
+    pub max_queued_jobs: Option<u64>,
 }
 
 impl QuotaLimits {
@@ -32,6 +35,7 @@ impl QuotaLimits {
             sandbox_cpu_seconds_per_day: self
                 .sandbox_cpu_seconds_per_day
                 .or(defaults.sandbox_cpu_seconds_per_day),
+            max_queued_jobs: self.max_queued_jobs.or(defaults.max_queued_jobs),
         }
     }
 }
@@ -45,6 +49,8 @@ pub struct QuotaConfig {
     pub concurrent_jobs: Option<u64>,
     pub llm_tokens_per_day: Option<u64>,
     pub sandbox_cpu_seconds_per_day: Option<u64>,
+    /// Default 1,000,000.
+    pub max_queued_jobs: Option<u64>,
     /// Requests per second one API key or end user may make to one API process
     /// (0: unlimited).
     pub per_credential_rps: u32,
@@ -59,6 +65,7 @@ impl Default for QuotaConfig {
             concurrent_jobs: None,
             llm_tokens_per_day: None,
             sandbox_cpu_seconds_per_day: None,
+            max_queued_jobs: Some(1_000_000),
             per_credential_rps: 1000,
             per_credential_burst: 2000,
         }
@@ -73,6 +80,7 @@ impl QuotaConfig {
             concurrent_jobs: self.concurrent_jobs,
             llm_tokens_per_day: self.llm_tokens_per_day,
             sandbox_cpu_seconds_per_day: self.sandbox_cpu_seconds_per_day,
+            max_queued_jobs: self.max_queued_jobs,
         }
     }
 }

@@ -108,6 +108,12 @@ impl Keys {
         format!("{{{}:meta}}:reclaims", self.prefix)
     }
 
+    /// Every queue that jobs were dispatched to or workers serve (the kinds' queues and named
+    /// ones): what the scheduler and `/metrics` walk.
+    pub fn queues(&self) -> String {
+        format!("{{{}:meta}}:queues", self.prefix)
+    }
+
     pub fn epoch(&self) -> String {
         format!("{{{}:meta}}:epoch", self.prefix)
     }

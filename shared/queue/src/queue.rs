@@ -9,7 +9,7 @@ use chrono::Utc;
 use redis::aio::ConnectionManager;
 use redis::streams::{StreamReadOptions, StreamReadReply};
 use redis::{AsyncCommands, RedisResult, Script, Value};
-use switchyard_core::job::DispatchItem;
+use switchyard_core::job::{known_queues, DispatchItem};
 use uuid::Uuid;
 
 use crate::keys::{Keys, GROUP, PRIORITIES};
@@ -102,6 +102,7 @@ impl Queue {
     /// after Redis lost its data).
     pub async fn ensure_group(&self, queue: &str) -> RedisResult<()> {
         let mut c = self.conn.clone();
+        let _: () = c.sadd(self.keys.queues(), queue).await?;
         for p in PRIORITIES {
             let res: RedisResult<()> = c
                 .xgroup_create_mkstream(self.keys.stream(queue, p), GROUP, "0")
@@ -121,8 +122,22 @@ impl Queue {
         if items.is_empty() {
             return Ok(());
         }
-        let now = Utc::now();
         let mut pipe = redis::pipe();
+        self.pipe_dispatch(&mut pipe, items.iter(), Utc::now());
+        let mut c = self.conn.clone();
+        pipe.query_async::<()>(&mut c).await
+    }
+
+    /// Adds the dispatch of `items` to `pipe` (replies ignored): each ready job to its priority
+    /// stream, each future one to the delayed set, and named queues to the queue registry.
+    pub fn pipe_dispatch<'a>(
+        &self,
+        pipe: &mut redis::Pipeline,
+        items: impl Iterator<Item = &'a DispatchItem>,
+        now: chrono::DateTime<Utc>,
+    ) {
+        let known = known_queues();
+        let mut named: Vec<&str> = Vec::new();
         for it in items {
             match it.run_at {
                 Some(t) if t > now => {
@@ -142,9 +157,24 @@ impl Queue {
                     .ignore();
                 }
             }
+            if !known.contains(&it.queue.as_str()) && !named.contains(&it.queue.as_str()) {
+                named.push(&it.queue);
+            }
         }
+        // named queues become known to the scheduler and /metrics (one SADD per batch)
+        if !named.is_empty() {
+            pipe.sadd(self.keys.queues(), named).ignore();
+        }
+    }
+
+    /// Every queue: the kinds' own and the named ones seen (sorted).
+    pub async fn queues(&self) -> RedisResult<Vec<String>> {
         let mut c = self.conn.clone();
-        pipe.query_async::<()>(&mut c).await
+        let mut all: Vec<String> = c.smembers(self.keys.queues()).await?;
+        all.extend(known_queues().into_iter().map(String::from));
+        all.sort_unstable();
+        all.dedup();
+        Ok(all)
     }
 
     /// Reads up to `count` new entries of `queue` for `consumer`, highest priority first; when
@@ -315,16 +345,39 @@ impl Queue {
         let mut c = self.conn.clone();
         let mut pipe = redis::pipe();
         for p in PRIORITIES {
+            pipe.xlen(self.keys.stream(queue, p));
+        }
+        let lens: Vec<u64> = pipe.query_async(&mut c).await?;
+        // XINFO fails on a missing stream: ask only about non-empty ones
+        let busy: Vec<(i16, u64)> = PRIORITIES
+            .iter()
+            .zip(&lens)
+            .filter(|(_, n)| **n > 0)
+            .map(|(p, n)| (*p, *n))
+            .collect();
+        let mut pipe = redis::pipe();
+        for (p, _) in &busy {
             pipe.cmd("XINFO")
                 .arg("GROUPS")
-                .arg(self.keys.stream(queue, p));
+                .arg(self.keys.stream(queue, *p));
         }
-        let replies: Vec<Value> = pipe.query_async(&mut c).await?;
-        let mut out = Vec::new();
-        for (p, reply) in PRIORITIES.iter().zip(replies) {
+        let replies: Vec<Value> = if busy.is_empty() {
+            Vec::new()
+        } else {
+            pipe.query_async(&mut c).await?
+        };
+        let mut out: Vec<(i16, Option<u64>, u64)> = PRIORITIES
+            .iter()
+            .zip(&lens)
+            .filter(|(_, n)| **n == 0)
+            .map(|(p, _)| (*p, Some(0), 0))
+            .collect();
+        for ((p, len), reply) in busy.iter().zip(replies) {
             let Value::Array(groups) = reply else {
                 continue;
             };
+            // no worker has served this queue yet: everything in it is backlog
+            let before = out.len();
             for g in groups {
                 let fields: Vec<(String, Value)> = match g {
                     Value::Array(kv) => kv
@@ -361,7 +414,11 @@ impl Queue {
                 };
                 out.push((*p, num(get("lag")), num(get("pending")).unwrap_or(0)));
             }
+            if out.len() == before {
+                out.push((*p, Some(*len), 0));
+            }
         }
+        out.sort_unstable_by_key(|r| r.0);
         Ok(out)
     }
 

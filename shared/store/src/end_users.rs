@@ -95,6 +95,19 @@ impl Store {
         Ok(out)
     }
 
+    /// The tenant's queued jobs, counted up to `cap` (an index-only walk of at most `cap`
+    /// entries of `jobs_tenant_status_id`).
+    pub async fn queued_jobs(&self, tenant_id: Uuid, cap: i64) -> Result<i64> {
+        Ok(sqlx::query_scalar(
+            "SELECT count(*) FROM (SELECT 1 FROM jobs WHERE tenant_id = $1 AND status = 'queued'
+             LIMIT $2) q",
+        )
+        .bind(tenant_id)
+        .bind(cap)
+        .fetch_one(self.pool())
+        .await?)
+    }
+
     /// Sets (or with `None` removes) a tenant's HS256 issuer and secret; false when there is no
     /// such tenant. An issuer another tenant uses is `AlreadyExists`.
     pub async fn set_tenant_jwt(&self, name: &str, jwt: Option<(&str, &str)>) -> Result<bool> {

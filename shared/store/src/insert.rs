@@ -24,6 +24,7 @@ pub(crate) async fn insert_jobs_with<'e, E: sqlx::PgExecutor<'e>>(
     let mut traces: Vec<Option<String>> = Vec::with_capacity(jobs.len());
     let mut created = Vec::with_capacity(jobs.len());
     let mut run_at = Vec::with_capacity(jobs.len());
+    let mut backoff: Vec<Option<serde_json::Value>> = Vec::with_capacity(jobs.len());
     for j in jobs {
         ids.push(j.id);
         tenants.push(j.tenant_id);
@@ -38,17 +39,22 @@ pub(crate) async fn insert_jobs_with<'e, E: sqlx::PgExecutor<'e>>(
         traces.push(j.trace_parent.clone());
         created.push(j.created_at);
         run_at.push(j.run_at);
+        backoff.push(
+            j.backoff
+                .as_ref()
+                .and_then(|b| serde_json::to_value(b).ok()),
+        );
     }
     sqlx::query(
         "INSERT INTO jobs (id, tenant_id, created_by, kind, queue, priority, status, max_attempts,
-            timeout_s, input, metadata, trace_parent, created_at, event_seq, run_at)
+            timeout_s, input, metadata, trace_parent, created_at, event_seq, run_at, backoff)
          SELECT id, tenant_id, created_by, kind, queue, priority, 'queued', max_attempts,
-            timeout_s, input, metadata, trace_parent, created_at, 1, run_at
+            timeout_s, input, metadata, trace_parent, created_at, 1, run_at, backoff
          FROM UNNEST($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::text[], $6::int2[],
             $7::int4[], $8::int4[], $9::jsonb[], $10::jsonb[], $11::text[], $12::timestamptz[],
-            $13::timestamptz[])
+            $13::timestamptz[], $14::jsonb[])
          AS t(id, tenant_id, created_by, kind, queue, priority, max_attempts, timeout_s, input,
-            metadata, trace_parent, created_at, run_at)",
+            metadata, trace_parent, created_at, run_at, backoff)",
     )
     .bind(&ids)
     .bind(&tenants)
@@ -63,6 +69,7 @@ pub(crate) async fn insert_jobs_with<'e, E: sqlx::PgExecutor<'e>>(
     .bind(&traces)
     .bind(&created)
     .bind(&run_at)
+    .bind(&backoff)
     .execute(db)
     .await?;
     Ok(())

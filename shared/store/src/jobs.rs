@@ -7,13 +7,15 @@ use chrono::{DateTime, Utc};
 use serde_json::Value;
 pub use switchyard_core::job::DispatchItem;
 use switchyard_core::job::{job_error_codes, Job, JobError, JobStatus};
+use switchyard_core::queueing::Backoff;
 use uuid::Uuid;
 
 use crate::{Result, Scope, Store};
 
 pub(crate) const JOB_COLUMNS: &str = "id, tenant_id, created_by, kind, queue, priority, status, attempt, \
     max_attempts, timeout_s, input, output, error, metadata, trace_parent, created_at, started_at, \
-    finished_at, run_at, lease_owner, lease_expires_at, cancel_requested_at, dispatch_epoch, event_seq";
+    finished_at, run_at, lease_owner, lease_expires_at, cancel_requested_at, dispatch_epoch, event_seq, \
+    backoff";
 
 /// A job row as stored.
 #[derive(Debug, Clone, sqlx::FromRow)]
@@ -42,6 +44,7 @@ pub struct JobRow {
     pub cancel_requested_at: Option<DateTime<Utc>>,
     pub dispatch_epoch: i64,
     pub event_seq: i64,
+    pub backoff: Option<Value>,
 }
 
 impl JobRow {
@@ -67,6 +70,7 @@ impl JobRow {
             run_at: self.run_at,
             attempt: self.attempt,
             max_attempts: self.max_attempts,
+            backoff: self.backoff(),
             input: self.input.clone(),
             output: self.output.clone(),
             error: self.job_error(),
@@ -77,6 +81,11 @@ impl JobRow {
             started_at: self.started_at,
             finished_at: self.finished_at,
         }
+    }
+
+    /// The job's own retry backoff, if it set one (and it still parses).
+    pub fn backoff(&self) -> Option<Backoff> {
+        serde_json::from_value(self.backoff.clone()?).ok()
     }
 
     pub fn dispatch_item(&self) -> DispatchItem {
@@ -107,6 +116,7 @@ pub struct NewJob {
     pub created_at: DateTime<Utc>,
     /// Not before this time (a delayed job stays `queued` until then).
     pub run_at: Option<DateTime<Utc>>,
+    pub backoff: Option<Backoff>,
 }
 
 impl NewJob {
@@ -122,6 +132,7 @@ impl NewJob {
             run_at: self.run_at,
             attempt: 0,
             max_attempts: self.max_attempts,
+            backoff: self.backoff.clone(),
             input: self.input.clone(),
             output: None,
             error: None,

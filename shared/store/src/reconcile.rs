@@ -79,9 +79,9 @@ impl Store {
     }
 
     /// Age in seconds of the oldest queued job per queue (one index probe per queue).
-    pub async fn oldest_queued(&self) -> Result<Vec<(String, f64)>> {
+    pub async fn oldest_queued(&self, queues: &[String]) -> Result<Vec<(String, f64)>> {
         let mut out = Vec::new();
-        for q in switchyard_core::job::known_queues() {
+        for q in queues {
             let age: Option<f64> = sqlx::query_scalar(
                 "SELECT EXTRACT(EPOCH FROM now() - min(created_at))::float8 FROM jobs
                  WHERE status = 'queued' AND queue = $1",
@@ -90,7 +90,7 @@ impl Store {
             .fetch_one(self.pool())
             .await?;
             if let Some(a) = age {
-                out.push((q.to_string(), a));
+                out.push((q.clone(), a));
             }
         }
         Ok(out)

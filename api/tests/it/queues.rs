@@ -1,0 +1,162 @@
+//! Named queues with their own worker concurrency, and per-job retry backoff.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde_json::{json, Value};
+use sqlx::PgPool;
+use uuid::Uuid;
+
+use crate::support::{spawn_app_with, Opts};
+
+const T: Duration = Duration::from_secs(30);
+
+fn id_of(job: &Value) -> Uuid {
+    job["id"].as_str().unwrap().parse().unwrap()
+}
+
+fn time(v: &Value) -> DateTime<Utc> {
+    v.as_str().unwrap().parse().unwrap()
+}
+
+#[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
+async fn a_named_queue_runs_on_the_workers_that_serve_it_with_its_own_concurrency(pool: PgPool) {
+    let app = spawn_app_with(
+        pool,
+        Opts {
+            configure: Some(Arc::new(|cfg| {
+                cfg.worker.queues.push("reports".into());
+                cfg.worker.queue_concurrency.insert("reports".into(), 1);
+            })),
+            ..Opts::default()
+        },
+    )
+    .await;
+    app.queue().await.epoch().await.unwrap();
+    let mut ids = Vec::new();
+    for _ in 0..4 {
+        let job = app
+            .submit(json!({"kind": "system.noop", "queue": "reports", "input": {"sleep_ms": 250}}))
+            .await;
+        assert_eq!(job["queue"], "reports");
+        ids.push(id_of(&job));
+    }
+    // a delayed job of a named queue is moved when due like any other
+    let later = app
+        .submit(json!({"kind": "system.noop", "queue": "reports", "delay_s": 1, "input": {}}))
+        .await;
+    ids.push(id_of(&later));
+    // a queue no worker serves keeps its job queued, visible as backlog
+    let idle = app
+        .submit(json!({"kind": "system.noop", "queue": "nobody-serves", "input": {}}))
+        .await;
+    let mut spans = Vec::new();
+    for id in &ids {
+        let j = app.wait_status(*id, "succeeded", T).await;
+        spans.push((time(&j["started_at"]), time(&j["finished_at"])));
+    }
+    // one slot: the runs never overlap
+    spans.sort();
+    for w in spans.windows(2) {
+        assert!(w[0].1 <= w[1].0, "runs overlap: {spans:?}");
+    }
+    assert_eq!(app.get_job(id_of(&idle)).await["status"], "queued");
+    let backlog = r#"switchyard_queue_backlog{queue="nobody-serves",priority="0"}"#;
+    let mut seen = None;
+    for _ in 0..100 {
+        seen = app.metric(backlog).await;
+        if seen.is_some_and(|n| n >= 1.0) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(seen.is_some_and(|n| n >= 1.0), "{seen:?}");
+    app.stop().await;
+}
+
+#[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
+async fn queue_names_and_backoffs_are_checked(pool: PgPool) {
+    let app = spawn_app_with(pool, Opts::default()).await;
+    for (body, field) in [
+        (
+            json!({"kind": "system.noop", "input": {}, "queue": "Bad Name"}),
+            "queue",
+        ),
+        (
+            json!({"kind": "system.noop", "input": {}, "queue": ""}),
+            "queue",
+        ),
+        (
+            json!({"kind": "code.exec", "input": {"language": "python", "code": "1"}, "queue": "bulk"}),
+            "queue",
+        ),
+        (
+            json!({"kind": "system.noop", "input": {}, "backoff": {"type": "linear"}}),
+            "backoff.type",
+        ),
+        (
+            json!({"kind": "system.noop", "input": {}, "backoff": {"type": "fixed", "delay_s": -1}}),
+            "backoff.delay_s",
+        ),
+        (
+            json!({"kind": "system.noop", "input": {}, "backoff": {"type": "fixed", "max_delay_s": 9}}),
+            "backoff.max_delay_s",
+        ),
+        (
+            json!({"kind": "system.noop", "input": {}, "backoff": {"type": "exponential", "delay_s": 10, "max_delay_s": 5}}),
+            "backoff.max_delay_s",
+        ),
+        (
+            json!({"kind": "system.noop", "input": {}, "backoff": {"type": "fixed", "colour": 1}}),
+            "backoff.colour",
+        ),
+    ] {
+        let r = app
+            .auth(app.http.post(app.url("/v1/jobs")))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        let status = r.status();
+        let v: Value = r.json().await.unwrap();
+        assert!(status.is_client_error(), "{body}: {status} {v}");
+        assert_eq!(v["error"]["field"], field, "{body}: {v}");
+    }
+    app.stop().await;
+}
+
+#[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
+async fn a_fixed_backoff_spaces_the_retries_as_asked(pool: PgPool) {
+    let app = spawn_app_with(pool, Opts::default()).await;
+    app.queue().await.epoch().await.unwrap();
+    let job = app
+        .submit(json!({
+            "kind": "system.noop",
+            "input": {"fail_attempts": 2},
+            "max_attempts": 3,
+            "backoff": {"type": "fixed", "delay_s": 1.5}
+        }))
+        .await;
+    assert_eq!(job["backoff"], json!({"type": "fixed", "delay_s": 1.5}));
+    let id = id_of(&job);
+    let mut ws = app.ws().await;
+    ws.subscribe(id, 0).await;
+    let events = ws.until_terminal(id, T).await;
+    assert_eq!(events.last().unwrap()["type"], "succeeded", "{events:#?}");
+    let retries: Vec<&Value> = events
+        .iter()
+        .filter(|e| e["type"] == "status" && !e["data"]["retry_at"].is_null())
+        .collect();
+    assert_eq!(retries.len(), 2, "{events:#?}");
+    for r in retries {
+        // fixed, without jitter: retry_at is the failure time plus 1.5 s
+        let wait = time(&r["data"]["retry_at"]) - time(&r["ts"]);
+        let ms = wait.num_milliseconds();
+        assert!((1400..=1600).contains(&ms), "waited {ms} ms: {r}");
+    }
+    let j = app.get_job(id).await;
+    assert_eq!(j["attempt"], 3);
+    assert_eq!(j["backoff"]["type"], "fixed");
+    app.stop().await;
+}
