@@ -99,23 +99,9 @@ pub async fn ensure_services(cfg: &mut Config) -> anyhow::Result<Services> {
             "no Redis at {}: starting a private one on port {port}",
             redact(cfg.redis_url())
         );
-        let child = Command::new(bin)
-            .args([
-                "--port",
-                &port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
-            .arg("--dir")
-            .arg(&dir)
-            .stdout(Stdio::null())
-            .spawn()
-            .context("starting redis-server")?;
-        services.children.push(("redis".into(), child));
+        services
+            .children
+            .push(("redis".into(), spawn_redis(&bin, &dir, port)?));
         let url = format!("redis://127.0.0.1:{port}");
         for _ in 0..50 {
             if redis_reachable(&url).await {
@@ -156,6 +142,69 @@ pub async fn ensure_services(cfg: &mut Config) -> anyhow::Result<Services> {
         cfg.database_url = url.into();
     }
     Ok(services)
+}
+
+fn spawn_redis(bin: &Path, dir: &Path, port: u16) -> anyhow::Result<Child> {
+    Command::new(bin)
+        .args([
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ])
+        .arg("--dir")
+        .arg(dir)
+        .stdout(Stdio::null())
+        .spawn()
+        .context("starting redis-server")
+}
+
+/// A private Redis without persistence on `port` (tests that restart or wipe Redis use it);
+/// `None` when `redis-server` is not installed. Stopped when dropped: its data is gone.
+pub async fn private_redis(dir: &Path, port: u16) -> anyhow::Result<Option<Services>> {
+    let Some(bin) = find_binary("redis-server") else {
+        return Ok(None);
+    };
+    std::fs::create_dir_all(dir)?;
+    let mut services = Services::default();
+    services
+        .children
+        .push(("redis".into(), spawn_redis(&bin, dir, port)?));
+    let url = format!("redis://127.0.0.1:{port}");
+    for _ in 0..100 {
+        if redis_reachable(&url).await {
+            return Ok(Some(services));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    bail!("the private redis on port {port} did not come up")
+}
+
+/// A private Postgres cluster in `dir` on `port` (initialised on first use; tests that restart
+/// Postgres use it); `None` when the postgres binaries are not installed. Stopped (fast
+/// shutdown) when dropped; its data stays in `dir`.
+pub async fn private_postgres(dir: &Path, port: u16) -> anyhow::Result<Option<Services>> {
+    if find_binary("initdb").is_none() || find_binary("postgres").is_none() {
+        return Ok(None);
+    }
+    let mut services = Services::default();
+    start_private_postgres(dir, port, &mut services)?;
+    let opts: PgConnectOptions =
+        format!("postgres://postgres@127.0.0.1:{port}/postgres").parse()?;
+    for _ in 0..150 {
+        if ensure_database(&opts).await? {
+            return Ok(Some(services));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    bail!(
+        "the private postgres did not come up; see {}/log",
+        dir.display()
+    )
 }
 
 /// The port of a loopback Redis URL (a private Redis then takes that port, so the URL stays valid).

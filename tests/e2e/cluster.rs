@@ -14,6 +14,15 @@ use uuid::Uuid;
 
 pub const T: Duration = Duration::from_secs(40);
 
+pub fn env_database_url() -> String {
+    std::env::var("DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+}
+
+pub fn env_redis_url() -> String {
+    std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+}
+
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -65,10 +74,12 @@ impl Drop for Cluster {
 
 impl Cluster {
     pub async fn new() -> Cluster {
-        let base = std::env::var("DATABASE_URL")
-            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
-        let redis_url =
-            std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+        Cluster::on(&env_database_url(), &env_redis_url()).await
+    }
+
+    /// A cluster on the Postgres server of `base` (a fresh database in it) and `redis_url`.
+    pub async fn on(base: &str, redis_url: &str) -> Cluster {
+        let (base, redis_url) = (base.to_string(), redis_url.to_string());
         let name = format!("sy_e2e_{}", Uuid::new_v4().simple());
         let opts: PgConnectOptions = base.parse().unwrap();
         let mut c = opts.connect().await.unwrap();

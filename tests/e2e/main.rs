@@ -2,6 +2,7 @@
 //! Postgres and Redis, a worker killed with SIGKILL mid-job, SIGTERM draining, the admin
 //! commands, `dev`, and a conversation that survives SIGKILL of every process.
 
+mod chaos;
 mod cluster;
 
 use std::process::{Command, Stdio};

@@ -1,0 +1,221 @@
+//! Chaos tests: workers SIGKILLed over and over, Redis restarted empty, Postgres restarted
+//! under load. Each checks that every job reaches exactly one terminal state (the job audit
+//! trail records each state change in the job's own transaction) and none is lost.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use switchyard::devsvc::{private_postgres, private_redis};
+use uuid::Uuid;
+
+use crate::cluster::{env_database_url, env_redis_url, free_port, Cluster};
+
+/// Submits `n` jobs of `body` through `POST /v1/jobs/batch`, 1,000 at a time.
+async fn submit_many(c: &Cluster, api: &str, n: usize, body: &Value) -> Vec<Uuid> {
+    let mut ids = Vec::with_capacity(n);
+    while ids.len() < n {
+        let k = (n - ids.len()).min(1000);
+        let r = c
+            .http
+            .post(format!("{api}/v1/jobs/batch"))
+            .bearer_auth(&c.key)
+            .json(&json!({ "jobs": vec![body.clone(); k] }))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 202);
+        let v: Value = r.json().await.unwrap();
+        for j in v["jobs"].as_array().unwrap() {
+            ids.push(j["id"].as_str().unwrap().parse().unwrap());
+        }
+    }
+    ids
+}
+
+async fn count_status(c: &Cluster, status: &str) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM jobs WHERE status = $1")
+        .bind(status)
+        .fetch_one(c.store.pool())
+        .await
+        .unwrap_or(-1)
+}
+
+/// Waits until `n` jobs succeeded (panics after `limit`, naming what is left).
+async fn wait_succeeded(c: &Cluster, n: i64, limit: Duration) {
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        let done = count_status(c, "succeeded").await;
+        if done == n {
+            return;
+        }
+        if tokio::time::Instant::now() > deadline {
+            let left: Vec<(String, i64)> =
+                sqlx::query_as("SELECT status, count(*) FROM jobs GROUP BY status")
+                    .fetch_all(c.store.pool())
+                    .await
+                    .unwrap();
+            panic!("{done} of {n} jobs succeeded in {limit:?}: {left:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Every job of `ids` has exactly one terminal state change in its audit trail (chained or
+/// still in the outbox); returns how many jobs ran more than once (at-least-once re-runs).
+async fn assert_one_terminal_each(c: &Cluster, ids: &[Uuid]) -> i64 {
+    let targets: Vec<String> = ids.iter().map(|id| format!("job:{id}")).collect();
+    let (once, more): (i64, i64) = sqlx::query_as(
+        "SELECT count(*) FILTER (WHERE n = 1), count(*) FILTER (WHERE n > 1) FROM (
+             SELECT target, count(*) AS n FROM (
+                 SELECT target, action FROM audit_outbox
+                 UNION ALL SELECT target, action FROM audit_events) a
+             WHERE action IN ('job.succeeded', 'job.failed', 'job.cancelled')
+               AND target = ANY($1)
+             GROUP BY target) t",
+    )
+    .bind(&targets)
+    .fetch_one(c.store.pool())
+    .await
+    .unwrap();
+    assert_eq!(more, 0, "jobs with more than one terminal state");
+    assert_eq!(once, ids.len() as i64, "jobs without a terminal state");
+    let ids: Vec<Uuid> = ids.to_vec();
+    sqlx::query_scalar("SELECT count(*) FROM jobs WHERE id = ANY($1) AND attempt > 1")
+        .bind(&ids)
+        .fetch_one(c.store.pool())
+        .await
+        .unwrap()
+}
+
+fn scratch_dir(name: &str) -> PathBuf {
+    std::env::temp_dir().join(format!("switchyard-{name}-{}", Uuid::new_v4().simple()))
+}
+
+/// Chaos 1: a worker is SIGKILLed every two seconds (and replaced) while 10,000 jobs run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_a_worker_every_two_seconds_under_10000_jobs() {
+    let mut c = Cluster::new().await;
+    let api = c.api().await;
+    c.spawn("scheduler", &["scheduler"]);
+    let mut workers = vec![c.worker(64), c.worker(64)];
+    let body = json!({"kind": "system.noop", "input": {"sleep_ms": 20}, "max_attempts": 10});
+    let ids = submit_many(&c, &api, 10_000, &body).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(240);
+    let mut kills = 0;
+    while count_status(&c, "succeeded").await < ids.len() as i64 {
+        assert!(tokio::time::Instant::now() < deadline, "not done in time");
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let victim = workers.remove(0);
+        c.children[victim].1.kill().unwrap(); // SIGKILL
+        c.children[victim].1.wait().unwrap();
+        kills += 1;
+        workers.push(c.worker(64));
+    }
+    wait_succeeded(&c, ids.len() as i64, Duration::from_secs(60)).await;
+    let reruns = assert_one_terminal_each(&c, &ids).await;
+    eprintln!(
+        "chaos sigkill: {} jobs, {kills} workers killed, {reruns} jobs ran more than once",
+        ids.len()
+    );
+    assert!(kills >= 1);
+}
+
+/// Chaos 2: Redis (no persistence) is stopped mid-run and started again empty; jobs accepted
+/// while it is down are kept; the reconciler restores dispatch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_restarted_empty_mid_run_loses_nothing() {
+    let dir = scratch_dir("redis");
+    let port = free_port();
+    let Some(redis) = private_redis(&dir, port).await.unwrap() else {
+        panic!("redis-server is not installed (scripts/test.sh installs it)");
+    };
+    let url = format!("redis://127.0.0.1:{port}");
+    let mut c = Cluster::on(&env_database_url(), &url).await;
+    let api = c.api().await;
+    c.spawn("scheduler", &["scheduler"]);
+    c.worker(32);
+    c.worker(32);
+    let body = json!({"kind": "system.noop", "input": {"sleep_ms": 10}, "max_attempts": 10});
+    let mut ids = submit_many(&c, &api, 3000, &body).await;
+    while count_status(&c, "succeeded").await < 300 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    drop(redis); // its data is gone with it
+                 // accepted while Redis is down: committed to Postgres, dispatched later
+    ids.extend(submit_many(&c, &api, 200, &body).await);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let redis = private_redis(&dir, port).await.unwrap().unwrap();
+    wait_succeeded(&c, ids.len() as i64, Duration::from_secs(180)).await;
+    let reruns = assert_one_terminal_each(&c, &ids).await;
+    eprintln!(
+        "chaos redis restart: {} jobs, {reruns} ran more than once",
+        ids.len()
+    );
+    drop(c);
+    drop(redis);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Chaos 3: Postgres is stopped mid-run: the API answers 503 with `Retry-After` (and readiness
+/// goes red) instead of hanging; when it is back, everything resumes by itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_restarted_mid_run_answers_503_then_resumes() {
+    let dir = scratch_dir("pg");
+    let port = free_port();
+    let Some(pg) = private_postgres(&dir, port).await.unwrap() else {
+        panic!("postgres is not installed (scripts/test.sh installs it)");
+    };
+    let base = format!("postgres://postgres@127.0.0.1:{port}/postgres");
+    let mut c = Cluster::on(&base, &env_redis_url()).await;
+    let api = c.api().await;
+    c.spawn("scheduler", &["scheduler"]);
+    c.worker(32);
+    let body = json!({"kind": "system.noop", "input": {"sleep_ms": 10}, "max_attempts": 10});
+    let mut ids = submit_many(&c, &api, 2000, &body).await;
+    while count_status(&c, "succeeded").await < 200 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    drop(pg); // fast shutdown: every connection is cut
+
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap();
+    let r = http
+        .post(format!("{api}/v1/jobs"))
+        .bearer_auth(&c.key)
+        .json(&body)
+        .send()
+        .await
+        .expect("the API answers while Postgres is down");
+    assert_eq!(r.status(), 503);
+    assert!(r.headers().contains_key("retry-after"));
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "unavailable", "{v}");
+    let r = http.get(format!("{api}/readyz")).send().await.unwrap();
+    assert_eq!(r.status(), 503);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["postgres"], "unreachable", "{v}");
+
+    let pg = private_postgres(&dir, port).await.unwrap().unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let r = http.get(format!("{api}/readyz")).send().await.unwrap();
+        if r.status() == 200 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "never ready again");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    ids.push(c.submit(&api, body.clone()).await);
+    wait_succeeded(&c, ids.len() as i64, Duration::from_secs(180)).await;
+    let reruns = assert_one_terminal_each(&c, &ids).await;
+    eprintln!(
+        "chaos postgres restart: {} jobs, {reruns} ran more than once",
+        ids.len()
+    );
+    drop(c);
+    drop(pg);
+    let _ = std::fs::remove_dir_all(&dir);
+}
