@@ -180,8 +180,8 @@ async fn method_not_allowed() -> ApiError {
 /// The router with all routes and layers.
 pub fn router(state: AppState) -> Router {
     use routes::{
-        api_keys, audit, conversations, dead, health, job_batch, jobs, models, quotas, stream,
-        tenants, usage,
+        api_keys, audit, conversations, dead, health, job_batch, jobs, models, quotas, schedules,
+        stream, tenants, usage,
     };
     let max_body = state.cfg.max_body_bytes;
     let max_job_body = state.cfg.max_job_body_bytes;
@@ -222,6 +222,16 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/models/{*id}", get(models::get_model))
         .route("/v1/usage", get(usage::get_usage))
         .route("/v1/quotas", get(quotas::get_quotas))
+        .route(
+            "/v1/schedules",
+            post(schedules::create).get(schedules::list),
+        )
+        .route(
+            "/v1/schedules/{id}",
+            get(schedules::get)
+                .patch(schedules::update)
+                .delete(schedules::delete),
+        )
         .route("/v1/api-keys", post(api_keys::create).get(api_keys::list))
         .route(
             "/v1/api-keys/{id}",

@@ -1,10 +1,13 @@
 //! The scheduler: the reconciler that makes Redis rebuildable from Postgres. Each pass it
 //! (1) detects Redis data loss through the epoch key and starts a new epoch, (2) dispatches
 //! committed jobs that never reached Redis in the current epoch, (3) re-dispatches running jobs
-//! whose lease ran out long ago, (4) moves due delayed jobs into the queue streams, and (5)
+//! whose lease ran out long ago, (4) fires due cron schedules (`cron.rs`), (5) moves due
+//! delayed jobs into the queue streams, and (6)
 //! chains job state changes from the audit outbox into the tenants' audit trails; about once
-//! an hour it (6) prunes audit rows past their retention. Every step works in bounded batches
+//! an hour it (7) prunes audit rows past their retention. Every step works in bounded batches
 //! driven by indexes, so a pass never rescans the whole backlog.
+
+pub mod cron;
 
 use std::time::Duration;
 
@@ -52,6 +55,7 @@ pub struct PassReport {
     pub redispatched: usize,
     pub expired: usize,
     pub moved_due: usize,
+    pub scheduled: usize,
     pub audited: usize,
     pub audit_pruned: u64,
 }
@@ -171,6 +175,13 @@ impl Scheduler {
                 break;
             }
         }
+        report.scheduled = cron::fire(
+            &self.store,
+            &self.queue,
+            self.opts.batch,
+            self.opts.max_batches,
+        )
+        .await?;
         for q in self.queue.queues().await? {
             for _ in 0..self.opts.max_batches {
                 let n = self.queue.move_due(&q, self.opts.batch as usize).await?;

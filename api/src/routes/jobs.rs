@@ -10,9 +10,9 @@ use base64::Engine;
 use chrono::Utc;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use switchyard_core::job::{CreateJobRequest, Job, JobKind, JobStatus};
+use switchyard_core::job::{CreateJobRequest, Job, JobKind, JobStatus, ValidJobRequest};
 use switchyard_core::telemetry::TraceParent;
-use switchyard_core::{ErrorCode, Event};
+use switchyard_core::{ErrorCode, Event, FieldError};
 use switchyard_store::{CancelOutcome, JobFilter, NewJob, Scope};
 use uuid::Uuid;
 
@@ -101,32 +101,46 @@ pub fn request_trace(headers: &HeaderMap) -> TraceParent {
         .unwrap_or_else(TraceParent::generate)
 }
 
-/// Validates a job request (fields, kind, model, daily quota) and builds the job row; errors
+/// Validates a job request (fields, kind, model) with the tenant's LLM defaults applied; errors
 /// name the field as in the body.
+pub fn validate_job(
+    state: &AppState,
+    principal: &switchyard_store::Principal,
+    value: Value,
+) -> Result<ValidJobRequest, FieldError> {
+    let enable_noop = state.cfg.enable_noop;
+    let mut req = CreateJobRequest::parse(value, |k| k != JobKind::SystemNoop || enable_noop)?;
+    if req.kind == JobKind::LlmChat {
+        if req.input.get("conversation").is_some_and(|c| !c.is_null()) {
+            return Err(FieldError {
+                code: ErrorCode::InvalidInput,
+                field: "input.conversation".into(),
+                message: "conversation turns are posted with POST /v1/conversations/{id}/messages"
+                    .into(),
+            });
+        }
+        tenant_llm_defaults(principal, &mut req.input);
+        // the model must be one this deployment routes (its table, `provider/model`, mock-*)
+        // and the tenant may use
+        let model = req.input["model"].as_str().unwrap_or_default();
+        super::models::usable(&state.models, principal, model).map_err(|e| FieldError {
+            code: ErrorCode::InvalidInput,
+            field: "input.model".into(),
+            message: e.message(model),
+        })?;
+    }
+    Ok(req)
+}
+
+/// Validates a job request (fields, kind, model, daily quota, backlog) and builds the job row;
+/// errors name the field as in the body.
 pub async fn build_job(
     state: &AppState,
     principal: &switchyard_store::Principal,
     value: Value,
     trace: &TraceParent,
 ) -> ApiResult<NewJob> {
-    let enable_noop = state.cfg.enable_noop;
-    let mut req = CreateJobRequest::parse(value, |k| k != JobKind::SystemNoop || enable_noop)?;
-    if req.kind == JobKind::LlmChat {
-        if req.input.get("conversation").is_some_and(|c| !c.is_null()) {
-            return Err(ApiError::field(
-                ErrorCode::InvalidInput,
-                "input.conversation",
-                "conversation turns are posted with POST /v1/conversations/{id}/messages",
-            ));
-        }
-        tenant_llm_defaults(principal, &mut req.input);
-        // the model must be one this deployment routes (its table, `provider/model`, mock-*)
-        // and the tenant may use
-        let model = req.input["model"].as_str().unwrap_or_default();
-        super::models::usable(&state.models, principal, model).map_err(|e| {
-            ApiError::field(ErrorCode::InvalidInput, "input.model", e.message(model))
-        })?;
-    }
+    let req = validate_job(state, principal, value)?;
     crate::quota::check_daily(state, principal, req.kind.as_str()).await?;
     crate::quota::check_backlog(state, principal, 1).await?;
     Ok(NewJob {

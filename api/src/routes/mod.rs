@@ -9,6 +9,7 @@ pub mod job_batch;
 pub mod jobs;
 pub mod models;
 pub mod quotas;
+pub mod schedules;
 pub mod stream;
 pub mod tenants;
 pub mod usage;

@@ -17,6 +17,7 @@ mod queues;
 mod quotas;
 mod reliability;
 mod rls;
+mod schedules;
 mod streaming;
 mod submission;
 mod support;

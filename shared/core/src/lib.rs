@@ -14,6 +14,7 @@ pub mod jwt_config;
 pub mod models;
 pub mod queueing;
 pub mod quota;
+pub mod schedule;
 pub mod telemetry;
 
 pub use error::{ErrorCode, FieldError};
