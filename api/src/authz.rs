@@ -72,6 +72,7 @@ pub const ROUTES: &[(&str, &str, Access)] = {
         ("GET", "/v1/audit", Needs(AuditRead)),
         ("POST", "/v1/tenants", Operator),
         ("GET", "/v1/tenants", Operator),
+        ("GET", "/v1/workers", Operator),
         ("GET", "/healthz", Public),
         ("GET", "/readyz", Public),
         ("GET", "/metrics", Public),

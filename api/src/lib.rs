@@ -181,7 +181,7 @@ async fn method_not_allowed() -> ApiError {
 pub fn router(state: AppState) -> Router {
     use routes::{
         api_keys, audit, conversations, dead, health, job_batch, jobs, models, quotas, schedules,
-        stream, tenants, usage,
+        stream, tenants, usage, workers,
     };
     let max_body = state.cfg.max_body_bytes;
     let max_job_body = state.cfg.max_job_body_bytes;
@@ -239,6 +239,7 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/v1/audit", get(audit::list))
         .route("/v1/tenants", post(tenants::create).get(tenants::list))
+        .route("/v1/workers", get(workers::list))
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
         .route("/metrics", get(health::metrics))

@@ -8,6 +8,7 @@ pub mod llm;
 pub mod noop;
 mod quota;
 mod reclaim;
+mod registry;
 mod run;
 pub mod runtime;
 

@@ -189,6 +189,7 @@ impl Worker {
             }
             loops.spawn(crate::reclaim::reclaim_loop(s.clone(), stop2.clone()));
             loops.spawn(cancel_listener(s.clone(), stop2.clone()));
+            loops.spawn(crate::registry::report_loop(s.clone(), stop2.clone()));
             loops.close();
             tracing::info!(worker = %s.id, queues = ?s.opts.queues, concurrency = s.opts.concurrency, "worker started");
             stop2.cancelled().await;
@@ -207,6 +208,7 @@ impl Worker {
             if let Some(c) = completer {
                 let _ = c.await;
             }
+            let _ = s.queue.remove_worker(&s.id).await;
             tracing::info!(worker = %s.id, "worker stopped");
         });
         WorkerHandle { id, stop, done }

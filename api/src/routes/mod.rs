@@ -13,3 +13,4 @@ pub mod schedules;
 pub mod stream;
 pub mod tenants;
 pub mod usage;
+pub mod workers;

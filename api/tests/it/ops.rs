@@ -131,3 +131,51 @@ async fn openapi_documents_every_route_and_error(pool: PgPool) {
     assert!(doc["components"]["securitySchemes"]["bearer"].is_object());
     app.stop().await;
 }
+
+/// The worker registry: live workers with their queues and load, for the operator only; a
+/// drained worker leaves it.
+#[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
+async fn workers_are_listed_for_the_operator(pool: PgPool) {
+    use crate::support::OPERATOR_TOKEN;
+    let mut app = crate::support::spawn_app_with(
+        pool,
+        crate::support::Opts {
+            configure: Some(std::sync::Arc::new(|cfg| {
+                cfg.worker.queues.push("reports".into());
+                cfg.worker.queue_concurrency.insert("reports".into(), 2);
+            })),
+            ..Default::default()
+        },
+    )
+    .await;
+    let (http, url) = (app.http.clone(), app.url("/v1/workers"));
+    let list = |token: &'static str| http.get(&url).bearer_auth(token).send();
+    let mut workers = Value::Null;
+    for _ in 0..100 {
+        workers = list(OPERATOR_TOKEN).await.unwrap().json().await.unwrap();
+        if workers["data"].as_array().is_some_and(|d| !d.is_empty()) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let w = &workers["data"][0];
+    assert_eq!(w["draining"], false, "{workers}");
+    assert_eq!(w["concurrency"], 16);
+    assert_eq!(w["pid"], std::process::id());
+    let reports = w["queues"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|q| q["name"] == "reports")
+        .expect("the named queue is listed");
+    assert_eq!(reports["slots"], 2);
+    assert_eq!(reports["shared"], false);
+    // a tenant's key may not see it
+    let key: &'static str = Box::leak(app.key.clone().into_boxed_str());
+    assert_eq!(list(key).await.unwrap().status(), 403);
+    // a stopped worker is gone from the list
+    app.stop_workers().await;
+    let after: Value = list(OPERATOR_TOKEN).await.unwrap().json().await.unwrap();
+    assert_eq!(after["data"], json!([]), "{after}");
+    app.stop().await;
+}

@@ -148,6 +148,42 @@ impl Backoff {
     }
 }
 
+/// How often a worker reports to the registry.
+pub const WORKER_REPORT_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+/// A report older than this is a worker that died.
+pub const WORKER_REPORT_TTL: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// A live worker as `GET /v1/workers` shows it (each worker reports every few seconds).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct WorkerInfo {
+    /// Consumer name (unique per process).
+    pub id: String,
+    pub host: String,
+    pub pid: u32,
+    pub version: String,
+    pub started_at: chrono::DateTime<chrono::Utc>,
+    pub heartbeat_at: chrono::DateTime<chrono::Utc>,
+    /// Stopping: takes no new jobs, finishing (or releasing) the ones it runs.
+    pub draining: bool,
+    /// Jobs running now.
+    pub running: usize,
+    /// Slots shared by the queues without their own.
+    pub concurrency: usize,
+    pub queues: Vec<WorkerQueue>,
+}
+
+/// One queue a worker serves and its load.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct WorkerQueue {
+    pub name: String,
+    /// Slots this queue's jobs may take (`shared`: the worker's `concurrency`).
+    pub slots: usize,
+    /// Slots taken now.
+    pub busy: usize,
+    /// Whether the slots are shared with other queues.
+    pub shared: bool,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

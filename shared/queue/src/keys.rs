@@ -114,6 +114,11 @@ impl Keys {
         format!("{{{}:meta}}:queues", self.prefix)
     }
 
+    /// Live workers' reports (`id` → JSON), read by `GET /v1/workers`.
+    pub fn workers(&self) -> String {
+        format!("{{{}:meta}}:workers", self.prefix)
+    }
+
     pub fn epoch(&self) -> String {
         format!("{{{}:meta}}:epoch", self.prefix)
     }
