@@ -131,6 +131,10 @@ enum AdminCmd {
         /// configured `quotas`); `default` removes the tenant's own.
         #[arg(long)]
         quotas: Option<String>,
+        /// Days the tenant's finished jobs are kept (0: forever); `default` follows the
+        /// configured `job_retention_days`.
+        #[arg(long, value_name = "DAYS|default")]
+        job_retention_days: Option<String>,
     },
 }
 
@@ -237,17 +241,34 @@ async fn admin(cfg: &Config, cmd: AdminCmd) -> anyhow::Result<()> {
             code_limits,
             jwt_hs256,
             quotas,
+            job_retention_days,
         } => {
             anyhow::ensure!(
                 llm_cache.is_some()
                     || models.is_some()
                     || code_limits.is_some()
                     || jwt_hs256.is_some()
-                    || quotas.is_some(),
+                    || quotas.is_some()
+                    || job_retention_days.is_some(),
                 "nothing to set: pass --llm-cache on|off, --models a,b,prefix-*|all, \
                  --code-limits wall_ms=N,cpu_ms=N,memory_mb=N,output_bytes=N|default and/or \
-                 --jwt-hs256 ISSUER|off, --quotas name=N,..|default"
+                 --jwt-hs256 ISSUER|off, --quotas name=N,..|default, --job-retention-days N|default"
             );
+            if let Some(spec) = job_retention_days {
+                let days = match spec.as_str() {
+                    "default" => None,
+                    n => Some(n.parse::<i32>().ok().filter(|d| *d >= 0).ok_or_else(|| {
+                        anyhow::anyhow!(
+                            "--job-retention-days: a number of days (0: forever) or `default`"
+                        )
+                    })?),
+                };
+                anyhow::ensure!(
+                    store.set_tenant_job_retention(&name, days).await?,
+                    "no tenant named {name}"
+                );
+                println!("tenant {name}: job retention = {spec}");
+            }
             if let Some(spec) = quotas {
                 let q = parse_quotas(&spec)?;
                 anyhow::ensure!(

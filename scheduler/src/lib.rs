@@ -32,6 +32,10 @@ pub struct SchedulerOptions {
     pub audit_retention: Option<Duration>,
     /// How often retention runs.
     pub audit_prune_every: Duration,
+    /// Finished jobs are kept this many days unless their tenant says otherwise (0: forever).
+    pub job_retention_days: u32,
+    /// How often finished jobs past retention are pruned.
+    pub job_prune_every: Duration,
 }
 
 impl Default for SchedulerOptions {
@@ -44,6 +48,8 @@ impl Default for SchedulerOptions {
             lease: Duration::from_secs(30),
             audit_retention: Some(Duration::from_secs(365 * 24 * 3600)),
             audit_prune_every: Duration::from_secs(3600),
+            job_retention_days: 30,
+            job_prune_every: Duration::from_secs(60),
         }
     }
 }
@@ -58,6 +64,7 @@ pub struct PassReport {
     pub scheduled: usize,
     pub audited: usize,
     pub audit_pruned: u64,
+    pub jobs_pruned: usize,
 }
 
 pub struct Scheduler {
@@ -65,6 +72,7 @@ pub struct Scheduler {
     queue: Queue,
     opts: SchedulerOptions,
     last_prune: std::sync::Mutex<Option<std::time::Instant>>,
+    last_job_prune: std::sync::Mutex<Option<std::time::Instant>>,
 }
 
 impl Scheduler {
@@ -74,6 +82,7 @@ impl Scheduler {
             queue,
             opts,
             last_prune: std::sync::Mutex::new(None),
+            last_job_prune: std::sync::Mutex::new(None),
         }
     }
 
@@ -199,20 +208,48 @@ impl Scheduler {
             }
         }
         self.store.prune_idempotency_keys(self.opts.batch).await?;
+        if due(&self.last_job_prune, self.opts.job_prune_every) {
+            report.jobs_pruned = self.prune_jobs().await?;
+        }
         if let Some(keep) = self.opts.audit_retention {
-            let due = self
-                .last_prune
-                .lock()
-                .map(|l| l.is_none_or(|t| t.elapsed() >= self.opts.audit_prune_every))
-                .unwrap_or(false);
-            if due {
+            if due(&self.last_prune, self.opts.audit_prune_every) {
                 let before = chrono::Utc::now() - chrono::Duration::from_std(keep)?;
                 report.audit_pruned = self.store.prune_audit_all(before).await?;
-                if let Ok(mut l) = self.last_prune.lock() {
-                    *l = Some(std::time::Instant::now());
-                }
             }
         }
         Ok(report)
+    }
+
+    /// Retention: finished jobs past their tenant's period go, in batches (each a short
+    /// statement over `jobs_tenant_finished`), with their Redis events.
+    async fn prune_jobs(&self) -> anyhow::Result<usize> {
+        let mut total = 0;
+        for _ in 0..self.opts.max_batches {
+            let ids = self
+                .store
+                .prune_finished_jobs(self.opts.job_retention_days as i32, self.opts.batch)
+                .await?;
+            total += ids.len();
+            if let Err(e) = self.queue.forget_jobs(&ids).await {
+                tracing::debug!(error = %e, "pruned jobs' events left to expire");
+            }
+            if (ids.len() as i64) < self.opts.batch {
+                break;
+            }
+        }
+        Ok(total)
+    }
+}
+
+/// Whether a periodic step is due (then it is marked as run now).
+fn due(last: &std::sync::Mutex<Option<std::time::Instant>>, every: Duration) -> bool {
+    let Ok(mut l) = last.lock() else {
+        return false;
+    };
+    if l.is_none_or(|t| t.elapsed() >= every) {
+        *l = Some(std::time::Instant::now());
+        true
+    } else {
+        false
     }
 }

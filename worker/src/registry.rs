@@ -9,7 +9,6 @@ use tokio_util::sync::CancellationToken;
 
 use crate::runtime::Shared;
 
-
 fn info(s: &Shared, started_at: DateTime<Utc>, draining: bool) -> WorkerInfo {
     let busy = |sem: &tokio::sync::Semaphore, n: usize| n.saturating_sub(sem.available_permits());
     let queues = s

@@ -34,7 +34,10 @@ pub async fn list(
 ) -> ApiResult<Json<WorkerList>> {
     let data = state.queue.workers(WORKER_REPORT_TTL).await.map_err(|e| {
         tracing::warn!(error = %e, "redis unavailable");
-        ApiError::new(ErrorCode::Unavailable, "the worker registry is unavailable; retry later")
+        ApiError::new(
+            ErrorCode::Unavailable,
+            "the worker registry is unavailable; retry later",
+        )
     })?;
     Ok(Json(WorkerList { data }))
 }

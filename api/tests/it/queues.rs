@@ -160,3 +160,77 @@ async fn a_fixed_backoff_spaces_the_retries_as_asked(pool: PgPool) {
     assert_eq!(j["backoff"]["type"], "fixed");
     app.stop().await;
 }
+
+/// Retention: finished jobs older than their tenant's period are pruned with their events;
+/// recent ones, and tenants that keep everything, are left alone.
+#[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
+async fn finished_jobs_are_pruned_after_their_tenants_retention(pool: PgPool) {
+    let app = spawn_app_with(
+        pool,
+        Opts {
+            scheduler: false,
+            ..Opts::default()
+        },
+    )
+    .await;
+    let keep_forever = app.store.create_tenant("archive").await.unwrap();
+    assert!(app
+        .store
+        .set_tenant_job_retention("archive", Some(0))
+        .await
+        .unwrap());
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        let id = app.submit_noop(json!({})).await;
+        app.wait_status(id, "succeeded", T).await;
+        ids.push(id);
+    }
+    let (old, recent, forever) = (ids[0], ids[1], ids[2]);
+    let backdate = |id: Uuid, days: i32| {
+        sqlx::query(
+            "UPDATE jobs SET finished_at = finished_at - make_interval(days => $2),
+                created_at = created_at - make_interval(days => $2) WHERE id = $1",
+        )
+        .bind(id)
+        .bind(days)
+        .execute(app.store.pool())
+    };
+    backdate(old, 40).await.unwrap();
+    backdate(recent, 2).await.unwrap();
+    backdate(forever, 400).await.unwrap();
+    sqlx::query("UPDATE jobs SET tenant_id = $2 WHERE id = $1")
+        .bind(forever)
+        .bind(keep_forever.id)
+        .execute(app.store.pool())
+        .await
+        .unwrap();
+    let redis = app.redis().await;
+    let events_exist = |id: Uuid| {
+        let key = app.keys().events(id);
+        let mut r = redis.clone();
+        async move {
+            redis::AsyncCommands::exists::<_, bool>(&mut r, key)
+                .await
+                .unwrap()
+        }
+    };
+    assert!(events_exist(old).await);
+
+    let opts = switchyard_scheduler::SchedulerOptions {
+        job_prune_every: Duration::ZERO,
+        ..app.scheduler_opts()
+    };
+    let sched = switchyard_scheduler::Scheduler::new(app.store.clone(), app.queue().await, opts);
+    let report = sched.pass().await.unwrap();
+    assert_eq!(report.jobs_pruned, 1, "{report:?}");
+    let r = app
+        .auth(app.http.get(app.url(&format!("/v1/jobs/{old}"))))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    assert!(!events_exist(old).await, "its events went with it");
+    assert_eq!(app.get_job(recent).await["status"], "succeeded");
+    assert!(app.store.get_job_unscoped(forever).await.unwrap().is_some());
+    app.stop().await;
+}

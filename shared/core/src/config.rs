@@ -46,6 +46,9 @@ pub struct Config {
     pub auth_failures_per_minute: u32,
     /// Audit rows older than this many days are pruned by the scheduler (0: kept forever).
     pub audit_retention_days: u64,
+    /// Finished jobs (and their events) are pruned this many days after they ended, unless
+    /// the tenant has its own setting (0: kept forever). Usage reports cover this period.
+    pub job_retention_days: u64,
     /// Whether `system.noop` is accepted (on in `dev` and benchmarks).
     pub enable_noop: bool,
     /// How long a finished job's live event stream stays in Redis.
@@ -198,6 +201,7 @@ struct Defaults {
     max_job_body_bytes: usize,
     auth_failures_per_minute: u32,
     audit_retention_days: u64,
+    job_retention_days: u64,
     enable_noop: bool,
     event_ttl_s: u64,
     log_json: bool,
@@ -237,6 +241,7 @@ fn defaults() -> Defaults {
         max_job_body_bytes: 16 * 1024 * 1024,
         auth_failures_per_minute: 30,
         audit_retention_days: 365,
+        job_retention_days: 30,
         enable_noop: false,
         event_ttl_s: 3600,
         log_json: false,

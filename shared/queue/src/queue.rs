@@ -168,6 +168,22 @@ impl Queue {
         }
     }
 
+    /// Drops the events of jobs that were pruned from Postgres.
+    pub async fn forget_jobs(&self, ids: &[Uuid]) -> RedisResult<()> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let mut pipe = redis::pipe();
+        for id in ids {
+            pipe.unlink(self.keys.events(*id))
+                .ignore()
+                .unlink(self.keys.event_meta(*id))
+                .ignore();
+        }
+        let mut c = self.conn.clone();
+        pipe.query_async::<()>(&mut c).await
+    }
+
     /// Records a worker's report (see `GET /v1/workers`).
     pub async fn report_worker(&self, info: &WorkerInfo) -> RedisResult<()> {
         let json = serde_json::to_string(info).unwrap_or_default();

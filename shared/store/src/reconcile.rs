@@ -78,6 +78,42 @@ impl Store {
         Ok(n as i64)
     }
 
+    /// Deletes up to `limit` finished jobs past their tenant's retention (`job_retention_days`,
+    /// else `default_days`; 0 keeps them), oldest first, with their schedule-run rows; returns
+    /// the ids (their Redis events are dropped by the caller). Audit rows stay (their own
+    /// retention).
+    pub async fn prune_finished_jobs(&self, default_days: i32, limit: i64) -> Result<Vec<Uuid>> {
+        Ok(sqlx::query_scalar(
+            "WITH t AS (
+                 SELECT id, COALESCE(job_retention_days, $1) AS days FROM tenants
+                 WHERE COALESCE(job_retention_days, $1) > 0),
+             victims AS (
+                 SELECT j.id FROM t CROSS JOIN LATERAL (
+                     SELECT id FROM jobs
+                     WHERE tenant_id = t.id AND status IN ('succeeded', 'failed', 'cancelled')
+                       AND finished_at < now() - make_interval(days => t.days)
+                     ORDER BY finished_at LIMIT $2) j
+                 LIMIT $2),
+             runs AS (DELETE FROM schedule_runs WHERE job_id IN (SELECT id FROM victims))
+             DELETE FROM jobs WHERE id IN (SELECT id FROM victims) RETURNING id",
+        )
+        .bind(default_days)
+        .bind(limit)
+        .fetch_all(self.pool())
+        .await?)
+    }
+
+    /// Sets (or with `None` clears) a tenant's own job retention in days (0: forever); false
+    /// when there is no such tenant.
+    pub async fn set_tenant_job_retention(&self, name: &str, days: Option<i32>) -> Result<bool> {
+        let r = sqlx::query("UPDATE tenants SET job_retention_days = $2 WHERE name = $1")
+            .bind(name)
+            .bind(days)
+            .execute(self.pool())
+            .await?;
+        Ok(r.rows_affected() == 1)
+    }
+
     /// Age in seconds of the oldest queued job per queue (one index probe per queue).
     pub async fn oldest_queued(&self, queues: &[String]) -> Result<Vec<(String, f64)>> {
         let mut out = Vec::new();
