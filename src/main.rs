@@ -135,6 +135,13 @@ enum AdminCmd {
         /// configured `job_retention_days`.
         #[arg(long, value_name = "DAYS|default")]
         job_retention_days: Option<String>,
+        /// The tenant's webhook: its jobs submitted without a `webhook_url` post their end
+        /// there; `off` removes it.
+        #[arg(long, value_name = "URL|off")]
+        webhook_url: Option<String>,
+        /// `rotate`: a new secret for signing the tenant's webhook deliveries (printed once).
+        #[arg(long, value_name = "rotate")]
+        webhook_secret: Option<String>,
     },
 }
 
@@ -242,6 +249,8 @@ async fn admin(cfg: &Config, cmd: AdminCmd) -> anyhow::Result<()> {
             jwt_hs256,
             quotas,
             job_retention_days,
+            webhook_url,
+            webhook_secret,
         } => {
             anyhow::ensure!(
                 llm_cache.is_some()
@@ -249,11 +258,40 @@ async fn admin(cfg: &Config, cmd: AdminCmd) -> anyhow::Result<()> {
                     || code_limits.is_some()
                     || jwt_hs256.is_some()
                     || quotas.is_some()
-                    || job_retention_days.is_some(),
+                    || job_retention_days.is_some()
+                    || webhook_url.is_some()
+                    || webhook_secret.is_some(),
                 "nothing to set: pass --llm-cache on|off, --models a,b,prefix-*|all, \
                  --code-limits wall_ms=N,cpu_ms=N,memory_mb=N,output_bytes=N|default and/or \
-                 --jwt-hs256 ISSUER|off, --quotas name=N,..|default, --job-retention-days N|default"
+                 --jwt-hs256 ISSUER|off, --quotas name=N,..|default, --job-retention-days N|default, --webhook-url URL|off, --webhook-secret rotate"
             );
+            if let Some(url) = webhook_url {
+                let url = (url != "off").then_some(url);
+                if let Some(u) = &url {
+                    switchyard_core::webhook::check_url(
+                        "--webhook-url",
+                        u,
+                        cfg.webhooks.allow_private,
+                    )
+                    .map_err(|e| anyhow::anyhow!("{}: {}", e.field, e.message))?;
+                }
+                anyhow::ensure!(
+                    store.set_tenant_webhook(&name, url.as_deref()).await?,
+                    "no tenant named {name}"
+                );
+                println!(
+                    "tenant {name}: webhook = {}",
+                    url.as_deref().unwrap_or("off")
+                );
+            }
+            if let Some(what) = webhook_secret {
+                anyhow::ensure!(what == "rotate", "--webhook-secret takes `rotate`");
+                let secret = store
+                    .rotate_webhook_secret(&name)
+                    .await?
+                    .ok_or_else(|| anyhow::anyhow!("no tenant named {name}"))?;
+                println!("tenant {name}: webhook signing secret (shown once): {secret}");
+            }
             if let Some(spec) = job_retention_days {
                 let days = match spec.as_str() {
                     "default" => None,

@@ -202,6 +202,7 @@ pub async fn run_scheduler(cfg: &Config, stop: CancellationToken) -> anyhow::Res
         audit_retention: (cfg.audit_retention_days > 0)
             .then(|| std::time::Duration::from_secs(cfg.audit_retention_days * 24 * 3600)),
         job_retention_days: cfg.job_retention_days.min(i32::MAX as u64) as u32,
+        webhooks: Some(cfg.webhooks.clone()),
         ..SchedulerOptions::default()
     };
     Scheduler::new(store, queue, opts).run(stop).await;

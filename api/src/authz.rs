@@ -41,6 +41,7 @@ pub const ROUTES: &[(&str, &str, Access)] = {
         ("POST", "/v1/jobs/{id}/cancel", Needs(JobsWrite)),
         ("POST", "/v1/jobs/{id}/retry", Needs(JobsWrite)),
         ("GET", "/v1/jobs/{id}/events", Needs(JobsRead)),
+        ("GET", "/v1/jobs/{id}/deliveries", Needs(JobsRead)),
         ("GET", "/v1/ws", Needs(JobsRead)),
         ("POST", "/v1/conversations", Needs(ConversationsWrite)),
         ("GET", "/v1/conversations", Needs(ConversationsRead)),

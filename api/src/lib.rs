@@ -46,6 +46,8 @@ pub struct ApiConfig {
     /// SHA-256 of the operator token (`None`: operator routes closed).
     pub operator_digest: Option<[u8; 32]>,
     pub enable_noop: bool,
+    /// Webhook URLs may name private addresses (`webhooks.allow_private`).
+    pub webhooks_allow_private: bool,
 }
 
 /// Everything handlers need; cheap to clone (one `Arc`).
@@ -147,6 +149,7 @@ impl AppState {
                     switchyard_core::apikey::digest(secrecy::ExposeSecret::expose_secret(t))
                 }),
                 enable_noop: cfg.enable_noop,
+                webhooks_allow_private: cfg.webhooks.allow_private,
             }),
             metrics: Arc::new(Metrics::new()),
             auth_cache: Arc::new(AuthCache::new(cfg.jwt.clone())),
@@ -180,8 +183,8 @@ async fn method_not_allowed() -> ApiError {
 /// The router with all routes and layers.
 pub fn router(state: AppState) -> Router {
     use routes::{
-        api_keys, audit, conversations, dead, health, job_batch, jobs, models, quotas, schedules,
-        stream, tenants, usage, workers,
+        api_keys, audit, conversations, dead, deliveries, health, job_batch, jobs, models, quotas,
+        schedules, stream, tenants, usage, workers,
     };
     let max_body = state.cfg.max_body_bytes;
     let max_job_body = state.cfg.max_job_body_bytes;
@@ -201,6 +204,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/jobs/{id}/cancel", post(jobs::cancel_job))
         .route("/v1/jobs/{id}/retry", post(dead::retry_job))
         .route("/v1/jobs/{id}/events", get(stream::sse))
+        .route("/v1/jobs/{id}/deliveries", get(deliveries::list))
         .route("/v1/ws", get(stream::ws))
         .route(
             "/v1/conversations",

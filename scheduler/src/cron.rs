@@ -38,6 +38,7 @@ pub fn job_for(s: &ScheduleRow, now: DateTime<Utc>) -> Option<NewJob> {
         created_at: now,
         run_at: None,
         backoff: req.backoff,
+        webhook_url: req.webhook_url,
     })
 }
 

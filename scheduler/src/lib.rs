@@ -8,6 +8,7 @@
 //! driven by indexes, so a pass never rescans the whole backlog.
 
 pub mod cron;
+pub mod webhooks;
 
 use std::time::Duration;
 
@@ -36,6 +37,8 @@ pub struct SchedulerOptions {
     pub job_retention_days: u32,
     /// How often finished jobs past retention are pruned.
     pub job_prune_every: Duration,
+    /// Webhook deliveries (`None`: this scheduler delivers none).
+    pub webhooks: Option<switchyard_core::webhook::WebhookConfig>,
 }
 
 impl Default for SchedulerOptions {
@@ -50,6 +53,7 @@ impl Default for SchedulerOptions {
             audit_prune_every: Duration::from_secs(3600),
             job_retention_days: 30,
             job_prune_every: Duration::from_secs(60),
+            webhooks: Some(Default::default()),
         }
     }
 }
@@ -86,8 +90,23 @@ impl Scheduler {
         }
     }
 
-    /// Runs passes until `stop`; errors (Redis or Postgres down) are logged and retried.
+    /// Runs passes (and webhook deliveries) until `stop`; errors (Redis or Postgres down) are
+    /// logged and retried.
     pub async fn run(self, stop: CancellationToken) {
+        let deliverer = self.opts.webhooks.clone().and_then(|cfg| {
+            webhooks::Deliverer::new(self.store.clone(), cfg)
+                .map_err(|e| tracing::error!(error = %e, "webhooks disabled"))
+                .ok()
+        });
+        let deliveries = async {
+            if let Some(d) = deliverer {
+                d.run(stop.clone()).await;
+            }
+        };
+        tokio::join!(self.reconcile(stop.clone()), deliveries);
+    }
+
+    async fn reconcile(&self, stop: CancellationToken) {
         tracing::info!("scheduler started");
         let mut failures = 0u32;
         loop {

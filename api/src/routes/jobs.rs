@@ -88,6 +88,7 @@ pub fn llm_chat_job(
         created_at: Utc::now(),
         run_at: None,
         backoff: None,
+        webhook_url: None,
     }
 }
 
@@ -110,6 +111,9 @@ pub fn validate_job(
 ) -> Result<ValidJobRequest, FieldError> {
     let enable_noop = state.cfg.enable_noop;
     let mut req = CreateJobRequest::parse(value, |k| k != JobKind::SystemNoop || enable_noop)?;
+    if let Some(u) = &req.webhook_url {
+        switchyard_core::webhook::check_url("webhook_url", u, state.cfg.webhooks_allow_private)?;
+    }
     if req.kind == JobKind::LlmChat {
         if req.input.get("conversation").is_some_and(|c| !c.is_null()) {
             return Err(FieldError {
@@ -158,6 +162,7 @@ pub async fn build_job(
         created_at: Utc::now(),
         run_at: req.run_at,
         backoff: req.backoff,
+        webhook_url: req.webhook_url,
     })
 }
 

@@ -4,6 +4,7 @@ pub mod api_keys;
 pub mod audit;
 pub mod conversations;
 pub mod dead;
+pub mod deliveries;
 pub mod health;
 pub mod job_batch;
 pub mod jobs;

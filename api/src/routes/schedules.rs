@@ -55,6 +55,9 @@ fn template(req: &ValidJobRequest) -> Value {
     if let Some(b) = &req.backoff {
         t["backoff"] = json!(b);
     }
+    if let Some(u) = &req.webhook_url {
+        t["webhook_url"] = json!(u);
+    }
     t
 }
 

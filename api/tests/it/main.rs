@@ -24,3 +24,4 @@ mod support;
 mod tenancy;
 mod tenants;
 mod usage;
+mod webhooks;

@@ -116,6 +116,7 @@ pub fn new_job(tenant: Uuid) -> switchyard_store::NewJob {
         created_at: chrono::Utc::now(),
         run_at: None,
         backoff: None,
+        webhook_url: None,
     }
 }
 
@@ -310,6 +311,7 @@ impl TestApp {
             interval: Duration::from_millis(200),
             undispatched_min_age: Duration::from_millis(500),
             lease: self.opts.lease,
+            webhooks: Some(self.cfg.webhooks.clone()),
             ..SchedulerOptions::default()
         }
     }

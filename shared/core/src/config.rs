@@ -70,6 +70,9 @@ pub struct Config {
     /// Tenant quotas and per-credential rates (`[quotas]`).
     #[serde(default)]
     pub quotas: crate::quota::QuotaConfig,
+    /// Webhook deliveries (`[webhooks]`).
+    #[serde(default)]
+    pub webhooks: crate::webhook::WebhookConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -177,6 +177,9 @@ pub struct Job {
     /// The job's own retry backoff, when it set one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub backoff: Option<crate::queueing::Backoff>,
+    /// Where the job's end is posted (its own webhook, or its tenant's at submission).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub webhook_url: Option<String>,
     #[schema(value_type = Object)]
     pub input: Value,
     #[schema(value_type = Option<Object>)]
@@ -260,6 +263,8 @@ pub struct CreateJobRequest {
     pub queue: Option<String>,
     /// Wait between attempts after a retryable failure (default: 1 s doubling to 60 s, jittered).
     pub backoff: Option<crate::queueing::Backoff>,
+    /// Receives a signed POST when the job ends (default: the tenant's webhook, if any).
+    pub webhook_url: Option<String>,
 }
 
 /// Farthest a job may be scheduled ahead.
@@ -282,6 +287,8 @@ pub struct ValidJobRequest {
     /// The job's queue (its kind's, or the named one).
     pub queue: String,
     pub backoff: Option<crate::queueing::Backoff>,
+    /// Checked for form by the caller (it knows whether private addresses are allowed).
+    pub webhook_url: Option<String>,
 }
 
 impl CreateJobRequest {
@@ -361,6 +368,7 @@ impl CreateJobRequest {
             metadata,
             queue,
             backoff: req.backoff,
+            webhook_url: req.webhook_url,
         })
     }
 }

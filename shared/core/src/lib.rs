@@ -16,6 +16,7 @@ pub mod queueing;
 pub mod quota;
 pub mod schedule;
 pub mod telemetry;
+pub mod webhook;
 
 pub use error::{ErrorCode, FieldError};
 pub use event::Event;

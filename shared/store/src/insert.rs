@@ -25,6 +25,7 @@ pub(crate) async fn insert_jobs_with<'e, E: sqlx::PgExecutor<'e>>(
     let mut created = Vec::with_capacity(jobs.len());
     let mut run_at = Vec::with_capacity(jobs.len());
     let mut backoff: Vec<Option<serde_json::Value>> = Vec::with_capacity(jobs.len());
+    let mut webhooks: Vec<Option<String>> = Vec::with_capacity(jobs.len());
     for j in jobs {
         ids.push(j.id);
         tenants.push(j.tenant_id);
@@ -44,17 +45,21 @@ pub(crate) async fn insert_jobs_with<'e, E: sqlx::PgExecutor<'e>>(
                 .as_ref()
                 .and_then(|b| serde_json::to_value(b).ok()),
         );
+        webhooks.push(j.webhook_url.clone());
     }
     sqlx::query(
         "INSERT INTO jobs (id, tenant_id, created_by, kind, queue, priority, status, max_attempts,
-            timeout_s, input, metadata, trace_parent, created_at, event_seq, run_at, backoff)
-         SELECT id, tenant_id, created_by, kind, queue, priority, 'queued', max_attempts,
-            timeout_s, input, metadata, trace_parent, created_at, 1, run_at, backoff
+            timeout_s, input, metadata, trace_parent, created_at, event_seq, run_at, backoff,
+            webhook_url)
+         SELECT t.id, t.tenant_id, t.created_by, t.kind, t.queue, t.priority, 'queued',
+            t.max_attempts, t.timeout_s, t.input, t.metadata, t.trace_parent, t.created_at, 1,
+            t.run_at, t.backoff, COALESCE(t.webhook_url, tn.webhook_url)
          FROM UNNEST($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::text[], $6::int2[],
             $7::int4[], $8::int4[], $9::jsonb[], $10::jsonb[], $11::text[], $12::timestamptz[],
-            $13::timestamptz[], $14::jsonb[])
+            $13::timestamptz[], $14::jsonb[], $15::text[])
          AS t(id, tenant_id, created_by, kind, queue, priority, max_attempts, timeout_s, input,
-            metadata, trace_parent, created_at, run_at, backoff)",
+            metadata, trace_parent, created_at, run_at, backoff, webhook_url)
+         LEFT JOIN tenants tn ON tn.id = t.tenant_id",
     )
     .bind(&ids)
     .bind(&tenants)
@@ -70,6 +75,7 @@ pub(crate) async fn insert_jobs_with<'e, E: sqlx::PgExecutor<'e>>(
     .bind(&created)
     .bind(&run_at)
     .bind(&backoff)
+    .bind(&webhooks)
     .execute(db)
     .await?;
     Ok(())

@@ -15,7 +15,7 @@ use crate::{Result, Scope, Store};
 pub(crate) const JOB_COLUMNS: &str = "id, tenant_id, created_by, kind, queue, priority, status, attempt, \
     max_attempts, timeout_s, input, output, error, metadata, trace_parent, created_at, started_at, \
     finished_at, run_at, lease_owner, lease_expires_at, cancel_requested_at, dispatch_epoch, event_seq, \
-    backoff";
+    backoff, webhook_url";
 
 /// A job row as stored.
 #[derive(Debug, Clone, sqlx::FromRow)]
@@ -45,6 +45,7 @@ pub struct JobRow {
     pub dispatch_epoch: i64,
     pub event_seq: i64,
     pub backoff: Option<Value>,
+    pub webhook_url: Option<String>,
 }
 
 impl JobRow {
@@ -71,6 +72,7 @@ impl JobRow {
             attempt: self.attempt,
             max_attempts: self.max_attempts,
             backoff: self.backoff(),
+            webhook_url: self.webhook_url.clone(),
             input: self.input.clone(),
             output: self.output.clone(),
             error: self.job_error(),
@@ -117,6 +119,8 @@ pub struct NewJob {
     /// Not before this time (a delayed job stays `queued` until then).
     pub run_at: Option<DateTime<Utc>>,
     pub backoff: Option<Backoff>,
+    /// The job's own webhook (the tenant's, if any, is filled in by the insert).
+    pub webhook_url: Option<String>,
 }
 
 impl NewJob {
@@ -133,6 +137,7 @@ impl NewJob {
             attempt: 0,
             max_attempts: self.max_attempts,
             backoff: self.backoff.clone(),
+            webhook_url: self.webhook_url.clone(),
             input: self.input.clone(),
             output: None,
             error: None,

@@ -14,6 +14,7 @@ mod schedules;
 mod scope;
 mod tenants;
 mod usage;
+mod webhooks;
 
 pub use audit::*;
 pub use conversations::*;
@@ -25,6 +26,7 @@ pub use schedules::*;
 pub use scope::Scope;
 pub use tenants::*;
 pub use usage::*;
+pub use webhooks::*;
 
 use std::time::Duration;
 

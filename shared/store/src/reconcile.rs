@@ -94,7 +94,8 @@ impl Store {
                        AND finished_at < now() - make_interval(days => t.days)
                      ORDER BY finished_at LIMIT $2) j
                  LIMIT $2),
-             runs AS (DELETE FROM schedule_runs WHERE job_id IN (SELECT id FROM victims))
+             runs AS (DELETE FROM schedule_runs WHERE job_id IN (SELECT id FROM victims)),
+             hooks AS (DELETE FROM webhook_deliveries WHERE job_id IN (SELECT id FROM victims))
              DELETE FROM jobs WHERE id IN (SELECT id FROM victims) RETURNING id",
         )
         .bind(default_days)

@@ -1,0 +1,186 @@
+//! Webhooks: a signed POST when a job ends (HMAC-SHA256 over timestamp and body with the
+//! tenant's secret), retries with backoff until the receiver accepts, deliveries listed per
+//! job, the tenant's default webhook, and private addresses refused at submission and at
+//! connect time.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::http::{HeaderMap, StatusCode};
+use serde_json::{json, Value};
+use sqlx::PgPool;
+use uuid::Uuid;
+
+use crate::support::{spawn_app_with, Opts, TestApp};
+
+const T: Duration = Duration::from_secs(30);
+
+#[derive(Clone, Default)]
+struct Receiver {
+    got: Arc<Mutex<Vec<(HeaderMap, Bytes)>>>,
+    /// Answers 500 to this many requests first.
+    fail_first: Arc<Mutex<usize>>,
+}
+
+/// A webhook receiver on a free loopback port; returns its base URL.
+async fn receiver(fail_first: usize) -> (String, Receiver) {
+    let r = Receiver::default();
+    *r.fail_first.lock().unwrap() = fail_first;
+    let state = r.clone();
+    let app = axum::Router::new().route(
+        "/hook",
+        axum::routing::post(move |headers: HeaderMap, body: Bytes| {
+            let state = state.clone();
+            async move {
+                state.got.lock().unwrap().push((headers, body));
+                let mut fail = state.fail_first.lock().unwrap();
+                if *fail > 0 {
+                    *fail -= 1;
+                    StatusCode::INTERNAL_SERVER_ERROR
+                } else {
+                    StatusCode::OK
+                }
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (format!("127.0.0.1:{port}"), r)
+}
+
+fn opts(allow_private: bool) -> Opts {
+    Opts {
+        configure: Some(Arc::new(move |cfg| {
+            cfg.webhooks.allow_private = allow_private;
+            cfg.webhooks.retry_base_ms = 100;
+            cfg.webhooks.max_attempts = 4;
+        })),
+        ..Opts::default()
+    }
+}
+
+async fn deliveries(app: &TestApp, id: Uuid, until: impl Fn(&Value) -> bool) -> Value {
+    let mut v = Value::Null;
+    for _ in 0..300 {
+        v = app.get_json(&format!("/v1/jobs/{id}/deliveries")).await;
+        if until(&v) {
+            return v;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("deliveries never got there: {v}");
+}
+
+#[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
+async fn a_finished_job_posts_a_signed_webhook(pool: PgPool) {
+    let app = spawn_app_with(pool, opts(true)).await;
+    let (addr, rx) = receiver(0).await;
+    let url = format!("http://{addr}/hook");
+    let job = app
+        .submit(json!({"kind": "system.noop", "input": {}, "webhook_url": url}))
+        .await;
+    assert_eq!(job["webhook_url"], url.as_str());
+    let id: Uuid = job["id"].as_str().unwrap().parse().unwrap();
+    app.wait_status(id, "succeeded", T).await;
+    let d = deliveries(&app, id, |v| v["data"][0]["state"] == "delivered").await;
+    let d0 = &d["data"][0];
+    assert_eq!(d0["event"], "job.succeeded");
+    assert_eq!(d0["attempts"], 1);
+    assert_eq!(d0["last_status"], 200);
+
+    let got = rx.got.lock().unwrap().clone();
+    assert_eq!(got.len(), 1);
+    let (headers, body) = &got[0];
+    let sig = headers["switchyard-signature"].to_str().unwrap();
+    let (t, _) = sig
+        .strip_prefix("t=")
+        .and_then(|s| s.split_once(",v1="))
+        .unwrap();
+    let t: i64 = t.parse().unwrap();
+    assert!(
+        (chrono::Utc::now().timestamp() - t).abs() < 60,
+        "fresh timestamp"
+    );
+    let secret = app.store.webhook_secret(app.tenant).await.unwrap().unwrap();
+    assert_eq!(sig, switchyard_core::webhook::sign(&secret, t, body));
+    assert_ne!(sig, switchyard_core::webhook::sign("wrong", t, body));
+    let v: Value = serde_json::from_slice(body).unwrap();
+    assert_eq!(v["type"], "job.succeeded");
+    assert_eq!(v["id"], d0["id"]);
+    assert_eq!(v["data"]["job"]["id"], json!(id));
+    assert_eq!(v["data"]["job"]["status"], "succeeded");
+    assert_eq!(headers["switchyard-event"], "job.succeeded");
+    app.stop().await;
+}
+
+#[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
+async fn failed_deliveries_are_retried_and_the_tenants_webhook_is_the_default(pool: PgPool) {
+    let app = spawn_app_with(pool, opts(true)).await;
+    let (addr, rx) = receiver(2).await;
+    let url = format!("http://{addr}/hook");
+    assert!(app
+        .store
+        .set_tenant_webhook("acme", Some(&url))
+        .await
+        .unwrap());
+    let id = app.submit_noop(json!({"fail_fatal": true})).await;
+    app.wait_status(id, "failed", T).await;
+    assert_eq!(app.get_job(id).await["webhook_url"], url.as_str());
+    let d = deliveries(&app, id, |v| v["data"][0]["state"] == "delivered").await;
+    let d0 = &d["data"][0];
+    assert_eq!(d0["event"], "job.failed");
+    assert_eq!(d0["attempts"], 3, "{d}");
+    let statuses: Vec<Value> = d0["log"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["status"].clone())
+        .collect();
+    assert_eq!(statuses, [json!(500), json!(500), json!(200)]);
+    assert_eq!(rx.got.lock().unwrap().len(), 3);
+    app.stop().await;
+}
+
+#[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
+async fn private_addresses_are_refused_at_submission_and_at_connect_time(pool: PgPool) {
+    let app = spawn_app_with(pool, opts(false)).await;
+    let (addr, rx) = receiver(0).await;
+    for bad in [
+        format!("http://{addr}/hook"),
+        "http://169.254.169.254/latest/meta-data".to_string(),
+        "http://[::1]/x".to_string(),
+        "ftp://example.com/x".to_string(),
+    ] {
+        let r = app
+            .auth(app.http.post(app.url("/v1/jobs")))
+            .json(&json!({"kind": "system.noop", "input": {}, "webhook_url": bad}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 422, "{bad}");
+        let v: Value = r.json().await.unwrap();
+        assert_eq!(v["error"]["field"], "webhook_url", "{bad}: {v}");
+    }
+    // a name is accepted, but it resolves to loopback: refused when connecting, never sent
+    let port = addr.rsplit(':').next().unwrap();
+    let job = app
+        .submit(json!({"kind": "system.noop", "input": {},
+                       "webhook_url": format!("http://localhost:{port}/hook")}))
+        .await;
+    let id: Uuid = job["id"].as_str().unwrap().parse().unwrap();
+    app.wait_status(id, "succeeded", T).await;
+    let d = deliveries(&app, id, |v| v["data"][0]["state"] == "failed").await;
+    let d0 = &d["data"][0];
+    assert_eq!(d0["attempts"], 4, "{d}");
+    assert!(
+        d0["last_error"].as_str().unwrap().contains("refused"),
+        "{d}"
+    );
+    assert!(
+        rx.got.lock().unwrap().is_empty(),
+        "nothing reached the receiver"
+    );
+    app.stop().await;
+}

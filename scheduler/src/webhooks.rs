@@ -1,0 +1,197 @@
+//! Webhook delivery: claims due deliveries, POSTs the signed job end to each URL (no
+//! redirects; every resolved address checked at connect time, so a name that rebinds to a
+//! private address is refused), and retries with exponential backoff and jitter.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use futures::StreamExt;
+use rand::Rng;
+use reqwest::dns::{Addrs, Name, Resolve, Resolving};
+use serde_json::json;
+use switchyard_core::webhook::{is_public, sign, WebhookConfig, SIGNATURE_HEADER};
+use switchyard_store::{DeliveryOutcome, DeliveryTask, Store};
+use tokio_util::sync::CancellationToken;
+
+/// Deliveries claimed per round.
+const BATCH: i64 = 64;
+/// Idle wait between rounds.
+const IDLE: Duration = Duration::from_millis(500);
+
+/// Resolves names like the system does, then keeps only addresses a delivery may reach.
+struct GuardedResolver {
+    allow_private: bool,
+}
+
+impl Resolve for GuardedResolver {
+    fn resolve(&self, name: Name) -> Resolving {
+        let allow = self.allow_private;
+        Box::pin(async move {
+            let host = name.as_str().to_string();
+            let all: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
+            let ok: Vec<SocketAddr> = all
+                .into_iter()
+                .filter(|a| allow || is_public(a.ip()))
+                .collect();
+            if ok.is_empty() {
+                return Err(format!(
+                    "refused: {host} resolves only to private, loopback or link-local addresses"
+                )
+                .into());
+            }
+            let addrs: Addrs = Box::new(ok.into_iter());
+            Ok(addrs)
+        })
+    }
+}
+
+pub struct Deliverer {
+    store: Store,
+    cfg: WebhookConfig,
+    http: reqwest::Client,
+}
+
+impl Deliverer {
+    pub fn new(store: Store, cfg: WebhookConfig) -> anyhow::Result<Deliverer> {
+        let http = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .timeout(Duration::from_secs(cfg.timeout_s.max(1)))
+            .connect_timeout(Duration::from_secs(cfg.timeout_s.clamp(1, 10)))
+            .user_agent(concat!("switchyard-webhooks/", env!("CARGO_PKG_VERSION")))
+            .dns_resolver(Arc::new(GuardedResolver {
+                allow_private: cfg.allow_private,
+            }))
+            .build()?;
+        Ok(Deliverer { store, cfg, http })
+    }
+
+    /// Delivers until `stop`; Postgres trouble is logged and retried.
+    pub async fn run(self, stop: CancellationToken) {
+        loop {
+            let n = match self.round().await {
+                Ok(n) => n,
+                Err(e) => {
+                    tracing::warn!(error = %e, "webhook round failed; retrying");
+                    0
+                }
+            };
+            if n == 0 {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(IDLE) => {}
+                }
+            } else if stop.is_cancelled() {
+                return;
+            }
+        }
+    }
+
+    /// One round: claims due deliveries and attempts them concurrently; returns how many.
+    pub async fn round(&self) -> anyhow::Result<usize> {
+        let lease = (self.cfg.timeout_s as f64 * 2.0).max(5.0);
+        let tasks = self.store.claim_deliveries(BATCH, lease).await?;
+        let n = tasks.len();
+        futures::stream::iter(tasks)
+            .for_each_concurrent(self.cfg.concurrency.max(1), |t| async move {
+                self.attempt(t).await;
+            })
+            .await;
+        Ok(n)
+    }
+
+    async fn attempt(&self, t: DeliveryTask) {
+        let started = Instant::now();
+        let (status, error) = match self.send(&t).await {
+            Ok(s) => (
+                Some(s as i32),
+                (!(200..300).contains(&s)).then(|| format!("HTTP {s}")),
+            ),
+            Err(e) => (None, Some(e)),
+        };
+        let delivered = error.is_none();
+        let gone = t.job.is_none() || t.secret.is_none();
+        let outcome = if delivered {
+            DeliveryOutcome::Delivered
+        } else if gone || t.attempt >= self.cfg.max_attempts as i32 {
+            DeliveryOutcome::GiveUp
+        } else {
+            let wait = self.backoff(t.attempt);
+            DeliveryOutcome::Retry {
+                at: Utc::now() + chrono::Duration::from_std(wait).unwrap_or_default(),
+            }
+        };
+        let entry = json!({
+            "attempt": t.attempt,
+            "at": Utc::now(),
+            "status": status,
+            "error": error,
+            "duration_ms": started.elapsed().as_millis() as u64,
+        });
+        if let Err(e) = self
+            .store
+            .record_delivery(t.id, status, error.as_deref(), &entry, &outcome)
+            .await
+        {
+            // the claim's lease runs out and the delivery is tried again
+            tracing::warn!(error = %e, delivery = %t.id, "could not record a webhook attempt");
+        }
+    }
+
+    /// Sends one attempt: the HTTP status, or why there was none.
+    async fn send(&self, t: &DeliveryTask) -> Result<u16, String> {
+        let (Some(job), Some(secret)) = (&t.job, &t.secret) else {
+            return Err("the job no longer exists".into());
+        };
+        let url = reqwest::Url::parse(&t.url).map_err(|e| format!("invalid URL: {e}"))?;
+        // an IP-literal host is never resolved: check it here
+        let literal = match url.host() {
+            Some(url::Host::Ipv4(ip)) => Some(IpAddr::V4(ip)),
+            Some(url::Host::Ipv6(ip)) => Some(IpAddr::V6(ip)),
+            _ => None,
+        };
+        if literal.is_some_and(|ip| !self.cfg.allow_private && !is_public(ip)) {
+            return Err("refused: a private, loopback or link-local address".into());
+        }
+        let body = serde_json::to_vec(&json!({
+            "id": t.id,
+            "type": t.event,
+            "created_at": t.created_at,
+            "data": { "job": job.to_job() },
+        }))
+        .map_err(|e| e.to_string())?;
+        let now = Utc::now().timestamp();
+        let r = self
+            .http
+            .post(url)
+            .header("content-type", "application/json")
+            .header(SIGNATURE_HEADER, sign(secret, now, &body))
+            .header("switchyard-delivery", t.id.to_string())
+            .header("switchyard-event", &t.event)
+            .body(body)
+            .send()
+            .await
+            .map_err(|e| describe(&e))?;
+        Ok(r.status().as_u16())
+    }
+
+    fn backoff(&self, attempt: i32) -> Duration {
+        let base = Duration::from_millis(self.cfg.retry_base_ms.max(1));
+        let exp = base.saturating_mul(1u32 << (attempt.clamp(1, 20) - 1));
+        let capped = exp.min(Duration::from_secs(self.cfg.retry_max_s.max(1)));
+        capped.mul_f64(rand::thread_rng().gen_range(0.8..1.2))
+    }
+}
+
+/// The error with its causes (a refused resolution says so).
+fn describe(e: &reqwest::Error) -> String {
+    let mut out = e.to_string();
+    let mut src = std::error::Error::source(e);
+    while let Some(s) = src {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        src = s.source();
+    }
+    out
+}

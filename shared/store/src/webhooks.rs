@@ -1,0 +1,209 @@
+//! Webhook deliveries: rows written by the `jobs_webhook` trigger when a job with a webhook
+//! ends, claimed by schedulers with `SKIP LOCKED` (a claim pushes `next_attempt_at` out as a
+//! lease), and their outcomes; tenants' webhook URL and signing secret.
+
+use chrono::{DateTime, Utc};
+use rand::RngCore;
+use serde_json::Value;
+use switchyard_core::webhook::WebhookDelivery;
+use uuid::Uuid;
+
+use crate::jobs::JOB_COLUMNS;
+use crate::{JobRow, Result, Scope, Store};
+
+/// A delivery to attempt now.
+#[derive(Debug, Clone)]
+pub struct DeliveryTask {
+    pub id: Uuid,
+    pub tenant_id: Uuid,
+    pub job_id: Uuid,
+    pub url: String,
+    pub event: String,
+    /// This attempt's number (1 = the first).
+    pub attempt: i32,
+    pub created_at: DateTime<Utc>,
+    pub job: Option<JobRow>,
+    pub secret: Option<String>,
+}
+
+/// How an attempt ended.
+#[derive(Debug, Clone)]
+pub enum DeliveryOutcome {
+    Delivered,
+    Retry { at: DateTime<Utc> },
+    GiveUp,
+}
+
+type DeliveryRow = (
+    Uuid,
+    String,
+    String,
+    String,
+    i32,
+    Option<i32>,
+    Option<String>,
+    DateTime<Utc>,
+    DateTime<Utc>,
+    Option<DateTime<Utc>>,
+    Value,
+);
+
+impl Store {
+    /// Claims up to `limit` due deliveries (another scheduler sees them again only after
+    /// `lease_s`, should this one die mid-attempt).
+    pub async fn claim_deliveries(&self, limit: i64, lease_s: f64) -> Result<Vec<DeliveryTask>> {
+        let rows: Vec<(Uuid, Uuid, Uuid, String, String, i32, DateTime<Utc>)> = sqlx::query_as(
+            "WITH due AS (
+                 SELECT id FROM webhook_deliveries
+                 WHERE state = 'pending' AND next_attempt_at <= now()
+                 ORDER BY next_attempt_at LIMIT $1 FOR UPDATE SKIP LOCKED)
+             UPDATE webhook_deliveries d SET attempts = d.attempts + 1,
+                 next_attempt_at = now() + make_interval(secs => $2)
+             FROM due WHERE d.id = due.id
+             RETURNING d.id, d.tenant_id, d.job_id, d.url, d.event, d.attempts, d.created_at",
+        )
+        .bind(limit)
+        .bind(lease_s)
+        .fetch_all(self.pool())
+        .await?;
+        if rows.is_empty() {
+            return Ok(Vec::new());
+        }
+        let job_ids: Vec<Uuid> = rows.iter().map(|r| r.2).collect();
+        let tenant_ids: Vec<Uuid> = rows.iter().map(|r| r.1).collect();
+        let jobs = sqlx::query_as::<_, JobRow>(&format!(
+            "SELECT {JOB_COLUMNS} FROM jobs WHERE id = ANY($1)"
+        ))
+        .bind(&job_ids)
+        .fetch_all(self.pool())
+        .await?;
+        let secrets: Vec<(Uuid, String)> =
+            sqlx::query_as("SELECT id, webhook_secret FROM tenants WHERE id = ANY($1)")
+                .bind(&tenant_ids)
+                .fetch_all(self.pool())
+                .await?;
+        Ok(rows
+            .into_iter()
+            .map(
+                |(id, tenant_id, job_id, url, event, attempt, created_at)| DeliveryTask {
+                    id,
+                    tenant_id,
+                    job_id,
+                    url,
+                    event,
+                    attempt,
+                    created_at,
+                    job: jobs.iter().find(|j| j.id == job_id).cloned(),
+                    secret: secrets
+                        .iter()
+                        .find(|(t, _)| *t == tenant_id)
+                        .map(|(_, s)| s.clone()),
+                },
+            )
+            .collect())
+    }
+
+    /// Records one attempt (`status` and/or `error`, appended to the log) and what follows.
+    pub async fn record_delivery(
+        &self,
+        id: Uuid,
+        status: Option<i32>,
+        error: Option<&str>,
+        entry: &Value,
+        outcome: &DeliveryOutcome,
+    ) -> Result<()> {
+        let (state, next) = match outcome {
+            DeliveryOutcome::Delivered => ("delivered", None),
+            DeliveryOutcome::Retry { at } => ("pending", Some(*at)),
+            DeliveryOutcome::GiveUp => ("failed", None),
+        };
+        sqlx::query(
+            "UPDATE webhook_deliveries SET state = $2, last_status = $3, last_error = $4,
+                 log = log || jsonb_build_array($5::jsonb),
+                 next_attempt_at = COALESCE($6, next_attempt_at),
+                 delivered_at = CASE WHEN $2 = 'delivered' THEN now() END
+             WHERE id = $1",
+        )
+        .bind(id)
+        .bind(state)
+        .bind(status)
+        .bind(error)
+        .bind(entry)
+        .bind(next)
+        .execute(self.pool())
+        .await?;
+        Ok(())
+    }
+
+    /// The deliveries of a job in the scope, oldest first.
+    pub async fn list_deliveries(
+        &self,
+        scope: impl Into<Scope>,
+        job_id: Uuid,
+    ) -> Result<Vec<WebhookDelivery>> {
+        let scope = scope.into();
+        let mut tx = self.tenant_tx(scope.tenant_id).await?;
+        let rows: Vec<DeliveryRow> = sqlx::query_as(
+            "SELECT id, url, event, state, attempts, last_status, last_error, next_attempt_at,
+                 created_at, delivered_at, log
+             FROM webhook_deliveries WHERE job_id = $1 AND tenant_id = $2
+             ORDER BY created_at, id",
+        )
+        .bind(job_id)
+        .bind(scope.tenant_id)
+        .fetch_all(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(rows
+            .into_iter()
+            .map(|r| WebhookDelivery {
+                id: r.0,
+                url: r.1,
+                event: r.2,
+                next_attempt_at: (r.3 == "pending").then_some(r.7),
+                state: r.3,
+                attempts: r.4,
+                last_status: r.5,
+                last_error: r.6,
+                created_at: r.8,
+                delivered_at: r.9,
+                log: r.10,
+            })
+            .collect())
+    }
+
+    /// Sets (or with `None` removes) a tenant's webhook, used by its jobs submitted from now
+    /// on that name none; false when there is no such tenant.
+    pub async fn set_tenant_webhook(&self, name: &str, url: Option<&str>) -> Result<bool> {
+        let r = sqlx::query("UPDATE tenants SET webhook_url = $2 WHERE name = $1")
+            .bind(name)
+            .bind(url)
+            .execute(self.pool())
+            .await?;
+        Ok(r.rows_affected() == 1)
+    }
+
+    /// A new signing secret for the tenant's deliveries (returned once); `None` when there is
+    /// no such tenant.
+    pub async fn rotate_webhook_secret(&self, name: &str) -> Result<Option<String>> {
+        let mut bytes = [0u8; 32];
+        rand::thread_rng().fill_bytes(&mut bytes);
+        let secret = format!("whsec_{}", hex::encode(bytes));
+        let r = sqlx::query("UPDATE tenants SET webhook_secret = $2 WHERE name = $1")
+            .bind(name)
+            .bind(&secret)
+            .execute(self.pool())
+            .await?;
+        Ok((r.rows_affected() == 1).then_some(secret))
+    }
+
+    /// The tenant's signing secret (for tests and the admin CLI).
+    pub async fn webhook_secret(&self, tenant_id: Uuid) -> Result<Option<String>> {
+        Ok(
+            sqlx::query_scalar("SELECT webhook_secret FROM tenants WHERE id = $1")
+                .bind(tenant_id)
+                .fetch_optional(self.pool())
+                .await?,
+        )
+    }
+}
