@@ -34,6 +34,8 @@ pub enum DeliveryOutcome {
     GiveUp,
 }
 
+type ClaimedRow = (Uuid, Uuid, Uuid, String, String, i32, DateTime<Utc>);
+
 type DeliveryRow = (
     Uuid,
     String,
@@ -52,7 +54,7 @@ impl Store {
     /// Claims up to `limit` due deliveries (another scheduler sees them again only after
     /// `lease_s`, should this one die mid-attempt).
     pub async fn claim_deliveries(&self, limit: i64, lease_s: f64) -> Result<Vec<DeliveryTask>> {
-        let rows: Vec<(Uuid, Uuid, Uuid, String, String, i32, DateTime<Utc>)> = sqlx::query_as(
+        let rows: Vec<ClaimedRow> = sqlx::query_as(
             "WITH due AS (
                  SELECT id FROM webhook_deliveries
                  WHERE state = 'pending' AND next_attempt_at <= now()
