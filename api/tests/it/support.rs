@@ -283,7 +283,6 @@ impl TestApp {
                 .iter()
                 .map(|(q, n)| (q.clone(), *n))
                 .collect(),
-            ..WorkerOptions::default()
         };
         let w = Worker::new(
             self.store.clone(),
