@@ -254,6 +254,8 @@ async fn ensure_database(opts: &PgConnectOptions) -> anyhow::Result<bool> {
             }
             Ok(true)
         }
+        // 57P03: the server is starting up (or shutting down)
+        Ok(Err(sqlx::Error::Database(e))) if e.code().as_deref() == Some("57P03") => Ok(false),
         Ok(Err(sqlx::Error::Io(_))) | Err(_) => Ok(false),
         Ok(Err(e)) => Err(e).context("connecting to postgres"),
     }

@@ -260,7 +260,7 @@ async fn job_state_changes_are_chained_and_retention_prunes_them(pool: PgPool) {
     loop {
         sched.pass().await.unwrap();
         let v = app.store.verify_audit(app.tenant).await.unwrap();
-        assert_eq!(v.first_broken, None);
+        assert_eq!(v.first_broken, None, "{v:?}");
         if v.checked >= 3 {
             break;
         }

@@ -1,0 +1,85 @@
+#!/usr/bin/env bash
+# Switchyard and BullMQ side by side, on this machine, in one run:
+#   1. burn-down: N queued no-op jobs drained by one worker process (BullMQ: Worker with
+#      concurrency 200, removeOnComplete; Switchyard: `switchyard worker`, every claim and
+#      outcome committed to Postgres), with CPU microseconds per job of the worker, Redis
+#      and (Switchyard) Postgres;
+#   2. steady: jobs submitted at half of each system's burn-down rate for SECONDS, with the
+#      enqueue -> start latency p50/p99 of every job.
+#
+# usage: loadtest/peers/run.sh [N=200000] [SECONDS=20]
+# needs: a release build (cargo build --release -p switchyard -p switchyard-loadtest), node
+# and npm, psql, redis-cli, Postgres and Redis running (DATABASE_URL's server, REDIS_URL).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+N=${1:-200000}
+SECS=${2:-20}
+BIN=./target/release/switchyard
+LOAD=./target/release/switchyard-loadtest
+[ -x "$BIN" ] && [ -x "$LOAD" ] || { echo "build first: cargo build --release -p switchyard -p switchyard-loadtest" >&2; exit 1; }
+PGBASE=${PGBASE:-postgres://postgres@127.0.0.1:5432}
+DB=sy_peer_bench
+export DATABASE_URL=$PGBASE/$DB
+export REDIS_URL=${REDIS_URL:-redis://127.0.0.1:6379}
+PREFIX=peer$$
+export SWITCHYARD_REDIS_PREFIX=$PREFIX SWITCHYARD_ENABLE_NOOP=true SWITCHYARD_LOG=warn
+CONC=${CONCURRENCY:-256}
+PIDS=()
+cleanup() {
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  redis-cli -u "$REDIS_URL" --scan --pattern "*$PREFIX*" | xargs -r -n 500 redis-cli -u "$REDIS_URL" del >/dev/null
+  psql "$PGBASE/postgres" -qc "DROP DATABASE IF EXISTS $DB WITH (FORCE)" >/dev/null
+}
+trap cleanup EXIT
+now() { date +%s.%N; }
+q() { psql "$DATABASE_URL" -qtAc "$1"; }
+ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+pg_ticks() { local t=0; for p in $(pgrep -x postgres || true); do t=$((t + $(ticks "$p" 2>/dev/null || echo 0))); done; echo "$t"; }
+redis_cpu() { redis-cli -u "$REDIS_URL" info cpu | awk -F: '/^used_cpu_(sys|user):/ {s += $2} END {printf "%.6f", s}'; }
+HZ=$(getconf CLK_TCK)
+
+echo "== BullMQ 6.7.0"
+( cd loadtest/peers/bullmq && [ -d node_modules/bullmq ] || npm install --silent --no-audit --no-fund >/dev/null )
+BULL_BURN=$(cd loadtest/peers/bullmq && node bench.mjs burn "$N")
+echo "$BULL_BURN"
+BULL_RATE=$(echo "$BULL_BURN" | sed -E 's/.*"jobs_per_s":([0-9.]+).*/\1/')
+HALF=$(printf '%.0f' "$(echo "$BULL_RATE / 2" | bc -l)")
+(cd loadtest/peers/bullmq && node bench.mjs steady "$HALF" "$SECS")
+
+echo "== Switchyard"
+psql "$PGBASE/postgres" -qc "DROP DATABASE IF EXISTS $DB WITH (FORCE)" >/dev/null
+psql "$PGBASE/postgres" -qc "CREATE DATABASE $DB" >/dev/null
+$BIN migrate >/dev/null
+T=$(q "INSERT INTO tenants (id, name) VALUES (gen_random_uuid(), 'bench') RETURNING id")
+q "INSERT INTO jobs (id, tenant_id, created_by, kind, queue, status, max_attempts, input, created_at, event_seq)
+   SELECT gen_random_uuid(), '$T', 'bench', 'system.noop', 'system', 'queued', 3, '{}'::jsonb, now(), 1
+   FROM generate_series(1, $N) g" >/dev/null
+q "ANALYZE jobs" >/dev/null
+$BIN scheduler & PIDS+=($!)
+STREAM="{$PREFIX:q:system}:p0"
+while [ "$(redis-cli -u "$REDIS_URL" xlen "$STREAM")" -lt "$N" ]; do sleep 0.5; done
+echo "  $N jobs queued; starting one worker (concurrency $CONC)"
+r0=$(redis_cpu); p0=$(pg_ticks); t0=$(now)
+SWITCHYARD_WORKER__CONCURRENCY=$CONC SWITCHYARD_DATABASE_MAX_CONNECTIONS=32 $BIN worker --queues system & WPID=$!; PIDS+=($WPID)
+while [ "$(q "SELECT count(*) FROM jobs WHERE status = 'succeeded'")" -lt "$N" ]; do sleep 0.2; done
+dt=$(echo "$(now) - $t0" | bc); wt=$(ticks "$WPID"); r1=$(redis_cpu); p1=$(pg_ticks)
+SY_RATE=$(echo "$N / $dt" | bc -l)
+printf '{"peer":"switchyard","phase":"burn-down","jobs":%d,"seconds":%.2f,"jobs_per_s":%.0f,"worker_cpu_us_per_job":%.1f,"redis_cpu_us_per_job":%.1f,"postgres_cpu_us_per_job":%.1f}\n' \
+  "$N" "$dt" "$SY_RATE" "$(echo "$wt * 1000000 / $HZ / $N" | bc -l)" \
+  "$(echo "($r1 - $r0) * 1000000 / $N" | bc -l)" "$(echo "($p1 - $p0) * 1000000 / $HZ / $N" | bc -l)"
+
+HALF=$(printf '%.0f' "$(echo "$SY_RATE / 2" | bc -l)")
+PORT=${PORT:-18080}
+$BIN api --listen "127.0.0.1:$PORT" & PIDS+=($!)
+KEY=$($BIN admin create-key --tenant bench --name peer 2>/dev/null | grep -o 'sy_[A-Za-z0-9_]*' | head -1)
+for _ in $(seq 100); do curl -fs "http://127.0.0.1:$PORT/healthz" >/dev/null && break; sleep 0.1; done
+MARK=$(q "SELECT now()")
+$LOAD --url "http://127.0.0.1:$PORT" --api-key "$KEY" --jobs $((HALF * SECS)) --rate "$HALF" \
+  --concurrency 64 --ws-connections 1 --timeout-s 60 >/dev/null 2>&1 || true
+q "SELECT json_build_object('peer', 'switchyard', 'phase', 'steady', 'rate', $HALF, 'jobs', count(*),
+     'start_latency_ms', json_build_object(
+       'p50', round((percentile_cont(0.5) WITHIN GROUP (ORDER BY extract(epoch FROM started_at - created_at)) * 1000)::numeric, 1),
+       'p99', round((percentile_cont(0.99) WITHIN GROUP (ORDER BY extract(epoch FROM started_at - created_at)) * 1000)::numeric, 1),
+       'max', round((max(extract(epoch FROM started_at - created_at)) * 1000)::numeric, 1)))
+   FROM jobs WHERE created_at >= '$MARK' AND started_at IS NOT NULL"
