@@ -175,7 +175,7 @@ pub async fn start_worker(cfg: &Config, stop: CancellationToken) -> anyhow::Resu
         None
     };
     let keys = Keys::new(&cfg.redis_prefix);
-    let queue = Queue::new(keys.clone(), conn.clone());
+    let queue = Queue::new(keys.clone(), conn.clone()).with_lane_depth(cfg.queue_lane_depth);
     let bus = EventBus::new(keys, conn.clone(), Duration::from_secs(cfg.event_ttl_s));
     let worker = Worker::new(
         store.clone(),
@@ -196,13 +196,16 @@ pub async fn run_scheduler(cfg: &Config, stop: CancellationToken) -> anyhow::Res
     let conn = switchyard_queue::connect_retrying(&client)
         .await
         .map_err(|e| anyhow::anyhow!("redis unreachable: {e}"))?;
-    let queue = Queue::new(Keys::new(&cfg.redis_prefix), conn);
+    let queue =
+        Queue::new(Keys::new(&cfg.redis_prefix), conn).with_lane_depth(cfg.queue_lane_depth);
     let opts = SchedulerOptions {
         lease: cfg.lease(),
         audit_retention: (cfg.audit_retention_days > 0)
             .then(|| std::time::Duration::from_secs(cfg.audit_retention_days * 24 * 3600)),
         job_retention_days: cfg.job_retention_days.min(i32::MAX as u64) as u32,
         webhooks: Some(cfg.webhooks.clone()),
+        queue_limits: cfg.queue_limits.clone(),
+        tenant_concurrency: cfg.quotas.concurrent_jobs,
         ..SchedulerOptions::default()
     };
     Scheduler::new(store, queue, opts).run(stop).await;

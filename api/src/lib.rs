@@ -111,7 +111,7 @@ impl AppState {
         let keys = Keys::new(&cfg.redis_prefix);
         let keys_for_quotas = keys.clone();
         let tasks = TaskTracker::new();
-        let queue = Queue::new(keys.clone(), conn.clone());
+        let queue = Queue::new(keys.clone(), conn.clone()).with_lane_depth(cfg.queue_lane_depth);
         let bus = EventBus::new(
             keys.clone(),
             conn.clone(),
@@ -119,7 +119,7 @@ impl AppState {
         );
         let live = LiveHub::start(client.clone(), keys.clone(), shutdown.clone(), &tasks);
         let submit_conn = switchyard_queue::connect_retrying(&client).await?;
-        let submitter = Submitter::start(store.clone(), keys, submit_conn, &tasks);
+        let submitter = Submitter::start(store.clone(), queue.clone(), submit_conn, &tasks);
         let audit = crate::audit::AuditSink::start(store.clone(), shutdown.clone(), &tasks);
         let key_usage = Arc::new(KeyUsage::default());
         {

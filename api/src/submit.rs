@@ -6,7 +6,6 @@
 use redis::aio::ConnectionManager;
 use switchyard_core::job::JobStatus;
 use switchyard_core::Event;
-use switchyard_queue::keys::Keys;
 use switchyard_store::{NewJob, Store, StoreError};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::task::TaskTracker;
@@ -28,14 +27,14 @@ pub struct Submitter {
 impl Submitter {
     pub fn start(
         store: Store,
-        keys: Keys,
+        queue: switchyard_queue::Queue,
         redis: ConnectionManager,
         tracker: &TaskTracker,
     ) -> Submitter {
         let (tx, rx) = mpsc::channel(8192);
         let (dtx, drx) = mpsc::channel::<Vec<NewJob>>(64);
         tracker.spawn(commit_loop(store.clone(), rx, dtx.clone()));
-        tracker.spawn(dispatch_loop(store, keys, redis, drx));
+        tracker.spawn(dispatch_loop(store, queue, redis, drx));
         Submitter { tx, dispatch: dtx }
     }
 
@@ -114,12 +113,12 @@ async fn commit_loop(
 
 async fn dispatch_loop(
     store: Store,
-    keys: Keys,
+    queue: switchyard_queue::Queue,
     mut redis: ConnectionManager,
     mut rx: mpsc::Receiver<Vec<NewJob>>,
 ) {
     let live_ttl = 7 * 24 * 3600;
-    let queue = switchyard_queue::Queue::new(keys.clone(), redis.clone());
+    let keys = queue.keys().clone();
     while let Some(mut jobs) = rx.recv().await {
         // merge batches that are already waiting
         while jobs.len() < 4 * MAX_BATCH {

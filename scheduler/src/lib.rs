@@ -8,6 +8,7 @@
 //! driven by indexes, so a pass never rescans the whole backlog.
 
 pub mod cron;
+pub mod limits;
 pub mod webhooks;
 
 use std::time::Duration;
@@ -39,6 +40,12 @@ pub struct SchedulerOptions {
     pub job_prune_every: Duration,
     /// Webhook deliveries (`None`: this scheduler delivers none).
     pub webhooks: Option<switchyard_core::webhook::WebhookConfig>,
+    /// Jobs of a queue running at once across all workers (`queue_limits`).
+    pub queue_limits: std::collections::BTreeMap<String, u64>,
+    /// A tenant's jobs running at once in one queue, unless it has its own (`quotas.concurrent_jobs`).
+    pub tenant_concurrency: Option<u64>,
+    /// How often the limits are written to Redis.
+    pub limits_every: Duration,
 }
 
 impl Default for SchedulerOptions {
@@ -54,6 +61,9 @@ impl Default for SchedulerOptions {
             job_retention_days: 30,
             job_prune_every: Duration::from_secs(60),
             webhooks: Some(Default::default()),
+            queue_limits: Default::default(),
+            tenant_concurrency: None,
+            limits_every: Duration::from_secs(5),
         }
     }
 }
@@ -77,6 +87,7 @@ pub struct Scheduler {
     opts: SchedulerOptions,
     last_prune: std::sync::Mutex<Option<std::time::Instant>>,
     last_job_prune: std::sync::Mutex<Option<std::time::Instant>>,
+    last_limits: std::sync::Mutex<Option<std::time::Instant>>,
 }
 
 impl Scheduler {
@@ -87,6 +98,7 @@ impl Scheduler {
             opts,
             last_prune: std::sync::Mutex::new(None),
             last_job_prune: std::sync::Mutex::new(None),
+            last_limits: std::sync::Mutex::new(None),
         }
     }
 
@@ -202,6 +214,15 @@ impl Scheduler {
             if (items.len() as i64) < self.opts.batch {
                 break;
             }
+        }
+        if due(&self.last_limits, self.opts.limits_every) {
+            limits::sync(
+                &self.store,
+                &self.queue,
+                &self.opts.queue_limits,
+                self.opts.tenant_concurrency,
+            )
+            .await?;
         }
         report.scheduled = cron::fire(
             &self.store,

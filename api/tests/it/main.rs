@@ -8,6 +8,7 @@ mod chat_completions;
 mod code;
 mod conversations;
 mod errors;
+mod fairness;
 mod fuzz;
 mod jobs;
 mod jwt;

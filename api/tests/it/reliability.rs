@@ -370,7 +370,7 @@ async fn one_bad_row_never_fails_its_batch(pool: PgPool) {
     let tracker = tokio_util::task::TaskTracker::new();
     let submitter = switchyard_api::submit::Submitter::start(
         app.store.clone(),
-        app.keys(),
+        app.queue().await,
         app.redis().await,
         &tracker,
     );

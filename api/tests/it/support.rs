@@ -311,6 +311,8 @@ impl TestApp {
             undispatched_min_age: Duration::from_millis(500),
             lease: self.opts.lease,
             webhooks: Some(self.cfg.webhooks.clone()),
+            queue_limits: self.cfg.queue_limits.clone(),
+            tenant_concurrency: self.cfg.quotas.concurrent_jobs,
             ..SchedulerOptions::default()
         }
     }

@@ -46,6 +46,13 @@ pub struct Config {
     pub auth_failures_per_minute: u32,
     /// Audit rows older than this many days are pruned by the scheduler (0: kept forever).
     pub audit_retention_days: u64,
+    /// Undelivered jobs one tenant (of weight 1) may have in a queue's streams before the rest
+    /// waits in its own lane: another tenant's new job waits behind at most this many of each
+    /// busy tenant's (fairness; see ARCHITECTURE.md).
+    pub queue_lane_depth: u64,
+    /// Jobs of a queue running at once across all workers, e.g. `{ llm = 200 }`.
+    #[serde(default)]
+    pub queue_limits: std::collections::BTreeMap<String, u64>,
     /// Finished jobs (and their events) are pruned this many days after they ended, unless
     /// the tenant has its own setting (0: kept forever). Usage reports cover this period.
     pub job_retention_days: u64,
@@ -205,6 +212,7 @@ struct Defaults {
     auth_failures_per_minute: u32,
     audit_retention_days: u64,
     job_retention_days: u64,
+    queue_lane_depth: u64,
     enable_noop: bool,
     event_ttl_s: u64,
     log_json: bool,
@@ -245,6 +253,7 @@ fn defaults() -> Defaults {
         auth_failures_per_minute: 30,
         audit_retention_days: 365,
         job_retention_days: 30,
+        queue_lane_depth: 256,
         enable_noop: false,
         event_ttl_s: 3600,
         log_json: false,

@@ -43,6 +43,26 @@ impl Keys {
         format!("{{{}:q:{queue}}}:p{priority}", self.prefix)
     }
 
+    /// The queue's key base `{P:q:<queue>}` (its hash tag: every key below shares a slot).
+    pub fn queue_base(&self, queue: &str) -> String {
+        format!("{{{}:q:{queue}}}", self.prefix)
+    }
+
+    /// Per-tenant counters of the queue (see `fair.rs`).
+    pub fn fair(&self, queue: &str) -> String {
+        format!("{{{}:q:{queue}}}:fair", self.prefix)
+    }
+
+    /// The queue's limits and tenant weights (see `fair.rs`).
+    pub fn limits(&self, queue: &str) -> String {
+        format!("{{{}:q:{queue}}}:limits", self.prefix)
+    }
+
+    /// Rung when entries move into the queue's streams; idle workers wait on it.
+    pub fn bell(&self, queue: &str) -> String {
+        format!("{{{}:q:{queue}}}:bell", self.prefix)
+    }
+
     pub fn delayed(&self, queue: &str) -> String {
         format!("{{{}:q:{queue}}}:delayed", self.prefix)
     }

@@ -4,6 +4,7 @@
 //! Redis is never the source of truth: everything here can be rebuilt from Postgres.
 
 pub mod events;
+pub mod fair;
 pub mod keys;
 pub mod live;
 pub mod queue;

@@ -13,6 +13,7 @@ use switchyard_core::job::{known_queues, DispatchItem};
 use switchyard_core::queueing::WorkerInfo;
 use uuid::Uuid;
 
+use crate::fair;
 use crate::keys::{Keys, GROUP, PRIORITIES};
 
 /// One fetched stream entry: a job to claim.
@@ -22,6 +23,8 @@ pub struct Delivery {
     pub stream: String,
     pub entry_id: String,
     pub job_id: Uuid,
+    /// The job's tenant (its fairness lane and concurrency slot).
+    pub tenant: String,
 }
 
 /// Dispatch and lease operations on the queue streams.
@@ -32,6 +35,10 @@ pub struct Queue {
     heartbeat_script: Arc<Script>,
     move_due_script: Arc<Script>,
     fetch_script: Arc<Script>,
+    dispatch_script: Arc<Script>,
+    ack_script: Arc<Script>,
+    /// Undelivered entries one tenant (weight 1) may have in a queue's streams (`fair.rs`).
+    lane_depth: u64,
 }
 
 const HEARTBEAT_LUA: &str = r#"
@@ -41,54 +48,24 @@ redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[3], 'JUSTID')
 return 1
 "#;
 
-// KEYS[1] = delayed zset, KEYS[2..] = priority streams in PRIORITIES order.
-// ARGV[1] = now ms, ARGV[2] = max items. Moves at most ARGV[2] due members.
-const MOVE_DUE_LUA: &str = r#"
-local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
-for _, m in ipairs(due) do
-  local id, tenant, prio = string.match(m, '^([^:]+):([^:]*):(%d+)$')
-  if id then
-    local k = KEYS[2 + tonumber(prio)] or KEYS[2]
-    redis.call('XADD', k, '*', 'job', id, 't', tenant)
-  end
-  redis.call('ZREM', KEYS[1], m)
-end
-return #due
-"#;
-
-// KEYS = a queue's priority streams, highest first (one hash tag); ARGV[1] = group,
-// ARGV[2] = consumer, ARGV[3] = count. Takes up to `count` new entries, highest priority first
-// (non-blocking reads are allowed in scripts). Returns {stream, entry id, job id} triples.
-const FETCH_LUA: &str = r#"
-local want = tonumber(ARGV[3])
-local out = {}
-for _, k in ipairs(KEYS) do
-  if want <= 0 then break end
-  local r = redis.call('XREADGROUP', 'GROUP', ARGV[1], ARGV[2], 'COUNT', want, 'STREAMS', k, '>')
-  if r then
-    for _, e in ipairs(r[1][2]) do
-      local job = ''
-      local f = e[2]
-      for i = 1, #f, 2 do
-        if f[i] == 'job' then job = f[i + 1] end
-      end
-      table.insert(out, {k, e[1], job})
-      want = want - 1
-    end
-  end
-end
-return out
-"#;
-
 impl Queue {
     pub fn new(keys: Keys, conn: ConnectionManager) -> Queue {
         Queue {
             keys,
             conn,
             heartbeat_script: Arc::new(Script::new(HEARTBEAT_LUA)),
-            move_due_script: Arc::new(Script::new(MOVE_DUE_LUA)),
-            fetch_script: Arc::new(Script::new(FETCH_LUA)),
+            move_due_script: Arc::new(fair::script(fair::MOVE_DUE)),
+            fetch_script: Arc::new(fair::script(fair::FETCH)),
+            dispatch_script: Arc::new(fair::script(fair::DISPATCH)),
+            ack_script: Arc::new(fair::script(fair::ACK)),
+            lane_depth: fair::DEFAULT_LANE_DEPTH,
         }
+    }
+
+    /// The same queue with another lane depth (`queue_lane_depth`).
+    pub fn with_lane_depth(mut self, depth: u64) -> Queue {
+        self.lane_depth = depth.max(1);
+        self
     }
 
     pub fn keys(&self) -> &Keys {
@@ -139,6 +116,8 @@ impl Queue {
     ) {
         let known = known_queues();
         let mut named: Vec<&str> = Vec::new();
+        // ready jobs per queue: one fairness-aware dispatch script call each (`fair.rs`)
+        let mut ready: Vec<(&str, Vec<&DispatchItem>)> = Vec::new();
         for it in items {
             match it.run_at {
                 Some(t) if t > now => {
@@ -149,18 +128,29 @@ impl Queue {
                     )
                     .ignore();
                 }
-                _ => {
-                    pipe.xadd(
-                        self.keys.stream(&it.queue, it.priority.clamp(0, 9)),
-                        "*",
-                        &[("job", it.id.to_string()), ("t", it.tenant_id.to_string())],
-                    )
-                    .ignore();
-                }
+                _ => match ready.iter_mut().find(|(q, _)| *q == it.queue.as_str()) {
+                    Some((_, v)) => v.push(it),
+                    None => ready.push((&it.queue, vec![it])),
+                },
             }
             if !known.contains(&it.queue.as_str()) && !named.contains(&it.queue.as_str()) {
                 named.push(&it.queue);
             }
+        }
+        if !ready.is_empty() {
+            pipe.load_script(&self.dispatch_script).ignore();
+        }
+        for (queue, items) in ready {
+            let mut inv = self.dispatch_script.prepare_invoke();
+            inv.key(self.keys.fair(queue))
+                .arg(self.keys.queue_base(queue))
+                .arg(self.lane_depth);
+            for it in items {
+                inv.arg(it.priority.clamp(0, 9))
+                    .arg(it.id.to_string())
+                    .arg(it.tenant_id.to_string());
+            }
+            pipe.invoke_script(&inv).ignore();
         }
         // named queues become known to the scheduler and /metrics (one SADD per batch)
         if !named.is_empty() {
@@ -216,6 +206,19 @@ impl Queue {
         Ok(out)
     }
 
+    /// Replaces the queue's limits and tenant weights (`fair.rs`): `queue` (jobs of the queue in
+    /// flight across all workers), `t:*` (a tenant's default), `t:<tenant>`, `w:<tenant>`.
+    pub async fn set_limits(&self, queue: &str, entries: &[(String, u64)]) -> RedisResult<()> {
+        let key = self.keys.limits(queue);
+        let mut pipe = redis::pipe();
+        pipe.atomic().del(&key).ignore();
+        if !entries.is_empty() {
+            pipe.hset_multiple(&key, entries).ignore();
+        }
+        let mut c = self.conn.clone();
+        pipe.query_async::<()>(&mut c).await
+    }
+
     /// Every queue: the kinds' own and the named ones seen (sorted).
     pub async fn queues(&self) -> RedisResult<Vec<String>> {
         let mut c = self.conn.clone();
@@ -226,9 +229,9 @@ impl Queue {
         Ok(all)
     }
 
-    /// Reads up to `count` new entries of `queue` for `consumer`, highest priority first; when
-    /// there are none, blocks up to `block` for the next one (then at most one per priority
-    /// can arrive at once, so a caller may get up to `PRIORITIES.len()` when `count` is lower).
+    /// Reads up to `count` new entries of `queue` for `consumer`, highest priority first,
+    /// within the queue's concurrency limit (see `fair.rs`); when there are none, waits up to
+    /// `block` for the queue's bell and returns nothing (the caller fetches again).
     /// Use a connection of its own for this (a blocking read stalls other commands).
     pub async fn fetch(
         &self,
@@ -239,44 +242,28 @@ impl Queue {
         block: Duration,
     ) -> RedisResult<Vec<Delivery>> {
         let mut inv = self.fetch_script.prepare_invoke();
-        for p in PRIORITIES.iter().rev() {
-            inv.key(self.keys.stream(queue, *p));
-        }
-        let got: Vec<(String, String, String)> = inv
+        inv.key(self.keys.fair(queue))
+            .arg(self.keys.queue_base(queue))
+            .arg(self.lane_depth)
             .arg(GROUP)
             .arg(consumer)
-            .arg(count.max(1))
-            .invoke_async(conn)
-            .await?;
+            .arg(count.max(1));
+        let (bell, got): (String, Vec<(String, String, String, String)>) =
+            inv.invoke_async(conn).await?;
         if !got.is_empty() {
             return Ok(got
                 .into_iter()
-                .map(|(stream, id, job)| to_delivery(queue, &stream, &id, Some(job)))
+                .map(|(stream, id, job, tenant)| {
+                    to_delivery(queue, &stream, &id, Some(job), tenant)
+                })
                 .collect());
         }
-        let streams: Vec<String> = PRIORITIES
-            .iter()
-            .rev()
-            .map(|p| self.keys.stream(queue, *p))
-            .collect();
-        let ids: Vec<&str> = streams.iter().map(|_| ">").collect();
-        let opts = StreamReadOptions::default()
-            .group(GROUP, consumer)
-            .count(1)
-            .block(block.as_millis() as usize);
-        let reply: Option<StreamReadReply> = conn.xread_options(&streams, &ids, &opts).await?;
-        let mut out = Vec::new();
-        for key in reply.map(|r| r.keys).unwrap_or_default() {
-            for entry in key.ids {
-                out.push(to_delivery(
-                    queue,
-                    &key.key,
-                    &entry.id,
-                    entry.get::<String>("job"),
-                ));
-            }
-        }
-        Ok(out)
+        // nothing for us now: wait for the bell (rung after our read, so nothing is missed)
+        let opts = StreamReadOptions::default().block(block.as_millis() as usize);
+        let _: Option<StreamReadReply> = conn
+            .xread_options(&[self.keys.bell(queue)], &[bell.as_str()], &opts)
+            .await?;
+        Ok(Vec::new())
     }
 
     /// Renews the lease of a delivery (resets its idle time) if `consumer` still owns it.
@@ -296,13 +283,17 @@ impl Queue {
     /// Removes a delivery for good (the job's state lives in Postgres).
     pub async fn ack(&self, d: &Delivery) -> RedisResult<()> {
         let mut c = self.conn.clone();
-        redis::pipe()
-            .xack(&d.stream, GROUP, &[&d.entry_id])
-            .ignore()
-            .xdel(&d.stream, &[&d.entry_id])
-            .ignore()
-            .query_async::<()>(&mut c)
-            .await
+        let _: i64 = self
+            .ack_script
+            .key(&d.stream)
+            .arg(self.keys.queue_base(&d.queue))
+            .arg(self.lane_depth)
+            .arg(GROUP)
+            .arg(&d.entry_id)
+            .arg(&d.tenant)
+            .invoke_async(&mut c)
+            .await?;
+        Ok(())
     }
 
     /// Takes over up to `count` entries idle for longer than `min_idle` (their worker stopped
@@ -341,11 +332,13 @@ impl Queue {
                             Some(Value::BulkString(b)) => String::from_utf8_lossy(b).into_owned(),
                             _ => continue,
                         };
-                        let job = match pair.get(1) {
-                            Some(Value::Array(fields)) => field(fields, "job"),
-                            _ => None,
+                        let (job, tenant) = match pair.get(1) {
+                            Some(Value::Array(fields)) => {
+                                (field(fields, "job"), field(fields, "t").unwrap_or_default())
+                            }
+                            _ => (None, String::new()),
                         };
-                        out.push(to_delivery(queue, &stream, &id, job));
+                        out.push(to_delivery(queue, &stream, &id, job, tenant));
                     }
                 }
             }
@@ -361,11 +354,11 @@ impl Queue {
     /// Moves at most `limit` due jobs of `queue` from the delayed set to its streams.
     pub async fn move_due(&self, queue: &str, limit: usize) -> RedisResult<usize> {
         let mut c = self.conn.clone();
-        let mut inv = self.move_due_script.key(self.keys.delayed(queue));
-        for p in PRIORITIES {
-            inv.key(self.keys.stream(queue, p));
-        }
-        let n: usize = inv
+        let n: usize = self
+            .move_due_script
+            .key(self.keys.delayed(queue))
+            .arg(self.keys.queue_base(queue))
+            .arg(self.lane_depth)
             .arg(Utc::now().timestamp_millis())
             .arg(limit)
             .invoke_async(&mut c)
@@ -467,6 +460,23 @@ impl Queue {
                 out.push((*p, Some(*len), 0));
             }
         }
+        // jobs waiting in tenants' overflow lanes are backlog too
+        let fields: Vec<String> = PRIORITIES.iter().map(|p| format!("ov{p}")).collect();
+        let over: Vec<Option<u64>> = redis::cmd("HMGET")
+            .arg(self.keys.fair(queue))
+            .arg(&fields)
+            .query_async(&mut c)
+            .await?;
+        for (p, n) in PRIORITIES.iter().zip(over) {
+            let n = n.unwrap_or(0);
+            if n == 0 {
+                continue;
+            }
+            match out.iter_mut().find(|r| r.0 == *p) {
+                Some(r) => r.1 = Some(r.1.unwrap_or(0) + n),
+                None => out.push((*p, Some(n), 0)),
+            }
+        }
         out.sort_unstable_by_key(|r| r.0);
         Ok(out)
     }
@@ -549,8 +559,15 @@ fn field(fields: &[Value], name: &str) -> Option<String> {
     })
 }
 
-fn to_delivery(queue: &str, stream: &str, id: &str, job: Option<String>) -> Delivery {
+fn to_delivery(
+    queue: &str,
+    stream: &str,
+    id: &str,
+    job: Option<String>,
+    tenant: String,
+) -> Delivery {
     Delivery {
+        tenant,
         queue: queue.to_string(),
         stream: stream.to_string(),
         entry_id: id.to_string(),

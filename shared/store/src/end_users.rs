@@ -95,6 +95,27 @@ impl Store {
         Ok(out)
     }
 
+    /// Tenants with their own concurrency limit or queue weight: `(tenant, concurrent_jobs,
+    /// queue_weight)` (what the scheduler writes into each queue's limits).
+    pub async fn queue_shares(&self) -> Result<Vec<(Uuid, Option<i64>, Option<i32>)>> {
+        Ok(sqlx::query_as(
+            "SELECT id, (quotas ->> 'concurrent_jobs')::bigint, queue_weight FROM tenants
+             WHERE (quotas ->> 'concurrent_jobs') IS NOT NULL OR queue_weight IS NOT NULL",
+        )
+        .fetch_all(self.pool())
+        .await?)
+    }
+
+    /// Sets (or with `None` clears) a tenant's queue weight; false when there is no such tenant.
+    pub async fn set_tenant_queue_weight(&self, name: &str, weight: Option<i32>) -> Result<bool> {
+        let r = sqlx::query("UPDATE tenants SET queue_weight = $2 WHERE name = $1")
+            .bind(name)
+            .bind(weight)
+            .execute(self.pool())
+            .await?;
+        Ok(r.rows_affected() == 1)
+    }
+
     /// The tenant's queued jobs, counted up to `cap` (an index-only walk of at most `cap`
     /// entries of `jobs_tenant_status_id`).
     pub async fn queued_jobs(&self, tenant_id: Uuid, cap: i64) -> Result<i64> {
