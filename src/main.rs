@@ -142,6 +142,9 @@ enum AdminCmd {
         /// `rotate`: a new secret for signing the tenant's webhook deliveries (printed once).
         #[arg(long, value_name = "rotate")]
         webhook_secret: Option<String>,
+        /// The tenant's share of each queue relative to others (1 to 1000; `default`: 1).
+        #[arg(long, value_name = "N|default")]
+        queue_weight: Option<String>,
     },
 }
 
@@ -251,6 +254,7 @@ async fn admin(cfg: &Config, cmd: AdminCmd) -> anyhow::Result<()> {
             job_retention_days,
             webhook_url,
             webhook_secret,
+            queue_weight,
         } => {
             anyhow::ensure!(
                 llm_cache.is_some()
@@ -260,11 +264,30 @@ async fn admin(cfg: &Config, cmd: AdminCmd) -> anyhow::Result<()> {
                     || quotas.is_some()
                     || job_retention_days.is_some()
                     || webhook_url.is_some()
-                    || webhook_secret.is_some(),
+                    || webhook_secret.is_some()
+                    || queue_weight.is_some(),
                 "nothing to set: pass --llm-cache on|off, --models a,b,prefix-*|all, \
                  --code-limits wall_ms=N,cpu_ms=N,memory_mb=N,output_bytes=N|default and/or \
-                 --jwt-hs256 ISSUER|off, --quotas name=N,..|default, --job-retention-days N|default, --webhook-url URL|off, --webhook-secret rotate"
+                 --jwt-hs256 ISSUER|off, --quotas name=N,..|default, --job-retention-days N|default, --webhook-url URL|off, --webhook-secret rotate, --queue-weight N|default"
             );
+            if let Some(spec) = queue_weight {
+                let w = match spec.as_str() {
+                    "default" => None,
+                    n => Some(
+                        n.parse::<i32>()
+                            .ok()
+                            .filter(|w| (1..=1000).contains(w))
+                            .ok_or_else(|| {
+                                anyhow::anyhow!("--queue-weight: 1 to 1000, or `default`")
+                            })?,
+                    ),
+                };
+                anyhow::ensure!(
+                    store.set_tenant_queue_weight(&name, w).await?,
+                    "no tenant named {name}"
+                );
+                println!("tenant {name}: queue weight = {spec} (applied within 5 s)");
+            }
             if let Some(url) = webhook_url {
                 let url = (url != "off").then_some(url);
                 if let Some(u) = &url {
