@@ -36,6 +36,7 @@ psql "$PGBASE/postgres" -qc "DROP DATABASE IF EXISTS $DB WITH (FORCE)" >/dev/nul
 psql "$PGBASE/postgres" -qc "CREATE DATABASE $DB" >/dev/null
 $BIN migrate >/dev/null
 T=$(q "INSERT INTO tenants (id, name) VALUES (gen_random_uuid(), 'bench') RETURNING id")
+LANE="{$PREFIX:q:system}:t:$T:p0" # the tenant's fairness lane (beyond queue_lane_depth)
 echo "inserting $N jobs ($DELAYED of them due in 150 s) straight into Postgres, never dispatched..."
 t0=$(now)
 q "INSERT INTO jobs (id, tenant_id, created_by, kind, queue, status, max_attempts, input, created_at, run_at, event_seq)
@@ -49,7 +50,7 @@ echo "scheduler: re-dispatching the backlog from Postgres into Redis..."
 $BIN scheduler & PIDS+=($!)
 t0=$(now)
 while :; do
-  s=$(redis-cli -u "$REDIS_URL" xlen "$STREAM"); z=$(redis-cli -u "$REDIS_URL" zcard "$ZSET")
+  s=$(( $(redis-cli -u "$REDIS_URL" xlen "$STREAM") + $(redis-cli -u "$REDIS_URL" llen "$LANE") )); z=$(redis-cli -u "$REDIS_URL" zcard "$ZSET")
   if [ $((s + z)) -ge "$N" ]; then break; fi
   sleep 1
   printf '  %8d in stream, %7d delayed (%.0f s)\n' "$s" "$z" "$(echo "$(now) - $t0" | bc)"
@@ -70,7 +71,7 @@ prev=$(q "SELECT count(*) FROM jobs WHERE status = 'succeeded'"); t0=$(now); tp=
 for _ in $(seq $((DRAIN_S / 10))); do
   sleep 10
   cur=$(q "SELECT count(*) FROM jobs WHERE status = 'succeeded'"); tn=$(now)
-  left=$(redis-cli -u "$REDIS_URL" xlen "$STREAM")
+  left=$(( $(redis-cli -u "$REDIS_URL" xlen "$STREAM") + $(redis-cli -u "$REDIS_URL" llen "$LANE") ))
   printf '  %6.0f jobs/s   (succeeded %8d, stream backlog %8d)\n' "$(echo "($cur - $prev) / ($tn - $tp)" | bc -l)" "$cur" "$left"
   prev=$cur; tp=$tn
 done

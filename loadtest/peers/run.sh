@@ -57,8 +57,8 @@ q "INSERT INTO jobs (id, tenant_id, created_by, kind, queue, status, max_attempt
    FROM generate_series(1, $N) g" >/dev/null
 q "ANALYZE jobs" >/dev/null
 $BIN scheduler & PIDS+=($!)
-STREAM="{$PREFIX:q:system}:p0"
-while [ "$(redis-cli -u "$REDIS_URL" xlen "$STREAM")" -lt "$N" ]; do sleep 0.5; done
+# dispatched (into the stream, or the tenant's fairness lane beyond the lane depth)
+while [ "$(q "SELECT count(*) FROM jobs WHERE dispatch_epoch = 0")" -gt 0 ]; do sleep 0.5; done
 echo "  $N jobs queued; starting one worker (concurrency $CONC)"
 r0=$(redis_cpu); p0=$(pg_ticks); t0=$(now)
 SWITCHYARD_WORKER__CONCURRENCY=$CONC SWITCHYARD_DATABASE_MAX_CONNECTIONS=32 $BIN worker --queues system & WPID=$!; PIDS+=($WPID)

@@ -12,8 +12,8 @@ pub struct QuotaLimits {
     /// Requests per minute over all the tenant's credentials (sustained rate; bursts of up to
     /// a sixth of it on top).
     pub requests_per_minute: Option<u64>,
-    /// Jobs running at once; more wait in the queue (enforced by the queue's concurrency
-    /// limits).
+    /// Jobs running at once in one queue, over all workers; more wait in the tenant's lane
+    /// (enforced by the queue's fairness scripts).
     pub concurrent_jobs: Option<u64>,
     /// LLM tokens (prompt + completion) per UTC day.
     pub llm_tokens_per_day: Option<u64>,
