@@ -546,7 +546,11 @@ impl Store {
             "UPDATE jobs j SET status = v.status, output = v.output, error = v.error, run_at = v.run_at,
                 finished_at = CASE WHEN v.status IN ('succeeded', 'failed', 'cancelled') THEN now() ELSE NULL END,
                 lease_owner = NULL, lease_expires_at = NULL, event_seq = GREATEST(j.event_seq, v.seq),
-                max_attempts = j.max_attempts + v.given_back, updated_at = now()
+                max_attempts = j.max_attempts + v.given_back, updated_at = now(),
+                -- a requeued job counts as undispatched until the reconciler has seen it in
+                -- Redis: if the worker's own re-dispatch never happens (it died, or this
+                -- commit's reply was lost), the job is not stranded
+                dispatch_epoch = CASE WHEN v.status = 'queued' THEN 0 ELSE j.dispatch_epoch END
              FROM UNNEST($1::uuid[], $2::int4[], $3::text[], $4::jsonb[], $5::jsonb[], $6::timestamptz[], $7::int8[], $8::int4[])
                 AS v(id, attempt, status, output, error, run_at, seq, given_back)
              WHERE j.id = v.id AND j.id = ANY({LOCK_IN_ORDER})
