@@ -14,8 +14,7 @@ use switchyard_core::{ErrorCode, FieldError};
 use switchyard_store::{Conversation, Message, NewConversation, Principal};
 
 use super::jobs::{
-    encode_cursor, json_body, llm_chat_job, page_params, parse_id, request_trace,
-    tenant_llm_defaults,
+    json_body, llm_chat_job, next_page, page_params, parse_id, request_trace, tenant_llm_defaults,
 };
 use crate::auth::Auth;
 use crate::error::{ApiError, ApiResult, ErrorBody};
@@ -262,11 +261,7 @@ pub async fn list(
         .store
         .list_conversations(principal.scope(), before, limit + 1)
         .await?;
-    let has_more = rows.len() as i64 > limit;
-    rows.truncate(limit as usize);
-    let next_cursor = has_more
-        .then(|| rows.last().map(|c| encode_cursor(c.id)))
-        .flatten();
+    let next_cursor = next_page(&mut rows, limit, |c| c.id);
     Ok(Json(ConversationList {
         data: rows,
         next_cursor,

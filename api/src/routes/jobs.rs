@@ -288,6 +288,19 @@ pub struct JobList {
     pub next_cursor: Option<String>,
 }
 
+/// Cuts a page fetched with `limit + 1` rows down to `limit`; returns the next page's cursor
+/// when there is one.
+pub(crate) fn next_page<T>(
+    rows: &mut Vec<T>,
+    limit: i64,
+    id: impl Fn(&T) -> Uuid,
+) -> Option<String> {
+    let more = rows.len() as i64 > limit;
+    rows.truncate(limit as usize);
+    more.then(|| rows.last().map(|r| encode_cursor(id(r))))
+        .flatten()
+}
+
 pub(crate) fn encode_cursor(id: Uuid) -> String {
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(format!("v1:{id}"))
 }

@@ -18,7 +18,7 @@ use switchyard_core::ErrorCode;
 use switchyard_store::ScheduleRow;
 use uuid::Uuid;
 
-use super::jobs::{encode_cursor, json_body, page_params, parse_id, validate_job};
+use super::jobs::{json_body, next_page, page_params, parse_id, validate_job};
 use crate::auth::Auth;
 use crate::error::{ApiError, ApiResult, ErrorBody};
 use crate::AppState;
@@ -134,11 +134,7 @@ pub async fn list(
         .store
         .list_schedules(principal.scope(), before, limit + 1)
         .await?;
-    let has_more = rows.len() as i64 > limit;
-    rows.truncate(limit as usize);
-    let next_cursor = has_more
-        .then(|| rows.last().map(|s| encode_cursor(s.id)))
-        .flatten();
+    let next_cursor = next_page(&mut rows, limit, |s| s.id);
     Ok(Json(ScheduleList {
         data: rows.iter().map(|r| r.to_schedule(None)).collect(),
         next_cursor,

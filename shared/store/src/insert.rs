@@ -1,7 +1,74 @@
-//! The group-commit INSERT of new jobs (one statement for a batch), usable on the pool or
-//! inside a transaction (a conversation turn stores its message and its job together).
+//! New jobs: the row to insert ([`NewJob`]) and the group-commit INSERT (one statement for a
+//! batch), usable on the pool or inside a transaction (a conversation turn stores its message
+//! and its job together).
 
-use crate::{NewJob, Result};
+use chrono::{DateTime, Utc};
+use serde_json::Value;
+use switchyard_core::job::{DispatchItem, Job, JobStatus};
+use switchyard_core::queueing::Backoff;
+use uuid::Uuid;
+
+use crate::Result;
+
+/// A job to insert. `event_seq` is 1: the `queued` status event.
+#[derive(Debug, Clone)]
+pub struct NewJob {
+    pub id: Uuid,
+    pub tenant_id: Uuid,
+    pub created_by: String,
+    pub kind: String,
+    pub queue: String,
+    pub priority: i16,
+    pub max_attempts: i32,
+    pub timeout_s: Option<i32>,
+    pub input: Value,
+    pub metadata: Value,
+    pub trace_parent: Option<String>,
+    pub created_at: DateTime<Utc>,
+    /// Not before this time (a delayed job stays `queued` until then).
+    pub run_at: Option<DateTime<Utc>>,
+    pub backoff: Option<Backoff>,
+    /// The job's own webhook (the tenant's, if any, is filled in by the insert).
+    pub webhook_url: Option<String>,
+}
+
+impl NewJob {
+    /// The row as it is right after insertion (saves a read-back).
+    pub fn to_job(&self) -> Job {
+        Job {
+            id: self.id,
+            kind: self.kind.clone(),
+            queue: self.queue.clone(),
+            priority: self.priority,
+            status: JobStatus::Queued,
+            dead: false,
+            run_at: self.run_at,
+            attempt: 0,
+            max_attempts: self.max_attempts,
+            backoff: self.backoff.clone(),
+            webhook_url: self.webhook_url.clone(),
+            input: self.input.clone(),
+            output: None,
+            error: None,
+            metadata: self.metadata.clone(),
+            timeout_s: self.timeout_s,
+            created_by: self.created_by.clone(),
+            created_at: self.created_at,
+            started_at: None,
+            finished_at: None,
+        }
+    }
+
+    pub fn dispatch_item(&self) -> DispatchItem {
+        DispatchItem {
+            id: self.id,
+            tenant_id: self.tenant_id,
+            queue: self.queue.clone(),
+            priority: self.priority,
+            run_at: self.run_at,
+        }
+    }
+}
 
 /// Inserts jobs in one statement, on a pool or inside a transaction.
 pub(crate) async fn insert_jobs_with<'e, E: sqlx::PgExecutor<'e>>(

@@ -10,7 +10,7 @@ use switchyard_core::job::{job_error_codes, Job, JobError, JobStatus};
 use switchyard_core::queueing::Backoff;
 use uuid::Uuid;
 
-use crate::{Result, Scope, Store};
+use crate::{NewJob, Result, Scope, Store};
 
 pub(crate) const JOB_COLUMNS: &str = "id, tenant_id, created_by, kind, queue, priority, status, attempt, \
     max_attempts, timeout_s, input, output, error, metadata, trace_parent, created_at, started_at, \
@@ -88,66 +88,6 @@ impl JobRow {
     /// The job's own retry backoff, if it set one (and it still parses).
     pub fn backoff(&self) -> Option<Backoff> {
         serde_json::from_value(self.backoff.clone()?).ok()
-    }
-
-    pub fn dispatch_item(&self) -> DispatchItem {
-        DispatchItem {
-            id: self.id,
-            tenant_id: self.tenant_id,
-            queue: self.queue.clone(),
-            priority: self.priority,
-            run_at: self.run_at,
-        }
-    }
-}
-
-/// A job to insert. `event_seq` is 1: the `queued` status event.
-#[derive(Debug, Clone)]
-pub struct NewJob {
-    pub id: Uuid,
-    pub tenant_id: Uuid,
-    pub created_by: String,
-    pub kind: String,
-    pub queue: String,
-    pub priority: i16,
-    pub max_attempts: i32,
-    pub timeout_s: Option<i32>,
-    pub input: Value,
-    pub metadata: Value,
-    pub trace_parent: Option<String>,
-    pub created_at: DateTime<Utc>,
-    /// Not before this time (a delayed job stays `queued` until then).
-    pub run_at: Option<DateTime<Utc>>,
-    pub backoff: Option<Backoff>,
-    /// The job's own webhook (the tenant's, if any, is filled in by the insert).
-    pub webhook_url: Option<String>,
-}
-
-impl NewJob {
-    /// The row as it is right after insertion (saves a read-back).
-    pub fn to_job(&self) -> Job {
-        Job {
-            id: self.id,
-            kind: self.kind.clone(),
-            queue: self.queue.clone(),
-            priority: self.priority,
-            status: JobStatus::Queued,
-            dead: false,
-            run_at: self.run_at,
-            attempt: 0,
-            max_attempts: self.max_attempts,
-            backoff: self.backoff.clone(),
-            webhook_url: self.webhook_url.clone(),
-            input: self.input.clone(),
-            output: None,
-            error: None,
-            metadata: self.metadata.clone(),
-            timeout_s: self.timeout_s,
-            created_by: self.created_by.clone(),
-            created_at: self.created_at,
-            started_at: None,
-            finished_at: None,
-        }
     }
 
     pub fn dispatch_item(&self) -> DispatchItem {

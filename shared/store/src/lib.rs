@@ -20,6 +20,7 @@ pub use audit::*;
 pub use conversations::*;
 pub use end_users::*;
 pub use idempotency::*;
+pub use insert::NewJob;
 pub use jobs::*;
 pub use retry::*;
 pub use schedules::*;
