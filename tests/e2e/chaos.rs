@@ -55,10 +55,118 @@ async fn wait_succeeded(c: &Cluster, n: i64, limit: Duration) {
                     .fetch_all(c.store.pool())
                     .await
                     .unwrap();
-            panic!("{done} of {n} jobs succeeded in {limit:?}: {left:?}");
+            let why = explain_stuck(c).await;
+            panic!("{done} of {n} jobs succeeded in {limit:?}: {left:?}\n{why}");
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// Where the unfinished jobs are: their rows, and the Redis state of their queue (counters,
+/// limits, streams, pending entries, lanes, delayed set) with each job's place in it.
+async fn explain_stuck(c: &Cluster) -> String {
+    use std::fmt::Write;
+    type Row = (
+        Uuid,
+        Uuid,
+        String,
+        i32,
+        i64,
+        String,
+        Option<String>,
+        Option<String>,
+    );
+    let rows: Vec<Row> = sqlx::query_as(
+        "SELECT id, tenant_id, status, attempt, dispatch_epoch, queue, run_at::text,
+                lease_owner || ' until ' || lease_expires_at::text
+         FROM jobs WHERE status IN ('queued', 'running') ORDER BY id LIMIT 30",
+    )
+    .fetch_all(c.store.pool())
+    .await
+    .unwrap_or_default();
+    let mut out = String::new();
+    let Ok(mut r) = redis::Client::open(c.redis_url.as_str()).and_then(|x| x.get_connection())
+    else {
+        return "redis unreachable".into();
+    };
+    let keys = switchyard_queue::keys::Keys::new(&c.prefix);
+    let epoch: Option<i64> = redis::cmd("GET").arg(keys.epoch()).query(&mut r).ok();
+    let _ = writeln!(out, "redis epoch {epoch:?}");
+    let mut queues: Vec<String> = rows.iter().map(|x| x.5.clone()).collect();
+    queues.dedup();
+    for q in &queues {
+        let hget = |r: &mut redis::Connection, k: String| -> Vec<(String, String)> {
+            redis::cmd("HGETALL").arg(k).query(r).unwrap_or_default()
+        };
+        let _ = writeln!(out, "queue {q}: fair {:?}", hget(&mut r, keys.fair(q)));
+        let _ = writeln!(out, "  limits {:?}", hget(&mut r, keys.limits(q)));
+        for p in 0..=9i16 {
+            let s = keys.stream(q, p);
+            let len: i64 = redis::cmd("XLEN").arg(&s).query(&mut r).unwrap_or(-1);
+            if len <= 0 {
+                continue;
+            }
+            let pending: redis::Value = redis::cmd("XPENDING")
+                .arg(&s)
+                .arg(switchyard_queue::keys::GROUP)
+                .query(&mut r)
+                .unwrap_or(redis::Value::Nil);
+            let groups: redis::Value = redis::cmd("XINFO")
+                .arg("GROUPS")
+                .arg(&s)
+                .query(&mut r)
+                .unwrap_or(redis::Value::Nil);
+            let _ = writeln!(
+                out,
+                "  p{p}: len {len}, pending {pending:?}, groups {groups:?}"
+            );
+        }
+        let lanes: Vec<String> = redis::cmd("KEYS")
+            .arg(format!("{}:t:*", keys.queue_base(q)))
+            .query(&mut r)
+            .unwrap_or_default();
+        for l in &lanes {
+            let n: i64 = redis::cmd("LLEN").arg(l).query(&mut r).unwrap_or(-1);
+            let _ = writeln!(out, "  lane {l}: {n}");
+        }
+        let delayed: i64 = redis::cmd("ZCARD")
+            .arg(keys.delayed(q))
+            .query(&mut r)
+            .unwrap_or(-1);
+        let _ = writeln!(out, "  delayed {delayed}");
+    }
+    for (id, tenant, status, attempt, epoch, q, run_at, lease) in &rows {
+        let job = id.to_string();
+        let mut at = Vec::new();
+        for p in 0..=9i16 {
+            let entries: Vec<(String, Vec<(String, String)>)> = redis::cmd("XRANGE")
+                .arg(keys.stream(q, p))
+                .arg("-")
+                .arg("+")
+                .query(&mut r)
+                .unwrap_or_default();
+            for (eid, f) in entries {
+                if f.iter().any(|(k, v)| k == "job" && *v == job) {
+                    at.push(format!("p{p} entry {eid}"));
+                }
+            }
+            let lane = format!("{}:t:{tenant}:p{p}", keys.queue_base(q));
+            let l: Vec<String> = redis::cmd("LRANGE")
+                .arg(&lane)
+                .arg(0)
+                .arg(-1)
+                .query(&mut r)
+                .unwrap_or_default();
+            if l.contains(&job) {
+                at.push(format!("lane p{p}"));
+            }
+        }
+        let _ = writeln!(
+            out,
+            "job {id} {status} attempt {attempt} epoch {epoch} run_at {run_at:?} lease {lease:?}: {at:?}"
+        );
+    }
+    out
 }
 
 /// Every job of `ids` has exactly one terminal state change in its audit trail (chained or

@@ -19,15 +19,19 @@ pub(crate) async fn reclaim_loop(s: Arc<Shared>, stop: CancellationToken) {
         }
         for q in &s.opts.queues {
             let slots = s.slots_for(q);
-            let mut permits = Vec::new();
+            // wait in line for one slot (the semaphore is fair: a busy fetch loop cannot
+            // starve reclaim), then take whatever else is free
+            let first = tokio::select! {
+                _ = stop.cancelled() => return,
+                p = tokio::time::timeout(every, slots.clone().acquire_owned()) => p,
+            };
+            let Ok(Ok(first)) = first else { continue };
+            let mut permits = vec![first];
             while permits.len() < 32 {
                 match slots.clone().try_acquire_owned() {
                     Ok(p) => permits.push(p),
                     Err(_) => break,
                 }
-            }
-            if permits.is_empty() {
-                continue;
             }
             // highest priority first, while there are free slots
             for p in switchyard_queue::keys::PRIORITIES.iter().rev() {

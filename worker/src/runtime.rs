@@ -268,12 +268,30 @@ async fn fetch_loop(s: Arc<Shared>, queue: String, stop: CancellationToken) {
         }
         match s
             .queue
-            .fetch(&mut conn, &queue, &s.id, permits.len(), s.opts.fetch_block)
+            .try_fetch(&mut conn, &queue, &s.id, permits.len())
             .await
         {
-            Ok(deliveries) => {
+            Ok(got) if got.deliveries.is_empty() => {
                 tries = 0;
-                spawn_batch(&s, deliveries, &mut permits).await;
+                // wait for the bell without holding the slots: lease reclaim needs them
+                // (an idle worker that held them would never take over stranded entries)
+                drop(permits);
+                let wait = s
+                    .queue
+                    .wait_bell(&mut conn, &queue, &got.bell, s.opts.fetch_block);
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    r = wait => if let Err(e) = r {
+                        tracing::warn!(error = %e, queue, "worker: waiting for work failed; retrying");
+                        if !backoff_sleep(&mut tries, &stop).await {
+                            return;
+                        }
+                    },
+                }
+            }
+            Ok(got) => {
+                tries = 0;
+                spawn_batch(&s, got.deliveries, &mut permits).await;
             }
             Err(e) if e.code() == Some("NOGROUP") => {
                 tracing::warn!(

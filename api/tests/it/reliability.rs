@@ -170,6 +170,34 @@ async fn a_dead_workers_job_is_reclaimed_after_its_lease(pool: PgPool) {
 }
 
 #[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
+async fn an_idle_worker_reclaims_an_entry_a_dead_worker_fetched_but_never_claimed(pool: PgPool) {
+    // the job stays `queued` in its current epoch: only lease reclaim can bring it back (a
+    // worker whose idle fetch loops held every slot while waiting never reclaimed it)
+    let mut app = spawn_without_worker(pool).await;
+    let id = app.submit_noop(json!({})).await;
+    let queue = app.queue().await;
+    queue.ensure_group("system").await.unwrap();
+    let mut conn = app.redis().await;
+    let mut got = Vec::new();
+    for _ in 0..20 {
+        got.extend(
+            queue
+                .fetch(&mut conn, "system", "ghost", 10, Duration::from_millis(200))
+                .await
+                .unwrap(),
+        );
+        if !got.is_empty() {
+            break;
+        }
+    }
+    assert!(got.iter().any(|d| d.job_id == id));
+    app.start_worker().await;
+    let j = app.wait_status(id, "succeeded", T).await;
+    assert_eq!(j["attempt"], 1, "the ghost never claimed it");
+    app.stop().await;
+}
+
+#[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
 async fn jobs_committed_but_never_dispatched_still_run(pool: PgPool) {
     let app = spawn_app(pool).await;
     // the API died between its commit and its XADD: the row exists, Redis never heard of it

@@ -13,7 +13,7 @@ pub mod quotas;
 pub use events::EventBus;
 pub use keys::Keys;
 pub use live::{LiveHub, LiveMsg, LiveSubscription};
-pub use queue::{Delivery, Queue};
+pub use queue::{Delivery, Fetched, Queue};
 pub use quotas::{DailyUse, Quotas, RateDecision};
 
 use std::time::Duration;

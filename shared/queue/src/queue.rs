@@ -241,6 +241,23 @@ impl Queue {
         count: usize,
         block: Duration,
     ) -> RedisResult<Vec<Delivery>> {
+        let got = self.try_fetch(conn, queue, consumer, count).await?;
+        if got.deliveries.is_empty() {
+            self.wait_bell(conn, queue, &got.bell, block).await?;
+        }
+        Ok(got.deliveries)
+    }
+
+    /// [`Queue::fetch`] without the wait: the entries read, and the bell's id to wait on
+    /// ([`Queue::wait_bell`]) when there were none. A worker waits without holding its slots,
+    /// so that lease reclaim can use them meanwhile.
+    pub async fn try_fetch(
+        &self,
+        conn: &mut ConnectionManager,
+        queue: &str,
+        consumer: &str,
+        count: usize,
+    ) -> RedisResult<Fetched> {
         let mut inv = self.fetch_script.prepare_invoke();
         inv.key(self.keys.fair(queue))
             .arg(self.keys.queue_base(queue))
@@ -250,20 +267,27 @@ impl Queue {
             .arg(count.max(1));
         let (bell, got): (String, Vec<(String, String, String, String)>) =
             inv.invoke_async(conn).await?;
-        if !got.is_empty() {
-            return Ok(got
-                .into_iter()
-                .map(|(stream, id, job, tenant)| {
-                    to_delivery(queue, &stream, &id, Some(job), tenant)
-                })
-                .collect());
-        }
-        // nothing for us now: wait for the bell (rung after our read, so nothing is missed)
+        let deliveries = got
+            .into_iter()
+            .map(|(stream, id, job, tenant)| to_delivery(queue, &stream, &id, Some(job), tenant))
+            .collect();
+        Ok(Fetched { bell, deliveries })
+    }
+
+    /// Waits up to `block` for the queue's bell to ring after `bell` (the id a fetch that
+    /// found nothing returned, read in the same step: nothing rung since is missed).
+    pub async fn wait_bell(
+        &self,
+        conn: &mut ConnectionManager,
+        queue: &str,
+        bell: &str,
+        block: Duration,
+    ) -> RedisResult<()> {
         let opts = StreamReadOptions::default().block(block.as_millis() as usize);
         let _: Option<StreamReadReply> = conn
-            .xread_options(&[self.keys.bell(queue)], &[bell.as_str()], &opts)
+            .xread_options(&[self.keys.bell(queue)], &[bell], &opts)
             .await?;
-        Ok(Vec::new())
+        Ok(())
     }
 
     /// Renews the lease of a delivery (resets its idle time) if `consumer` still owns it.
@@ -546,6 +570,14 @@ impl Queue {
 }
 
 /// A job's member in its queue's delayed set (`<id>:<tenant>:<priority>`, score = run_at ms).
+/// What one [`Queue::try_fetch`] read.
+#[derive(Debug)]
+pub struct Fetched {
+    /// The queue's bell id when the entries were read.
+    pub bell: String,
+    pub deliveries: Vec<Delivery>,
+}
+
 pub fn delayed_member(it: &DispatchItem) -> String {
     format!("{}:{}:{}", it.id, it.tenant_id, it.priority.clamp(0, 9))
 }
