@@ -16,6 +16,8 @@ if ! cargo nextest --version >/dev/null 2>&1; then
   cargo install cargo-nextest --locked
 fi
 command -v redis-server >/dev/null || apt_install redis-server
+# the Redis Cluster tests (api/tests/it/cluster.rs) build private clusters with redis-cli
+command -v redis-cli >/dev/null || apt_install redis-tools
 ensure_redis
 ensure_postgres
 # the front door is tested with the official `openai` Python package

@@ -71,11 +71,11 @@ fn find_binary(name: &str) -> Option<PathBuf> {
 }
 
 async fn redis_reachable(url: &str) -> bool {
-    let Ok(client) = redis::Client::open(url) else {
+    let Ok(client) = switchyard_queue::RedisClient::open(url) else {
         return false;
     };
     let fut = async {
-        let mut c = client.get_multiplexed_async_connection().await?;
+        let mut c = client.connect(Duration::from_secs(2)).await?;
         redis::cmd("PING").query_async::<()>(&mut c).await
     };
     matches!(
@@ -88,6 +88,15 @@ async fn redis_reachable(url: &str) -> bool {
 pub async fn ensure_services(cfg: &mut Config) -> anyhow::Result<Services> {
     let mut services = Services::default();
     let base = PathBuf::from(".switchyard");
+    let cluster = switchyard_queue::RedisClient::open(cfg.redis_url())
+        .map(|c| c.is_cluster())
+        .unwrap_or(false);
+    if cluster && !redis_reachable(cfg.redis_url()).await {
+        anyhow::bail!(
+            "the Redis Cluster at REDIS_URL ({}) is unreachable: start it (dev starts only a single local Redis)",
+            redact(cfg.redis_url())
+        );
+    }
     if !redis_reachable(cfg.redis_url()).await {
         let bin = find_binary("redis-server").context(
             "no Redis at REDIS_URL and no redis-server binary: install it (Debian/Ubuntu: `sudo apt-get install redis-server`) or set REDIS_URL",

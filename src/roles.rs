@@ -29,8 +29,9 @@ pub fn store(cfg: &Config, max_connections: u32) -> anyhow::Result<Store> {
     )
 }
 
-pub fn redis_client(cfg: &Config) -> anyhow::Result<redis::Client> {
-    redis::Client::open(cfg.redis_url()).map_err(|e| anyhow::anyhow!("invalid REDIS_URL: {e}"))
+pub fn redis_client(cfg: &Config) -> anyhow::Result<switchyard_queue::RedisClient> {
+    switchyard_queue::RedisClient::open(cfg.redis_url())
+        .map_err(|e| anyhow::anyhow!("invalid REDIS_URL: {e}"))
 }
 
 /// Waits until Postgres answers (startup only), printing what it waits for.
@@ -73,7 +74,7 @@ pub async fn run_api(
 pub fn executors(
     cfg: &Config,
     store: Option<Store>,
-    redis: Option<redis::aio::ConnectionManager>,
+    redis: Option<switchyard_queue::RedisConn>,
     code: Option<Arc<CodeExecExecutor>>,
 ) -> ExecutorRegistry {
     let mut reg = ExecutorRegistry::new();

@@ -105,7 +105,7 @@ impl AppState {
         store: Store,
         shutdown: CancellationToken,
     ) -> anyhow::Result<AppState> {
-        let client = redis::Client::open(cfg.redis_url())
+        let client = switchyard_queue::RedisClient::open(cfg.redis_url())
             .map_err(|e| anyhow::anyhow!("invalid REDIS_URL: {e}"))?;
         let conn = switchyard_queue::connect_retrying(&client).await?;
         let keys = Keys::new(&cfg.redis_prefix);

@@ -3,9 +3,9 @@
 //! the others. After the commit the batch is dispatched to Redis (queued events first, then the
 //! queue entries) and marked with the Redis epoch it went to; the reconciler covers crashes.
 
-use redis::aio::ConnectionManager;
 use switchyard_core::job::JobStatus;
 use switchyard_core::Event;
+use switchyard_queue::RedisConn;
 use switchyard_store::{NewJob, Store, StoreError};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::task::TaskTracker;
@@ -28,7 +28,7 @@ impl Submitter {
     pub fn start(
         store: Store,
         queue: switchyard_queue::Queue,
-        redis: ConnectionManager,
+        redis: RedisConn,
         tracker: &TaskTracker,
     ) -> Submitter {
         let (tx, rx) = mpsc::channel(8192);
@@ -114,7 +114,7 @@ async fn commit_loop(
 async fn dispatch_loop(
     store: Store,
     queue: switchyard_queue::Queue,
-    mut redis: ConnectionManager,
+    mut redis: RedisConn,
     mut rx: mpsc::Receiver<Vec<NewJob>>,
 ) {
     let live_ttl = 7 * 24 * 3600;

@@ -2,14 +2,14 @@
 //! language and outcome; run and start time sums) and reports its warm pools; every API's
 //! `/metrics` reads them.
 
-use redis::aio::ConnectionManager;
 use switchyard_core::code::{CodeExecOutput, KilledBy, Language, Tier};
 use switchyard_queue::Keys;
+use switchyard_queue::RedisConn;
 
 /// Where a worker's code metrics go.
 #[derive(Clone)]
 pub struct CodeMetrics {
-    conn: ConnectionManager,
+    conn: RedisConn,
     keys: Keys,
     /// This process (pool reports are per worker).
     instance: String,
@@ -29,7 +29,7 @@ pub fn outcome_label(out: &CodeExecOutput) -> &'static str {
 }
 
 impl CodeMetrics {
-    pub fn new(conn: ConnectionManager, keys: Keys) -> CodeMetrics {
+    pub fn new(conn: RedisConn, keys: Keys) -> CodeMetrics {
         CodeMetrics {
             conn,
             keys,

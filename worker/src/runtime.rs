@@ -75,7 +75,7 @@ pub(crate) struct Shared {
     pub(crate) queue: Queue,
     pub(crate) quotas: switchyard_queue::Quotas,
     pub(crate) bus: EventBus,
-    pub(crate) client: redis::Client,
+    pub(crate) client: switchyard_queue::RedisClient,
     pub(crate) executors: ExecutorRegistry,
     pub(crate) opts: WorkerOptions,
     /// Run slots: one shared semaphore, plus one per queue with its own concurrency.
@@ -131,7 +131,7 @@ impl Worker {
         store: Store,
         queue: Queue,
         bus: EventBus,
-        client: redis::Client,
+        client: switchyard_queue::RedisClient,
         executors: ExecutorRegistry,
         opts: WorkerOptions,
     ) -> Worker {
@@ -318,7 +318,7 @@ async fn cancel_listener(s: Arc<Shared>, stop: CancellationToken) {
     while !stop.is_cancelled() {
         let ps = tokio::select! {
             _ = stop.cancelled() => return,
-            ps = s.client.get_async_pubsub() => ps,
+            ps = s.client.pubsub() => ps,
         };
         let mut ps = match ps {
             Ok(ps) => ps,

@@ -16,10 +16,10 @@ use crate::support::{spawn_app_with, Opts, TestApp};
 
 const T: Duration = Duration::from_secs(60);
 
-fn lane_depth(k: u64) -> Opts {
+fn lane_depth(k: u64, base: Opts) -> Opts {
     Opts {
         configure: Some(Arc::new(move |cfg| cfg.queue_lane_depth = k)),
-        ..Opts::default()
+        ..base
     }
 }
 
@@ -58,10 +58,10 @@ async fn sync_limits(app: &TestApp) {
 
 #[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
 async fn a_flooding_tenant_waits_in_its_lane_and_weights_widen_it(pool: PgPool) {
-    let mut opts = lane_depth(8);
+    let mut opts = lane_depth(8, Opts::default());
     opts.worker = false;
     let app = spawn_app_with(pool, opts).await;
-    app.queue().await.epoch().await.unwrap();
+    app.wait_epoch().await;
     let heavy = app.store.create_tenant("heavy").await.unwrap();
     let (_, heavy_key) = app.store.create_api_key(heavy.id, "k", None).await.unwrap();
     assert!(app
@@ -116,15 +116,23 @@ async fn a_flooding_tenant_waits_in_its_lane_and_weights_widen_it(pool: PgPool) 
 
 #[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
 async fn another_tenants_job_starts_after_at_most_a_lane_of_the_flood(pool: PgPool) {
+    another_tenants_job_starts_after_at_most_a_lane_of_the_flood_on(pool, Opts::default()).await
+}
+
+/// The test above on the Redis that `base` names (`cluster.rs` runs it on a Redis Cluster).
+pub(crate) async fn another_tenants_job_starts_after_at_most_a_lane_of_the_flood_on(
+    pool: PgPool,
+    base: Opts,
+) {
     let mut app = spawn_app_with(
         pool,
         Opts {
             worker: false,
-            ..lane_depth(8)
+            ..lane_depth(8, base)
         },
     )
     .await;
-    app.queue().await.epoch().await.unwrap();
+    app.wait_epoch().await;
     // tenant A floods the queue before any worker runs
     let flood = submit_many(&app, &app.key.clone(), 2000, json!({})).await;
     let other = app.store.create_tenant("other").await.unwrap();
@@ -190,9 +198,14 @@ async fn wait_all(app: &TestApp, ids: &[Uuid]) {
 
 #[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
 async fn a_tenants_concurrency_limit_holds_across_workers(pool: PgPool) {
-    let mut app = spawn_app_with(pool, Opts::default()).await;
+    a_tenants_concurrency_limit_holds_across_workers_on(pool, Opts::default()).await
+}
+
+/// The test above on the Redis that `base` names (`cluster.rs` runs it on a Redis Cluster).
+pub(crate) async fn a_tenants_concurrency_limit_holds_across_workers_on(pool: PgPool, base: Opts) {
+    let mut app = spawn_app_with(pool, base).await;
     app.start_worker().await; // two workers, 16 slots each
-    app.queue().await.epoch().await.unwrap();
+    app.wait_epoch().await;
     let limits = QuotaLimits {
         concurrent_jobs: Some(2),
         ..Default::default()
@@ -232,7 +245,7 @@ async fn a_queue_limit_holds_across_workers(pool: PgPool) {
     )
     .await;
     app.start_worker().await;
-    app.queue().await.epoch().await.unwrap();
+    app.wait_epoch().await;
     // the queue must be known before its limits are written
     app.queue().await.ensure_group("reports").await.unwrap();
     sync_limits(&app).await;

@@ -157,13 +157,18 @@ async fn provider_failures_are_typed(pool: PgPool) {
 
 #[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
 async fn cancel_queued_running_and_finished(pool: PgPool) {
+    cancel_queued_running_and_finished_on(pool, Opts::default()).await
+}
+
+/// The test above on the Redis that `base` names (`cluster.rs` runs it on a Redis Cluster).
+pub(crate) async fn cancel_queued_running_and_finished_on(pool: PgPool, base: Opts) {
     // a 30 s lease heartbeats every 10 s: confirming within 5 s needs the cancel notification
     let mut app = spawn_app_with(
         pool,
         Opts {
             worker: false,
             lease: Duration::from_secs(30),
-            ..Opts::default()
+            ..base
         },
     )
     .await;

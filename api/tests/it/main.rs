@@ -5,6 +5,7 @@ mod api_keys;
 mod audit;
 mod cache;
 mod chat_completions;
+mod cluster;
 mod code;
 mod conversations;
 mod errors;

@@ -7,8 +7,20 @@ use crate::support::spawn_api_only;
 
 #[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
 async fn health_ready_metrics(pool: PgPool) {
+    health_ready_metrics_on(pool, crate::support::Opts::default()).await
+}
+
+/// The test above on the Redis that `base` names (`cluster.rs` runs it on a Redis Cluster).
+pub(crate) async fn health_ready_metrics_on(pool: PgPool, base: crate::support::Opts) {
     // the scheduler creates the consumer groups the backlog is read from
-    let app = crate::support::spawn_without_worker(pool).await;
+    let app = crate::support::spawn_app_with(
+        pool,
+        crate::support::Opts {
+            worker: false,
+            ..base
+        },
+    )
+    .await;
     let queue = app.queue().await;
     let t = std::time::Instant::now();
     while queue.epoch().await.unwrap().is_none() {
@@ -136,6 +148,14 @@ async fn openapi_documents_every_route_and_error(pool: PgPool) {
 /// drained worker leaves it.
 #[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
 async fn workers_are_listed_for_the_operator(pool: PgPool) {
+    workers_are_listed_for_the_operator_on(pool, crate::support::Opts::default()).await
+}
+
+/// The test above on the Redis that `base` names (`cluster.rs` runs it on a Redis Cluster).
+pub(crate) async fn workers_are_listed_for_the_operator_on(
+    pool: PgPool,
+    base: crate::support::Opts,
+) {
     use crate::support::OPERATOR_TOKEN;
     let mut app = crate::support::spawn_app_with(
         pool,
@@ -144,7 +164,7 @@ async fn workers_are_listed_for_the_operator(pool: PgPool) {
                 cfg.worker.queues.push("reports".into());
                 cfg.worker.queue_concurrency.insert("reports".into(), 2);
             })),
-            ..Default::default()
+            ..base
         },
     )
     .await;

@@ -22,6 +22,18 @@ fn time(v: &Value) -> DateTime<Utc> {
 
 #[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
 async fn a_named_queue_runs_on_the_workers_that_serve_it_with_its_own_concurrency(pool: PgPool) {
+    a_named_queue_runs_on_the_workers_that_serve_it_with_its_own_concurrency_on(
+        pool,
+        Opts::default(),
+    )
+    .await
+}
+
+/// The test above on the Redis that `base` names (`cluster.rs` runs it on a Redis Cluster).
+pub(crate) async fn a_named_queue_runs_on_the_workers_that_serve_it_with_its_own_concurrency_on(
+    pool: PgPool,
+    base: Opts,
+) {
     let app = spawn_app_with(
         pool,
         Opts {
@@ -29,11 +41,11 @@ async fn a_named_queue_runs_on_the_workers_that_serve_it_with_its_own_concurrenc
                 cfg.worker.queues.push("reports".into());
                 cfg.worker.queue_concurrency.insert("reports".into(), 1);
             })),
-            ..Opts::default()
+            ..base
         },
     )
     .await;
-    app.queue().await.epoch().await.unwrap();
+    app.wait_epoch().await;
     let mut ids = Vec::new();
     for _ in 0..4 {
         let job = app
@@ -129,7 +141,7 @@ async fn queue_names_and_backoffs_are_checked(pool: PgPool) {
 #[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
 async fn a_fixed_backoff_spaces_the_retries_as_asked(pool: PgPool) {
     let app = spawn_app_with(pool, Opts::default()).await;
-    app.queue().await.epoch().await.unwrap();
+    app.wait_epoch().await;
     let job = app
         .submit(json!({
             "kind": "system.noop",

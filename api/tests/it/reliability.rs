@@ -171,9 +171,28 @@ async fn a_dead_workers_job_is_reclaimed_after_its_lease(pool: PgPool) {
 
 #[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
 async fn an_idle_worker_reclaims_an_entry_a_dead_worker_fetched_but_never_claimed(pool: PgPool) {
+    an_idle_worker_reclaims_an_entry_a_dead_worker_fetched_but_never_claimed_on(
+        pool,
+        Opts::default(),
+    )
+    .await
+}
+
+/// The test above on the Redis that `base` names (`cluster.rs` runs it on a Redis Cluster).
+pub(crate) async fn an_idle_worker_reclaims_an_entry_a_dead_worker_fetched_but_never_claimed_on(
+    pool: PgPool,
+    base: Opts,
+) {
     // the job stays `queued` in its current epoch: only lease reclaim can bring it back (a
     // worker whose idle fetch loops held every slot while waiting never reclaimed it)
-    let mut app = spawn_without_worker(pool).await;
+    let mut app = spawn_app_with(
+        pool,
+        Opts {
+            worker: false,
+            ..base
+        },
+    )
+    .await;
     let id = app.submit_noop(json!({})).await;
     let queue = app.queue().await;
     queue.ensure_group("system").await.unwrap();
@@ -199,7 +218,12 @@ async fn an_idle_worker_reclaims_an_entry_a_dead_worker_fetched_but_never_claime
 
 #[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
 async fn jobs_committed_but_never_dispatched_still_run(pool: PgPool) {
-    let app = spawn_app(pool).await;
+    jobs_committed_but_never_dispatched_still_run_on(pool, Opts::default()).await
+}
+
+/// The test above on the Redis that `base` names (`cluster.rs` runs it on a Redis Cluster).
+pub(crate) async fn jobs_committed_but_never_dispatched_still_run_on(pool: PgPool, base: Opts) {
+    let app = spawn_app_with(pool, base).await;
     // the API died between its commit and its XADD: the row exists, Redis never heard of it
     let jobs: Vec<NewJob> = (0..25).map(|_| new_job(app.tenant)).collect();
     let ids: Vec<Uuid> = jobs.iter().map(|j| j.id).collect();

@@ -8,13 +8,18 @@ use serde_json::{json, Value};
 use sqlx::PgPool;
 use uuid::Uuid;
 
-use crate::support::{assert_contiguous, spawn_api_only, spawn_app};
+use crate::support::{assert_contiguous, spawn_api_only, spawn_app, spawn_app_with, Opts};
 
 const T: Duration = Duration::from_secs(20);
 
 #[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
 async fn websocket_streams_tokens_in_order(pool: PgPool) {
-    let app = spawn_app(pool).await;
+    websocket_streams_tokens_in_order_on(pool, Opts::default()).await
+}
+
+/// The test above on the Redis that `base` names (`cluster.rs` runs it on a Redis Cluster).
+pub(crate) async fn websocket_streams_tokens_in_order_on(pool: PgPool, base: Opts) {
+    let app = spawn_app_with(pool, base).await;
     let mut ws = app.ws().await;
     let job = app
         .submit(json!({"kind": "llm.chat", "input": {"model": "mock-echo", "messages": [{"role": "user", "content": "one two three four five six"}]}}))
@@ -176,7 +181,12 @@ async fn sse_events(resp: reqwest::Response) -> Vec<(Option<String>, String, Val
 
 #[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
 async fn sse_streams_and_resumes_with_last_event_id(pool: PgPool) {
-    let app = spawn_app(pool).await;
+    sse_streams_and_resumes_with_last_event_id_on(pool, Opts::default()).await
+}
+
+/// The test above on the Redis that `base` names (`cluster.rs` runs it on a Redis Cluster).
+pub(crate) async fn sse_streams_and_resumes_with_last_event_id_on(pool: PgPool, base: Opts) {
+    let app = spawn_app_with(pool, base).await;
     let id = app.submit_noop(json!({"deltas": 3})).await;
     let r = app
         .auth(app.http.get(app.url(&format!("/v1/jobs/{id}/events"))))

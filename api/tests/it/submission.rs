@@ -6,7 +6,7 @@ use reqwest::StatusCode;
 use serde_json::{json, Value};
 use sqlx::PgPool;
 
-use crate::support::spawn_api_only;
+use crate::support::{spawn_api_only, spawn_app_with, Opts};
 
 #[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
 async fn an_idempotency_key_returns_the_same_job(pool: PgPool) {
@@ -139,7 +139,19 @@ async fn a_batch_is_all_or_nothing(pool: PgPool) {
 
 #[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
 async fn higher_priorities_are_fetched_first(pool: PgPool) {
-    let app = crate::support::spawn_without_worker(pool).await;
+    higher_priorities_are_fetched_first_on(pool, Opts::default()).await
+}
+
+/// The test above on the Redis that `base` names (`cluster.rs` runs it on a Redis Cluster).
+pub(crate) async fn higher_priorities_are_fetched_first_on(pool: PgPool, base: Opts) {
+    let app = spawn_app_with(
+        pool,
+        Opts {
+            worker: false,
+            ..base
+        },
+    )
+    .await;
     let queue = app.queue().await;
     // once the scheduler set the Redis epoch, each job is dispatched exactly once
     let t = std::time::Instant::now();
@@ -270,7 +282,12 @@ async fn dead_jobs_are_listed_and_can_be_retried(pool: PgPool) {
 
 #[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
 async fn delayed_jobs_stay_queued_until_their_time(pool: PgPool) {
-    let app = crate::support::spawn_app(pool).await;
+    delayed_jobs_stay_queued_until_their_time_on(pool, Opts::default()).await
+}
+
+/// The test above on the Redis that `base` names (`cluster.rs` runs it on a Redis Cluster).
+pub(crate) async fn delayed_jobs_stay_queued_until_their_time_on(pool: PgPool, base: Opts) {
+    let app = spawn_app_with(pool, base).await;
     let t = std::time::Duration::from_secs(20);
     let before = chrono::Utc::now();
     let j = app

@@ -182,15 +182,27 @@ impl TestApp {
         Keys::new(&self.cfg.redis_prefix)
     }
 
-    pub async fn redis(&self) -> redis::aio::ConnectionManager {
-        let client = redis::Client::open(self.opts.redis_url.as_str()).unwrap();
+    pub async fn redis(&self) -> switchyard_queue::RedisConn {
+        let client = switchyard_queue::RedisClient::open(self.opts.redis_url.as_str()).unwrap();
         switchyard_queue::connect(&client, Duration::from_secs(5))
             .await
             .unwrap()
     }
 
+    /// Waits for the scheduler's first pass to set the Redis epoch (a fresh epoch re-dispatches
+    /// every unfinished job, which would race a test that counts what is in the streams).
+    pub async fn wait_epoch(&self) {
+        let q = self.queue().await;
+        let t = std::time::Instant::now();
+        while q.epoch().await.unwrap().is_none() {
+            assert!(t.elapsed() < Duration::from_secs(10), "no redis epoch");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// The queue as the roles build it (with the configured lane depth).
     pub async fn queue(&self) -> Queue {
-        Queue::new(self.keys(), self.redis().await)
+        Queue::new(self.keys(), self.redis().await).with_lane_depth(self.cfg.queue_lane_depth)
     }
 
     pub async fn bus(&self) -> EventBus {
@@ -267,7 +279,7 @@ impl TestApp {
     }
 
     pub async fn start_worker_with_grace(&mut self, grace: Duration) {
-        let client = redis::Client::open(self.opts.redis_url.as_str()).unwrap();
+        let client = switchyard_queue::RedisClient::open(self.opts.redis_url.as_str()).unwrap();
         let opts = WorkerOptions {
             lease: self.opts.lease,
             name: "test".into(),
@@ -357,6 +369,10 @@ impl TestApp {
     }
 
     async fn clear_redis(&self) {
+        // a test on a cluster starts a private one and drops it whole (SCAN is per node)
+        if switchyard_queue::RedisClient::open(&self.opts.redis_url).is_ok_and(|c| c.is_cluster()) {
+            return;
+        }
         let mut c = self.redis().await;
         let pattern = format!("*{}*", self.cfg.redis_prefix);
         // SCAN, not KEYS: never block a shared Redis

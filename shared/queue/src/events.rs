@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use redis::aio::ConnectionManager;
+use crate::RedisConn;
 use redis::{RedisResult, Script, Value};
 use switchyard_core::Event;
 use uuid::Uuid;
@@ -84,7 +84,7 @@ pub struct History {
 #[derive(Clone)]
 pub struct EventBus {
     keys: Keys,
-    conn: ConnectionManager,
+    conn: RedisConn,
     publish_script: Arc<Script>,
     begin_script: Arc<Script>,
     begin_publish_script: Arc<Script>,
@@ -95,7 +95,7 @@ pub struct EventBus {
 }
 
 impl EventBus {
-    pub fn new(keys: Keys, conn: ConnectionManager, done_ttl: Duration) -> EventBus {
+    pub fn new(keys: Keys, conn: RedisConn, done_ttl: Duration) -> EventBus {
         EventBus {
             keys,
             conn,

@@ -3,6 +3,7 @@
 //!
 //! Redis is never the source of truth: everything here can be rebuilt from Postgres.
 
+pub mod conn;
 pub mod events;
 pub mod fair;
 pub mod keys;
@@ -18,23 +19,18 @@ pub use quotas::{DailyUse, Quotas, RateDecision};
 
 use std::time::Duration;
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+pub use conn::{RedisClient, RedisConn};
 
 /// Opens a self-reconnecting connection. `response_timeout` must exceed any BLOCK used on it.
 pub async fn connect(
-    client: &redis::Client,
+    client: &RedisClient,
     response_timeout: Duration,
-) -> redis::RedisResult<ConnectionManager> {
-    let cfg = ConnectionManagerConfig::new()
-        .set_connection_timeout(Duration::from_secs(3))
-        .set_response_timeout(response_timeout)
-        .set_number_of_retries(2)
-        .set_max_delay(1000);
-    ConnectionManager::new_with_config(client.clone(), cfg).await
+) -> redis::RedisResult<RedisConn> {
+    client.connect(response_timeout).await
 }
 
 /// [`connect`], retrying with backoff for about a minute (a restarting Redis is not fatal).
-pub async fn connect_retrying(client: &redis::Client) -> redis::RedisResult<ConnectionManager> {
+pub async fn connect_retrying(client: &RedisClient) -> redis::RedisResult<RedisConn> {
     let mut delay = Duration::from_millis(100);
     let mut tries = 0;
     loop {

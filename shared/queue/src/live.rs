@@ -73,7 +73,7 @@ impl Drop for LiveSubscription {
 impl LiveHub {
     /// Starts the connection task; it reconnects with backoff until `shutdown`.
     pub fn start(
-        client: redis::Client,
+        client: crate::RedisClient,
         keys: Keys,
         shutdown: CancellationToken,
         tracker: &tokio_util::task::TaskTracker,
@@ -172,7 +172,7 @@ impl LiveHub {
         }
     }
 
-    async fn run(self, client: redis::Client, shutdown: CancellationToken) {
+    async fn run(self, client: crate::RedisClient, shutdown: CancellationToken) {
         let prefix = self.inner.keys.event_channel_prefix();
         let mut backoff = Duration::from_millis(50);
         let mut connected_before = false;
@@ -182,7 +182,7 @@ impl LiveHub {
             }
             let conn = tokio::select! {
                 _ = shutdown.cancelled() => return,
-                c = client.get_async_pubsub() => c,
+                c = client.pubsub() => c,
             };
             let (mut sink, mut stream) = match conn {
                 Ok(ps) => ps.split(),

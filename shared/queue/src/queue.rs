@@ -5,8 +5,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::RedisConn;
 use chrono::Utc;
-use redis::aio::ConnectionManager;
 use redis::streams::{StreamReadOptions, StreamReadReply};
 use redis::{AsyncCommands, RedisResult, Script, Value};
 use switchyard_core::job::{known_queues, DispatchItem};
@@ -31,7 +31,7 @@ pub struct Delivery {
 #[derive(Clone)]
 pub struct Queue {
     keys: Keys,
-    conn: ConnectionManager,
+    conn: RedisConn,
     heartbeat_script: Arc<Script>,
     move_due_script: Arc<Script>,
     fetch_script: Arc<Script>,
@@ -49,7 +49,7 @@ return 1
 "#;
 
 impl Queue {
-    pub fn new(keys: Keys, conn: ConnectionManager) -> Queue {
+    pub fn new(keys: Keys, conn: RedisConn) -> Queue {
         Queue {
             keys,
             conn,
@@ -72,7 +72,7 @@ impl Queue {
         &self.keys
     }
 
-    pub fn conn(&self) -> ConnectionManager {
+    pub fn conn(&self) -> RedisConn {
         self.conn.clone()
     }
 
@@ -137,10 +137,9 @@ impl Queue {
                 named.push(&it.queue);
             }
         }
-        if !ready.is_empty() {
-            pipe.load_script(&self.dispatch_script).ignore();
-        }
         for (queue, items) in ready {
+            // loaded next to each call: on a cluster each queue's slot may be another node
+            pipe.load_script(&self.dispatch_script).ignore();
             let mut inv = self.dispatch_script.prepare_invoke();
             inv.key(self.keys.fair(queue))
                 .arg(self.keys.queue_base(queue))
@@ -235,7 +234,7 @@ impl Queue {
     /// Use a connection of its own for this (a blocking read stalls other commands).
     pub async fn fetch(
         &self,
-        conn: &mut ConnectionManager,
+        conn: &mut RedisConn,
         queue: &str,
         consumer: &str,
         count: usize,
@@ -253,7 +252,7 @@ impl Queue {
     /// so that lease reclaim can use them meanwhile.
     pub async fn try_fetch(
         &self,
-        conn: &mut ConnectionManager,
+        conn: &mut RedisConn,
         queue: &str,
         consumer: &str,
         count: usize,
@@ -278,7 +277,7 @@ impl Queue {
     /// found nothing returned, read in the same step: nothing rung since is missed).
     pub async fn wait_bell(
         &self,
-        conn: &mut ConnectionManager,
+        conn: &mut RedisConn,
         queue: &str,
         bell: &str,
         block: Duration,

@@ -6,7 +6,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use redis::aio::ConnectionManager;
+use crate::RedisConn;
 use redis::Script;
 use uuid::Uuid;
 
@@ -53,7 +53,7 @@ pub struct DailyUse {
 #[derive(Clone)]
 pub struct Quotas {
     keys: Keys,
-    conn: ConnectionManager,
+    conn: RedisConn,
     rate: Arc<Script>,
 }
 
@@ -61,7 +61,7 @@ pub struct Quotas {
 const DAY_TTL_S: i64 = 2 * 24 * 3600;
 
 impl Quotas {
-    pub fn new(keys: Keys, conn: ConnectionManager) -> Quotas {
+    pub fn new(keys: Keys, conn: RedisConn) -> Quotas {
         Quotas {
             keys,
             conn,

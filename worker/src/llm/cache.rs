@@ -6,13 +6,13 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use redis::aio::ConnectionManager;
 use redis::AsyncCommands;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use sha2::{Digest, Sha256};
 use switchyard_core::job::{ChatMessage, LlmChatInput, ToolCall};
 use switchyard_queue::Keys;
+use switchyard_queue::RedisConn;
 use uuid::Uuid;
 
 use super::{ChatOutput, Usage};
@@ -45,7 +45,7 @@ return 0";
 
 #[derive(Clone)]
 pub struct ResponseCache {
-    conn: ConnectionManager,
+    conn: RedisConn,
     keys: Keys,
     ttl: Duration,
     extend: Arc<redis::Script>,
@@ -106,7 +106,7 @@ pub fn fingerprint(input: &LlmChatInput, head: &[ChatMessage], history: &[ChatMe
 }
 
 impl ResponseCache {
-    pub fn new(conn: ConnectionManager, keys: Keys, ttl: Duration) -> Self {
+    pub fn new(conn: RedisConn, keys: Keys, ttl: Duration) -> Self {
         ResponseCache {
             conn,
             keys,
