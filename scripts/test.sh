@@ -56,6 +56,9 @@ command -v runsc >/dev/null || apt_install runsc
 say "gVisor rootfs (sandbox-images/gvisor/build-rootfs.sh)"
 bash sandbox-images/gvisor/build-rootfs.sh
 
+say "deploy/: compose, kustomize overlays, Kubernetes schemas, checkov (scripts/check-deploy.sh)"
+bash scripts/check-deploy.sh
+
 say "cargo fmt --check"
 cargo fmt --all --check
 

@@ -2,4 +2,6 @@
 //! from the configuration. The binary itself only parses arguments.
 
 pub mod devsvc;
+pub mod health;
+pub mod otel;
 pub mod roles;

@@ -55,6 +55,9 @@ enum Cmd {
     Scheduler,
     /// Applies database migrations.
     Migrate,
+    /// Container health check: exits 0 if URL (default: this host's `health_listen`, then the
+    /// API's `/healthz`) answers 200 within 3 s.
+    Probe { url: Option<String> },
     /// The mock LLM provider (OpenAI- and Anthropic-compatible).
     MockLlm {
         #[arg(long, default_value = "127.0.0.1:8081")]
@@ -74,6 +77,22 @@ enum Cmd {
         #[command(subcommand)]
         cmd: AdminCmd,
     },
+}
+
+impl Cmd {
+    /// The role's name (the traces' service is `switchyard-<role>`).
+    fn role(&self) -> &'static str {
+        match self {
+            Cmd::Dev { .. } => "dev",
+            Cmd::Api { .. } => "api",
+            Cmd::Worker { .. } => "worker",
+            Cmd::Scheduler => "scheduler",
+            Cmd::Migrate => "migrate",
+            Cmd::Probe { .. } => "probe",
+            Cmd::MockLlm { .. } => "mock-llm",
+            Cmd::Admin { .. } => "admin",
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -151,7 +170,15 @@ enum AdminCmd {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let mut cfg = Config::load(cli.config.as_deref())?;
-    switchyard_core::telemetry::init(cfg.log_json);
+    let endpoint = cfg
+        .otlp_endpoint
+        .clone()
+        .or_else(|| std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT").ok());
+    let (extra, _otel) = match switchyard::otel::layer(endpoint.as_deref(), cli.cmd.role())? {
+        Some((layer, guard)) => (Some(layer), Some(guard)),
+        None => (None, None),
+    };
+    switchyard_core::telemetry::init_with(cfg.log_json, extra);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -196,14 +223,26 @@ fn main() -> anyhow::Result<()> {
                 }
                 let stop = CancellationToken::new();
                 roles::shutdown_on_signals(stop.clone());
-                let handle = roles::start_worker(&cfg, stop).await?;
+                let health = roles::Health::new();
+                let handle = roles::start_worker(&cfg, stop, Some(&health)).await?;
                 handle.join().await;
+                health.close().await;
                 Ok(())
             }
             Cmd::Scheduler => {
                 let stop = CancellationToken::new();
                 roles::shutdown_on_signals(stop.clone());
-                roles::run_scheduler(&cfg, stop).await
+                let health = roles::Health::new();
+                let r = roles::run_scheduler(&cfg, stop, Some(&health)).await;
+                health.close().await;
+                r
+            }
+            Cmd::Probe { url } => {
+                if switchyard::health::probe(url, &cfg).await {
+                    Ok(())
+                } else {
+                    std::process::exit(1)
+                }
             }
             Cmd::Migrate => {
                 let store = roles::store(&cfg, 2)?;

@@ -139,8 +139,55 @@ pub fn worker_options(cfg: &Config, code: bool) -> WorkerOptions {
     }
 }
 
-/// Starts a worker; call `drain` on the handle to stop it.
-pub async fn start_worker(cfg: &Config, stop: CancellationToken) -> anyhow::Result<WorkerHandle> {
+/// The health endpoint of a worker or scheduler process (`health_listen`): it stays up through
+/// the drain (readiness red, liveness green) and closes when the role has stopped.
+#[derive(Default)]
+pub struct Health {
+    done: CancellationToken,
+    tasks: tokio_util::task::TaskTracker,
+}
+
+impl Health {
+    pub fn new() -> Health {
+        Health::default()
+    }
+
+    async fn serve(
+        &self,
+        cfg: &Config,
+        store: &Store,
+        redis: &switchyard_queue::RedisConn,
+        draining: &CancellationToken,
+    ) -> anyhow::Result<()> {
+        if let Some(addr) = cfg.health_listen {
+            crate::health::spawn(
+                addr,
+                store.clone(),
+                redis.clone(),
+                draining.clone(),
+                self.done.clone(),
+                &self.tasks,
+            )
+            .await?;
+        }
+        Ok(())
+    }
+
+    /// Stops the endpoint (after the role ended).
+    pub async fn close(self) {
+        self.done.cancel();
+        self.tasks.close();
+        self.tasks.wait().await;
+    }
+}
+
+/// Starts a worker; call `drain` on the handle to stop it. With `health`, it also serves
+/// `health_listen`.
+pub async fn start_worker(
+    cfg: &Config,
+    stop: CancellationToken,
+    health: Option<&Health>,
+) -> anyhow::Result<WorkerHandle> {
     let store = store(
         cfg,
         (cfg.worker.concurrency as u32 / 2).clamp(2, cfg.database_max_connections.max(2)),
@@ -175,6 +222,9 @@ pub async fn start_worker(cfg: &Config, stop: CancellationToken) -> anyhow::Resu
     } else {
         None
     };
+    if let Some(h) = health {
+        h.serve(cfg, &store, &conn, &stop).await?;
+    }
     let keys = Keys::new(&cfg.redis_prefix);
     let queue = Queue::new(keys.clone(), conn.clone()).with_lane_depth(cfg.queue_lane_depth);
     let bus = EventBus::new(keys, conn.clone(), Duration::from_secs(cfg.event_ttl_s));
@@ -190,13 +240,20 @@ pub async fn start_worker(cfg: &Config, stop: CancellationToken) -> anyhow::Resu
 }
 
 /// Runs the scheduler until `stop`.
-pub async fn run_scheduler(cfg: &Config, stop: CancellationToken) -> anyhow::Result<()> {
+pub async fn run_scheduler(
+    cfg: &Config,
+    stop: CancellationToken,
+    health: Option<&Health>,
+) -> anyhow::Result<()> {
     let store = store(cfg, 4)?;
     wait_for_postgres(&store, "the scheduler").await?;
     let client = redis_client(cfg)?;
     let conn = switchyard_queue::connect_retrying(&client)
         .await
         .map_err(|e| anyhow::anyhow!("redis unreachable: {e}"))?;
+    if let Some(h) = health {
+        h.serve(cfg, &store, &conn, &stop).await?;
+    }
     let queue =
         Queue::new(Keys::new(&cfg.redis_prefix), conn).with_lane_depth(cfg.queue_lane_depth);
     let opts = SchedulerOptions {
@@ -273,10 +330,10 @@ pub async fn run_dev(mut cfg: Config, opts: DevOptions) -> anyhow::Result<()> {
         .with_context(|| format!("binding the API to {}", opts.listen))?;
     let addr = listener.local_addr()?;
 
-    let worker = start_worker(&cfg, stop.child_token()).await?;
+    let worker = start_worker(&cfg, stop.child_token(), None).await?;
     let sched_cfg = cfg.clone();
     let sched_stop = stop.child_token();
-    let scheduler = tokio::spawn(async move { run_scheduler(&sched_cfg, sched_stop).await });
+    let scheduler = tokio::spawn(async move { run_scheduler(&sched_cfg, sched_stop, None).await });
     let api_cfg = cfg.clone();
     let api_stop = stop.child_token();
     let api = tokio::spawn(async move { run_api(&api_cfg, listener, api_stop).await });

@@ -78,6 +78,7 @@ pub const ROUTES: &[(&str, &str, Access)] = {
         ("GET", "/readyz", Public),
         ("GET", "/metrics", Public),
         ("GET", "/openapi.json", Public),
+        ("GET", "/docs", Public),
     ]
 };
 

@@ -248,6 +248,7 @@ pub fn router(state: AppState) -> Router {
         .route("/readyz", get(health::readyz))
         .route("/metrics", get(health::metrics))
         .route("/openapi.json", get(health::openapi))
+        .route("/docs", get(routes::docs::docs))
         // every matched route: authenticate and check its permission (authz::ROUTES)
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),

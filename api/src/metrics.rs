@@ -17,6 +17,17 @@ use crate::AppState;
 
 type Labels = Vec<(String, String)>;
 
+/// Prefix of every metric name.
+pub const PREFIX: &str = "switchyard";
+/// The backlog gauge (entries not yet delivered, per queue and priority): the signal the
+/// autoscalers read (`deploy/k8s`; checked against the manifests by a test).
+pub const QUEUE_BACKLOG: &str = "queue_backlog";
+
+/// The full name of the backlog gauge as Prometheus sees it.
+pub fn queue_backlog_metric() -> String {
+    format!("{PREFIX}_{QUEUE_BACKLOG}")
+}
+
 pub struct Metrics {
     registry: Mutex<Registry>,
     submit_latency: Family<Labels, Histogram>,
@@ -53,7 +64,7 @@ impl Default for Metrics {
 
 impl Metrics {
     pub fn new() -> Metrics {
-        let mut registry = Registry::with_prefix("switchyard");
+        let mut registry = Registry::with_prefix(PREFIX);
         let submit_latency = Family::<Labels, Histogram>::new_with_constructor(
             latency_histogram as fn() -> Histogram,
         );
@@ -124,7 +135,7 @@ impl Metrics {
             jobs_estimate.clone(),
         );
         registry.register(
-            "queue_backlog",
+            QUEUE_BACKLOG,
             "Entries of a queue not yet delivered to any worker, per priority: what an autoscaler reads",
             queue_backlog.clone(),
         );

@@ -47,6 +47,7 @@ use crate::routes;
         routes::health::readyz,
         routes::health::metrics,
         routes::health::openapi,
+        routes::docs::docs,
     ),
     components(schemas(
         ErrorBody,

@@ -11,6 +11,7 @@ mod reclaim;
 mod registry;
 mod run;
 pub mod runtime;
+mod trace;
 
 pub use executor::{ExecError, Executor, ExecutorRegistry, JobContext};
 pub use runtime::{Worker, WorkerHandle, WorkerOptions};

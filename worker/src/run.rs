@@ -41,6 +41,7 @@ pub(crate) async fn run_claimed(s: &Shared, d: Delivery, row: JobRow) {
     if let Some(tp) = row.trace_parent.as_deref().and_then(TraceParent::parse) {
         span.record("trace_id", tp.trace_id.as_str());
         span.record("parent_span_id", tp.parent_id.as_str());
+        crate::trace::join(&span, &tp);
     }
     tracing::debug!("running");
     // fence older attempts and announce this one (`status: running`) in one round trip

@@ -5,6 +5,7 @@ pub mod audit;
 pub mod conversations;
 pub mod dead;
 pub mod deliveries;
+pub mod docs;
 pub mod health;
 pub mod job_batch;
 pub mod jobs;

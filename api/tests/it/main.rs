@@ -8,6 +8,7 @@ mod chat_completions;
 mod cluster;
 mod code;
 mod conversations;
+mod deploy;
 mod errors;
 mod fairness;
 mod fuzz;

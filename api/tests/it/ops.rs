@@ -117,8 +117,26 @@ async fn openapi_documents_every_route_and_error(pool: PgPool) {
         "/readyz",
         "/metrics",
         "/openapi.json",
+        "/docs",
     ] {
         assert!(paths.contains_key(p), "{p} missing");
+    }
+    // the rendered reference names every operation of the document
+    let r = app.http.get(app.url("/docs")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(r.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/html"));
+    let html = r.text().await.unwrap();
+    for (path, ops) in paths {
+        for method in ops.as_object().unwrap().keys() {
+            if !["get", "post", "put", "patch", "delete"].contains(&method.as_str()) {
+                continue;
+            }
+            let shown = format!("<span class=\"m {method}\">{method}</span> <code>{path}</code>");
+            assert!(html.contains(&shown), "/docs lacks {method} {path}");
+        }
     }
     for (path, ops) in paths {
         if !path.starts_with("/v1/") {

@@ -1,5 +1,6 @@
 //! Configuration: defaults, then an optional TOML file, then `SWITCHYARD_*` env vars, then
-//! `DATABASE_URL` / `REDIS_URL`. Secrets are wrapped so they never print.
+//! `DATABASE_URL` / `REDIS_URL` (or files in `SWITCHYARD_SECRETS_DIR`). Secrets are wrapped so
+//! they never print.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -32,6 +33,14 @@ pub struct Config {
     pub database_max_connections: u32,
     /// API listen address (`--listen`).
     pub listen: SocketAddr,
+    /// OTLP/HTTP collector to export traces to (e.g. `http://otel-collector:4318`); unset:
+    /// `OTEL_EXPORTER_OTLP_ENDPOINT`, else no export.
+    #[serde(default)]
+    pub otlp_endpoint: Option<String>,
+    /// Where a worker or the scheduler serves `/healthz` and `/readyz` (the API serves them on
+    /// `listen`). Unset: no health endpoint (containers set `0.0.0.0:9090`).
+    #[serde(default)]
+    pub health_listen: Option<SocketAddr>,
     /// Lease of a running job; a worker that stops heartbeating loses it after this long.
     pub lease_s: u64,
     /// Grace period for draining on SIGTERM.
@@ -280,10 +289,30 @@ fn defaults() -> Defaults {
     }
 }
 
+/// Files read from `SWITCHYARD_SECRETS_DIR` (when set), each into its configuration key; an
+/// environment variable of the same name still wins.
+pub const SECRET_FILES: [(&str, &str); 5] = [
+    ("DATABASE_URL", "database_url"),
+    ("REDIS_URL", "redis_url"),
+    ("SWITCHYARD_OPERATOR_TOKEN", "operator_token"),
+    ("OPENAI_API_KEY", "llm.openai_api_key"),
+    ("ANTHROPIC_API_KEY", "llm.anthropic_api_key"),
+];
+
 impl Config {
     /// Loads the configuration. `file` overrides `SWITCHYARD_CONFIG`; a missing default file
     /// (`switchyard.toml`) is fine, a missing explicitly named one is an error.
     pub fn load(file: Option<&Path>) -> anyhow::Result<Config> {
+        Self::load_from(
+            file,
+            std::env::var_os("SWITCHYARD_SECRETS_DIR").map(std::path::PathBuf::from),
+        )
+    }
+
+    fn load_from(
+        file: Option<&Path>,
+        secrets: Option<std::path::PathBuf>,
+    ) -> anyhow::Result<Config> {
         let mut fig = Figment::from(Serialized::defaults(defaults()));
         let named = file
             .map(|p| p.to_path_buf())
@@ -297,10 +326,24 @@ impl Config {
             }
             None => fig = fig.merge(Toml::file("switchyard.toml")),
         }
+        // secrets mounted as files (a Kubernetes Secret volume): below the environment
+        if let Some(dir) = secrets {
+            for (file, key) in SECRET_FILES {
+                let path = dir.join(file);
+                match std::fs::read_to_string(&path) {
+                    Ok(v) if !v.trim().is_empty() => {
+                        fig = fig.merge(Serialized::default(key, v.trim().to_string()));
+                    }
+                    Ok(_) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => anyhow::bail!("cannot read the secret {}: {e}", path.display()),
+                }
+            }
+        }
         fig = fig
             .merge(
                 Env::prefixed("SWITCHYARD_")
-                    .ignore(&["CONFIG", "LOG", "DEV_API_KEY"])
+                    .ignore(&["CONFIG", "LOG", "DEV_API_KEY", "SECRETS_DIR"])
                     .split("__"),
             )
             .merge(
@@ -422,6 +465,31 @@ mod tests {
     use super::*;
 
     #[test]
+    fn secrets_are_read_from_files_in_the_secrets_dir() {
+        let dir = std::env::temp_dir().join(format!("sy-secrets-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let token = "file-token-0123456789abcdef0123456789";
+        std::fs::write(dir.join("SWITCHYARD_OPERATOR_TOKEN"), format!("{token}\n")).unwrap();
+        std::fs::write(dir.join("ANTHROPIC_API_KEY"), "").unwrap(); // empty: ignored
+        let missing = Path::new("/nonexistent/switchyard.toml");
+        assert!(Config::load_from(Some(missing), Some(dir.clone())).is_err());
+        let toml = dir.join("switchyard.toml");
+        std::fs::write(&toml, "").unwrap();
+        let cfg = Config::load_from(Some(&toml), Some(dir.clone())).unwrap();
+        if std::env::var_os("SWITCHYARD_OPERATOR_TOKEN").is_none() {
+            assert_eq!(cfg.operator_token.unwrap().expose_secret(), token);
+        }
+        if std::env::var_os("ANTHROPIC_API_KEY").is_none() {
+            assert!(cfg.llm.anthropic_api_key.is_none());
+        }
+        // a secret that cannot be read is an error, not a silent default
+        std::fs::create_dir_all(dir.join("REDIS_URL")).unwrap();
+        let e = Config::load_from(Some(&toml), Some(dir.clone())).unwrap_err();
+        assert!(e.to_string().contains("REDIS_URL"), "{e}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
     fn defaults_load_and_secrets_do_not_print() {
         let cfg = Config::for_tests("postgres://u:hunter2@h/db", "redis://h", "t1");
         assert_eq!(cfg.lease_s, 30);
@@ -439,5 +507,11 @@ mod tests {
         assert_eq!(cfg.quotas.per_credential_rps, 1000);
         assert_eq!(cfg.jwt.audience, "switchyard");
         assert_eq!(cfg.audit_retention_days, 365);
+        // and the one the Kubernetes manifests mount
+        let path =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/k8s/base/switchyard.toml");
+        let cfg = Config::load(Some(&path)).unwrap();
+        assert_eq!(cfg.health_listen.map(|a| a.port()), Some(9090));
+        assert_eq!(cfg.shutdown_grace_s, 30);
     }
 }

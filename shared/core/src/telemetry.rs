@@ -1,22 +1,41 @@
 //! Tracing setup and W3C `traceparent` helpers so a worker's spans join the submitter's trace.
 
 use rand::Rng;
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Layer, Registry};
+
+/// A layer added next to the log output (e.g. the OTLP span exporter of the binary).
+pub type ExtraLayer = Box<dyn Layer<Registry> + Send + Sync>;
 
 /// Installs the global tracing subscriber (text or JSON). Safe to call twice (second is a no-op).
 pub fn init(json: bool) {
+    init_with(json, None)
+}
+
+/// [`init`] with one more layer, which sees every span (not only what the log filter keeps
+/// is exported: it has its own level, `info`).
+pub fn init_with(json: bool, extra: Option<ExtraLayer>) {
     let filter = EnvFilter::try_from_env("SWITCHYARD_LOG")
         .or_else(|_| EnvFilter::try_from_default_env())
         .unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn,tower_http=info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let fmt = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
-    let _ = if json {
-        builder.json().flatten_event(true).try_init()
+        .with_ansi(ansi);
+    let logs: Box<dyn Layer<Registry> + Send + Sync> = if json {
+        fmt.json().flatten_event(true).with_filter(filter).boxed()
     } else {
-        builder.compact().try_init()
+        fmt.compact().with_filter(filter).boxed()
     };
+    let mut layers = vec![logs];
+    if let Some(l) = extra {
+        layers.push(
+            l.with_filter(tracing_subscriber::filter::LevelFilter::INFO)
+                .boxed(),
+        );
+    }
+    let _ = tracing_subscriber::registry().with(layers).try_init();
 }
 
 /// A parsed W3C trace context (`00-<trace id>-<parent id>-<flags>`).
