@@ -46,6 +46,9 @@ pub struct SchedulerOptions {
     pub tenant_concurrency: Option<u64>,
     /// How often the limits are written to Redis.
     pub limits_every: Duration,
+    /// How often the planner statistics of `jobs` are checked (and refreshed once enough of
+    /// the table changed: see `Store::refresh_statistics`).
+    pub statistics_every: Duration,
 }
 
 impl Default for SchedulerOptions {
@@ -64,6 +67,7 @@ impl Default for SchedulerOptions {
             queue_limits: Default::default(),
             tenant_concurrency: None,
             limits_every: Duration::from_secs(5),
+            statistics_every: Duration::from_secs(5),
         }
     }
 }
@@ -79,6 +83,8 @@ pub struct PassReport {
     pub audited: usize,
     pub audit_pruned: u64,
     pub jobs_pruned: usize,
+    /// Whether this pass refreshed the statistics of `jobs`.
+    pub analyzed: bool,
 }
 
 pub struct Scheduler {
@@ -88,6 +94,7 @@ pub struct Scheduler {
     last_prune: std::sync::Mutex<Option<std::time::Instant>>,
     last_job_prune: std::sync::Mutex<Option<std::time::Instant>>,
     last_limits: std::sync::Mutex<Option<std::time::Instant>>,
+    last_statistics: std::sync::Mutex<Option<std::time::Instant>>,
 }
 
 impl Scheduler {
@@ -99,6 +106,7 @@ impl Scheduler {
             last_prune: std::sync::Mutex::new(None),
             last_job_prune: std::sync::Mutex::new(None),
             last_limits: std::sync::Mutex::new(None),
+            last_statistics: std::sync::Mutex::new(None),
         }
     }
 
@@ -214,6 +222,11 @@ impl Scheduler {
             if (items.len() as i64) < self.opts.batch {
                 break;
             }
+        }
+        if due(&self.last_statistics, self.opts.statistics_every) {
+            // 1,000 rows plus 10 % of the table: early while the table is young (the cached
+            // plans of a fresh deployment are re-planned within seconds), rare when it is large
+            report.analyzed = self.store.refresh_statistics(1000, 0.1).await?;
         }
         if due(&self.last_limits, self.opts.limits_every) {
             limits::sync(

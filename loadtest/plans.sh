@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# End-to-end throughput on a fresh database and on the same database warm, in one run: the
+# guard against the plan cliff (generic plans cached while `jobs` was empty; see
+# Store::refresh_statistics). API, worker and scheduler run as separate release processes;
+# the load tool submits N no-op jobs with 100 clients and follows each over WebSocket.
+#   run 1 "fresh": a new database, `jobs` grows from 0 to N while the processes run
+#   run 2 "warm":  the same processes and database (N more rows), statistics already taken
+# Run it on an otherwise idle machine (this Postgres runs with autovacuum off: the worst case).
+#
+# usage: loadtest/plans.sh [N=100000]
+# needs: cargo build --release -p switchyard -p switchyard-loadtest; psql, curl, jq.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+N=${1:-100000}
+BIN=${BIN:-./target/release/switchyard}
+LOAD=${LOAD:-./target/release/switchyard-loadtest}
+PGBASE=${PGBASE:-postgres://postgres@127.0.0.1:5432}
+DB=sy_plans_bench
+export DATABASE_URL=$PGBASE/$DB REDIS_URL=${REDIS_URL:-redis://127.0.0.1:6379}
+export SWITCHYARD_ENABLE_NOOP=true SWITCHYARD_LOG=warn SWITCHYARD_QUOTAS__PER_CREDENTIAL_RPS=0
+export SWITCHYARD_REDIS_PREFIX=plans$$ SWITCHYARD_DATABASE_MAX_CONNECTIONS=32
+PORT=${PORT:-18091}
+PIDS=()
+stop() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; PIDS=(); }
+trap 'stop; psql "$PGBASE/postgres" -qc "DROP DATABASE IF EXISTS $DB WITH (FORCE)" >/dev/null' EXIT
+
+psql "$PGBASE/postgres" -qc "DROP DATABASE IF EXISTS $DB WITH (FORCE)" -qc "CREATE DATABASE $DB" >/dev/null
+$BIN migrate >/dev/null
+$BIN admin create-tenant bench >/dev/null
+KEY=$($BIN admin create-key --tenant bench 2>/dev/null)
+$BIN api --listen "127.0.0.1:$PORT" & PIDS+=($!)
+$BIN scheduler & PIDS+=($!)
+SWITCHYARD_WORKER__CONCURRENCY=512 $BIN worker --queues system & PIDS+=($!)
+for _ in $(seq 100); do curl -fs "http://127.0.0.1:$PORT/readyz" >/dev/null && break; sleep 0.2; done
+
+for label in fresh warm; do
+  rows=$(psql "$DATABASE_URL" -qtAc "SELECT count(*) FROM jobs")
+  out=$($LOAD --url "http://127.0.0.1:$PORT" --api-key "$KEY" --jobs "$N" --concurrency 100 --kind noop --json 2>/dev/null | tail -1)
+  echo "$out" | jq -c --arg run "$label" --argjson rows_before "$rows" \
+    '{run: $run, rows_before: $rows_before, jobs: .submitted, e2e_jobs_per_s: .e2e_throughput_jobs_per_s,
+      submit_p50_ms: .submit_latency_ms.p50_ms, submit_p99_ms: .submit_latency_ms.p99_ms, lost: .lost}'
+done
+psql "$DATABASE_URL" -qtAc "SELECT 'jobs analyzed by us: ' || coalesce(analyze_count, 0) || ', by autovacuum: ' || coalesce(autoanalyze_count, 0) FROM pg_stat_user_tables WHERE relname = 'jobs'"
