@@ -16,7 +16,9 @@ BIN=${BIN:-./target/release/switchyard}
 LOAD=${LOAD:-./target/release/switchyard-loadtest}
 PGBASE=${PGBASE:-postgres://postgres@127.0.0.1:5432}
 DB=sy_plans_bench
-export DATABASE_URL=$PGBASE/$DB REDIS_URL=${REDIS_URL:-redis://127.0.0.1:6379}
+# PGQUERY: extra URL query for the services, e.g. to compare with per-statement planning:
+#   PGQUERY="?options=-c%20plan_cache_mode%3Dforce_custom_plan"
+export DATABASE_URL=$PGBASE/$DB${PGQUERY:-} REDIS_URL=${REDIS_URL:-redis://127.0.0.1:6379}
 export SWITCHYARD_ENABLE_NOOP=true SWITCHYARD_LOG=warn SWITCHYARD_QUOTAS__PER_CREDENTIAL_RPS=0
 export SWITCHYARD_REDIS_PREFIX=plans$$ SWITCHYARD_DATABASE_MAX_CONNECTIONS=32
 PORT=${PORT:-18091}
@@ -25,7 +27,7 @@ stop() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/
 trap 'stop; psql "$PGBASE/postgres" -qc "DROP DATABASE IF EXISTS $DB WITH (FORCE)" >/dev/null' EXIT
 
 psql "$PGBASE/postgres" -qc "DROP DATABASE IF EXISTS $DB WITH (FORCE)" -qc "CREATE DATABASE $DB" >/dev/null
-$BIN migrate >/dev/null
+DATABASE_URL=$PGBASE/$DB $BIN migrate >/dev/null
 $BIN admin create-tenant bench >/dev/null
 KEY=$($BIN admin create-key --tenant bench 2>/dev/null)
 $BIN api --listen "127.0.0.1:$PORT" & PIDS+=($!)
@@ -34,10 +36,12 @@ SWITCHYARD_WORKER__CONCURRENCY=512 $BIN worker --queues system & PIDS+=($!)
 for _ in $(seq 100); do curl -fs "http://127.0.0.1:$PORT/readyz" >/dev/null && break; sleep 0.2; done
 
 for label in fresh warm; do
-  rows=$(psql "$DATABASE_URL" -qtAc "SELECT count(*) FROM jobs")
+  rows=$(psql "$PGBASE/$DB" -qtAc "SELECT count(*) FROM jobs")
   out=$($LOAD --url "http://127.0.0.1:$PORT" --api-key "$KEY" --jobs "$N" --concurrency 100 --kind noop --json 2>/dev/null | tail -1)
   echo "$out" | jq -c --arg run "$label" --argjson rows_before "$rows" \
     '{run: $run, rows_before: $rows_before, jobs: .submitted, e2e_jobs_per_s: .e2e_throughput_jobs_per_s,
       submit_p50_ms: .submit_latency_ms.p50_ms, submit_p99_ms: .submit_latency_ms.p99_ms, lost: .lost}'
 done
-psql "$DATABASE_URL" -qtAc "SELECT 'jobs analyzed by us: ' || coalesce(analyze_count, 0) || ', by autovacuum: ' || coalesce(autoanalyze_count, 0) FROM pg_stat_user_tables WHERE relname = 'jobs'"
+psql "$PGBASE/$DB" -qtAc "SELECT 'jobs analyzed by us: ' || coalesce(analyze_count, 0) || ', by autovacuum: ' || coalesce(autoanalyze_count, 0) FROM pg_stat_user_tables WHERE relname = 'jobs'"
+# where Postgres writes go, per job run (rows inserted / updated / deleted per table)
+psql "$PGBASE/$DB" -qtAc "SELECT relname || ': ' || round(n_tup_ins / $((2 * N)).0, 2) || ' ins, ' || round(n_tup_upd / $((2 * N)).0, 2) || ' upd, ' || round(n_tup_del / $((2 * N)).0, 2) || ' del, ' || round(n_tup_hot_upd / $((2 * N)).0, 2) || ' hot upd per job' FROM pg_stat_user_tables WHERE n_tup_ins + n_tup_upd + n_tup_del > 0 ORDER BY n_tup_ins + n_tup_upd + n_tup_del DESC"
