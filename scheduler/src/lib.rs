@@ -3,9 +3,12 @@
 //! committed jobs that never reached Redis in the current epoch, (3) re-dispatches running jobs
 //! whose lease ran out long ago, (4) fires due cron schedules (`cron.rs`), (5) moves due
 //! delayed jobs into the queue streams, and (6)
-//! chains job state changes from the audit outbox into the tenants' audit trails; about once
-//! an hour it (7) prunes audit rows past their retention. Every step works in bounded batches
-//! driven by indexes, so a pass never rescans the whole backlog.
+//! chains job state changes from the audit outbox into the tenants' audit trails; every few
+//! seconds it (7) writes queue limits and tenant weights to Redis (`limits.rs`) and (8) refreshes
+//! the planner statistics of `jobs` once enough of it changed (cached plans never outlive the
+//! table size they were made for); less often it (9) prunes finished jobs and audit rows past
+//! their retention. Every step works in bounded batches driven by indexes, so a pass never
+//! rescans the whole backlog.
 
 pub mod cron;
 pub mod limits;
