@@ -21,6 +21,7 @@ mod quotas;
 mod reliability;
 mod rls;
 mod schedules;
+mod statistics;
 mod streaming;
 mod submission;
 mod support;

@@ -10,6 +10,7 @@ pub mod keys;
 pub mod live;
 pub mod queue;
 pub mod quotas;
+pub mod registry;
 
 pub use events::EventBus;
 pub use keys::Keys;

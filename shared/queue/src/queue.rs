@@ -10,7 +10,6 @@ use chrono::Utc;
 use redis::streams::{StreamReadOptions, StreamReadReply};
 use redis::{AsyncCommands, RedisResult, Script, Value};
 use switchyard_core::job::{known_queues, DispatchItem};
-use switchyard_core::queueing::WorkerInfo;
 use uuid::Uuid;
 
 use crate::fair;
@@ -171,38 +170,6 @@ impl Queue {
         }
         let mut c = self.conn.clone();
         pipe.query_async::<()>(&mut c).await
-    }
-
-    /// Records a worker's report (see `GET /v1/workers`).
-    pub async fn report_worker(&self, info: &WorkerInfo) -> RedisResult<()> {
-        let json = serde_json::to_string(info).unwrap_or_default();
-        let mut c = self.conn.clone();
-        c.hset(self.keys.workers(), &info.id, json).await
-    }
-
-    /// Forgets a worker that stopped.
-    pub async fn remove_worker(&self, id: &str) -> RedisResult<()> {
-        let mut c = self.conn.clone();
-        c.hdel(self.keys.workers(), id).await
-    }
-
-    /// Workers that reported within `live`, by id; older reports (workers that died) are
-    /// removed.
-    pub async fn workers(&self, live: Duration) -> RedisResult<Vec<WorkerInfo>> {
-        let mut c = self.conn.clone();
-        let all: Vec<(String, String)> = c.hgetall(self.keys.workers()).await?;
-        let cutoff = Utc::now() - chrono::Duration::from_std(live).unwrap_or_default();
-        let mut out = Vec::new();
-        for (id, json) in all {
-            match serde_json::from_str::<WorkerInfo>(&json) {
-                Ok(w) if w.heartbeat_at >= cutoff => out.push(w),
-                _ => {
-                    let _: RedisResult<()> = c.hdel(self.keys.workers(), &id).await;
-                }
-            }
-        }
-        out.sort_by(|a, b| a.id.cmp(&b.id));
-        Ok(out)
     }
 
     /// Replaces the queue's limits and tenant weights (`fair.rs`): `queue` (jobs of the queue in
