@@ -5,6 +5,7 @@
 mod chaos;
 mod cluster;
 mod ops;
+mod redis_cluster;
 
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -18,7 +19,12 @@ use uuid::Uuid;
 use crate::cluster::{free_port, wait_port, Cluster, T};
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn submit_on_one_replica_stream_from_the_other() {
-    let mut c = Cluster::new().await;
+    replicas_stream_each_others_jobs(Cluster::new().await).await;
+}
+
+/// Two API replicas, two workers and a scheduler on `c`: jobs submitted to one replica stream
+/// their tokens, in order and whole, over a WebSocket of the other.
+async fn replicas_stream_each_others_jobs(mut c: Cluster) {
     let api1 = c.api().await;
     let api2 = c.api().await;
     c.worker(8);

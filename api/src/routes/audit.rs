@@ -81,6 +81,17 @@ pub async fn list(
             .filter(|n| (1..=1000).contains(n))
             .ok_or_else(|| bad("limit", "must be 1..=1000"))?,
     };
+    // free text compared in Postgres, whose text can never hold NUL
+    for (field, v) in [("action", &p.action), ("actor", &p.actor)] {
+        if v.as_deref()
+            .is_some_and(|v| v.contains('\0') || v.len() > 512)
+        {
+            return Err(bad(
+                field,
+                "must be at most 512 bytes without NUL characters",
+            ));
+        }
+    }
     let filter = AuditFilter {
         after_seq,
         limit,

@@ -4,8 +4,7 @@
 //! `redis+cluster://` URL. Queues, job event streams and tenants hash to slots on different
 //! primaries, so every script, pipeline and multi-key command has to stay within its slot.
 
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::json;
 use sqlx::PgPool;
@@ -13,162 +12,25 @@ use uuid::Uuid;
 
 use crate::support::{spawn_app_with, Opts};
 
-/// A private Redis Cluster of three primaries; stopped (and its files removed) on drop.
-pub struct PrivateCluster {
-    pub url: String,
-    pub ports: Vec<u16>,
-    children: Vec<Child>,
-    dir: std::path::PathBuf,
-}
+use switchyard_queue::testing::PrivateCluster;
 
-fn free_port() -> u16 {
-    // a cluster node also listens on port + 10000 (the cluster bus): keep both free
-    loop {
-        let p = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        if p < 55_000 && std::net::TcpListener::bind(("127.0.0.1", p + 10_000)).is_ok() {
-            return p;
-        }
-    }
-}
-
-fn redis_cli(port: u16, args: &[&str]) -> String {
-    let out = Command::new("redis-cli")
-        .arg("-p")
-        .arg(port.to_string())
-        .args(args)
-        .output()
-        .expect("redis-cli is installed (scripts/test.sh installs redis-server and redis-tools)");
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-impl PrivateCluster {
-    pub fn start() -> PrivateCluster {
-        let dir = std::env::temp_dir().join(format!("sy-cluster-{}", Uuid::new_v4().simple()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let mut ports = Vec::new();
-        while ports.len() < 3 {
-            let p = free_port();
-            if !ports.contains(&p) {
-                ports.push(p);
-            }
-        }
-        let mut children = Vec::new();
-        for p in &ports {
-            let child = Command::new("redis-server")
-                .args(["--port", &p.to_string(), "--bind", "127.0.0.1"])
-                .args(["--cluster-enabled", "yes"])
-                .args(["--cluster-config-file", &format!("nodes-{p}.conf")])
-                .args(["--cluster-node-timeout", "5000"])
-                .args(["--save", "", "--appendonly", "no"])
-                .arg("--dir")
-                .arg(&dir)
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("redis-server is installed (scripts/test.sh installs it)");
-            children.push(child);
-        }
-        let cluster = PrivateCluster {
-            url: format!(
-                "redis+cluster://{}",
-                ports
-                    .iter()
-                    .map(|p| format!("127.0.0.1:{p}"))
-                    .collect::<Vec<_>>()
-                    .join(",")
-            ),
-            ports: ports.clone(),
-            children,
-            dir,
-        };
-        let t = Instant::now();
-        for p in &ports {
-            while redis_cli(*p, &["PING"]).trim() != "PONG" {
-                assert!(
-                    t.elapsed() < Duration::from_secs(20),
-                    "node {p} never came up"
-                );
-                std::thread::sleep(Duration::from_millis(50));
-            }
-        }
-        let nodes: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
-        let out = Command::new("redis-cli")
-            .args(["--cluster", "create"])
-            .args(&nodes)
-            .args(["--cluster-replicas", "0", "--cluster-yes"])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "redis-cli --cluster create failed: {}",
-            String::from_utf8_lossy(&out.stdout)
-        );
-        // every node agrees that all slots are served
-        for p in &ports {
-            while !redis_cli(*p, &["CLUSTER", "INFO"]).contains("cluster_state:ok") {
-                assert!(
-                    t.elapsed() < Duration::from_secs(30),
-                    "cluster never became ok"
-                );
-                std::thread::sleep(Duration::from_millis(100));
-            }
-        }
-        cluster
-    }
-
-    pub fn opts(&self) -> Opts {
-        Opts {
-            redis_url: self.url.clone(),
-            ..Opts::default()
-        }
-    }
-
-    /// The port of the primary that serves `key`.
-    pub fn node_of(&self, key: &str) -> u16 {
-        let slot: u16 = redis_cli(self.ports[0], &["CLUSTER", "KEYSLOT", key])
-            .trim()
-            .parse()
-            .unwrap();
-        let shards = redis_cli(self.ports[0], &["CLUSTER", "SLOTS"]);
-        // CLUSTER SLOTS prints: start, end, ip, port, id per range (redis-cli raw output)
-        let lines: Vec<&str> = shards.lines().map(str::trim).collect();
-        let mut i = 0;
-        while i + 3 < lines.len() {
-            if let (Ok(a), Ok(b)) = (lines[i].parse::<u16>(), lines[i + 1].parse::<u16>()) {
-                if (a..=b).contains(&slot) && lines[i + 2] == "127.0.0.1" {
-                    return lines[i + 3].parse().unwrap();
-                }
-            }
-            i += 1;
-        }
-        panic!("no node serves slot {slot}: {shards}");
-    }
-}
-
-impl Drop for PrivateCluster {
-    fn drop(&mut self) {
-        for c in &mut self.children {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        let _ = std::fs::remove_dir_all(&self.dir);
+fn opts(c: &PrivateCluster) -> Opts {
+    Opts {
+        redis_url: c.url.clone(),
+        ..Opts::default()
     }
 }
 
 #[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
 async fn priorities_hold_on_a_cluster(pool: PgPool) {
     let c = PrivateCluster::start();
-    crate::submission::higher_priorities_are_fetched_first_on(pool, c.opts()).await;
+    crate::submission::higher_priorities_are_fetched_first_on(pool, opts(&c)).await;
 }
 
 #[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
 async fn delayed_jobs_run_on_time_on_a_cluster(pool: PgPool) {
     let c = PrivateCluster::start();
-    crate::submission::delayed_jobs_stay_queued_until_their_time_on(pool, c.opts()).await;
+    crate::submission::delayed_jobs_stay_queued_until_their_time_on(pool, opts(&c)).await;
 }
 
 #[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
@@ -176,7 +38,7 @@ async fn fairness_holds_on_a_cluster(pool: PgPool) {
     let c = PrivateCluster::start();
     crate::fairness::another_tenants_job_starts_after_at_most_a_lane_of_the_flood_on(
         pool,
-        c.opts(),
+        opts(&c),
     )
     .await;
 }
@@ -184,19 +46,19 @@ async fn fairness_holds_on_a_cluster(pool: PgPool) {
 #[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
 async fn tenant_concurrency_limits_hold_on_a_cluster(pool: PgPool) {
     let c = PrivateCluster::start();
-    crate::fairness::a_tenants_concurrency_limit_holds_across_workers_on(pool, c.opts()).await;
+    crate::fairness::a_tenants_concurrency_limit_holds_across_workers_on(pool, opts(&c)).await;
 }
 
 #[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
 async fn websocket_streams_on_a_cluster(pool: PgPool) {
     let c = PrivateCluster::start();
-    crate::streaming::websocket_streams_tokens_in_order_on(pool, c.opts()).await;
+    crate::streaming::websocket_streams_tokens_in_order_on(pool, opts(&c)).await;
 }
 
 #[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
 async fn sse_resumes_on_a_cluster(pool: PgPool) {
     let c = PrivateCluster::start();
-    crate::streaming::sse_streams_and_resumes_with_last_event_id_on(pool, c.opts()).await;
+    crate::streaming::sse_streams_and_resumes_with_last_event_id_on(pool, opts(&c)).await;
 }
 
 #[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
@@ -204,7 +66,7 @@ async fn named_queues_run_on_a_cluster(pool: PgPool) {
     let c = PrivateCluster::start();
     crate::queues::a_named_queue_runs_on_the_workers_that_serve_it_with_its_own_concurrency_on(
         pool,
-        c.opts(),
+        opts(&c),
     )
     .await;
 }
@@ -212,7 +74,7 @@ async fn named_queues_run_on_a_cluster(pool: PgPool) {
 #[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
 async fn the_reconciler_dispatches_on_a_cluster(pool: PgPool) {
     let c = PrivateCluster::start();
-    crate::reliability::jobs_committed_but_never_dispatched_still_run_on(pool, c.opts()).await;
+    crate::reliability::jobs_committed_but_never_dispatched_still_run_on(pool, opts(&c)).await;
 }
 
 #[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
@@ -220,7 +82,7 @@ async fn lease_reclaim_works_on_a_cluster(pool: PgPool) {
     let c = PrivateCluster::start();
     crate::reliability::an_idle_worker_reclaims_an_entry_a_dead_worker_fetched_but_never_claimed_on(
         pool,
-        c.opts(),
+        opts(&c),
     )
     .await;
 }
@@ -236,7 +98,7 @@ async fn one_batch_spread_over_every_shard_runs_whole(pool: PgPool) {
         Opts {
             worker: false,
             scheduler: false,
-            ..c.opts()
+            ..opts(&c)
         },
     )
     .await;
@@ -293,18 +155,18 @@ async fn one_batch_spread_over_every_shard_runs_whole(pool: PgPool) {
 #[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
 async fn readiness_and_backlog_metrics_on_a_cluster(pool: PgPool) {
     let c = PrivateCluster::start();
-    crate::ops::health_ready_metrics_on(pool, c.opts()).await;
+    crate::ops::health_ready_metrics_on(pool, opts(&c)).await;
 }
 
 #[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
 async fn the_worker_registry_on_a_cluster(pool: PgPool) {
     let c = PrivateCluster::start();
-    crate::ops::workers_are_listed_for_the_operator_on(pool, c.opts()).await;
+    crate::ops::workers_are_listed_for_the_operator_on(pool, opts(&c)).await;
 }
 
 /// Cancel notices travel over pub/sub, which a cluster broadcasts to every node.
 #[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
 async fn cancellation_on_a_cluster(pool: PgPool) {
     let c = PrivateCluster::start();
-    crate::jobs::cancel_queued_running_and_finished_on(pool, c.opts()).await;
+    crate::jobs::cancel_queued_running_and_finished_on(pool, opts(&c)).await;
 }

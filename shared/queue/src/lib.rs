@@ -11,6 +11,8 @@ pub mod live;
 pub mod queue;
 pub mod quotas;
 pub mod registry;
+#[cfg(feature = "test-support")]
+pub mod testing;
 
 pub use events::EventBus;
 pub use keys::Keys;
