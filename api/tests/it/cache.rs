@@ -76,15 +76,7 @@ async fn run_as(app: &TestApp, key: &str, tenant: Uuid, body: Value) -> Value {
 }
 
 async fn metric(app: &TestApp, result: &str) -> u64 {
-    let text = app
-        .http
-        .get(app.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = app.metrics_text().await;
     let needle = format!("switchyard_llm_cache_lookups{{result=\"{result}\"}} ");
     text.lines()
         .find_map(|l| l.strip_prefix(&needle))

@@ -63,15 +63,7 @@ async fn python_runs_and_streams_its_output(pool: PgPool) {
     assert_eq!(out["truncated"], json!({"stdout": false, "stderr": false}));
     assert_eq!(out["limits"]["wall_ms"], 5000);
     // counted for /metrics (cluster-wide, through Redis)
-    let metrics = app
-        .http
-        .get(app.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = app.metrics_text().await;
     assert!(
         metrics.contains(
             r#"switchyard_code_runs{tier="wasm",language="python",outcome="exit_nonzero"} 1"#

@@ -124,15 +124,7 @@ async fn keda_triggers_read_exported_metrics_of_served_queues(pool: PgPool) {
     app.wait_epoch().await;
     let mut text = String::new();
     for _ in 0..100 {
-        text = app
-            .http
-            .get(app.url("/metrics"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        text = app.metrics_text().await;
         if wanted
             .iter()
             .all(|(m, q)| text.contains(&format!("{m}{{queue=\"{q}\"")))

@@ -46,15 +46,7 @@ pub(crate) async fn health_ready_metrics_on(pool: PgPool, base: crate::support::
     let p0 = r#"switchyard_queue_backlog{queue="system",priority="0"}"#;
     let mut text = String::new();
     for _ in 0..100 {
-        text = app
-            .http
-            .get(app.url("/metrics"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        text = app.metrics_text().await;
         if value(&text, p7).unwrap_or(0) >= 1 && value(&text, p0).unwrap_or(0) >= 1 {
             break;
         }

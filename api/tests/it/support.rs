@@ -184,9 +184,7 @@ impl TestApp {
 
     pub async fn redis(&self) -> switchyard_queue::RedisConn {
         let client = switchyard_queue::RedisClient::open(self.opts.redis_url.as_str()).unwrap();
-        switchyard_queue::connect(&client, Duration::from_secs(5))
-            .await
-            .unwrap()
+        client.connect(Duration::from_secs(5)).await.unwrap()
     }
 
     /// Waits for the scheduler's first pass to set the Redis epoch (a fresh epoch re-dispatches
@@ -458,17 +456,21 @@ impl TestApp {
         }
     }
 
-    /// The value of one `/metrics` series (`name{labels}` exactly as exported), if present.
-    pub async fn metric(&self, series: &str) -> Option<f64> {
-        let text = self
-            .http
+    /// The whole `/metrics` page.
+    pub async fn metrics_text(&self) -> String {
+        self.http
             .get(self.url("/metrics"))
             .send()
             .await
             .unwrap()
             .text()
             .await
-            .unwrap();
+            .unwrap()
+    }
+
+    /// The value of one `/metrics` series (`name{labels}` exactly as exported), if present.
+    pub async fn metric(&self, series: &str) -> Option<f64> {
+        let text = self.metrics_text().await;
         text.lines().find_map(|l| {
             l.strip_prefix(series)?
                 .strip_prefix(' ')?

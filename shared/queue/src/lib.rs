@@ -24,20 +24,12 @@ use std::time::Duration;
 
 pub use conn::{RedisClient, RedisConn};
 
-/// Opens a self-reconnecting connection. `response_timeout` must exceed any BLOCK used on it.
-pub async fn connect(
-    client: &RedisClient,
-    response_timeout: Duration,
-) -> redis::RedisResult<RedisConn> {
-    client.connect(response_timeout).await
-}
-
-/// [`connect`], retrying with backoff for about a minute (a restarting Redis is not fatal).
+/// [`RedisClient::connect`], retrying with backoff for about a minute (a restarting Redis is not fatal).
 pub async fn connect_retrying(client: &RedisClient) -> redis::RedisResult<RedisConn> {
     let mut delay = Duration::from_millis(100);
     let mut tries = 0;
     loop {
-        match connect(client, Duration::from_secs(5)).await {
+        match client.connect(Duration::from_secs(5)).await {
             Ok(c) => return Ok(c),
             Err(e) if tries >= 60 => return Err(e),
             Err(e) => {
