@@ -32,7 +32,16 @@ pub async fn connect(url: &str, api: &Api) -> anyhow::Result<WsStream> {
     req.headers_mut().insert(AUTHORIZATION, api.auth.clone());
     let (ws, _resp) = tokio::time::timeout(
         Duration::from_secs(10),
-        tokio_tungstenite::connect_async_with_config(req, None, true),
+        // tungstenite zeroes `read_buffer_size` bytes on every read; its 128 KiB default made the
+        // load tool spend its time in memset
+        tokio_tungstenite::connect_async_with_config(
+            req,
+            Some(
+                tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
+                    .read_buffer_size(16 * 1024),
+            ),
+            true,
+        ),
     )
     .await
     .map_err(|_| anyhow::anyhow!("WebSocket connect to {url} timed out"))??;

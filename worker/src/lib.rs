@@ -6,6 +6,7 @@ pub mod code_metrics;
 pub mod executor;
 pub mod llm;
 pub mod noop;
+mod publisher;
 mod quota;
 mod reclaim;
 mod registry;

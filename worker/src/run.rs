@@ -293,7 +293,7 @@ pub(crate) async fn run_claimed(s: &Shared, d: Delivery, row: JobRow) {
     // `ts` is the publication time: stamp it now, after the durable write
     let mut event = event;
     event.ts = Utc::now();
-    publish(s, &event).await;
+    publish(s, event).await;
     if let Some(run_at) = end.requeued_at() {
         let mut item = row.dispatch_item();
         item.run_at = Some(run_at);
@@ -349,7 +349,7 @@ async fn publish_emits(
                 continue;
             }
             let ev = Event::new(id, seq + 1, attempt, &kind, data);
-            match publish(s, &ev).await {
+            match publish(s, ev).await {
                 Published::Ok => seq += 1,
                 Published::Fenced => {
                     tracing::warn!("fenced out by a newer attempt while streaming; stopping");

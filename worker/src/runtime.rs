@@ -75,6 +75,8 @@ pub(crate) struct Shared {
     pub(crate) queue: Queue,
     pub(crate) quotas: switchyard_queue::Quotas,
     pub(crate) bus: EventBus,
+    /// Events of all runs go out in batches (`publisher.rs`).
+    pub(crate) publisher: crate::publisher::Publisher,
     pub(crate) client: switchyard_queue::RedisClient,
     pub(crate) executors: ExecutorRegistry,
     pub(crate) opts: WorkerOptions,
@@ -149,6 +151,7 @@ impl Worker {
                 store,
                 quotas: switchyard_queue::Quotas::new(queue.keys().clone(), queue.conn()),
                 queue,
+                publisher: crate::publisher::Publisher::new(bus.clone()),
                 bus,
                 client,
                 executors,
@@ -182,6 +185,8 @@ impl Worker {
         let completer_rx = s.completer_rx.lock().ok().and_then(|mut r| r.take());
         let completer = completer_rx
             .map(|rx| tokio::spawn(complete_loop(s.store.clone(), rx, completer_stop.clone())));
+        let publisher_stop = CancellationToken::new();
+        let publisher = s.publisher.start(publisher_stop.clone());
         let done = tokio::spawn(async move {
             let loops = TaskTracker::new();
             for q in s.opts.queues.clone() {
@@ -207,6 +212,10 @@ impl Worker {
             completer_stop.cancel();
             if let Some(c) = completer {
                 let _ = c.await;
+            }
+            publisher_stop.cancel();
+            if let Some(p) = publisher {
+                let _ = p.await;
             }
             let _ = s.queue.remove_worker(&s.id).await;
             tracing::info!(worker = %s.id, "worker stopped");
@@ -529,15 +538,8 @@ pub(crate) async fn ack(s: &Shared, d: &Delivery) {
     // the entry will be reclaimed later; the claim then sees the job finished and drops it
 }
 
-pub(crate) async fn publish(s: &Shared, ev: &Event) -> Published {
-    match s.bus.publish(ev).await {
-        Ok(p) => p,
-        Err(e) => {
-            // live events are best effort; the durable state is in Postgres
-            tracing::warn!(error = %e, seq = ev.seq, "event publish failed");
-            Published::Stale
-        }
-    }
+pub(crate) async fn publish(s: &Shared, ev: Event) -> Published {
+    s.publisher.publish(ev).await
 }
 
 async fn handle_delivery(s: &Shared, d: Delivery) {
@@ -572,7 +574,7 @@ async fn handle_delivery(s: &Shared, d: Delivery) {
                 row.output.as_ref(),
                 row.job_error().as_ref(),
             );
-            publish(s, &ev).await;
+            publish(s, ev).await;
             ack(s, &d).await;
         }
         Ok(ClaimOutcome::Claimed(row)) => crate::run::run_claimed(s, d, row).await,

@@ -10,6 +10,7 @@ mod code;
 mod conversations;
 mod deploy;
 mod errors;
+mod events;
 mod fairness;
 mod fuzz;
 mod jobs;

@@ -240,14 +240,14 @@ pub(crate) async fn jobs_committed_but_never_dispatched_still_run_on(pool: PgPoo
     app.stop().await;
 }
 
-struct PrivateRedis {
+pub(crate) struct PrivateRedis {
     child: Child,
     port: u16,
     _dir: std::path::PathBuf,
 }
 
 impl PrivateRedis {
-    fn start() -> PrivateRedis {
+    pub(crate) fn start() -> PrivateRedis {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
@@ -288,7 +288,7 @@ impl PrivateRedis {
         }
     }
 
-    fn url(&self) -> String {
+    pub(crate) fn url(&self) -> String {
         format!("redis://127.0.0.1:{}", self.port)
     }
 }

@@ -17,18 +17,24 @@ pub enum Published {
     Ok,
     /// A newer attempt owns the job: the publisher is stale and must stop.
     Fenced,
-    /// The seq is not above the last one in the stream (duplicate or out of order).
+    /// The seq is below the last one in the stream (out of order).
     Stale,
 }
 
-// KEYS: ev stream, meta hash. ARGV: attempt, seq, payload, channel, ttl_s
+// KEYS: ev stream, meta hash. ARGV: attempt, seq, payload, channel, ttl_s.
+// Returns 1 (published), 2 (this seq is already the stream's last entry: a retried publish that
+// had gone through), -1 (fenced) or -2 (stale).
 const PUBLISH_LUA: &str = r#"
 local cur = tonumber(redis.call('HGET', KEYS[2], 'attempt') or '0')
 local att = tonumber(ARGV[1])
 if att < cur then return -1 end
 if att > cur then redis.call('HSET', KEYS[2], 'attempt', att) end
 local r = redis.pcall('XADD', KEYS[1], ARGV[2] .. '-0', 'e', ARGV[3])
-if type(r) == 'table' and r.err then return -2 end
+if type(r) == 'table' and r.err then
+  local l = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
+  if #l > 0 and l[1][1] == ARGV[2] .. '-0' then return 2 end
+  return -2
+end
 redis.call('PUBLISH', ARGV[4], ARGV[3])
 local ttl = tonumber(ARGV[5])
 redis.call('EXPIRE', KEYS[1], ttl)
@@ -69,6 +75,20 @@ redis.call('EXPIRE', KEYS[1], tonumber(ARGV[6]))
 redis.call('EXPIRE', KEYS[2], tonumber(ARGV[6]))
 return seq
 "#;
+
+fn payload(ev: &Event) -> RedisResult<String> {
+    serde_json::to_string(ev).map_err(|e| {
+        redis::RedisError::from((redis::ErrorKind::TypeError, "event json", e.to_string()))
+    })
+}
+
+fn published(r: i64) -> Published {
+    match r {
+        1 | 2 => Published::Ok,
+        -1 => Published::Fenced,
+        _ => Published::Stale,
+    }
+}
 
 /// Placeholder seq used to split an event's JSON around its seq (filled in by Redis).
 const SEQ_PLACEHOLDER: u64 = 9_007_199_254_740_991;
@@ -166,32 +186,64 @@ impl EventBus {
     }
 
     /// Appends an event and notifies live subscribers, unless a newer attempt owns the job.
+    /// Publishing the same event again is harmless (answered `Ok`, nothing sent twice).
     pub async fn publish(&self, ev: &Event) -> RedisResult<Published> {
-        let payload = serde_json::to_string(ev).map_err(|e| {
-            redis::RedisError::from((redis::ErrorKind::TypeError, "event json", e.to_string()))
-        })?;
+        let payload = payload(ev)?;
+        let mut inv = self.publish_script.prepare_invoke();
+        self.publish_args(&mut inv, ev, payload);
+        let mut c = self.conn.clone();
+        let r: i64 = inv.invoke_async(&mut c).await?;
+        Ok(published(r))
+    }
+
+    /// Publishes events of several jobs (at most one per job) in one pipeline: one round trip
+    /// for a burst of streaming jobs. Answers per event, in order. If the pipeline fails as a
+    /// whole (the script is not loaded on a node, a connection broke), each event is published
+    /// on its own, which is safe for those that had gone through (see [`EventBus::publish`]).
+    pub async fn publish_many(&self, evs: &[Event]) -> Vec<RedisResult<Published>> {
+        if evs.len() == 1 {
+            return vec![self.publish(&evs[0]).await];
+        }
+        let mut pipe = redis::pipe();
+        let mut ok = true;
+        for ev in evs {
+            match payload(ev) {
+                Ok(p) => {
+                    let mut inv = self.publish_script.prepare_invoke();
+                    self.publish_args(&mut inv, ev, p);
+                    pipe.invoke_script(&inv);
+                }
+                Err(_) => ok = false,
+            }
+        }
+        if ok {
+            let mut c = self.conn.clone();
+            if let Ok(rs) = pipe.query_async::<Vec<i64>>(&mut c).await {
+                if rs.len() == evs.len() {
+                    return rs.into_iter().map(|r| Ok(published(r))).collect();
+                }
+            }
+        }
+        let mut out = Vec::with_capacity(evs.len());
+        for ev in evs {
+            out.push(self.publish(ev).await);
+        }
+        out
+    }
+
+    fn publish_args(&self, inv: &mut redis::ScriptInvocation<'_>, ev: &Event, payload: String) {
         let ttl = if ev.is_terminal() {
             self.done_ttl
         } else {
             self.live_ttl
         };
-        let mut c = self.conn.clone();
-        let r: i64 = self
-            .publish_script
-            .key(self.keys.events(ev.job_id))
+        inv.key(self.keys.events(ev.job_id))
             .key(self.keys.event_meta(ev.job_id))
             .arg(ev.attempt)
             .arg(ev.seq)
             .arg(payload)
             .arg(self.keys.event_channel(ev.job_id))
-            .arg(ttl.as_secs().max(1))
-            .invoke_async(&mut c)
-            .await?;
-        Ok(match r {
-            1 => Published::Ok,
-            -1 => Published::Fenced,
-            _ => Published::Stale,
-        })
+            .arg(ttl.as_secs().max(1));
     }
 
     /// Events with seq > `after`, at most `limit`, in order.

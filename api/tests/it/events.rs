@@ -1,0 +1,94 @@
+//! Publishing the events of many jobs in one pipeline (what the worker's publisher does): an
+//! answer per event, fencing per job, a repeated publish that changes nothing, and the
+//! one-by-one fallback when the pipeline fails as a whole.
+
+use std::time::Duration;
+
+use serde_json::json;
+use sqlx::PgPool;
+use switchyard_core::event::Event;
+use switchyard_queue::events::Published;
+use switchyard_queue::{EventBus, Keys, RedisClient};
+use uuid::Uuid;
+
+use crate::reliability::PrivateRedis;
+use crate::support::spawn_api_only;
+
+fn delta(job: Uuid, seq: u64, attempt: i32, text: &str) -> Event {
+    Event::new(job, seq, attempt, "output.delta", json!({ "text": text }))
+}
+
+fn answers(r: Vec<redis::RedisResult<Published>>) -> Vec<Published> {
+    r.into_iter().map(|r| r.expect("published")).collect()
+}
+
+async fn texts(bus: &EventBus, job: Uuid) -> Vec<String> {
+    let h = bus.read(job, 0, 100).await.unwrap();
+    h.events
+        .iter()
+        .map(|e| e.data["text"].as_str().unwrap_or("").to_string())
+        .collect()
+}
+
+#[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
+async fn a_batch_answers_per_event_and_a_repeat_changes_nothing(pool: PgPool) {
+    let app = spawn_api_only(pool).await;
+    let bus = app.bus().await;
+    let (a, b, c) = (Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7());
+    // a newer attempt owns c
+    assert!(bus.begin_attempt(c, 2).await.unwrap().is_some());
+    let first = vec![delta(a, 1, 1, "a1"), delta(b, 1, 1, "b1"), delta(c, 5, 1, "c1")];
+    assert_eq!(
+        answers(bus.publish_many(&first).await),
+        vec![Published::Ok, Published::Ok, Published::Fenced]
+    );
+    // the same batch again (a pipeline retried after it had gone through): accepted, and no
+    // event is written twice
+    assert_eq!(
+        answers(bus.publish_many(&first[..2]).await),
+        vec![Published::Ok, Published::Ok]
+    );
+    assert_eq!(texts(&bus, a).await, vec!["a1"]);
+    assert_eq!(texts(&bus, b).await, vec!["b1"]);
+    assert!(texts(&bus, c).await.is_empty(), "a fenced event is not written");
+    // an event older than the stream's last one is stale; the rest of the batch still goes out
+    assert_eq!(
+        answers(bus.publish_many(&[delta(a, 2, 1, "a2"), delta(b, 2, 1, "b2")]).await),
+        vec![Published::Ok, Published::Ok]
+    );
+    assert_eq!(
+        answers(bus.publish_many(&[delta(a, 1, 1, "late"), delta(b, 3, 1, "b3")]).await),
+        vec![Published::Stale, Published::Ok]
+    );
+    assert_eq!(texts(&bus, a).await, vec!["a1", "a2"]);
+    assert_eq!(texts(&bus, b).await, vec!["b1", "b2", "b3"]);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_batch_still_goes_out_when_redis_forgot_the_script() {
+    // SCRIPT FLUSH affects every client of a server: this test has one of its own
+    let redis = PrivateRedis::start();
+    let client = RedisClient::open(&redis.url()).unwrap();
+    let conn = client.connect(Duration::from_secs(5)).await.unwrap();
+    let bus = EventBus::new(Keys::new("evbatch"), conn, Duration::from_secs(60));
+    let (a, b) = (Uuid::now_v7(), Uuid::now_v7());
+    // loads the script
+    assert_eq!(
+        bus.publish(&delta(a, 1, 1, "a1")).await.unwrap(),
+        Published::Ok
+    );
+    let mut raw = client.connect(Duration::from_secs(5)).await.unwrap();
+    let _: () = redis::cmd("SCRIPT")
+        .arg("FLUSH")
+        .query_async(&mut raw)
+        .await
+        .unwrap();
+    // the pipeline of EVALSHAs fails with NOSCRIPT; each event is then published on its own
+    assert_eq!(
+        answers(bus.publish_many(&[delta(a, 2, 1, "a2"), delta(b, 1, 1, "b1")]).await),
+        vec![Published::Ok, Published::Ok]
+    );
+    assert_eq!(texts(&bus, a).await, vec!["a1", "a2"]);
+    assert_eq!(texts(&bus, b).await, vec!["b1"]);
+}
