@@ -37,7 +37,11 @@ async fn a_batch_answers_per_event_and_a_repeat_changes_nothing(pool: PgPool) {
     let (a, b, c) = (Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7());
     // a newer attempt owns c
     assert!(bus.begin_attempt(c, 2).await.unwrap().is_some());
-    let first = vec![delta(a, 1, 1, "a1"), delta(b, 1, 1, "b1"), delta(c, 5, 1, "c1")];
+    let first = vec![
+        delta(a, 1, 1, "a1"),
+        delta(b, 1, 1, "b1"),
+        delta(c, 5, 1, "c1"),
+    ];
     assert_eq!(
         answers(bus.publish_many(&first).await),
         vec![Published::Ok, Published::Ok, Published::Fenced]
@@ -50,14 +54,23 @@ async fn a_batch_answers_per_event_and_a_repeat_changes_nothing(pool: PgPool) {
     );
     assert_eq!(texts(&bus, a).await, vec!["a1"]);
     assert_eq!(texts(&bus, b).await, vec!["b1"]);
-    assert!(texts(&bus, c).await.is_empty(), "a fenced event is not written");
+    assert!(
+        texts(&bus, c).await.is_empty(),
+        "a fenced event is not written"
+    );
     // an event older than the stream's last one is stale; the rest of the batch still goes out
     assert_eq!(
-        answers(bus.publish_many(&[delta(a, 2, 1, "a2"), delta(b, 2, 1, "b2")]).await),
+        answers(
+            bus.publish_many(&[delta(a, 2, 1, "a2"), delta(b, 2, 1, "b2")])
+                .await
+        ),
         vec![Published::Ok, Published::Ok]
     );
     assert_eq!(
-        answers(bus.publish_many(&[delta(a, 1, 1, "late"), delta(b, 3, 1, "b3")]).await),
+        answers(
+            bus.publish_many(&[delta(a, 1, 1, "late"), delta(b, 3, 1, "b3")])
+                .await
+        ),
         vec![Published::Stale, Published::Ok]
     );
     assert_eq!(texts(&bus, a).await, vec!["a1", "a2"]);
@@ -86,7 +99,10 @@ async fn a_batch_still_goes_out_when_redis_forgot_the_script() {
         .unwrap();
     // the pipeline of EVALSHAs fails with NOSCRIPT; each event is then published on its own
     assert_eq!(
-        answers(bus.publish_many(&[delta(a, 2, 1, "a2"), delta(b, 1, 1, "b1")]).await),
+        answers(
+            bus.publish_many(&[delta(a, 2, 1, "a2"), delta(b, 1, 1, "b1")])
+                .await
+        ),
         vec![Published::Ok, Published::Ok]
     );
     assert_eq!(texts(&bus, a).await, vec!["a1", "a2"]);
