@@ -27,8 +27,13 @@ $BIN scheduler > /tmp/scheduler.log 2>&1 &
 SCHED=$!
 for _ in $(seq 1 60); do curl -sf localhost:8080/readyz >/dev/null && break; sleep 1; done
 cpu() { awk '{print $14+$15}' "/proc/$1/stat"; }
+REDIS_PID=$(redis-cli info server 2>/dev/null | awk -F: '/^process_id/ {print $2+0}')
+# all of Postgres' processes (postmaster and backends), and the whole box (idle share)
+pg_cpu() { local t=0; for p in $(pgrep -x postgres); do t=$((t + $(cpu "$p" 2>/dev/null || echo 0))); done; echo $t; }
+box_idle() { awk '/^cpu / {print $5+$6, $2+$3+$4+$5+$6+$7+$8+$9}' /proc/stat; }
 declare -A c0
-for p in $API $WORKER $MOCK; do c0[$p]=$(cpu "$p"); done
+for p in $API $WORKER $MOCK $REDIS_PID; do c0[$p]=$(cpu "$p"); done
+pg0=$(pg_cpu); read -r idle0 total0 < <(box_idle)
 t0=$(date +%s.%N)
 /usr/bin/time -f "LOADTEST: CPU %P of one core, peak RSS %M KB" ./target/release/switchyard-loadtest --api-key "$KEY" --kind llm --model mock-echo --prompt-words 198 \
   --max-tokens 400 --jobs "$JOBS" --concurrency 1000 --rate "$RATE" --ws-connections 16 --timeout-s 120 2>&1 | tail -14
@@ -39,4 +44,10 @@ for p in API:$API WORKER:$WORKER MOCK:$MOCK; do
   peak=$(awk '/VmHWM/ {print $2/1024 " MB"}' "/proc/$pid/status")
   echo "$name: CPU $cores cores, peak RSS $peak"
 done
+if [ -n "$REDIS_PID" ] && [ -r "/proc/$REDIS_PID/stat" ]; then
+  echo "REDIS: CPU $(echo "($(cpu "$REDIS_PID")-${c0[$REDIS_PID]})/100/($t1-$t0)" | bc -l | head -c 5) cores"
+fi
+echo "POSTGRES (all processes): CPU $(echo "($(pg_cpu)-$pg0)/100/($t1-$t0)" | bc -l | head -c 5) cores"
+read -r idle1 total1 < <(box_idle)
+echo "BOX: $(echo "100*($idle1-$idle0)/($total1-$total0)" | bc -l | head -c 4) % idle over the run ($(nproc) cores)"
 kill $API $WORKER $SCHED $MOCK; wait

@@ -13,6 +13,8 @@ use tokio_util::task::TaskTracker;
 /// Entries waiting at most; a full queue makes requests wait (nothing is dropped).
 const QUEUE: usize = 8192;
 const BATCH: usize = 512;
+/// How long a batch waits for more entries before it is written.
+const LINGER: Duration = Duration::from_millis(20);
 
 #[derive(Clone)]
 pub struct AuditSink {
@@ -50,6 +52,20 @@ async fn writer(store: Store, mut rx: mpsc::Receiver<AuditEntry>, stop: Cancella
         };
         if n == 0 {
             return;
+        }
+        // the requests do not wait for this: let a few more arrive so that a moderate request
+        // rate writes one transaction per LINGER, not one per request
+        let until = tokio::time::Instant::now() + LINGER;
+        while batch.len() < BATCH {
+            let room = BATCH - batch.len();
+            let more = tokio::select! {
+                r = tokio::time::timeout_at(until, rx.recv_many(&mut batch, room)) => r,
+                _ = stop.cancelled() => break,
+            };
+            match more {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
         }
         write(&store, &mut batch).await;
     }

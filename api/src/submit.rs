@@ -9,6 +9,7 @@ use switchyard_queue::RedisConn;
 use switchyard_store::{NewJob, Store, StoreError};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::task::TaskTracker;
+use uuid::Uuid;
 
 const MAX_BATCH: usize = 512;
 
@@ -33,8 +34,10 @@ impl Submitter {
     ) -> Submitter {
         let (tx, rx) = mpsc::channel(8192);
         let (dtx, drx) = mpsc::channel::<Vec<NewJob>>(64);
+        let (mtx, mrx) = mpsc::channel::<(Vec<Uuid>, i64)>(64);
         tracker.spawn(commit_loop(store.clone(), rx, dtx.clone()));
-        tracker.spawn(dispatch_loop(store, queue, redis, drx));
+        tracker.spawn(dispatch_loop(queue, redis, drx, mtx));
+        tracker.spawn(mark_loop(store, mrx));
         Submitter { tx, dispatch: dtx }
     }
 
@@ -112,10 +115,10 @@ async fn commit_loop(
 }
 
 async fn dispatch_loop(
-    store: Store,
     queue: switchyard_queue::Queue,
     mut redis: RedisConn,
     mut rx: mpsc::Receiver<Vec<NewJob>>,
+    marks: mpsc::Sender<(Vec<Uuid>, i64)>,
 ) {
     let live_ttl = 7 * 24 * 3600;
     let keys = queue.keys().clone();
@@ -158,9 +161,40 @@ async fn dispatch_loop(
         };
         if let Some(epoch) = epoch {
             let ids: Vec<_> = jobs.iter().map(|j| j.id).collect();
+            if marks.send((ids, epoch)).await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+/// How long dispatched ids wait to be marked with their Redis epoch. Marking is a hint for the
+/// reconciler (it re-dispatches unmarked jobs only after `undispatched_min_age`, seconds): a
+/// job a worker claims meanwhile is marked by its claim, and the mark then skips it without
+/// writing its row again; the others are marked many per statement.
+const MARK_LINGER: std::time::Duration = std::time::Duration::from_millis(20);
+
+async fn mark_loop(store: Store, mut rx: mpsc::Receiver<(Vec<Uuid>, i64)>) {
+    let mut waiting: Vec<(Vec<Uuid>, i64)> = Vec::new();
+    while let Some(first) = rx.recv().await {
+        waiting.push(first);
+        let until = tokio::time::Instant::now() + MARK_LINGER;
+        // an Err is the deadline: mark what came
+        while let Ok(Some(more)) = tokio::time::timeout_at(until, rx.recv()).await {
+            waiting.push(more);
+        }
+        // one statement per epoch (one, unless Redis lost its data meanwhile)
+        waiting.sort_by_key(|(_, epoch)| *epoch);
+        for chunk in waiting.chunk_by(|a, b| a.1 == b.1) {
+            let epoch = chunk[0].1;
+            let ids: Vec<Uuid> = chunk
+                .iter()
+                .flat_map(|(ids, _)| ids.iter().copied())
+                .collect();
             if let Err(e) = store.mark_dispatched(&ids, epoch).await {
                 tracing::warn!(error = %e, "could not mark jobs dispatched (they may be dispatched twice)");
             }
         }
+        waiting.clear();
     }
 }

@@ -5,8 +5,9 @@
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 use sqlx::PgPool;
+use std::time::Duration;
 
-use crate::support::{spawn_api_only, spawn_app_with, Opts};
+use crate::support::{spawn_api_only, spawn_app_with, spawn_without_worker, Opts};
 
 #[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
 async fn an_idempotency_key_returns_the_same_job(pool: PgPool) {
@@ -346,5 +347,52 @@ pub(crate) async fn delayed_jobs_stay_queued_until_their_time_on(pool: PgPool, b
         let e: Value = r.json().await.unwrap();
         assert_eq!(e["error"]["field"], field, "{e}");
     }
+    app.stop().await;
+}
+
+/// Marking jobs dispatched (the API marks them a moment after its Redis write; a worker's claim
+/// or the reconciler may have marked them first) leaves a row that already carries the epoch
+/// alone — no new row version — and records a newer epoch.
+#[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
+async fn marking_jobs_dispatched_leaves_marked_rows_alone(pool: PgPool) {
+    // the scheduler sets the Redis epoch the API marks jobs with; no worker claims the job
+    let app = spawn_without_worker(pool).await;
+    app.wait_epoch().await;
+    let id = app.submit_noop(json!({})).await;
+    let epoch_of = || async {
+        sqlx::query_scalar::<_, i64>("SELECT dispatch_epoch FROM jobs WHERE id = $1")
+            .bind(id)
+            .fetch_one(app.store.pool())
+            .await
+            .unwrap()
+    };
+    let t = std::time::Instant::now();
+    let epoch = loop {
+        let e = epoch_of().await;
+        if e > 0 {
+            break e;
+        }
+        assert!(t.elapsed() < Duration::from_secs(10), "never marked");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let version = || async {
+        sqlx::query_as::<_, (String, String)>(
+            "SELECT xmin::text, xmax::text FROM jobs WHERE id = $1",
+        )
+        .bind(id)
+        .fetch_one(app.store.pool())
+        .await
+        .unwrap()
+    };
+    let before = version().await;
+    app.store.mark_dispatched(&[id], epoch).await.unwrap();
+    assert_eq!(
+        version().await,
+        before,
+        "a row already marked was locked or rewritten"
+    );
+    // a newer epoch (Redis lost its data and the reconciler dispatched it again) is recorded
+    app.store.mark_dispatched(&[id], epoch + 1).await.unwrap();
+    assert_eq!(epoch_of().await, epoch + 1);
     app.stop().await;
 }

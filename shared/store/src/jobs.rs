@@ -171,9 +171,11 @@ const LOCK_IN_ORDER: &str = "ARRAY(SELECT id FROM jobs WHERE id = ANY($1) ORDER 
 
 /// Like [`LOCK_IN_ORDER`] but skipping rows another statement holds: marking jobs dispatched
 /// never waits for a worker's claim (the claim records the epoch itself, since the worker just
-/// read the job from Redis).
-const LOCK_FREE_IN_ORDER: &str =
-    "ARRAY(SELECT id FROM jobs WHERE id = ANY($1) ORDER BY id FOR UPDATE SKIP LOCKED)";
+/// read the job from Redis). Rows that already carry the epoch (claimed meanwhile) are left
+/// alone: neither locked nor written.
+const UNMARKED_IN_ORDER: &str =
+    "ARRAY(SELECT id FROM jobs WHERE id = ANY($1) AND dispatch_epoch < $2 \
+     ORDER BY id FOR UPDATE SKIP LOCKED)";
 
 pub(crate) fn millis(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
@@ -194,7 +196,7 @@ impl Store {
         }
         sqlx::query(
             &format!(
-                "UPDATE jobs SET dispatch_epoch = $2 WHERE id = ANY({LOCK_FREE_IN_ORDER}) AND dispatch_epoch < $2"
+                "UPDATE jobs SET dispatch_epoch = $2 WHERE id = ANY({UNMARKED_IN_ORDER}) AND dispatch_epoch < $2"
             ),
         )
         .bind(ids)
