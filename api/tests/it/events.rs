@@ -8,10 +8,10 @@ use serde_json::json;
 use sqlx::PgPool;
 use switchyard_core::event::Event;
 use switchyard_queue::events::Published;
+use switchyard_queue::testing::PrivateRedis;
 use switchyard_queue::{EventBus, Keys, RedisClient};
 use uuid::Uuid;
 
-use crate::reliability::PrivateRedis;
 use crate::support::spawn_api_only;
 
 fn delta(job: Uuid, seq: u64, attempt: i32, text: &str) -> Event {

@@ -1,13 +1,13 @@
 //! Nothing lost: retries, timeouts, attempt fencing, lease expiry, Redis data loss, jobs
 //! committed but never dispatched, draining.
 
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use serde_json::json;
 use sqlx::PgPool;
 use switchyard_core::event::Event;
 use switchyard_queue::events::Published;
+use switchyard_queue::testing::PrivateRedis;
 use switchyard_store::{ClaimOutcome, NewJob, RunEnd};
 use uuid::Uuid;
 
@@ -240,66 +240,6 @@ pub(crate) async fn jobs_committed_but_never_dispatched_still_run_on(pool: PgPoo
     app.stop().await;
 }
 
-pub(crate) struct PrivateRedis {
-    child: Child,
-    port: u16,
-    _dir: std::path::PathBuf,
-}
-
-impl PrivateRedis {
-    pub(crate) fn start() -> PrivateRedis {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        Self::start_on(port)
-    }
-
-    fn start_on(port: u16) -> PrivateRedis {
-        let dir = std::env::temp_dir().join(format!("sy-redis-{port}"));
-        std::fs::create_dir_all(&dir).unwrap();
-        let child = Command::new("redis-server")
-            .args([
-                "--port",
-                &port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
-            .arg("--dir")
-            .arg(&dir)
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("this test needs redis-server on PATH (apt-get install redis-server)");
-        for _ in 0..100 {
-            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        PrivateRedis {
-            child,
-            port,
-            _dir: dir,
-        }
-    }
-
-    pub(crate) fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
-    }
-}
-
-impl Drop for PrivateRedis {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 #[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
 async fn redis_flushall_loses_nothing(pool: PgPool) {
     let redis = PrivateRedis::start();
@@ -396,8 +336,7 @@ async fn a_redis_restart_without_data_kills_nothing(pool: PgPool) {
     let before = app.submit_noop(json!({})).await;
     app.wait_status(before, "succeeded", T).await;
     // Redis goes away: submissions still commit (dispatch is retried by the reconciler)
-    let _ = redis.child.kill();
-    let _ = redis.child.wait();
+    redis.stop();
     let during = app.submit_noop(json!({"deltas": 2})).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     // and comes back empty on the same port

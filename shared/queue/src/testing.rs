@@ -1,4 +1,5 @@
-//! Test support (feature `test-support`): a private three-primary Redis Cluster on free ports
+//! Test support (feature `test-support`): a private Redis server on a free port, for tests that
+//! stop, flush or reconfigure their Redis; and a private three-primary Redis Cluster
 //! (`redis-server --cluster-enabled yes` joined by `redis-cli --cluster create`), for the
 //! cluster tests of the API crate and the binary.
 
@@ -6,6 +7,68 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use uuid::Uuid;
+
+/// A private Redis server without persistence; stopped (and its files removed) on drop.
+pub struct PrivateRedis {
+    pub port: u16,
+    child: Option<Child>,
+    dir: std::path::PathBuf,
+}
+
+impl PrivateRedis {
+    pub fn start() -> PrivateRedis {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        Self::start_on(port)
+    }
+
+    /// A server on `port` (e.g. again after [`PrivateRedis::stop`]: it comes back empty).
+    pub fn start_on(port: u16) -> PrivateRedis {
+        let dir = std::env::temp_dir().join(format!("sy-redis-{}", Uuid::new_v4().simple()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(&dir)
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("redis-server is installed (scripts/test.sh installs it)");
+        for _ in 0..100 {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        PrivateRedis {
+            port,
+            child: Some(child),
+            dir,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Kills the server (its data is gone).
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for PrivateRedis {
+    fn drop(&mut self) {
+        self.stop();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
 
 /// A private Redis Cluster of three primaries; stopped (and its files removed) on drop.
 pub struct PrivateCluster {
