@@ -257,9 +257,11 @@ impl Scheduler {
             }
         }
         for _ in 0..self.opts.max_batches {
+            // outbox rows are taken whole, so a batch holding less than `batch` changes does
+            // not mean the outbox is empty
             let n = self.store.chain_job_audit(self.opts.batch).await?;
             report.audited += n;
-            if (n as i64) < self.opts.batch {
+            if n == 0 {
                 break;
             }
         }

@@ -176,8 +176,10 @@ async fn assert_one_terminal_each(c: &Cluster, ids: &[Uuid]) -> i64 {
     let (once, more): (i64, i64) = sqlx::query_as(
         "SELECT count(*) FILTER (WHERE n = 1), count(*) FILTER (WHERE n > 1) FROM (
              SELECT target, count(*) AS n FROM (
-                 SELECT target, action FROM audit_outbox
-                 UNION ALL SELECT target, action FROM audit_events) a
+                 SELECT e ->> 'target', e ->> 'action'
+                 FROM audit_outbox, jsonb_array_elements(entries) e
+                 UNION ALL SELECT target, action FROM audit_outbox WHERE entries IS NULL
+                 UNION ALL SELECT target, action FROM audit_events) a (target, action)
              WHERE action IN ('job.succeeded', 'job.failed', 'job.cancelled')
                AND target = ANY($1)
              GROUP BY target) t",

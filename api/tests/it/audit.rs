@@ -281,3 +281,119 @@ async fn job_state_changes_are_chained_and_retention_prunes_them(pool: PgPool) {
     }
     app.stop().await;
 }
+
+/// (outbox rows, changes they hold) as the triggers left them.
+async fn outbox(app: &TestApp) -> (i64, i64) {
+    sqlx::query_as("SELECT count(*), COALESCE(sum(n), 0) FROM audit_outbox")
+        .fetch_one(app.store.pool())
+        .await
+        .unwrap()
+}
+
+#[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
+async fn a_batch_statement_writes_one_outbox_row_per_tenant_and_each_job_is_chained(pool: PgPool) {
+    let app = spawn_api_only(pool).await;
+    let s = &app.store;
+    let other = s.create_tenant("other").await.unwrap().id;
+    // one INSERT statement with jobs of two tenants
+    let mut jobs: Vec<_> = (0..6)
+        .map(|_| crate::support::new_job(app.tenant))
+        .collect();
+    jobs.extend((0..4).map(|_| crate::support::new_job(other)));
+    s.insert_jobs(&jobs).await.unwrap();
+    assert_eq!(outbox(&app).await, (2, 10));
+    // one claim statement: a row per tenant again
+    let ids: Vec<_> = jobs.iter().map(|j| j.id).collect();
+    let claimed = s
+        .claim_many(&ids, "w-audit", Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert_eq!(claimed.len(), 10);
+    assert_eq!(outbox(&app).await, (4, 20));
+    // updates that change no status leave nothing: a heartbeat, a dispatch mark
+    assert_eq!(
+        s.heartbeat(ids[0], 1, Duration::from_secs(30))
+            .await
+            .unwrap(),
+        Some(false)
+    );
+    s.mark_dispatched(&ids, 7).await.unwrap();
+    assert_eq!(outbox(&app).await, (4, 20));
+    // a row in the format written before batches still chains
+    sqlx::query(
+        "INSERT INTO audit_outbox (tenant_id, actor, action, target, details)
+         VALUES ($1, 'system', 'job.legacy', 'job:legacy', '{\"attempt\": 1}')",
+    )
+    .bind(app.tenant)
+    .execute(s.pool())
+    .await
+    .unwrap();
+
+    // a limit below a row's size still takes that one row whole; then rows are taken whole
+    // while they fit (the rows of one statement come in no fixed tenant order)
+    let first = s.chain_job_audit(1).await.unwrap();
+    assert!(first == 6 || first == 4, "{first}");
+    let second = s.chain_job_audit(12).await.unwrap();
+    assert!((4..=12).contains(&second), "{second}");
+    let rest = s.chain_job_audit(1000).await.unwrap();
+    assert_eq!(first + second + rest, 21);
+    assert_eq!(outbox(&app).await, (0, 0));
+
+    for (tenant, mine) in [(app.tenant, &jobs[..6]), (other, &jobs[6..])] {
+        let rows = s
+            .list_audit(
+                tenant,
+                &switchyard_store::AuditFilter {
+                    limit: 1000,
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap();
+        for j in mine {
+            let target = format!("job:{}", j.id);
+            let of_job: Vec<_> = rows.iter().filter(|r| r.target == target).collect();
+            let actions: Vec<_> = of_job.iter().map(|r| r.action.as_str()).collect();
+            assert_eq!(actions, ["job.queued", "job.running"], "{target}");
+            assert_eq!(of_job[0].actor, "key:test");
+            assert_eq!(
+                of_job[0].details,
+                json!({"kind": "system.noop", "attempt": 0})
+            );
+            assert_eq!(of_job[1].actor, "worker:w-audit");
+            assert_eq!(of_job[1].details, json!({"from": "queued", "attempt": 1}));
+        }
+        let legacy = rows.iter().filter(|r| r.action == "job.legacy").count();
+        assert_eq!(legacy, usize::from(tenant == app.tenant));
+        let v = s.verify_audit(tenant).await.unwrap();
+        assert_eq!((v.checked as usize, v.first_broken), (rows.len(), None));
+    }
+    app.stop().await;
+}
+
+#[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
+async fn a_huge_statement_is_split_into_outbox_rows_of_at_most_1000_changes(pool: PgPool) {
+    let app = spawn_api_only(pool).await;
+    let s = &app.store;
+    let jobs: Vec<_> = (0..2500)
+        .map(|_| crate::support::new_job(app.tenant))
+        .collect();
+    s.insert_jobs(&jobs).await.unwrap();
+    let sizes: Vec<i32> = sqlx::query_scalar("SELECT n FROM audit_outbox ORDER BY n DESC")
+        .fetch_all(s.pool())
+        .await
+        .unwrap();
+    assert_eq!(sizes, [1000, 1000, 500]);
+    let mut chained = Vec::new();
+    loop {
+        match s.chain_job_audit(1000).await.unwrap() {
+            0 => break,
+            n => chained.push(n),
+        }
+    }
+    chained.sort();
+    assert_eq!(chained, [500, 1000, 1000]);
+    let v = s.verify_audit(app.tenant).await.unwrap();
+    assert_eq!((v.checked, v.first_broken), (2500, None));
+    app.stop().await;
+}

@@ -130,6 +130,15 @@ pub struct AuditVerification {
     pub reason: Option<String>,
 }
 
+/// One job state change in an outbox row's `entries` (see the `jobs_audit_*` triggers).
+#[derive(serde::Deserialize)]
+struct OutboxChange {
+    actor: String,
+    action: String,
+    target: String,
+    details: Value,
+}
+
 /// One batch's rows as columns (for `UNNEST`).
 #[derive(Default)]
 struct Columns {
@@ -163,50 +172,78 @@ impl Store {
         Ok(())
     }
 
-    /// Moves up to `limit` job state changes from the outbox (written by a trigger on `jobs`)
-    /// into the chained trail, in one transaction; returns how many. Several schedulers may
-    /// run this at once (`SKIP LOCKED`).
+    /// Moves about `limit` job state changes from the outbox (written by statement triggers on
+    /// `jobs`, one row per statement and tenant) into the chained trail, in one transaction;
+    /// returns how many changes. Outbox rows are taken whole, oldest first, until `limit` is
+    /// reached (at least one row). Several schedulers may run this at once (`SKIP LOCKED`).
     pub async fn chain_job_audit(&self, limit: i64) -> Result<usize> {
         let mut tx = self.pool().begin().await?;
+        let candidates: Vec<(i64, i32)> = sqlx::query_as(
+            "SELECT id, n FROM audit_outbox ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
+        )
+        .bind(limit)
+        .fetch_all(&mut *tx)
+        .await?;
+        let mut take = Vec::new();
+        let mut changes = 0i64;
+        for (id, n) in candidates {
+            if !take.is_empty() && changes + i64::from(n) > limit {
+                break;
+            }
+            take.push(id);
+            changes += i64::from(n);
+        }
+        if take.is_empty() {
+            return Ok(0);
+        }
         type Row = (
+            i64,
             Uuid,
             DateTime<Utc>,
             String,
             String,
             String,
-            serde_json::Value,
+            Value,
+            Option<Value>,
         );
-        let rows: Vec<Row> = sqlx::query_as(
-            "DELETE FROM audit_outbox WHERE id IN
-                (SELECT id FROM audit_outbox ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED)
-             RETURNING tenant_id, at, actor, action, target, details",
+        let mut rows: Vec<Row> = sqlx::query_as(
+            "DELETE FROM audit_outbox WHERE id = ANY($1)
+             RETURNING id, tenant_id, at, actor, action, target, details, entries",
         )
-        .bind(limit)
+        .bind(&take)
         .fetch_all(&mut *tx)
         .await?;
-        let n = rows.len();
-        if n == 0 {
-            return Ok(0);
-        }
-        let mut rows = rows;
         // DELETE ... RETURNING has no order: chain in the order the changes happened
-        rows.sort_by_key(|r| r.1);
-        let entries = rows
-            .into_iter()
-            .map(
-                |(tenant_id, at, actor, action, target, details)| AuditEntry {
-                    tenant_id,
-                    at,
-                    actor,
-                    action,
-                    target,
-                    outcome: 0,
-                    request_id: String::new(),
-                    source: String::new(),
-                    details,
-                },
-            )
-            .collect();
+        rows.sort_by_key(|r| (r.2, r.0));
+        let mut entries = Vec::with_capacity(changes as usize);
+        for (_, tenant_id, at, actor, action, target, details, batch) in rows {
+            let entry = |actor, action, target, details| AuditEntry {
+                tenant_id,
+                at,
+                actor,
+                action,
+                target,
+                outcome: 0,
+                request_id: String::new(),
+                source: String::new(),
+                details,
+            };
+            match batch {
+                // a row written before the outbox held batches: one change
+                None => entries.push(entry(actor, action, target, details)),
+                Some(batch) => {
+                    let batch: Vec<OutboxChange> = serde_json::from_value(batch).map_err(|e| {
+                        crate::StoreError::Database(sqlx::Error::Decode(Box::new(e)))
+                    })?;
+                    entries.extend(
+                        batch
+                            .into_iter()
+                            .map(|c| entry(c.actor, c.action, c.target, c.details)),
+                    );
+                }
+            }
+        }
+        let n = entries.len();
         append_in(&mut tx, entries).await?;
         tx.commit().await?;
         Ok(n)
