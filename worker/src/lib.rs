@@ -1,6 +1,7 @@
 //! The worker: fetches jobs from the Redis queues it serves, claims them in Postgres (attempt
 //! fencing), runs them through executors, streams their events and records the outcome.
 
+mod acker;
 pub mod code;
 pub mod code_metrics;
 pub mod executor;

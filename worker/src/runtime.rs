@@ -77,6 +77,8 @@ pub(crate) struct Shared {
     pub(crate) bus: EventBus,
     /// Events of all runs go out in batches (`publisher.rs`).
     pub(crate) publisher: crate::publisher::Publisher,
+    /// Deliveries are acknowledged in batches (`acker.rs`).
+    pub(crate) acker: crate::acker::Acker,
     pub(crate) client: switchyard_queue::RedisClient,
     pub(crate) executors: ExecutorRegistry,
     pub(crate) opts: WorkerOptions,
@@ -150,6 +152,7 @@ impl Worker {
                 id,
                 store,
                 quotas: switchyard_queue::Quotas::new(queue.keys().clone(), queue.conn()),
+                acker: crate::acker::Acker::new(queue.clone()),
                 queue,
                 publisher: crate::publisher::Publisher::new(bus.clone()),
                 bus,
@@ -187,6 +190,8 @@ impl Worker {
             .map(|rx| tokio::spawn(complete_loop(s.store.clone(), rx, completer_stop.clone())));
         let publisher_stop = CancellationToken::new();
         let publisher = s.publisher.start(publisher_stop.clone());
+        let acker_stop = CancellationToken::new();
+        let acker = s.acker.start(acker_stop.clone());
         let done = tokio::spawn(async move {
             let loops = TaskTracker::new();
             for q in s.opts.queues.clone() {
@@ -216,6 +221,10 @@ impl Worker {
             publisher_stop.cancel();
             if let Some(p) = publisher {
                 let _ = p.await;
+            }
+            acker_stop.cancel();
+            if let Some(a) = acker {
+                let _ = a.await;
             }
             let _ = s.queue.remove_worker(&s.id).await;
             tracing::info!(worker = %s.id, "worker stopped");
@@ -522,20 +531,7 @@ pub(crate) async fn complete(s: &Shared, write: RunEndWrite) -> Result<bool, Sto
 }
 
 pub(crate) async fn ack(s: &Shared, d: &Delivery) {
-    let mut delay = Duration::from_millis(50);
-    for _ in 0..8 {
-        match s.queue.ack(d).await {
-            Ok(()) => return,
-            // the stream or its group is gone (Redis lost its data): nothing left to acknowledge
-            Err(e) if e.code() == Some("NOGROUP") => return,
-            Err(e) => {
-                tracing::warn!(error = %e, "ack failed; retrying");
-                tokio::time::sleep(delay).await;
-                delay *= 2;
-            }
-        }
-    }
-    // the entry will be reclaimed later; the claim then sees the job finished and drops it
+    s.acker.ack(d).await;
 }
 
 pub(crate) async fn publish(s: &Shared, ev: Event) -> Published {

@@ -260,3 +260,82 @@ async fn a_queue_limit_holds_across_workers(pool: PgPool) {
     assert_eq!(max_overlap(&app, &ids).await, 3);
     app.stop().await;
 }
+
+#[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
+async fn a_batch_of_acknowledgements_frees_each_slot_once_and_moves_waiting_jobs_up(pool: PgPool) {
+    let app = spawn_app_with(
+        pool,
+        lane_depth(
+            2,
+            Opts {
+                worker: false,
+                scheduler: false,
+                ..Opts::default()
+            },
+        ),
+    )
+    .await;
+    let queue = app.queue().await;
+    queue.ensure_group("system").await.unwrap();
+    let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
+    let item = |tenant| switchyard_core::job::DispatchItem {
+        id: Uuid::now_v7(),
+        tenant_id: tenant,
+        queue: "system".into(),
+        priority: 0,
+        run_at: None,
+    };
+    let mut items: Vec<_> = (0..5).map(|_| item(a)).collect();
+    items.push(item(b));
+    queue.dispatch(&items).await.unwrap();
+    let mut conn = app.redis().await;
+    let wait = Duration::from_millis(100);
+    let mut fetch = async || {
+        queue
+            .fetch(&mut conn, "system", "c1", 10, wait)
+            .await
+            .unwrap()
+    };
+    // a lane of 2: A's first two and B's one; A's next two move up as they are delivered
+    let first = fetch().await;
+    assert_eq!(first.len(), 3);
+    let mut redis = app.redis().await;
+    let fair = app.keys().fair("system");
+    let counter = async |redis: &mut switchyard_queue::RedisConn, field: String| -> Option<i64> {
+        redis::AsyncCommands::hget(redis, &fair, field)
+            .await
+            .unwrap()
+    };
+    assert_eq!(counter(&mut redis, "r:*".into()).await, Some(3));
+    // one entry whose stream is broken (a key of another type): it fails alone
+    let broken = switchyard_queue::Delivery {
+        stream: format!("{}:broken", app.keys().queue_base("system")),
+        entry_id: "1-1".into(),
+        ..first[0].clone()
+    };
+    let _: () = redis::AsyncCommands::set(&mut redis, &broken.stream, "x")
+        .await
+        .unwrap();
+    let mut batch: Vec<_> = first.iter().collect();
+    batch.push(&broken);
+    let acked = queue.ack_many("system", &batch).await.unwrap();
+    assert_eq!(acked, [true, true, true, false]);
+    assert_eq!(counter(&mut redis, "r:*".into()).await, None);
+    assert_eq!(counter(&mut redis, format!("r:{a}")).await, None);
+    assert_eq!(counter(&mut redis, format!("r:{b}")).await, None);
+    // the same batch again changes nothing
+    let acked = queue.ack_many("system", &batch).await.unwrap();
+    assert_eq!(acked, [false; 4]);
+    assert_eq!(counter(&mut redis, "r:*".into()).await, None);
+    // the rest of A's jobs arrive, each once, and nothing waits any more
+    let mut rest = fetch().await;
+    rest.extend(fetch().await);
+    assert_eq!(rest.len(), 3, "{rest:?}");
+    let mut seen: Vec<Uuid> = first.iter().chain(&rest).map(|d| d.job_id).collect();
+    seen.sort();
+    let mut want: Vec<Uuid> = items.iter().map(|i| i.id).collect();
+    want.sort();
+    assert_eq!(seen, want);
+    assert_eq!(counter(&mut redis, format!("o:{a}")).await, None);
+    app.stop().await;
+}

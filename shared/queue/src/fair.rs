@@ -23,61 +23,75 @@ pub(crate) const PRELUDE: &str = r#"
 local function num(v) return tonumber(v) or 0 end
 local B, K = ARGV[1], tonumber(ARGV[2])
 local F, L = B .. ':fair', B .. ':limits'
+-- how many more undelivered entries tenant t may have in the streams now
 local function room(t)
   local w = num(redis.call('HGET', L, 'w:' .. t))
   if w <= 0 then w = 1 end
   local qa = num(redis.call('HGET', F, 'qa:' .. t))
-  if qa >= K * w then return false end
+  local n = K * w - qa
+  if n <= 0 then return 0 end
   local lim = num(redis.call('HGET', L, 't:' .. t))
   if lim == 0 then lim = num(redis.call('HGET', L, 't:*')) end
-  if lim > 0 and qa + num(redis.call('HGET', F, 'r:' .. t)) >= lim then return false end
-  return true
+  if lim > 0 then n = math.min(n, lim - qa - num(redis.call('HGET', F, 'r:' .. t))) end
+  return n
 end
-local function push(p, job, t)
-  redis.call('XADD', B .. ':p' .. p, '*', 'job', job, 't', t)
-  redis.call('HINCRBY', F, 'qa:' .. t, 1)
-end
+-- moves as many of t's waiting jobs into the streams as it has room for, highest priority
+-- first, popping each lane in bulk
 local function refill(t)
-  local moved = 0
-  while num(redis.call('HGET', F, 'o:' .. t)) > 0 and room(t) do
-    local got = false
-    for p = 9, 0, -1 do
-      local job = redis.call('LPOP', B .. ':t:' .. t .. ':p' .. p)
-      if job then
-        push(p, job, t)
-        redis.call('HINCRBY', F, 'o:' .. t, -1)
-        redis.call('HINCRBY', F, 'ov' .. p, -1)
-        got = true
-        moved = moved + 1
-        break
-      end
-    end
-    if not got then
-      redis.call('HDEL', F, 'o:' .. t)
-      break
-    end
+  local o = num(redis.call('HGET', F, 'o:' .. t))
+  if o <= 0 then
+    if o < 0 then redis.call('HDEL', F, 'o:' .. t) end
+    return 0
   end
-  if num(redis.call('HGET', F, 'o:' .. t)) <= 0 then redis.call('HDEL', F, 'o:' .. t) end
+  local n = math.min(room(t), o)
+  local moved, p = 0, 9
+  while n > 0 and p >= 0 do
+    local jobs = redis.call('LPOP', B .. ':t:' .. t .. ':p' .. p, n)
+    if jobs then
+      for _, job in ipairs(jobs) do redis.call('XADD', B .. ':p' .. p, '*', 'job', job, 't', t) end
+      redis.call('HINCRBY', F, 'ov' .. p, -#jobs)
+      moved = moved + #jobs
+      n = n - #jobs
+    end
+    -- fewer than asked: this lane is empty now
+    if n > 0 then p = p - 1 end
+  end
+  if moved > 0 then redis.call('HINCRBY', F, 'qa:' .. t, moved) end
+  -- p < 0: every lane was empty (the count had drifted)
+  if p < 0 or o - moved <= 0 then
+    redis.call('HDEL', F, 'o:' .. t)
+  elseif moved > 0 then
+    redis.call('HINCRBY', F, 'o:' .. t, -moved)
+  end
   return moved
 end
-local function dispatch(p, job, t)
-  if num(redis.call('HGET', F, 'o:' .. t)) == 0 and room(t) then
-    push(p, job, t)
-    return 1
+-- dispatches jobs one by one: into the stream while the tenant has room and nothing waiting,
+-- else into its lane; remembers each tenant's room for the rest of the call
+local function dispatcher()
+  local left = {}
+  return function(p, job, t)
+    if left[t] == nil then
+      left[t] = 0
+      if num(redis.call('HGET', F, 'o:' .. t)) == 0 then left[t] = room(t) end
+    end
+    if left[t] > 0 then
+      redis.call('XADD', B .. ':p' .. p, '*', 'job', job, 't', t)
+      redis.call('HINCRBY', F, 'qa:' .. t, 1)
+      left[t] = left[t] - 1
+      return 1
+    end
+    redis.call('RPUSH', B .. ':t:' .. t .. ':p' .. p, job)
+    redis.call('HINCRBY', F, 'o:' .. t, 1)
+    redis.call('HINCRBY', F, 'ov' .. p, 1)
+    return 0
   end
-  redis.call('RPUSH', B .. ':t:' .. t .. ':p' .. p, job)
-  redis.call('HINCRBY', F, 'o:' .. t, 1)
-  redis.call('HINCRBY', F, 'ov' .. p, 1)
-  return 0
 end
 local function ring() redis.call('XADD', B .. ':bell', 'MAXLEN', '1', '*', 'b', '1') end
-local function dec(field)
-  if redis.call('HINCRBY', F, field, -1) <= 0 then redis.call('HDEL', F, field) end
-end
 "#;
 
 /// KEYS[1] = the fair hash (routes the call); ARGV: B, K, then (priority, job, tenant) triples.
 pub(crate) const DISPATCH: &str = r#"
+local dispatch = dispatcher()
 for i = 3, #ARGV, 3 do dispatch(tonumber(ARGV[i]), ARGV[i + 1], ARGV[i + 2]) end
 ring()
 return 1
@@ -90,7 +104,7 @@ pub(crate) const FETCH: &str = r#"
 local want = tonumber(ARGV[5])
 local G = num(redis.call('HGET', L, 'queue'))
 if G > 0 then want = math.min(want, G - num(redis.call('HGET', F, 'r:*'))) end
-local out, touched = {}, {}
+local out, got, total = {}, {}, 0
 for p = 9, 0, -1 do
   if want <= 0 then break end
   local k = B .. ':p' .. p
@@ -104,15 +118,19 @@ for p = 9, 0, -1 do
       end
       table.insert(out, {k, e[1], job, t})
       want = want - 1
-      dec('qa:' .. t)
-      redis.call('HINCRBY', F, 'r:' .. t, 1)
-      redis.call('HINCRBY', F, 'r:*', 1)
-      touched[t] = true
+      got[t] = (got[t] or 0) + 1
+      total = total + 1
     end
   end
 end
+-- the delivered entries leave their tenants' undelivered counts and join the in-flight ones
+for t, c in pairs(got) do
+  if redis.call('HINCRBY', F, 'qa:' .. t, -c) <= 0 then redis.call('HDEL', F, 'qa:' .. t) end
+  redis.call('HINCRBY', F, 'r:' .. t, c)
+end
+if total > 0 then redis.call('HINCRBY', F, 'r:*', total) end
 local moved = 0
-for t, _ in pairs(touched) do moved = moved + refill(t) end
+for t, _ in pairs(got) do moved = moved + refill(t) end
 if moved > 0 then ring() end
 local bell = redis.call('XREVRANGE', B .. ':bell', '+', '-', 'COUNT', 1)
 local bid = '0-0'
@@ -120,25 +138,42 @@ if #bell > 0 then bid = bell[1][1] end
 return {bid, out}
 "#;
 
-/// KEYS[1] = the entry's stream; ARGV: B, K, group, entry id, tenant. Acknowledges and
-/// deletes the entry; the first acknowledgement frees the tenant's (and the queue's) slot.
-pub(crate) const ACK: &str = r#"
-local n = redis.call('XACK', KEYS[1], ARGV[3], ARGV[4])
-redis.call('XDEL', KEYS[1], ARGV[4])
-if n == 1 then
-  local t = ARGV[5]
-  dec('r:' .. t)
-  dec('r:*')
-  local moved = refill(t)
+/// KEYS[1] = the fair hash; ARGV: B, K, group, then (stream, entry id, tenant) triples of
+/// entries in this queue's streams. Acknowledges and deletes each entry; the first
+/// acknowledgement of an entry frees its tenant's (and the queue's) slot, and each freed
+/// tenant's waiting jobs move up once. Returns 1 or 0 per entry (acknowledged now, or
+/// already). An error on one entry (its stream lost its group) counts as 0: counters change
+/// only for what was acknowledged.
+pub(crate) const ACK_MANY: &str = r#"
+local freed, total, acked = {}, 0, {}
+for i = 4, #ARGV, 3 do
+  local s, id, t = ARGV[i], ARGV[i + 1], ARGV[i + 2]
+  local n = redis.pcall('XACK', s, ARGV[3], id)
+  if type(n) ~= 'number' then n = 0 end
+  redis.pcall('XDEL', s, id)
+  if n == 1 then
+    freed[t] = (freed[t] or 0) + 1
+    total = total + 1
+  end
+  table.insert(acked, n)
+end
+if total > 0 then
+  if redis.call('HINCRBY', F, 'r:*', -total) <= 0 then redis.call('HDEL', F, 'r:*') end
+  local moved = 0
+  for t, c in pairs(freed) do
+    if redis.call('HINCRBY', F, 'r:' .. t, -c) <= 0 then redis.call('HDEL', F, 'r:' .. t) end
+    moved = moved + refill(t)
+  end
   if moved > 0 or num(redis.call('HGET', L, 'queue')) > 0 then ring() end
 end
-return n
+return acked
 "#;
 
 /// KEYS[1] = the delayed zset; ARGV: B, K, now ms, max items. Dispatches at most `max` due
 /// members (`<job>:<tenant>:<prio>`) like new jobs.
 pub(crate) const MOVE_DUE: &str = r#"
 local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[3], 'LIMIT', 0, tonumber(ARGV[4]))
+local dispatch = dispatcher()
 for _, m in ipairs(due) do
   local id, tenant, prio = string.match(m, '^([^:]+):([^:]*):(%d+)$')
   if id then dispatch(math.min(tonumber(prio), 9), id, tenant) end

@@ -56,7 +56,7 @@ impl Queue {
             move_due_script: Arc::new(fair::script(fair::MOVE_DUE)),
             fetch_script: Arc::new(fair::script(fair::FETCH)),
             dispatch_script: Arc::new(fair::script(fair::DISPATCH)),
-            ack_script: Arc::new(fair::script(fair::ACK)),
+            ack_script: Arc::new(fair::script(fair::ACK_MANY)),
             lane_depth: fair::DEFAULT_LANE_DEPTH,
         }
     }
@@ -272,18 +272,28 @@ impl Queue {
 
     /// Removes a delivery for good (the job's state lives in Postgres).
     pub async fn ack(&self, d: &Delivery) -> RedisResult<()> {
+        self.ack_many(&d.queue, &[d]).await.map(|_| ())
+    }
+
+    /// Removes many deliveries of one queue in one script call; per delivery, whether this
+    /// call acknowledged it (false: it was already, or its stream lost its group). Safe to
+    /// repeat: a repeated acknowledgement changes nothing.
+    pub async fn ack_many(&self, queue: &str, ds: &[&Delivery]) -> RedisResult<Vec<bool>> {
+        if ds.is_empty() {
+            return Ok(Vec::new());
+        }
         let mut c = self.conn.clone();
-        let _: i64 = self
-            .ack_script
-            .key(&d.stream)
-            .arg(self.keys.queue_base(&d.queue))
+        let mut inv = self.ack_script.prepare_invoke();
+        inv.key(self.keys.fair(queue))
+            .arg(self.keys.queue_base(queue))
             .arg(self.lane_depth)
-            .arg(GROUP)
-            .arg(&d.entry_id)
-            .arg(&d.tenant)
-            .invoke_async(&mut c)
-            .await?;
-        Ok(())
+            .arg(GROUP);
+        for d in ds {
+            debug_assert_eq!(d.queue, queue);
+            inv.arg(&d.stream).arg(&d.entry_id).arg(&d.tenant);
+        }
+        let acked: Vec<i64> = inv.invoke_async(&mut c).await?;
+        Ok(acked.into_iter().map(|n| n == 1).collect())
     }
 
     /// Takes over up to `count` entries idle for longer than `min_idle` (their worker stopped

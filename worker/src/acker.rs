@@ -1,0 +1,102 @@
+//! Acknowledgements of the worker's deliveries: one task removes the entries that are waiting,
+//! from every run, with one script call per queue instead of one per job. An entry is
+//! acknowledged only after Postgres holds its run's outcome (the callers wait for that first).
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use switchyard_queue::{Delivery, Queue};
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+/// Most entries acknowledged in one batch.
+const MAX_BATCH: usize = 256;
+/// Tries of a batch while Redis fails, with doubling delays from 50 ms (about 13 s in all).
+const TRIES: u32 = 8;
+
+struct Req {
+    d: Delivery,
+    done: oneshot::Sender<()>,
+}
+
+pub(crate) struct Acker {
+    queue: Queue,
+    tx: mpsc::Sender<Req>,
+    rx: Mutex<Option<mpsc::Receiver<Req>>>,
+}
+
+impl Acker {
+    pub(crate) fn new(queue: Queue) -> Acker {
+        let (tx, rx) = mpsc::channel(4 * MAX_BATCH);
+        Acker {
+            queue,
+            tx,
+            rx: Mutex::new(Some(rx)),
+        }
+    }
+
+    /// Starts the batching task (once); it ends when `stop` fires, after sending what waits.
+    pub(crate) fn start(&self, stop: CancellationToken) -> Option<tokio::task::JoinHandle<()>> {
+        let rx = self.rx.lock().ok().and_then(|mut r| r.take())?;
+        Some(tokio::spawn(ack_loop(self.queue.clone(), rx, stop)))
+    }
+
+    /// Acknowledges `d` with the next batch and waits for it. If Redis stays unreachable the
+    /// entry stays pending: it is reclaimed after its lease, and the claim then finds the job
+    /// finished and drops it.
+    pub(crate) async fn ack(&self, d: &Delivery) {
+        let (done, rx) = oneshot::channel();
+        if self.tx.send(Req { d: d.clone(), done }).await.is_err() {
+            // stopped: acknowledge on our own
+            ack_queue(&self.queue, &d.queue, &[d]).await;
+            return;
+        }
+        let _ = rx.await;
+    }
+}
+
+async fn ack_loop(queue: Queue, mut rx: mpsc::Receiver<Req>, stop: CancellationToken) {
+    let mut batch: Vec<Req> = Vec::with_capacity(MAX_BATCH);
+    loop {
+        let first = tokio::select! {
+            r = rx.recv() => r,
+            _ = stop.cancelled() => { rx.close(); rx.recv().await }
+        };
+        let Some(first) = first else { return };
+        batch.push(first);
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(r) => batch.push(r),
+                Err(_) => break,
+            }
+        }
+        let mut by_queue: BTreeMap<&str, Vec<&Delivery>> = BTreeMap::new();
+        for r in &batch {
+            by_queue.entry(r.d.queue.as_str()).or_default().push(&r.d);
+        }
+        for (q, ds) in by_queue {
+            ack_queue(&queue, q, &ds).await;
+        }
+        for r in batch.drain(..) {
+            let _ = r.done.send(());
+        }
+    }
+}
+
+/// Acknowledges entries of one queue, retrying while Redis fails (a repeated acknowledgement
+/// changes nothing, so a batch whose reply was lost may be sent again).
+async fn ack_queue(queue: &Queue, q: &str, ds: &[&Delivery]) {
+    let mut delay = Duration::from_millis(50);
+    for _ in 0..TRIES {
+        match queue.ack_many(q, ds).await {
+            Ok(_) => return,
+            Err(e) => {
+                tracing::warn!(error = %e, n = ds.len(), "ack failed; retrying");
+                tokio::time::sleep(delay).await;
+                delay *= 2;
+            }
+        }
+    }
+    tracing::warn!(n = ds.len(), "ack abandoned; the entries will be reclaimed");
+}
