@@ -17,6 +17,5 @@ psql "$PGBASE/postgres" -qc "DROP DATABASE IF EXISTS $DB WITH (FORCE)" -c "CREAT
 DATABASE_URL=$PGBASE/$DB "$BIN" migrate >/dev/null
 for r in $(seq "$ROUNDS"); do
   echo "round $r"
-  psql "$PGBASE/$DB" -q -c "TRUNCATE jobs, audit_outbox CASCADE; DELETE FROM tenants" \
-    -f loadtest/sql/job-statements.sql 2>&1 | grep -v '^$' | paste - - | sed 's/^/  /'
+  psql "$PGBASE/$DB" -q -f loadtest/sql/job-statements.sql 2>&1 | grep -v '^$' | paste - - | sed 's/^/  /'
 done

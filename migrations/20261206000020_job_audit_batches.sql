@@ -1,31 +1,40 @@
--- Job state changes reach the audit outbox as one row per statement and tenant, holding the
--- changes as a JSON array, instead of one row per job. A worker claims or ends a few hundred
--- jobs per statement, so this turns three outbox inserts and three deletes per job into a few
--- per batch. The chained trail (`audit_events`) still gets one row per job state change: the
--- scheduler expands each outbox row when it chains it.
+-- Job state changes reach the outbox as one row per statement and tenant, holding the changes
+-- as a JSON array (`job_audit_batches`), instead of one `audit_outbox` row per job. A worker
+-- claims or ends a few hundred jobs per statement, so this turns three outbox inserts and
+-- three deletes per job into a few per batch. The chained trail (`audit_events`) still gets
+-- one row per job state change: the scheduler expands each batch when it chains it.
 --
 -- Statement-level triggers with transition tables replace the row trigger. PostgreSQL does not
 -- allow transition tables on a trigger with a column list, so the update trigger fires on every
 -- UPDATE of `jobs` and keeps the rows whose status changed.
 
--- An outbox row holds at most 1,000 changes, so a statement that inserts a million jobs writes a
+-- A batch holds at most 1,000 changes, so a statement that inserts a million jobs writes a
 -- thousand rows, and the scheduler chains them a few at a time.
 --
--- Rows written before this migration hold one change in actor/action/target/details; new rows
--- hold `entries` (an array of {actor, action, target, details}) and leave those empty.
-ALTER TABLE audit_outbox
-    ADD COLUMN entries jsonb,
-    ADD COLUMN n integer NOT NULL DEFAULT 1,
-    ALTER COLUMN actor SET DEFAULT '',
-    ALTER COLUMN action SET DEFAULT '',
-    ALTER COLUMN target SET DEFAULT '';
+-- Batches get a table of their own rather than new columns on `audit_outbox`: a scheduler of
+-- the previous release, still running during a rolling update, chains `audit_outbox` rows as
+-- single changes and would turn a batch into one empty entry. It never reads this table; the
+-- new scheduler first chains what is left in `audit_outbox`, then the batches.
+CREATE TABLE job_audit_batches (
+    id         bigserial PRIMARY KEY,
+    tenant_id  uuid NOT NULL,
+    at         timestamptz NOT NULL DEFAULT clock_timestamp(),
+    n          integer NOT NULL,      -- changes in `entries`
+    entries    jsonb NOT NULL         -- [{actor, action, target, details}, ...]
+);
+GRANT SELECT, INSERT, UPDATE, DELETE ON job_audit_batches TO switchyard_app;
+GRANT USAGE, SELECT ON SEQUENCE job_audit_batches_id_seq TO switchyard_app;
+ALTER TABLE job_audit_batches ENABLE ROW LEVEL SECURITY;
+CREATE POLICY tenant_rows ON job_audit_batches TO switchyard_app
+    USING (switchyard_tenant() IS NULL OR tenant_id = switchyard_tenant())
+    WITH CHECK (switchyard_tenant() IS NULL OR tenant_id = switchyard_tenant());
 
 DROP TRIGGER jobs_audit_state ON jobs;
 DROP FUNCTION jobs_audit_state();
 
 CREATE FUNCTION jobs_audit_inserted() RETURNS trigger AS $$
 BEGIN
-    INSERT INTO audit_outbox (tenant_id, n, entries)
+    INSERT INTO job_audit_batches (tenant_id, n, entries)
     SELECT tenant_id, count(*), jsonb_agg(jsonb_build_object(
                'actor', created_by, 'action', 'job.' || status, 'target', 'job:' || id,
                'details', jsonb_build_object('kind', kind, 'attempt', attempt)))
@@ -37,7 +46,7 @@ $$ LANGUAGE plpgsql;
 
 CREATE FUNCTION jobs_audit_updated() RETURNS trigger AS $$
 BEGIN
-    INSERT INTO audit_outbox (tenant_id, n, entries)
+    INSERT INTO job_audit_batches (tenant_id, n, entries)
     SELECT n.tenant_id, count(*), jsonb_agg(jsonb_build_object(
                'actor', CASE WHEN n.status = 'running' AND n.lease_owner IS NOT NULL
                              THEN 'worker:' || n.lease_owner ELSE 'system' END,

@@ -3,6 +3,11 @@
 -- outbox the triggers fill. The tables, triggers and indexes are the real ones; the SET lists
 -- are simplified. Run by loadtest/statements.sh on a fresh, migrated database.
 \set QUIET on
+DO $$ BEGIN
+  EXECUTE 'TRUNCATE jobs, audit_outbox' || CASE WHEN to_regclass('job_audit_batches') IS NULL
+    THEN '' ELSE ', job_audit_batches' END || ' CASCADE';
+  DELETE FROM tenants;
+END $$;
 INSERT INTO tenants (id, name) VALUES ('00000000-0000-0000-0000-000000000001', 'ab');
 CREATE TEMP TABLE ids AS SELECT encode(set_bit(set_bit(overlay(uuid_send(gen_random_uuid()) placing substring(int8send((extract(epoch from clock_timestamp()) * 1000)::bigint) from 3) from 1 for 6), 52, 1), 53, 1), 'hex')::uuid AS id, (g - 1) / 256 AS b FROM generate_series(1, 51200) g;
 CREATE INDEX ON ids (b);
@@ -22,8 +27,13 @@ DO $$ BEGIN FOR i IN 0..199 LOOP
   UPDATE jobs SET status = 'succeeded', finished_at = now(), lease_owner = NULL, lease_expires_at = NULL, updated_at = now()
   WHERE id = ANY(ARRAY(SELECT id FROM ids WHERE b = i));
 END LOOP; END $$;
-\echo outbox drain (DELETE ... RETURNING, 1,000 outbox rows per statement)
-DO $$ DECLARE n int; BEGIN LOOP
-  WITH d AS (DELETE FROM audit_outbox WHERE id IN (SELECT id FROM audit_outbox ORDER BY id LIMIT 1000) RETURNING *) SELECT count(*) INTO n FROM d;
-  EXIT WHEN n = 0;
-END LOOP; END $$;
+\echo outbox drain (DELETE ... RETURNING, 1,000 rows per statement)
+DO $$ DECLARE n int; t text; BEGIN
+  -- audit_outbox: one row per change (before batches); job_audit_batches: one per statement
+  FOREACH t IN ARRAY ARRAY['audit_outbox', 'job_audit_batches'] LOOP
+    CONTINUE WHEN to_regclass(t) IS NULL;
+    LOOP
+      EXECUTE format('WITH d AS (DELETE FROM %I WHERE id IN (SELECT id FROM %I ORDER BY id LIMIT 1000) RETURNING *) SELECT count(*) FROM d', t, t) INTO n;
+      EXIT WHEN n = 0;
+    END LOOP;
+  END LOOP; END $$;

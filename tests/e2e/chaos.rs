@@ -177,8 +177,8 @@ async fn assert_one_terminal_each(c: &Cluster, ids: &[Uuid]) -> i64 {
         "SELECT count(*) FILTER (WHERE n = 1), count(*) FILTER (WHERE n > 1) FROM (
              SELECT target, count(*) AS n FROM (
                  SELECT e ->> 'target', e ->> 'action'
-                 FROM audit_outbox, jsonb_array_elements(entries) e
-                 UNION ALL SELECT target, action FROM audit_outbox WHERE entries IS NULL
+                 FROM job_audit_batches, jsonb_array_elements(entries) e
+                 UNION ALL SELECT target, action FROM audit_outbox
                  UNION ALL SELECT target, action FROM audit_events) a (target, action)
              WHERE action IN ('job.succeeded', 'job.failed', 'job.cancelled')
                AND target = ANY($1)

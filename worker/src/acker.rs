@@ -75,22 +75,26 @@ async fn ack_loop(queue: Queue, mut rx: mpsc::Receiver<Req>, stop: CancellationT
         for r in &batch {
             by_queue.entry(r.d.queue.as_str()).or_default().push(&r.d);
         }
-        for (q, ds) in by_queue {
-            ack_queue(&queue, q, &ds).await;
-        }
+        // queues side by side: one queue's trouble does not hold up the others
+        futures::future::join_all(by_queue.iter().map(|(q, ds)| ack_queue(&queue, q, ds))).await;
         for r in batch.drain(..) {
             let _ = r.done.send(());
         }
     }
 }
 
-/// Acknowledges entries of one queue, retrying while Redis fails (a repeated acknowledgement
-/// changes nothing, so a batch whose reply was lost may be sent again).
+/// Acknowledges entries of one queue, retrying while Redis is unreachable (a repeated
+/// acknowledgement changes nothing, so a batch whose reply was lost may be sent again). An
+/// error Redis answered (a script error) is not retried.
 async fn ack_queue(queue: &Queue, q: &str, ds: &[&Delivery]) {
     let mut delay = Duration::from_millis(50);
     for _ in 0..TRIES {
         match queue.ack_many(q, ds).await {
             Ok(_) => return,
+            Err(e) if !transient(&e) => {
+                tracing::warn!(error = %e, n = ds.len(), "ack failed; the entries will be reclaimed");
+                return;
+            }
             Err(e) => {
                 tracing::warn!(error = %e, n = ds.len(), "ack failed; retrying");
                 tokio::time::sleep(delay).await;
@@ -99,4 +103,18 @@ async fn ack_queue(queue: &Queue, q: &str, ds: &[&Delivery]) {
         }
     }
     tracing::warn!(n = ds.len(), "ack abandoned; the entries will be reclaimed");
+}
+
+/// Whether a failed call may succeed if sent again: the connection failed, or the server
+/// asked to retry (loading, busy, cluster changes).
+fn transient(e: &redis::RedisError) -> bool {
+    e.is_io_error()
+        || e.is_connection_dropped()
+        || e.is_connection_refusal()
+        || e.is_timeout()
+        || e.is_cluster_error()
+        || matches!(
+            e.code(),
+            Some("LOADING" | "BUSY" | "TRYAGAIN" | "CLUSTERDOWN" | "MASTERDOWN" | "READONLY")
+        )
 }

@@ -282,9 +282,9 @@ async fn job_state_changes_are_chained_and_retention_prunes_them(pool: PgPool) {
     app.stop().await;
 }
 
-/// (outbox rows, changes they hold) as the triggers left them.
+/// (batch rows, changes they hold) as the triggers left them.
 async fn outbox(app: &TestApp) -> (i64, i64) {
-    sqlx::query_as("SELECT count(*), COALESCE(sum(n), 0) FROM audit_outbox")
+    sqlx::query_as("SELECT count(*), COALESCE(sum(n), 0) FROM job_audit_batches")
         .fetch_one(app.store.pool())
         .await
         .unwrap()
@@ -329,15 +329,31 @@ async fn a_batch_statement_writes_one_outbox_row_per_tenant_and_each_job_is_chai
     .await
     .unwrap();
 
-    // a limit below a row's size still takes that one row whole; then rows are taken whole
-    // while they fit (the rows of one statement come in no fixed tenant order)
+    // while another scheduler chains, this one does nothing
+    let mut other_chainer = s.pool().begin().await.unwrap();
+    sqlx::query("SELECT pg_advisory_xact_lock($1)")
+        .bind(switchyard_store::JOB_AUDIT_CHAIN_LOCK)
+        .execute(&mut *other_chainer)
+        .await
+        .unwrap();
+    assert_eq!(s.chain_job_audit(1000).await.unwrap(), 0);
+    other_chainer.rollback().await.unwrap();
+    // the single change left from before batches goes first
+    assert_eq!(s.chain_job_audit(1).await.unwrap(), 1);
+    // a limit below a batch's size still takes that one batch whole; then batches are taken
+    // whole while they fit (the batches of one statement come in no fixed tenant order)
     let first = s.chain_job_audit(1).await.unwrap();
     assert!(first == 6 || first == 4, "{first}");
     let second = s.chain_job_audit(12).await.unwrap();
     assert!((4..=12).contains(&second), "{second}");
     let rest = s.chain_job_audit(1000).await.unwrap();
-    assert_eq!(first + second + rest, 21);
+    assert_eq!(1 + first + second + rest, 21);
     assert_eq!(outbox(&app).await, (0, 0));
+    let left: i64 = sqlx::query_scalar("SELECT count(*) FROM audit_outbox")
+        .fetch_one(s.pool())
+        .await
+        .unwrap();
+    assert_eq!(left, 0);
 
     for (tenant, mine) in [(app.tenant, &jobs[..6]), (other, &jobs[6..])] {
         let rows = s
@@ -372,14 +388,14 @@ async fn a_batch_statement_writes_one_outbox_row_per_tenant_and_each_job_is_chai
 }
 
 #[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
-async fn a_huge_statement_is_split_into_outbox_rows_of_at_most_1000_changes(pool: PgPool) {
+async fn a_huge_statement_is_split_into_batches_of_at_most_1000_changes(pool: PgPool) {
     let app = spawn_api_only(pool).await;
     let s = &app.store;
     let jobs: Vec<_> = (0..2500)
         .map(|_| crate::support::new_job(app.tenant))
         .collect();
     s.insert_jobs(&jobs).await.unwrap();
-    let sizes: Vec<i32> = sqlx::query_scalar("SELECT n FROM audit_outbox ORDER BY n DESC")
+    let sizes: Vec<i32> = sqlx::query_scalar("SELECT n FROM job_audit_batches ORDER BY n DESC")
         .fetch_all(s.pool())
         .await
         .unwrap();

@@ -158,12 +158,13 @@ for i = 4, #ARGV, 3 do
   table.insert(acked, n)
 end
 if total > 0 then
+  -- every slot is given back before any job moves up (a script is not rolled back on error)
   if redis.call('HINCRBY', F, 'r:*', -total) <= 0 then redis.call('HDEL', F, 'r:*') end
-  local moved = 0
   for t, c in pairs(freed) do
     if redis.call('HINCRBY', F, 'r:' .. t, -c) <= 0 then redis.call('HDEL', F, 'r:' .. t) end
-    moved = moved + refill(t)
   end
+  local moved = 0
+  for t, _ in pairs(freed) do moved = moved + refill(t) end
   if moved > 0 or num(redis.call('HGET', L, 'queue')) > 0 then ring() end
 end
 return acked
