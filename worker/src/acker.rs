@@ -3,12 +3,13 @@
 //! acknowledged only after Postgres holds its run's outcome (the callers wait for that first).
 
 use std::collections::BTreeMap;
-use std::sync::Mutex;
 use std::time::Duration;
 
 use switchyard_queue::{Delivery, Queue};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
+
+use crate::batcher::Batcher;
 
 /// Most entries acknowledged in one batch.
 const MAX_BATCH: usize = 256;
@@ -22,24 +23,22 @@ struct Req {
 
 pub(crate) struct Acker {
     queue: Queue,
-    tx: mpsc::Sender<Req>,
-    rx: Mutex<Option<mpsc::Receiver<Req>>>,
+    batcher: Batcher<Req>,
 }
 
 impl Acker {
     pub(crate) fn new(queue: Queue) -> Acker {
-        let (tx, rx) = mpsc::channel(4 * MAX_BATCH);
         Acker {
             queue,
-            tx,
-            rx: Mutex::new(Some(rx)),
+            batcher: Batcher::new(MAX_BATCH),
         }
     }
 
     /// Starts the batching task (once); it ends when `stop` fires, after sending what waits.
     pub(crate) fn start(&self, stop: CancellationToken) -> Option<tokio::task::JoinHandle<()>> {
-        let rx = self.rx.lock().ok().and_then(|mut r| r.take())?;
-        Some(tokio::spawn(ack_loop(self.queue.clone(), rx, stop)))
+        let queue = self.queue.clone();
+        self.batcher
+            .start(stop, move |batch| ack_batch(queue.clone(), batch))
     }
 
     /// Acknowledges `d` with the next batch and waits for it. If Redis stays unreachable the
@@ -47,39 +46,24 @@ impl Acker {
     /// finished and drops it.
     pub(crate) async fn ack(&self, d: &Delivery) {
         let (done, rx) = oneshot::channel();
-        if self.tx.send(Req { d: d.clone(), done }).await.is_err() {
+        if let Err(req) = self.batcher.send(Req { d: d.clone(), done }).await {
             // stopped: acknowledge on our own
-            ack_queue(&self.queue, &d.queue, &[d]).await;
+            ack_queue(&self.queue, &req.d.queue, &[&req.d]).await;
             return;
         }
         let _ = rx.await;
     }
 }
 
-async fn ack_loop(queue: Queue, mut rx: mpsc::Receiver<Req>, stop: CancellationToken) {
-    let mut batch: Vec<Req> = Vec::with_capacity(MAX_BATCH);
-    loop {
-        let first = tokio::select! {
-            r = rx.recv() => r,
-            _ = stop.cancelled() => { rx.close(); rx.recv().await }
-        };
-        let Some(first) = first else { return };
-        batch.push(first);
-        while batch.len() < MAX_BATCH {
-            match rx.try_recv() {
-                Ok(r) => batch.push(r),
-                Err(_) => break,
-            }
-        }
-        let mut by_queue: BTreeMap<&str, Vec<&Delivery>> = BTreeMap::new();
-        for r in &batch {
-            by_queue.entry(r.d.queue.as_str()).or_default().push(&r.d);
-        }
-        // queues side by side: one queue's trouble does not hold up the others
-        futures::future::join_all(by_queue.iter().map(|(q, ds)| ack_queue(&queue, q, ds))).await;
-        for r in batch.drain(..) {
-            let _ = r.done.send(());
-        }
+async fn ack_batch(queue: Queue, batch: Vec<Req>) {
+    let mut by_queue: BTreeMap<&str, Vec<&Delivery>> = BTreeMap::new();
+    for r in &batch {
+        by_queue.entry(r.d.queue.as_str()).or_default().push(&r.d);
+    }
+    // queues side by side: one queue's trouble does not hold up the others
+    futures::future::join_all(by_queue.iter().map(|(q, ds)| ack_queue(&queue, q, ds))).await;
+    for r in batch {
+        let _ = r.done.send(());
     }
 }
 

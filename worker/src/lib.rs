@@ -2,6 +2,7 @@
 //! fencing), runs them through executors, streams their events and records the outcome.
 
 mod acker;
+mod batcher;
 pub mod code;
 pub mod code_metrics;
 pub mod executor;
