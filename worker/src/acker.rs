@@ -30,7 +30,7 @@ impl Acker {
     pub(crate) fn new(queue: Queue) -> Acker {
         Acker {
             queue,
-            batcher: Batcher::new(MAX_BATCH),
+            batcher: Batcher::new(MAX_BATCH, 4 * MAX_BATCH),
         }
     }
 

@@ -1,6 +1,6 @@
 //! A batching task: requests from many runs queue on a bounded channel, and one task takes
-//! whatever is waiting (up to a maximum) and handles it as one batch. The publisher and the
-//! acker are built on it.
+//! whatever is waiting (up to a maximum) and handles it as one batch. The group commit of run
+//! ends, the publisher and the acker are built on it.
 
 use std::future::Future;
 use std::sync::Mutex;
@@ -15,9 +15,9 @@ pub(crate) struct Batcher<T> {
 }
 
 impl<T: Send + 'static> Batcher<T> {
-    /// A batcher of at most `max` requests per batch (the channel holds four batches).
-    pub(crate) fn new(max: usize) -> Batcher<T> {
-        let (tx, rx) = mpsc::channel(4 * max);
+    /// A batcher of at most `max` requests per batch, with room for `queued` waiting ones.
+    pub(crate) fn new(max: usize, queued: usize) -> Batcher<T> {
+        let (tx, rx) = mpsc::channel(queued.max(1));
         Batcher {
             tx,
             rx: Mutex::new(Some(rx)),

@@ -27,7 +27,7 @@ impl Publisher {
     pub(crate) fn new(bus: EventBus) -> Publisher {
         Publisher {
             bus,
-            batcher: Batcher::new(MAX_BATCH),
+            batcher: Batcher::new(MAX_BATCH, 4 * MAX_BATCH),
         }
     }
 

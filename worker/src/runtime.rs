@@ -14,12 +14,13 @@ use switchyard_core::Event;
 use switchyard_queue::events::Published;
 use switchyard_queue::{Delivery, EventBus, Queue};
 use switchyard_store::{ClaimOutcome, JobRow, RunEndWrite, Store, StoreError};
-use tokio::sync::{mpsc, Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 use uuid::Uuid;
 
+use crate::batcher::Batcher;
 use crate::executor::ExecutorRegistry;
 
 /// Tunables of a worker process.
@@ -93,8 +94,7 @@ pub(crate) struct Shared {
     pub(crate) hard_stop: CancellationToken,
     pub(crate) jobs: TaskTracker,
     /// Run ends go through a group-commit task (one UPDATE for many jobs).
-    completer: mpsc::Sender<CompleteReq>,
-    completer_rx: Mutex<Option<mpsc::Receiver<CompleteReq>>>,
+    completer: Batcher<CompleteReq>,
 }
 
 struct CompleteReq {
@@ -146,7 +146,6 @@ impl Worker {
                 .collect()
         };
         let id = format!("{}-{}", opts.name, suffix);
-        let (completer, completer_rx) = mpsc::channel(4096);
         Worker {
             shared: Arc::new(Shared {
                 id,
@@ -169,8 +168,7 @@ impl Worker {
                 recent_cancels: Mutex::new(HashMap::new()),
                 hard_stop: CancellationToken::new(),
                 jobs: TaskTracker::new(),
-                completer,
-                completer_rx: Mutex::new(Some(completer_rx)),
+                completer: Batcher::new(256, 4096),
             }),
         }
     }
@@ -185,9 +183,10 @@ impl Worker {
         let id = s.id.clone();
         let stop2 = stop.clone();
         let completer_stop = CancellationToken::new();
-        let completer_rx = s.completer_rx.lock().ok().and_then(|mut r| r.take());
-        let completer = completer_rx
-            .map(|rx| tokio::spawn(complete_loop(s.store.clone(), rx, completer_stop.clone())));
+        let store = s.store.clone();
+        let completer = s.completer.start(completer_stop.clone(), move |batch| {
+            end_batch(store.clone(), batch)
+        });
         let publisher_stop = CancellationToken::new();
         let publisher = s.publisher.start(publisher_stop.clone());
         let acker_stop = CancellationToken::new();
@@ -470,46 +469,31 @@ where
 }
 
 /// Group commit of run ends: everything waiting is written in one fenced UPDATE.
-async fn complete_loop(store: Store, mut rx: mpsc::Receiver<CompleteReq>, stop: CancellationToken) {
-    let mut batch: Vec<CompleteReq> = Vec::with_capacity(256);
-    loop {
-        let first = tokio::select! {
-            r = rx.recv() => r,
-            _ = stop.cancelled() => rx.try_recv().ok(),
-        };
-        let Some(first) = first else { return };
-        batch.push(first);
-        while batch.len() < 256 {
-            match rx.try_recv() {
-                Ok(r) => batch.push(r),
-                Err(_) => break,
+async fn end_batch(store: Store, batch: Vec<CompleteReq>) {
+    let writes: Vec<RunEndWrite> = batch.iter().map(|r| r.write.clone()).collect();
+    match store.end_runs(&writes).await {
+        Ok(done) => {
+            let done: std::collections::HashSet<Uuid> = done.into_iter().collect();
+            for r in batch {
+                let ok = done.contains(&r.write.id);
+                let _ = r.done.send(Ok(ok));
             }
         }
-        let writes: Vec<RunEndWrite> = batch.iter().map(|r| r.write.clone()).collect();
-        match store.end_runs(&writes).await {
-            Ok(done) => {
-                let done: std::collections::HashSet<Uuid> = done.into_iter().collect();
-                for r in batch.drain(..) {
-                    let ok = done.contains(&r.write.id);
-                    let _ = r.done.send(Ok(ok));
-                }
+        Err(StoreError::Unavailable(e)) => {
+            tracing::warn!(error = %e, "recording run ends: postgres unavailable");
+            for r in batch {
+                let _ = r
+                    .done
+                    .send(Err(StoreError::Unavailable(sqlx_unavailable())));
             }
-            Err(StoreError::Unavailable(e)) => {
-                tracing::warn!(error = %e, "recording run ends: postgres unavailable");
-                for r in batch.drain(..) {
-                    let _ = r
-                        .done
-                        .send(Err(StoreError::Unavailable(sqlx_unavailable())));
-                }
-            }
-            Err(e) => {
-                // a bad row must not fail the others: write them one by one
-                tracing::warn!(error = %e, "batched run ends failed; writing one by one");
-                for r in batch.drain(..) {
-                    let w = &r.write;
-                    let res = store.end_run(w.id, w.attempt, &w.end, w.seq).await;
-                    let _ = r.done.send(res);
-                }
+        }
+        Err(e) => {
+            // a bad row must not fail the others: write them one by one
+            tracing::warn!(error = %e, "batched run ends failed; writing one by one");
+            for r in batch {
+                let w = &r.write;
+                let res = store.end_run(w.id, w.attempt, &w.end, w.seq).await;
+                let _ = r.done.send(res);
             }
         }
     }
