@@ -90,6 +90,23 @@ impl Feed {
             .get_job(scope, job_id)
             .await?
             .ok_or_else(|| ApiError::not_found("job"))?;
+        Ok(Feed::start(state, job_id, after, buffer, Some(row)).await)
+    }
+
+    /// Opens a feed of all events of a job this request has just submitted: it is the
+    /// principal's and queued, so it is not read back from Postgres (a terminal event that
+    /// Redis lost is still found by the idle checks).
+    pub async fn open_submitted(state: &AppState, job_id: Uuid, buffer: usize) -> Feed {
+        Feed::start(state, job_id, 0, buffer, None).await
+    }
+
+    async fn start(
+        state: &AppState,
+        job_id: Uuid,
+        after: u64,
+        buffer: usize,
+        row: Option<JobRow>,
+    ) -> Feed {
         let sub = state.live.subscribe(job_id, buffer);
         let mut feed = Feed {
             state: state.clone(),
@@ -105,11 +122,11 @@ impl Feed {
         };
         if feed.sub.activating {
             // the hub sends a resync once the channel is live: read history then (saves a read)
-            feed.deferred = Some(row);
+            feed.deferred = row;
         } else {
-            feed.refill(Some(row)).await;
+            feed.refill(row).await;
         }
-        Ok(feed)
+        feed
     }
 
     /// The next item, in order; `None` once the terminal event (or a final reset) was yielded.

@@ -136,7 +136,7 @@ async fn run(
         job: job_id,
         armed: true,
     };
-    let feed = Feed::open(&state, principal.tenant_id, job_id, 0, LIVE_BUFFER).await?;
+    let feed = Feed::open_submitted(&state, job_id, LIVE_BUFFER).await;
     let meta = wire::Meta {
         id: format!("chatcmpl-{}", job_id.simple()),
         created: Utc::now().timestamp(),

@@ -53,3 +53,74 @@ async fn the_statistics_of_jobs_follow_its_growth(pool: PgPool) {
     assert!(!app.store.refresh_statistics(1000, 0.1).await.unwrap());
     app.stop().await;
 }
+
+/// The batched claim, end and dispatch-mark statements run on sessions that always use generic
+/// plans (a custom plan per execution cost more than running them for a small batch), as the
+/// same role as the rest of the store; plans cached while `jobs` was empty keep claiming and
+/// ending jobs once it has grown and its statistics were refreshed.
+#[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
+async fn batched_statements_run_generic_plans_as_the_services_role(pool: PgPool) {
+    use switchyard_store::{RunEnd, RunEndWrite};
+    let app = spawn_api_only(pool.clone()).await;
+    let show = |p: &PgPool| {
+        let p = p.clone();
+        async move {
+            sqlx::query_as::<_, (String, String)>(
+                "SELECT current_setting('plan_cache_mode'), current_user::text",
+            )
+            .fetch_one(&p)
+            .await
+            .unwrap()
+        }
+    };
+    let (batch_mode, batch_role) = show(app.store.batch_pool()).await;
+    let (main_mode, main_role) = show(app.store.pool()).await;
+    assert_eq!(batch_mode, "force_generic_plan");
+    assert_eq!(main_mode, "auto", "only the batch sessions are forced");
+    assert_eq!(batch_role, main_role);
+    assert_eq!(batch_role, switchyard_store::SERVICE_ROLE);
+
+    // plans made on an empty table
+    let lease = Duration::from_secs(30);
+    for _ in 0..8 {
+        let none = app
+            .store
+            .claim_many(&[uuid::Uuid::now_v7()], "w1", lease)
+            .await
+            .unwrap();
+        assert!(none.is_empty());
+        assert!(app.store.end_runs(&[]).await.unwrap().is_empty());
+    }
+    let jobs: Vec<NewJob> = (0..3000).map(|_| new_job(app.tenant)).collect();
+    for chunk in jobs.chunks(500) {
+        app.store.insert_jobs(chunk).await.unwrap();
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !app.store.refresh_statistics(1000, 0.1).await.unwrap() {
+        assert!(std::time::Instant::now() < deadline, "never analyzed");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let ids: Vec<uuid::Uuid> = jobs[1000..1003].iter().map(|j| j.id).collect();
+    let claimed = app.store.claim_many(&ids, "w1", lease).await.unwrap();
+    assert_eq!(claimed.len(), 3);
+    assert!(claimed
+        .iter()
+        .all(|r| r.attempt == 1 && r.lease_owner.as_deref() == Some("w1")));
+    let ends: Vec<RunEndWrite> = claimed
+        .iter()
+        .map(|r| RunEndWrite {
+            id: r.id,
+            attempt: r.attempt,
+            end: RunEnd::Succeeded(serde_json::json!({ "ok": true })),
+            seq: 3,
+        })
+        .collect();
+    let mut done = app.store.end_runs(&ends).await.unwrap();
+    done.sort();
+    let mut want = ids.clone();
+    want.sort();
+    assert_eq!(done, want);
+    // a second end of the same runs is fenced out
+    assert!(app.store.end_runs(&ends).await.unwrap().is_empty());
+    app.stop().await;
+}

@@ -201,7 +201,7 @@ impl Store {
         )
         .bind(ids)
         .bind(epoch)
-        .execute(self.pool())
+        .execute(self.batch_pool())
         .await?;
         Ok(())
     }
@@ -384,7 +384,7 @@ impl Store {
         .bind(ids)
         .bind(worker)
         .bind(millis(lease))
-        .fetch_all(self.pool())
+        .fetch_all(self.batch_pool())
         .await?)
     }
 
@@ -507,7 +507,7 @@ impl Store {
         .bind(&run_ats)
         .bind(&seqs)
         .bind(&grants)
-        .fetch_all(self.pool())
+        .fetch_all(self.batch_pool())
         .await?;
         Ok(done)
     }
