@@ -55,7 +55,8 @@ async fn the_statistics_of_jobs_follow_its_growth(pool: PgPool) {
 }
 
 /// The batched claim, end and dispatch-mark statements run on sessions that always use generic
-/// plans (a custom plan per execution cost more than running them for a small batch), as the
+/// plans (a custom plan per execution cost more than running them for a small batch) and no
+/// nested loops (the run end's join was quadratic in the batch), as the
 /// same role as the rest of the store; plans cached while `jobs` was empty keep claiming and
 /// ending jobs once it has grown and its statistics were refreshed.
 #[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
@@ -65,18 +66,21 @@ async fn batched_statements_run_generic_plans_as_the_services_role(pool: PgPool)
     let show = |p: &PgPool| {
         let p = p.clone();
         async move {
-            sqlx::query_as::<_, (String, String)>(
-                "SELECT current_setting('plan_cache_mode'), current_user::text",
+            sqlx::query_as::<_, (String, String, String)>(
+                "SELECT current_setting('plan_cache_mode'), current_setting('enable_nestloop'),
+                        current_user::text",
             )
             .fetch_one(&p)
             .await
             .unwrap()
         }
     };
-    let (batch_mode, batch_role) = show(app.store.batch_pool()).await;
-    let (main_mode, main_role) = show(app.store.pool()).await;
+    let (batch_mode, batch_nestloop, batch_role) = show(app.store.batch_pool()).await;
+    let (main_mode, main_nestloop, main_role) = show(app.store.pool()).await;
     assert_eq!(batch_mode, "force_generic_plan");
+    assert_eq!(batch_nestloop, "off");
     assert_eq!(main_mode, "auto", "only the batch sessions are forced");
+    assert_eq!(main_nestloop, "on");
     assert_eq!(batch_role, main_role);
     assert_eq!(batch_role, switchyard_store::SERVICE_ROLE);
 
