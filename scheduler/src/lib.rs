@@ -88,6 +88,10 @@ pub struct PassReport {
     pub jobs_pruned: usize,
     /// Whether this pass refreshed the statistics of `jobs`.
     pub analyzed: bool,
+    /// The audit outbox still held changes when the pass had chained `max_batches` batches:
+    /// the next pass starts at once instead of after `interval` (workers can produce changes
+    /// faster than one pass per interval chains them).
+    pub backlog: bool,
 }
 
 pub struct Scheduler {
@@ -133,9 +137,11 @@ impl Scheduler {
         tracing::info!("scheduler started");
         let mut failures = 0u32;
         loop {
+            let mut backlog = false;
             match self.pass().await {
                 Ok(r) => {
                     failures = 0;
+                    backlog = r.backlog;
                     if r != PassReport::default() {
                         tracing::info!(?r, "reconciler pass");
                     }
@@ -145,7 +151,9 @@ impl Scheduler {
                     tracing::warn!(error = %e, failures, "reconciler pass failed; retrying");
                 }
             }
-            let wait = if failures == 0 {
+            let wait = if failures == 0 && backlog {
+                Duration::ZERO
+            } else if failures == 0 {
                 self.opts.interval
             } else {
                 (self.opts.interval * failures.min(5)).min(Duration::from_secs(5))
@@ -256,12 +264,14 @@ impl Scheduler {
                 }
             }
         }
+        report.backlog = self.opts.max_batches > 0;
         for _ in 0..self.opts.max_batches {
             // outbox rows are taken whole, so a batch holding less than `batch` changes does
             // not mean the outbox is empty
             let n = self.store.chain_job_audit(self.opts.batch).await?;
             report.audited += n;
             if n == 0 {
+                report.backlog = false;
                 break;
             }
         }

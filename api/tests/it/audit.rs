@@ -413,3 +413,46 @@ async fn a_huge_statement_is_split_into_batches_of_at_most_1000_changes(pool: Pg
     assert_eq!((v.checked, v.first_broken), (2500, None));
     app.stop().await;
 }
+
+/// Workers can produce state changes faster than one scheduler pass per interval chains them
+/// (`max_batches` × `batch`): a pass that stops with changes left starts the next one at once,
+/// so the trail catches up without waiting for the interval.
+#[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
+async fn a_scheduler_behind_on_the_audit_trail_chains_again_without_waiting(pool: PgPool) {
+    let app = spawn_api_only(pool).await;
+    // twelve statements of five jobs: twelve outbox batches, one chained per pass
+    for _ in 0..12 {
+        let jobs: Vec<_> = (0..5)
+            .map(|_| crate::support::new_job(app.tenant))
+            .collect();
+        app.store.insert_jobs(&jobs).await.unwrap();
+    }
+    assert_eq!(outbox(&app).await, (12, 60));
+    let opts = switchyard_scheduler::SchedulerOptions {
+        batch: 5,
+        max_batches: 1,
+        interval: Duration::from_secs(3600),
+        ..app.scheduler_opts()
+    };
+    let sched = switchyard_scheduler::Scheduler::new(app.store.clone(), app.queue().await, opts);
+    let first = sched.pass().await.unwrap();
+    assert_eq!((first.audited, first.backlog), (5, true), "{first:?}");
+    let stop = tokio_util::sync::CancellationToken::new();
+    let task = tokio::spawn(sched.run(stop.clone()));
+    let t = std::time::Instant::now();
+    while outbox(&app).await != (0, 0) {
+        // with an hour between passes, only the backlog rule can get here
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "{:?}",
+            outbox(&app).await
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let v = app.store.verify_audit(app.tenant).await.unwrap();
+    assert_eq!(v.first_broken, None, "{v:?}");
+    assert!(v.checked >= 60, "{v:?}");
+    stop.cancel();
+    task.await.unwrap();
+    app.stop().await;
+}
