@@ -151,12 +151,10 @@ impl Scheduler {
                     tracing::warn!(error = %e, failures, "reconciler pass failed; retrying");
                 }
             }
-            let wait = if failures == 0 && backlog {
-                Duration::ZERO
-            } else if failures == 0 {
-                self.opts.interval
-            } else {
-                (self.opts.interval * failures.min(5)).min(Duration::from_secs(5))
+            let wait = match (failures, backlog) {
+                (0, true) => Duration::ZERO,
+                (0, false) => self.opts.interval,
+                _ => (self.opts.interval * failures.min(5)).min(Duration::from_secs(5)),
             };
             tokio::select! {
                 _ = stop.cancelled() => break,
