@@ -319,6 +319,33 @@ async fn a_batch_statement_writes_one_outbox_row_per_tenant_and_each_job_is_chai
     );
     s.mark_dispatched(&ids, 7).await.unwrap();
     assert_eq!(outbox(&app).await, (4, 20));
+    // one run-end statement: the second job fails with an error code the details keep
+    let ends = [
+        switchyard_store::RunEnd::Succeeded(json!({"ok": true})),
+        switchyard_store::RunEnd::Failed(switchyard_core::JobError::new("boom", "no", false)),
+    ];
+    let writes: Vec<_> = ids[..2]
+        .iter()
+        .zip(ends)
+        .map(|(id, end)| switchyard_store::RunEndWrite {
+            id: *id,
+            attempt: 1,
+            end,
+            seq: 3,
+        })
+        .collect();
+    assert_eq!(s.end_runs(&writes).await.unwrap().len(), 2);
+    assert_eq!(outbox(&app).await, (5, 22));
+    // a batch in the JSON shape written before the array columns still chains
+    sqlx::query(
+        "INSERT INTO job_audit_batches (tenant_id, n, entries) VALUES ($1, 1, jsonb_build_array(
+             jsonb_build_object('actor', 'system', 'action', 'job.legacy_batch',
+                                'target', 'job:legacy', 'details', '{\"attempt\": 2}'::jsonb)))",
+    )
+    .bind(other)
+    .execute(s.pool())
+    .await
+    .unwrap();
     // a row in the format written before batches still chains
     sqlx::query(
         "INSERT INTO audit_outbox (tenant_id, actor, action, target, details)
@@ -347,7 +374,7 @@ async fn a_batch_statement_writes_one_outbox_row_per_tenant_and_each_job_is_chai
     let second = s.chain_job_audit(12).await.unwrap();
     assert!((4..=12).contains(&second), "{second}");
     let rest = s.chain_job_audit(1000).await.unwrap();
-    assert_eq!(1 + first + second + rest, 21);
+    assert_eq!(1 + first + second + rest, 24);
     assert_eq!(outbox(&app).await, (0, 0));
     let left: i64 = sqlx::query_scalar("SELECT count(*) FROM audit_outbox")
         .fetch_one(s.pool())
@@ -370,7 +397,17 @@ async fn a_batch_statement_writes_one_outbox_row_per_tenant_and_each_job_is_chai
             let target = format!("job:{}", j.id);
             let of_job: Vec<_> = rows.iter().filter(|r| r.target == target).collect();
             let actions: Vec<_> = of_job.iter().map(|r| r.action.as_str()).collect();
-            assert_eq!(actions, ["job.queued", "job.running"], "{target}");
+            let ended = if j.id == ids[0] {
+                Some(("job.succeeded", json!({"from": "running", "attempt": 1})))
+            } else if j.id == ids[1] {
+                let details = json!({"from": "running", "attempt": 1, "error": "boom"});
+                Some(("job.failed", details))
+            } else {
+                None
+            };
+            let mut expected = vec!["job.queued", "job.running"];
+            expected.extend(ended.as_ref().map(|e| e.0));
+            assert_eq!(actions, expected, "{target}");
             assert_eq!(of_job[0].actor, "key:test");
             assert_eq!(
                 of_job[0].details,
@@ -378,9 +415,18 @@ async fn a_batch_statement_writes_one_outbox_row_per_tenant_and_each_job_is_chai
             );
             assert_eq!(of_job[1].actor, "worker:w-audit");
             assert_eq!(of_job[1].details, json!({"from": "queued", "attempt": 1}));
+            if let Some((_, details)) = ended {
+                assert_eq!(of_job[2].actor, "system");
+                assert_eq!(of_job[2].details, details);
+            }
         }
         let legacy = rows.iter().filter(|r| r.action == "job.legacy").count();
         assert_eq!(legacy, usize::from(tenant == app.tenant));
+        let legacy = rows.iter().find(|r| r.action == "job.legacy_batch");
+        assert_eq!(
+            legacy.map(|r| (r.actor.as_str(), &r.details)),
+            (tenant == other).then_some(("system", &json!({"attempt": 2}))),
+        );
         let v = s.verify_audit(tenant).await.unwrap();
         assert_eq!((v.checked as usize, v.first_broken), (rows.len(), None));
     }

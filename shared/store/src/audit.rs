@@ -130,15 +130,6 @@ pub struct AuditVerification {
     pub reason: Option<String>,
 }
 
-/// One job state change in a `job_audit_batches` row (see the `jobs_audit_*` triggers).
-#[derive(serde::Deserialize)]
-struct OutboxChange {
-    actor: String,
-    action: String,
-    target: String,
-    details: Value,
-}
-
 /// One batch's rows as columns (for `UNNEST`).
 #[derive(Default)]
 struct Columns {
@@ -172,34 +163,6 @@ impl Store {
         Ok(())
     }
 
-    /// Moves about `limit` job state changes from the outbox into the chained trail, in one
-    /// transaction; returns how many changes (0 also when another scheduler is chaining).
-    /// Rows left in `audit_outbox` (one change each, written before batches) go first, then
-    /// `job_audit_batches` (one row per statement and tenant, from the triggers on `jobs`),
-    /// taken whole, oldest first, until `limit` is reached (at least one). One chainer at a
-    /// time (an advisory lock), so changes are chained in the order their ids were committed:
-    /// a job's later change never lands before its earlier one.
-    pub async fn chain_job_audit(&self, limit: i64) -> Result<usize> {
-        let mut tx = self.pool().begin().await?;
-        let mine: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1)")
-            .bind(JOB_AUDIT_CHAIN_LOCK)
-            .fetch_one(&mut *tx)
-            .await?;
-        if !mine {
-            return Ok(0);
-        }
-        let entries = match take_single_changes(&mut tx, limit).await? {
-            single if !single.is_empty() => single,
-            _ => take_batches(&mut tx, limit).await?,
-        };
-        let n = entries.len();
-        if n > 0 {
-            append_in(&mut tx, entries).await?;
-            tx.commit().await?;
-        }
-        Ok(n)
-    }
-
     /// Deletes every tenant's audit rows older than `before` (retention), re-anchoring each
     /// chain; returns how many rows went.
     pub async fn prune_audit_all(&self, before: DateTime<Utc>) -> Result<u64> {
@@ -215,7 +178,7 @@ impl Store {
 }
 
 /// Appends entries (any tenants) inside `tx`; see [`Store::append_audit`].
-async fn append_in(
+pub(crate) async fn append_in(
     tx: &mut sqlx::Transaction<'static, sqlx::Postgres>,
     entries: Vec<AuditEntry>,
 ) -> Result<()> {
@@ -299,96 +262,6 @@ async fn append_in(
         tracing::trace!(%tenant, n, "audit rows appended");
     }
     Ok(())
-}
-
-/// Key of the advisory lock that lets one scheduler at a time chain job state changes.
-pub const JOB_AUDIT_CHAIN_LOCK: i64 = 0x5357_4a41_5544_4954;
-
-fn job_change(
-    tenant_id: Uuid,
-    at: DateTime<Utc>,
-    actor: String,
-    action: String,
-    target: String,
-    details: Value,
-) -> AuditEntry {
-    AuditEntry {
-        tenant_id,
-        at,
-        actor,
-        action,
-        target,
-        outcome: 0,
-        request_id: String::new(),
-        source: String::new(),
-        details,
-    }
-}
-
-/// Up to `limit` single-change rows of `audit_outbox` (the format before batches), in order.
-async fn take_single_changes(
-    tx: &mut sqlx::Transaction<'static, sqlx::Postgres>,
-    limit: i64,
-) -> Result<Vec<AuditEntry>> {
-    type Row = (i64, Uuid, DateTime<Utc>, String, String, String, Value);
-    let mut rows: Vec<Row> = sqlx::query_as(
-        "DELETE FROM audit_outbox WHERE id IN (SELECT id FROM audit_outbox ORDER BY id LIMIT $1)
-         RETURNING id, tenant_id, at, actor, action, target, details",
-    )
-    .bind(limit)
-    .fetch_all(&mut **tx)
-    .await?;
-    // DELETE ... RETURNING has no order: chain in the order the changes happened
-    rows.sort_by_key(|r| (r.2, r.0));
-    Ok(rows
-        .into_iter()
-        .map(|(_, t, at, actor, action, target, details)| {
-            job_change(t, at, actor, action, target, details)
-        })
-        .collect())
-}
-
-/// Whole rows of `job_audit_batches`, oldest first, while they fit in `limit` changes (at
-/// least one row), expanded into their changes.
-async fn take_batches(
-    tx: &mut sqlx::Transaction<'static, sqlx::Postgres>,
-    limit: i64,
-) -> Result<Vec<AuditEntry>> {
-    let candidates: Vec<(i64, i32)> =
-        sqlx::query_as("SELECT id, n FROM job_audit_batches ORDER BY id LIMIT $1")
-            .bind(limit)
-            .fetch_all(&mut **tx)
-            .await?;
-    let mut take = Vec::new();
-    let mut changes = 0i64;
-    for (id, n) in candidates {
-        if !take.is_empty() && changes + i64::from(n) > limit {
-            break;
-        }
-        take.push(id);
-        changes += i64::from(n);
-    }
-    if take.is_empty() {
-        return Ok(Vec::new());
-    }
-    let mut rows: Vec<(i64, Uuid, DateTime<Utc>, Value)> = sqlx::query_as(
-        "DELETE FROM job_audit_batches WHERE id = ANY($1) RETURNING id, tenant_id, at, entries",
-    )
-    .bind(&take)
-    .fetch_all(&mut **tx)
-    .await?;
-    rows.sort_by_key(|r| (r.2, r.0));
-    let mut out = Vec::with_capacity(changes as usize);
-    for (_, tenant, at, batch) in rows {
-        let batch: Vec<OutboxChange> = serde_json::from_value(batch)
-            .map_err(|e| crate::StoreError::Database(sqlx::Error::Decode(Box::new(e))))?;
-        out.extend(
-            batch
-                .into_iter()
-                .map(|c| job_change(tenant, at, c.actor, c.action, c.target, c.details)),
-        );
-    }
-    Ok(out)
 }
 
 impl Store {

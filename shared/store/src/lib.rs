@@ -3,6 +3,7 @@
 
 mod api_keys;
 mod audit;
+mod job_audit;
 mod conversations;
 mod end_users;
 mod idempotency;
@@ -17,6 +18,7 @@ mod usage;
 mod webhooks;
 
 pub use audit::*;
+pub use job_audit::JOB_AUDIT_CHAIN_LOCK;
 pub use conversations::*;
 pub use end_users::*;
 pub use idempotency::*;
