@@ -2,18 +2,20 @@
 # Overhead of the OpenAI-compatible front door: the same open-loop load of chat completions
 # (RATE/s for DURATION s, not streamed) against Switchyard and against the mock directly.
 # Needs: cargo build --release -p switchyard -p switchyard-loadtest; psql; nothing on :8080.
+# BIN=path/to/switchyard picks another build (to compare builds back to back).
 set -u
 cd "$(dirname "$0")/.."
+BIN=${BIN:-./target/release/switchyard}
 KEY=sy_demo1234_0123456789abcdefghij0123456789ABCDEFGHIJ
 RATE=${RATE:-500}
 DURATION=${DURATION:-30}
-./target/release/switchyard mock-llm --listen 127.0.0.1:18081 > /tmp/mock.log 2>&1 &
+"$BIN" mock-llm --listen 127.0.0.1:18081 > /tmp/mock.log 2>&1 &
 MOCK=$!
 psql -q -h 127.0.0.1 -U postgres -c "DROP DATABASE IF EXISTS sybench" -c "CREATE DATABASE sybench" >/dev/null
 DATABASE_URL=postgres://postgres@127.0.0.1:5432/sybench SWITCHYARD_REDIS_PREFIX=bench$RANDOM \
 SWITCHYARD_DEV_API_KEY=$KEY SWITCHYARD_LLM__MOCK_BASE_URL=http://127.0.0.1:18081/v1 \
 SWITCHYARD_WORKER__CONCURRENCY=512 SWITCHYARD_DATABASE_MAX_CONNECTIONS=32 SWITCHYARD_LOG=warn \
-  ./target/release/switchyard dev > /tmp/dev.log 2>&1 &
+  "$BIN" dev > /tmp/dev.log 2>&1 &
 DEV=$!
 for _ in $(seq 1 60); do curl -sf localhost:8080/readyz >/dev/null && break; sleep 1; done
 lt() {

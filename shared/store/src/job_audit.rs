@@ -173,8 +173,7 @@ impl BatchRow {
             self.actors.ok_or_else(missing)?,
             self.attempts.ok_or_else(missing)?,
         );
-        if statuses.len() != ids.len() || actors.len() != ids.len() || attempts.len() != ids.len()
-        {
+        if statuses.len() != ids.len() || actors.len() != ids.len() || attempts.len() != ids.len() {
             return Err(malformed(format!(
                 "job audit batch {}: arrays of different lengths",
                 self.id

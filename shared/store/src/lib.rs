@@ -3,11 +3,11 @@
 
 mod api_keys;
 mod audit;
-mod job_audit;
 mod conversations;
 mod end_users;
 mod idempotency;
 mod insert;
+mod job_audit;
 mod jobs;
 mod reconcile;
 mod retry;
@@ -18,11 +18,11 @@ mod usage;
 mod webhooks;
 
 pub use audit::*;
-pub use job_audit::JOB_AUDIT_CHAIN_LOCK;
 pub use conversations::*;
 pub use end_users::*;
 pub use idempotency::*;
 pub use insert::NewJob;
+pub use job_audit::JOB_AUDIT_CHAIN_LOCK;
 pub use jobs::*;
 pub use retry::*;
 pub use schedules::*;
