@@ -5,7 +5,8 @@
 \set QUIET on
 DO $$ BEGIN
   EXECUTE 'TRUNCATE jobs, audit_outbox' || CASE WHEN to_regclass('job_audit_batches') IS NULL
-    THEN '' ELSE ', job_audit_batches' END || ' CASCADE';
+    THEN '' ELSE ', job_audit_batches' END || CASE WHEN to_regclass('job_audit_changes') IS NULL
+    THEN '' ELSE ', job_audit_changes' END || ' CASCADE';
   DELETE FROM tenants;
 END $$;
 INSERT INTO tenants (id, name) VALUES ('00000000-0000-0000-0000-000000000001', 'ab');
@@ -29,8 +30,9 @@ DO $$ BEGIN FOR i IN 0..199 LOOP
 END LOOP; END $$;
 \echo outbox drain (DELETE ... RETURNING, 1,000 rows per statement)
 DO $$ DECLARE n int; t text; BEGIN
-  -- audit_outbox: one row per change (before batches); job_audit_batches: one per statement
-  FOREACH t IN ARRAY ARRAY['audit_outbox', 'job_audit_batches'] LOOP
+  -- audit_outbox: one row per change (before batches); job_audit_batches (JSON) and
+  -- job_audit_changes (arrays): one per statement
+  FOREACH t IN ARRAY ARRAY['audit_outbox', 'job_audit_batches', 'job_audit_changes'] LOOP
     CONTINUE WHEN to_regclass(t) IS NULL;
     LOOP
       EXECUTE format('WITH d AS (DELETE FROM %I WHERE id IN (SELECT id FROM %I ORDER BY id LIMIT 1000) RETURNING *) SELECT count(*) FROM d', t, t) INTO n;

@@ -179,7 +179,7 @@ async fn assert_one_terminal_each(c: &Cluster, ids: &[Uuid]) -> i64 {
                  SELECT e ->> 'target', e ->> 'action'
                  FROM job_audit_batches, jsonb_array_elements(entries) e
                  UNION ALL SELECT 'job:' || c.id, 'job.' || c.status
-                 FROM job_audit_batches b, unnest(b.job_ids, b.statuses) c (id, status)
+                 FROM job_audit_changes b, unnest(b.job_ids, b.statuses) c (id, status)
                  UNION ALL SELECT target, action FROM audit_outbox
                  UNION ALL SELECT target, action FROM audit_events) a (target, action)
              WHERE action IN ('job.succeeded', 'job.failed', 'job.cancelled')

@@ -284,7 +284,7 @@ async fn job_state_changes_are_chained_and_retention_prunes_them(pool: PgPool) {
 
 /// (batch rows, changes they hold) as the triggers left them.
 async fn outbox(app: &TestApp) -> (i64, i64) {
-    sqlx::query_as("SELECT count(*), COALESCE(sum(n), 0) FROM job_audit_batches")
+    sqlx::query_as("SELECT count(*), COALESCE(sum(n), 0) FROM job_audit_changes")
         .fetch_one(app.store.pool())
         .await
         .unwrap()
@@ -336,7 +336,7 @@ async fn a_batch_statement_writes_one_outbox_row_per_tenant_and_each_job_is_chai
         .collect();
     assert_eq!(s.end_runs(&writes).await.unwrap().len(), 2);
     assert_eq!(outbox(&app).await, (5, 22));
-    // a batch in the JSON shape written before the array columns still chains
+    // a batch in the JSON shape written before the arrays (its own table) still chains
     sqlx::query(
         "INSERT INTO job_audit_batches (tenant_id, n, entries) VALUES ($1, 1, jsonb_build_array(
              jsonb_build_object('actor', 'system', 'action', 'job.legacy_batch',
@@ -365,7 +365,8 @@ async fn a_batch_statement_writes_one_outbox_row_per_tenant_and_each_job_is_chai
         .unwrap();
     assert_eq!(s.chain_job_audit(1000).await.unwrap(), 0);
     other_chainer.rollback().await.unwrap();
-    // the single change left from before batches goes first
+    // the single change left from before batches goes first, then the JSON batch
+    assert_eq!(s.chain_job_audit(1).await.unwrap(), 1);
     assert_eq!(s.chain_job_audit(1).await.unwrap(), 1);
     // a limit below a batch's size still takes that one batch whole; then batches are taken
     // whole while they fit (the batches of one statement come in no fixed tenant order)
@@ -374,8 +375,13 @@ async fn a_batch_statement_writes_one_outbox_row_per_tenant_and_each_job_is_chai
     let second = s.chain_job_audit(12).await.unwrap();
     assert!((4..=12).contains(&second), "{second}");
     let rest = s.chain_job_audit(1000).await.unwrap();
-    assert_eq!(1 + first + second + rest, 24);
+    assert_eq!(2 + first + second + rest, 24);
     assert_eq!(outbox(&app).await, (0, 0));
+    let json_left: i64 = sqlx::query_scalar("SELECT count(*) FROM job_audit_batches")
+        .fetch_one(s.pool())
+        .await
+        .unwrap();
+    assert_eq!(json_left, 0);
     let left: i64 = sqlx::query_scalar("SELECT count(*) FROM audit_outbox")
         .fetch_one(s.pool())
         .await
@@ -441,7 +447,7 @@ async fn a_huge_statement_is_split_into_batches_of_at_most_1000_changes(pool: Pg
         .map(|_| crate::support::new_job(app.tenant))
         .collect();
     s.insert_jobs(&jobs).await.unwrap();
-    let sizes: Vec<i32> = sqlx::query_scalar("SELECT n FROM job_audit_batches ORDER BY n DESC")
+    let sizes: Vec<i32> = sqlx::query_scalar("SELECT n FROM job_audit_changes ORDER BY n DESC")
         .fetch_all(s.pool())
         .await
         .unwrap();

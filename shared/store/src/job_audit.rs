@@ -1,6 +1,7 @@
 //! Job state changes into the audit trail: the triggers on `jobs` leave each statement's
-//! changes in `job_audit_batches` (earlier releases: one change per `audit_outbox` row), and
-//! the scheduler moves them into the hash-chained `audit_events`, one row per change.
+//! changes in `job_audit_changes` (typed arrays; earlier releases: a JSON array per
+//! `job_audit_batches` row, and before that one change per `audit_outbox` row), and the
+//! scheduler moves them into the hash-chained `audit_events`, one row per change.
 
 use chrono::{DateTime, Utc};
 use serde_json::Value;
@@ -9,7 +10,7 @@ use uuid::Uuid;
 use crate::audit::{append_in, AuditEntry};
 use crate::{Result, Store};
 
-/// One job state change in a `job_audit_batches` row (see the `jobs_audit_*` triggers).
+/// One job state change in a `job_audit_batches` row (the JSON shape before the arrays).
 #[derive(serde::Deserialize)]
 struct OutboxChange {
     actor: String,
@@ -22,8 +23,9 @@ impl Store {
     /// Moves about `limit` job state changes from the outbox into the chained trail, in one
     /// transaction; returns how many changes (0 also when another scheduler is chaining).
     /// Rows left in `audit_outbox` (one change each, written before batches) go first, then
-    /// `job_audit_batches` (one row per statement and tenant, from the triggers on `jobs`),
-    /// taken whole, oldest first, until `limit` is reached (at least one). One chainer at a
+    /// those left in `job_audit_batches` (JSON, written before the arrays), then
+    /// `job_audit_changes` (one row per statement and tenant, from the triggers on `jobs`):
+    /// batches taken whole, oldest first, until `limit` is reached (at least one). One chainer at a
     /// time (an advisory lock), so changes are chained in the order their ids were committed:
     /// a job's later change never lands before its earlier one.
     pub async fn chain_job_audit(&self, limit: i64) -> Result<usize> {
@@ -35,10 +37,13 @@ impl Store {
         if !mine {
             return Ok(0);
         }
-        let entries = match take_single_changes(&mut tx, limit).await? {
-            single if !single.is_empty() => single,
-            _ => take_batches(&mut tx, limit).await?,
-        };
+        let mut entries = take_single_changes(&mut tx, limit).await?;
+        for source in [BatchTable::Json, BatchTable::Arrays] {
+            if !entries.is_empty() {
+                break;
+            }
+            entries = take_batches(&mut tx, source, limit).await?;
+        }
         let n = entries.len();
         if n > 0 {
             append_in(&mut tx, entries).await?;
@@ -95,17 +100,53 @@ async fn take_single_changes(
         .collect())
 }
 
-/// Whole rows of `job_audit_batches`, oldest first, while they fit in `limit` changes (at
-/// least one row), expanded into their changes.
+/// The tables job state changes wait in, a row per statement and tenant.
+#[derive(Clone, Copy)]
+enum BatchTable {
+    /// `job_audit_batches`: a JSON array of changes (written before the arrays).
+    Json,
+    /// `job_audit_changes`: typed arrays, one element per change.
+    Arrays,
+}
+
+impl BatchTable {
+    fn name(self) -> &'static str {
+        match self {
+            BatchTable::Json => "job_audit_batches",
+            BatchTable::Arrays => "job_audit_changes",
+        }
+    }
+
+    /// The columns of a [`BatchRow`] from this table.
+    fn columns(self) -> &'static str {
+        match self {
+            BatchTable::Json => {
+                "id, tenant_id, at, entries, NULL::uuid[] AS job_ids, NULL::text[] AS statuses,
+                 NULL::text[] AS actors, NULL::int4[] AS attempts, NULL::text[] AS kinds,
+                 NULL::text[] AS from_statuses, NULL::jsonb[] AS error_codes"
+            }
+            BatchTable::Arrays => {
+                "id, tenant_id, at, NULL::jsonb AS entries, job_ids, statuses, actors, attempts,
+                 kinds, from_statuses, error_codes"
+            }
+        }
+    }
+}
+
+/// Whole rows of `table`, oldest first, while they fit in `limit` changes (at least one row),
+/// expanded into their changes.
 async fn take_batches(
     tx: &mut sqlx::Transaction<'static, sqlx::Postgres>,
+    table: BatchTable,
     limit: i64,
 ) -> Result<Vec<AuditEntry>> {
-    let candidates: Vec<(i64, i32)> =
-        sqlx::query_as("SELECT id, n FROM job_audit_batches ORDER BY id LIMIT $1")
-            .bind(limit)
-            .fetch_all(&mut **tx)
-            .await?;
+    let candidates: Vec<(i64, i32)> = sqlx::query_as(&format!(
+        "SELECT id, n FROM {} ORDER BY id LIMIT $1",
+        table.name()
+    ))
+    .bind(limit)
+    .fetch_all(&mut **tx)
+    .await?;
     let mut take = Vec::new();
     let mut changes = 0i64;
     for (id, n) in candidates {
@@ -118,11 +159,11 @@ async fn take_batches(
     if take.is_empty() {
         return Ok(Vec::new());
     }
-    let mut rows: Vec<BatchRow> = sqlx::query_as(
-        "DELETE FROM job_audit_batches WHERE id = ANY($1)
-         RETURNING id, tenant_id, at, entries, job_ids, statuses, actors, attempts, kinds,
-                   from_statuses, error_codes",
-    )
+    let mut rows: Vec<BatchRow> = sqlx::query_as(&format!(
+        "DELETE FROM {} WHERE id = ANY($1) RETURNING {}",
+        table.name(),
+        table.columns()
+    ))
     .bind(&take)
     .fetch_all(&mut **tx)
     .await?;
@@ -134,8 +175,8 @@ async fn take_batches(
     Ok(out)
 }
 
-/// A `job_audit_batches` row: the changes of one statement and tenant, as arrays (one element
-/// per change), or in the JSON shape written before them (`entries`).
+/// The changes of one statement and tenant: typed arrays (`job_audit_changes`, one element
+/// per change), or the JSON shape written before them (`job_audit_batches.entries`).
 #[derive(sqlx::FromRow)]
 struct BatchRow {
     id: i64,
