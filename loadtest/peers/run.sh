@@ -66,12 +66,10 @@ q "INSERT INTO jobs (id, tenant_id, created_by, kind, queue, status, max_attempt
    FROM generate_series(1, $N) g" >/dev/null
 q "ANALYZE jobs" >/dev/null
 $BIN scheduler & SPID=$!; PIDS+=($SPID)
-outbox() {
-  q "SELECT (SELECT count(*) FROM audit_outbox) + COALESCE((SELECT sum(n) FROM job_audit_batches), 0)
-          + COALESCE((SELECT sum(n) FROM job_audit_changes), 0)" 2>/dev/null ||
-  q "SELECT (SELECT count(*) FROM audit_outbox) + COALESCE((SELECT sum(n) FROM job_audit_batches), 0)" 2>/dev/null ||
-  q "SELECT count(*) FROM audit_outbox"
-}
+# job state changes not chained yet, in whichever batch tables this build's schema has
+OUTBOX_SQL="SELECT (SELECT count(*) FROM audit_outbox)$(q "SELECT string_agg(format(' + COALESCE((SELECT sum(n) FROM %I), 0)', t), '')
+  FROM unnest(ARRAY['job_audit_batches', 'job_audit_changes']) t WHERE to_regclass(t) IS NOT NULL")"
+outbox() { q "$OUTBOX_SQL"; }
 # dispatched (into the stream, or the tenant's fairness lane beyond the lane depth), and the
 # inserts' audit rows chained, so the window below holds only the work of running the jobs
 while [ "$(q "SELECT count(*) FROM jobs WHERE dispatch_epoch = 0")" -gt 0 ] || [ "$(outbox)" -gt 0 ]; do sleep 0.5; done

@@ -38,11 +38,11 @@ impl Store {
             return Ok(0);
         }
         let mut entries = take_single_changes(&mut tx, limit).await?;
-        for source in [BatchTable::Json, BatchTable::Arrays] {
-            if !entries.is_empty() {
-                break;
-            }
-            entries = take_batches(&mut tx, source, limit).await?;
+        if entries.is_empty() {
+            entries = take_batches::<JsonBatch>(&mut tx, limit).await?;
+        }
+        if entries.is_empty() {
+            entries = take_batches::<ArrayBatch>(&mut tx, limit).await?;
         }
         let n = entries.len();
         if n > 0 {
@@ -100,49 +100,24 @@ async fn take_single_changes(
         .collect())
 }
 
-/// The tables job state changes wait in, a row per statement and tenant.
-#[derive(Clone, Copy)]
-enum BatchTable {
-    /// `job_audit_batches`: a JSON array of changes (written before the arrays).
-    Json,
-    /// `job_audit_changes`: typed arrays, one element per change.
-    Arrays,
+/// A table job state changes wait in, a row per statement and tenant.
+trait Batch: for<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow> + Send + Unpin {
+    const TABLE: &'static str;
+    /// (when the statement wrote it, its id): the order to chain rows in.
+    fn order(&self) -> (DateTime<Utc>, i64);
+    /// Appends the row's changes to `out`.
+    fn expand(self, out: &mut Vec<AuditEntry>) -> Result<()>;
 }
 
-impl BatchTable {
-    fn name(self) -> &'static str {
-        match self {
-            BatchTable::Json => "job_audit_batches",
-            BatchTable::Arrays => "job_audit_changes",
-        }
-    }
-
-    /// The columns of a [`BatchRow`] from this table.
-    fn columns(self) -> &'static str {
-        match self {
-            BatchTable::Json => {
-                "id, tenant_id, at, entries, NULL::uuid[] AS job_ids, NULL::text[] AS statuses,
-                 NULL::text[] AS actors, NULL::int4[] AS attempts, NULL::text[] AS kinds,
-                 NULL::text[] AS from_statuses, NULL::jsonb[] AS error_codes"
-            }
-            BatchTable::Arrays => {
-                "id, tenant_id, at, NULL::jsonb AS entries, job_ids, statuses, actors, attempts,
-                 kinds, from_statuses, error_codes"
-            }
-        }
-    }
-}
-
-/// Whole rows of `table`, oldest first, while they fit in `limit` changes (at least one row),
-/// expanded into their changes.
-async fn take_batches(
+/// Whole rows of `B`'s table, oldest first, while they fit in `limit` changes (at least one
+/// row), expanded into their changes.
+async fn take_batches<B: Batch>(
     tx: &mut sqlx::Transaction<'static, sqlx::Postgres>,
-    table: BatchTable,
     limit: i64,
 ) -> Result<Vec<AuditEntry>> {
     let candidates: Vec<(i64, i32)> = sqlx::query_as(&format!(
         "SELECT id, n FROM {} ORDER BY id LIMIT $1",
-        table.name()
+        B::TABLE
     ))
     .bind(limit)
     .fetch_all(&mut **tx)
@@ -159,15 +134,14 @@ async fn take_batches(
     if take.is_empty() {
         return Ok(Vec::new());
     }
-    let mut rows: Vec<BatchRow> = sqlx::query_as(&format!(
-        "DELETE FROM {} WHERE id = ANY($1) RETURNING {}",
-        table.name(),
-        table.columns()
+    let mut rows: Vec<B> = sqlx::query_as(&format!(
+        "DELETE FROM {} WHERE id = ANY($1) RETURNING *",
+        B::TABLE
     ))
     .bind(&take)
     .fetch_all(&mut **tx)
     .await?;
-    rows.sort_by_key(|r| (r.at, r.id));
+    rows.sort_by_key(B::order);
     let mut out = Vec::with_capacity(changes as usize);
     for row in rows {
         row.expand(&mut out)?;
@@ -175,46 +149,64 @@ async fn take_batches(
     Ok(out)
 }
 
-/// The changes of one statement and tenant: typed arrays (`job_audit_changes`, one element
-/// per change), or the JSON shape written before them (`job_audit_batches.entries`).
+/// A `job_audit_batches` row: a JSON array of changes (written before the arrays).
 #[derive(sqlx::FromRow)]
-struct BatchRow {
+struct JsonBatch {
     id: i64,
     tenant_id: Uuid,
     at: DateTime<Utc>,
-    entries: Option<Value>,
-    job_ids: Option<Vec<Uuid>>,
-    statuses: Option<Vec<String>>,
-    actors: Option<Vec<String>>,
-    attempts: Option<Vec<i32>>,
+    entries: Value,
+}
+
+impl Batch for JsonBatch {
+    const TABLE: &'static str = "job_audit_batches";
+
+    fn order(&self) -> (DateTime<Utc>, i64) {
+        (self.at, self.id)
+    }
+
+    fn expand(self, out: &mut Vec<AuditEntry>) -> Result<()> {
+        let (tenant, at) = (self.tenant_id, self.at);
+        let batch: Vec<OutboxChange> = serde_json::from_value(self.entries).map_err(malformed)?;
+        out.extend(
+            batch
+                .into_iter()
+                .map(|c| job_change(tenant, at, c.actor, c.action, c.target, c.details)),
+        );
+        Ok(())
+    }
+}
+
+/// A `job_audit_changes` row: typed arrays, one element per change.
+#[derive(sqlx::FromRow)]
+struct ArrayBatch {
+    id: i64,
+    tenant_id: Uuid,
+    at: DateTime<Utc>,
+    job_ids: Vec<Uuid>,
+    statuses: Vec<String>,
+    actors: Vec<String>,
+    attempts: Vec<i32>,
+    /// inserted jobs
     kinds: Option<Vec<String>>,
+    /// updated jobs
     from_statuses: Option<Vec<Option<String>>>,
     error_codes: Option<Vec<Option<Value>>>,
 }
 
-impl BatchRow {
-    /// Appends the row's changes to `out`, with the actor, action, target and details the
-    /// triggers' JSON shape held: an insert's details are `{kind, attempt}`, an update's
-    /// `{from, attempt}` and, when the job has one, `error` (its error code).
+impl Batch for ArrayBatch {
+    const TABLE: &'static str = "job_audit_changes";
+
+    fn order(&self) -> (DateTime<Utc>, i64) {
+        (self.at, self.id)
+    }
+
+    /// The actor, action, target and details the JSON shape held: an insert's details are
+    /// `{kind, attempt}`, an update's `{from, attempt}` and, when the job has one, `error`
+    /// (its error code).
     fn expand(self, out: &mut Vec<AuditEntry>) -> Result<()> {
-        let (tenant, at) = (self.tenant_id, self.at);
-        if let Some(entries) = self.entries {
-            let batch: Vec<OutboxChange> = serde_json::from_value(entries).map_err(malformed)?;
-            out.extend(
-                batch
-                    .into_iter()
-                    .map(|c| job_change(tenant, at, c.actor, c.action, c.target, c.details)),
-            );
-            return Ok(());
-        }
-        let missing = || malformed(format!("job audit batch {} has no changes", self.id));
-        let ids = self.job_ids.ok_or_else(missing)?;
-        let (statuses, actors, attempts) = (
-            self.statuses.ok_or_else(missing)?,
-            self.actors.ok_or_else(missing)?,
-            self.attempts.ok_or_else(missing)?,
-        );
-        if statuses.len() != ids.len() || actors.len() != ids.len() || attempts.len() != ids.len() {
+        let n = self.job_ids.len();
+        if self.statuses.len() != n || self.actors.len() != n || self.attempts.len() != n {
             return Err(malformed(format!(
                 "job audit batch {}: arrays of different lengths",
                 self.id
@@ -223,7 +215,10 @@ impl BatchRow {
         let mut kinds = self.kinds.map(Vec::into_iter);
         let mut from = self.from_statuses.map(Vec::into_iter);
         let mut codes = self.error_codes.map(Vec::into_iter);
-        let changes = ids.into_iter().zip(statuses).zip(actors).zip(attempts);
+        let changes = (self.job_ids.into_iter())
+            .zip(self.statuses)
+            .zip(self.actors)
+            .zip(self.attempts);
         for (((id, status), actor), attempt) in changes {
             let mut details = serde_json::Map::new();
             details.insert("attempt".into(), attempt.into());
@@ -233,15 +228,14 @@ impl BatchRow {
             if let Some(Some(f)) = from.as_mut().and_then(Iterator::next) {
                 details.insert("from".into(), f.into());
             }
-            match codes.as_mut().and_then(Iterator::next) {
-                Some(Some(code)) if !code.is_null() => {
+            if let Some(Some(code)) = codes.as_mut().and_then(Iterator::next) {
+                if !code.is_null() {
                     details.insert("error".into(), code);
                 }
-                _ => {}
             }
             out.push(job_change(
-                tenant,
-                at,
+                self.tenant_id,
+                self.at,
                 actor,
                 format!("job.{status}"),
                 format!("job:{id}"),
