@@ -6,7 +6,7 @@
 # Needs: cargo build --release -p switchyard -p switchyard-loadtest; psql; nothing on :8080.
 set -u
 cd "$(dirname "$0")/.."
-BIN=./target/release/switchyard
+BIN=${BIN:-./target/release/switchyard}
 JOBS=${JOBS:-5000}
 RATE=${RATE:-250}
 export DATABASE_URL=postgres://postgres@127.0.0.1:5432/sybench

@@ -1,6 +1,7 @@
 //! Event publication for the worker's runs: one task sends the events that are waiting, from
 //! every running job, in one Redis pipeline. A streaming job has one event in flight at a time,
-//! so a thousand streams made a thousand round trips where now a burst makes one.
+//! so a thousand streams made a thousand round trips where now a burst makes one, with a few
+//! pipelines in flight at once.
 
 use switchyard_core::Event;
 use switchyard_queue::events::Published;
@@ -12,6 +13,12 @@ use crate::batcher::Batcher;
 
 /// Most events sent in one pipeline.
 const MAX_BATCH: usize = 256;
+
+/// Pipelines in flight at once. With one, a thousand streams kept every pipeline full and
+/// events queued behind it for tens of milliseconds (the worker's encoding and Redis' work of
+/// a pipeline ran one after the other); a run's own events stay in order because it awaits
+/// each before sending the next.
+const IN_FLIGHT: usize = 4;
 
 struct Req {
     ev: Event,
@@ -35,7 +42,9 @@ impl Publisher {
     pub(crate) fn start(&self, stop: CancellationToken) -> Option<tokio::task::JoinHandle<()>> {
         let bus = self.bus.clone();
         self.batcher
-            .start(stop, move |batch| publish_batch(bus.clone(), batch))
+            .start_overlapped(stop, IN_FLIGHT, move |batch| {
+                publish_batch(bus.clone(), batch)
+            })
     }
 
     /// Publishes `ev` with the next batch. Live events are best effort (the durable state is in

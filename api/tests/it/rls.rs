@@ -176,3 +176,78 @@ async fn the_service_role_is_bound_by_row_level_security(pool: PgPool) {
     assert_eq!(visible.len(), 2);
     app.stop().await;
 }
+
+/// The one-statement scoped read (`switchyard_job_scoped`, migration 22) sets the tenant only
+/// for its own statement: the connection it ran on sees every tenant again right after.
+#[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
+async fn a_scoped_job_read_sets_the_tenant_for_its_statement_only(pool: PgPool) {
+    let app = spawn_api_only(pool).await;
+    let a = app.tenant;
+    let b = app.store.create_tenant("tenant-b").await.unwrap().id;
+    let (ja, jb) = (crate::support::new_job(a), crate::support::new_job(b));
+    app.store
+        .insert_jobs(&[ja.clone(), jb.clone()])
+        .await
+        .unwrap();
+    let mut conn = app.store.pool().acquire().await.unwrap();
+    let read = |tenant: Uuid, id: Uuid, creator: Option<&'static str>| {
+        sqlx::query_scalar::<_, Uuid>("SELECT id FROM switchyard_job_scoped($1, $2, $3)")
+            .bind(tenant)
+            .bind(id)
+            .bind(creator)
+    };
+    assert_eq!(
+        read(a, ja.id, None).fetch_all(&mut *conn).await.unwrap(),
+        [ja.id]
+    );
+    assert!(read(a, jb.id, None)
+        .fetch_all(&mut *conn)
+        .await
+        .unwrap()
+        .is_empty());
+    // an end user sees only the jobs it created
+    assert!(read(a, ja.id, Some("user:someone-else"))
+        .fetch_all(&mut *conn)
+        .await
+        .unwrap()
+        .is_empty());
+    assert_eq!(
+        read(a, ja.id, Some("key:test"))
+            .fetch_all(&mut *conn)
+            .await
+            .unwrap(),
+        [ja.id]
+    );
+    // the setting did not outlive the statement: this connection sees both tenants again
+    let setting: Option<String> =
+        sqlx::query_scalar("SELECT NULLIF(current_setting('switchyard.tenant', true), '')")
+            .fetch_one(&mut *conn)
+            .await
+            .unwrap();
+    assert_eq!(setting, None);
+    let all: i64 = sqlx::query_scalar("SELECT count(*) FROM jobs")
+        .fetch_one(&mut *conn)
+        .await
+        .unwrap();
+    assert_eq!(all, 2);
+    // inside the function the policy is in force: a tenant set there hides other rows even
+    // from a query without a tenant filter (checked through the same setting)
+    let mut tx = app.store.pool().begin().await.unwrap();
+    read(a, ja.id, None).fetch_all(&mut *tx).await.unwrap();
+    let in_tx: i64 = sqlx::query_scalar("SELECT count(*) FROM jobs")
+        .fetch_one(&mut *tx)
+        .await
+        .unwrap();
+    assert_eq!(
+        in_tx, 1,
+        "the function's setting is the tenant's, as for SET LOCAL"
+    );
+    tx.rollback().await.unwrap();
+    // and through the store
+    assert!(app.store.get_job(a, jb.id).await.unwrap().is_none());
+    assert_eq!(
+        app.store.get_job(b, jb.id).await.unwrap().unwrap().id,
+        jb.id
+    );
+    app.stop().await;
+}

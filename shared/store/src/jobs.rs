@@ -210,18 +210,16 @@ impl Store {
     /// missing one).
     pub async fn get_job(&self, scope: impl Into<Scope>, id: Uuid) -> Result<Option<JobRow>> {
         let scope = scope.into();
-        let mut tx = self.tenant_tx(scope.tenant_id).await?;
-        let row = sqlx::query_as::<_, JobRow>(&format!(
-            "SELECT {JOB_COLUMNS} FROM jobs WHERE id = $1 AND tenant_id = $2
-               AND ($3::text IS NULL OR created_by = $3)"
+        // one statement: the function sets the tenant for row-level security itself, local
+        // to the statement's transaction (migration 22), instead of BEGIN; SET LOCAL; ...; COMMIT
+        Ok(sqlx::query_as::<_, JobRow>(&format!(
+            "SELECT {JOB_COLUMNS} FROM switchyard_job_scoped($1, $2, $3)"
         ))
-        .bind(id)
         .bind(scope.tenant_id)
+        .bind(id)
         .bind(scope.creator)
-        .fetch_optional(&mut *tx)
-        .await?;
-        tx.commit().await?;
-        Ok(row)
+        .fetch_optional(self.pool())
+        .await?)
     }
 
     /// Internal lookup, any tenant (workers, reconciler).
