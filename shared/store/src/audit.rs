@@ -292,13 +292,19 @@ impl Store {
 
     /// Checks a tenant's chain from its anchor to its head: every row must link to the previous
     /// row's hash, hash to its stored hash, and follow without gaps; the head must match the
-    /// last row.
+    /// last row. The head and the rows are read in one snapshot, so rows appended while it
+    /// runs (the API's trail, the scheduler's chaining) neither break nor lengthen the chain
+    /// it checks.
     pub async fn verify_audit(&self, tenant: Uuid) -> Result<AuditVerification> {
+        let mut tx = self
+            .pool()
+            .begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            .await?;
         let head: Option<(i64, Vec<u8>, i64, Vec<u8>)> = sqlx::query_as(
             "SELECT seq, hash, anchor_seq, anchor_hash FROM audit_heads WHERE tenant_id = $1",
         )
         .bind(tenant)
-        .fetch_optional(self.pool())
+        .fetch_optional(&mut *tx)
         .await?;
         let Some((head_seq, head_hash, anchor_seq, anchor_hash)) = head else {
             return Ok(AuditVerification {
@@ -322,7 +328,7 @@ impl Store {
             ))
             .bind(tenant)
             .bind(expected)
-            .fetch_all(self.pool())
+            .fetch_all(&mut *tx)
             .await?;
             if rows.is_empty() {
                 break;
