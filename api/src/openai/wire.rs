@@ -170,6 +170,8 @@ pub fn parse(body: &Value) -> Result<Parsed, FieldError> {
         tool_choice: req.tool_choice,
         conversation: None,
         cache: req.cache,
+        // a client waiting for the whole reply needs no token events
+        stream: (req.stream != Some(true)).then_some(false),
     };
     input.validate().map_err(|mut e| {
         e.field = e.field.trim_start_matches("input.").to_string();

@@ -52,6 +52,53 @@ pub(crate) async fn websocket_streams_tokens_in_order_on(pool: PgPool, base: Opt
     app.stop().await;
 }
 
+/// `stream: false`: the reply arrives whole in the terminal event, with no token events
+/// before it (a non-streamed chat completion asks for this), also when the response cache
+/// answers; a reply cached by such a job still streams its tokens to a job that streams.
+#[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
+async fn a_chat_job_that_does_not_stream_emits_no_token_events(pool: PgPool) {
+    let app = spawn_app(pool).await;
+    let mut ws = app.ws().await;
+    let content = "one two three four five six";
+    let expected = switchyard_mock_llm::expected_text(&[("user".into(), content.into())], None);
+    // (input.stream, input.cache, answered from the cache)
+    for (stream, cache, hit) in [
+        (Some(false), false, false),
+        (Some(false), true, false),
+        (Some(false), true, true),
+        (None, true, true),
+    ] {
+        let mut input = json!({"model": "mock-echo", "cache": cache,
+            "messages": [{"role": "user", "content": content}]});
+        if let Some(s) = stream {
+            input["stream"] = json!(s);
+        }
+        let job = app
+            .submit(json!({"kind": "llm.chat", "input": input}))
+            .await;
+        let id: Uuid = job["id"].as_str().unwrap().parse().unwrap();
+        ws.subscribe(id, 0).await;
+        let events = ws.until_terminal(id, T).await;
+        assert_contiguous(&events, 0);
+        let last = events.last().unwrap();
+        assert_eq!(last["type"], "succeeded");
+        assert_eq!(last["data"]["output"]["text"], expected.as_str());
+        assert_eq!(last["data"]["output"]["cached"], hit, "{last:#?}");
+        let deltas: String = events
+            .iter()
+            .filter(|e| e["type"] == "output.delta")
+            .map(|e| e["data"]["text"].as_str().unwrap().to_string())
+            .collect();
+        if stream == Some(false) {
+            let kinds: Vec<&str> = events.iter().map(|e| e["type"].as_str().unwrap()).collect();
+            assert_eq!(kinds, ["status", "status", "succeeded"], "{events:#?}");
+        } else {
+            assert_eq!(deltas, expected);
+        }
+    }
+    app.stop().await;
+}
+
 #[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
 async fn websocket_resumes_after_and_replays_finished_jobs(pool: PgPool) {
     let app = spawn_app(pool).await;

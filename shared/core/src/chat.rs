@@ -34,6 +34,13 @@ pub struct LlmChatInput {
     /// once, replays the stored reply as events and costs nothing.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cache: Option<bool>,
+    /// Stream the reply while it is written: `output.delta` and `output.tool_call` events
+    /// (default `true`). With `false` the job's events are its status changes and the terminal
+    /// event, whose `output` holds the whole reply — what a client that waits for the result
+    /// needs (a non-streamed `POST /v1/chat/completions` sets it), without a Redis write and a
+    /// relay per burst of tokens.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stream: Option<bool>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]

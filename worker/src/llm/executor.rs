@@ -163,13 +163,17 @@ impl Executor for LlmChatExecutor {
                 ))
             }
         };
+        let silent = input.stream == Some(false);
         let answer = match (&self.cache, input.cache.unwrap_or(false)) {
             (Some(cache), true) => {
-                let sink = Sink::recording(ctx);
+                let sink = Sink::recording(ctx).silenced(silent);
                 self.cached_call(cache, ctx, &input, &head, &history, &sink)
                     .await?
             }
-            _ => self.call(&input, &head, &history, &Sink::new(ctx)).await?,
+            _ => {
+                let sink = Sink::new(ctx).silenced(silent);
+                self.call(&input, &head, &history, &sink).await?
+            }
         };
         let out = &answer.output;
         if let (Some(conv), Some(store)) = (input.conversation, &self.store) {

@@ -121,18 +121,27 @@ impl<'a> Sink<'a> {
         }
     }
 
+    /// The same sink, streaming nothing when `silent` (a job whose input says `stream: false`).
+    pub fn silenced(self, silent: bool) -> Self {
+        Sink {
+            silent: self.silent || silent,
+            ..self
+        }
+    }
+
     /// Streams output text.
     pub async fn text(&self, delta: String) {
         if delta.is_empty() {
             return;
         }
-        self.streamed.store(true, Ordering::Relaxed);
         if let Some(r) = &self.recorded {
             if let Ok(mut r) = r.lock() {
                 r.push(delta.clone());
             }
         }
         if !self.silent {
+            // only output a client saw can need a restart announced
+            self.streamed.store(true, Ordering::Relaxed);
             self.ctx.delta(delta).await;
         }
     }

@@ -125,6 +125,7 @@ pub(crate) async fn prompt(
         tool_choice: None,
         conversation: None,
         cache: None,
+        stream: Some(false),
     };
     let done = providers
         .complete(
