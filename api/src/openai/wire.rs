@@ -161,6 +161,7 @@ pub fn parse(body: &Value) -> Result<Parsed, FieldError> {
             })
             .collect()
     });
+    let stream = req.stream.unwrap_or(false);
     let input = LlmChatInput {
         model: req.model,
         messages,
@@ -171,7 +172,7 @@ pub fn parse(body: &Value) -> Result<Parsed, FieldError> {
         conversation: None,
         cache: req.cache,
         // a client waiting for the whole reply needs no token events
-        stream: (req.stream != Some(true)).then_some(false),
+        stream: (!stream).then_some(false),
     };
     input.validate().map_err(|mut e| {
         e.field = e.field.trim_start_matches("input.").to_string();
@@ -179,7 +180,7 @@ pub fn parse(body: &Value) -> Result<Parsed, FieldError> {
     })?;
     Ok(Parsed {
         input,
-        stream: req.stream.unwrap_or(false),
+        stream,
         include_usage: req
             .stream_options
             .and_then(|o| o.include_usage)

@@ -107,10 +107,7 @@ impl<'a> Sink<'a> {
 
     /// A sink that streams nothing to the client.
     pub fn silent(ctx: &'a JobContext) -> Self {
-        Sink {
-            silent: true,
-            ..Sink::new(ctx)
-        }
+        Sink::new(ctx).silenced(true)
     }
 
     /// A sink that also keeps the deltas (for the response cache).
