@@ -9,21 +9,24 @@ cd "$(dirname "$0")/.."
 BIN=${BIN:-./target/release/switchyard}
 JOBS=${JOBS:-5000}
 RATE=${RATE:-250}
-export DATABASE_URL=postgres://postgres@127.0.0.1:5432/sybench
+# PGBASE: the Postgres server (default: the local one on 5432)
+PGBASE=${PGBASE:-postgres://postgres@127.0.0.1:5432}
+export DATABASE_URL=$PGBASE/sybench
 export SWITCHYARD_REDIS_PREFIX=bench$RANDOM
 export SWITCHYARD_LLM__MOCK_BASE_URL=http://127.0.0.1:18081/v1
 export SWITCHYARD_DATABASE_MAX_CONNECTIONS=32 SWITCHYARD_LOG=warn
-psql -q -h 127.0.0.1 -U postgres -c "DROP DATABASE IF EXISTS sybench" -c "CREATE DATABASE sybench" >/dev/null
+psql -q "$PGBASE/postgres" -c "DROP DATABASE IF EXISTS sybench WITH (FORCE)" -c "CREATE DATABASE sybench" >/dev/null
 $BIN migrate >/dev/null
 $BIN admin create-tenant bench >/dev/null
 KEY=$($BIN admin create-key --tenant bench | grep -o 'sy_[A-Za-z0-9_]*' | head -1)
 $BIN mock-llm --listen 127.0.0.1:18081 --inter-token-ms 20 > /tmp/mock.log 2>&1 &
 MOCK=$!
-$BIN api --listen 127.0.0.1:8080 > /tmp/api.log 2>&1 &
+# each role under its own application_name (pg_stat_activity, per-client CPU)
+DATABASE_URL=$DATABASE_URL?application_name=sy-api $BIN api --listen 127.0.0.1:8080 > /tmp/api.log 2>&1 &
 API=$!
-$BIN worker --concurrency 1200 > /tmp/worker.log 2>&1 &
+DATABASE_URL=$DATABASE_URL?application_name=sy-worker $BIN worker --concurrency 1200 > /tmp/worker.log 2>&1 &
 WORKER=$!
-$BIN scheduler > /tmp/scheduler.log 2>&1 &
+DATABASE_URL=$DATABASE_URL?application_name=sy-scheduler $BIN scheduler > /tmp/scheduler.log 2>&1 &
 SCHED=$!
 for _ in $(seq 1 60); do curl -sf localhost:8080/readyz >/dev/null && break; sleep 1; done
 cpu() { awk '{print $14+$15}' "/proc/$1/stat"; }

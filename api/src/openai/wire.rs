@@ -4,11 +4,13 @@
 
 use serde::Deserialize;
 use serde_json::{json, Value};
-use switchyard_core::job::{parse_at, ChatMessage, FunctionCall, LlmChatInput, ToolCall, ToolSpec};
+use switchyard_core::job::{
+    parse_at, string_or_list, ChatMessage, FunctionCall, LlmChatInput, ToolCall, ToolSpec,
+};
 use switchyard_core::FieldError;
 
-/// The fields of a chat completion request we use; everything else (`user`, `seed`, `n`,
-/// `logprobs`, ...) is accepted and ignored.
+/// The fields of a chat completion request we use; everything else (`user`, `n`, `logprobs`,
+/// `logit_bias`, ...) is accepted and ignored.
 #[derive(Debug, Deserialize)]
 struct Request {
     model: String,
@@ -23,6 +25,18 @@ struct Request {
     max_completion_tokens: Option<u32>,
     #[serde(default)]
     temperature: Option<f64>,
+    #[serde(default)]
+    top_p: Option<f64>,
+    #[serde(default, deserialize_with = "string_or_list")]
+    stop: Option<Vec<String>>,
+    #[serde(default)]
+    seed: Option<i64>,
+    #[serde(default)]
+    presence_penalty: Option<f64>,
+    #[serde(default)]
+    frequency_penalty: Option<f64>,
+    #[serde(default)]
+    response_format: Option<Value>,
     #[serde(default)]
     tools: Option<Vec<Tool>>,
     #[serde(default)]
@@ -167,6 +181,12 @@ pub fn parse(body: &Value) -> Result<Parsed, FieldError> {
         messages,
         max_tokens: req.max_completion_tokens.or(req.max_tokens),
         temperature: req.temperature,
+        top_p: req.top_p,
+        stop: req.stop,
+        seed: req.seed,
+        presence_penalty: req.presence_penalty,
+        frequency_penalty: req.frequency_penalty,
+        response_format: req.response_format,
         tools: tools.filter(|t| !t.is_empty()),
         tool_choice: req.tool_choice,
         conversation: None,

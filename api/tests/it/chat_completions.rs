@@ -280,3 +280,90 @@ async fn the_official_openai_node_package_works_unchanged(pool: PgPool) {
     assert!(stdout.contains("ALL OK"), "{stdout}");
     app.stop().await;
 }
+
+#[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
+async fn generation_parameters_reach_the_provider_and_bad_ones_are_named(pool: PgPool) {
+    let app = spawn_app(pool).await;
+    let r = chat(
+        &app,
+        json!({"model": "mock-sampling", "messages": user("one two three four"), "stop": " three",
+               "top_p": 0.5, "seed": 7, "presence_penalty": 0.25, "frequency_penalty": -0.25,
+               "response_format": {"type": "json_object"}, "max_completion_tokens": 50}),
+    )
+    .await;
+    assert_eq!(r.status(), 200);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["choices"][0]["message"]["content"], "Mock reply: one two");
+    assert_eq!(v["choices"][0]["finish_reason"], "stop");
+    // what the provider received over HTTP (the mock records requests per model)
+    let base = app.mock_url.trim_end_matches("/v1");
+    let rec: Value = reqwest::get(format!("{base}/mock/requests?model=mock-sampling"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let b = &rec["requests"][0]["body"];
+    assert_eq!(b["stop"], json!([" three"]));
+    assert_eq!(
+        (b["top_p"].clone(), b["seed"].clone()),
+        (json!(0.5), json!(7))
+    );
+    assert_eq!(b["presence_penalty"], 0.25);
+    assert_eq!(b["frequency_penalty"], -0.25);
+    assert_eq!(b["response_format"], json!({"type": "json_object"}));
+    assert_eq!(b["max_tokens"], 50);
+
+    // out of range or malformed: OpenAI's error shape, the parameter named
+    for (extra, param) in [
+        (json!({"top_p": 1.5}), "top_p"),
+        (json!({"stop": ["a", "b", "c", "d", "e"]}), "stop"),
+        (json!({"stop": ["a", ""]}), "stop[1]"),
+        (json!({"presence_penalty": 3}), "presence_penalty"),
+        (
+            json!({"response_format": {"type": "yaml"}}),
+            "response_format.type",
+        ),
+        (
+            json!({"response_format": {"type": "json_schema", "json_schema": {}}}),
+            "response_format.json_schema.name",
+        ),
+        (json!({"seed": "x"}), "seed"),
+    ] {
+        let mut body = json!({"model": "mock-echo", "messages": user("x")});
+        body.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        let r = chat(&app, body).await;
+        assert_eq!(r.status(), 400, "{extra}");
+        let v: Value = r.json().await.unwrap();
+        assert_eq!(v["error"]["param"], param, "{v}");
+        assert_eq!(v["error"]["type"], "invalid_request_error");
+    }
+    // the native route takes the same parameters, strictly, with the input's field path
+    let r = app
+        .auth(app.http.post(app.url("/v1/jobs")))
+        .json(&json!({"kind": "llm.chat", "input": {"model": "mock-echo", "messages": user("x"), "top_p": -0.1}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 422);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["field"], "input.top_p", "{v}");
+    let r = app
+        .auth(app.http.post(app.url("/v1/jobs")))
+        .json(&json!({"kind": "llm.chat", "input": {"model": "mock-echo", "messages": user("a b c"), "stop": "b"}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    let id: Uuid = r.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let job = app.wait_status(id, "succeeded", T).await;
+    assert_eq!(job["output"]["text"], "Mock reply: a ", "{job}");
+    assert_eq!(job["output"]["finish_reason"], "stop");
+    app.stop().await;
+}

@@ -8,7 +8,7 @@ use uuid::Uuid;
 use crate::error::FieldError;
 
 /// Input of `llm.chat`.
-#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct LlmChatInput {
     /// A model alias from `GET /v1/models`, `<provider>/<model>`, or a `mock-*` name.
@@ -18,6 +18,31 @@ pub struct LlmChatInput {
     pub messages: Vec<ChatMessage>,
     pub max_tokens: Option<u32>,
     pub temperature: Option<f64>,
+    /// Nucleus sampling, 0 to 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub top_p: Option<f64>,
+    /// Up to 4 sequences that end the reply where they would appear (a string or an array).
+    #[serde(
+        default,
+        deserialize_with = "string_or_list",
+        skip_serializing_if = "Option::is_none"
+    )]
+    #[schema(value_type = Option<Vec<String>>)]
+    pub stop: Option<Vec<String>>,
+    /// Best-effort deterministic sampling (OpenAI-format providers; Anthropic has none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seed: Option<i64>,
+    /// -2 to 2 (OpenAI-format providers; Anthropic has none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub presence_penalty: Option<f64>,
+    /// -2 to 2 (OpenAI-format providers; Anthropic has none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub frequency_penalty: Option<f64>,
+    /// `{"type": "text" | "json_object"}` or `{"type": "json_schema", "json_schema": {"name",
+    /// "schema"?, "strict"?}}` (OpenAI's shape; OpenAI-format providers only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub response_format: Option<Value>,
     /// Functions the model may call (OpenAI's shape).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tools: Option<Vec<ToolSpec>>,
@@ -77,6 +102,54 @@ impl ChatMessage {
     }
 }
 
+/// `"x"` or `["x", "y"]` as a list (OpenAI's `stop`).
+pub fn string_or_list<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<Vec<String>>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(String),
+        Many(Vec<String>),
+    }
+    Ok(match Option::<OneOrMany>::deserialize(d)? {
+        None => None,
+        Some(OneOrMany::One(s)) => Some(vec![s]),
+        Some(OneOrMany::Many(v)) => Some(v),
+    })
+}
+
+/// The generation parameters of a call beyond the prompt, the reply budget and the
+/// temperature, handed to the provider as given (OpenAI's names; each adapter maps what its
+/// API has).
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Sampling {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub top_p: Option<f64>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub stop: Vec<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub seed: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub presence_penalty: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub frequency_penalty: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub response_format: Option<Value>,
+}
+
+impl Sampling {
+    /// The reply must be JSON (`response_format` of type `json_object` or `json_schema`).
+    pub fn wants_json(&self) -> bool {
+        self.response_format
+            .as_ref()
+            .is_some_and(|f| f["type"] != "text")
+    }
+}
+
+/// Most stop sequences one request may give (OpenAI's limit).
+pub const MAX_STOP: usize = 4;
+
 fn null_as_empty<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
     Ok(Option::<String>::deserialize(d)?.unwrap_or_default())
 }
@@ -133,6 +206,77 @@ pub const MAX_MESSAGES: usize = 4096;
 pub const MAX_MESSAGE_CHARS: usize = 1_000_000;
 
 impl LlmChatInput {
+    /// The input's [`Sampling`] parameters.
+    pub fn sampling(&self) -> Sampling {
+        Sampling {
+            top_p: self.top_p,
+            stop: self.stop.clone().unwrap_or_default(),
+            seed: self.seed,
+            presence_penalty: self.presence_penalty,
+            frequency_penalty: self.frequency_penalty,
+            response_format: self.response_format.clone(),
+        }
+    }
+
+    fn validate_sampling(&self) -> Result<(), FieldError> {
+        let ranges = [
+            ("input.top_p", self.top_p, 0.0, 1.0),
+            ("input.presence_penalty", self.presence_penalty, -2.0, 2.0),
+            ("input.frequency_penalty", self.frequency_penalty, -2.0, 2.0),
+        ];
+        for (field, v, lo, hi) in ranges {
+            if v.is_some_and(|v| !(lo..=hi).contains(&v)) {
+                return Err(FieldError::invalid(
+                    field,
+                    format!("must be between {lo} and {hi}"),
+                ));
+            }
+        }
+        let stop = self.stop.as_deref().unwrap_or_default();
+        if stop.len() > MAX_STOP {
+            return Err(FieldError::invalid(
+                "input.stop",
+                format!("at most {MAX_STOP} sequences"),
+            ));
+        }
+        for (i, s) in stop.iter().enumerate() {
+            if s.is_empty() || s.len() > 256 {
+                return Err(FieldError::invalid(
+                    format!("input.stop[{i}]"),
+                    "must be 1 to 256 bytes",
+                ));
+            }
+        }
+        if let Some(f) = &self.response_format {
+            match f["type"].as_str() {
+                Some("text" | "json_object") => {}
+                Some("json_schema") => {
+                    let name = f["json_schema"]["name"].as_str().unwrap_or("");
+                    if name.is_empty() || name.len() > 64 {
+                        return Err(FieldError::invalid(
+                            "input.response_format.json_schema.name",
+                            "must be 1 to 64 characters",
+                        ));
+                    }
+                    let schema = &f["json_schema"]["schema"];
+                    if !(schema.is_null() || schema.is_object()) {
+                        return Err(FieldError::invalid(
+                            "input.response_format.json_schema.schema",
+                            "must be a JSON Schema object",
+                        ));
+                    }
+                }
+                _ => {
+                    return Err(FieldError::invalid(
+                        "input.response_format.type",
+                        "must be `text`, `json_object` or `json_schema`",
+                    ))
+                }
+            }
+        }
+        Ok(())
+    }
+
     pub fn validate(&self) -> Result<(), FieldError> {
         if self.model.trim().is_empty() || self.model.len() > 200 {
             return Err(FieldError::invalid(
@@ -200,6 +344,7 @@ impl LlmChatInput {
                 ));
             }
         }
+        self.validate_sampling()?;
         for (i, t) in self.tools.iter().flatten().enumerate() {
             if t.kind != "function" {
                 return Err(FieldError::invalid(

@@ -33,6 +33,8 @@ struct MessagesRequest {
     /// `[{name, description, input_schema}]`.
     #[serde(default)]
     tools: Option<Vec<Value>>,
+    #[serde(default)]
+    stop_sequences: Vec<String>,
 }
 
 /// One message; `content` is a string or an array of blocks.
@@ -139,7 +141,7 @@ pub(crate) async fn messages(
         }
         _ => None,
     };
-    let reply = Reply::plan(&pairs, Some(max_tokens), tool);
+    let reply = Reply::plan(&pairs, Some(max_tokens), tool).stop_at(&req.stop_sequences);
     let id = format!("msg_mock_{}", call.id);
     let stream = req.stream.unwrap_or(false);
     tracing::debug!(
@@ -172,8 +174,16 @@ pub(crate) async fn messages(
 fn stop_reason(reply: &Reply) -> &'static str {
     match reply {
         Reply::Text(c) if c.finish_reason == "length" => "max_tokens",
+        Reply::Text(c) if c.stop_sequence.is_some() => "stop_sequence",
         Reply::Text(_) => "end_turn",
         Reply::Tool(_) => "tool_use",
+    }
+}
+
+fn stop_sequence(reply: &Reply) -> Option<&str> {
+    match reply {
+        Reply::Text(c) => c.stop_sequence.as_deref(),
+        Reply::Tool(_) => None,
     }
 }
 
@@ -192,7 +202,7 @@ fn message_json(id: &str, model: &str, reply: &Reply) -> Value {
         "model": model,
         "content": content,
         "stop_reason": stop_reason(reply),
-        "stop_sequence": null,
+        "stop_sequence": stop_sequence(reply),
         "usage": {
             "input_tokens": reply.prompt_tokens(),
             "output_tokens": reply.completion_tokens(),
@@ -263,7 +273,7 @@ fn stream_plan(
         Frame::now(event(&json!({ "type": "content_block_stop", "index": 0 }))),
         Frame::now(event(&json!({
             "type": "message_delta",
-            "delta": { "stop_reason": stop_reason(reply), "stop_sequence": null },
+            "delta": { "stop_reason": stop_reason(reply), "stop_sequence": stop_sequence(reply) },
             "usage": { "output_tokens": reply.completion_tokens() },
         }))),
         Frame::now(event(&json!({ "type": "message_stop" }))),

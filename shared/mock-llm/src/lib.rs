@@ -23,7 +23,9 @@
 //! completion tokens per emitted token (Anthropic's `input_tokens` and
 //! `output_tokens` are the same numbers). `max_tokens` (or OpenAI's
 //! `max_completion_tokens`) truncates the reply (`finish_reason: "length"`,
-//! `stop_reason: "max_tokens"`).
+//! `stop_reason: "max_tokens"`). OpenAI's `stop` (a string or a list) and Anthropic's
+//! `stop_sequences` end the reply before the first sequence it contains
+//! (`finish_reason: "stop"`, `stop_reason: "stop_sequence"` with `stop_sequence` set).
 //!
 //! # Scenarios (by model name, on both routes)
 //!

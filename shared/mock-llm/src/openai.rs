@@ -45,7 +45,7 @@ pub(crate) async fn chat_completions(
         }
         _ => None,
     };
-    let reply = Reply::plan(&pairs, req.token_limit(), tool);
+    let reply = Reply::plan(&pairs, req.token_limit(), tool).stop_at(&req.stop_list());
     let meta = ResponseMeta {
         id: format!("chatcmpl-mock-{}", call.id),
         created: server::unix_now(),

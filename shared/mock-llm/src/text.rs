@@ -15,6 +15,8 @@ pub(crate) struct Completion {
     pub tokens: Vec<String>,
     /// `"stop"`, or `"length"` when the reply was truncated by `max_tokens`.
     pub finish_reason: &'static str,
+    /// The stop sequence that ended the reply (Anthropic's `stop_sequence`).
+    pub stop_sequence: Option<String>,
     /// Whitespace-separated words across all message contents.
     pub prompt_tokens: u32,
 }
@@ -41,8 +43,41 @@ impl Completion {
         Self {
             tokens,
             finish_reason,
+            stop_sequence: None,
             prompt_tokens: prompt_tokens(messages),
         }
+    }
+
+    /// Ends the reply before the first of `stops` it contains, as providers do (the sequence
+    /// itself is not part of the reply; the finish reason becomes `stop`).
+    pub fn stop_at(mut self, stops: &[String]) -> Self {
+        let text = self.text();
+        let Some((at, seq)) = stops
+            .iter()
+            .filter(|s| !s.is_empty())
+            .filter_map(|s| text.find(s.as_str()).map(|i| (i, s)))
+            .min_by_key(|(i, _)| *i)
+        else {
+            return self;
+        };
+        let mut kept = Vec::new();
+        let mut len = 0;
+        for t in self.tokens {
+            if len + t.len() <= at {
+                len += t.len();
+                kept.push(t);
+            } else {
+                let part = &t[..at - len];
+                if !part.is_empty() {
+                    kept.push(part.to_owned());
+                }
+                break;
+            }
+        }
+        self.tokens = kept;
+        self.finish_reason = "stop";
+        self.stop_sequence = Some(seq.clone());
+        self
     }
 
     /// The full text of the (possibly truncated) reply.
@@ -143,6 +178,14 @@ impl Reply {
         }
     }
 
+    /// [`Completion::stop_at`] for a text reply.
+    pub fn stop_at(self, stops: &[String]) -> Self {
+        match self {
+            Self::Text(c) => Self::Text(c.stop_at(stops)),
+            tool => tool,
+        }
+    }
+
     pub fn prompt_tokens(&self) -> u32 {
         match self {
             Self::Text(c) => c.prompt_tokens,
@@ -226,6 +269,26 @@ mod tests {
         let r = Reply::plan(&m, None, Some(("x".to_owned(), "echo")));
         assert!(r.completion_tokens() >= 2);
         assert_eq!(r.prompt_tokens(), 4);
+    }
+
+    #[test]
+    fn a_stop_sequence_ends_the_reply_before_it() {
+        let m = msgs(&[("user", "one two three four")]);
+        let c = Completion::plan(&m, None).stop_at(&["ee f".to_owned(), " tw".to_owned()]);
+        assert_eq!(c.text(), "Mock reply: one");
+        assert_eq!(
+            (c.finish_reason, c.stop_sequence.as_deref()),
+            ("stop", Some(" tw"))
+        );
+        // inside a token: the token is cut
+        let c = Completion::plan(&m, None).stop_at(&["hree".to_owned()]);
+        assert_eq!(c.tokens.concat(), "Mock reply: one two t");
+        // not in the reply (or beyond max_tokens): unchanged
+        let c = Completion::plan(&m, Some(3)).stop_at(&["four".to_owned()]);
+        assert_eq!(
+            (c.text().as_str(), c.finish_reason),
+            ("Mock reply: one", "length")
+        );
     }
 
     #[test]

@@ -25,9 +25,24 @@ pub(crate) struct ChatRequest {
     pub stream_options: Option<StreamOptions>,
     #[serde(default)]
     pub tools: Option<Vec<Value>>,
+    /// A string or an array of strings.
+    #[serde(default)]
+    pub stop: Option<Value>,
 }
 
 impl ChatRequest {
+    /// The stop sequences (`stop` as a string or an array).
+    pub fn stop_list(&self) -> Vec<String> {
+        match &self.stop {
+            Some(Value::String(s)) => vec![s.clone()],
+            Some(Value::Array(a)) => a
+                .iter()
+                .filter_map(|s| s.as_str().map(str::to_owned))
+                .collect(),
+            _ => Vec::new(),
+        }
+    }
+
     /// The effective token limit (`max_completion_tokens` wins over `max_tokens`).
     pub fn token_limit(&self) -> Option<u32> {
         self.max_completion_tokens.or(self.max_tokens)

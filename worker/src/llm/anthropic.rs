@@ -100,6 +100,7 @@ fn finish_reason(stop: Option<&str>) -> String {
         Some("max_tokens") => "length",
         Some("tool_use") => "tool_calls",
         Some("refusal") => "content_filter",
+        // "end_turn", "stop_sequence"
         _ => "stop",
     }
     .to_string()
@@ -283,6 +284,14 @@ impl LlmProvider for Anthropic {
         req: &ProviderRequest<'_>,
         sink: &Sink<'_>,
     ) -> Result<ChatOutput, ProviderError> {
+        if req.sampling.wants_json() {
+            // the Messages API has no JSON mode: refusing beats a reply that is not JSON
+            return Err(ProviderError::new(
+                Failure::BadRequest,
+                "response_format json_object/json_schema is not supported by Anthropic's \
+                 Messages API (ask for JSON in the prompt, or use a tool)",
+            ));
+        }
         let (system, messages) = wire_messages(req.messages);
         let mut body = json!({
             "model": req.model,
@@ -295,6 +304,13 @@ impl LlmProvider for Anthropic {
         }
         if let Some(t) = req.temperature {
             body["temperature"] = t.min(1.0).into();
+        }
+        // seed and the penalties have no counterpart in the Messages API
+        if let Some(p) = req.sampling.top_p {
+            body["top_p"] = p.into();
+        }
+        if !req.sampling.stop.is_empty() {
+            body["stop_sequences"] = req.sampling.stop.clone().into();
         }
         if !req.tools.is_empty() {
             body["tools"] = req

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use redis::AsyncCommands;
 use serde::{Deserialize, Serialize};
-use serde_json::json;
+use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use switchyard_core::job::{ChatMessage, LlmChatInput, ToolCall};
 use switchyard_queue::Keys;
@@ -92,7 +92,7 @@ pub enum Lookup {
 
 /// The request's identity: everything that shapes the reply.
 pub fn fingerprint(input: &LlmChatInput, head: &[ChatMessage], history: &[ChatMessage]) -> String {
-    let canonical = json!({
+    let mut canonical = json!({
         "v": 1,
         "model": input.model,
         "head": head,
@@ -102,6 +102,13 @@ pub fn fingerprint(input: &LlmChatInput, head: &[ChatMessage], history: &[ChatMe
         "tools": input.tools,
         "tool_choice": input.tool_choice,
     });
+    // only the parameters given: a request without them keeps the fingerprint it had before
+    // they existed
+    if let Value::Object(extra) = serde_json::to_value(input.sampling()).unwrap_or_default() {
+        if !extra.is_empty() {
+            canonical["sampling"] = Value::Object(extra);
+        }
+    }
     hex::encode(Sha256::digest(canonical.to_string().as_bytes()))
 }
 
@@ -235,5 +242,47 @@ impl ResponseCache {
             .clone()
             .hincr(self.keys.llm_cache_stats(), field, 1)
             .await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn input(extra: Value) -> LlmChatInput {
+        let mut v = json!({"model": "m", "messages": [{"role": "user", "content": "hi"}]});
+        v.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        serde_json::from_value(v).unwrap()
+    }
+
+    #[test]
+    fn every_sampling_parameter_changes_the_fingerprint_and_absent_ones_keep_it() {
+        let head = [ChatMessage::new("user", "hi")];
+        let plain = fingerprint(&input(json!({})), &head, &[]);
+        // the fingerprint a request without sampling parameters had before they existed
+        let before = hex::encode(Sha256::digest(
+            json!({"v": 1, "model": "m", "head": head, "history": [], "max_tokens": null,
+                   "temperature": null, "tools": null, "tool_choice": null})
+            .to_string()
+            .as_bytes(),
+        ));
+        assert_eq!(plain, before);
+        let variants = [
+            json!({"top_p": 0.5}),
+            json!({"stop": "x"}),
+            json!({"seed": 7}),
+            json!({"presence_penalty": 1.0}),
+            json!({"frequency_penalty": -1.0}),
+            json!({"response_format": {"type": "json_object"}}),
+        ];
+        let mut seen = std::collections::HashSet::from([plain]);
+        for v in variants {
+            assert!(
+                seen.insert(fingerprint(&input(v.clone()), &head, &[])),
+                "{v}"
+            );
+        }
     }
 }

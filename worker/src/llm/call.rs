@@ -183,6 +183,7 @@ impl Providers {
                 max_tokens,
                 max_tokens_explicit: input.max_tokens.is_some(),
                 temperature: input.temperature,
+                sampling: input.sampling(),
                 tools: input.tools.as_deref().unwrap_or_default(),
                 tool_choice: input.tool_choice.as_ref(),
                 stream: m.config.stream,

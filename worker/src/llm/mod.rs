@@ -25,7 +25,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use serde::Serialize;
 use serde_json::Value;
-use switchyard_core::job::{ChatMessage, ToolCall, ToolSpec};
+use switchyard_core::job::{ChatMessage, Sampling, ToolCall, ToolSpec};
 
 use crate::executor::JobContext;
 
@@ -73,6 +73,8 @@ pub struct ProviderRequest<'a> {
     /// Whether the client asked for a reply budget (OpenAI gets `max_tokens` only then).
     pub max_tokens_explicit: bool,
     pub temperature: Option<f64>,
+    /// `top_p`, `stop`, `seed`, penalties and `response_format`.
+    pub sampling: Sampling,
     pub tools: &'a [ToolSpec],
     pub tool_choice: Option<&'a Value>,
     /// Stream from the provider (the table's `stream`).

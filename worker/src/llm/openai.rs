@@ -10,7 +10,7 @@ use async_trait::async_trait;
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use switchyard_core::job::{ChatMessage, FunctionCall, ToolCall, ToolSpec};
+use switchyard_core::job::{ChatMessage, FunctionCall, Sampling, ToolCall, ToolSpec};
 use tokio::time::Instant;
 
 use super::sse::{body_json, classify, reader, send, Endpoint};
@@ -45,6 +45,8 @@ struct WireRequest<'a> {
     max_tokens: Option<u32>,
     #[serde(skip_serializing_if = "Option::is_none")]
     temperature: Option<f64>,
+    #[serde(flatten)]
+    sampling: &'a Sampling,
     #[serde(skip_serializing_if = "<[_]>::is_empty")]
     tools: &'a [ToolSpec],
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -276,6 +278,7 @@ impl LlmProvider for OpenAi {
             messages: req.messages,
             max_tokens: req.max_tokens_explicit.then_some(req.max_tokens),
             temperature: req.temperature,
+            sampling: &req.sampling,
             tools: req.tools,
             tool_choice: req.tool_choice.filter(|_| !req.tools.is_empty()),
             stream: req.stream,

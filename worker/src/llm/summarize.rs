@@ -121,11 +121,8 @@ pub(crate) async fn prompt(
         messages: Vec::new(),
         max_tokens: Some(SUMMARY_TOKENS),
         temperature: Some(0.0),
-        tools: None,
-        tool_choice: None,
-        conversation: None,
-        cache: None,
         stream: Some(false),
+        ..LlmChatInput::default()
     };
     let done = providers
         .complete(

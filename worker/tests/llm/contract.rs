@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use switchyard_core::job::{ChatMessage, ToolSpec};
+use switchyard_core::job::{ChatMessage, Sampling, ToolSpec};
 use switchyard_worker::llm::{Anthropic, Failure, LlmProvider, OpenAi, Sink};
 
 use crate::support::*;
@@ -65,6 +65,20 @@ async fn contract(format: Format) {
         let out = p.chat(&req, &Sink::new(&c)).await.unwrap();
         assert_eq!(out.finish_reason, "length", "{format:?} stream={stream}");
         assert_eq!(out.usage.completion_tokens, 2);
+
+        // a stop sequence ends the reply before it (not part of the text)
+        let msgs = user("alpha beta gamma delta");
+        let (c, rx) = ctx();
+        let mut req = request("mock-echo", &msgs, stream);
+        req.sampling.stop = vec![" gamma".into(), "zzz".into()];
+        let out = p.chat(&req, &Sink::new(&c)).await.unwrap();
+        assert_eq!(
+            out.text, "Mock reply: alpha beta",
+            "{format:?} stream={stream}"
+        );
+        assert_eq!(out.finish_reason, "stop");
+        drop(c);
+        assert_eq!(text_of(&drain(rx)), out.text);
 
         // tool calls
         let tools: Vec<ToolSpec> = serde_json::from_value(json!([
@@ -226,5 +240,67 @@ async fn wire_requests_carry_what_each_format_needs() {
     assert_eq!(r["body"]["system"], "sys");
     assert_eq!(r["body"]["max_tokens"], 1024);
     assert_eq!(r["body"]["messages"].as_array().unwrap().len(), 1);
+
+    // generation parameters: OpenAI's names as given; Anthropic's for what it has
+    let sampling = Sampling {
+        top_p: Some(0.25),
+        stop: vec!["END".into(), "\n\n".into()],
+        seed: Some(42),
+        presence_penalty: Some(0.5),
+        frequency_penalty: Some(-0.5),
+        response_format: Some(json!({"type": "json_object"})),
+    };
+    let mut req = request("mock-sampling-oa", &msgs, false);
+    req.sampling = sampling.clone();
+    oa.chat(&req, &Sink::new(&c)).await.unwrap();
+    let b = &requests(&base, "mock-sampling-oa").await[0]["body"];
+    assert_eq!(b["top_p"], 0.25);
+    assert_eq!(b["stop"], json!(["END", "\n\n"]));
+    assert_eq!(b["seed"], 42);
+    assert_eq!(
+        (
+            b["presence_penalty"].clone(),
+            b["frequency_penalty"].clone()
+        ),
+        (json!(0.5), json!(-0.5))
+    );
+    assert_eq!(b["response_format"], json!({"type": "json_object"}));
+    let r = &requests(&base, "mock-wire-oa").await[0];
+    for k in [
+        "top_p",
+        "stop",
+        "seed",
+        "presence_penalty",
+        "frequency_penalty",
+        "response_format",
+    ] {
+        assert!(r["body"].get(k).is_none(), "{k} only when given");
+    }
+
+    let mut req = request("mock-sampling-an", &msgs, false);
+    req.sampling = Sampling {
+        response_format: Some(json!({"type": "text"})),
+        ..sampling.clone()
+    };
+    an.chat(&req, &Sink::new(&c)).await.unwrap();
+    let b = &requests(&base, "mock-sampling-an").await[0]["body"];
+    assert_eq!(b["top_p"], 0.25);
+    assert_eq!(b["stop_sequences"], json!(["END", "\n\n"]));
+    for k in [
+        "stop",
+        "seed",
+        "presence_penalty",
+        "frequency_penalty",
+        "response_format",
+    ] {
+        assert!(b.get(k).is_none(), "Anthropic has no {k}");
+    }
+    // JSON mode: refused before any request, not answered with text that is not JSON
+    let mut req = request("mock-sampling-an-json", &msgs, false);
+    req.sampling = sampling;
+    let e = an.chat(&req, &Sink::new(&c)).await.unwrap_err();
+    assert_eq!(e.failure, Failure::BadRequest, "{e}");
+    assert!(e.message.contains("response_format"), "{e}");
+    assert!(requests(&base, "mock-sampling-an-json").await.is_empty());
     stop.cancel();
 }

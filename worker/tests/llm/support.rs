@@ -87,6 +87,7 @@ pub fn request<'a>(
         max_tokens: 1024,
         max_tokens_explicit: false,
         temperature: None,
+        sampling: Default::default(),
         tools: &[],
         tool_choice: None,
         stream,
