@@ -38,6 +38,8 @@ struct Request {
     #[serde(default)]
     response_format: Option<Value>,
     #[serde(default)]
+    reasoning_effort: Option<String>,
+    #[serde(default)]
     tools: Option<Vec<Tool>>,
     #[serde(default)]
     tool_choice: Option<Value>,
@@ -187,6 +189,7 @@ pub fn parse(body: &Value) -> Result<Parsed, FieldError> {
         presence_penalty: req.presence_penalty,
         frequency_penalty: req.frequency_penalty,
         response_format: req.response_format,
+        reasoning_effort: req.reasoning_effort,
         tools: tools.filter(|t| !t.is_empty()),
         tool_choice: req.tool_choice,
         conversation: None,

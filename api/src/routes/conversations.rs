@@ -9,7 +9,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
-use switchyard_core::job::{parse_at, Job, JobKind};
+use switchyard_core::job::{parse_at, string_or_list, Job, JobKind};
 use switchyard_core::{ErrorCode, FieldError};
 use switchyard_store::{Conversation, Message, NewConversation, Principal};
 
@@ -49,6 +49,17 @@ pub struct PostMessage {
     pub model: Option<String>,
     pub max_tokens: Option<u32>,
     pub temperature: Option<f64>,
+    /// Generation parameters, as in an `llm.chat` input.
+    pub top_p: Option<f64>,
+    #[serde(default, deserialize_with = "string_or_list")]
+    #[schema(value_type = Option<Vec<String>>)]
+    pub stop: Option<Vec<String>>,
+    pub seed: Option<i64>,
+    pub presence_penalty: Option<f64>,
+    pub frequency_penalty: Option<f64>,
+    #[schema(value_type = Option<Object>)]
+    pub response_format: Option<Value>,
+    pub reasoning_effort: Option<String>,
     /// Use the response cache (default: the tenant's setting).
     pub cache: Option<bool>,
 }
@@ -348,10 +359,21 @@ pub async fn post_message(
         "model": model,
         "max_tokens": req.max_tokens,
         "temperature": req.temperature,
+        "top_p": req.top_p,
+        "stop": req.stop,
+        "seed": req.seed,
+        "presence_penalty": req.presence_penalty,
+        "frequency_penalty": req.frequency_penalty,
+        "response_format": req.response_format,
+        "reasoning_effort": req.reasoning_effort,
         "cache": req.cache,
     });
+    // absent parameters stay out of the stored input
+    if let Some(o) = input.as_object_mut() {
+        o.retain(|k, v| k == "model" || !v.is_null());
+    }
     tenant_llm_defaults(&principal, &mut input);
-    // validates max_tokens/temperature like a job's input would be
+    // validates the parameters like a job's input would be
     JobKind::LlmChat
         .validate_input(&{
             let mut probe = input.clone();

@@ -288,7 +288,8 @@ async fn generation_parameters_reach_the_provider_and_bad_ones_are_named(pool: P
         &app,
         json!({"model": "mock-sampling", "messages": user("one two three four"), "stop": " three",
                "top_p": 0.5, "seed": 7, "presence_penalty": 0.25, "frequency_penalty": -0.25,
-               "response_format": {"type": "json_object"}, "max_completion_tokens": 50}),
+               "response_format": {"type": "json_object"}, "max_completion_tokens": 50,
+               "reasoning_effort": "high"}),
     )
     .await;
     assert_eq!(r.status(), 200);
@@ -312,7 +313,11 @@ async fn generation_parameters_reach_the_provider_and_bad_ones_are_named(pool: P
     assert_eq!(b["presence_penalty"], 0.25);
     assert_eq!(b["frequency_penalty"], -0.25);
     assert_eq!(b["response_format"], json!({"type": "json_object"}));
-    assert_eq!(b["max_tokens"], 50);
+    assert_eq!(
+        b["max_tokens"], 50,
+        "the mock is an openai_compatible provider"
+    );
+    assert_eq!(b["reasoning_effort"], "high");
 
     // out of range or malformed: OpenAI's error shape, the parameter named
     for (extra, param) in [
@@ -329,6 +334,7 @@ async fn generation_parameters_reach_the_provider_and_bad_ones_are_named(pool: P
             "response_format.json_schema.name",
         ),
         (json!({"seed": "x"}), "seed"),
+        (json!({"reasoning_effort": "MAX!"}), "reasoning_effort"),
     ] {
         let mut body = json!({"model": "mock-echo", "messages": user("x")});
         body.as_object_mut()

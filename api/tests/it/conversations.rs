@@ -120,6 +120,36 @@ async fn crud_and_errors(pool: PgPool) {
         "temperature",
     )
     .await;
+    bad(
+        json!({"content": "x", "top_p": 2}),
+        "invalid_input",
+        "top_p",
+    )
+    .await;
+    bad(
+        json!({"content": "x", "response_format": {"type": "xml"}}),
+        "invalid_input",
+        "response_format.type",
+    )
+    .await;
+    // generation parameters go with the turn to the provider; absent ones stay out of the input
+    let (s, v) = post(
+        &app,
+        &id,
+        json!({"content": "one two three", "model": "mock-conv-params", "stop": " three", "seed": 3}),
+    )
+    .await;
+    assert_eq!(s, 202, "{v}");
+    let job: Uuid = v["job"]["id"].as_str().unwrap().parse().unwrap();
+    let done = app.wait_status(job, "succeeded", T).await;
+    assert_eq!(done["output"]["text"], "Mock reply: one two");
+    assert_eq!(done["input"]["stop"], json!([" three"]));
+    assert!(done["input"].get("top_p").is_none(), "{}", done["input"]);
+    let sent = &mock_requests(&app, "mock-conv-params").await[0]["body"];
+    assert_eq!(
+        (sent["stop"].clone(), sent["seed"].clone()),
+        (json!([" three"]), json!(3))
+    );
     let r = app
         .auth(app.http.post(app.url("/v1/conversations")))
         .json(&json!({"context_strategy": "magic"}))

@@ -43,6 +43,10 @@ pub struct LlmChatInput {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<Object>)]
     pub response_format: Option<Value>,
+    /// How hard a reasoning model thinks: `minimal`, `low`, `medium`, `high`, ... as the
+    /// provider names them (OpenAI-format providers only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reasoning_effort: Option<String>,
     /// Functions the model may call (OpenAI's shape).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tools: Option<Vec<ToolSpec>>,
@@ -136,6 +140,8 @@ pub struct Sampling {
     pub frequency_penalty: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub response_format: Option<Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reasoning_effort: Option<String>,
 }
 
 impl Sampling {
@@ -215,6 +221,7 @@ impl LlmChatInput {
             presence_penalty: self.presence_penalty,
             frequency_penalty: self.frequency_penalty,
             response_format: self.response_format.clone(),
+            reasoning_effort: self.reasoning_effort.clone(),
         }
     }
 
@@ -244,6 +251,14 @@ impl LlmChatInput {
                 return Err(FieldError::invalid(
                     format!("input.stop[{i}]"),
                     "must be 1 to 256 bytes",
+                ));
+            }
+        }
+        if let Some(e) = &self.reasoning_effort {
+            if e.is_empty() || e.len() > 16 || !e.bytes().all(|b| b.is_ascii_lowercase()) {
+                return Err(FieldError::invalid(
+                    "input.reasoning_effort",
+                    "must be a lowercase word such as `low`, `medium` or `high`",
                 ));
             }
         }

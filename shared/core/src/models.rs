@@ -20,6 +20,16 @@ pub enum ProviderKind {
     OpenaiCompatible,
 }
 
+/// The request field an OpenAI-format provider reads the reply budget from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TokenLimitField {
+    /// What OpenAI-compatible servers (vLLM, Ollama, llama.cpp, ...) read.
+    MaxTokens,
+    /// OpenAI's current name: its reasoning models (o-series, GPT-5) refuse `max_tokens`.
+    MaxCompletionTokens,
+}
+
 /// One provider endpoint.
 #[derive(Debug, Clone, Deserialize)]
 pub struct ProviderConfig {
@@ -36,6 +46,21 @@ pub struct ProviderConfig {
     /// Extra request headers (e.g. OpenRouter's `HTTP-Referer`, Azure's `api-key`).
     #[serde(default)]
     pub headers: BTreeMap<String, String>,
+    /// OpenAI formats only: the field of the reply budget; `max_completion_tokens` for
+    /// `openai`, `max_tokens` for `openai_compatible` unless set (Azure OpenAI's reasoning
+    /// models need `max_completion_tokens`).
+    #[serde(default)]
+    pub max_tokens_field: Option<TokenLimitField>,
+}
+
+impl ProviderConfig {
+    /// The reply budget's request field (see [`ProviderConfig::max_tokens_field`]).
+    pub fn token_limit_field(&self) -> TokenLimitField {
+        self.max_tokens_field.unwrap_or(match self.kind {
+            ProviderKind::Openai => TokenLimitField::MaxCompletionTokens,
+            _ => TokenLimitField::MaxTokens,
+        })
+    }
 }
 
 /// One entry of the model table.
@@ -250,7 +275,29 @@ mod tests {
             api_key: None,
             api_key_env: None,
             headers: BTreeMap::new(),
+            max_tokens_field: None,
         }
+    }
+
+    #[test]
+    fn the_reply_budget_field_follows_the_kind_unless_set() {
+        use TokenLimitField::*;
+        assert_eq!(
+            provider(ProviderKind::Openai).token_limit_field(),
+            MaxCompletionTokens
+        );
+        assert_eq!(
+            provider(ProviderKind::OpenaiCompatible).token_limit_field(),
+            MaxTokens
+        );
+        let azure: ProviderConfig = serde_json::from_value(serde_json::json!({
+            "kind": "openai_compatible", "base_url": "https://x",
+            "max_tokens_field": "max_completion_tokens"}))
+        .unwrap();
+        assert_eq!(azure.token_limit_field(), MaxCompletionTokens);
+        assert!(serde_json::from_value::<ProviderConfig>(serde_json::json!({
+            "kind": "openai", "base_url": "https://x", "max_tokens_field": "tokens"}))
+        .is_err());
     }
 
     fn table() -> ModelTable {

@@ -305,7 +305,7 @@ impl LlmProvider for Anthropic {
         if let Some(t) = req.temperature {
             body["temperature"] = t.min(1.0).into();
         }
-        // seed and the penalties have no counterpart in the Messages API
+        // seed, the penalties and reasoning_effort have no counterpart in the Messages API
         if let Some(p) = req.sampling.top_p {
             body["top_p"] = p.into();
         }

@@ -101,9 +101,10 @@ impl Providers {
                 }
             }
             let adapter: Arc<dyn LlmProvider> = match p.kind {
-                ProviderKind::Openai | ProviderKind::OpenaiCompatible => {
-                    Arc::new(OpenAi::new(&p.base_url, key, p.headers.clone(), connect))
-                }
+                ProviderKind::Openai | ProviderKind::OpenaiCompatible => Arc::new(
+                    OpenAi::new(&p.base_url, key, p.headers.clone(), connect)
+                        .budget_field(p.token_limit_field()),
+                ),
                 ProviderKind::Anthropic => {
                     Arc::new(Anthropic::new(&p.base_url, key, p.headers.clone(), connect))
                 }

@@ -11,6 +11,7 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use switchyard_core::job::{ChatMessage, FunctionCall, Sampling, ToolCall, ToolSpec};
+use switchyard_core::models::TokenLimitField;
 use tokio::time::Instant;
 
 use super::sse::{body_json, classify, reader, send, Endpoint};
@@ -22,6 +23,8 @@ use super::{
 /// An OpenAI-format endpoint.
 pub struct OpenAi {
     ep: Endpoint,
+    /// Where the reply budget goes (`max_tokens` unless set).
+    budget_field: TokenLimitField,
 }
 
 impl OpenAi {
@@ -33,7 +36,15 @@ impl OpenAi {
     ) -> Self {
         OpenAi {
             ep: Endpoint::new(base_url, api_key, headers, connect_timeout),
+            budget_field: TokenLimitField::MaxTokens,
         }
+    }
+
+    /// Sends the reply budget in `field` (OpenAI's reasoning models need
+    /// `max_completion_tokens`).
+    pub fn budget_field(mut self, field: TokenLimitField) -> Self {
+        self.budget_field = field;
+        self
     }
 }
 
@@ -43,6 +54,8 @@ struct WireRequest<'a> {
     messages: &'a [ChatMessage],
     #[serde(skip_serializing_if = "Option::is_none")]
     max_tokens: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_completion_tokens: Option<u32>,
     #[serde(skip_serializing_if = "Option::is_none")]
     temperature: Option<f64>,
     #[serde(flatten)]
@@ -273,10 +286,13 @@ impl LlmProvider for OpenAi {
         req: &ProviderRequest<'_>,
         sink: &Sink<'_>,
     ) -> Result<ChatOutput, ProviderError> {
+        let budget = req.max_tokens_explicit.then_some(req.max_tokens);
         let body = WireRequest {
             model: req.model,
             messages: req.messages,
-            max_tokens: req.max_tokens_explicit.then_some(req.max_tokens),
+            max_tokens: budget.filter(|_| self.budget_field == TokenLimitField::MaxTokens),
+            max_completion_tokens: budget
+                .filter(|_| self.budget_field == TokenLimitField::MaxCompletionTokens),
             temperature: req.temperature,
             sampling: &req.sampling,
             tools: req.tools,

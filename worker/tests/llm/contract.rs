@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 use switchyard_core::job::{ChatMessage, Sampling, ToolSpec};
+use switchyard_core::models::TokenLimitField;
 use switchyard_worker::llm::{Anthropic, Failure, LlmProvider, OpenAi, Sink};
 
 use crate::support::*;
@@ -241,6 +242,26 @@ async fn wire_requests_carry_what_each_format_needs() {
     assert_eq!(r["body"]["max_tokens"], 1024);
     assert_eq!(r["body"]["messages"].as_array().unwrap().len(), 1);
 
+    // the reply budget's field: `max_tokens` unless the provider wants OpenAI's current name
+    let current = OpenAi::new(&url, None, BTreeMap::new(), Duration::from_secs(2))
+        .budget_field(TokenLimitField::MaxCompletionTokens);
+    for (p, model) in [(&oa, "mock-budget-old"), (&current, "mock-budget-new")] {
+        let mut req = request(model, &msgs, false);
+        req.max_tokens = 7;
+        req.max_tokens_explicit = true;
+        p.chat(&req, &Sink::new(&c)).await.unwrap();
+    }
+    let old = &requests(&base, "mock-budget-old").await[0]["body"];
+    assert_eq!(
+        (old["max_tokens"].clone(), old.get("max_completion_tokens")),
+        (json!(7), None)
+    );
+    let new = &requests(&base, "mock-budget-new").await[0]["body"];
+    assert_eq!(
+        (new["max_completion_tokens"].clone(), new.get("max_tokens")),
+        (json!(7), None)
+    );
+
     // generation parameters: OpenAI's names as given; Anthropic's for what it has
     let sampling = Sampling {
         top_p: Some(0.25),
@@ -249,6 +270,7 @@ async fn wire_requests_carry_what_each_format_needs() {
         presence_penalty: Some(0.5),
         frequency_penalty: Some(-0.5),
         response_format: Some(json!({"type": "json_object"})),
+        reasoning_effort: Some("low".into()),
     };
     let mut req = request("mock-sampling-oa", &msgs, false);
     req.sampling = sampling.clone();
@@ -265,6 +287,7 @@ async fn wire_requests_carry_what_each_format_needs() {
         (json!(0.5), json!(-0.5))
     );
     assert_eq!(b["response_format"], json!({"type": "json_object"}));
+    assert_eq!(b["reasoning_effort"], "low");
     let r = &requests(&base, "mock-wire-oa").await[0];
     for k in [
         "top_p",
@@ -273,6 +296,7 @@ async fn wire_requests_carry_what_each_format_needs() {
         "presence_penalty",
         "frequency_penalty",
         "response_format",
+        "reasoning_effort",
     ] {
         assert!(r["body"].get(k).is_none(), "{k} only when given");
     }
@@ -292,6 +316,7 @@ async fn wire_requests_carry_what_each_format_needs() {
         "presence_penalty",
         "frequency_penalty",
         "response_format",
+        "reasoning_effort",
     ] {
         assert!(b.get(k).is_none(), "Anthropic has no {k}");
     }
