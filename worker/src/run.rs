@@ -3,6 +3,7 @@
 //! the outcome (success, retry with backoff, failure, cancellation, release), record it fenced by
 //! the attempt, publish the terminal event and acknowledge the entry.
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -44,20 +45,25 @@ pub(crate) async fn run_claimed(s: &Shared, d: Delivery, row: JobRow) {
         crate::trace::join(&span, &tp);
     }
     tracing::debug!("running");
-    // fence older attempts and announce this one (`status: running`) in one round trip
+    // fence older attempts and announce this one (`status: running`) in one round trip; the
+    // executor starts meanwhile (its first provider request overlaps the round trip) and its
+    // output waits in the channel until the announcement is out, so it is never published
+    // before it
     let durable = row.event_seq.max(0) as u64;
     let running = Event::status(id, 0, attempt, JobStatus::Running, json!({}));
-    let mut seq = match s.bus.begin_attempt_with(&running, durable).await {
-        Ok(Some(seq)) => seq,
-        Ok(None) => {
-            tracing::warn!(
-                "a newer attempt already owns this job in redis; postgres fences this run"
-            );
-            durable
-        }
-        Err(e) => {
-            tracing::warn!(error = %e, "could not announce the attempt (live events are best effort)");
-            durable
+    let begin = async move {
+        match s.bus.begin_attempt_with(&running, durable).await {
+            Ok(Some(seq)) => seq,
+            Ok(None) => {
+                tracing::warn!(
+                    "a newer attempt already owns this job in redis; postgres fences this run"
+                );
+                durable
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "could not announce the attempt (live events are best effort)");
+                durable
+            }
         }
     };
 
@@ -175,10 +181,9 @@ pub(crate) async fn run_claimed(s: &Shared, d: Delivery, row: JobRow) {
             }
         }
     };
-    let publisher = publish_emits(s, id, attempt, seq, rx, fenced.clone(), run_token.clone());
+    let publisher = publish_emits(s, id, attempt, begin, rx, fenced.clone(), run_token.clone());
     let hb_task = tokio::spawn(hb);
-    let (result, new_seq) = tokio::join!(guarded, publisher);
-    seq = new_seq;
+    let (result, seq) = tokio::join!(guarded, publisher);
     run_token.cancel();
     let _ = hb_task.await;
     if let Ok(mut r) = s.running.lock() {
@@ -306,16 +311,18 @@ pub(crate) async fn run_claimed(s: &Shared, d: Delivery, row: JobRow) {
     ack(s, &d).await;
 }
 
-/// Publishes executor output as events, coalescing deltas that are already waiting.
+/// Publishes executor output as events, coalescing deltas that are already waiting, once
+/// `begin` (the attempt's announcement) has given the last seq before them.
 async fn publish_emits(
     s: &Shared,
     id: Uuid,
     attempt: i32,
-    mut seq: u64,
+    begin: impl Future<Output = u64>,
     mut rx: mpsc::Receiver<Emit>,
     fenced: CancellationToken,
     run_token: CancellationToken,
 ) -> u64 {
+    let mut seq = begin.await;
     let mut batch: Vec<Emit> = Vec::with_capacity(64);
     while let Some(first) = rx.recv().await {
         batch.push(first);
