@@ -35,6 +35,9 @@ struct MessagesRequest {
     tools: Option<Vec<Value>>,
     #[serde(default)]
     stop_sequences: Vec<String>,
+    /// `{"type": "tool", "name": ..}` forces a call of that tool, whatever the model.
+    #[serde(default)]
+    tool_choice: Option<Value>,
 }
 
 /// One message; `content` is a string or an array of blocks.
@@ -99,6 +102,17 @@ impl MessagesRequest {
         self.tools.as_ref()?.first()?.get("name")?.as_str()
     }
 
+    /// The tool `tool_choice` forces, when it is one of `tools`.
+    fn forced_tool(&self) -> Option<&str> {
+        let c = self.tool_choice.as_ref()?;
+        let name = c.get("name")?.as_str().filter(|_| c["type"] == "tool")?;
+        self.tools
+            .as_ref()?
+            .iter()
+            .any(|t| t.get("name").and_then(Value::as_str) == Some(name))
+            .then_some(name)
+    }
+
     /// Whether the last message is a user message carrying a `tool_result` block.
     fn ends_with_tool_result(&self) -> bool {
         self.messages.last().is_some_and(|m| {
@@ -135,8 +149,9 @@ pub(crate) async fn messages(
         Ok(c) => c,
         Err(failure) => return ROUTE.error(&failure),
     };
-    let tool = match (call.behaviour, req.first_tool_name()) {
-        (Behaviour::Tool, Some(name)) if !req.ends_with_tool_result() => {
+    let tool = match (req.forced_tool(), call.behaviour, req.first_tool_name()) {
+        _ if req.ends_with_tool_result() => None,
+        (Some(name), _, _) | (None, Behaviour::Tool, Some(name)) => {
             Some((format!("toolu_mock_{}", call.id), name))
         }
         _ => None,

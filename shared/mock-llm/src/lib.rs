@@ -26,6 +26,7 @@
 //! `stop_reason: "max_tokens"`). OpenAI's `stop` (a string or a list) and Anthropic's
 //! `stop_sequences` end the reply before the first sequence it contains
 //! (`finish_reason: "stop"`, `stop_reason: "stop_sequence"` with `stop_sequence` set).
+//! Anthropic's `tool_choice: {"type": "tool", "name": ..}` makes any model call that tool.
 //!
 //! # Scenarios (by model name, on both routes)
 //!

@@ -110,6 +110,45 @@ fn finish_reason(stop: Option<&str>) -> String {
 enum Block {
     Text,
     Tool(ToolCall),
+    /// The forced call of [`JSON_TOOL`]: its input is the reply's text.
+    JsonReply,
+}
+
+/// The tool a JSON `response_format` becomes: the Messages API has no JSON mode, so the model
+/// is made to call this tool, whose input (a JSON object, by the schema when one is given) is
+/// returned as the reply's text.
+const JSON_TOOL: &str = "json_reply";
+
+/// The [`JSON_TOOL`] definition when the request asks for JSON; refuses what cannot be
+/// emulated (the caller's own tools beside it, a schema whose top level is not an object).
+fn json_reply_tool(req: &ProviderRequest<'_>) -> Result<Option<Value>, ProviderError> {
+    if !req.sampling.wants_json() {
+        return Ok(None);
+    }
+    let refuse = |why: &str| {
+        Err(ProviderError::new(
+            Failure::BadRequest,
+            format!("response_format on an Anthropic model: {why}"),
+        ))
+    };
+    if !req.tools.is_empty() {
+        return refuse("not together with tools (it is emulated with a forced tool call)");
+    }
+    let format = req
+        .sampling
+        .response_format
+        .as_ref()
+        .unwrap_or(&Value::Null);
+    let schema = match &format["json_schema"]["schema"] {
+        Value::Null => json!({"type": "object"}),
+        s if s["type"] == "object" => s.clone(),
+        _ => return refuse("the schema's top level must be an object"),
+    };
+    Ok(Some(json!({
+        "name": JSON_TOOL,
+        "description": "Reply with a JSON object (the whole answer).",
+        "input_schema": schema,
+    })))
 }
 
 impl Anthropic {
@@ -119,6 +158,7 @@ impl Anthropic {
         started: Instant,
         req: &ProviderRequest<'_>,
         sink: &Sink<'_>,
+        json_mode: bool,
     ) -> Result<ChatOutput, ProviderError> {
         let mut events = reader(resp, started, req.ttft_timeout, req.idle_timeout);
         let mut text = String::new();
@@ -145,7 +185,9 @@ impl Anthropic {
                 "content_block_start" => {
                     let i = v["index"].as_u64().unwrap_or(0);
                     let b = &v["content_block"];
-                    let block = if b["type"] == "tool_use" {
+                    let block = if json_mode && b["name"] == JSON_TOOL {
+                        Block::JsonReply
+                    } else if b["type"] == "tool_use" {
                         events.token();
                         Block::Tool(ToolCall {
                             id: b["id"].as_str().unwrap_or_default().to_string(),
@@ -164,8 +206,17 @@ impl Anthropic {
                     let i = v["index"].as_u64().unwrap_or(0);
                     let d = &v["delta"];
                     match (d["type"].as_str(), blocks.get_mut(&i)) {
-                        (Some("text_delta"), _) => {
+                        // a forced tool call has no text beside it; keep the reply pure JSON
+                        (Some("text_delta"), _) if !json_mode => {
                             let t = d["text"].as_str().unwrap_or_default().to_string();
+                            if !t.is_empty() {
+                                events.token();
+                                text.push_str(&t);
+                                sink.text(t).await;
+                            }
+                        }
+                        (Some("input_json_delta"), Some(Block::JsonReply)) => {
+                            let t = d["partial_json"].as_str().unwrap_or_default().to_string();
                             if !t.is_empty() {
                                 events.token();
                                 text.push_str(&t);
@@ -209,7 +260,7 @@ impl Anthropic {
         }
         Ok(ChatOutput {
             text,
-            finish_reason: finish_reason(stop.as_deref()),
+            finish_reason: reply_finish(stop.as_deref(), json_mode),
             tool_calls: calls,
             usage: Usage::new(input_tokens, output_tokens),
         })
@@ -221,13 +272,17 @@ impl Anthropic {
         started: Instant,
         req: &ProviderRequest<'_>,
         sink: &Sink<'_>,
+        json_mode: bool,
     ) -> Result<ChatOutput, ProviderError> {
         let v = body_json(resp, started, req.ttft_timeout).await?;
         let mut text = String::new();
         let mut blocks = BTreeMap::new();
         for (i, b) in v["content"].as_array().into_iter().flatten().enumerate() {
             match b["type"].as_str() {
-                Some("text") => text.push_str(b["text"].as_str().unwrap_or_default()),
+                Some("text") if !json_mode => text.push_str(b["text"].as_str().unwrap_or_default()),
+                Some("tool_use") if json_mode && b["name"] == JSON_TOOL => {
+                    text.push_str(&b["input"].to_string())
+                }
                 Some("tool_use") => {
                     blocks.insert(
                         i as u64,
@@ -252,7 +307,7 @@ impl Anthropic {
         let u = &v["usage"];
         Ok(ChatOutput {
             text,
-            finish_reason: finish_reason(v["stop_reason"].as_str()),
+            finish_reason: reply_finish(v["stop_reason"].as_str(), json_mode),
             tool_calls: calls,
             usage: Usage::new(
                 u["input_tokens"].as_u64().unwrap_or(0),
@@ -272,9 +327,17 @@ fn tool_calls(blocks: BTreeMap<u64, Block>) -> Vec<ToolCall> {
                 }
                 Some(c)
             }
-            Block::Text => None,
+            Block::Text | Block::JsonReply => None,
         })
         .collect()
+}
+
+/// The finish reason; the forced [`JSON_TOOL`] call is the reply, not a tool call.
+fn reply_finish(stop: Option<&str>, json_mode: bool) -> String {
+    match stop {
+        Some("tool_use") if json_mode => "stop".into(),
+        s => finish_reason(s),
+    }
 }
 
 #[async_trait]
@@ -284,14 +347,7 @@ impl LlmProvider for Anthropic {
         req: &ProviderRequest<'_>,
         sink: &Sink<'_>,
     ) -> Result<ChatOutput, ProviderError> {
-        if req.sampling.wants_json() {
-            // the Messages API has no JSON mode: refusing beats a reply that is not JSON
-            return Err(ProviderError::new(
-                Failure::BadRequest,
-                "response_format json_object/json_schema is not supported by Anthropic's \
-                 Messages API (ask for JSON in the prompt, or use a tool)",
-            ));
-        }
+        let json_tool = json_reply_tool(req)?;
         let (system, messages) = wire_messages(req.messages);
         let mut body = json!({
             "model": req.model,
@@ -329,6 +385,11 @@ impl LlmProvider for Anthropic {
                 body["tool_choice"] = c;
             }
         }
+        let json_mode = json_tool.is_some();
+        if let Some(tool) = json_tool {
+            body["tools"] = json!([tool]);
+            body["tool_choice"] = json!({"type": "tool", "name": JSON_TOOL});
+        }
         let mut http = self
             .ep
             .post("messages", req.headers)
@@ -340,9 +401,9 @@ impl LlmProvider for Anthropic {
         let started = Instant::now();
         let resp = send(http, req.ttft_timeout).await?;
         if req.stream {
-            self.streamed(resp, started, req, sink).await
+            self.streamed(resp, started, req, sink, json_mode).await
         } else {
-            self.whole(resp, started, req, sink).await
+            self.whole(resp, started, req, sink, json_mode).await
         }
     }
 }

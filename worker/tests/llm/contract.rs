@@ -304,7 +304,7 @@ async fn wire_requests_carry_what_each_format_needs() {
     let mut req = request("mock-sampling-an", &msgs, false);
     req.sampling = Sampling {
         response_format: Some(json!({"type": "text"})),
-        ..sampling.clone()
+        ..sampling
     };
     an.chat(&req, &Sink::new(&c)).await.unwrap();
     let b = &requests(&base, "mock-sampling-an").await[0]["body"];
@@ -320,12 +320,70 @@ async fn wire_requests_carry_what_each_format_needs() {
     ] {
         assert!(b.get(k).is_none(), "Anthropic has no {k}");
     }
-    // JSON mode: refused before any request, not answered with text that is not JSON
-    let mut req = request("mock-sampling-an-json", &msgs, false);
-    req.sampling = sampling;
+    stop.cancel();
+}
+
+#[tokio::test]
+async fn anthropic_json_mode_is_a_forced_tool_call_whose_input_is_the_reply() {
+    let (base, stop) = mock().await;
+    let an = adapter(Format::Anthropic, &base);
+    let msgs = user("find the weather");
+    let schema = json!({"type": "object", "properties": {"text": {"type": "string"}}});
+    for (stream, format) in [
+        (true, json!({"type": "json_object"})),
+        (
+            false,
+            json!({"type": "json_schema", "json_schema": {"name": "w", "schema": schema}}),
+        ),
+    ] {
+        let model = format!("mock-json-{stream}");
+        let (c, rx) = ctx();
+        let mut req = request(&model, &msgs, stream);
+        req.sampling.response_format = Some(format.clone());
+        let out = an.chat(&req, &Sink::new(&c)).await.unwrap();
+        let reply: Value = serde_json::from_str(&out.text).unwrap();
+        assert_eq!(
+            reply,
+            json!({"text": "find the weather"}),
+            "stream={stream}"
+        );
+        assert_eq!(out.finish_reason, "stop");
+        assert!(out.tool_calls.is_empty());
+        drop(c);
+        let seen = drain(rx);
+        assert_eq!(text_of(&seen), out.text, "the JSON streams as text");
+        assert!(
+            !seen.iter().any(|s| matches!(s, Seen::Event(..))),
+            "{seen:?}"
+        );
+        let sent = &requests(&base, &model).await[0]["body"];
+        assert_eq!(
+            sent["tool_choice"],
+            json!({"type": "tool", "name": "json_reply"})
+        );
+        let want = if stream {
+            json!({"type": "object"})
+        } else {
+            schema.clone()
+        };
+        assert_eq!(sent["tools"][0]["input_schema"], want);
+        assert!(sent.get("response_format").is_none());
+    }
+    // what cannot be emulated is refused before any request
+    let tools: Vec<ToolSpec> =
+        serde_json::from_value(json!([{"type": "function", "function": {"name": "f"}}])).unwrap();
+    let (c, _rx) = ctx();
+    let mut req = request("mock-json-refused", &msgs, false);
+    req.sampling.response_format = Some(json!({"type": "json_object"}));
+    req.tools = &tools;
     let e = an.chat(&req, &Sink::new(&c)).await.unwrap_err();
     assert_eq!(e.failure, Failure::BadRequest, "{e}");
-    assert!(e.message.contains("response_format"), "{e}");
-    assert!(requests(&base, "mock-sampling-an-json").await.is_empty());
+    req.tools = &[];
+    req.sampling.response_format = Some(
+        json!({"type": "json_schema", "json_schema": {"name": "l", "schema": {"type": "array"}}}),
+    );
+    let e = an.chat(&req, &Sink::new(&c)).await.unwrap_err();
+    assert!(e.message.contains("object"), "{e}");
+    assert!(requests(&base, "mock-json-refused").await.is_empty());
     stop.cancel();
 }
