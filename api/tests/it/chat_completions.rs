@@ -373,3 +373,46 @@ async fn generation_parameters_reach_the_provider_and_bad_ones_are_named(pool: P
     assert_eq!(job["output"]["finish_reason"], "stop");
     app.stop().await;
 }
+
+#[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
+async fn json_mode_on_an_anthropic_model_answers_json(pool: PgPool) {
+    let app = spawn_app(pool).await;
+    for stream in [false, true] {
+        let r = chat(
+            &app,
+            json!({"model": "mock-claude", "messages": user("red green"), "stream": stream,
+                   "response_format": {"type": "json_object"}}),
+        )
+        .await;
+        assert_eq!(r.status(), 200);
+        let content = if stream {
+            sse_data(r)
+                .await
+                .iter()
+                .filter(|d| d.as_str() != "[DONE]")
+                .map(|d| serde_json::from_str::<Value>(d).unwrap())
+                .filter_map(|c| {
+                    c["choices"][0]["delta"]["content"]
+                        .as_str()
+                        .map(String::from)
+                })
+                .collect::<String>()
+        } else {
+            let v: Value = r.json().await.unwrap();
+            assert_eq!(v["choices"][0]["finish_reason"], "stop", "{v}");
+            assert!(
+                v["choices"][0]["message"]
+                    .get("tool_calls")
+                    .is_none_or(Value::is_null),
+                "{v}"
+            );
+            v["choices"][0]["message"]["content"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        };
+        let reply: Value = serde_json::from_str(&content).unwrap();
+        assert_eq!(reply, json!({"text": "red green"}), "stream={stream}");
+    }
+    app.stop().await;
+}
