@@ -26,7 +26,8 @@
 //! `stop_reason: "max_tokens"`). OpenAI's `stop` (a string or a list) and Anthropic's
 //! `stop_sequences` end the reply before the first sequence it contains
 //! (`finish_reason: "stop"`, `stop_reason: "stop_sequence"` with `stop_sequence` set).
-//! Anthropic's `tool_choice: {"type": "tool", "name": ..}` makes any model call that tool.
+//! A forced `tool_choice` (OpenAI's `{"type": "function", "function": {"name": ..}}`,
+//! Anthropic's `{"type": "tool", "name": ..}`) makes any model call that tool.
 //!
 //! # Scenarios (by model name, on both routes)
 //!

@@ -39,8 +39,9 @@ pub(crate) async fn chat_completions(
         Ok(c) => c,
         Err(failure) => return ROUTE.error(&failure),
     };
-    let tool = match (call.behaviour, req.first_tool_name()) {
-        (Behaviour::Tool, Some(name)) if !req.ends_with_tool_result() => {
+    let tool = match (req.forced_tool(), call.behaviour, req.first_tool_name()) {
+        _ if req.ends_with_tool_result() => None,
+        (Some(name), _, _) | (None, Behaviour::Tool, Some(name)) => {
             Some((format!("call_mock_{}", call.id), name))
         }
         _ => None,

@@ -28,6 +28,9 @@ pub(crate) struct ChatRequest {
     /// A string or an array of strings.
     #[serde(default)]
     pub stop: Option<Value>,
+    /// `{"type": "function", "function": {"name": ..}}` forces a call of that tool.
+    #[serde(default)]
+    pub tool_choice: Option<Value>,
 }
 
 impl ChatRequest {
@@ -67,6 +70,21 @@ impl ChatRequest {
             .get("function")?
             .get("name")?
             .as_str()
+    }
+
+    /// The tool `tool_choice` forces, when it is one of `tools`.
+    pub fn forced_tool(&self) -> Option<&str> {
+        let name = self
+            .tool_choice
+            .as_ref()?
+            .get("function")?
+            .get("name")?
+            .as_str()?;
+        self.tools
+            .as_ref()?
+            .iter()
+            .any(|t| t["function"]["name"].as_str() == Some(name))
+            .then_some(name)
     }
 
     /// Whether the last message is a tool result (role `tool`).

@@ -330,3 +330,54 @@ async fn serve_stops_on_cancel() {
         .expect("join")
         .expect("serve ok");
 }
+
+#[tokio::test]
+async fn a_forced_tool_choice_is_called_by_any_model_and_stop_ends_the_reply() {
+    let (base, stop) = spawn(MockLlmConfig::default()).await.expect("spawn");
+    let tools = json!([
+        {"type": "function", "function": {"name": "first"}},
+        {"type": "function", "function": {"name": "second"}}
+    ]);
+    let v: Value = post(
+        &base,
+        json!({"model": "mock-echo", "messages": [{"role": "user", "content": "a b"}],
+               "tools": tools, "tool_choice": {"type": "function", "function": {"name": "second"}}}),
+    )
+    .await
+    .json()
+    .await
+    .expect("json");
+    let call = &v["choices"][0]["message"]["tool_calls"][0];
+    assert_eq!(call["function"]["name"], "second", "{v}");
+    assert_eq!(v["choices"][0]["finish_reason"], "tool_calls");
+    // a tool that is not offered is not called; `auto` leaves mock-echo answering text
+    for choice in [
+        json!({"type": "function", "function": {"name": "nope"}}),
+        json!("auto"),
+    ] {
+        let v: Value = post(
+            &base,
+            json!({"model": "mock-echo", "messages": [{"role": "user", "content": "a b"}],
+                   "tools": tools, "tool_choice": choice}),
+        )
+        .await
+        .json()
+        .await
+        .expect("json");
+        assert_eq!(
+            v["choices"][0]["message"]["content"], "Mock reply: a b",
+            "{v}"
+        );
+    }
+    let v: Value = post(
+        &base,
+        json!({"model": "mock-echo", "messages": [{"role": "user", "content": "a b c"}], "stop": ["b"]}),
+    )
+    .await
+    .json()
+    .await
+    .expect("json");
+    assert_eq!(v["choices"][0]["message"]["content"], "Mock reply: a ");
+    assert_eq!(v["choices"][0]["finish_reason"], "stop");
+    stop.cancel();
+}
