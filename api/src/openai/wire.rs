@@ -43,6 +43,8 @@ struct Request {
     tools: Option<Vec<Tool>>,
     #[serde(default)]
     tool_choice: Option<Value>,
+    #[serde(default)]
+    parallel_tool_calls: Option<bool>,
     /// Our extension (`extra_body={"cache": true}` in OpenAI's SDKs).
     #[serde(default)]
     cache: Option<bool>,
@@ -192,6 +194,7 @@ pub fn parse(body: &Value) -> Result<Parsed, FieldError> {
         reasoning_effort: req.reasoning_effort,
         tools: tools.filter(|t| !t.is_empty()),
         tool_choice: req.tool_choice,
+        parallel_tool_calls: req.parallel_tool_calls,
         conversation: None,
         cache: req.cache,
         // a client waiting for the whole reply needs no token events

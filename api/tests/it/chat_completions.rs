@@ -318,6 +318,20 @@ async fn generation_parameters_reach_the_provider_and_bad_ones_are_named(pool: P
         "the mock is an openai_compatible provider"
     );
     assert_eq!(b["reasoning_effort"], "high");
+    let r = chat(
+        &app,
+        json!({"model": "mock-parallel", "messages": user("x"), "parallel_tool_calls": false,
+               "tools": [{"type": "function", "function": {"name": "f"}}]}),
+    )
+    .await;
+    assert_eq!(r.status(), 200);
+    let rec: Value = reqwest::get(format!("{base}/mock/requests?model=mock-parallel"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(rec["requests"][0]["body"]["parallel_tool_calls"], false);
 
     // out of range or malformed: OpenAI's error shape, the parameter named
     for (extra, param) in [

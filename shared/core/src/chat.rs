@@ -54,6 +54,9 @@ pub struct LlmChatInput {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<Object>)]
     pub tool_choice: Option<Value>,
+    /// `false`: at most one tool call per reply (sent only with `tools`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parallel_tool_calls: Option<bool>,
     /// Answer turn `turn` of a stored conversation: the worker reads the history and fits it
     /// into the model's window, then appends the reply (set by
     /// `POST /v1/conversations/{id}/messages`).

@@ -384,6 +384,15 @@ impl LlmProvider for Anthropic {
             if let Some(c) = req.tool_choice.and_then(wire_tool_choice) {
                 body["tool_choice"] = c;
             }
+            if req.parallel_tool_calls == Some(false) {
+                // Anthropic says it inside the tool choice (which `none` cannot carry)
+                if body.get("tool_choice").is_none() {
+                    body["tool_choice"] = json!({"type": "auto"});
+                }
+                if body["tool_choice"]["type"] != "none" {
+                    body["tool_choice"]["disable_parallel_tool_use"] = true.into();
+                }
+            }
         }
         let json_mode = json_tool.is_some();
         if let Some(tool) = json_tool {

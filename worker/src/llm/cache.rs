@@ -104,6 +104,9 @@ pub fn fingerprint(input: &LlmChatInput, head: &[ChatMessage], history: &[ChatMe
     });
     // only the parameters given: a request without them keeps the fingerprint it had before
     // they existed
+    if let Some(p) = input.parallel_tool_calls {
+        canonical["parallel_tool_calls"] = p.into();
+    }
     if let Value::Object(extra) = serde_json::to_value(input.sampling()).unwrap_or_default() {
         if !extra.is_empty() {
             canonical["sampling"] = Value::Object(extra);
@@ -276,6 +279,7 @@ mod tests {
             json!({"presence_penalty": 1.0}),
             json!({"frequency_penalty": -1.0}),
             json!({"response_format": {"type": "json_object"}}),
+            json!({"parallel_tool_calls": false}),
         ];
         let mut seen = std::collections::HashSet::from([plain]);
         for v in variants {

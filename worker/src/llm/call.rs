@@ -187,6 +187,7 @@ impl Providers {
                 sampling: input.sampling(),
                 tools: input.tools.as_deref().unwrap_or_default(),
                 tool_choice: input.tool_choice.as_ref(),
+                parallel_tool_calls: input.parallel_tool_calls,
                 stream: m.config.stream,
                 headers: &m.config.headers,
                 ttft_timeout: m

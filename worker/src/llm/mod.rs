@@ -77,6 +77,8 @@ pub struct ProviderRequest<'a> {
     pub sampling: Sampling,
     pub tools: &'a [ToolSpec],
     pub tool_choice: Option<&'a Value>,
+    /// `Some(false)`: at most one tool call per reply.
+    pub parallel_tool_calls: Option<bool>,
     /// Stream from the provider (the table's `stream`).
     pub stream: bool,
     /// Extra headers (the model's).

@@ -64,6 +64,8 @@ struct WireRequest<'a> {
     tools: &'a [ToolSpec],
     #[serde(skip_serializing_if = "Option::is_none")]
     tool_choice: Option<&'a Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    parallel_tool_calls: Option<bool>,
     stream: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     stream_options: Option<StreamOptions>,
@@ -297,6 +299,8 @@ impl LlmProvider for OpenAi {
             sampling: &req.sampling,
             tools: req.tools,
             tool_choice: req.tool_choice.filter(|_| !req.tools.is_empty()),
+            // OpenAI refuses the flag without tools
+            parallel_tool_calls: req.parallel_tool_calls.filter(|_| !req.tools.is_empty()),
             stream: req.stream,
             stream_options: req.stream.then_some(StreamOptions {
                 include_usage: true,

@@ -262,6 +262,40 @@ async fn wire_requests_carry_what_each_format_needs() {
         (json!(7), None)
     );
 
+    // one tool call at a time: OpenAI's flag (only with tools), Anthropic's inside tool_choice
+    let tools: Vec<ToolSpec> =
+        serde_json::from_value(json!([{"type": "function", "function": {"name": "f"}}])).unwrap();
+    let required = json!("required");
+    for (with_tools, choice, model) in [
+        (true, None, "mock-par-1"),
+        (false, None, "mock-par-2"),
+        (true, Some(&required), "mock-par-3"),
+    ] {
+        let mut req = request(model, &msgs, false);
+        req.parallel_tool_calls = Some(false);
+        req.tool_choice = choice;
+        if with_tools {
+            req.tools = &tools;
+        }
+        oa.chat(&req, &Sink::new(&c)).await.unwrap();
+        let b = &requests(&base, model).await[0]["body"];
+        assert_eq!(
+            b.get("parallel_tool_calls").cloned(),
+            with_tools.then_some(json!(false)),
+            "{model}"
+        );
+        let an_model = format!("{model}-an");
+        req.model = &an_model;
+        an.chat(&req, &Sink::new(&c)).await.unwrap();
+        let b = &requests(&base, &an_model).await[0]["body"];
+        let want = match (with_tools, choice) {
+            (false, _) => Value::Null,
+            (true, None) => json!({"type": "auto", "disable_parallel_tool_use": true}),
+            (true, Some(_)) => json!({"type": "any", "disable_parallel_tool_use": true}),
+        };
+        assert_eq!(b["tool_choice"], want, "{an_model}");
+    }
+
     // generation parameters: OpenAI's names as given; Anthropic's for what it has
     let sampling = Sampling {
         top_p: Some(0.25),

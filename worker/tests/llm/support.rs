@@ -90,6 +90,7 @@ pub fn request<'a>(
         sampling: Default::default(),
         tools: &[],
         tool_choice: None,
+        parallel_tool_calls: None,
         stream,
         headers: &NO_HEADERS,
         ttft_timeout: Duration::from_secs(5),
