@@ -39,7 +39,8 @@ pub struct LlmChatInput {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub frequency_penalty: Option<f64>,
     /// `{"type": "text" | "json_object"}` or `{"type": "json_schema", "json_schema": {"name",
-    /// "schema"?, "strict"?}}` (OpenAI's shape; OpenAI-format providers only).
+    /// "schema"?, "strict"?}}` (OpenAI's shape; on Anthropic models a forced tool call whose
+    /// input is the reply).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<Object>)]
     pub response_format: Option<Value>,
