@@ -297,14 +297,7 @@ async fn generation_parameters_reach_the_provider_and_bad_ones_are_named(pool: P
     assert_eq!(v["choices"][0]["message"]["content"], "Mock reply: one two");
     assert_eq!(v["choices"][0]["finish_reason"], "stop");
     // what the provider received over HTTP (the mock records requests per model)
-    let base = app.mock_url.trim_end_matches("/v1");
-    let rec: Value = reqwest::get(format!("{base}/mock/requests?model=mock-sampling"))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let b = &rec["requests"][0]["body"];
+    let b = &app.mock_requests("mock-sampling").await[0]["body"];
     assert_eq!(b["stop"], json!([" three"]));
     assert_eq!(
         (b["top_p"].clone(), b["seed"].clone()),
@@ -325,13 +318,8 @@ async fn generation_parameters_reach_the_provider_and_bad_ones_are_named(pool: P
     )
     .await;
     assert_eq!(r.status(), 200);
-    let rec: Value = reqwest::get(format!("{base}/mock/requests?model=mock-parallel"))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    assert_eq!(rec["requests"][0]["body"]["parallel_tool_calls"], false);
+    let sent = &app.mock_requests("mock-parallel").await[0]["body"];
+    assert_eq!(sent["parallel_tool_calls"], false);
 
     // out of range or malformed: OpenAI's error shape, the parameter named
     for (extra, param) in [

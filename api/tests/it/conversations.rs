@@ -50,17 +50,6 @@ async fn say(app: &TestApp, id: &str, content: &str) -> Value {
     app.wait_status(job, "succeeded", T).await
 }
 
-async fn mock_requests(app: &TestApp, model: &str) -> Vec<Value> {
-    let base = app.mock_url.trim_end_matches("/v1");
-    let v: Value = reqwest::get(format!("{base}/mock/requests?model={model}"))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    v["requests"].as_array().cloned().unwrap_or_default()
-}
-
 #[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
 async fn crud_and_errors(pool: PgPool) {
     let app = spawn_app(pool).await;
@@ -145,7 +134,7 @@ async fn crud_and_errors(pool: PgPool) {
     assert_eq!(done["output"]["text"], "Mock reply: one two");
     assert_eq!(done["input"]["stop"], json!([" three"]));
     assert!(done["input"].get("top_p").is_none(), "{}", done["input"]);
-    let sent = &mock_requests(&app, "mock-conv-params").await[0]["body"];
+    let sent = &app.mock_requests("mock-conv-params").await[0]["body"];
     assert_eq!(
         (sent["stop"].clone(), sent["seed"].clone()),
         (json!([" three"]), json!(3))
@@ -244,7 +233,7 @@ async fn concurrent_posts_are_answered_in_order_and_survive_a_restart(pool: PgPo
         assert!(pair[1]["usage"]["completion_tokens"].as_u64().unwrap() > 0);
     }
     // each turn was asked with every earlier turn's question and answer
-    let reqs = mock_requests(&app, &model).await;
+    let reqs = app.mock_requests(&model).await;
     assert_eq!(reqs.len(), 5);
     for (k, r) in reqs.iter().enumerate() {
         let m = r["body"]["messages"].as_array().unwrap();
@@ -284,7 +273,7 @@ async fn concurrent_posts_are_answered_in_order_and_survive_a_restart(pool: PgPo
         .ends_with("after the restart"));
     let (_, conv) = get(&app, &format!("/v1/conversations/{id}")).await;
     assert_eq!(conv["messages"].as_array().unwrap().len(), 12);
-    let last = mock_requests(&app, &model).await;
+    let last = app.mock_requests(&model).await;
     assert_eq!(
         last.last().unwrap()["body"]["messages"]
             .as_array()
@@ -313,7 +302,7 @@ async fn a_very_long_conversation_never_exceeds_the_window(pool: PgPool) {
         total_words += 2 * 102;
         say(&app, &id, &content).await;
     }
-    let reqs = mock_requests(&app, &model).await;
+    let reqs = app.mock_requests(&model).await;
     assert_eq!(reqs.len(), 24);
     for r in &reqs {
         let msgs: Vec<ChatMessage> = serde_json::from_value(r["body"]["messages"].clone()).unwrap();
@@ -411,7 +400,7 @@ async fn the_summarize_strategy_keeps_and_reuses_a_summary(pool: PgPool) {
         "the history itself is intact"
     );
 
-    let reqs = mock_requests(&app, &model).await;
+    let reqs = app.mock_requests(&model).await;
     let is_summary_call = |r: &Value| {
         r["body"]["messages"][0]["content"]
             .as_str()

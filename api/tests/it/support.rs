@@ -441,6 +441,14 @@ impl TestApp {
         r.json().await.unwrap()
     }
 
+    /// The requests the mock provider received for `model`, oldest first (what went over HTTP).
+    pub async fn mock_requests(&self, model: &str) -> Vec<Value> {
+        let base = self.mock_url.trim_end_matches("/v1");
+        let url = format!("{base}/mock/requests?model={model}");
+        let v: Value = reqwest::get(url).await.unwrap().json().await.unwrap();
+        v["requests"].as_array().cloned().unwrap_or_default()
+    }
+
     /// Polls until the job has `status` (panics after `timeout`).
     pub async fn wait_status(&self, id: Uuid, status: &str, timeout: Duration) -> Value {
         let deadline = tokio::time::Instant::now() + timeout;

@@ -209,6 +209,16 @@ async fn openai_compatible_variants_are_tolerated() {
     stop.cancel();
 }
 
+/// OpenAI's generation parameters the Messages API has no field of that name for.
+const NOT_ON_ANTHROPIC: [&str; 6] = [
+    "stop",
+    "seed",
+    "presence_penalty",
+    "frequency_penalty",
+    "response_format",
+    "reasoning_effort",
+];
+
 #[tokio::test]
 async fn wire_requests_carry_what_each_format_needs() {
     let (base, stop) = mock().await;
@@ -323,15 +333,7 @@ async fn wire_requests_carry_what_each_format_needs() {
     assert_eq!(b["response_format"], json!({"type": "json_object"}));
     assert_eq!(b["reasoning_effort"], "low");
     let r = &requests(&base, "mock-wire-oa").await[0];
-    for k in [
-        "top_p",
-        "stop",
-        "seed",
-        "presence_penalty",
-        "frequency_penalty",
-        "response_format",
-        "reasoning_effort",
-    ] {
+    for k in std::iter::once("top_p").chain(NOT_ON_ANTHROPIC) {
         assert!(r["body"].get(k).is_none(), "{k} only when given");
     }
 
@@ -344,14 +346,7 @@ async fn wire_requests_carry_what_each_format_needs() {
     let b = &requests(&base, "mock-sampling-an").await[0]["body"];
     assert_eq!(b["top_p"], 0.25);
     assert_eq!(b["stop_sequences"], json!(["END", "\n\n"]));
-    for k in [
-        "stop",
-        "seed",
-        "presence_penalty",
-        "frequency_penalty",
-        "response_format",
-        "reasoning_effort",
-    ] {
+    for k in NOT_ON_ANTHROPIC {
         assert!(b.get(k).is_none(), "Anthropic has no {k}");
     }
     stop.cancel();
