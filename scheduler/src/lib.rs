@@ -262,14 +262,13 @@ impl Scheduler {
                 }
             }
         }
-        report.backlog = self.opts.max_batches > 0;
         for _ in 0..self.opts.max_batches {
-            // outbox rows are taken whole, so a batch holding less than `batch` changes does
-            // not mean the outbox is empty
-            let n = self.store.chain_job_audit(self.opts.batch).await?;
-            report.audited += n;
-            if n == 0 {
-                report.backlog = false;
+            // a page that left nothing behind ends the step: the changes committed meanwhile
+            // wait for the next pass rather than one transaction each
+            let c = self.store.chain_job_audit(self.opts.batch).await?;
+            report.audited += c.changes;
+            report.backlog = c.more;
+            if !c.more {
                 break;
             }
         }

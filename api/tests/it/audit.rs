@@ -393,19 +393,23 @@ async fn a_batch_statement_writes_one_outbox_row_per_tenant_and_each_job_is_chai
         .execute(&mut *other_chainer)
         .await
         .unwrap();
-    assert_eq!(s.chain_job_audit(1000).await.unwrap(), 0);
+    assert_eq!(s.chain_job_audit(1000).await.unwrap().changes, 0);
     other_chainer.rollback().await.unwrap();
     // the single change left from before batches goes first, then the JSON batch
-    assert_eq!(s.chain_job_audit(1).await.unwrap(), 1);
-    assert_eq!(s.chain_job_audit(1).await.unwrap(), 1);
+    let single = s.chain_job_audit(1).await.unwrap();
+    assert_eq!((single.changes, single.more), (1, true));
+    assert_eq!(s.chain_job_audit(1).await.unwrap().changes, 1);
     // a limit below a batch's size still takes that one batch whole; then batches are taken
     // whole while they fit (the batches of one statement come in no fixed tenant order)
     let first = s.chain_job_audit(1).await.unwrap();
-    assert!(first == 6 || first == 4, "{first}");
-    let second = s.chain_job_audit(12).await.unwrap();
+    assert!(first.changes == 6 || first.changes == 4, "{first:?}");
+    assert!(first.more, "{first:?}");
+    let second = s.chain_job_audit(12).await.unwrap().changes;
     assert!((4..=12).contains(&second), "{second}");
+    // the last page says nothing was left behind
     let rest = s.chain_job_audit(1000).await.unwrap();
-    assert_eq!(2 + first + second + rest, 24);
+    assert!(!rest.more, "{rest:?}");
+    assert_eq!(2 + first.changes + second + rest.changes, 24);
     assert_eq!(outbox(&app).await, (0, 0));
     let json_left: i64 = sqlx::query_scalar("SELECT count(*) FROM job_audit_batches")
         .fetch_one(s.pool())
@@ -482,11 +486,14 @@ async fn a_huge_statement_is_split_into_batches_of_at_most_1000_changes(pool: Pg
         .await
         .unwrap();
     assert_eq!(sizes, [1000, 1000, 500]);
+    // each page says whether it left batches behind, so a caller stops without an empty call
     let mut chained = Vec::new();
     loop {
-        match s.chain_job_audit(1000).await.unwrap() {
-            0 => break,
-            n => chained.push(n),
+        let c = s.chain_job_audit(1000).await.unwrap();
+        chained.push(c.changes);
+        assert_eq!(c.more, outbox(&app).await.0 > 0, "{c:?}");
+        if !c.more {
+            break;
         }
     }
     chained.sort();

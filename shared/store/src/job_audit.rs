@@ -21,36 +21,50 @@ struct OutboxChange {
 
 impl Store {
     /// Moves about `limit` job state changes from the outbox into the chained trail, in one
-    /// transaction; returns how many changes (0 also when another scheduler is chaining).
-    /// Rows left in `audit_outbox` (one change each, written before batches) go first, then
-    /// those left in `job_audit_batches` (JSON, written before the arrays), then
-    /// `job_audit_changes` (one row per statement and tenant, from the triggers on `jobs`):
-    /// batches taken whole, oldest first, until `limit` is reached (at least one). One chainer at a
-    /// time (an advisory lock), so changes are chained in the order their ids were committed:
-    /// a job's later change never lands before its earlier one.
-    pub async fn chain_job_audit(&self, limit: i64) -> Result<usize> {
+    /// transaction (none when another scheduler is chaining). Rows left in `audit_outbox` (one
+    /// change each, written before batches) go first, then those left in `job_audit_batches`
+    /// (JSON, written before the arrays), then `job_audit_changes` (one row per statement and
+    /// tenant, from the triggers on `jobs`): batches taken whole, oldest first, until `limit`
+    /// is reached (at least one). One chainer at a time (an advisory lock), so changes are
+    /// chained in the order their ids were committed: a job's later change never lands before
+    /// its earlier one. [`Chained::more`] says whether changes were left behind: a caller
+    /// that stops when it is false does not chase the changes committed while it chained
+    /// (under load that turned into a transaction per statement, not per page).
+    pub async fn chain_job_audit(&self, limit: i64) -> Result<Chained> {
         let mut tx = self.pool().begin().await?;
         let mine: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1)")
             .bind(JOB_AUDIT_CHAIN_LOCK)
             .fetch_one(&mut *tx)
             .await?;
         if !mine {
-            return Ok(0);
+            return Ok(Chained::default());
         }
+        // the formats of earlier releases: whatever is there, more may follow
         let mut entries = take_single_changes(&mut tx, limit).await?;
+        let mut more = !entries.is_empty();
         if entries.is_empty() {
-            entries = take_batches::<JsonBatch>(&mut tx, limit).await?;
+            entries = take_batches::<JsonBatch>(&mut tx, limit).await?.0;
+            more = !entries.is_empty();
         }
         if entries.is_empty() {
-            entries = take_batches::<ArrayBatch>(&mut tx, limit).await?;
+            (entries, more) = take_batches::<ArrayBatch>(&mut tx, limit).await?;
         }
-        let n = entries.len();
-        if n > 0 {
+        let changes = entries.len();
+        if changes > 0 {
             append_in(&mut tx, entries).await?;
             tx.commit().await?;
         }
-        Ok(n)
+        Ok(Chained { changes, more })
     }
+}
+
+/// What one [`Store::chain_job_audit`] did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Chained {
+    /// Changes appended to the trail.
+    pub changes: usize,
+    /// Changes were left in the outbox (a full page, or a format of an earlier release).
+    pub more: bool,
 }
 
 /// Key of the advisory lock that lets one scheduler at a time chain job state changes.
@@ -110,11 +124,11 @@ trait Batch: for<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow> + Send + Unpin {
 }
 
 /// Whole rows of `B`'s table, oldest first, while they fit in `limit` changes (at least one
-/// row), expanded into their changes.
+/// row), expanded into their changes; and whether rows were left behind.
 async fn take_batches<B: Batch>(
     tx: &mut sqlx::Transaction<'static, sqlx::Postgres>,
     limit: i64,
-) -> Result<Vec<AuditEntry>> {
+) -> Result<(Vec<AuditEntry>, bool)> {
     let candidates: Vec<(i64, i32)> = sqlx::query_as(&format!(
         "SELECT id, n FROM {} ORDER BY id LIMIT $1",
         B::TABLE
@@ -122,6 +136,8 @@ async fn take_batches<B: Batch>(
     .bind(limit)
     .fetch_all(&mut **tx)
     .await?;
+    let full_page = candidates.len() as i64 >= limit;
+    let seen = candidates.len();
     let mut take = Vec::new();
     let mut changes = 0i64;
     for (id, n) in candidates {
@@ -132,8 +148,9 @@ async fn take_batches<B: Batch>(
         changes += i64::from(n);
     }
     if take.is_empty() {
-        return Ok(Vec::new());
+        return Ok((Vec::new(), false));
     }
+    let more = full_page || take.len() < seen;
     let mut rows: Vec<B> = sqlx::query_as(&format!(
         "DELETE FROM {} WHERE id = ANY($1) RETURNING *",
         B::TABLE
@@ -146,7 +163,7 @@ async fn take_batches<B: Batch>(
     for row in rows {
         row.expand(&mut out)?;
     }
-    Ok(out)
+    Ok((out, more))
 }
 
 /// A `job_audit_batches` row: a JSON array of changes (written before the arrays).

@@ -22,7 +22,7 @@ pub use conversations::*;
 pub use end_users::*;
 pub use idempotency::*;
 pub use insert::NewJob;
-pub use job_audit::JOB_AUDIT_CHAIN_LOCK;
+pub use job_audit::{Chained, JOB_AUDIT_CHAIN_LOCK};
 pub use jobs::*;
 pub use retry::*;
 pub use schedules::*;
