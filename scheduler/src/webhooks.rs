@@ -60,6 +60,9 @@ impl Deliverer {
             .timeout(Duration::from_secs(cfg.timeout_s.max(1)))
             .connect_timeout(Duration::from_secs(cfg.timeout_s.clamp(1, 10)))
             .user_agent(concat!("switchyard-webhooks/", env!("CARGO_PKG_VERSION")))
+            // direct connections only: through a proxy from the environment (HTTPS_PROXY...)
+            // the proxy would resolve the host, past the address check below
+            .no_proxy()
             .dns_resolver(Arc::new(GuardedResolver {
                 allow_private: cfg.allow_private,
             }))

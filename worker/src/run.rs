@@ -220,7 +220,7 @@ pub(crate) async fn run_claimed(s: &Shared, d: Delivery, row: JobRow) {
                 json!({ "reason": "released", "error": err }),
             );
             (
-                RunEnd::Retry {
+                RunEnd::Released {
                     error: err,
                     run_at: Utc::now(),
                 },

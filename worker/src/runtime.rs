@@ -554,7 +554,11 @@ async fn handle_delivery(s: &Shared, d: Delivery) {
                 row.output.as_ref(),
                 row.job_error().as_ref(),
             );
-            publish(s, ev).await;
+            // after whatever the dead run streamed (Postgres' seq does not count its deltas)
+            let durable = (row.event_seq as u64).saturating_sub(1);
+            if let Err(e) = s.bus.publish_after(&ev, durable).await {
+                tracing::warn!(error = %e, "could not publish a finalized job's end");
+            }
             ack(s, &d).await;
         }
         Ok(ClaimOutcome::Claimed(row)) => crate::run::run_claimed(s, d, row).await,

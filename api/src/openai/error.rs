@@ -33,6 +33,8 @@ pub struct OaiError {
     pub kind: &'static str,
     pub param: Option<String>,
     pub code: Option<String>,
+    /// `Retry-After` of a 429 or 503 (one second when not known).
+    pub retry_after: Option<std::time::Duration>,
 }
 
 impl OaiError {
@@ -43,6 +45,17 @@ impl OaiError {
             kind,
             param: None,
             code: None,
+            retry_after: None,
+        }
+    }
+
+    /// Backpressure (the tenant's queue is full): OpenAI's rate-limit shape, which clients
+    /// retry, not `insufficient_quota`, which they read as an account out of credit.
+    pub fn backpressure(e: ApiError) -> Self {
+        OaiError {
+            kind: "rate_limit_error",
+            code: Some("rate_limit_exceeded".into()),
+            ..OaiError::from(e)
         }
     }
 
@@ -129,6 +142,7 @@ impl From<ApiError> for OaiError {
             kind,
             param: e.field,
             code: code.map(str::to_string),
+            retry_after: e.retry_after,
         }
     }
 }
@@ -144,8 +158,11 @@ impl IntoResponse for OaiError {
         let retry = matches!(self.status.as_u16(), 429 | 503);
         let mut resp = (self.status, Json(self.body())).into_response();
         if retry {
+            let secs = self
+                .retry_after
+                .map_or(1, |w| w.as_secs_f64().ceil().max(1.0) as u64);
             resp.headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }
         resp
     }

@@ -118,7 +118,9 @@ async fn run(
         return Err(err);
     }
     crate::quota::check_daily(&state, &principal, "llm.chat").await?;
-    crate::quota::check_backlog(&state, &principal, 1).await?;
+    crate::quota::check_backlog(&state, &principal, 1)
+        .await
+        .map_err(OaiError::backpressure)?;
     let trace = request_trace(&headers);
     let input =
         serde_json::to_value(&req.input).map_err(|e| OaiError::from(ApiError::internal(e)))?;

@@ -80,7 +80,10 @@ pub async fn retry_job(
         JobStatus::Queued,
         json!({ "reason": "retry" }),
     );
-    if let Err(e) = state.bus.publish(&ev).await {
+    // after every event of the runs before (a run that died mid-stream left more in the
+    // stream than Postgres' seq counts)
+    let durable = (row.event_seq as u64).saturating_sub(1);
+    if let Err(e) = state.bus.publish_after(&ev, durable).await {
         tracing::warn!(error = %e, "could not publish the retry's queued event");
     }
     // not marked dispatched: if this fails, or Redis loses it, the reconciler dispatches it

@@ -27,6 +27,7 @@ const REPLAYED: HeaderName = HeaderName::from_static("idempotent-replayed");
 
 /// `POST /v1/jobs/batch` body.
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
 pub struct BatchRequest {
     /// Up to 1,000 job requests, each as for `POST /v1/jobs`.
     #[schema(value_type = Vec<switchyard_core::job::CreateJobRequest>)]
@@ -72,29 +73,53 @@ pub async fn submit_idempotent(
         .store
         .insert_job_idempotent(key, &digest, &job)
         .await?;
-    let (view, replayed) = match outcome {
-        Idempotent::Created => {
-            let view = job.to_job();
-            state.submitter.dispatch(job).await;
-            (view, false)
-        }
+    if outcome == Idempotent::Created {
+        let view = job.to_job();
+        state.submitter.dispatch(job).await;
+        return Ok(accepted(view, Some((REPLAYED, "false".into()))));
+    }
+    answer_replay(state, principal, outcome).await
+}
+
+/// The answer to a request whose key is already live (its job, or a 409 for another body),
+/// looked up before the request is validated and admitted; `None` when the key is new.
+pub async fn replay_idempotent(
+    state: &AppState,
+    principal: &Principal,
+    key: &str,
+    digest: [u8; 32],
+) -> ApiResult<Option<Response>> {
+    match state
+        .store
+        .live_idempotency_key(principal.tenant_id, key, &digest)
+        .await?
+    {
+        None => Ok(None),
+        Some(outcome) => answer_replay(state, principal, outcome).await.map(Some),
+    }
+}
+
+async fn answer_replay(
+    state: &AppState,
+    principal: &Principal,
+    outcome: Idempotent,
+) -> ApiResult<Response> {
+    match outcome {
         Idempotent::Existing(id) => {
             let row = state
                 .store
                 .get_job(principal.scope(), id)
                 .await?
                 .ok_or_else(|| ApiError::not_found("job"))?;
-            (row.to_job(), true)
+            Ok(accepted(row.to_job(), Some((REPLAYED, "true".into()))))
         }
-        Idempotent::Conflict(id) => {
-            return Err(ApiError::field(
-                ErrorCode::Conflict,
-                "Idempotency-Key",
-                format!("already used with a different request (job {id}) in the last 24 h"),
-            ))
-        }
-    };
-    Ok(accepted(view, Some((REPLAYED, replayed.to_string()))))
+        Idempotent::Conflict(id) => Err(ApiError::field(
+            ErrorCode::Conflict,
+            "Idempotency-Key",
+            format!("already used with a different request (job {id}) in the last 24 h"),
+        )),
+        Idempotent::Created => Err(ApiError::internal("an idempotent insert is no replay")),
+    }
 }
 
 /// Submit up to 1,000 jobs at once: all are accepted or none (an invalid job names its field
@@ -138,6 +163,8 @@ pub async fn create_batch(
             })?;
         jobs.push(job);
     }
+    // once for the whole batch, after it validated (an invalid job counts nothing)
+    crate::quota::check_backlog(&state, &principal, jobs.len() as u64).await?;
     state
         .store
         .insert_tenant_jobs(principal.tenant_id, &jobs)

@@ -136,8 +136,9 @@ pub fn validate_job(
     Ok(req)
 }
 
-/// Validates a job request (fields, kind, model, daily quota, backlog) and builds the job row;
-/// errors name the field as in the body.
+/// Validates a job request (fields, kind, model, daily quota) and builds the job row; errors
+/// name the field as in the body. The caller checks the backlog once for all it submits
+/// (`quota::check_backlog`).
 pub async fn build_job(
     state: &AppState,
     principal: &switchyard_store::Principal,
@@ -146,7 +147,6 @@ pub async fn build_job(
 ) -> ApiResult<NewJob> {
     let req = validate_job(state, principal, value)?;
     crate::quota::check_daily(state, principal, req.kind.as_str()).await?;
-    crate::quota::check_backlog(state, principal, 1).await?;
     Ok(NewJob {
         id: Uuid::now_v7(),
         tenant_id: principal.tenant_id,
@@ -198,7 +198,17 @@ pub async fn create_job(
         .map(|_| switchyard_core::apikey::digest(&value.to_string()));
     let trace = request_trace(&headers);
     tracing::Span::current().record("trace_id", trace.trace_id.as_str());
+    if let (Some(key), Some(digest)) = (&idempotency, request_digest) {
+        // a client repeating a request it got no answer to gets its job back, even when a
+        // quota or the backlog would refuse a new one now
+        if let Some(replay) =
+            crate::routes::job_batch::replay_idempotent(&state, &principal, key, digest).await?
+        {
+            return Ok(replay);
+        }
+    }
     let job = build_job(&state, &principal, value, &trace).await?;
+    crate::quota::check_backlog(&state, &principal, 1).await?;
     if let (Some(key), Some(digest)) = (idempotency, request_digest) {
         return crate::routes::job_batch::submit_idempotent(&state, &principal, &key, digest, job)
             .await;

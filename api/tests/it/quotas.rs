@@ -187,6 +187,9 @@ async fn daily_quotas_refuse_new_jobs_and_are_reported(pool: PgPool) {
         .await
         .unwrap();
     assert_eq!(r.status(), 429);
+    // the wait until midnight, as on the native routes (not OpenAI's default second)
+    let oai_retry = header(&r, "retry-after").unwrap();
+    assert!(oai_retry.abs_diff(retry) <= 2, "{oai_retry} vs {retry}");
     let body: Value = r.json().await.unwrap();
     assert_eq!(body["error"]["type"], "insufficient_quota", "{body}");
     let conv: Value = app
@@ -253,9 +256,23 @@ async fn a_full_backlog_refuses_new_jobs_until_workers_catch_up(pool: PgPool) {
         .await
         .unwrap();
     let mut ids = Vec::new();
-    for _ in 0..3 {
+    let keyed = || {
+        app.auth(app.http.post(app.url("/v1/jobs")))
+            .header("idempotency-key", "full-backlog-1")
+            .json(&json!({"kind": "system.noop", "input": {}}))
+            .send()
+    };
+    let first: Value = keyed().await.unwrap().json().await.unwrap();
+    ids.push(first["id"].as_str().unwrap().parse().unwrap());
+    for _ in 0..2 {
         ids.push(app.submit_noop(json!({})).await);
     }
+    // a client repeating a request it got no answer to gets its job, full backlog or not
+    let r = keyed().await.unwrap();
+    assert_eq!(r.status(), 202);
+    assert_eq!(r.headers()["idempotent-replayed"], "true");
+    let again: Value = r.json().await.unwrap();
+    assert_eq!(again["id"], first["id"]);
     let refused = |body: Value, path: &'static str| {
         let r = app.auth(app.http.post(app.url(path))).json(&body).send();
         async move {
@@ -277,6 +294,18 @@ async fn a_full_backlog_refuses_new_jobs_until_workers_catch_up(pool: PgPool) {
         "/v1/jobs/batch",
     )
     .await;
+    // the front door says so in OpenAI's rate-limit shape (clients retry it), with the wait
+    let r = app
+        .auth(app.http.post(app.url("/v1/chat/completions")))
+        .json(&json!({"model": "mock-echo", "messages": [{"role": "user", "content": "x"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 429);
+    assert_eq!(header(&r, "retry-after"), Some(5));
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["type"], "rate_limit_error", "{v}");
+    assert_eq!(v["error"]["code"], "rate_limit_exceeded", "{v}");
     let q = app.get_json("/v1/quotas").await;
     assert_eq!(q["usage"]["queued_jobs"], 3, "{q}");
     assert_eq!(q["limits"]["max_queued_jobs"], 3, "{q}");

@@ -161,11 +161,40 @@ async fn a_dead_workers_job_is_reclaimed_after_its_lease(pool: PgPool) {
             ClaimOutcome::Claimed(_)
         ));
     }
+    // the ghost streamed output before it died: events Postgres' seq knows nothing of
+    let bus = app.bus().await;
+    for seq in 2..=9 {
+        let ev = Event::new(exhausted, seq, 1, "output.delta", json!({"text": "x"}));
+        assert_eq!(bus.publish(&ev).await.unwrap(), Published::Ok);
+    }
     app.start_worker().await;
     let j = app.wait_status(id, "succeeded", T).await;
     assert_eq!(j["attempt"], 2, "the lost attempt counts");
     let j = app.wait_status(exhausted, "failed", T).await;
     assert_eq!(j["error"]["code"], "lease_expired");
+    // its end still reaches subscribers, numbered after the ghost's events
+    let mut ws = app.ws().await;
+    ws.subscribe(exhausted, 0).await;
+    let evs = ws.until_terminal(exhausted, T).await;
+    let last = evs.last().unwrap();
+    assert_eq!(last["type"], "failed", "{evs:?}");
+    assert!(last["seq"].as_u64().unwrap() > 9, "{last}");
+    // and a retry's `queued` after it, then the new run to its end
+    let r = app
+        .auth(
+            app.http
+                .post(app.url(&format!("/v1/jobs/{exhausted}/retry"))),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    let mut ws = app.ws().await;
+    ws.subscribe(exhausted, last["seq"].as_u64().unwrap()).await;
+    let evs = ws.until_terminal(exhausted, T).await;
+    assert_eq!(evs[0]["data"]["status"], "queued", "{evs:?}");
+    assert!(evs[0]["seq"].as_u64() > last["seq"].as_u64(), "{evs:?}");
+    assert_eq!(evs.last().unwrap()["type"], "succeeded", "{evs:?}");
     app.stop().await;
 }
 
@@ -310,12 +339,17 @@ async fn jobs_still_running_after_the_grace_period_are_released(pool: PgPool) {
     let mut app = spawn_without_worker(pool).await;
     app.start_worker_with_grace(Duration::from_millis(300))
         .await;
-    let id = app.submit_noop(json!({"sleep_ms": 3000})).await;
+    // its only attempt: a release is not the job's failure, so the attempt is given back
+    let job = app
+        .submit(json!({"kind": "system.noop", "input": {"sleep_ms": 3000}, "max_attempts": 1}))
+        .await;
+    let id = job["id"].as_str().unwrap().parse().unwrap();
     app.wait_status(id, "running", T).await;
     app.stop_workers().await;
     let j = app.get_job(id).await;
     assert_eq!(j["status"], "queued", "released back to the queue: {j}");
     assert_eq!(j["error"]["code"], "worker_shutdown");
+    assert_eq!(j["max_attempts"], 2, "{j}");
     app.start_worker().await;
     let j = app.wait_status(id, "succeeded", T).await;
     assert_eq!(j["attempt"], 2);

@@ -273,6 +273,21 @@ pub(crate) async fn sse_streams_and_resumes_with_last_event_id_on(pool: PgPool, 
         .unwrap();
     let tail: Vec<Value> = sse_events(r).await.into_iter().map(|(_, _, v)| v).collect();
     assert_eq!(tail, values[3..].to_vec());
+    // the largest `after` there is reads nothing rather than overflowing (a panic would cut
+    // the stream with an error)
+    let r = app
+        .auth(
+            app.http
+                .get(app.url(&format!("/v1/jobs/{id}/events?after={}", u64::MAX))),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    if let Ok(body) = tokio::time::timeout(Duration::from_millis(1500), r.text()).await {
+        let body = body.expect("the stream ends cleanly");
+        assert!(!body.contains("\"seq\""), "{body}");
+    }
     app.stop().await;
 }
 

@@ -85,6 +85,11 @@ pub fn is_public(ip: IpAddr) -> bool {
                 return is_public_v4(v4);
             }
             let s = v6.segments();
+            // IPv4-compatible (::a.b.c.d, deprecated), :: and ::1 included
+            if s[..6] == [0; 6] {
+                let o = v6.octets();
+                return is_public_v4(Ipv4Addr::new(o[12], o[13], o[14], o[15]));
+            }
             // NAT64 (64:ff9b::/96) embeds an IPv4 address
             if s[0] == 0x64 && s[1] == 0xff9b && s[2..6] == [0, 0, 0, 0] {
                 let o = v6.octets();
@@ -138,19 +143,19 @@ pub fn check_url(field: &str, raw: &str, allow_private: bool) -> Result<(), Fiel
     if raw.chars().any(|c| c.is_whitespace() || c.is_control()) {
         return Err(bad("the URL contains whitespace or control characters"));
     }
-    let host = if let Some(v6) = authority.strip_prefix('[') {
-        v6.split(']').next().unwrap_or("")
-    } else {
-        authority.rsplit_once(':').map_or(authority, |(h, _)| h)
+    // the host as the HTTP client will read it: WHATWG parsing turns `2130706433`, `0x7f.1`
+    // and `127.1` into 127.0.0.1, which the client would then dial without any lookup
+    let parsed = url::Url::parse(raw).map_err(|e| bad(&format!("not a valid URL: {e}")))?;
+    let ip = match parsed.host() {
+        None => return Err(bad("the URL has no host")),
+        Some(url::Host::Domain(_)) => None,
+        Some(url::Host::Ipv4(v4)) => Some(IpAddr::V4(v4)),
+        Some(url::Host::Ipv6(v6)) => Some(IpAddr::V6(v6)),
     };
-    if !allow_private {
-        if let Ok(ip) = host.parse::<IpAddr>() {
-            if !is_public(ip) {
-                return Err(bad(
-                    "private, loopback and link-local addresses are not allowed",
-                ));
-            }
-        }
+    if !allow_private && ip.is_some_and(|ip| !is_public(ip)) {
+        return Err(bad(
+            "private, loopback and link-local addresses are not allowed",
+        ));
     }
     Ok(())
 }
@@ -175,6 +180,8 @@ mod tests {
             "fd00::1",
             "fe80::1",
             "::ffff:127.0.0.1",
+            "::127.0.0.1",
+            "::10.0.0.1",
             "64:ff9b::a00:1",
         ] {
             assert!(!is_public(ip.parse().unwrap()), "{ip}");
@@ -196,6 +203,13 @@ mod tests {
             "http://[::1]/x",
             "http://169.254.169.254/latest/meta-data",
             "https://exa mple.com",
+            // spellings of 127.0.0.1 and 10.0.0.1 that the HTTP client would dial
+            "http://2130706433/x",
+            "http://0x7f.1/x",
+            "http://127.1/x",
+            "http://012.0.0.1/x",
+            "http://[::127.0.0.1]/x",
+            "http://[::ffff:7f00:1]/x",
         ] {
             assert_eq!(check_url("u", bad, false).unwrap_err().field, "u", "{bad}");
         }

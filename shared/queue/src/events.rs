@@ -154,7 +154,21 @@ impl EventBus {
         first: &Event,
         durable_seq: u64,
     ) -> RedisResult<Option<u64>> {
-        let mut ev = first.clone();
+        self.publish_after(first, durable_seq).await
+    }
+
+    /// Publishes `ev` (whose `seq` is ignored) numbered after both the stream's last event and
+    /// `durable_seq`, for an event written by someone other than the run that streamed (a job
+    /// finalized after its worker died mid-stream, a retry): Postgres' seq may lag the events
+    /// that run published, and an event numbered below them would be refused as stale. Returns
+    /// the seq given, `None` if a newer attempt owns the job.
+    pub async fn publish_after(&self, ev: &Event, durable_seq: u64) -> RedisResult<Option<u64>> {
+        let ttl = if ev.is_terminal() {
+            self.done_ttl
+        } else {
+            self.live_ttl
+        };
+        let mut ev = ev.clone();
         ev.seq = SEQ_PLACEHOLDER;
         let json = serde_json::to_string(&ev).map_err(|e| {
             redis::RedisError::from((redis::ErrorKind::TypeError, "event json", e.to_string()))
@@ -179,7 +193,7 @@ impl EventBus {
             .arg(head)
             .arg(tail)
             .arg(self.keys.event_channel(ev.job_id))
-            .arg(self.live_ttl.as_secs())
+            .arg(ttl.as_secs().max(1))
             .invoke_async(&mut c)
             .await?;
         Ok(if seq < 0 { None } else { Some(seq as u64) })
@@ -253,7 +267,7 @@ impl EventBus {
         let (raw, exists): (Value, bool) = redis::pipe()
             .cmd("XRANGE")
             .arg(&key)
-            .arg(format!("{}-0", after + 1))
+            .arg(format!("{}-0", after.saturating_add(1)))
             .arg("+")
             .arg("COUNT")
             .arg(limit)

@@ -68,6 +68,32 @@ impl Store {
         })
     }
 
+    /// What a live `key` of `tenant` says of a request with `digest`: its job
+    /// ([`Idempotent::Existing`]) or [`Idempotent::Conflict`]; `None` when the key is not
+    /// live (the request goes on to [`Store::insert_job_idempotent`], which settles races).
+    pub async fn live_idempotency_key(
+        &self,
+        tenant: Uuid,
+        key: &str,
+        digest: &[u8; 32],
+    ) -> Result<Option<Idempotent>> {
+        let row: Option<(Vec<u8>, Uuid)> = sqlx::query_as(
+            "SELECT request_digest, job_id FROM idempotency_keys
+             WHERE tenant_id = $1 AND key = $2 AND expires_at > now()",
+        )
+        .bind(tenant)
+        .bind(key)
+        .fetch_optional(self.pool())
+        .await?;
+        Ok(row.map(|(stored, job)| {
+            if stored == digest[..] {
+                Idempotent::Existing(job)
+            } else {
+                Idempotent::Conflict(job)
+            }
+        }))
+    }
+
     /// Deletes up to `limit` expired keys; returns how many.
     pub async fn prune_idempotency_keys(&self, limit: i64) -> Result<u64> {
         Ok(sqlx::query(

@@ -151,13 +151,22 @@ pub enum RunEnd {
     Defer {
         run_at: DateTime<Utc>,
     },
+    /// The worker shut down before the run ended: back to `queued` with the reason as its
+    /// error, and the attempt is given back like a deferral's (the job did not fail; on its
+    /// last attempt it still runs again).
+    Released {
+        error: JobError,
+        run_at: DateTime<Utc>,
+    },
 }
 
 impl RunEnd {
     /// When a run that goes back to the queue is due.
     pub fn requeued_at(&self) -> Option<DateTime<Utc>> {
         match self {
-            RunEnd::Retry { run_at, .. } | RunEnd::Defer { run_at } => Some(*run_at),
+            RunEnd::Retry { run_at, .. }
+            | RunEnd::Defer { run_at }
+            | RunEnd::Released { run_at, .. } => Some(*run_at),
             _ => None,
         }
     }
@@ -350,7 +359,11 @@ impl Store {
             }
             return Ok(ClaimOutcome::Skip("raced"));
         }
-        if status == JobStatus::Queued && row.run_at.is_some_and(|t| t > Utc::now()) {
+        // a queued job with a start time that the claim did not take was not due by
+        // Postgres' clock; this host's clock may be ahead of it, so never drop it as raced
+        // (the reconciler re-dispatches only jobs of an older dispatch epoch): it goes back to
+        // the delayed set and is tried again when due
+        if status == JobStatus::Queued && row.run_at.is_some() {
             return Ok(ClaimOutcome::NotDue(row));
         }
         Ok(ClaimOutcome::Skip("raced"))
@@ -537,5 +550,8 @@ fn split_end(end: &RunEnd) -> EndParts<'_> {
         RunEnd::Cancelled => (JobStatus::Cancelled, None, None, None, 0),
         RunEnd::Retry { error, run_at } => (JobStatus::Queued, None, Some(error), Some(*run_at), 0),
         RunEnd::Defer { run_at } => (JobStatus::Queued, None, None, Some(*run_at), 1),
+        RunEnd::Released { error, run_at } => {
+            (JobStatus::Queued, None, Some(error), Some(*run_at), 1)
+        }
     }
 }

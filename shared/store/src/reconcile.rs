@@ -12,7 +12,8 @@ use crate::{Result, Store};
 
 impl Store {
     /// Unfinished jobs not handed to Redis in `epoch` (never dispatched, or Redis lost them),
-    /// committed at least `min_age` ago, oldest first, at most `limit`.
+    /// last written at least `min_age` ago (so a job just submitted or requeued is left to
+    /// its own dispatch, not dispatched twice at once), oldest first, at most `limit`.
     pub async fn undispatched(
         &self,
         epoch: i64,
@@ -22,7 +23,7 @@ impl Store {
         let rows: Vec<ItemRow> = sqlx::query_as(
             "SELECT id, tenant_id, queue, priority, run_at FROM jobs
              WHERE status IN ('queued', 'running') AND dispatch_epoch < $1
-               AND created_at < now() - make_interval(secs => $2 / 1000.0)
+               AND updated_at < now() - make_interval(secs => $2 / 1000.0)
              ORDER BY dispatch_epoch, id LIMIT $3",
         )
         .bind(epoch)

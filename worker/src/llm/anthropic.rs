@@ -54,10 +54,7 @@ fn wire_messages(messages: &[ChatMessage]) -> (Option<String>, Vec<Value>) {
                 })],
             ),
             "assistant" => {
-                let mut b = Vec::new();
-                if !m.content.is_empty() {
-                    b.push(json!({"type": "text", "text": m.content}));
-                }
+                let mut b = text_block(&m.content);
                 for c in m.tool_calls.iter().flatten() {
                     let input: Value =
                         serde_json::from_str(&c.function.arguments).unwrap_or_else(|_| json!({}));
@@ -65,7 +62,7 @@ fn wire_messages(messages: &[ChatMessage]) -> (Option<String>, Vec<Value>) {
                 }
                 ("assistant", b)
             }
-            _ => ("user", vec![json!({"type": "text", "text": m.content})]),
+            _ => ("user", text_block(&m.content)),
         };
         if blocks.is_empty() {
             continue;
@@ -81,6 +78,15 @@ fn wire_messages(messages: &[ChatMessage]) -> (Option<String>, Vec<Value>) {
         .map(|(role, content)| json!({"role": role, "content": content}))
         .collect();
     (system, msgs)
+}
+
+/// A text block, or none for empty or blank text (which the Messages API refuses with 400,
+/// where OpenAI's accepts it); a turn left without blocks is left out.
+fn text_block(text: &str) -> Vec<Value> {
+    if text.trim().is_empty() {
+        return Vec::new();
+    }
+    vec![json!({"type": "text", "text": text})]
 }
 
 fn wire_tool_choice(c: &Value) -> Option<Value> {
@@ -177,9 +183,7 @@ impl Anthropic {
             match kind {
                 "message_start" => {
                     let u = &v["message"]["usage"];
-                    input_tokens = u["input_tokens"].as_u64().unwrap_or(0)
-                        + u["cache_read_input_tokens"].as_u64().unwrap_or(0)
-                        + u["cache_creation_input_tokens"].as_u64().unwrap_or(0);
+                    input_tokens = prompt_tokens(u);
                     output_tokens = u["output_tokens"].as_u64().unwrap_or(0);
                 }
                 "content_block_start" => {
@@ -309,12 +313,22 @@ impl Anthropic {
             text,
             finish_reason: reply_finish(v["stop_reason"].as_str(), json_mode),
             tool_calls: calls,
-            usage: Usage::new(
-                u["input_tokens"].as_u64().unwrap_or(0),
-                u["output_tokens"].as_u64().unwrap_or(0),
-            ),
+            usage: Usage::new(prompt_tokens(u), u["output_tokens"].as_u64().unwrap_or(0)),
         })
     }
+}
+
+/// The prompt's tokens of a `usage` object: those read from and written to Anthropic's prompt
+/// cache are counted apart from `input_tokens`.
+fn prompt_tokens(u: &Value) -> u64 {
+    [
+        "input_tokens",
+        "cache_read_input_tokens",
+        "cache_creation_input_tokens",
+    ]
+    .iter()
+    .map(|k| u[*k].as_u64().unwrap_or(0))
+    .sum()
 }
 
 fn tool_calls(blocks: BTreeMap<u64, Block>) -> Vec<ToolCall> {
@@ -448,6 +462,29 @@ mod tests {
         assert_eq!(msgs[1]["content"][0]["input"]["q"], "x");
         assert_eq!(msgs[2]["role"], "user");
         assert_eq!(msgs[2]["content"][0]["tool_use_id"], "t1");
+    }
+
+    #[test]
+    fn blank_text_is_left_out_and_turns_without_blocks_too() {
+        let (_, msgs) = wire_messages(&[
+            ChatMessage::new("user", "a"),
+            ChatMessage::new("assistant", " \n"),
+            ChatMessage::new("user", ""),
+            ChatMessage::new("user", "b"),
+        ]);
+        assert_eq!(
+            msgs,
+            [json!({"role": "user", "content": [
+                {"type": "text", "text": "a"}, {"type": "text", "text": "b"}]})]
+        );
+    }
+
+    #[test]
+    fn prompt_tokens_count_the_cache_s_reads_and_writes() {
+        let u = json!({"input_tokens": 5, "cache_read_input_tokens": 100,
+            "cache_creation_input_tokens": 20, "output_tokens": 9});
+        assert_eq!(prompt_tokens(&u), 125);
+        assert_eq!(prompt_tokens(&json!({"input_tokens": 7})), 7);
     }
 
     #[test]

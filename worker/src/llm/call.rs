@@ -246,6 +246,8 @@ impl Providers {
                     };
                     announce_restart(sink, &e, model, calls + 1).await;
                 }
+                // a silent sink records too (the cache): never splice the next reply onto this
+                sink.discard_recorded();
                 if !again {
                     break;
                 }

@@ -178,6 +178,12 @@ impl<'a> Sink<'a> {
     /// Forgets what streamed (after a restart was announced).
     pub fn reset(&self) {
         self.streamed.store(false, Ordering::Relaxed);
+        self.discard_recorded();
+    }
+
+    /// Forgets the recorded deltas of a call that failed: the next call's reply is recorded
+    /// alone, whether or not the failed one reached the client.
+    pub fn discard_recorded(&self) {
         if let Some(r) = &self.recorded {
             if let Ok(mut r) = r.lock() {
                 r.clear();

@@ -116,8 +116,17 @@ struct ToolCallDelta {
 struct FunctionDelta {
     #[serde(default)]
     name: Option<String>,
-    #[serde(default)]
+    /// A string of JSON; a server that sends the object itself gets it re-encoded.
+    #[serde(default, deserialize_with = "arguments_text")]
     arguments: Option<String>,
+}
+
+fn arguments_text<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    Ok(match Value::deserialize(d)? {
+        Value::Null => None,
+        Value::String(s) => Some(s),
+        other => Some(other.to_string()),
+    })
 }
 
 #[derive(Deserialize, Clone, Copy)]
@@ -137,7 +146,16 @@ struct ToolCalls(Vec<ToolCall>);
 
 impl ToolCalls {
     fn apply(&mut self, d: ToolCallDelta) {
-        let i = d.index.unwrap_or(self.0.len().saturating_sub(1));
+        let i = match (d.index, self.0.last()) {
+            (Some(i), _) => i,
+            (None, None) => 0,
+            // servers that leave `index` out (Gemini's compatible endpoint): a fragment
+            // with a new id starts the next call, one without continues the last
+            (None, Some(last)) => match d.id.as_deref() {
+                Some(id) if !id.is_empty() && !last.id.is_empty() && last.id != id => self.0.len(),
+                _ => self.0.len() - 1,
+            },
+        };
         if i >= MAX_TOOL_CALLS {
             return; // a misbehaving server; never grow without bound
         }
@@ -164,6 +182,27 @@ impl ToolCalls {
             }
         }
     }
+}
+
+/// The tool calls of a whole (not streamed) reply, read as leniently as streamed fragments
+/// (servers add fields of their own); a list that cannot be read fails the call rather than
+/// losing the calls.
+fn whole_tool_calls(v: &Value) -> Result<Vec<ToolCall>, ProviderError> {
+    if v.is_null() {
+        return Ok(Vec::new());
+    }
+    let parts: Vec<ToolCallDelta> = serde_json::from_value(v.clone()).map_err(|e| {
+        ProviderError::new(
+            Failure::Stream,
+            format!("malformed tool_calls in the reply: {e}"),
+        )
+    })?;
+    let mut calls = ToolCalls::default();
+    for (i, mut p) in parts.into_iter().enumerate() {
+        p.index = Some(i);
+        calls.apply(p);
+    }
+    Ok(calls.0)
 }
 
 fn finish(
@@ -269,8 +308,7 @@ impl OpenAi {
         }
         let msg = &choice["message"];
         let text = msg["content"].as_str().unwrap_or("").to_string();
-        let calls: Vec<ToolCall> =
-            serde_json::from_value(msg["tool_calls"].clone()).unwrap_or_default();
+        let calls = whole_tool_calls(&msg["tool_calls"])?;
         let usage: Option<WireUsage> = serde_json::from_value(v["usage"].clone()).ok();
         sink.text(text.clone()).await;
         for (i, c) in calls.iter().enumerate() {
@@ -317,5 +355,68 @@ impl LlmProvider for OpenAi {
         } else {
             self.whole(resp, started, req, sink).await
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn streamed(fragments: Value) -> Vec<ToolCall> {
+        let mut calls = ToolCalls::default();
+        for f in serde_json::from_value::<Vec<ToolCallDelta>>(fragments).unwrap() {
+            calls.apply(f);
+        }
+        calls.0
+    }
+
+    fn summary(calls: &[ToolCall]) -> Vec<(&str, &str, &str)> {
+        calls
+            .iter()
+            .map(|c| {
+                let f = &c.function;
+                (c.id.as_str(), f.name.as_str(), f.arguments.as_str())
+            })
+            .collect()
+    }
+
+    #[test]
+    fn streamed_fragments_without_an_index_start_a_call_on_a_new_id() {
+        let calls = streamed(json!([
+            {"id": "a", "function": {"name": "f", "arguments": "{\"x\""}},
+            {"function": {"arguments": ": 1}"}},
+            {"id": "b", "function": {"name": "g", "arguments": "{}"}},
+            {"id": "b", "function": {"arguments": ""}},
+        ]));
+        assert_eq!(
+            summary(&calls),
+            [("a", "f", "{\"x\": 1}"), ("b", "g", "{}")]
+        );
+        // with indexes, ids do not matter
+        let calls = streamed(json!([
+            {"index": 0, "id": "a", "function": {"name": "f", "arguments": "{"}},
+            {"index": 1, "id": "b", "function": {"name": "g", "arguments": "{}"}},
+            {"index": 0, "function": {"arguments": "}"}},
+        ]));
+        assert_eq!(summary(&calls), [("a", "f", "{}"), ("b", "g", "{}")]);
+    }
+
+    #[test]
+    fn a_whole_reply_s_tool_calls_survive_fields_of_other_servers() {
+        let calls = whole_tool_calls(&json!([
+            {"index": 0, "id": "a", "type": "function", "extra_content": {"google": {}},
+             "function": {"name": "f", "arguments": "{\"x\":1}"}},
+            {"id": "b", "type": "function", "function": {"name": "g", "arguments": {"y": 2}}},
+        ]))
+        .unwrap();
+        assert_eq!(
+            summary(&calls),
+            [("a", "f", "{\"x\":1}"), ("b", "g", "{\"y\":2}")]
+        );
+        assert!(whole_tool_calls(&Value::Null).unwrap().is_empty());
+        let e = whole_tool_calls(&json!({"not": "a list"})).unwrap_err();
+        assert_eq!(e.failure, Failure::Stream);
     }
 }

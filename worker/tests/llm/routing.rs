@@ -243,6 +243,23 @@ async fn a_restart_after_streamed_tokens_is_announced_never_spliced() {
         want,
         "after the restart: the new reply only"
     );
+    // a reply recorded for the cache but not streamed (`stream: false`) keeps the second
+    // call's deltas alone, though no restart was announced
+    let (c, rx) = ctx();
+    let sink = Sink::recording(&c).silenced(true);
+    let done = p
+        .complete(&input("flaky", "red green blue yellow"), &[], &msgs, &sink)
+        .await
+        .unwrap();
+    let recorded = sink.recorded();
+    drop(sink);
+    drop(c);
+    assert_eq!(done.output.text, want);
+    assert_eq!(recorded.concat(), want, "{recorded:?}");
+    assert!(
+        text_of(&drain(rx)).is_empty(),
+        "a silent sink streams nothing"
+    );
     stop.cancel();
 }
 
