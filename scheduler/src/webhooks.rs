@@ -93,7 +93,10 @@ impl Deliverer {
 
     /// One round: claims due deliveries and attempts them concurrently; returns how many.
     pub async fn round(&self) -> anyhow::Result<usize> {
-        let lease = (self.cfg.timeout_s as f64 * 2.0).max(5.0);
+        // the lease covers the whole round: its last wave starts after the others took up
+        // to the timeout each (a shorter lease let another scheduler send them again)
+        let waves = (BATCH as f64 / self.cfg.concurrency.max(1) as f64).ceil();
+        let lease = (self.cfg.timeout_s.max(1) as f64 * (waves + 1.0)).max(5.0);
         let tasks = self.store.claim_deliveries(BATCH, lease).await?;
         let n = tasks.len();
         futures::stream::iter(tasks)
@@ -132,13 +135,21 @@ impl Deliverer {
             "error": error,
             "duration_ms": started.elapsed().as_millis() as u64,
         });
-        if let Err(e) = self
+        match self
             .store
-            .record_delivery(t.id, status, error.as_deref(), &entry, &outcome)
+            .record_delivery(t.id, t.attempt, status, error.as_deref(), &entry, &outcome)
             .await
         {
+            Ok(true) => {}
+            Ok(false) => tracing::warn!(
+                delivery = %t.id,
+                attempt = t.attempt,
+                "a webhook attempt ended after its claim ran out; only its log entry was kept"
+            ),
             // the claim's lease runs out and the delivery is tried again
-            tracing::warn!(error = %e, delivery = %t.id, "could not record a webhook attempt");
+            Err(e) => {
+                tracing::warn!(error = %e, delivery = %t.id, "could not record a webhook attempt")
+            }
         }
     }
 

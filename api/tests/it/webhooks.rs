@@ -184,3 +184,53 @@ async fn private_addresses_are_refused_at_submission_and_at_connect_time(pool: P
     );
     app.stop().await;
 }
+
+/// A scheduler whose claim ran out (another one claimed the delivery again) cannot overwrite
+/// the newer attempt's outcome with its late one: the late attempt only joins the log.
+#[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
+async fn a_late_attempt_never_overwrites_a_newer_claims_outcome(pool: PgPool) {
+    use switchyard_store::DeliveryOutcome;
+    let app = crate::support::spawn_api_only(pool).await;
+    let s = &app.store;
+    let job = switchyard_store::NewJob {
+        webhook_url: Some("http://127.0.0.1:9/hook".into()),
+        ..crate::support::new_job(app.tenant)
+    };
+    s.insert_jobs(std::slice::from_ref(&job)).await.unwrap();
+    sqlx::query("UPDATE jobs SET status = 'succeeded', finished_at = now() WHERE id = $1")
+        .bind(job.id)
+        .execute(s.pool())
+        .await
+        .unwrap();
+    let first = s.claim_deliveries(10, 0.05).await.unwrap();
+    assert_eq!(first.len(), 1);
+    assert_eq!(first[0].attempt, 1);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // the first claim's lease ran out: another scheduler takes the delivery
+    let second = s.claim_deliveries(10, 60.0).await.unwrap();
+    assert_eq!((second.len(), second[0].attempt), (1, 2));
+    let id = first[0].id;
+    let retry = DeliveryOutcome::Retry {
+        at: chrono::Utc::now() + chrono::Duration::seconds(30),
+    };
+    let late = json!({"attempt": 1, "status": 200});
+    let written = s
+        .record_delivery(id, 1, Some(200), None, &late, &DeliveryOutcome::Delivered)
+        .await
+        .unwrap();
+    assert!(!written, "the late attempt's outcome is not written");
+    let newer = json!({"attempt": 2, "status": 500});
+    let written = s
+        .record_delivery(id, 2, Some(500), Some("HTTP 500"), &newer, &retry)
+        .await
+        .unwrap();
+    assert!(written);
+    let d = app
+        .get_json(&format!("/v1/jobs/{}/deliveries", job.id))
+        .await;
+    let d0 = &d["data"][0];
+    assert_eq!(d0["state"], "pending", "{d}");
+    assert_eq!(d0["last_status"], 500, "{d}");
+    assert_eq!(d0["log"], json!([late, newer]), "{d}");
+    app.stop().await;
+}

@@ -105,26 +105,30 @@ impl Store {
             .collect())
     }
 
-    /// Records one attempt (`status` and/or `error`, appended to the log) and what follows.
+    /// Records attempt `attempt` (`status` and/or `error`, appended to the log) and what
+    /// follows, fenced by the attempt: when the claim's lease ran out and another scheduler
+    /// claimed the delivery again, or it already ended, this late attempt only joins the log
+    /// (its outcome would overwrite the newer one's). Returns whether the outcome was written.
     pub async fn record_delivery(
         &self,
         id: Uuid,
+        attempt: i32,
         status: Option<i32>,
         error: Option<&str>,
         entry: &Value,
         outcome: &DeliveryOutcome,
-    ) -> Result<()> {
+    ) -> Result<bool> {
         let (state, next) = match outcome {
             DeliveryOutcome::Delivered => ("delivered", None),
             DeliveryOutcome::Retry { at } => ("pending", Some(*at)),
             DeliveryOutcome::GiveUp => ("failed", None),
         };
-        sqlx::query(
+        let written = sqlx::query(
             "UPDATE webhook_deliveries SET state = $2, last_status = $3, last_error = $4,
                  log = log || jsonb_build_array($5::jsonb),
                  next_attempt_at = COALESCE($6, next_attempt_at),
                  delivered_at = CASE WHEN $2 = 'delivered' THEN now() END
-             WHERE id = $1",
+             WHERE id = $1 AND attempts = $7 AND state = 'pending'",
         )
         .bind(id)
         .bind(state)
@@ -132,9 +136,22 @@ impl Store {
         .bind(error)
         .bind(entry)
         .bind(next)
+        .bind(attempt)
         .execute(self.pool())
-        .await?;
-        Ok(())
+        .await?
+        .rows_affected()
+            == 1;
+        if !written {
+            sqlx::query(
+                "UPDATE webhook_deliveries SET log = log || jsonb_build_array($2::jsonb)
+                 WHERE id = $1",
+            )
+            .bind(id)
+            .bind(entry)
+            .execute(self.pool())
+            .await?;
+        }
+        Ok(written)
     }
 
     /// The deliveries of a job in the scope, oldest first.
