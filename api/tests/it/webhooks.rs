@@ -234,3 +234,43 @@ async fn a_late_attempt_never_overwrites_a_newer_claims_outcome(pool: PgPool) {
     assert_eq!(d0["log"], json!([late, newer]), "{d}");
     app.stop().await;
 }
+
+/// A delivery describes the ending it announces, though the job moved on (a retry) before
+/// the delivery went out: the trigger keeps the row as it ended.
+#[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
+async fn a_delivery_carries_the_job_as_it_ended(pool: PgPool) {
+    let app = crate::support::spawn_api_only(pool).await;
+    let s = &app.store;
+    let job = switchyard_store::NewJob {
+        webhook_url: Some("http://127.0.0.1:9/hook".into()),
+        ..crate::support::new_job(app.tenant)
+    };
+    s.insert_jobs(std::slice::from_ref(&job)).await.unwrap();
+    sqlx::query(
+        "UPDATE jobs SET status = 'failed', attempt = 1, finished_at = now(),
+             error = '{\"code\": \"boom\", \"message\": \"x\", \"retryable\": false}' WHERE id = $1",
+    )
+    .bind(job.id)
+    .execute(s.pool())
+    .await
+    .unwrap();
+    // retried before its delivery went out: queued again, the error cleared
+    sqlx::query(
+        "UPDATE jobs SET status = 'queued', error = NULL, finished_at = NULL WHERE id = $1",
+    )
+    .bind(job.id)
+    .execute(s.pool())
+    .await
+    .unwrap();
+    let tasks = s.claim_deliveries(10, 60.0).await.unwrap();
+    assert_eq!(tasks.len(), 1);
+    assert_eq!(tasks[0].event, "job.failed");
+    let ended = tasks[0].job.as_ref().expect("the snapshot").to_job();
+    assert_eq!(ended.status.as_str(), "failed");
+    assert_eq!(ended.attempt, 1);
+    let v = serde_json::to_value(&ended).unwrap();
+    assert_eq!(v["error"]["code"], "boom", "{v}");
+    assert!(v["finished_at"].is_string(), "{v}");
+    assert_eq!(app.get_job(job.id).await["status"], "queued");
+    app.stop().await;
+}

@@ -17,8 +17,8 @@ pub(crate) const JOB_COLUMNS: &str = "id, tenant_id, created_by, kind, queue, pr
     finished_at, run_at, lease_owner, lease_expires_at, cancel_requested_at, dispatch_epoch, event_seq, \
     backoff, webhook_url";
 
-/// A job row as stored.
-#[derive(Debug, Clone, sqlx::FromRow)]
+/// A job row as stored (also read from a row's `to_jsonb`, as webhook deliveries keep it).
+#[derive(Debug, Clone, sqlx::FromRow, serde::Deserialize)]
 pub struct JobRow {
     pub id: Uuid,
     pub tenant_id: Uuid,

@@ -34,7 +34,24 @@ pub enum DeliveryOutcome {
     GiveUp,
 }
 
-type ClaimedRow = (Uuid, Uuid, Uuid, String, String, i32, DateTime<Utc>);
+type ClaimedRow = (
+    Uuid,
+    Uuid,
+    Uuid,
+    String,
+    String,
+    i32,
+    DateTime<Utc>,
+    Option<Value>,
+);
+
+/// The job row the trigger kept when the job ended; `None` (the delivery gives up as for a
+/// job that is gone) if it cannot be read, which is logged.
+fn snapshot_row(delivery: Uuid, v: Value) -> Option<JobRow> {
+    serde_json::from_value(v)
+        .map_err(|e| tracing::error!(%delivery, error = %e, "unreadable job snapshot"))
+        .ok()
+}
 
 type DeliveryRow = (
     Uuid,
@@ -62,7 +79,8 @@ impl Store {
              UPDATE webhook_deliveries d SET attempts = d.attempts + 1,
                  next_attempt_at = now() + make_interval(secs => $2)
              FROM due WHERE d.id = due.id
-             RETURNING d.id, d.tenant_id, d.job_id, d.url, d.event, d.attempts, d.created_at",
+             RETURNING d.id, d.tenant_id, d.job_id, d.url, d.event, d.attempts, d.created_at,
+                 d.job",
         )
         .bind(limit)
         .bind(lease_s)
@@ -71,7 +89,8 @@ impl Store {
         if rows.is_empty() {
             return Ok(Vec::new());
         }
-        let job_ids: Vec<Uuid> = rows.iter().map(|r| r.2).collect();
+        // rows from before snapshots: the job as it is now
+        let job_ids: Vec<Uuid> = rows.iter().filter(|r| r.7.is_none()).map(|r| r.2).collect();
         let tenant_ids: Vec<Uuid> = rows.iter().map(|r| r.1).collect();
         let jobs = sqlx::query_as::<_, JobRow>(&format!(
             "SELECT {JOB_COLUMNS} FROM jobs WHERE id = ANY($1)"
@@ -87,7 +106,7 @@ impl Store {
         Ok(rows
             .into_iter()
             .map(
-                |(id, tenant_id, job_id, url, event, attempt, created_at)| DeliveryTask {
+                |(id, tenant_id, job_id, url, event, attempt, created_at, snapshot)| DeliveryTask {
                     id,
                     tenant_id,
                     job_id,
@@ -95,7 +114,10 @@ impl Store {
                     event,
                     attempt,
                     created_at,
-                    job: jobs.iter().find(|j| j.id == job_id).cloned(),
+                    job: match snapshot {
+                        Some(s) => snapshot_row(id, s),
+                        None => jobs.iter().find(|j| j.id == job_id).cloned(),
+                    },
                     secret: secrets
                         .iter()
                         .find(|(t, _)| *t == tenant_id)
