@@ -270,6 +270,12 @@ impl Relay {
             }
             types::SUCCEEDED => {
                 let out = &data["output"];
+                if let Some(r) = out["refusal"].as_str() {
+                    // refusals are not streamed as tokens: the whole of it, before the end
+                    self.pending.push_back(
+                        wire::chunk(&self.meta, json!({ "refusal": r }), None).to_string(),
+                    );
+                }
                 let fin = out["finish_reason"].as_str().unwrap_or("stop");
                 self.pending
                     .push_back(wire::chunk(&self.meta, json!({}), Some(fin)).to_string());

@@ -238,7 +238,15 @@ pub fn completion(meta: &Meta, job_id: &str, output: &Value) -> Value {
     } else {
         Value::String(text.to_string())
     };
-    let mut message = json!({ "role": "assistant", "content": content, "refusal": null });
+    let refusal = output.get("refusal").filter(|r| r.is_string()).cloned();
+    let content = match (&refusal, content) {
+        // a refusal has no content, as OpenAI answers it
+        (Some(_), Value::String(s)) if s.is_empty() => Value::Null,
+        (_, c) => c,
+    };
+    let mut message = json!({
+        "role": "assistant", "content": content, "refusal": refusal.unwrap_or(Value::Null),
+    });
     if let Some(c) = calls {
         message["tool_calls"] = c.clone();
     }

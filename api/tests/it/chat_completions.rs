@@ -85,6 +85,53 @@ async fn non_streaming_completion(pool: PgPool) {
     app.stop().await;
 }
 
+/// A model's refusal reaches OpenAI's `refusal` field (content null), and streams as a
+/// `refusal` delta, never as content.
+#[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
+async fn a_refusal_is_openai_s_refusal_field(pool: PgPool) {
+    let app = spawn_app(pool).await;
+    let r = chat(
+        &app,
+        json!({"model": "mock-refusal", "messages": user("one two")}),
+    )
+    .await;
+    assert_eq!(r.status(), 200);
+    let v: Value = r.json().await.unwrap();
+    let m = &v["choices"][0]["message"];
+    assert_eq!(m["refusal"], expected("one two").as_str(), "{v}");
+    assert_eq!(m["content"], Value::Null, "{v}");
+    let r = chat(
+        &app,
+        json!({"model": "mock-refusal", "messages": user("one two"), "stream": true}),
+    )
+    .await;
+    let data = sse_data(r).await;
+    let chunks: Vec<Value> = data
+        .iter()
+        .filter(|d| *d != "[DONE]")
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect();
+    let refusal: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["refusal"].as_str())
+        .collect();
+    assert_eq!(refusal, expected("one two"));
+    let content: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    assert_eq!(content, "");
+    // an ordinary answer says `refusal: null`
+    let r = chat(
+        &app,
+        json!({"model": "mock-echo", "messages": user("one two")}),
+    )
+    .await;
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["choices"][0]["message"]["refusal"], Value::Null, "{v}");
+    app.stop().await;
+}
+
 #[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
 async fn streaming_completion_with_usage_and_tools(pool: PgPool) {
     let app = spawn_app(pool).await;

@@ -75,7 +75,11 @@ pub(crate) async fn chat_completions(
             state.shutdown.clone(),
         );
     }
-    let body = wire::completion_json(&meta, &reply);
+    let mut body = wire::completion_json(&meta, &reply);
+    if call.behaviour == Behaviour::Refusal {
+        let m = &mut body["choices"][0]["message"];
+        m["refusal"] = m["content"].take();
+    }
     server::plain(&state, ROUTE, call, body).await
 }
 
@@ -100,7 +104,12 @@ fn stream_plan(
             ))];
             // one chunk serialized, the token spliced in: a JSON tree per token made the mock
             // the load test's second-largest CPU user
-            let token_chunk = TokenChunk::new(&chunk(json!({ "content": TOKEN_SLOT }), None));
+            let field = if behaviour == Behaviour::Refusal {
+                "refusal"
+            } else {
+                "content"
+            };
+            let token_chunk = TokenChunk::new(&chunk(json!({ field: TOKEN_SLOT }), None));
             let tokens = c
                 .tokens
                 .iter()

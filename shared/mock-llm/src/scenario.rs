@@ -25,6 +25,7 @@ pub const MOCK_MODELS: &[&str] = &[
     "mock-overloaded",
     "mock-tool",
     "mock-variants",
+    "mock-refusal",
 ];
 
 /// The context window the `mock-context-length` errors quote.
@@ -42,6 +43,8 @@ pub(crate) enum Behaviour {
     MidstreamError,
     Variants,
     Tool,
+    /// The reply comes as a refusal (OpenAI's `refusal` instead of `content`; OpenAI route).
+    Refusal,
 }
 
 /// Every error response the mock sends, before it is put in a route's shape.
@@ -228,6 +231,7 @@ pub(crate) fn resolve(model: &str, call: u64, prompt_tokens: u32) -> Result<Beha
         "mock-cut" => Ok(Behaviour::Cut),
         "mock-midstream-error" => Ok(Behaviour::MidstreamError),
         "mock-variants" => Ok(Behaviour::Variants),
+        "mock-refusal" => Ok(Behaviour::Refusal),
         m if m == "mock-tool" || m.starts_with("mock-tool-") => Ok(Behaviour::Tool),
         m if m.starts_with("mock-") => Ok(Behaviour::Normal),
         m => Err(Failure::NotFound {

@@ -115,7 +115,11 @@ impl SseParts {
             Behaviour::Stall => (1, Ending::Stall),
             Behaviour::Drop => (2, Ending::Abort(DROP_MESSAGE)),
             Behaviour::Cut | Behaviour::MidstreamError => (2, Ending::Cut),
-            Behaviour::Normal | Behaviour::Slow | Behaviour::Variants | Behaviour::Tool => {
+            Behaviour::Normal
+            | Behaviour::Slow
+            | Behaviour::Variants
+            | Behaviour::Tool
+            | Behaviour::Refusal => {
                 head.append(&mut tokens);
                 head.extend(tail);
                 return BodyPlan {

@@ -267,6 +267,7 @@ impl Anthropic {
             finish_reason: reply_finish(stop.as_deref(), json_mode),
             tool_calls: calls,
             usage: Usage::new(input_tokens, output_tokens),
+            refusal: None,
         })
     }
 
@@ -314,6 +315,7 @@ impl Anthropic {
             finish_reason: reply_finish(v["stop_reason"].as_str(), json_mode),
             tool_calls: calls,
             usage: Usage::new(prompt_tokens(u), u["output_tokens"].as_u64().unwrap_or(0)),
+            refusal: None,
         })
     }
 }

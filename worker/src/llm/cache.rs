@@ -67,6 +67,9 @@ pub struct Entry {
     pub provider: String,
     /// The text deltas as they streamed.
     pub chunks: Vec<String>,
+    /// The model's refusal (entries from before it have none).
+    #[serde(default)]
+    pub refusal: Option<String>,
 }
 
 impl Entry {
@@ -76,6 +79,7 @@ impl Entry {
             finish_reason: self.finish_reason.clone(),
             tool_calls: self.tool_calls.clone(),
             usage: Usage::new(self.prompt_tokens, self.completion_tokens),
+            refusal: self.refusal.clone(),
         }
     }
 }

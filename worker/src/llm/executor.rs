@@ -120,6 +120,7 @@ impl LlmChatExecutor {
                             model: a.model.clone(),
                             provider: a.provider.clone(),
                             chunks: sink.recorded(),
+                            refusal: a.output.refusal.clone(),
                         };
                         cache.put(ctx.tenant_id, &fp, ctx.job_id, &entry).await;
                     }
@@ -190,6 +191,9 @@ impl Executor for LlmChatExecutor {
             "provider_calls": answer.calls,
             "cached": answer.cached,
         });
+        if let Some(r) = &out.refusal {
+            v["refusal"] = r.as_str().into();
+        }
         if !out.tool_calls.is_empty() {
             v["tool_calls"] = serde_json::to_value(&out.tool_calls)
                 .map_err(|e| ExecError::fatal("internal", e.to_string()))?;

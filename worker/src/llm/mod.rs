@@ -60,6 +60,10 @@ pub struct ChatOutput {
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub tool_calls: Vec<ToolCall>,
     pub usage: Usage,
+    /// The model declined (OpenAI's `refusal`, e.g. under a JSON schema): its words, apart
+    /// from `text`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub refusal: Option<String>,
 }
 
 /// One call as a provider adapter sees it (the model table already resolved).

@@ -99,6 +99,8 @@ struct Delta {
     #[serde(default)]
     content: Option<String>,
     #[serde(default)]
+    refusal: Option<String>,
+    #[serde(default)]
     tool_calls: Option<Vec<ToolCallDelta>>,
 }
 
@@ -210,6 +212,7 @@ fn finish(
     finish: Option<String>,
     tool_calls: Vec<ToolCall>,
     usage: Option<WireUsage>,
+    refusal: Option<String>,
     req: &ProviderRequest<'_>,
 ) -> ChatOutput {
     let usage = match usage {
@@ -229,6 +232,7 @@ fn finish(
         finish_reason,
         tool_calls,
         usage,
+        refusal: refusal.filter(|r| !r.is_empty()),
     }
 }
 
@@ -242,6 +246,7 @@ impl OpenAi {
     ) -> Result<ChatOutput, ProviderError> {
         let mut events = reader(resp, started, req.ttft_timeout, req.idle_timeout);
         let (mut text, mut fin, mut usage) = (String::new(), None, None);
+        let mut refusal = String::new();
         let mut calls = ToolCalls::default();
         let mut done = false;
         while let Some(ev) = events.next().await? {
@@ -272,6 +277,10 @@ impl OpenAi {
                         text.push_str(&t);
                         sink.text(t).await;
                     }
+                    if let Some(r) = d.refusal.filter(|r| !r.is_empty()) {
+                        events.token();
+                        refusal.push_str(&r);
+                    }
                     for tc in d.tool_calls.unwrap_or_default() {
                         events.token();
                         calls.apply(tc);
@@ -291,7 +300,7 @@ impl OpenAi {
         for (i, c) in calls.0.iter().enumerate() {
             sink.tool_call(i, c).await;
         }
-        Ok(finish(text, fin, calls.0, usage, req))
+        Ok(finish(text, fin, calls.0, usage, Some(refusal), req))
     }
 
     async fn whole(
@@ -315,7 +324,8 @@ impl OpenAi {
             sink.tool_call(i, c).await;
         }
         let fin = choice["finish_reason"].as_str().map(str::to_string);
-        Ok(finish(text, fin, calls, usage, req))
+        let refusal = msg["refusal"].as_str().map(str::to_string);
+        Ok(finish(text, fin, calls, usage, refusal, req))
     }
 }
 

@@ -209,6 +209,34 @@ async fn openai_compatible_variants_are_tolerated() {
     stop.cancel();
 }
 
+/// A refusal (OpenAI's `refusal`, streamed or whole) is kept apart from the text, never
+/// streamed as output.
+#[tokio::test]
+async fn openai_refusals_are_kept_apart_from_the_text() {
+    let (base, stop) = mock().await;
+    let p = adapter(Format::OpenAi, &base);
+    let msgs = user("one two three");
+    for stream in [true, false] {
+        let (c, rx) = ctx();
+        let out = p
+            .chat(&request("mock-refusal", &msgs, stream), &Sink::new(&c))
+            .await
+            .unwrap();
+        drop(c);
+        assert_eq!(out.text, "", "stream={stream}");
+        assert_eq!(out.refusal.as_deref(), Some(expected(&msgs, None).as_str()));
+        assert_eq!(text_of(&drain(rx)), "", "stream={stream}");
+        // an ordinary reply has none
+        let (c, _rx) = ctx();
+        let out = p
+            .chat(&request("mock-echo", &msgs, stream), &Sink::new(&c))
+            .await
+            .unwrap();
+        assert_eq!(out.refusal, None);
+    }
+    stop.cancel();
+}
+
 /// OpenAI's generation parameters the Messages API has no field of that name for.
 const NOT_ON_ANTHROPIC: [&str; 6] = [
     "stop",
