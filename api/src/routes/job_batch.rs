@@ -41,7 +41,19 @@ pub struct BatchResponse {
 }
 
 /// The request's `Idempotency-Key`, checked (1–255 visible ASCII characters).
-pub fn idempotency_key(headers: &HeaderMap) -> ApiResult<Option<String>> {
+/// The request's `Idempotency-Key`, in the caller's namespace: a tenant's API keys share one,
+/// each end user (who sees only what they created) has their own, so one user's key neither
+/// replays nor conflicts with another's job.
+pub fn idempotency_key(headers: &HeaderMap, p: &Principal) -> ApiResult<Option<String>> {
+    Ok(
+        raw_idempotency_key(headers)?.map(|key| match p.scope().creator {
+            Some(creator) => format!("{creator}\u{1f}{key}"),
+            None => key,
+        }),
+    )
+}
+
+fn raw_idempotency_key(headers: &HeaderMap) -> ApiResult<Option<String>> {
     let Some(v) = headers.get("idempotency-key") else {
         return Ok(None);
     };

@@ -192,7 +192,7 @@ pub async fn create_job(
 ) -> ApiResult<Response> {
     let started = std::time::Instant::now();
     let value = json_body(&headers, body)?;
-    let idempotency = crate::routes::job_batch::idempotency_key(&headers)?;
+    let idempotency = crate::routes::job_batch::idempotency_key(&headers, &principal)?;
     let request_digest = idempotency
         .as_ref()
         .map(|_| switchyard_core::apikey::digest(&value.to_string()));

@@ -159,17 +159,28 @@ async fn end_users_see_only_what_they_created(pool: PgPool) {
     let viewer = token("victor", Some("viewer"));
 
     // alice (developer by default) submits a job and opens a conversation
-    let r = app
-        .http
-        .post(app.url("/v1/jobs"))
-        .bearer_auth(&alice)
-        .json(&json!({"kind": "system.noop", "input": {"sleep_ms": 60000}}))
-        .send()
-        .await
-        .unwrap();
+    let submit = |who: &str, key: &str| {
+        app.http
+            .post(app.url("/v1/jobs"))
+            .bearer_auth(who)
+            .header("idempotency-key", key)
+            .json(&json!({"kind": "system.noop", "input": {"sleep_ms": 60000}}))
+            .send()
+    };
+    let r = submit(&alice, "order-1").await.unwrap();
     assert_eq!(r.status(), 202);
     let job: Value = r.json().await.unwrap();
     let job_id = job["id"].as_str().unwrap().to_string();
+    // bob's Idempotency-Keys are his own: the same key makes his own job, then replays it
+    let mut bobs = Vec::new();
+    for _ in 0..2 {
+        let r = submit(&bob, "order-1").await.unwrap();
+        assert_eq!(r.status(), 202);
+        let body = r.text().await.unwrap();
+        assert!(!body.contains(&job_id), "{body}");
+        bobs.push(serde_json::from_str::<Value>(&body).unwrap()["id"].clone());
+    }
+    assert_eq!(bobs[0], bobs[1]);
     assert_eq!(job["created_by"], "user:alice");
     let conv: Value = app
         .http
