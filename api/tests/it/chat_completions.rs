@@ -37,6 +37,23 @@ async fn sse_data(resp: reqwest::Response) -> Vec<String> {
         .collect()
 }
 
+/// The chunks of a streamed completion (the `[DONE]` marker left out).
+async fn sse_chunks(resp: reqwest::Response) -> Vec<Value> {
+    let data = sse_data(resp).await;
+    data.iter()
+        .filter(|d| *d != "[DONE]")
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect()
+}
+
+/// A delta field (`content`, `refusal`) of the chunks, joined.
+fn joined(chunks: &[Value], field: &str) -> String {
+    chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"][field].as_str())
+        .collect()
+}
+
 fn user(text: &str) -> Value {
     json!([{"role": "system", "content": "be brief"}, {"role": "user", "content": text}])
 }
@@ -105,22 +122,9 @@ async fn a_refusal_is_openai_s_refusal_field(pool: PgPool) {
         json!({"model": "mock-refusal", "messages": user("one two"), "stream": true}),
     )
     .await;
-    let data = sse_data(r).await;
-    let chunks: Vec<Value> = data
-        .iter()
-        .filter(|d| *d != "[DONE]")
-        .map(|d| serde_json::from_str(d).unwrap())
-        .collect();
-    let refusal: String = chunks
-        .iter()
-        .filter_map(|c| c["choices"][0]["delta"]["refusal"].as_str())
-        .collect();
-    assert_eq!(refusal, expected("one two"));
-    let content: String = chunks
-        .iter()
-        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
-        .collect();
-    assert_eq!(content, "");
+    let chunks = sse_chunks(r).await;
+    assert_eq!(joined(&chunks, "refusal"), expected("one two"));
+    assert_eq!(joined(&chunks, "content"), "");
     // an ordinary answer says `refusal: null`
     let r = chat(
         &app,
@@ -168,12 +172,7 @@ async fn streaming_completion_with_usage_and_tools(pool: PgPool) {
     // tool calls stream as tool_calls deltas
     let tools = json!([{"type": "function", "function": {"name": "lookup", "parameters": {"type": "object"}}}]);
     let r = chat(&app, json!({"model": "mock-tool", "messages": [{"role": "user", "content": "weather?"}], "tools": tools, "stream": true})).await;
-    let data = sse_data(r).await;
-    let chunks: Vec<Value> = data
-        .iter()
-        .filter(|d| *d != "[DONE]")
-        .map(|d| serde_json::from_str(d).unwrap())
-        .collect();
+    let chunks = sse_chunks(r).await;
     let call = chunks
         .iter()
         .find_map(|c| c["choices"][0]["delta"]["tool_calls"].get(0).cloned())

@@ -11,7 +11,16 @@ use sqlx::PgPool;
 use switchyard_core::authz::Role;
 use switchyard_core::quota::QuotaLimits;
 
-use crate::support::{spawn_app_with, Opts};
+use crate::support::{spawn_app_with, Opts, TestApp};
+
+/// A one-message chat completion through the front door.
+async fn front_door_chat(app: &TestApp) -> reqwest::Response {
+    app.auth(app.http.post(app.url("/v1/chat/completions")))
+        .json(&json!({"model": "mock-echo", "messages": [{"role": "user", "content": "x"}]}))
+        .send()
+        .await
+        .unwrap()
+}
 
 fn header(r: &reqwest::Response, name: &str) -> Option<u64> {
     r.headers().get(name)?.to_str().ok()?.parse().ok()
@@ -180,12 +189,7 @@ async fn daily_quotas_refuse_new_jobs_and_are_reported(pool: PgPool) {
     assert!((1..=86_400).contains(&retry));
     let body: Value = r.json().await.unwrap();
     assert_eq!(body["error"]["code"], "quota_exceeded");
-    let r = app
-        .auth(app.http.post(app.url("/v1/chat/completions")))
-        .json(&json!({"model": "mock-echo", "messages": [{"role": "user", "content": "x"}]}))
-        .send()
-        .await
-        .unwrap();
+    let r = front_door_chat(&app).await;
     assert_eq!(r.status(), 429);
     // the wait until midnight, as on the native routes (not OpenAI's default second)
     let oai_retry = header(&r, "retry-after").unwrap();
@@ -295,12 +299,7 @@ async fn a_full_backlog_refuses_new_jobs_until_workers_catch_up(pool: PgPool) {
     )
     .await;
     // the front door says so in OpenAI's rate-limit shape (clients retry it), with the wait
-    let r = app
-        .auth(app.http.post(app.url("/v1/chat/completions")))
-        .json(&json!({"model": "mock-echo", "messages": [{"role": "user", "content": "x"}]}))
-        .send()
-        .await
-        .unwrap();
+    let r = front_door_chat(&app).await;
     assert_eq!(r.status(), 429);
     assert_eq!(header(&r, "retry-after"), Some(5));
     let v: Value = r.json().await.unwrap();

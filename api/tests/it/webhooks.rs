@@ -185,6 +185,24 @@ async fn private_addresses_are_refused_at_submission_and_at_connect_time(pool: P
     app.stop().await;
 }
 
+/// A job with a webhook, ended by `end` (an UPDATE of the job `$1`): its delivery is due.
+async fn ended_with_webhook(app: &TestApp, end: &str) -> switchyard_store::NewJob {
+    let job = switchyard_store::NewJob {
+        webhook_url: Some("http://127.0.0.1:9/hook".into()),
+        ..crate::support::new_job(app.tenant)
+    };
+    app.store
+        .insert_jobs(std::slice::from_ref(&job))
+        .await
+        .unwrap();
+    sqlx::query(end)
+        .bind(job.id)
+        .execute(app.store.pool())
+        .await
+        .unwrap();
+    job
+}
+
 /// A scheduler whose claim ran out (another one claimed the delivery again) cannot overwrite
 /// the newer attempt's outcome with its late one: the late attempt only joins the log.
 #[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
@@ -192,16 +210,11 @@ async fn a_late_attempt_never_overwrites_a_newer_claims_outcome(pool: PgPool) {
     use switchyard_store::DeliveryOutcome;
     let app = crate::support::spawn_api_only(pool).await;
     let s = &app.store;
-    let job = switchyard_store::NewJob {
-        webhook_url: Some("http://127.0.0.1:9/hook".into()),
-        ..crate::support::new_job(app.tenant)
-    };
-    s.insert_jobs(std::slice::from_ref(&job)).await.unwrap();
-    sqlx::query("UPDATE jobs SET status = 'succeeded', finished_at = now() WHERE id = $1")
-        .bind(job.id)
-        .execute(s.pool())
-        .await
-        .unwrap();
+    let job = ended_with_webhook(
+        &app,
+        "UPDATE jobs SET status = 'succeeded', finished_at = now() WHERE id = $1",
+    )
+    .await;
     let first = s.claim_deliveries(10, 0.05).await.unwrap();
     assert_eq!(first.len(), 1);
     assert_eq!(first[0].attempt, 1);
@@ -241,19 +254,12 @@ async fn a_late_attempt_never_overwrites_a_newer_claims_outcome(pool: PgPool) {
 async fn a_delivery_carries_the_job_as_it_ended(pool: PgPool) {
     let app = crate::support::spawn_api_only(pool).await;
     let s = &app.store;
-    let job = switchyard_store::NewJob {
-        webhook_url: Some("http://127.0.0.1:9/hook".into()),
-        ..crate::support::new_job(app.tenant)
-    };
-    s.insert_jobs(std::slice::from_ref(&job)).await.unwrap();
-    sqlx::query(
+    let job = ended_with_webhook(
+        &app,
         "UPDATE jobs SET status = 'failed', attempt = 1, finished_at = now(),
              error = '{\"code\": \"boom\", \"message\": \"x\", \"retryable\": false}' WHERE id = $1",
     )
-    .bind(job.id)
-    .execute(s.pool())
-    .await
-    .unwrap();
+    .await;
     // retried before its delivery went out: queued again, the error cleared
     sqlx::query(
         "UPDATE jobs SET status = 'queued', error = NULL, finished_at = NULL WHERE id = $1",
