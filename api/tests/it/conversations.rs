@@ -503,6 +503,22 @@ async fn replies_are_fenced_and_a_retried_turn_never_sees_its_own_old_reply(pool
         r.json::<Value>().await.unwrap()["error"]["field"],
         "input.conversation"
     );
+    // why nothing was written: a stale attempt is fenced; once the conversation is deleted,
+    // the reply says so (and the worker fails the turn with conversation_not_found)
+    use switchyard_store::ReplyAppend;
+    let stale = store
+        .append_reply_outcome(&reply(1, "stale"))
+        .await
+        .unwrap();
+    assert_eq!(stale, ReplyAppend::Fenced);
+    let r = app
+        .auth(app.http.delete(app.url(&format!("/v1/conversations/{id}"))))
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success(), "{}", r.status());
+    let late = store.append_reply_outcome(&reply(2, "late")).await.unwrap();
+    assert_eq!(late, ReplyAppend::ConversationGone);
     app.stop().await;
 }
 
@@ -526,5 +542,28 @@ async fn a_turn_behind_a_retrying_turn_is_answered_not_failed(pool: PgPool) {
         .wait_status(j2, "succeeded", Duration::from_secs(60))
         .await;
     assert_eq!(done["output"]["text"], "Mock reply: two");
+    app.stop().await;
+}
+
+/// A conversation deleted while its turn's reply is being written: the turn is not answered,
+/// and its job fails with `conversation_not_found` instead of succeeding with a lost reply.
+#[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
+async fn deleting_a_conversation_mid_turn_fails_the_turn(pool: PgPool) {
+    let app = spawn_app(pool).await;
+    let c = create(&app, json!({"model": "mock-slow"})).await;
+    let id = c["id"].as_str().unwrap().to_string();
+    let words = vec!["word"; 30].join(" ");
+    let (s, posted) = post(&app, &id, json!({ "content": words })).await;
+    assert_eq!(s, 202);
+    let job: Uuid = posted["job"]["id"].as_str().unwrap().parse().unwrap();
+    app.wait_status(job, "running", T).await;
+    let r = app
+        .auth(app.http.delete(app.url(&format!("/v1/conversations/{id}"))))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 204);
+    let j = app.wait_status(job, "failed", T).await;
+    assert_eq!(j["error"]["code"], "conversation_not_found", "{j}");
     app.stop().await;
 }

@@ -81,6 +81,16 @@ const CONV_COLS: &str =
     "id, model, system, metadata, context_strategy, summary, summary_turn, created_at, updated_at";
 const MSG_COLS: &str = "turn, role, content, tool_calls, job_id, model, usage, created_at";
 
+/// What appending a turn's reply did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReplyAppend {
+    Written,
+    /// The conversation no longer exists.
+    ConversationGone,
+    /// Another attempt owns the job (or wrote a later reply), or the job is not running.
+    Fenced,
+}
+
 impl Store {
     /// A new conversation of the tenant, recording who created it.
     pub async fn create_conversation(
@@ -305,6 +315,12 @@ impl Store {
     /// Appends (or replaces, for a newer attempt of the same job) the assistant reply of a turn.
     /// False when a newer attempt already wrote it or the conversation is gone.
     pub async fn append_reply(&self, r: &Reply) -> Result<bool> {
+        Ok(self.append_reply_outcome(r).await? == ReplyAppend::Written)
+    }
+
+    /// [`Store::append_reply`], saying why nothing was written: the conversation is gone
+    /// (deleted before or while the reply was written), or the run was fenced.
+    pub async fn append_reply_outcome(&self, r: &Reply) -> Result<ReplyAppend> {
         let done = sqlx::query(
             "INSERT INTO conversation_messages
                 (conversation_id, turn, part, role, content, tool_calls, job_id, attempt, model, usage)
@@ -328,8 +344,28 @@ impl Store {
         .bind(&r.model)
         .bind(&r.usage)
         .execute(self.pool())
-        .await?;
-        Ok(done.rows_affected() == 1)
+        .await;
+        let done = match done {
+            Ok(d) => d,
+            // deleted between the EXISTS check and the insert (the messages' foreign key)
+            Err(sqlx::Error::Database(db)) if db.code().as_deref() == Some("23503") => {
+                return Ok(ReplyAppend::ConversationGone)
+            }
+            Err(e) => return Err(e.into()),
+        };
+        if done.rows_affected() == 1 {
+            return Ok(ReplyAppend::Written);
+        }
+        let exists: bool =
+            sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM conversations WHERE id = $1)")
+                .bind(r.conversation_id)
+                .fetch_one(self.pool())
+                .await?;
+        Ok(if exists {
+            ReplyAppend::Fenced
+        } else {
+            ReplyAppend::ConversationGone
+        })
     }
 
     /// Keeps a summary of turns before `turn` for reuse.

@@ -9,8 +9,9 @@ use tiktoken_rs::CoreBPE;
 pub enum Tokenizer {
     O200k,
     Cl100k,
-    /// [`super::estimate_tokens`]: 4 characters a token, rounded up. Deliberately generous
-    /// for English prose (real tokenizers average about 4.5 characters a token there).
+    /// [`super::estimate_tokens`]: 4 ASCII characters a token, rounded up, one per other
+    /// character. Deliberately generous for English prose (real tokenizers average about 4.5
+    /// characters a token there) and for CJK text (about one a character).
     Estimate,
 }
 
@@ -168,6 +169,9 @@ mod tests {
         );
         assert_eq!(Tokenizer::O200k.count("hello world"), 2);
         assert_eq!(Tokenizer::Estimate.count("hello world"), 3);
+        // one per non-ASCII character: CJK text is never undercounted 4×
+        assert_eq!(Tokenizer::Estimate.count("日本語のテキスト"), 8);
+        assert_eq!(Tokenizer::Estimate.count("naïve café"), 2 + 2);
     }
 
     #[test]

@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 use switchyard_core::job::{ChatMessage, ConversationRef, LlmChatInput, ToolCall};
-use switchyard_store::{Conversation, Reply, Store};
+use switchyard_store::{Conversation, Reply, ReplyAppend, Store};
 
 use super::context::{fit, Tokenizer};
 use super::ChatOutput;
@@ -175,10 +175,21 @@ pub(crate) async fn append(
         model: model.to_string(),
         usage: json!(out.usage),
     };
-    let written = store.append_reply(&reply).await.map_err(store_error)?;
-    if !written {
-        tracing::info!(conversation = %conv.id, turn = conv.turn, model = %input.model,
-            "reply not appended (conversation deleted or a newer attempt wrote it)");
+    match store
+        .append_reply_outcome(&reply)
+        .await
+        .map_err(store_error)?
+    {
+        ReplyAppend::Written => Ok(()),
+        // deleted while its turn ran: the turn is not answered (nor is the job a success)
+        ReplyAppend::ConversationGone => Err(ExecError::fatal(
+            "conversation_not_found",
+            format!("conversation {} was deleted while its turn ran", conv.id),
+        )),
+        ReplyAppend::Fenced => {
+            tracing::info!(conversation = %conv.id, turn = conv.turn, model = %input.model,
+                "reply not appended (a newer attempt owns the turn)");
+            Ok(())
+        }
     }
-    Ok(())
 }

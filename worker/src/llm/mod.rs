@@ -300,10 +300,14 @@ pub trait LlmProvider: Send + Sync {
     ) -> Result<ChatOutput, ProviderError>;
 }
 
-/// A documented estimate for models without a tokenizer here: 4 characters per token,
-/// rounded up, plus 4 tokens of framing per message.
+/// A documented estimate for models without a tokenizer here: 4 ASCII characters per token,
+/// rounded up, and a token for every other character (CJK, accents, emoji: tokenizers spend
+/// at least about one on each, so the estimate does not undercount them), plus 4 tokens of
+/// framing per message.
 pub fn estimate_tokens(text: &str) -> u64 {
-    (text.chars().count() as u64).div_ceil(4)
+    let ascii = text.bytes().filter(u8::is_ascii).count() as u64;
+    let other = text.chars().filter(|c| !c.is_ascii()).count() as u64;
+    ascii.div_ceil(4) + other
 }
 
 pub(crate) fn estimate_prompt(messages: &[ChatMessage]) -> u64 {

@@ -26,6 +26,8 @@ fn with_summary(head: &[ChatMessage], summary: Option<&str>) -> Vec<ChatMessage>
     h
 }
 
+/// The summarizer's input: the previous summary, whole (it already holds the oldest facts),
+/// then the new messages, of which the newest part is kept when all would pass `max_chars`.
 fn transcript(previous: Option<&str>, dropped: &[ChatMessage], max_chars: usize) -> String {
     let mut t = String::new();
     if let Some(p) = previous.filter(|p| !p.is_empty()) {
@@ -33,18 +35,19 @@ fn transcript(previous: Option<&str>, dropped: &[ChatMessage], max_chars: usize)
         t.push_str(p);
         t.push_str("\n\n");
     }
-    t.push_str("New messages:\n");
+    let mut new = String::from("New messages:\n");
     for m in dropped {
-        t.push_str(&m.role);
-        t.push_str(": ");
-        t.push_str(&m.content);
-        t.push('\n');
+        new.push_str(&m.role);
+        new.push_str(": ");
+        new.push_str(&m.content);
+        new.push('\n');
     }
-    // keep the newest part if it is too long for the summarizer
-    if t.chars().count() > max_chars {
-        let skip = t.chars().count() - max_chars;
-        t = t.chars().skip(skip).collect();
+    let room = max_chars.saturating_sub(t.chars().count());
+    let len = new.chars().count();
+    if len > room {
+        new = new.chars().skip(len - room).collect();
     }
+    t.push_str(&new);
     t
 }
 
@@ -110,11 +113,13 @@ pub(crate) async fn prompt(
         .table()
         .resolve(&model)
         .map_err(|e| ExecError::fatal("unknown_model", format!("summary model: {e}")))?;
-    let max_chars = (summarizer
-        .config
-        .context_window
-        .saturating_sub(SUMMARY_TOKENS + 200) as usize)
-        * 3;
+    // a summary model of unknown window (not in the table) gets the conversation model's:
+    // a window of 0 would cut the whole transcript and store an empty summary
+    let window = match summarizer.config.context_window {
+        0 => primary.config.context_window,
+        w => w,
+    };
+    let max_chars = (window.saturating_sub(SUMMARY_TOKENS + 200) as usize) * 3;
     let text = transcript(c.summary.as_deref(), &msgs[..dropped], max_chars);
     let summary_input = LlmChatInput {
         model,
@@ -155,5 +160,8 @@ mod tests {
         assert!(t.starts_with("Previous summary:\nold") && t.ends_with("assistant: c\n"));
         let t = transcript(None, &dropped, 15);
         assert_eq!(t, "b\nassistant: c\n", "the oldest part is cut");
+        // the previous summary is never what gets cut
+        let t = transcript(Some("old facts"), &dropped, 42);
+        assert_eq!(t, "Previous summary:\nold facts\n\nassistant: c\n");
     }
 }
