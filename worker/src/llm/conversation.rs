@@ -53,12 +53,14 @@ pub(crate) async fn history(
         .map_err(store_error)?
         .ok_or_else(gone)?;
     let started = Instant::now();
+    let mut waited = false;
     loop {
         let pending = store
             .unfinished_turns_before(conv.id, conv.turn)
             .await
             .map_err(store_error)?;
         let Some(first) = pending.first() else { break };
+        waited = true;
         // waiting in the slot is cheap while an earlier turn runs; when none runs (queued for
         // a retry, or its worker died and the lease ran out) the slot goes back for a while,
         // without using up an attempt
@@ -78,6 +80,16 @@ pub(crate) async fn history(
             _ = ctx.cancel.cancelled() => return Err(ExecError::fatal("cancelled", "cancelled")),
         }
     }
+    // the turns waited for may have stored a newer summary: read the conversation again
+    let c = if waited {
+        store
+            .get_conversation(ctx.tenant_id, conv.id)
+            .await
+            .map_err(store_error)?
+            .ok_or_else(gone)?
+    } else {
+        c
+    };
     // under `summarize`, turns the stored summary covers are not read again
     let from = match (&c.summary, c.context_strategy.as_str()) {
         (Some(_), "summarize") => c.summary_turn.min(conv.turn),
