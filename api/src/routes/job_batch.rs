@@ -40,7 +40,6 @@ pub struct BatchResponse {
     pub jobs: Vec<Job>,
 }
 
-/// The request's `Idempotency-Key`, checked (1–255 visible ASCII characters).
 /// The request's `Idempotency-Key`, in the caller's namespace: a tenant's API keys share one,
 /// each end user (who sees only what they created) has their own, so one user's key neither
 /// replays nor conflicts with another's job.
@@ -53,6 +52,7 @@ pub fn idempotency_key(headers: &HeaderMap, p: &Principal) -> ApiResult<Option<S
     )
 }
 
+/// The header as sent, checked (1–255 visible ASCII characters).
 fn raw_idempotency_key(headers: &HeaderMap) -> ApiResult<Option<String>> {
     let Some(v) = headers.get("idempotency-key") else {
         return Ok(None);

@@ -25,6 +25,16 @@ async fn create(app: &TestApp, body: Value) -> Value {
     r.json().await.unwrap()
 }
 
+/// `DELETE /v1/conversations/{id}`: its status.
+async fn delete(app: &TestApp, id: &impl std::fmt::Display) -> u16 {
+    app.auth(app.http.delete(app.url(&format!("/v1/conversations/{id}"))))
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16()
+}
+
 async fn post(app: &TestApp, id: &str, body: Value) -> (u16, Value) {
     let r = app
         .auth(
@@ -180,20 +190,10 @@ async fn crud_and_errors(pool: PgPool) {
         .unwrap();
     assert_eq!(r.status(), 404);
 
-    let r = app
-        .auth(app.http.delete(app.url(&format!("/v1/conversations/{id}"))))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 204);
+    assert_eq!(delete(&app, &id).await, 204);
     let (s, _) = get(&app, &format!("/v1/conversations/{id}")).await;
     assert_eq!(s, 404);
-    let r = app
-        .auth(app.http.delete(app.url(&format!("/v1/conversations/{id}"))))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 404);
+    assert_eq!(delete(&app, &id).await, 404);
     app.stop().await;
 }
 
@@ -511,12 +511,8 @@ async fn replies_are_fenced_and_a_retried_turn_never_sees_its_own_old_reply(pool
         .await
         .unwrap();
     assert_eq!(stale, ReplyAppend::Fenced);
-    let r = app
-        .auth(app.http.delete(app.url(&format!("/v1/conversations/{id}"))))
-        .send()
-        .await
-        .unwrap();
-    assert!(r.status().is_success(), "{}", r.status());
+    let status = delete(&app, &id).await;
+    assert!((200..300).contains(&status), "{status}");
     let late = store.append_reply_outcome(&reply(2, "late")).await.unwrap();
     assert_eq!(late, ReplyAppend::ConversationGone);
     app.stop().await;
@@ -557,12 +553,7 @@ async fn deleting_a_conversation_mid_turn_fails_the_turn(pool: PgPool) {
     assert_eq!(s, 202);
     let job: Uuid = posted["job"]["id"].as_str().unwrap().parse().unwrap();
     app.wait_status(job, "running", T).await;
-    let r = app
-        .auth(app.http.delete(app.url(&format!("/v1/conversations/{id}"))))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 204);
+    assert_eq!(delete(&app, &id).await, 204);
     let j = app.wait_status(job, "failed", T).await;
     assert_eq!(j["error"]["code"], "conversation_not_found", "{j}");
     app.stop().await;
