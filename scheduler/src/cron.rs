@@ -73,7 +73,17 @@ pub async fn fire(
             })
             .await?;
         total += jobs.len();
-        // not marked dispatched: if this fails, or Redis loses it, the reconciler dispatches it
+        // marked dispatched only once Redis took them, with the epoch read before: if the
+        // dispatch fails they are left to the reconciler, and if Redis loses its data after
+        // this read, the new epoch's reconciler dispatches them again (unmarked, a job not
+        // claimed within the reconciler's grace would be dispatched a second time)
+        let epoch = match queue.epoch().await {
+            Ok(e) => e,
+            Err(e) => {
+                tracing::warn!(error = %e, "could not read the redis epoch; the reconciler will dispatch the scheduled jobs");
+                None
+            }
+        };
         for j in &jobs {
             let ev = Event::status(
                 j.id,
@@ -87,8 +97,18 @@ pub async fn fire(
             }
         }
         let items: Vec<_> = jobs.iter().map(|j| j.dispatch_item()).collect();
-        if let Err(e) = queue.dispatch(&items).await {
-            tracing::warn!(error = %e, "could not dispatch scheduled jobs; the reconciler will");
+        match queue.dispatch(&items).await {
+            Ok(_) => {
+                if let Some(epoch) = epoch {
+                    let ids: Vec<_> = jobs.iter().map(|j| j.id).collect();
+                    if let Err(e) = store.mark_dispatched(&ids, epoch).await {
+                        tracing::warn!(error = %e, "could not mark scheduled jobs dispatched (they may be dispatched twice)");
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "could not dispatch scheduled jobs; the reconciler will")
+            }
         }
         if (jobs.len() as i64) < batch {
             break;

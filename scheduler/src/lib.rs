@@ -164,7 +164,40 @@ impl Scheduler {
         tracing::info!("scheduler stopped");
     }
 
+    /// Dispatches the jobs Redis does not hold in the current epoch (all of them after Redis
+    /// lost its data). The caller holds the dispatch lock.
+    async fn redispatch(&self, report: &mut PassReport) -> anyhow::Result<()> {
+        let (epoch, new) = self.ensure_epoch().await?;
+        if new {
+            report.new_epoch = Some(epoch);
+        }
+        // a fresh epoch re-dispatches everything unfinished, however young
+        let min_age = if new {
+            Duration::ZERO
+        } else {
+            self.opts.undispatched_min_age
+        };
+        for _ in 0..self.opts.max_batches {
+            let items = self
+                .store
+                .undispatched(epoch, min_age, self.opts.batch)
+                .await?;
+            if items.is_empty() {
+                break;
+            }
+            self.queue.dispatch(&items).await?;
+            let ids: Vec<_> = items.iter().map(|i| i.id).collect();
+            self.store.mark_dispatched(&ids, epoch).await?;
+            report.redispatched += items.len();
+            if (items.len() as i64) < self.opts.batch {
+                break;
+            }
+        }
+        Ok(())
+    }
+
     /// Ensures Redis holds an epoch that Postgres agrees on; returns it and whether it is new.
+    /// Call it under the dispatch lock (two schedulers would each start an epoch).
     pub async fn ensure_epoch(&self) -> anyhow::Result<(i64, bool)> {
         let pg = self.store.redis_epoch().await?;
         match self.queue.epoch().await? {
@@ -192,31 +225,11 @@ impl Scheduler {
     /// One reconciliation pass.
     pub async fn pass(&self) -> anyhow::Result<PassReport> {
         let mut report = PassReport::default();
-        let (epoch, new) = self.ensure_epoch().await?;
-        if new {
-            report.new_epoch = Some(epoch);
-        }
-        // a fresh epoch re-dispatches everything unfinished, however young
-        let min_age = if new {
-            Duration::ZERO
-        } else {
-            self.opts.undispatched_min_age
-        };
-        for _ in 0..self.opts.max_batches {
-            let items = self
-                .store
-                .undispatched(epoch, min_age, self.opts.batch)
-                .await?;
-            if items.is_empty() {
-                break;
-            }
-            self.queue.dispatch(&items).await?;
-            let ids: Vec<_> = items.iter().map(|i| i.id).collect();
-            self.store.mark_dispatched(&ids, epoch).await?;
-            report.redispatched += items.len();
-            if (items.len() as i64) < self.opts.batch {
-                break;
-            }
+        // one scheduler at a time checks the epoch and re-dispatches; the others go on with
+        // the rest of the pass
+        if let Some(lock) = self.store.try_dispatch_lock().await? {
+            self.redispatch(&mut report).await?;
+            lock.release().await?;
         }
         for _ in 0..self.opts.max_batches {
             let items = self

@@ -70,10 +70,11 @@ impl Deliverer {
         Ok(Deliverer { store, cfg, http })
     }
 
-    /// Delivers until `stop`; Postgres trouble is logged and retried.
+    /// Delivers until `stop`; Postgres trouble is logged and retried. On `stop`, attempts in
+    /// flight finish (each within the timeout) and the round's others are given back.
     pub async fn run(self, stop: CancellationToken) {
         loop {
-            let n = match self.round().await {
+            let n = match self.round(&stop).await {
                 Ok(n) => n,
                 Err(e) => {
                     tracing::warn!(error = %e, "webhook round failed; retrying");
@@ -92,19 +93,42 @@ impl Deliverer {
     }
 
     /// One round: claims due deliveries and attempts them concurrently; returns how many.
-    pub async fn round(&self) -> anyhow::Result<usize> {
+    /// Once `stop` fires no attempt starts: those not started are given back (due at once,
+    /// their attempt not counted) for another scheduler, rather than left claimed until the
+    /// lease runs out and then counted as attempts that never happened. A round takes up to
+    /// a timeout per wave, longer than a shutdown's grace period.
+    pub async fn round(&self, stop: &CancellationToken) -> anyhow::Result<usize> {
         // the lease covers the whole round: its last wave starts after the others took up
         // to the timeout each (a shorter lease let another scheduler send them again)
         let waves = (BATCH as f64 / self.cfg.concurrency.max(1) as f64).ceil();
         let lease = (self.cfg.timeout_s.max(1) as f64 * (waves + 1.0)).max(5.0);
         let tasks = self.store.claim_deliveries(BATCH, lease).await?;
         let n = tasks.len();
+        let unstarted = std::sync::Mutex::new(Vec::new());
         futures::stream::iter(tasks)
-            .for_each_concurrent(self.cfg.concurrency.max(1), |t| async move {
-                self.attempt(t).await;
+            .for_each_concurrent(self.cfg.concurrency.max(1), |t| {
+                let unstarted = &unstarted;
+                async move {
+                    if stop.is_cancelled() {
+                        if let Ok(mut u) = unstarted.lock() {
+                            u.push((t.id, t.attempt));
+                        }
+                        return;
+                    }
+                    self.attempt(t).await;
+                }
             })
             .await;
-        Ok(n)
+        let unstarted = unstarted.into_inner().unwrap_or_default();
+        if !unstarted.is_empty() {
+            // not given back: their lease runs out and they are claimed again
+            self.store.release_deliveries(&unstarted).await?;
+            tracing::info!(
+                n = unstarted.len(),
+                "stopping: webhook deliveries not started were given back"
+            );
+        }
+        Ok(n - unstarted.len())
     }
 
     async fn attempt(&self, t: DeliveryTask) {

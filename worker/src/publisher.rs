@@ -10,6 +10,7 @@ use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
 use crate::batcher::Batcher;
+use crate::runtime::Shared;
 
 /// Most events sent in one pipeline.
 const MAX_BATCH: usize = 256;
@@ -22,7 +23,7 @@ const IN_FLIGHT: usize = 4;
 
 struct Req {
     ev: Event,
-    done: oneshot::Sender<Published>,
+    done: oneshot::Sender<Option<Published>>,
 }
 
 pub(crate) struct Publisher {
@@ -48,15 +49,16 @@ impl Publisher {
     }
 
     /// Publishes `ev` with the next batch. Live events are best effort (the durable state is in
-    /// Postgres): a failure is logged and answered `Stale`.
-    pub(crate) async fn publish(&self, ev: Event) -> Published {
+    /// Postgres): `None` when it is not known whether it was published (a Redis error, logged,
+    /// after which it may or may not be in the stream; or the publisher stopped).
+    pub(crate) async fn publish(&self, ev: Event) -> Option<Published> {
         let (done, rx) = oneshot::channel();
         let seq = ev.seq;
         if self.batcher.send(Req { ev, done }).await.is_err() {
             tracing::warn!(seq, "event publisher stopped; event not published");
-            return Published::Stale;
+            return None;
         }
-        rx.await.unwrap_or(Published::Stale)
+        rx.await.ok().flatten()
     }
 }
 
@@ -64,10 +66,45 @@ async fn publish_batch(bus: EventBus, batch: Vec<Req>) {
     let (events, replies): (Vec<Event>, Vec<_>) = batch.into_iter().map(|r| (r.ev, r.done)).unzip();
     let results = bus.publish_many(&events).await;
     for ((ev, done), r) in events.iter().zip(replies).zip(results) {
-        let p = r.unwrap_or_else(|e| {
-            tracing::warn!(error = %e, seq = ev.seq, "event publish failed");
-            Published::Stale
-        });
+        let p = r
+            .map_err(|e| tracing::warn!(error = %e, seq = ev.seq, "event publish failed"))
+            .ok();
         let _ = done.send(p);
+    }
+}
+
+/// Publishes a run's next event, numbered `*seq + 1`, and counts it in `seq`. When the stream
+/// is ahead of the run's count (a dead run's deltas Postgres never counted, after an
+/// announcement that failed), the event goes after the stream's head; when it is not known
+/// whether it went out (a Redis error), the count is read back from the stream, so the next
+/// event neither reuses a taken seq (and is dropped as a repeat) nor leaves a gap.
+pub(crate) async fn publish_next(s: &Shared, ev: Event, seq: &mut u64) -> Published {
+    match s.publisher.publish(ev.clone()).await {
+        Some(Published::Ok) => {
+            *seq = ev.seq;
+            Published::Ok
+        }
+        Some(Published::Fenced) => Published::Fenced,
+        Some(Published::Stale) => match s.bus.publish_after(&ev, *seq).await {
+            Ok(Some(n)) => {
+                *seq = n;
+                Published::Ok
+            }
+            Ok(None) => Published::Fenced,
+            Err(e) => {
+                tracing::warn!(error = %e, "could not publish after the stream's head");
+                Published::Stale
+            }
+        },
+        None => match s.bus.begin_attempt(ev.job_id, ev.attempt).await {
+            // it went out (or the stream is ahead anyway): go on after the head
+            Ok(Some(last)) if last >= ev.seq => {
+                *seq = last;
+                Published::Ok
+            }
+            Ok(Some(_)) => Published::Stale,
+            Ok(None) => Published::Fenced,
+            Err(_) => Published::Stale,
+        },
     }
 }

@@ -22,7 +22,8 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::executor::{Emit, ExecError, JobContext, JobMeta};
-use crate::runtime::{ack, complete, publish, with_retry, Running, Shared};
+use crate::publisher::publish_next;
+use crate::runtime::{ack, complete, with_retry, Running, Shared};
 
 /// A job is deferred at most this many times (its attempts then count again).
 const MAX_DEFERRALS: i32 = 1000;
@@ -103,6 +104,7 @@ pub(crate) async fn run_claimed(s: &Shared, d: Delivery, row: JobRow) {
         let d = d.clone();
         async move {
             let every = lease / 3;
+            let mut renewed = std::time::Instant::now();
             loop {
                 tokio::select! {
                     _ = run_token.cancelled() => return,
@@ -121,7 +123,17 @@ pub(crate) async fn run_claimed(s: &Shared, d: Delivery, row: JobRow) {
                         run_token.cancel();
                         return;
                     }
-                    Ok(Some(false)) => {}
+                    Ok(Some(false)) => renewed = std::time::Instant::now(),
+                    // the lease ran out in Postgres: the job may be claimed again (or ended)
+                    // meanwhile, so this run stops as if fenced — it must not go on streaming
+                    // (or keep its Redis entry alive) beside its successor; its entry is
+                    // reclaimed and the job runs again unless it ended
+                    Err(e) if renewed.elapsed() >= lease => {
+                        tracing::warn!(error = %e, "lease not renewed in postgres for a whole lease; stopping");
+                        fenced.cancel();
+                        run_token.cancel();
+                        return;
+                    }
                     Err(e) => tracing::warn!(error = %e, "heartbeat to postgres failed"),
                 }
                 if let Err(e) = queue.heartbeat(&d, &consumer).await {
@@ -227,17 +239,23 @@ pub(crate) async fn run_claimed(s: &Shared, d: Delivery, row: JobRow) {
                 ev,
             )
         }
-        (None, Some(Ok(output))) => (
-            RunEnd::Succeeded(output.clone()),
-            Event::terminal(
-                id,
-                seq + 1,
-                attempt,
-                JobStatus::Succeeded,
-                Some(&output),
-                None,
-            ),
-        ),
+        (None, Some(Ok(mut output))) => {
+            // what Postgres can store, and the terminal event says the same
+            if switchyard_core::nul::clean_json(&mut output) {
+                tracing::debug!("NUL characters in the output replaced");
+            }
+            (
+                RunEnd::Succeeded(output.clone()),
+                Event::terminal(
+                    id,
+                    seq + 1,
+                    attempt,
+                    JobStatus::Succeeded,
+                    Some(&output),
+                    None,
+                ),
+            )
+        }
         (None, Some(Err(e))) if e.defer && attempt < MAX_DEFERRALS => {
             let delay = e.retry_after.unwrap_or(Duration::from_secs(1));
             let run_at = Utc::now() + chrono::Duration::from_std(delay).unwrap_or_default();
@@ -298,7 +316,8 @@ pub(crate) async fn run_claimed(s: &Shared, d: Delivery, row: JobRow) {
     // `ts` is the publication time: stamp it now, after the durable write
     let mut event = event;
     event.ts = Utc::now();
-    publish(s, event).await;
+    let mut last = seq;
+    publish_next(s, event, &mut last).await;
     if let Some(run_at) = end.requeued_at() {
         let mut item = row.dispatch_item();
         item.run_at = Some(run_at);
@@ -356,8 +375,8 @@ async fn publish_emits(
                 continue;
             }
             let ev = Event::new(id, seq + 1, attempt, &kind, data);
-            match publish(s, ev).await {
-                Published::Ok => seq += 1,
+            match publish_next(s, ev, &mut seq).await {
+                Published::Ok => {}
                 Published::Fenced => {
                     tracing::warn!("fenced out by a newer attempt while streaming; stopping");
                     fenced.cancel();

@@ -11,7 +11,6 @@ use std::time::Duration;
 
 use rand::Rng;
 use switchyard_core::Event;
-use switchyard_queue::events::Published;
 use switchyard_queue::{Delivery, EventBus, Queue};
 use switchyard_store::{ClaimOutcome, JobRow, RunEndWrite, Store, StoreError};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
@@ -516,10 +515,6 @@ pub(crate) async fn complete(s: &Shared, write: RunEndWrite) -> Result<bool, Sto
 
 pub(crate) async fn ack(s: &Shared, d: &Delivery) {
     s.acker.ack(d).await;
-}
-
-pub(crate) async fn publish(s: &Shared, ev: Event) -> Published {
-    s.publisher.publish(ev).await
 }
 
 async fn handle_delivery(s: &Shared, d: Delivery) {

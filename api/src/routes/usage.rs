@@ -30,7 +30,8 @@ pub struct UsageParams {
 /// Sums over a set of jobs.
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct UsageTotals {
-    /// Succeeded `llm.chat` jobs.
+    /// Succeeded `llm.chat` jobs (a conversation summary a turn wrote adds its tokens and cost
+    /// under the summary's model, not a request).
     pub requests: i64,
     pub prompt_tokens: i64,
     pub completion_tokens: i64,
@@ -54,7 +55,7 @@ impl From<UsageSums> for UsageTotals {
 /// One group: `model` (with `group_by=model`) or `day` (with `group_by=day`), and its sums.
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct UsageEntry {
-    /// The alias that served the calls (`group_by=model`).
+    /// The alias that served the calls or wrote the summaries (`group_by=model`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub model: Option<String>,
     /// The UTC day, `YYYY-MM-DD` (`group_by=day`).

@@ -387,9 +387,10 @@ async fn the_summarize_strategy_keeps_and_reuses_a_summary(pool: PgPool) {
     .await;
     let id = c["id"].as_str().unwrap().to_string();
     let budget = 8192 - 1024;
+    let mut jobs = Vec::new();
     for i in 0..24 {
         let content = format!("turn {i} ") + &"conversational ".repeat(100);
-        say(&app, &id, &content).await;
+        jobs.push(say(&app, &id, &content).await);
     }
     let (_, conv) = get(&app, &format!("/v1/conversations/{id}")).await;
     assert!(conv["summary"].is_string(), "a summary is kept: {conv}");
@@ -414,6 +415,38 @@ async fn the_summarize_strategy_keeps_and_reuses_a_summary(pool: PgPool) {
     assert!(
         summaries <= 8,
         "the summary is reused, not remade every turn ({summaries} summaries)"
+    );
+    // each summary call is reported by the turn that made it, and counted in the usage
+    let summarized: Vec<&Value> = jobs
+        .iter()
+        .map(|j| &j["output"])
+        .filter(|o| o.get("summary").is_some())
+        .collect();
+    assert_eq!(summarized.len(), summaries);
+    let tokens =
+        |u: &Value| u["prompt_tokens"].as_i64().unwrap() + u["completion_tokens"].as_i64().unwrap();
+    for o in &summarized {
+        assert_eq!(o["summary"]["model"], model.as_str(), "{o}");
+        assert!(
+            o["summary"]["usage"]["prompt_tokens"].as_i64().unwrap() > 1000,
+            "{o}"
+        );
+    }
+    let spent: i64 = jobs
+        .iter()
+        .map(|j| tokens(&j["output"]["usage"]))
+        .sum::<i64>()
+        + summarized
+            .iter()
+            .map(|o| tokens(&o["summary"]["usage"]))
+            .sum::<i64>();
+    let (_, report) = get(&app, "/v1/usage").await;
+    assert_eq!(report["total"]["requests"], 24, "{report}");
+    assert_eq!(
+        report["total"]["prompt_tokens"].as_i64().unwrap()
+            + report["total"]["completion_tokens"].as_i64().unwrap(),
+        spent,
+        "{report}"
     );
     for r in &turns {
         let msgs: Vec<ChatMessage> = serde_json::from_value(r["body"]["messages"].clone()).unwrap();

@@ -17,6 +17,7 @@ mod jobs;
 mod jwt;
 mod models;
 mod ops;
+mod outcomes;
 mod queues;
 mod quotas;
 mod reliability;

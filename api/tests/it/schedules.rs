@@ -209,3 +209,68 @@ async fn missed_fire_times_get_one_catch_up_run_and_paused_ones_none(pool: PgPoo
     assert!(next > Utc::now() - chrono::Duration::seconds(5), "{got}");
     app.stop().await;
 }
+
+/// A fired run is marked dispatched with the epoch Redis had, so the reconciler does not
+/// dispatch it a second time while it waits for a worker; pruning a job finds its run rows
+/// by index.
+#[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
+async fn a_fired_run_is_dispatched_once_and_found_by_job(pool: PgPool) {
+    let app = crate::support::spawn_api_only(pool).await;
+    let opts = switchyard_scheduler::SchedulerOptions {
+        undispatched_min_age: Duration::ZERO,
+        ..app.scheduler_opts()
+    };
+    let sched = switchyard_scheduler::Scheduler::new(app.store.clone(), app.queue().await, opts);
+    let first = sched.pass().await.unwrap();
+    assert!(first.new_epoch.is_some(), "{first:?}");
+    let (status, s) = post(
+        &app,
+        "/v1/schedules",
+        json!({"cron": "* * * * *", "job": {"kind": "system.noop", "input": {}}}),
+    )
+    .await;
+    assert_eq!(status, 201, "{s}");
+    let id: Uuid = s["id"].as_str().unwrap().parse().unwrap();
+    sqlx::query("UPDATE schedules SET next_run_at = now() - interval '1 minute' WHERE id = $1")
+        .bind(id)
+        .execute(app.store.pool())
+        .await
+        .unwrap();
+    let fired = sched.pass().await.unwrap();
+    assert_eq!(fired.scheduled, 1, "{fired:?}");
+    // no worker claims it: the next passes find it dispatched in the current epoch
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let again = sched.pass().await.unwrap();
+    assert_eq!(again.redispatched, 0, "dispatched once: {again:?}");
+    let epoch: i64 = sqlx::query_scalar(
+        "SELECT j.dispatch_epoch FROM jobs j JOIN schedule_runs r ON r.job_id = j.id
+         WHERE r.schedule_id = $1",
+    )
+    .bind(id)
+    .fetch_one(app.store.pool())
+    .await
+    .unwrap();
+    assert_eq!(epoch, first.new_epoch.unwrap());
+
+    // retention deletes run rows by job id: an index serves it
+    let mut c = app.store.pool().acquire().await.unwrap();
+    sqlx::query("SET enable_seqscan = off")
+        .execute(&mut *c)
+        .await
+        .unwrap();
+    let plan: Vec<String> =
+        sqlx::query_scalar("EXPLAIN DELETE FROM schedule_runs WHERE job_id = ANY($1)")
+            .bind(vec![Uuid::now_v7()])
+            .fetch_all(&mut *c)
+            .await
+            .unwrap();
+    sqlx::query("RESET enable_seqscan")
+        .execute(&mut *c)
+        .await
+        .unwrap();
+    assert!(
+        plan.iter().any(|l| l.contains("schedule_runs_job")),
+        "{plan:#?}"
+    );
+    app.stop().await;
+}

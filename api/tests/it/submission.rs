@@ -398,3 +398,63 @@ async fn marking_jobs_dispatched_leaves_marked_rows_alone(pool: PgPool) {
     assert_eq!(epoch_of().await, epoch + 1);
     app.stop().await;
 }
+
+/// One scheduler at a time checks the Redis epoch and re-dispatches: a second replica's pass
+/// leaves both alone while the first holds the dispatch lock, so after Redis lost its data the
+/// backlog is dispatched once, under one new epoch (two replicas had each started an epoch and
+/// dispatched everything again).
+#[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
+async fn one_scheduler_at_a_time_starts_an_epoch_and_redispatches(pool: PgPool) {
+    let app = spawn_api_only(pool).await;
+    let jobs: Vec<_> = (0..40)
+        .map(|_| crate::support::new_job(app.tenant))
+        .collect();
+    app.store.insert_jobs(&jobs).await.unwrap();
+    let opts = switchyard_scheduler::SchedulerOptions {
+        undispatched_min_age: Duration::ZERO,
+        ..app.scheduler_opts()
+    };
+    let scheduler = || async {
+        switchyard_scheduler::Scheduler::new(app.store.clone(), app.queue().await, opts.clone())
+    };
+    let (a, b) = (scheduler().await, scheduler().await);
+    let queue = app.queue().await;
+
+    let held = app.store.try_dispatch_lock().await.unwrap().expect("free");
+    let skipped = a.pass().await.unwrap();
+    assert_eq!((skipped.new_epoch, skipped.redispatched), (None, 0));
+    assert_eq!(queue.epoch().await.unwrap(), None, "no epoch started");
+    held.release().await.unwrap();
+    let first = a.pass().await.unwrap();
+    assert_eq!(first.redispatched, 40, "{first:?}");
+    let epoch = first.new_epoch.expect("a new epoch");
+
+    // Redis loses its data: both replicas' passes race
+    for round in 0..3 {
+        let mut c = app.redis().await;
+        let _: () = redis::cmd("DEL")
+            .arg(app.keys().epoch())
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        let (ra, rb) = tokio::join!(a.pass(), b.pass());
+        let (ra, rb) = (ra.unwrap(), rb.unwrap());
+        assert_eq!(
+            ra.redispatched + rb.redispatched,
+            40,
+            "round {round}: {ra:?} {rb:?}"
+        );
+        let started: Vec<i64> = [ra.new_epoch, rb.new_epoch].into_iter().flatten().collect();
+        assert_eq!(
+            started,
+            vec![epoch + 1 + round],
+            "round {round}: one new epoch"
+        );
+        assert_eq!(
+            queue.epoch().await.unwrap(),
+            Some(app.store.redis_epoch().await.unwrap()),
+            "Redis and Postgres agree"
+        );
+    }
+    app.stop().await;
+}

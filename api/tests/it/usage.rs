@@ -369,3 +369,49 @@ async fn a_real_chat_job_is_counted(pool: PgPool) {
     assert_eq!(by_day["total"], body["total"]);
     app.stop().await;
 }
+
+#[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
+async fn a_turn_s_summary_call_counts_under_its_own_model(pool: PgPool) {
+    let app = spawn_api_only(pool).await;
+    let s = &app.store;
+    // a turn of 0.05 in all: its reply (gpt-a) 0.04, the summary it wrote (cheap) 0.01
+    let mut turn = out(Some("gpt-a"), 100, 20, Some(0.05));
+    turn["summary"] = json!({"model": "cheap", "cost_usd": 0.01,
+        "usage": {"prompt_tokens": 900, "completion_tokens": 60, "total_tokens": 960}});
+    chat(s, app.tenant, turn, "2026-12-01T10:00:00Z").await;
+    chat(
+        s,
+        app.tenant,
+        out(Some("gpt-a"), 10, 5, Some(0.002)),
+        "2026-12-01T11:00:00Z",
+    )
+    .await;
+    // a summary of an older shape (no total_tokens, no cost) still counts its tokens
+    let mut old = out(Some("cheap"), 1, 1, Some(0.0));
+    old["summary"] =
+        json!({"model": "cheap", "usage": {"prompt_tokens": 3, "completion_tokens": 4}});
+    chat(s, app.tenant, old, "2026-12-01T12:00:00Z").await;
+    // a non-object `summary` (a stray string) is no summary
+    let mut odd = out(Some("gpt-a"), 1, 1, Some(0.0));
+    odd["summary"] = json!("text");
+    chat(s, app.tenant, odd, "2026-12-01T13:00:00Z").await;
+
+    let by_model = usage(&app, &format!("?{WINDOW}")).await;
+    assert_eq!(
+        by_model["data"],
+        json!([
+            with("model", "cheap", sums(1, 904, 65, 969, 0.01)),
+            with("model", "gpt-a", sums(3, 111, 26, 137, 0.042)),
+        ]),
+        "{by_model}"
+    );
+    let total = sums(4, 1015, 91, 1106, 0.052);
+    assert_eq!(by_model["total"], total);
+    let by_day = usage(&app, &format!("?{WINDOW}&group_by=day")).await;
+    assert_eq!(
+        by_day["data"],
+        json!([with("day", "2026-12-01", total.clone())])
+    );
+    assert_eq!(by_day["total"], total);
+    app.stop().await;
+}

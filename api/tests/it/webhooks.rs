@@ -187,8 +187,13 @@ async fn private_addresses_are_refused_at_submission_and_at_connect_time(pool: P
 
 /// A job with a webhook, ended by `end` (an UPDATE of the job `$1`): its delivery is due.
 async fn ended_with_webhook(app: &TestApp, end: &str) -> switchyard_store::NewJob {
+    ended_with_webhook_to(app, end, "http://127.0.0.1:9/hook").await
+}
+
+/// [`ended_with_webhook`] with its webhook at `url`.
+async fn ended_with_webhook_to(app: &TestApp, end: &str, url: &str) -> switchyard_store::NewJob {
     let job = switchyard_store::NewJob {
-        webhook_url: Some("http://127.0.0.1:9/hook".into()),
+        webhook_url: Some(url.into()),
         ..crate::support::new_job(app.tenant)
     };
     app.store
@@ -278,5 +283,75 @@ async fn a_delivery_carries_the_job_as_it_ended(pool: PgPool) {
     assert_eq!(v["error"]["code"], "boom", "{v}");
     assert!(v["finished_at"].is_string(), "{v}");
     assert_eq!(app.get_job(job.id).await["status"], "queued");
+    app.stop().await;
+}
+
+/// A scheduler that stops mid-round lets the attempt in flight finish, starts no other, and
+/// gives the rest back (due at once, no attempt counted) instead of holding them for a round
+/// that outlasts the shutdown's grace period.
+#[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
+async fn a_stopping_scheduler_gives_back_the_deliveries_it_did_not_start(pool: PgPool) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let app = crate::support::spawn_api_only(pool).await;
+    let hits = Arc::new(AtomicUsize::new(0));
+    let counter = hits.clone();
+    let slow = axum::Router::new().route(
+        "/hook",
+        axum::routing::post(move || {
+            let counter = counter.clone();
+            async move {
+                counter.fetch_add(1, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(1500)).await;
+                StatusCode::OK
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/hook", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, slow).await });
+    let end = "UPDATE jobs SET status = 'succeeded', finished_at = now() WHERE id = $1";
+    for _ in 0..3 {
+        ended_with_webhook_to(&app, end, &url).await;
+    }
+    let cfg = switchyard_core::webhook::WebhookConfig {
+        allow_private: true,
+        concurrency: 1,
+        ..Default::default()
+    };
+    let deliverer = switchyard_scheduler::webhooks::Deliverer::new(app.store.clone(), cfg).unwrap();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let run = tokio::spawn(deliverer.run(stop.clone()));
+    let t = std::time::Instant::now();
+    while hits.load(Ordering::SeqCst) == 0 {
+        assert!(t.elapsed() < T, "no delivery started");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    stop.cancel();
+    tokio::time::timeout(Duration::from_secs(10), run)
+        .await
+        .expect("the deliverer stops")
+        .unwrap();
+    assert_eq!(
+        hits.load(Ordering::SeqCst),
+        1,
+        "no attempt started after the stop"
+    );
+    let states: Vec<(String, i32)> =
+        sqlx::query_as("SELECT state, attempts FROM webhook_deliveries ORDER BY state, attempts")
+            .fetch_all(app.store.pool())
+            .await
+            .unwrap();
+    assert_eq!(
+        states,
+        vec![
+            ("delivered".to_string(), 1),
+            ("pending".to_string(), 0),
+            ("pending".to_string(), 0)
+        ],
+        "the attempt in flight finished; the others were given back"
+    );
+    let again = app.store.claim_deliveries(10, 60.0).await.unwrap();
+    assert_eq!(again.len(), 2, "due at once");
+    assert!(again.iter().all(|t| t.attempt == 1));
     app.stop().await;
 }

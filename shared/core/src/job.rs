@@ -135,10 +135,14 @@ pub struct JobError {
 }
 
 impl JobError {
+    /// A NUL in `message` (a program's stderr, a provider's words) becomes U+FFFD: the error
+    /// is stored in Postgres, which holds none.
     pub fn new(code: &str, message: impl Into<String>, retryable: bool) -> Self {
+        let mut message = message.into();
+        crate::nul::clean_str(&mut message);
         JobError {
             code: code.to_string(),
-            message: message.into(),
+            message,
             retryable,
         }
     }

@@ -12,6 +12,7 @@ pub mod event;
 pub mod job;
 pub mod jwt_config;
 pub mod models;
+pub mod nul;
 pub mod queueing;
 pub mod quota;
 pub mod schedule;

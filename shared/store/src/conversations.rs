@@ -321,6 +321,12 @@ impl Store {
     /// [`Store::append_reply`], saying why nothing was written: the conversation is gone
     /// (deleted before or while the reply was written), or the run was fenced.
     pub async fn append_reply_outcome(&self, r: &Reply) -> Result<ReplyAppend> {
+        // Postgres holds no NUL in text or jsonb: a model that sent one still gets its reply kept
+        let (mut content, mut tool_calls) = (r.content.clone(), r.tool_calls.clone());
+        switchyard_core::nul::clean_str(&mut content);
+        if let Some(t) = tool_calls.as_mut() {
+            switchyard_core::nul::clean_json(t);
+        }
         let done = sqlx::query(
             "INSERT INTO conversation_messages
                 (conversation_id, turn, part, role, content, tool_calls, job_id, attempt, model, usage)
@@ -337,8 +343,8 @@ impl Store {
         )
         .bind(r.conversation_id)
         .bind(r.turn)
-        .bind(&r.content)
-        .bind(&r.tool_calls)
+        .bind(&content)
+        .bind(&tool_calls)
         .bind(r.job_id)
         .bind(r.attempt)
         .bind(&r.model)

@@ -417,7 +417,7 @@ impl Store {
         .bind(id)
         .bind(attempt)
         .bind(status.as_str())
-        .bind(error.map(|e| serde_json::to_value(e).unwrap_or(Value::Null)))
+        .bind(error.map(error_json))
         .fetch_optional(self.pool())
         .await?)
     }
@@ -448,14 +448,16 @@ impl Store {
                 max_attempts = max_attempts + $9,
                 finished_at = CASE WHEN $7 THEN now() ELSE NULL END,
                 lease_owner = NULL, lease_expires_at = NULL, event_seq = GREATEST(event_seq, $8),
-                updated_at = now()
+                updated_at = now(),
+                -- requeued: undispatched until the reconciler sees it (as in `end_runs`)
+                dispatch_epoch = CASE WHEN $3 = 'queued' THEN 0 ELSE dispatch_epoch END
              WHERE id = $1 AND attempt = $2 AND status = 'running'",
         )
         .bind(id)
         .bind(attempt)
         .bind(status.as_str())
         .bind(output)
-        .bind(error.map(|e| serde_json::to_value(e).unwrap_or(Value::Null)))
+        .bind(error.map(error_json))
         .bind(run_at)
         .bind(finished)
         .bind(seq as i64)
@@ -491,7 +493,7 @@ impl Store {
             attempts.push(w.attempt);
             statuses.push(status.as_str());
             outputs.push(output);
-            errors.push(error.map(|e| serde_json::to_value(e).unwrap_or(Value::Null)));
+            errors.push(error.map(error_json));
             run_ats.push(run_at);
             seqs.push(w.seq as i64);
         }
@@ -543,9 +545,21 @@ type EndParts<'a> = (
     i32,
 );
 
+/// A job error as stored (a NUL in a message built elsewhere than [`JobError::new`] too).
+fn error_json(e: &JobError) -> Value {
+    let mut v = serde_json::to_value(e).unwrap_or(Value::Null);
+    switchyard_core::nul::clean_json(&mut v);
+    v
+}
+
 fn split_end(end: &RunEnd) -> EndParts<'_> {
     match end {
-        RunEnd::Succeeded(v) => (JobStatus::Succeeded, Some(v.clone()), None, None, 0),
+        RunEnd::Succeeded(v) => {
+            // Postgres refuses NUL in jsonb: a job's result is never lost over one
+            let mut v = v.clone();
+            switchyard_core::nul::clean_json(&mut v);
+            (JobStatus::Succeeded, Some(v), None, None, 0)
+        }
         RunEnd::Failed(e) => (JobStatus::Failed, None, Some(e), None, 0),
         RunEnd::Cancelled => (JobStatus::Cancelled, None, None, None, 0),
         RunEnd::Retry { error, run_at } => (JobStatus::Queued, None, Some(error), Some(*run_at), 0),

@@ -24,6 +24,7 @@ pub use idempotency::*;
 pub use insert::NewJob;
 pub use job_audit::{Chained, JOB_AUDIT_CHAIN_LOCK};
 pub use jobs::*;
+pub use reconcile::{DispatchLock, DISPATCH_LOCK};
 pub use retry::*;
 pub use schedules::*;
 pub use scope::Scope;

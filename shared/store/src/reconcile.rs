@@ -1,5 +1,6 @@
-//! The reconciler's and metrics' queries: jobs never dispatched in the current Redis epoch,
-//! running jobs whose lease ran out, counts and queue ages.
+//! The reconciler's and metrics' queries: jobs never dispatched in the current Redis epoch
+//! (under a lock one scheduler holds at a time), running jobs whose lease ran out, counts and
+//! queue ages.
 
 use std::time::Duration;
 
@@ -10,7 +11,32 @@ use uuid::Uuid;
 use crate::jobs::millis;
 use crate::{Result, Store};
 
+/// Key of the advisory lock that lets one scheduler at a time start Redis epochs and
+/// re-dispatch jobs (two would each dispatch the same jobs, and after a Redis loss each start
+/// an epoch and dispatch the whole backlog again).
+pub const DISPATCH_LOCK: i64 = 0x5357_4450_5441_4348;
+
+/// Held while one scheduler re-dispatches; released with its transaction (when dropped, too).
+pub struct DispatchLock(sqlx::Transaction<'static, sqlx::Postgres>);
+
+impl DispatchLock {
+    pub async fn release(self) -> Result<()> {
+        self.0.commit().await?;
+        Ok(())
+    }
+}
+
 impl Store {
+    /// Takes [`DISPATCH_LOCK`] unless another scheduler holds it (then `None`).
+    pub async fn try_dispatch_lock(&self) -> Result<Option<DispatchLock>> {
+        let mut tx = self.pool().begin().await?;
+        let mine: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1)")
+            .bind(DISPATCH_LOCK)
+            .fetch_one(&mut *tx)
+            .await?;
+        Ok(mine.then_some(DispatchLock(tx)))
+    }
+
     /// Unfinished jobs not handed to Redis in `epoch` (never dispatched, or Redis lost them),
     /// last written at least `min_age` ago (so a job just submitted or requeued is left to
     /// its own dispatch, not dispatched twice at once), oldest first, at most `limit`.

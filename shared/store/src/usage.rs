@@ -1,5 +1,6 @@
-//! Usage per tenant: tokens and cost of succeeded `llm.chat` jobs, grouped by model or UTC day
-//! (served by the partial index `jobs_chat_succeeded_finished`).
+//! Usage per tenant: tokens and cost of succeeded `llm.chat` jobs (their replies and the
+//! conversation summaries written for them), grouped by model or UTC day (served by the partial
+//! index `jobs_chat_succeeded_finished`).
 
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
@@ -31,11 +32,13 @@ impl UsageGroup {
         }
     }
 
-    /// The SQL grouping key (a constant expression per variant, never user input).
-    fn key_sql(self) -> &'static str {
-        match self {
-            UsageGroup::Model => "COALESCE(output->>'model', input->>'model', '')",
-            UsageGroup::Day => "to_char(finished_at AT TIME ZONE 'UTC', 'YYYY-MM-DD')",
+    /// The SQL grouping key of a job's reply or of its summary call (a constant expression
+    /// per variant, never user input).
+    fn key_sql(self, summary: bool) -> &'static str {
+        match (self, summary) {
+            (UsageGroup::Model, false) => "COALESCE(output->>'model', input->>'model', '')",
+            (UsageGroup::Model, true) => "COALESCE(output #>> '{summary,model}', '')",
+            (UsageGroup::Day, _) => "to_char(finished_at AT TIME ZONE 'UTC', 'YYYY-MM-DD')",
         }
     }
 }
@@ -76,15 +79,53 @@ struct Grouped {
 /// never fail the whole report).
 fn number(path: &str) -> String {
     format!(
-        "CASE WHEN jsonb_typeof(output #> '{path}') = 'number' \
-         THEN (output #>> '{path}')::numeric ELSE 0 END"
+        "CASE WHEN jsonb_typeof(output #> '{{{path}}}') = 'number' \
+         THEN (output #>> '{{{path}}}')::numeric ELSE 0 END"
     )
 }
 
+/// The SQL of one counted part of a job's output: the reply (top level) or the summary call
+/// (under `summary`).
+struct Part {
+    prompt: String,
+    completion: String,
+    total: String,
+    cost: String,
+}
+
+impl Part {
+    fn at(prefix: &str) -> Part {
+        let prompt = number(&format!("{prefix}usage,prompt_tokens"));
+        let completion = number(&format!("{prefix}usage,completion_tokens"));
+        // total_tokens when the provider reported it, else prompt + completion
+        let path = format!("{prefix}usage,total_tokens");
+        let total = format!(
+            "CASE WHEN jsonb_typeof(output #> '{{{path}}}') = 'number' \
+             THEN (output #>> '{{{path}}}')::numeric ELSE {prompt} + {completion} END"
+        );
+        Part {
+            cost: number(&format!("{prefix}cost_usd")),
+            prompt,
+            completion,
+            total,
+        }
+    }
+
+    fn reply() -> Part {
+        Part::at("")
+    }
+
+    fn summary() -> Part {
+        Part::at("summary,")
+    }
+}
+
 impl Store {
-    /// Usage of `tenant_id`'s succeeded `llm.chat` jobs that finished in `[from, to)`. Sums are
-    /// exact (`numeric`) and the total comes from the same scan (a grouping set), so it equals the
-    /// sum of the rows.
+    /// Usage of `tenant_id`'s succeeded `llm.chat` jobs that finished in `[from, to)`: each job
+    /// counts its reply (under the model that answered) and, when the turn wrote a conversation
+    /// summary, that call's tokens and cost (under the summary's model; no request of its own).
+    /// Sums are exact (`numeric`) and the total comes from the same scan (a grouping set), so it
+    /// equals the sum of the rows.
     pub async fn usage(
         &self,
         tenant_id: Uuid,
@@ -93,31 +134,38 @@ impl Store {
         group: UsageGroup,
     ) -> Result<UsageReport> {
         let mut tx = self.tenant_tx(tenant_id).await?;
-        let prompt = number("{usage,prompt_tokens}");
-        let completion = number("{usage,completion_tokens}");
-        // total_tokens when the provider reported it, else prompt + completion
-        let total = format!(
-            "CASE WHEN jsonb_typeof(output #> '{{usage,total_tokens}}') = 'number' \
-             THEN (output #>> '{{usage,total_tokens}}')::numeric ELSE {prompt} + {completion} END"
-        );
-        let cost = number("{cost_usd}");
+        let (reply, summary) = (Part::reply(), Part::summary());
+        // a job's `cost_usd` is its whole cost: the reply's share is what the summary left
+        let reply_cost = format!("{} - {}", reply.cost, summary.cost);
         // The literal `kind` and `status` predicates match the partial index.
         let sql = format!(
             "SELECT k AS key, GROUPING(k) = 1 AS is_total,
-                    count(*) AS requests,
+                    COALESCE(sum(n), 0)::bigint AS requests,
                     COALESCE(sum(p), 0)::bigint AS prompt_tokens,
                     COALESCE(sum(c), 0)::bigint AS completion_tokens,
                     COALESCE(sum(t), 0)::bigint AS total_tokens,
                     COALESCE(sum(u), 0)::float8 AS cost_usd
              FROM (
-                SELECT {key} AS k, {prompt} AS p, {completion} AS c, {total} AS t, {cost} AS u
-                FROM jobs
+                SELECT part.*
+                FROM jobs CROSS JOIN LATERAL (VALUES
+                    ({reply_key}, 1, {rp}, {rc}, {rt}, {reply_cost}),
+                    ({summary_key}, 0, {sp}, {sc}, {st}, {su})
+                ) AS part(k, n, p, c, t, u)
                 WHERE tenant_id = $1 AND kind = 'llm.chat' AND status = 'succeeded'
                   AND finished_at >= $2 AND finished_at < $3
+                  AND (part.n = 1 OR jsonb_typeof(output -> 'summary') = 'object')
              ) j
              GROUP BY GROUPING SETS ((k), ())
              ORDER BY is_total, k COLLATE \"C\"",
-            key = group.key_sql(),
+            reply_key = group.key_sql(false),
+            summary_key = group.key_sql(true),
+            rp = reply.prompt,
+            rc = reply.completion,
+            rt = reply.total,
+            sp = summary.prompt,
+            sc = summary.completion,
+            st = summary.total,
+            su = summary.cost,
         );
         let rows = sqlx::query_as::<_, Grouped>(&sql)
             .bind(tenant_id)

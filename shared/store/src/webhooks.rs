@@ -127,6 +127,23 @@ impl Store {
             .collect())
     }
 
+    /// Gives claimed deliveries back unattempted (a scheduler stopping): due at once, the
+    /// claim's attempt not counted. Fenced like an outcome: a delivery claimed again since
+    /// (its lease ran out) is left to the newer claim.
+    pub async fn release_deliveries(&self, claims: &[(Uuid, i32)]) -> Result<()> {
+        let (ids, attempts): (Vec<Uuid>, Vec<i32>) = claims.iter().copied().unzip();
+        sqlx::query(
+            "UPDATE webhook_deliveries d SET attempts = d.attempts - 1, next_attempt_at = now()
+             FROM unnest($1::uuid[], $2::int4[]) AS c(id, attempt)
+             WHERE d.id = c.id AND d.attempts = c.attempt AND d.state = 'pending'",
+        )
+        .bind(&ids)
+        .bind(&attempts)
+        .execute(self.pool())
+        .await?;
+        Ok(())
+    }
+
     /// Records attempt `attempt` (`status` and/or `error`, appended to the log) and what
     /// follows, fenced by the attempt: when the claim's lease ran out and another scheduler
     /// claimed the delivery again, or it already ended, this late attempt only joins the log

@@ -137,7 +137,7 @@ impl Executor for LlmChatExecutor {
     async fn execute(&self, ctx: &JobContext) -> Result<Value, ExecError> {
         let input: LlmChatInput = parse_at("input", &ctx.input)
             .map_err(|e| ExecError::fatal("invalid_input", e.to_string()))?;
-        let (head, history) = match (input.conversation, &self.store) {
+        let (head, history, summary) = match (input.conversation, &self.store) {
             (None, _) => {
                 // the system prompt is kept whole; the rest is history, oldest dropped first
                 let split = input
@@ -146,15 +146,17 @@ impl Executor for LlmChatExecutor {
                     .take_while(|m| m.role == "system")
                     .count();
                 let (h, rest) = input.messages.split_at(split);
-                (h.to_vec(), rest.to_vec())
+                (h.to_vec(), rest.to_vec(), None)
             }
             (Some(conv), Some(store)) => {
                 let h = conversation::history(store, ctx, conv).await?;
                 if h.conversation.context_strategy == "summarize" {
                     let model = self.providers.summary_model();
-                    summarize::prompt(&self.providers, model, store, ctx, &input, h).await?
+                    let p =
+                        summarize::prompt(&self.providers, model, store, ctx, &input, h).await?;
+                    (p.head, p.history, p.summary)
                 } else {
-                    (h.head.clone(), h.messages())
+                    (h.head.clone(), h.messages(), None)
                 }
             }
             (Some(_), None) => {
@@ -187,10 +189,15 @@ impl Executor for LlmChatExecutor {
             "model": answer.model,
             "requested_model": input.model,
             "provider": answer.provider,
-            "cost_usd": answer.cost_usd,
+            // what the job cost: the reply and a summary written for it
+            "cost_usd": answer.cost_usd + summary.as_ref().map_or(0.0, |s| s.cost_usd),
             "provider_calls": answer.calls,
             "cached": answer.cached,
         });
+        if let Some(s) = &summary {
+            v["summary"] =
+                serde_json::to_value(s).map_err(|e| ExecError::fatal("internal", e.to_string()))?;
+        }
         if let Some(r) = &out.refusal {
             v["refusal"] = r.as_str().into();
         }

@@ -2,12 +2,13 @@
 //! oldest turns are summarized by a (configurable) model and the summary is kept on the
 //! conversation, so later turns reuse it and only summarize what newly falls out of the window.
 
+use serde::Serialize;
 use switchyard_core::job::{ChatMessage, LlmChatInput};
 use switchyard_store::Store;
 
 use super::context::{fit, Tokenizer};
 use super::conversation::History;
-use super::{Providers, Sink};
+use super::{Providers, Sink, Usage};
 use crate::executor::{ExecError, JobContext};
 
 /// Reply budget of a summary.
@@ -51,6 +52,34 @@ fn transcript(previous: Option<&str>, dropped: &[ChatMessage], max_chars: usize)
     t
 }
 
+/// The call that wrote a new summary during a turn: its tokens and cost are the turn's too
+/// (the job's output reports them as `summary`; `/v1/usage` counts them under `model`).
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct SummaryCall {
+    /// The alias that wrote the summary.
+    pub model: String,
+    pub usage: Usage,
+    pub cost_usd: f64,
+}
+
+/// A turn's prompt under the `summarize` strategy.
+pub(crate) struct Prompt {
+    pub head: Vec<ChatMessage>,
+    pub history: Vec<ChatMessage>,
+    /// Set when this turn wrote a new summary.
+    pub summary: Option<SummaryCall>,
+}
+
+impl Prompt {
+    fn unchanged(head: Vec<ChatMessage>, history: Vec<ChatMessage>) -> Prompt {
+        Prompt {
+            head,
+            history,
+            summary: None,
+        }
+    }
+}
+
 /// Head and history for this turn under the `summarize` strategy: the stored summary replaces
 /// the turns it covers; when the rest still overflows the window of `input.model`, the
 /// overflowing turns are folded into a new summary (stored for reuse).
@@ -61,11 +90,11 @@ pub(crate) async fn prompt(
     ctx: &JobContext,
     input: &LlmChatInput,
     h: History,
-) -> Result<(Vec<ChatMessage>, Vec<ChatMessage>), ExecError> {
+) -> Result<Prompt, ExecError> {
     let primary = match providers.table().resolve(&input.model) {
         // a known window; otherwise the call reports the unknown model, or the provider judges
         Ok(p) if p.config.context_window > 0 => p,
-        _ => return Ok((h.head.clone(), h.messages())),
+        _ => return Ok(Prompt::unchanged(h.head.clone(), h.messages())),
     };
     let c = &h.conversation;
     let from = if c.summary.is_some() {
@@ -92,7 +121,7 @@ pub(crate) async fn prompt(
             .map_err(|e| ExecError::fatal("internal", e.to_string()))?
     };
     if fits.is_some_and(|f| f.dropped.is_empty()) {
-        return Ok((head, msgs));
+        return Ok(Prompt::unchanged(head, msgs));
     }
     // fold enough that the kept turns fill at most half the budget: the next turns then fit
     // without a new summary for a while
@@ -105,7 +134,7 @@ pub(crate) async fn prompt(
     // even the newest turn alone overflows that: summarize all but it
     .map_or(msgs.len().saturating_sub(1), |f| f.dropped.len());
     if dropped == 0 {
-        return Ok((head, msgs));
+        return Ok(Prompt::unchanged(head, msgs));
     }
     let new_from = rest[dropped].0;
     let model = summary_model.unwrap_or(&input.model).to_string();
@@ -137,13 +166,26 @@ pub(crate) async fn prompt(
             &Sink::silent(ctx),
         )
         .await?;
+    let u = &done.output.usage;
+    let call = SummaryCall {
+        cost_usd: done
+            .model
+            .config
+            .cost_usd(u.prompt_tokens, u.completion_tokens),
+        usage: done.output.usage.clone(),
+        model: done.model.alias,
+    };
     let summary = done.output.text;
     tracing::info!(conversation = %c.id, summarized_before_turn = new_from, "conversation summarized");
     if let Err(e) = store.save_summary(c.id, &summary, new_from).await {
         tracing::warn!(error = %e, "could not keep the summary (it is made again next time)");
     }
     let kept = rest[dropped..].iter().map(|(_, m)| m.clone()).collect();
-    Ok((with_summary(&h.head, Some(&summary)), kept))
+    Ok(Prompt {
+        head: with_summary(&h.head, Some(&summary)),
+        history: kept,
+        summary: Some(call),
+    })
 }
 
 #[cfg(test)]

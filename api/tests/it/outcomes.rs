@@ -1,0 +1,145 @@
+//! What a run's end writes: results Postgres could not hold (NUL characters) are kept with the
+//! NUL replaced instead of being lost, a requeued job counts as undispatched whichever path
+//! wrote its end, and a run whose event count fell behind its stream still publishes its end.
+
+use std::time::Duration;
+
+use serde_json::json;
+use sqlx::PgPool;
+use switchyard_core::job::JobError;
+use switchyard_store::{ClaimOutcome, RunEnd, RunEndWrite};
+use uuid::Uuid;
+
+use crate::support::{spawn_api_only, TestApp};
+
+const LEASE: Duration = Duration::from_secs(30);
+
+async fn claimed(app: &TestApp) -> Uuid {
+    let id = app.submit_noop(json!({})).await;
+    let ClaimOutcome::Claimed(row) = app.store.claim(id, "w1", LEASE).await.unwrap() else {
+        panic!("claim")
+    };
+    assert_eq!(row.attempt, 1);
+    id
+}
+
+#[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
+async fn nul_characters_in_results_are_replaced_not_lost(pool: PgPool) {
+    let app = spawn_api_only(pool).await;
+    // one run end at a time
+    let one = claimed(&app).await;
+    let out = json!({"stdout": "a\u{0}b", "k\u{0}": ["\u{0}"]});
+    assert!(app
+        .store
+        .end_run(one, 1, &RunEnd::Succeeded(out), 2)
+        .await
+        .unwrap());
+    let j = app.get_job(one).await;
+    assert_eq!(j["status"], "succeeded");
+    assert_eq!(
+        j["output"],
+        json!({"stdout": "a\u{FFFD}b", "k\u{FFFD}": ["\u{FFFD}"]})
+    );
+
+    // many in one statement, a failure's message among them
+    let (a, b) = (claimed(&app).await, claimed(&app).await);
+    let err = JobError {
+        code: "exit_1".into(),
+        message: "stderr: \u{0}".into(),
+        retryable: false,
+    };
+    let writes = [
+        RunEndWrite {
+            id: a,
+            attempt: 1,
+            end: RunEnd::Succeeded(json!("x\u{0}")),
+            seq: 2,
+        },
+        RunEndWrite {
+            id: b,
+            attempt: 1,
+            end: RunEnd::Failed(err),
+            seq: 2,
+        },
+    ];
+    let mut done = app.store.end_runs(&writes).await.unwrap();
+    done.sort();
+    let mut want = vec![a, b];
+    want.sort();
+    assert_eq!(done, want, "both written in the batch");
+    assert_eq!(app.get_job(a).await["output"], json!("x\u{FFFD}"));
+    let failed = app.get_job(b).await;
+    assert_eq!(failed["status"], "failed");
+    assert_eq!(failed["error"]["message"], "stderr: \u{FFFD}");
+    // an error built the usual way is clean from the start
+    assert_eq!(JobError::new("c", "a\u{0}", false).message, "a\u{FFFD}");
+    app.stop().await;
+}
+
+#[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
+async fn a_requeue_written_alone_leaves_the_job_undispatched(pool: PgPool) {
+    let app = spawn_api_only(pool).await;
+    let id = claimed(&app).await;
+    sqlx::query("UPDATE jobs SET dispatch_epoch = 7 WHERE id = $1")
+        .bind(id)
+        .execute(app.store.pool())
+        .await
+        .unwrap();
+    let retry = RunEnd::Retry {
+        error: JobError::new("boom", "try again", true),
+        run_at: chrono::Utc::now(),
+    };
+    assert!(app.store.end_run(id, 1, &retry, 2).await.unwrap());
+    let (status, epoch): (String, i64) =
+        sqlx::query_as("SELECT status, dispatch_epoch FROM jobs WHERE id = $1")
+            .bind(id)
+            .fetch_one(app.store.pool())
+            .await
+            .unwrap();
+    // if the worker's own re-dispatch is lost, the reconciler finds it
+    assert_eq!((status.as_str(), epoch), ("queued", 0));
+    app.stop().await;
+}
+
+/// A run whose count of events fell behind its stream (here an event appended behind its back,
+/// as a dead run's deltas are after an announcement that failed) still publishes its end:
+/// after the stream's head, not refused as stale (subscribers waited for Postgres instead).
+#[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
+async fn a_run_behind_its_stream_publishes_its_end_after_the_head(pool: PgPool) {
+    let app = crate::support::spawn_app(pool).await;
+    let id = app
+        .submit_noop(json!({"deltas": 2, "sleep_ms": 1500}))
+        .await;
+    let bus = app.bus().await;
+    // the run streams its deltas, then sleeps
+    let t = std::time::Instant::now();
+    let attempt = loop {
+        let h = bus.read(id, 0, 100).await.unwrap();
+        if let Some(d) = h.events.iter().find(|e| e.kind == "output.delta") {
+            break d.attempt;
+        }
+        assert!(t.elapsed() < Duration::from_secs(10), "no delta");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    let ahead = switchyard_core::Event::new(id, 50, attempt, "output.delta", json!({"text": "x"}));
+    assert_eq!(
+        bus.publish(&ahead).await.unwrap(),
+        switchyard_queue::events::Published::Ok
+    );
+    app.wait_status(id, "succeeded", Duration::from_secs(20))
+        .await;
+    let t = std::time::Instant::now();
+    loop {
+        let h = bus.read(id, 50, 100).await.unwrap();
+        if let Some(end) = h.events.first() {
+            assert_eq!((end.seq, end.kind.as_str()), (51, "succeeded"), "{end:?}");
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "the end never reached the stream"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    app.stop().await;
+}
