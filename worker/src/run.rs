@@ -300,7 +300,11 @@ pub(crate) async fn run_claimed(s: &Shared, d: Delivery, row: JobRow) {
         end: end.clone(),
         seq: seq + 1,
     };
-    let written = with_retry("end run", s.opts.lease, || complete(s, write.clone())).await;
+    let written = match with_retry("end run", s.opts.lease, || complete(s, write.clone())).await {
+        // refused as fenced: or an earlier try committed it and its reply was lost
+        Ok(false) => Ok(s.store.run_end_landed(&write).await.unwrap_or(false)),
+        other => other,
+    };
     match written {
         Ok(true) => crate::quota::charge(s, &row, &end).await,
         Ok(false) => {

@@ -143,3 +143,36 @@ async fn a_run_behind_its_stream_publishes_its_end_after_the_head(pool: PgPool) 
     }
     app.stop().await;
 }
+
+/// A run end whose commit went through but whose reply was lost is refused when retried (the
+/// job no longer runs): the run recognises its own write and goes on (publishes its end, is
+/// charged) instead of taking it for a newer attempt's.
+#[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
+async fn a_run_recognises_its_own_end_written_by_a_lost_reply(pool: PgPool) {
+    let app = spawn_api_only(pool).await;
+    let id = claimed(&app).await;
+    let write = |end: RunEnd, seq: u64| RunEndWrite {
+        id,
+        attempt: 1,
+        end,
+        seq,
+    };
+    let failed = |code: &str| RunEnd::Failed(JobError::new(code, "x", false));
+    let mine = write(failed("boom"), 3);
+    assert!(app.store.end_run(id, 1, &mine.end, 3).await.unwrap());
+    // the retried write is refused...
+    assert!(!app.store.end_run(id, 1, &mine.end, 3).await.unwrap());
+    // ...and recognised as this run's own
+    assert!(app.store.run_end_landed(&mine).await.unwrap());
+    // an end that differs in seq, status, code or attempt is someone else's
+    assert!(!app.store.run_end_landed(&write(failed("boom"), 4)).await.unwrap());
+    assert!(!app.store.run_end_landed(&write(failed("other"), 3)).await.unwrap());
+    let ok = write(RunEnd::Succeeded(json!({})), 3);
+    assert!(!app.store.run_end_landed(&ok).await.unwrap());
+    let older = RunEndWrite {
+        attempt: 0,
+        ..write(failed("boom"), 3)
+    };
+    assert!(!app.store.run_end_landed(&older).await.unwrap());
+    app.stop().await;
+}

@@ -467,6 +467,23 @@ impl Store {
         Ok(res.rows_affected() == 1)
     }
 
+    /// Whether `w` is what the job holds: a write refused as fenced may be this run's own,
+    /// committed by an earlier try whose reply was lost (then the run goes on as written).
+    pub async fn run_end_landed(&self, w: &RunEndWrite) -> Result<bool> {
+        let (status, _, error, _, _) = split_end(&w.end);
+        Ok(sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM jobs WHERE id = $1 AND attempt = $2 AND event_seq = $3
+                AND status = $4 AND (error ->> 'code') IS NOT DISTINCT FROM $5)",
+        )
+        .bind(w.id)
+        .bind(w.attempt)
+        .bind(w.seq as i64)
+        .bind(status.as_str())
+        .bind(error.map(|e| e.code.as_str()))
+        .fetch_one(self.pool())
+        .await?)
+    }
+
     /// Writes the ends of many runs in one statement, each fenced by its own attempt; returns
     /// the ids whose write took effect (the others were fenced out).
     pub async fn end_runs(&self, ends: &[RunEndWrite]) -> Result<Vec<Uuid>> {
