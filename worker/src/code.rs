@@ -220,7 +220,7 @@ impl Executor for CodeExecExecutor {
             )
             .await;
         }
-        serde_json::to_value(out).map_err(|e| ExecError::fatal("internal", e.to_string()))
+        serde_json::to_value(out).map_err(ExecError::internal)
     }
 }
 

@@ -23,6 +23,8 @@ pub struct ExecError {
     /// Not a failure: the job cannot run yet; it goes back to the queue for `retry_after`
     /// without using up an attempt.
     pub defer: bool,
+    /// LLM tokens the attempt used before it failed (charged to the tenant's day).
+    pub spent_tokens: u64,
 }
 
 impl ExecError {
@@ -33,6 +35,7 @@ impl ExecError {
             retryable: true,
             retry_after: None,
             defer: false,
+            spent_tokens: 0,
         }
     }
 
@@ -52,7 +55,24 @@ impl ExecError {
             retryable: false,
             retry_after: None,
             defer: false,
+            spent_tokens: 0,
         }
+    }
+
+    /// The attempt used `tokens` before it failed.
+    pub fn spent(mut self, tokens: u64) -> Self {
+        self.spent_tokens = tokens;
+        self
+    }
+
+    /// A fault of ours (a task that panicked, JSON that would not encode): logged with its
+    /// detail; the job's error (which its tenant reads) says only that it was internal.
+    pub fn internal(detail: impl std::fmt::Display) -> Self {
+        tracing::error!(error = %detail, "internal error in an executor");
+        ExecError::fatal(
+            "internal",
+            "internal error (the worker's log has the detail)",
+        )
     }
 
     pub fn to_job_error(&self) -> JobError {

@@ -2,28 +2,40 @@
 //! API replica): LLM tokens of answered calls (a cache hit costs nothing) and sandbox run time.
 
 use serde_json::Value;
-use switchyard_store::{JobRow, RunEnd};
+use switchyard_store::JobRow;
 
 use crate::runtime::Shared;
 
-/// What a successful run's output says it used: (tokens, sandbox ms).
+/// Tokens of a usage object: `total_tokens`, else prompt + completion.
+fn tokens(usage: &Value) -> u64 {
+    usage["total_tokens"].as_u64().unwrap_or_else(|| {
+        usage["prompt_tokens"].as_u64().unwrap_or(0)
+            + usage["completion_tokens"].as_u64().unwrap_or(0)
+    })
+}
+
+/// What a run's output says it used: (tokens, sandbox ms). A conversation summary the turn
+/// wrote counts too, even when the reply itself came from the cache.
 pub(crate) fn use_of(kind: &str, output: &Value) -> (u64, u64) {
     match kind {
-        "llm.chat" if output["cached"] != Value::Bool(true) => {
-            (output["usage"]["total_tokens"].as_u64().unwrap_or(0), 0)
+        "llm.chat" => {
+            let reply = if output["cached"] == Value::Bool(true) {
+                0
+            } else {
+                tokens(&output["usage"])
+            };
+            (reply + tokens(&output["summary"]["usage"]), 0)
         }
         "code.exec" => (0, output["duration_ms"].as_u64().unwrap_or(0)),
         _ => (0, 0),
     }
 }
 
-/// Adds what the run used to its tenant's day (best effort: a Redis error is logged, the job's
-/// outcome is already durable).
-pub(crate) async fn charge(s: &Shared, row: &JobRow, end: &RunEnd) {
-    let RunEnd::Succeeded(output) = end else {
-        return;
-    };
-    let (tokens, cpu_ms) = use_of(&row.kind, output);
+/// Adds what the run used, `(tokens, sandbox ms)`, to its tenant's day (best effort: a Redis
+/// error is logged, the job's outcome is already durable). Runs that did not succeed are
+/// charged too: a reply paid for but not kept (its conversation deleted meanwhile, a cancel
+/// that came after it) was used all the same.
+pub(crate) async fn charge(s: &Shared, row: &JobRow, (tokens, cpu_ms): (u64, u64)) {
     if tokens == 0 && cpu_ms == 0 {
         return;
     }
@@ -46,5 +58,12 @@ mod tests {
         assert_eq!(use_of("llm.chat", &hit), (0, 0));
         assert_eq!(use_of("code.exec", &json!({"duration_ms": 7})), (0, 7));
         assert_eq!(use_of("system.noop", &json!({})), (0, 0));
+        // a summary the turn wrote is charged, even beside a cached reply
+        let summary = json!({"prompt_tokens": 30, "completion_tokens": 5});
+        let hit =
+            json!({"usage": {"total_tokens": 42}, "cached": true, "summary": {"usage": summary}});
+        assert_eq!(use_of("llm.chat", &hit), (35, 0));
+        let miss = json!({"usage": {"prompt_tokens": 2, "completion_tokens": 1}, "summary": {"usage": summary}});
+        assert_eq!(use_of("llm.chat", &miss), (38, 0));
     }
 }

@@ -212,6 +212,12 @@ pub(crate) async fn run_claimed(s: &Shared, d: Delivery, row: JobRow) {
         None
     };
 
+    // what the run used, whatever its end (a reply it could not keep was paid for)
+    let used = match &result {
+        Some(Ok(output)) => crate::quota::use_of(&row.kind, output),
+        Some(Err(e)) => (e.spent_tokens, 0),
+        None => (0, 0),
+    };
     let (end, event) = match (interrupt, result) {
         (Some(Interrupt::Fenced), _) => return,
         (Some(Interrupt::Cancelled), _) => (
@@ -306,7 +312,7 @@ pub(crate) async fn run_claimed(s: &Shared, d: Delivery, row: JobRow) {
         other => other,
     };
     match written {
-        Ok(true) => crate::quota::charge(s, &row, &end).await,
+        Ok(true) => crate::quota::charge(s, &row, used).await,
         Ok(false) => {
             tracing::warn!("fenced out at the end of the run; outcome discarded");
             return;

@@ -35,6 +35,10 @@ pub struct OaiError {
     pub code: Option<String>,
     /// `Retry-After` of a 429 or 503 (one second when not known).
     pub retry_after: Option<std::time::Duration>,
+    /// `x-should-retry`, which OpenAI's SDKs obey over their own rule (they retry 408, 409,
+    /// 429 and 5xx): false for a job that ended, whose own retries are spent, so that an SDK
+    /// does not run it again as a new job.
+    pub should_retry: Option<bool>,
 }
 
 impl OaiError {
@@ -46,6 +50,7 @@ impl OaiError {
             param: None,
             code: None,
             retry_after: None,
+            should_retry: None,
         }
     }
 
@@ -101,7 +106,14 @@ impl OaiError {
             "cancelled" => (S::CONFLICT, "cancelled", code),
             _ => (S::BAD_GATEWAY, "api_error", code),
         };
-        OaiError::new(status, kind, message).code(oai_code)
+        let mut e = OaiError::new(status, kind, message).code(oai_code);
+        // waiting may help with a provider's rate limit or overload; nothing else that ended a
+        // job gets better by running it again at once
+        e.should_retry = Some(matches!(
+            code,
+            "provider_rate_limited" | "provider_overloaded"
+        ));
+        e
     }
 }
 
@@ -143,6 +155,7 @@ impl From<ApiError> for OaiError {
             param: e.field,
             code: code.map(str::to_string),
             retry_after: e.retry_after,
+            should_retry: None,
         }
     }
 }
@@ -157,6 +170,12 @@ impl IntoResponse for OaiError {
     fn into_response(self) -> Response {
         let retry = matches!(self.status.as_u16(), 429 | 503);
         let mut resp = (self.status, Json(self.body())).into_response();
+        if let Some(r) = self.should_retry {
+            resp.headers_mut().insert(
+                "x-should-retry",
+                HeaderValue::from_static(if r { "true" } else { "false" }),
+            );
+        }
         if retry {
             let secs = self
                 .retry_after
@@ -165,5 +184,36 @@ impl IntoResponse for OaiError {
                 .insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }
         resp
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_waiting_out_a_provider_may_help_an_ended_job() {
+        for code in ["provider_rate_limited", "provider_overloaded"] {
+            assert_eq!(
+                OaiError::from_job(code, "m").should_retry,
+                Some(true),
+                "{code}"
+            );
+        }
+        for code in [
+            "cancelled",
+            "timeout",
+            "lease_expired",
+            "provider_error",
+            "provider_bad_request",
+        ] {
+            assert_eq!(
+                OaiError::from_job(code, "m").should_retry,
+                Some(false),
+                "{code}"
+            );
+        }
+        let resp = OaiError::from_job("cancelled", "m").into_response();
+        assert_eq!(resp.headers()["x-should-retry"], "false");
     }
 }

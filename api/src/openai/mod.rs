@@ -23,6 +23,7 @@ use chrono::Utc;
 use futures::Stream;
 use serde_json::{json, Value};
 use switchyard_core::event::types;
+use switchyard_core::Event;
 use uuid::Uuid;
 
 use crate::auth::Auth;
@@ -154,6 +155,9 @@ async fn run(
             meta,
             include_usage: req.include_usage,
             sent_output: false,
+            output_attempt: None,
+            sent_text: String::new(),
+            sent_calls: 0,
             pending: VecDeque::new(),
             done: false,
             guard,
@@ -165,7 +169,14 @@ async fn run(
     }
     let mut feed = feed;
     let mut guard = guard;
-    while let Some(item) = feed.next().await {
+    loop {
+        // on shutdown the client is told to retry and the job (its guard still armed) is
+        // cancelled; the feed itself would wait for the job however long it takes
+        let item = tokio::select! {
+            i = feed.next() => i,
+            _ = state.shutdown.cancelled() => None,
+        };
+        let Some(item) = item else { break };
         let FeedItem::Event(ev) = item else { continue };
         match ev.kind.as_str() {
             types::SUCCEEDED => {
@@ -202,6 +213,13 @@ struct Relay {
     include_usage: bool,
     /// Output already went to the client: a restart cannot be hidden any more.
     sent_output: bool,
+    /// The attempt whose output went out: output of another one would splice two replies
+    /// (its announcement, a `status` event, is best effort and may be missing).
+    output_attempt: Option<i32>,
+    /// The text sent, held against the reply's `output.text` at the end.
+    sent_text: String,
+    /// Tool calls sent.
+    sent_calls: usize,
     pending: VecDeque<String>,
     done: bool,
     guard: CancelOnDrop,
@@ -239,19 +257,70 @@ impl Relay {
         self.guard.armed = false;
     }
 
-    fn on_event(&mut self, kind: &str, data: &Value) {
+    /// Output of `attempt` may go out: false (and the stream is abandoned) when output of
+    /// another attempt already did.
+    fn output_of(&mut self, attempt: i32) -> bool {
+        match self.output_attempt {
+            Some(a) if a != attempt => {
+                self.abandon(OaiError::from_job(
+                    "provider_stream_error",
+                    "the reply restarted after part of it was sent; retry the request",
+                ));
+                false
+            }
+            _ => {
+                self.output_attempt = Some(attempt);
+                self.sent_output = true;
+                true
+            }
+        }
+    }
+
+    /// What the stored reply holds beyond what was streamed (a provider that does not
+    /// stream, a cache entry without chunks, deltas lost on the way): sent before the end.
+    /// An error when the streamed text is not the start of the reply.
+    fn catch_up(&mut self, out: &Value) -> Result<(), OaiError> {
+        let text = out["text"].as_str().unwrap_or_default();
+        // the stored reply has each NUL replaced (Postgres holds none); the deltas do not
+        switchyard_core::nul::clean_str(&mut self.sent_text);
+        let Some(rest) = text.strip_prefix(self.sent_text.as_str()) else {
+            return Err(OaiError::from_job(
+                "provider_stream_error",
+                "the streamed reply differs from the stored one; retry the request",
+            ));
+        };
+        if !rest.is_empty() {
+            self.pending
+                .push_back(wire::chunk(&self.meta, json!({ "content": rest }), None).to_string());
+        }
+        let calls = out["tool_calls"]
+            .as_array()
+            .map_or(&[][..], |c| c.as_slice());
+        for (i, c) in calls.iter().enumerate().skip(self.sent_calls) {
+            let mut c = c.clone();
+            c["index"] = json!(i);
+            self.pending
+                .push_back(wire::chunk(&self.meta, wire::tool_call_delta(&c), None).to_string());
+        }
+        Ok(())
+    }
+
+    fn on_event(&mut self, ev: &Event) {
+        let (kind, data) = (ev.kind.as_str(), &ev.data);
         let job_id = self.guard.job.to_string();
         match kind {
             types::OUTPUT_DELTA => {
                 if let Some(t) = data["text"].as_str() {
-                    self.sent_output = true;
-                    self.pending.push_back(
-                        wire::chunk(&self.meta, json!({ "content": t }), None).to_string(),
-                    );
+                    if self.output_of(ev.attempt) {
+                        self.sent_text.push_str(t);
+                        self.pending.push_back(
+                            wire::chunk(&self.meta, json!({ "content": t }), None).to_string(),
+                        );
+                    }
                 }
             }
-            types::OUTPUT_TOOL_CALL => {
-                self.sent_output = true;
+            types::OUTPUT_TOOL_CALL if self.output_of(ev.attempt) => {
+                self.sent_calls += 1;
                 self.pending.push_back(
                     wire::chunk(&self.meta, wire::tool_call_delta(data), None).to_string(),
                 );
@@ -270,6 +339,10 @@ impl Relay {
             }
             types::SUCCEEDED => {
                 let out = &data["output"];
+                if let Err(e) = self.catch_up(out) {
+                    self.abandon(e);
+                    return;
+                }
                 if let Some(r) = out["refusal"].as_str() {
                     // refusals are not streamed as tokens: the whole of it, before the end
                     self.pending.push_back(
@@ -321,7 +394,7 @@ impl Relay {
                     }
                 };
                 match item {
-                    Some(FeedItem::Event(ev)) => r.on_event(&ev.kind, &ev.data),
+                    Some(FeedItem::Event(ev)) => r.on_event(&ev),
                     Some(FeedItem::Reset) if r.sent_output => r.abandon(OaiError::from_job(
                         "provider_stream_error",
                         "the reply's stream was lost; retry the request",

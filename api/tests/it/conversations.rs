@@ -576,6 +576,8 @@ async fn a_turn_behind_a_retrying_turn_is_answered_not_failed(pool: PgPool) {
 
 /// A conversation deleted while its turn's reply is being written: the turn is not answered,
 /// and its job fails with `conversation_not_found` instead of succeeding with a lost reply.
+/// The reply's tokens were paid for all the same: they count against the tenant's day (else
+/// post, delete, repeat used a daily token quota without limit).
 #[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
 async fn deleting_a_conversation_mid_turn_fails_the_turn(pool: PgPool) {
     let app = spawn_app(pool).await;
@@ -589,5 +591,15 @@ async fn deleting_a_conversation_mid_turn_fails_the_turn(pool: PgPool) {
     assert_eq!(delete(&app, &id).await, 204);
     let j = app.wait_status(job, "failed", T).await;
     assert_eq!(j["error"]["code"], "conversation_not_found", "{j}");
+    let t = std::time::Instant::now();
+    loop {
+        let q = app.get_json("/v1/quotas").await;
+        // 30 words of prompt and a reply of as many
+        if q["usage"]["llm_tokens_today"].as_u64().unwrap_or(0) >= 30 {
+            break;
+        }
+        assert!(t.elapsed() < T, "the spent tokens were not charged: {q}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     app.stop().await;
 }

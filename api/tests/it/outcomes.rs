@@ -165,8 +165,16 @@ async fn a_run_recognises_its_own_end_written_by_a_lost_reply(pool: PgPool) {
     // ...and recognised as this run's own
     assert!(app.store.run_end_landed(&mine).await.unwrap());
     // an end that differs in seq, status, code or attempt is someone else's
-    assert!(!app.store.run_end_landed(&write(failed("boom"), 4)).await.unwrap());
-    assert!(!app.store.run_end_landed(&write(failed("other"), 3)).await.unwrap());
+    assert!(!app
+        .store
+        .run_end_landed(&write(failed("boom"), 4))
+        .await
+        .unwrap());
+    assert!(!app
+        .store
+        .run_end_landed(&write(failed("other"), 3))
+        .await
+        .unwrap());
     let ok = write(RunEnd::Succeeded(json!({})), 3);
     assert!(!app.store.run_end_landed(&ok).await.unwrap());
     let older = RunEndWrite {

@@ -358,6 +358,11 @@ impl TestApp {
     }
 
     /// Stops everything and removes this test's Redis keys.
+    /// Starts the API's shutdown (its streams and requests in flight end), leaving the rest up.
+    pub fn shut_down_api(&self) {
+        self.api_stop.cancel();
+    }
+
     pub async fn stop(mut self) {
         self.stop_workers().await;
         self.sched_stop.cancel();

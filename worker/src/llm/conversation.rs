@@ -142,7 +142,7 @@ pub(crate) async fn fit_prompt(
     } else {
         tokio::task::spawn_blocking(move || fit(tok, head, history, budget, extra))
             .await
-            .map_err(|e| ExecError::fatal("internal", e.to_string()))?
+            .map_err(ExecError::internal)?
     };
     match fitted {
         Some(f) => {
@@ -174,6 +174,7 @@ pub(crate) async fn append(
     input: &LlmChatInput,
     out: &ChatOutput,
     model: &str,
+    spent: u64,
 ) -> Result<(), ExecError> {
     let tool_calls = (!out.tool_calls.is_empty())
         .then(|| serde_json::to_value(&out.tool_calls).unwrap_or_default());
@@ -197,7 +198,9 @@ pub(crate) async fn append(
         ReplyAppend::ConversationGone => Err(ExecError::fatal(
             "conversation_not_found",
             format!("conversation {} was deleted while its turn ran", conv.id),
-        )),
+        )
+        // the reply was paid for all the same
+        .spent(spent)),
         ReplyAppend::Fenced => {
             tracing::info!(conversation = %conv.id, turn = conv.turn, model = %input.model,
                 "reply not appended (a newer attempt owns the turn)");

@@ -180,7 +180,12 @@ impl Executor for LlmChatExecutor {
         };
         let out = &answer.output;
         if let (Some(conv), Some(store)) = (input.conversation, &self.store) {
-            conversation::append(store, ctx, conv, &input, out, &answer.model).await?;
+            let spent = if answer.cached {
+                0
+            } else {
+                out.usage.total_tokens
+            } + summary.as_ref().map_or(0, |s| s.usage.total_tokens);
+            conversation::append(store, ctx, conv, &input, out, &answer.model, spent).await?;
         }
         let mut v = json!({
             "text": out.text,
@@ -195,15 +200,13 @@ impl Executor for LlmChatExecutor {
             "cached": answer.cached,
         });
         if let Some(s) = &summary {
-            v["summary"] =
-                serde_json::to_value(s).map_err(|e| ExecError::fatal("internal", e.to_string()))?;
+            v["summary"] = serde_json::to_value(s).map_err(ExecError::internal)?;
         }
         if let Some(r) = &out.refusal {
             v["refusal"] = r.as_str().into();
         }
         if !out.tool_calls.is_empty() {
-            v["tool_calls"] = serde_json::to_value(&out.tool_calls)
-                .map_err(|e| ExecError::fatal("internal", e.to_string()))?;
+            v["tool_calls"] = serde_json::to_value(&out.tool_calls).map_err(ExecError::internal)?;
         }
         Ok(v)
     }

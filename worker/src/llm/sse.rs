@@ -85,7 +85,12 @@ pub(crate) async fn send(
             } else {
                 Failure::Network
             };
-            ProviderError::new(failure, format!("provider request failed: {e}"))
+            // without the URL: the job's error reaches its tenant, the provider's address
+            // is the operator's (the cause, e.g. connection refused, is kept)
+            ProviderError::new(
+                failure,
+                format!("provider request failed: {}", causes(&e.without_url())),
+            )
         })?;
     let status = resp.status();
     if status.is_success() {
@@ -171,7 +176,31 @@ pub(crate) fn classify(status: Option<u16>, body: &str) -> ProviderError {
         (None, _) => Failure::Stream,
     };
     let status_txt = status.map(|s| format!("{s} ")).unwrap_or_default();
+    if failure == Failure::Auth {
+        // the provider's words may quote the operator's key ("Incorrect API key provided:
+        // sk-...abcd"): they go to the log, the tenant reads that the credentials were refused
+        tracing::warn!(status = %status_txt.trim(), message = %message, "the provider refused the configured credentials");
+        return ProviderError::new(
+            failure,
+            format!(
+                "provider answered {}: it refused this server's credentials for it",
+                status_txt.trim()
+            ),
+        );
+    }
     ProviderError::new(failure, format!("provider answered {status_txt}{message}"))
+}
+
+/// An error and its causes, `: `-separated.
+fn causes(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut next = e.source();
+    while let Some(c) = next {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        next = c.source();
+    }
+    s
 }
 
 /// An SSE reader with the call's deadlines: before the first token, `ttft` from the start of

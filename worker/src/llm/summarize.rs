@@ -118,7 +118,7 @@ pub(crate) async fn prompt(
         let (head, msgs) = (head.clone(), msgs.clone());
         tokio::task::spawn_blocking(move || fit(tok, head, msgs, budget, extra))
             .await
-            .map_err(|e| ExecError::fatal("internal", e.to_string()))?
+            .map_err(ExecError::internal)?
     };
     if fits.is_some_and(|f| f.dropped.is_empty()) {
         return Ok(Prompt::unchanged(head, msgs));
@@ -129,7 +129,7 @@ pub(crate) async fn prompt(
         let (head, msgs) = (head.clone(), msgs.clone());
         tokio::task::spawn_blocking(move || fit(tok, head, msgs, budget / 2, extra))
             .await
-            .map_err(|e| ExecError::fatal("internal", e.to_string()))?
+            .map_err(ExecError::internal)?
     }
     // even the newest turn alone overflows that: summarize all but it
     .map_or(msgs.len().saturating_sub(1), |f| f.dropped.len());

@@ -121,6 +121,15 @@ async fn errors_that_cannot_pass_are_not_retried() {
             .unwrap_err();
         assert_eq!((e.code.as_str(), e.retryable), (code, false), "{model}");
         assert_eq!(stats(&base, model).await.0, 1, "{model} called once");
+        if code == "provider_auth" {
+            // the provider's words may quote the operator's key: they stay in the log
+            assert!(
+                e.message.contains("refused this server's credentials")
+                    && !e.message.contains("API key"),
+                "{}",
+                e.message
+            );
+        }
     }
     let (c, _rx) = ctx();
     let e = p
@@ -288,4 +297,32 @@ async fn cost_comes_from_the_model_table() {
     let want = (u.prompt_tokens as f64 * 1.0 + u.completion_tokens as f64 * 2.0) / 1e6;
     assert!(cost > 0.0 && (cost - want).abs() < 1e-15);
     stop.cancel();
+}
+
+/// A provider that cannot be reached fails the call with the cause, without the provider's
+/// address (the job's error reaches its tenant; the address is the operator's).
+#[tokio::test]
+async fn an_unreachable_provider_s_address_stays_out_of_the_error() {
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = closed.local_addr().unwrap().port();
+    drop(closed);
+    let mut cfg = llm(&format!("http://127.0.0.1:{port}"));
+    cfg.max_retries = 0;
+    let p = Providers::from_config(&cfg);
+    let (c, _rx) = ctx();
+    let e = p
+        .complete(&input("mock-echo", "x"), &[], &user("x"), &Sink::new(&c))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code, "provider_unavailable", "{}", e.message);
+    assert!(
+        !e.message.contains("127.0.0.1") && !e.message.contains("http"),
+        "{}",
+        e.message
+    );
+    assert!(
+        e.message.contains("provider request failed"),
+        "{}",
+        e.message
+    );
 }
