@@ -33,7 +33,8 @@ pub struct RetryRequest {
     responses(
         (status = 202, description = "queued again (same id; `attempt` and event `seq` continue)", body = Job),
         (status = 404, description = "not_found", body = ErrorBody),
-        (status = 409, description = "conflict: the job is not dead", body = ErrorBody),
+        (status = 409, description = "conflict: the job is not dead, or is a conversation turn that is no longer the last", body = ErrorBody),
+        (status = 429, description = "the tenant's daily quota or queue is full", body = ErrorBody),
     ),
     security(("bearer" = []))
 )]
@@ -58,6 +59,27 @@ pub async fn retry_job(
             "max_attempts",
             format!("must be between 1 and {MAX_MAX_ATTEMPTS}"),
         ));
+    }
+    // a retry starts calls and holds a queue slot like a new job: the same limits apply
+    let Some(dead) = state.store.get_job(principal.scope(), id).await? else {
+        return Err(ApiError::not_found("job"));
+    };
+    crate::quota::check_daily(&state, &principal, &dead.kind).await?;
+    crate::quota::check_backlog(&state, &principal, 1).await?;
+    if let Some(turn) = dead.input.get("conversation") {
+        // answered after later turns, its reply would follow theirs, which were made without it
+        let (conv, n) = (
+            turn["id"].as_str().and_then(|s| s.parse().ok()),
+            turn["turn"].as_i64(),
+        );
+        if let (Some(conv), Some(n)) = (conv, n) {
+            if state.store.has_turns_after(conv, n as i32).await? {
+                return Err(ApiError::new(
+                    ErrorCode::Conflict,
+                    "this conversation turn is no longer the last one; post its message again instead",
+                ));
+            }
+        }
     }
     let row = match state
         .store

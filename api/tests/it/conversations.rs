@@ -603,3 +603,34 @@ async fn deleting_a_conversation_mid_turn_fails_the_turn(pool: PgPool) {
     }
     app.stop().await;
 }
+
+/// A failed turn may be retried while it is the conversation's last; once later turns were
+/// answered (without it), its reply would follow theirs: the retry is refused (409).
+#[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
+async fn a_failed_turn_is_retried_only_while_it_is_the_last(pool: PgPool) {
+    let app = spawn_app(pool).await;
+    let c = create(&app, json!({"model": "mock-echo"})).await;
+    let id = c["id"].as_str().unwrap().to_string();
+    let (_, first) = post(
+        &app,
+        &id,
+        json!({"content": "one", "model": "mock-error-400"}),
+    )
+    .await;
+    let j1: Uuid = first["job"]["id"].as_str().unwrap().parse().unwrap();
+    app.wait_status(j1, "failed", T).await;
+    let retry = || async {
+        app.auth(app.http.post(app.url(&format!("/v1/jobs/{j1}/retry"))))
+            .send()
+            .await
+            .unwrap()
+    };
+    assert_eq!(retry().await.status(), 202, "the last turn may be retried");
+    app.wait_status(j1, "failed", T).await;
+    say(&app, &id, "two").await;
+    let r = retry().await;
+    assert_eq!(r.status(), 409);
+    let e: Value = r.json().await.unwrap();
+    assert_eq!(e["error"]["code"], "conflict", "{e}");
+    app.stop().await;
+}

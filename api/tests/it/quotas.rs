@@ -156,6 +156,16 @@ async fn daily_quotas_refuse_new_jobs_and_are_reported(pool: PgPool) {
         "unlimited: {q}"
     );
     assert_eq!(q["usage"]["llm_tokens_today"], 0);
+    // a chat that fails at once (no tokens), to be retried once the quota is used up
+    let dead = app
+        .submit(
+            json!({"kind": "llm.chat", "input": {"model": "mock-error-400",
+            "messages": [{"role": "user", "content": "x"}]}}),
+        )
+        .await;
+    let dead: uuid::Uuid = dead["id"].as_str().unwrap().parse().unwrap();
+    app.wait_status(dead, "failed", Duration::from_secs(20))
+        .await;
     // one chat within the quota; its tokens are charged when it ends
     let job = app
         .submit(json!({"kind": "llm.chat", "input": {"model": "mock-echo",
@@ -187,6 +197,15 @@ async fn daily_quotas_refuse_new_jobs_and_are_reported(pool: PgPool) {
     assert_eq!(r.status(), 429);
     let retry = header(&r, "retry-after").unwrap();
     assert!((1..=86_400).contains(&retry));
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "quota_exceeded");
+    // a retry starts calls like a new job
+    let r = app
+        .auth(app.http.post(app.url(&format!("/v1/jobs/{dead}/retry"))))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 429);
     let body: Value = r.json().await.unwrap();
     assert_eq!(body["error"]["code"], "quota_exceeded");
     let r = front_door_chat(&app).await;

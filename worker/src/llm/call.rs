@@ -162,7 +162,7 @@ impl Providers {
                 .min(window.saturating_sub(16).max(1));
             let tok = Tokenizer::for_model(m.config.tokenizer.as_deref(), &m.upstream);
             let budget = u64::from(m.config.context_window.saturating_sub(max_tokens));
-            let extra = tok.tools(input.tools.as_deref());
+            let extra = tok.request_extra(input);
             let fitted = if m.config.context_window == 0 {
                 // a name outside the table: its window is unknown, the provider judges
                 Ok([head, history].concat())

@@ -88,6 +88,17 @@ impl Tokenizer {
             _ => 0,
         }
     }
+
+    /// What a request sends besides its messages: tool schemas and a `response_format` (its
+    /// JSON schema is prompt too; on Anthropic it becomes a tool).
+    pub fn request_extra(self, input: &switchyard_core::chat::LlmChatInput) -> u64 {
+        let format = input
+            .response_format
+            .as_ref()
+            .filter(|f| f["type"] != "text")
+            .map_or(0, |f| self.count(&f.to_string()));
+        self.tools(input.tools.as_deref()) + format
+    }
 }
 
 /// A prompt that fits.
@@ -147,6 +158,19 @@ pub fn fit(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_response_format_s_schema_is_part_of_the_request() {
+        let tok = Tokenizer::Estimate;
+        let mut input = switchyard_core::chat::LlmChatInput::default();
+        assert_eq!(tok.request_extra(&input), 0);
+        input.response_format = Some(serde_json::json!({"type": "text"}));
+        assert_eq!(tok.request_extra(&input), 0, "plain text adds nothing");
+        let schema = serde_json::json!({"type": "json_schema", "json_schema": {"name": "r",
+            "schema": {"type": "object", "properties": {"answer": {"type": "string"}}}}});
+        input.response_format = Some(schema.clone());
+        assert_eq!(tok.request_extra(&input), tok.count(&schema.to_string()));
+    }
 
     fn m(role: &str, words: usize) -> ChatMessage {
         ChatMessage::new(role, "word ".repeat(words))

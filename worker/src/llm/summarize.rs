@@ -28,8 +28,15 @@ fn with_summary(head: &[ChatMessage], summary: Option<&str>) -> Vec<ChatMessage>
 }
 
 /// The summarizer's input: the previous summary, whole (it already holds the oldest facts),
-/// then the new messages, of which the newest part is kept when all would pass `max_chars`.
-fn transcript(previous: Option<&str>, dropped: &[ChatMessage], max_chars: usize) -> String {
+/// then the new messages, of which the newest part is kept when all would pass `max_tokens`
+/// (counted as the summary model counts: by characters, a text in Japanese or Russian would
+/// have overflowed the summarizer's window for good).
+fn transcript(
+    previous: Option<&str>,
+    dropped: &[ChatMessage],
+    tok: Tokenizer,
+    max_tokens: u64,
+) -> String {
     let mut t = String::new();
     if let Some(p) = previous.filter(|p| !p.is_empty()) {
         t.push_str("Previous summary:\n");
@@ -43,10 +50,23 @@ fn transcript(previous: Option<&str>, dropped: &[ChatMessage], max_chars: usize)
         new.push_str(&m.content);
         new.push('\n');
     }
-    let room = max_chars.saturating_sub(t.chars().count());
-    let len = new.chars().count();
-    if len > room {
-        new = new.chars().skip(len - room).collect();
+    let room = max_tokens.saturating_sub(tok.count(&t));
+    if tok.count(&new) > room {
+        // the fewest leading characters to drop (a binary search: counting is monotone in
+        // how much is kept, to within a token at the cut)
+        let starts: Vec<usize> = new.char_indices().map(|(i, _)| i).collect();
+        let (mut lo, mut hi) = (0, starts.len());
+        while lo < hi {
+            let mid = (lo + hi) / 2;
+            if tok.count(&new[starts[mid]..]) <= room {
+                hi = mid;
+            } else {
+                lo = mid + 1;
+            }
+        }
+        new = starts
+            .get(lo)
+            .map_or(String::new(), |&i| new[i..].to_string());
     }
     t.push_str(&new);
     t
@@ -108,10 +128,16 @@ pub(crate) async fn prompt(
         .filter(|(t, _)| *t >= from)
         .cloned()
         .collect();
-    let reply = input.max_tokens.unwrap_or(primary.config.max_output_tokens);
-    let budget = u64::from(primary.config.context_window.saturating_sub(reply));
+    // the reply budget as the call will clamp it (a budget past the window would leave no
+    // room at all, and every turn would pay for a summary before failing)
+    let window = primary.config.context_window;
+    let reply = input
+        .max_tokens
+        .unwrap_or(primary.config.max_output_tokens)
+        .min(window.saturating_sub(16).max(1));
+    let budget = u64::from(window.saturating_sub(reply));
     let tok = Tokenizer::for_model(primary.config.tokenizer.as_deref(), &primary.upstream);
-    let extra = tok.tools(input.tools.as_deref());
+    let extra = tok.request_extra(input);
     let head = with_summary(&h.head, c.summary.as_deref());
     let msgs: Vec<ChatMessage> = rest.iter().map(|(_, m)| m.clone()).collect();
     let fits = {
@@ -148,8 +174,17 @@ pub(crate) async fn prompt(
         0 => primary.config.context_window,
         w => w,
     };
-    let max_chars = (window.saturating_sub(SUMMARY_TOKENS + 200) as usize) * 3;
-    let text = transcript(c.summary.as_deref(), &msgs[..dropped], max_chars);
+    let room = u64::from(window.saturating_sub(SUMMARY_TOKENS + 200));
+    let summary_tok =
+        Tokenizer::for_model(summarizer.config.tokenizer.as_deref(), &summarizer.upstream);
+    let text = {
+        let (previous, dropped) = (c.summary.clone(), msgs[..dropped].to_vec());
+        tokio::task::spawn_blocking(move || {
+            transcript(previous.as_deref(), &dropped, summary_tok, room)
+        })
+        .await
+        .map_err(ExecError::internal)?
+    };
     let summary_input = LlmChatInput {
         model,
         messages: Vec::new(),
@@ -193,17 +228,32 @@ mod tests {
     use super::*;
 
     #[test]
-    fn transcripts_keep_the_newest_part() {
+    fn transcripts_keep_the_newest_part_within_the_summarizer_s_tokens() {
+        let tok = Tokenizer::Estimate;
         let dropped = [
             ChatMessage::new("user", "a b"),
             ChatMessage::new("assistant", "c"),
         ];
-        let t = transcript(Some("old"), &dropped, 1000);
+        let t = transcript(Some("old"), &dropped, tok, 1000);
         assert!(t.starts_with("Previous summary:\nold") && t.ends_with("assistant: c\n"));
-        let t = transcript(None, &dropped, 15);
-        assert_eq!(t, "b\nassistant: c\n", "the oldest part is cut");
+        // "b\nassistant: c\n" is 16 ASCII characters: 4 tokens
+        let t = transcript(None, &dropped, tok, 4);
+        assert!(t.ends_with("assistant: c\n") && tok.count(&t) <= 4, "{t:?}");
+        assert!(!t.contains("a b"), "the oldest part is cut: {t:?}");
         // the previous summary is never what gets cut
-        let t = transcript(Some("old facts"), &dropped, 42);
-        assert_eq!(t, "Previous summary:\nold facts\n\nassistant: c\n");
+        let t = transcript(Some("old facts"), &dropped, tok, 12);
+        assert!(t.starts_with("Previous summary:\nold facts\n\n"), "{t:?}");
+        assert!(
+            t.ends_with("assistant: c\n") && tok.count(&t) <= 12,
+            "{t:?}"
+        );
+        // one token a character in Japanese: cut by tokens, not by characters
+        let long = [ChatMessage::new("user", "会話".repeat(500))];
+        let t = transcript(None, &long, tok, 100);
+        assert!(
+            tok.count(&t) <= 100 && tok.count(&t) >= 95,
+            "{}",
+            tok.count(&t)
+        );
     }
 }
