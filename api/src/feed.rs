@@ -150,7 +150,9 @@ impl Feed {
                 return None;
             }
             if self.more {
-                self.refill(None).await;
+                // a row held back until the last page (see `refill`)
+                let row = self.deferred.take();
+                self.refill(row).await;
                 continue;
             }
             let msg = tokio::time::timeout(IDLE_REREAD, self.sub.rx.recv()).await;
@@ -228,6 +230,12 @@ impl Feed {
         let Some(row) = row else {
             return;
         };
+        if self.more {
+            // more history to read: the end is reconciled after its last page (else a
+            // terminal event made up from the row would jump over the pages between)
+            self.deferred = Some(row);
+            return;
+        }
         let status = row.status();
         let have_terminal = self
             .pending
@@ -246,6 +254,11 @@ impl Feed {
                     row.job_error().as_ref(),
                 );
                 self.pending.push_back(FeedItem::Event(Arc::new(ev)));
+            } else if self.has_the_end(after, seq).await {
+                // the client already has the end (a reconnect after it, e.g. an EventSource's
+                // automatic one with the terminal event's id; its history may have expired
+                // since): nothing more to send
+                self.done_after_pending();
             } else {
                 // the client saw seqs beyond the durable terminal one: history was lost
                 self.pending.push_back(FeedItem::Reset);
@@ -255,6 +268,25 @@ impl Feed {
         } else if !exists && !self.reset_sent && history_lost(&row) {
             self.pending.push_back(FeedItem::Reset);
             self.reset_sent = true;
+        }
+    }
+
+    /// Whether a client at `after`, at or past `end` (the durable terminal seq), has the job's
+    /// end: the event it saw last is the terminal one (which can be numbered past Postgres'
+    /// seq: an end published after a dead run's deltas), or, no longer in the stream (expired,
+    /// or an end made up from Postgres), carried the durable end's seq.
+    async fn has_the_end(&self, after: u64, end: u64) -> bool {
+        let seen = self
+            .state
+            .bus
+            .read(self.job_id, after.saturating_sub(1), 1)
+            .await
+            .ok()
+            .and_then(|h| h.events.into_iter().next())
+            .filter(|e| e.seq == after);
+        match seen {
+            Some(e) => e.is_terminal(),
+            None => after == end,
         }
     }
 

@@ -145,7 +145,9 @@ async fn connection(state: AppState, scope: Scope, socket: WebSocket) {
                 };
                 if subs.len() >= prune_at {
                     subs.retain(|_, t| !t.is_cancelled());
-                    prune_at = (subs.len() * 2).max(64);
+                    // at most the cap: above it, finished subscriptions would count against the
+                    // cap for good (no prune would come before the refusal)
+                    prune_at = (subs.len() * 2).clamp(64, MAX_SUBSCRIPTIONS);
                 }
                 if let Err((job, err)) = handle_op(&state, &scope, text.as_str(), &mut subs, &out_tx, &slow, &conn_done) {
                     let _ = out_tx.try_send(error_frame(job, &err));

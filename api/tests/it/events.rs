@@ -108,3 +108,36 @@ async fn a_batch_still_goes_out_when_redis_forgot_the_script() {
     assert_eq!(texts(&bus, a).await, vec!["a1", "a2"]);
     assert_eq!(texts(&bus, b).await, vec!["b1"]);
 }
+
+/// A job's last subscriber leaving and a new one arriving before the hub caught up: the channel
+/// is still subscribed, and the newcomer, which waits for a resync before it reads history,
+/// gets one at once (it waited for the 10 s idle re-read before).
+#[tokio::test(flavor = "current_thread")]
+async fn a_subscriber_replacing_the_last_one_gets_a_resync() {
+    use switchyard_queue::{LiveHub, LiveMsg};
+    let url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+    let client = RedisClient::open(&url).unwrap();
+    let keys = Keys::new(&format!("t{}", Uuid::now_v7().simple()));
+    let stop = tokio_util::sync::CancellationToken::new();
+    let tracker = tokio_util::task::TaskTracker::new();
+    let hub = LiveHub::start(client, keys, stop.clone(), &tracker);
+    let job = Uuid::now_v7();
+    let wait = Duration::from_secs(5);
+    let mut first = hub.subscribe(job, 8);
+    assert!(first.activating);
+    let got = tokio::time::timeout(wait, first.rx.recv())
+        .await
+        .expect("resync");
+    assert!(matches!(got, Some(LiveMsg::Resync)));
+    // no await in between: the hub runs only after both
+    drop(first);
+    let mut next = hub.subscribe(job, 8);
+    assert!(next.activating);
+    let got = tokio::time::timeout(Duration::from_secs(2), next.rx.recv())
+        .await
+        .expect("a resync for the newcomer");
+    assert!(matches!(got, Some(LiveMsg::Resync)));
+    stop.cancel();
+    tracker.close();
+    tracker.wait().await;
+}

@@ -412,3 +412,67 @@ async fn a_websocket_client_that_stops_reading_is_closed_with_1008(pool: PgPool)
     assert_eq!(app.get_job(id).await["status"], "queued");
     app.stop().await;
 }
+
+/// A finished job with more events than one history page: a late reader gets every one of
+/// them, then the end (the end was made up from Postgres right after the first page); and a
+/// reader that resumes at the end (an EventSource reconnecting with the terminal event's id)
+/// gets a clean end, not `reset`.
+#[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
+async fn a_long_finished_stream_is_read_whole_and_resuming_at_its_end_is_quiet(pool: PgPool) {
+    let app = crate::support::spawn_api_only(pool).await;
+    let id = app.submit_noop(json!({})).await;
+    let bus = app.bus().await;
+    let t = std::time::Instant::now();
+    while bus.read(id, 0, 1).await.unwrap().events.is_empty() {
+        assert!(t.elapsed() < T, "no queued event");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // a run of 600 deltas whose end reached Postgres only (its publish was lost)
+    for seq in 2..=601 {
+        let ev = switchyard_core::Event::new(id, seq, 1, "output.delta", json!({"text": "x"}));
+        bus.publish(&ev).await.unwrap();
+    }
+    sqlx::query(
+        "UPDATE jobs SET status = 'succeeded', attempt = 1, output = '{}', event_seq = 602,
+             started_at = now(), finished_at = now() WHERE id = $1",
+    )
+    .bind(id)
+    .execute(app.store.pool())
+    .await
+    .unwrap();
+    let read = |last: Option<u64>| {
+        let mut req = app.auth(app.http.get(app.url(&format!("/v1/jobs/{id}/events"))));
+        if let Some(l) = last {
+            req = req.header("last-event-id", l.to_string());
+        }
+        req.send()
+    };
+    let all: Vec<Value> = sse_events(read(None).await.unwrap())
+        .await
+        .into_iter()
+        .map(|(_, _, v)| v)
+        .collect();
+    assert_contiguous(&all, 0);
+    assert_eq!(all.len(), 602, "every event, then the end");
+    assert_eq!(all.last().unwrap()["type"], "succeeded");
+    // resuming at the end: nothing more, and no reset
+    let r = read(Some(602)).await.unwrap();
+    assert_eq!(r.status(), 200);
+    let body = tokio::time::timeout(T, r.text()).await.unwrap().unwrap();
+    assert!(
+        !body.contains("reset") && !body.contains("\"seq\""),
+        "{body}"
+    );
+    // resuming at a delta the end does not follow in Postgres' count: history was lost
+    sqlx::query("UPDATE jobs SET event_seq = 600 WHERE id = $1")
+        .bind(id)
+        .execute(app.store.pool())
+        .await
+        .unwrap();
+    let body = tokio::time::timeout(T, read(Some(601)).await.unwrap().text())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(body.contains("reset"), "{body}");
+    app.stop().await;
+}

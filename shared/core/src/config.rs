@@ -156,6 +156,7 @@ impl LlmConfig {
             api_key_env: None,
             headers: BTreeMap::new(),
             max_tokens_field: None,
+            stream_usage: true,
         };
         let openai_on = self.openai_api_key.is_some() || self.openai_base_url != DEFAULT_OPENAI_URL;
         if openai_on {

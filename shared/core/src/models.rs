@@ -51,6 +51,11 @@ pub struct ProviderConfig {
     /// models need `max_completion_tokens`).
     #[serde(default)]
     pub max_tokens_field: Option<TokenLimitField>,
+    /// OpenAI formats only: ask for usage in streamed replies (`stream_options.include_usage`,
+    /// default true). Off for servers that refuse the field (Azure OpenAI's api-versions
+    /// before 2024-09-01-preview answer 400); their streamed usage is then estimated.
+    #[serde(default = "yes")]
+    pub stream_usage: bool,
 }
 
 impl ProviderConfig {
@@ -87,7 +92,8 @@ pub struct ModelConfig {
     /// Aliases tried in order when this model times out, fails with 5xx or is overloaded.
     #[serde(default)]
     pub fallbacks: Vec<String>,
-    /// Time to first token, per call (defaults to `llm.ttft_timeout_ms`).
+    /// Time to first token, per call (defaults to `llm.ttft_timeout_ms`); a model with
+    /// `stream = false` has the call's whole limit for its reply instead.
     #[serde(default)]
     pub ttft_timeout_ms: Option<u64>,
     /// Whole call, per call (defaults to `llm.call_timeout_s`).
@@ -276,6 +282,7 @@ mod tests {
             api_key_env: None,
             headers: BTreeMap::new(),
             max_tokens_field: None,
+            stream_usage: true,
         }
     }
 

@@ -202,7 +202,14 @@ impl LiveHub {
                 d.clear();
             }
             let watched: Vec<Uuid> = self.watched();
-            if self.sync(&mut sink, &mut active, watched).await.is_err() {
+            if let Err(e) = self.sync(&mut sink, &mut active, watched).await {
+                // not at once again: a SUBSCRIBE that keeps failing would spin
+                tracing::warn!(error = %e, "live events: subscribing failed; retrying");
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(2));
                 continue;
             }
             backoff = Duration::from_millis(50);
@@ -260,16 +267,23 @@ impl LiveHub {
         active: &mut HashSet<Uuid>,
         jobs: Vec<Uuid>,
     ) -> redis::RedisResult<()> {
-        let (mut add, mut del) = (Vec::new(), Vec::new());
+        let (mut add, mut del, mut again) = (Vec::new(), Vec::new(), Vec::new());
         {
             let subs = self.inner.subs.lock().expect("live hub lock");
             for j in jobs {
                 match (subs.contains_key(&j), active.contains(&j)) {
                     (true, false) => add.push(j),
                     (false, true) => del.push(j),
+                    // marked because its subscribers came and went before this ran: the
+                    // channel is still subscribed, but a new first subscriber waits for a
+                    // resync before it reads history
+                    (true, true) => again.push(j),
                     _ => {}
                 }
             }
+        }
+        for j in again {
+            self.deliver(j, LiveMsg::Resync);
         }
         let keys = &self.inner.keys;
         for chunk in del.chunks(512) {

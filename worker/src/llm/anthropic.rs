@@ -106,6 +106,8 @@ fn finish_reason(stop: Option<&str>) -> String {
         Some("max_tokens") => "length",
         Some("tool_use") => "tool_calls",
         Some("refusal") => "content_filter",
+        // the reply was cut by the model's window: as cut as by `max_tokens`
+        Some("model_context_window_exceeded") => "length",
         // "end_turn", "stop_sequence"
         _ => "stop",
     }
@@ -377,12 +379,21 @@ impl LlmProvider for Anthropic {
         if let Some(t) = req.temperature {
             body["temperature"] = t.min(1.0).into();
         }
-        // seed, the penalties and reasoning_effort have no counterpart in the Messages API
-        if let Some(p) = req.sampling.top_p {
+        // seed, the penalties and reasoning_effort have no counterpart in the Messages API;
+        // current Claude models refuse `temperature` and `top_p` together (clients send both,
+        // often `top_p: 1`): the temperature wins
+        if let Some(p) = req.sampling.top_p.filter(|_| req.temperature.is_none()) {
             body["top_p"] = p.into();
         }
-        if !req.sampling.stop.is_empty() {
-            body["stop_sequences"] = req.sampling.stop.clone().into();
+        // Anthropic refuses stop sequences of whitespace only (OpenAI takes "\n")
+        let stops: Vec<&String> = req
+            .sampling
+            .stop
+            .iter()
+            .filter(|s| !s.trim().is_empty())
+            .collect();
+        if !stops.is_empty() {
+            body["stop_sequences"] = json!(stops);
         }
         if !req.tools.is_empty() {
             body["tools"] = req
@@ -436,6 +447,16 @@ impl LlmProvider for Anthropic {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn finish_reasons_in_openai_s_words() {
+        let f = |s: &str| finish_reason(Some(s));
+        assert_eq!(f("end_turn"), "stop");
+        assert_eq!(f("max_tokens"), "length");
+        assert_eq!(f("model_context_window_exceeded"), "length", "a cut reply");
+        assert_eq!(f("tool_use"), "tool_calls");
+        assert_eq!(f("refusal"), "content_filter");
+    }
 
     #[test]
     fn messages_in_anthropic_shape() {

@@ -103,7 +103,8 @@ impl Providers {
             let adapter: Arc<dyn LlmProvider> = match p.kind {
                 ProviderKind::Openai | ProviderKind::OpenaiCompatible => Arc::new(
                     OpenAi::new(&p.base_url, key, p.headers.clone(), connect)
-                        .budget_field(p.token_limit_field()),
+                        .budget_field(p.token_limit_field())
+                        .stream_usage(p.stream_usage),
                 ),
                 ProviderKind::Anthropic => {
                     Arc::new(Anthropic::new(&p.base_url, key, p.headers.clone(), connect))
@@ -178,6 +179,10 @@ impl Providers {
                 Err(e) => return Err(e),
             };
             let messages = &messages[..];
+            let limit = m
+                .config
+                .call_timeout_s
+                .map_or(self.policy.call_timeout, Duration::from_secs);
             let req = ProviderRequest {
                 model: &m.upstream,
                 messages,
@@ -190,16 +195,17 @@ impl Providers {
                 parallel_tool_calls: input.parallel_tool_calls,
                 stream: m.config.stream,
                 headers: &m.config.headers,
-                ttft_timeout: m
-                    .config
-                    .ttft_timeout_ms
-                    .map_or(self.policy.ttft, Duration::from_millis),
+                // a reply that is not streamed is its own first token: it has the call's
+                // whole limit (a first-token limit of 30 s cut every longer generation)
+                ttft_timeout: if m.config.stream {
+                    m.config
+                        .ttft_timeout_ms
+                        .map_or(self.policy.ttft, Duration::from_millis)
+                } else {
+                    limit
+                },
                 idle_timeout: self.policy.idle,
             };
-            let limit = m
-                .config
-                .call_timeout_s
-                .map_or(self.policy.call_timeout, Duration::from_secs);
             let mut retry = 0u32;
             loop {
                 calls += 1;

@@ -25,6 +25,9 @@ pub struct OpenAi {
     ep: Endpoint,
     /// Where the reply budget goes (`max_tokens` unless set).
     budget_field: TokenLimitField,
+    /// Ask for usage in the stream (`stream_options`); servers that refuse the field (Azure
+    /// OpenAI's api-versions before 2024-09-01-preview) get none and usage is estimated.
+    stream_usage: bool,
 }
 
 impl OpenAi {
@@ -37,7 +40,14 @@ impl OpenAi {
         OpenAi {
             ep: Endpoint::new(base_url, api_key, headers, connect_timeout),
             budget_field: TokenLimitField::MaxTokens,
+            stream_usage: true,
         }
+    }
+
+    /// Whether to send `stream_options.include_usage` (see the field).
+    pub fn stream_usage(mut self, on: bool) -> Self {
+        self.stream_usage = on;
+        self
     }
 
     /// Sends the reply budget in `field` (OpenAI's reasoning models need
@@ -102,6 +112,10 @@ struct Delta {
     refusal: Option<String>,
     #[serde(default)]
     tool_calls: Option<Vec<ToolCallDelta>>,
+    /// A reasoning model's thinking (DeepSeek and vLLM: `reasoning_content`; OpenRouter:
+    /// `reasoning`): not the reply, but the call is alive (the first-token limit is met).
+    #[serde(default, alias = "reasoning")]
+    reasoning_content: Option<Value>,
 }
 
 #[derive(Deserialize)]
@@ -281,6 +295,11 @@ impl OpenAi {
                         events.token();
                         refusal.push_str(&r);
                     }
+                    if d.reasoning_content
+                        .is_some_and(|r| r.as_str() != Some("") && !r.is_null())
+                    {
+                        events.token();
+                    }
                     for tc in d.tool_calls.unwrap_or_default() {
                         events.token();
                         calls.apply(tc);
@@ -295,6 +314,14 @@ impl OpenAi {
             return Err(ProviderError::new(
                 Failure::Stream,
                 "provider stream ended before completion",
+            ));
+        }
+        if fin.is_none() && text.is_empty() && refusal.is_empty() && calls.0.is_empty() {
+            // `[DONE]` and nothing else: no reply, no finish reason (llama.cpp sends its errors
+            // on a 200 stream in an `error:` field, which SSE readers drop)
+            return Err(ProviderError::new(
+                Failure::Stream,
+                "provider stream ended without a reply (an error it sent outside `data:` is lost)",
             ));
         }
         for (i, c) in calls.0.iter().enumerate() {
@@ -350,7 +377,7 @@ impl LlmProvider for OpenAi {
             // OpenAI refuses the flag without tools
             parallel_tool_calls: req.parallel_tool_calls.filter(|_| !req.tools.is_empty()),
             stream: req.stream,
-            stream_options: req.stream.then_some(StreamOptions {
+            stream_options: (req.stream && self.stream_usage).then_some(StreamOptions {
                 include_usage: true,
             }),
         };

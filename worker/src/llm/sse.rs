@@ -150,14 +150,25 @@ pub(crate) fn classify(status: Option<u16>, body: &str) -> ProviderError {
         .map(str::to_string)
         .unwrap_or_else(|| body.chars().take(300).collect());
     let lower = message.to_ascii_lowercase();
+    // a per-minute limit whose message mentions quota (Azure links "quotaincrease" from its
+    // token rate limit; Gemini says "Quota exceeded for metric ... per minute") passes with
+    // time: not an exhausted quota
+    let rate = lower.contains("rate limit")
+        || lower.contains("per minute")
+        || lower.contains("retry after")
+        || lower.contains("please retry");
     let quota = code == "insufficient_quota"
         || kind == "insufficient_quota"
         || kind == "billing_error"
-        || lower.contains("quota")
-        || lower.contains("credit balance");
+        || (!rate
+            && (lower.contains("quota")
+                || lower.contains("credit balance")
+                || lower.contains("billing")));
     let context = code == "context_length_exceeded"
         || lower.contains("context length")
         || lower.contains("context window")
+        || lower.contains("context limit")
+        || lower.contains("context size")
         || lower.contains("prompt is too long");
     let failure = match (status, kind) {
         (_, "overloaded_error") | (Some(529), _) => Failure::Overloaded,
@@ -165,6 +176,8 @@ pub(crate) fn classify(status: Option<u16>, body: &str) -> ProviderError {
         (Some(429), _) | (_, "rate_limit_error") => Failure::RateLimited,
         (Some(401 | 403), _) | (_, "authentication_error" | "permission_error") => Failure::Auth,
         (Some(402), _) | (_, "billing_error" | "insufficient_quota") => Failure::QuotaExhausted,
+        // Anthropic: 400 "Your credit balance is too low to access the Anthropic API"
+        (Some(400), _) if quota => Failure::QuotaExhausted,
         (Some(400 | 413 | 422), _) | (_, "invalid_request_error") if context => {
             Failure::ContextLength
         }
@@ -331,6 +344,50 @@ mod tests {
             f(
                 Some(400),
                 r#"{"type":"error","error":{"type":"invalid_request_error","message":"prompt is too long: 9000 tokens > 8192 maximum"}}"#
+            ),
+            Failure::ContextLength
+        );
+        // Azure's token rate limit links "quotaincrease"; Gemini's per-minute limit says quota
+        assert_eq!(
+            f(
+                Some(429),
+                r#"{"error":{"code":"429","message":"Requests to the ChatCompletions_Create Operation under Azure OpenAI API version 2024-06-01 have exceeded token rate limit of your current OpenAI S0 pricing tier. Please retry after 6 seconds. Please go here: https://aka.ms/oai/quotaincrease if you would like to further increase the default rate limit."}}"#
+            ),
+            Failure::RateLimited
+        );
+        assert_eq!(
+            f(
+                Some(429),
+                r#"[{"error":{"code":429,"message":"Quota exceeded for metric: generate_content_requests, limit: 15 per minute","status":"RESOURCE_EXHAUSTED"}}]"#
+            ),
+            Failure::RateLimited
+        );
+        assert_eq!(
+            f(
+                Some(429),
+                r#"{"error":{"message":"You exceeded your current quota, please check your plan and billing details.","type":"insufficient_quota","code":"insufficient_quota"}}"#
+            ),
+            Failure::QuotaExhausted
+        );
+        // Anthropic's account out of credit is a 400: not the request's fault, fall back
+        assert_eq!(
+            f(
+                Some(400),
+                r#"{"type":"error","error":{"type":"invalid_request_error","message":"Your credit balance is too low to access the Anthropic API. Please go to Plans & Billing to upgrade or purchase credits."}}"#
+            ),
+            Failure::QuotaExhausted
+        );
+        assert_eq!(
+            f(
+                Some(400),
+                r#"{"type":"error","error":{"type":"invalid_request_error","message":"input length and `max_tokens` exceed context limit: 197202 + 8192 > 200000"}}"#
+            ),
+            Failure::ContextLength
+        );
+        assert_eq!(
+            f(
+                Some(400),
+                r#"{"error":{"code":400,"message":"the request exceeds the available context size, try increasing it","type":"exceed_context_size_error"}}"#
             ),
             Failure::ContextLength
         );

@@ -268,6 +268,16 @@ async fn wire_requests_carry_what_each_format_needs() {
     let r = &requests(&base, "mock-wire-oa").await[0];
     assert_eq!(r["headers"]["authorization"], "Bearer sk-test-123");
     assert_eq!(r["body"]["stream_options"]["include_usage"], true);
+    // a server that refuses `stream_options` gets none (its usage is estimated)
+    let quiet =
+        OpenAi::new(&url, None, BTreeMap::new(), Duration::from_secs(2)).stream_usage(false);
+    let out = quiet
+        .chat(&request("mock-wire-quiet", &msgs, true), &Sink::new(&c))
+        .await
+        .unwrap();
+    let q = &requests(&base, "mock-wire-quiet").await[0];
+    assert!(q["body"].get("stream_options").is_none(), "{q}");
+    assert!(out.usage.estimated && out.usage.completion_tokens > 0);
     assert_eq!(r["body"]["messages"][0]["role"], "system");
     assert!(
         r["body"].get("max_tokens").is_none(),
@@ -373,10 +383,20 @@ async fn wire_requests_carry_what_each_format_needs() {
     an.chat(&req, &Sink::new(&c)).await.unwrap();
     let b = &requests(&base, "mock-sampling-an").await[0]["body"];
     assert_eq!(b["top_p"], 0.25);
-    assert_eq!(b["stop_sequences"], json!(["END", "\n\n"]));
+    // a stop sequence of whitespace only is refused by Anthropic: left out
+    assert_eq!(b["stop_sequences"], json!(["END"]));
     for k in NOT_ON_ANTHROPIC {
         assert!(b.get(k).is_none(), "Anthropic has no {k}");
     }
+    // with a temperature, top_p is left out (current Claude models refuse both)
+    req.model = "mock-sampling-an-2";
+    req.temperature = Some(0.5);
+    req.sampling.stop = vec!["\n".into()];
+    an.chat(&req, &Sink::new(&c)).await.unwrap();
+    let b = &requests(&base, "mock-sampling-an-2").await[0]["body"];
+    assert_eq!(b["temperature"], 0.5);
+    assert!(b.get("top_p").is_none(), "{b}");
+    assert!(b.get("stop_sequences").is_none(), "{b}");
     stop.cancel();
 }
 
@@ -443,4 +463,54 @@ async fn anthropic_json_mode_is_a_forced_tool_call_whose_input_is_the_reply() {
     assert!(e.message.contains("object"), "{e}");
     assert!(requests(&base, "mock-json-refused").await.is_empty());
     stop.cancel();
+}
+
+/// llama.cpp sends an error on a 200 stream in an `error:` field, which SSE readers drop, then
+/// `[DONE]`: a stream that carried no reply at all fails instead of answering empty text.
+#[tokio::test]
+async fn a_stream_without_a_reply_fails_rather_than_answering_nothing() {
+    let body = "error: {\"code\":400,\"message\":\"the request exceeds the available context size\",\"type\":\"exceed_context_size_error\"}\n\ndata: [DONE]\n\n";
+    let base = raw_server(vec![(Duration::ZERO, body.to_string())]).await;
+    let p = adapter(Format::OpenAi, &base);
+    let msgs = user("x");
+    let (c, _rx) = ctx();
+    let e = p
+        .chat(&request("m", &msgs, true), &Sink::new(&c))
+        .await
+        .unwrap_err();
+    assert_eq!(e.failure, Failure::Stream, "{}", e.message);
+}
+
+/// A reasoning model's thinking (`reasoning_content`) is not the reply, but it shows the call
+/// is alive: the first-token limit does not cut a model that thinks longer than it.
+#[tokio::test]
+async fn thinking_keeps_a_call_alive_before_its_first_token() {
+    let chunk = |delta: Value, fin: Value| {
+        let c = json!({"choices": [{"index": 0, "delta": delta, "finish_reason": fin}]});
+        format!("data: {c}\n\n")
+    };
+    let step = Duration::from_millis(300);
+    let mut parts: Vec<(Duration, String)> = (0..6)
+        .map(|i| {
+            (
+                step,
+                chunk(
+                    json!({"reasoning_content": format!("step {i} ")}),
+                    Value::Null,
+                ),
+            )
+        })
+        .collect();
+    parts.push((step, chunk(json!({"content": "answer"}), json!("stop"))));
+    parts.push((Duration::ZERO, "data: [DONE]\n\n".to_string()));
+    let base = raw_server(parts).await;
+    let p = adapter(Format::OpenAi, &base);
+    let msgs = user("x");
+    let mut req = request("m", &msgs, true);
+    // 2.1 s of thinking against a 1 s first-token limit (and 0.8 s between events)
+    req.ttft_timeout = Duration::from_secs(1);
+    let (c, _rx) = ctx();
+    let out = p.chat(&req, &Sink::new(&c)).await.unwrap();
+    assert_eq!(out.text, "answer", "the thinking is not the reply");
+    assert_eq!(out.finish_reason, "stop");
 }

@@ -127,3 +127,51 @@ pub async fn requests(base: &str, model: &str) -> Vec<Value> {
         .unwrap();
     v["requests"].as_array().cloned().unwrap_or_default()
 }
+
+/// A one-request HTTP server answering 200 with `parts` (exact bytes, each after its delay, the
+/// connection closed after the last): a provider's wire quirks the mock does not play.
+/// Returns its base URL.
+pub async fn raw_server(parts: Vec<(Duration, String)>) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        let Ok((mut s, _)) = listener.accept().await else {
+            return;
+        };
+        // the request: its head, then as many bytes as its content-length says
+        let (mut got, mut buf) = (Vec::new(), vec![0u8; 16 * 1024]);
+        loop {
+            let n = s.read(&mut buf).await.unwrap_or(0);
+            if n == 0 {
+                return;
+            }
+            got.extend_from_slice(&buf[..n]);
+            let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") else {
+                continue;
+            };
+            let head = String::from_utf8_lossy(&got[..end]).to_ascii_lowercase();
+            let len: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0);
+            if got.len() >= end + 4 + len {
+                break;
+            }
+        }
+        let head =
+            "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\n";
+        if s.write_all(head.as_bytes()).await.is_err() {
+            return;
+        }
+        for (wait, part) in parts {
+            tokio::time::sleep(wait).await;
+            if s.write_all(part.as_bytes()).await.is_err() {
+                return;
+            }
+        }
+        let _ = s.shutdown().await;
+    });
+    base
+}
