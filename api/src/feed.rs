@@ -151,7 +151,7 @@ impl Feed {
             }
             if self.more {
                 // a row held back until the last page (see `refill`)
-                let row = self.deferred.take();
+                let row = self.deferred.clone();
                 self.refill(row).await;
                 continue;
             }
@@ -176,7 +176,7 @@ impl Feed {
                     }
                 }
                 Ok(Some(LiveMsg::Resync)) => {
-                    let row = self.deferred.take();
+                    let row = self.deferred.clone();
                     self.refill(row).await
                 }
                 Ok(None) => {
@@ -186,7 +186,7 @@ impl Feed {
                 Err(_) => {
                     self.idle_rounds += 1;
                     let pg = self.idle_rounds.is_multiple_of(PG_CHECK_EVERY);
-                    if let Some(row) = self.deferred.take() {
+                    if let Some(row) = self.deferred.clone() {
                         self.refill(Some(row)).await;
                     } else if pg {
                         let row = self
@@ -230,6 +230,9 @@ impl Feed {
         let Some(row) = row else {
             return;
         };
+        // a held-back row is taken only here, after the read: a `next()` dropped while it
+        // awaited the read (a caller's timeout) keeps it
+        self.deferred = None;
         if self.more {
             // more history to read: the end is reconciled after its last page (else a
             // terminal event made up from the row would jump over the pages between)

@@ -163,7 +163,11 @@ async fn run(
             guard,
             shutdown: state.shutdown.clone(),
         };
-        let stream = relay.started().into_stream();
+        let mut relay = relay.started();
+        if let Some(e) = relay.prime(PRIME_WAIT).await {
+            return Err(e);
+        }
+        let stream = relay.into_stream();
         let sse = Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15)));
         return Ok(([job_header], sse).into_response());
     }
@@ -226,7 +230,48 @@ struct Relay {
     shutdown: tokio_util::sync::CancellationToken,
 }
 
+/// How long a streamed request waits for its reply to start before it answers 200: a failure
+/// within it (a provider's 400, a refused key, a prompt too long) is answered with its status,
+/// as OpenAI answers such requests, so that SDKs raise their typed errors (`BadRequestError`,
+/// `RateLimitError`...) instead of an error inside a 200 stream.
+const PRIME_WAIT: Duration = Duration::from_secs(3);
+
 impl Relay {
+    /// Reads the job's events until its output starts, it ends or `wait` passed; the error to
+    /// answer with when it failed (or was cancelled) before any output.
+    async fn prime(&mut self, wait: Duration) -> Option<OaiError> {
+        let until = tokio::time::Instant::now() + wait;
+        while !self.sent_output && !self.done {
+            let item = tokio::select! {
+                r = tokio::time::timeout_at(until, self.feed.next()) => r.ok()?,
+                _ = self.shutdown.cancelled() => return None,
+            };
+            match item? {
+                FeedItem::Event(ev) => {
+                    let failure = match ev.kind.as_str() {
+                        types::FAILED => Some(OaiError::from_job(
+                            ev.data["error"]["code"].as_str().unwrap_or("internal"),
+                            ev.data["error"]["message"]
+                                .as_str()
+                                .unwrap_or("the job failed"),
+                        )),
+                        types::CANCELLED => {
+                            Some(OaiError::from_job("cancelled", "the request was cancelled"))
+                        }
+                        _ => None,
+                    };
+                    if failure.is_some() {
+                        self.guard.armed = false;
+                        return failure;
+                    }
+                    self.on_event(&ev);
+                }
+                FeedItem::Reset => {}
+            }
+        }
+        None
+    }
+
     /// Queues the first chunk (the assistant role), sent before any token.
     fn started(mut self) -> Self {
         self.pending.push_back(

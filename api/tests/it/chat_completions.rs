@@ -252,13 +252,24 @@ async fn errors_use_openai_shape(pool: PgPool) {
     // a failure while streaming ends the stream with an error object
     let r = chat(
         &app,
-        json!({"model": "mock-error-400", "messages": user("x"), "stream": true}),
+        json!({"model": "mock-midstream-error", "messages": user("x y z"), "stream": true}),
     )
     .await;
     assert_eq!(r.status(), 200);
     let data = sse_data(r).await;
     let last: Value = serde_json::from_str(data.last().unwrap()).unwrap();
-    assert_eq!(last["error"]["code"], "provider_bad_request");
+    assert!(last["error"]["code"].is_string(), "{data:?}");
+    // a failure before any output is answered with its status, as OpenAI answers a bad
+    // request (SDKs raise their typed errors)
+    let r = chat(
+        &app,
+        json!({"model": "mock-error-400", "messages": user("x"), "stream": true}),
+    )
+    .await;
+    assert_eq!(r.status(), 400);
+    let v: Value = r.json().await.unwrap();
+    shape(&v);
+    assert_eq!(v["error"]["code"], "provider_bad_request");
     app.stop().await;
 }
 

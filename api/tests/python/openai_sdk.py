@@ -88,6 +88,12 @@ except openai.BadRequestError:
 try:
     for _ in client.chat.completions.create(model="mock-error-400", messages=MESSAGES, stream=True):
         pass
+    check(False, "a provider 400 raises when streaming too")
+except openai.BadRequestError:
+    check(True, "a provider 400 before any output -> BadRequestError, streaming too")
+try:
+    for _ in client.chat.completions.create(model="mock-midstream-error", messages=MESSAGES, stream=True):
+        pass
     check(False, "an error inside the stream raises")
 except openai.APIError:
     check(True, "an error inside the stream -> APIError")
