@@ -22,7 +22,9 @@ pub struct AuditSink {
 }
 
 impl AuditSink {
-    /// Starts the writer; it drains what is queued when `stop` fires.
+    /// Starts the writer; it drains what is queued when `stop` fires. `stop` is meant to fire
+    /// once the server has finished its requests (not with the shutdown signal itself: the
+    /// requests still in flight then would find the writer gone and their entries lost).
     pub fn start(store: Store, stop: CancellationToken, tasks: &TaskTracker) -> AuditSink {
         let (tx, rx) = mpsc::channel(QUEUE);
         tasks.spawn(writer(store, rx, stop));
@@ -46,7 +48,7 @@ async fn writer(store: Store, mut rx: mpsc::Receiver<AuditEntry>, stop: Cancella
                 while let Ok(e) = rx.try_recv() {
                     batch.push(e);
                 }
-                write(&store, &mut batch).await;
+                write(&store, &mut batch, &stop).await;
                 return;
             }
         };
@@ -67,13 +69,18 @@ async fn writer(store: Store, mut rx: mpsc::Receiver<AuditEntry>, stop: Cancella
                 Ok(_) => {}
             }
         }
-        write(&store, &mut batch).await;
+        write(&store, &mut batch, &stop).await;
     }
 }
 
-async fn write(store: &Store, batch: &mut Vec<AuditEntry>) {
+/// How long a batch is retried once the writer was told to stop (before: as long as it takes,
+/// while requests wait on the full queue rather than lose their entries).
+const RETRY_AFTER_STOP: Duration = Duration::from_secs(30);
+
+async fn write(store: &Store, batch: &mut Vec<AuditEntry>, stop: &CancellationToken) {
     let mut wait = Duration::from_millis(100);
-    for _ in 0..8 {
+    let mut deadline: Option<tokio::time::Instant> = None;
+    loop {
         match store.append_audit(batch.clone()).await {
             Ok(()) => {
                 batch.clear();
@@ -81,11 +88,21 @@ async fn write(store: &Store, batch: &mut Vec<AuditEntry>) {
             }
             Err(e) => {
                 tracing::warn!(error = %e, n = batch.len(), "audit append failed; retrying");
+                if stop.is_cancelled() {
+                    let until = *deadline
+                        .get_or_insert_with(|| tokio::time::Instant::now() + RETRY_AFTER_STOP);
+                    if tokio::time::Instant::now() >= until {
+                        break;
+                    }
+                }
                 tokio::time::sleep(wait).await;
                 wait = (wait * 2).min(Duration::from_secs(5));
             }
         }
     }
-    tracing::error!(n = batch.len(), "audit entries could not be written");
+    tracing::error!(
+        n = batch.len(),
+        "audit entries could not be written before the API stopped"
+    );
     batch.clear();
 }

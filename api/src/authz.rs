@@ -103,11 +103,21 @@ fn refuse(path: &str, e: ApiError) -> Response {
     }
 }
 
-/// The client's address (absent when the server runs without connect info).
-fn peer(req: &Request) -> Option<IpAddr> {
-    req.extensions()
+/// The client's address (absent when the server runs without connect info): the TCP peer,
+/// or behind a trusted proxy the client its `X-Forwarded-For` names.
+fn peer(app: &AppState, req: &Request) -> Option<IpAddr> {
+    let ip = req
+        .extensions()
         .get::<ConnectInfo<SocketAddr>>()
-        .map(|c| c.0.ip())
+        .map(|c| c.0.ip())?;
+    if app.trusted_proxies.is_empty() {
+        return Some(ip);
+    }
+    let forwarded = req
+        .headers()
+        .get("x-forwarded-for")
+        .and_then(|v| v.to_str().ok());
+    Some(app.trusted_proxies.client(ip, forwarded))
 }
 
 /// The request's `x-request-id` (set by the request-id layer), for audit rows.
@@ -122,7 +132,7 @@ pub fn request_id(headers: &axum::http::HeaderMap) -> String {
 /// Operator routes: the operator token (compared by digest), else 403 for a tenant's key and
 /// 401 (counted as a failed authentication) for anything else.
 async fn operator(app: AppState, mut req: Request, next: Next, path: &str) -> Response {
-    let source = peer(&req);
+    let source = peer(&app, &req);
     if let Some(wait) = source.and_then(|s| app.auth_failures.blocked_for(s)) {
         return refuse(path, too_many_failures(wait));
     }
@@ -182,7 +192,7 @@ pub async fn authorize(State(app): State<AppState>, mut req: Request, next: Next
             );
         }
     };
-    let source = peer(&req);
+    let source = peer(&app, &req);
     if let Some(wait) = source.and_then(|s| app.auth_failures.blocked_for(s)) {
         return refuse(&path, too_many_failures(wait));
     }
@@ -194,9 +204,11 @@ pub async fn authorize(State(app): State<AppState>, mut req: Request, next: Next
     let principal = match outcome {
         Ok(p) => p,
         Err(e) if e.code == ErrorCode::Unauthorized => {
-            // logged without the secret: the visible prefix at most
+            // logged without the secret: the visible prefix of an API key at most (not of
+            // anything else, e.g. the operator token sent to a tenant's route)
             let prefix: String = presented
                 .as_deref()
+                .filter(|p| p.starts_with(switchyard_core::apikey::KEY_PREFIX))
                 .unwrap_or("")
                 .chars()
                 .take(switchyard_core::apikey::PREFIX_LEN)

@@ -76,12 +76,16 @@ pub struct AppStateInner {
     pub audit: crate::audit::AuditSink,
     /// Failed authentications per source address.
     pub auth_failures: Arc<crate::auth_limit::AuthFailures>,
+    /// Proxies whose `X-Forwarded-For` names the client.
+    pub trusted_proxies: Arc<switchyard_core::proxy::TrustedProxies>,
     /// Per-credential rates and tenant quotas.
     pub admission: Arc<crate::quota::Admission>,
     /// The model table (`GET /v1/models`), built once from `llm` at start.
     pub models: Arc<ModelTable>,
     /// Fired when the process drains: streams close (WebSocket code 1012).
     pub shutdown: CancellationToken,
+    /// Fired by `serve` once the server's requests have ended: the audit writer drains.
+    pub audit_stop: CancellationToken,
     /// Background tasks of this API (feeds, group commit); awaited on shutdown.
     pub tasks: TaskTracker,
 }
@@ -120,7 +124,9 @@ impl AppState {
         let live = LiveHub::start(client.clone(), keys.clone(), shutdown.clone(), &tasks);
         let submit_conn = switchyard_queue::connect_retrying(&client).await?;
         let submitter = Submitter::start(store.clone(), queue.clone(), submit_conn, &tasks);
-        let audit = crate::audit::AuditSink::start(store.clone(), shutdown.clone(), &tasks);
+        // stopped by `serve` once the requests in flight are done (they still record)
+        let audit_stop = CancellationToken::new();
+        let audit = crate::audit::AuditSink::start(store.clone(), audit_stop.clone(), &tasks);
         let key_usage = Arc::new(KeyUsage::default());
         {
             let (usage, store, stop) = (key_usage.clone(), store.clone(), shutdown.clone());
@@ -158,12 +164,18 @@ impl AppState {
             auth_failures: Arc::new(crate::auth_limit::AuthFailures::new(
                 cfg.auth_failures_per_minute,
             )),
+            // validated when the configuration loads
+            trusted_proxies: Arc::new(
+                switchyard_core::proxy::TrustedProxies::parse(&cfg.trusted_proxies)
+                    .unwrap_or_default(),
+            ),
             admission: Arc::new(crate::quota::Admission::new(
                 &cfg.quotas,
                 switchyard_queue::Quotas::new(keys_for_quotas, conn.clone()),
             )),
             models: Arc::new(cfg.llm.table()),
             shutdown,
+            audit_stop,
             tasks,
         })))
     }
@@ -283,6 +295,7 @@ pub fn router(state: AppState) -> Router {
 /// in-flight requests and background tasks.
 pub async fn serve(listener: tokio::net::TcpListener, state: AppState) -> anyhow::Result<()> {
     let shutdown = state.shutdown.clone();
+    let audit_stop = state.audit_stop.clone();
     let tasks = state.tasks.clone();
     let app = router(state);
     // small frames (events, 202s) go out at once instead of waiting for Nagle's algorithm
@@ -298,6 +311,8 @@ pub async fn serve(listener: tokio::net::TcpListener, state: AppState) -> anyhow
     )
     .with_graceful_shutdown(async move { shutdown.cancelled().await })
     .await?;
+    // every request has ended: the audit writer drains what they recorded
+    audit_stop.cancel();
     tasks.close();
     let _ = tokio::time::timeout(Duration::from_secs(10), tasks.wait()).await;
     Ok(())

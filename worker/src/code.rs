@@ -150,7 +150,9 @@ impl Executor for CodeExecExecutor {
                 ),
             ));
         }
-        let max = self.max_limits(ctx.tenant_id).await;
+        // never past the hard maximum, whatever the configuration says (a wall time of
+        // years overflowed the deadline's arithmetic)
+        let max = self.max_limits(ctx.tenant_id).await.min(Limits::MAX);
         let limits = Limits::resolve(input.limits, self.cfg.default_limits.min(max), max);
         let source = match &input.code {
             Some(code) => Source::Code(code.clone()),
@@ -175,7 +177,23 @@ impl Executor for CodeExecExecutor {
         let outcome = loop {
             tokio::select! {
                 r = &mut run => break r,
-                _ = capture.changed() => fwd.forward(ctx, &capture, false).await,
+                _ = capture.changed() => {
+                    // the run is polled while output waits for room in the event channel: it
+                    // holds the sandbox's deadline, CPU and cancel checks (a slow Redis let a
+                    // program run past its limits)
+                    let forwarding = fwd.forward(ctx, &capture, false);
+                    tokio::pin!(forwarding);
+                    let mut ended = None;
+                    loop {
+                        tokio::select! {
+                            _ = &mut forwarding => break,
+                            r = &mut run, if ended.is_none() => ended = Some(r),
+                        }
+                    }
+                    if let Some(r) = ended {
+                        break r;
+                    }
+                }
             }
         };
         fwd.forward(ctx, &capture, true).await;

@@ -22,6 +22,7 @@ pub fn outcome_label(out: &CodeExecOutput) -> &'static str {
         (Some(KilledBy::Cpu), _) => "cpu",
         (Some(KilledBy::Memory), _) => "memory",
         (Some(KilledBy::Output), _) => "output",
+        (Some(KilledBy::Disk), _) => "disk",
         (None, Some(0)) => "ok",
         (None, Some(_)) => "exit_nonzero",
         (None, None) => "cancelled",

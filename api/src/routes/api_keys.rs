@@ -148,6 +148,23 @@ pub async fn create(
             Some(out)
         }
     };
+    // no scopes asked: all the role grants, narrowed to what the creator holds (a key scoped
+    // to `keys:manage` made an unscoped admin key before)
+    let scopes = match scopes {
+        Some(asked) => Some(asked),
+        None => match narrowed(role, &principal) {
+            Some(held) if held.is_empty() => {
+                return Err(ApiError::new(
+                    ErrorCode::Forbidden,
+                    format!(
+                        "the calling key holds none of the {} role's permissions",
+                        role.as_str()
+                    ),
+                ))
+            }
+            other => other,
+        },
+    };
     let expires_at = match req.expires_in_s {
         None => None,
         Some(0) => return Err(FieldError::invalid("expires_in_s", "must be at least 1").into()),
@@ -159,6 +176,11 @@ pub async fn create(
             .into())
         }
         Some(s) => Some(Utc::now() + chrono::Duration::seconds(s as i64)),
+    };
+    // nor does a key outlive the credential that made it (an hour's key, a user's token)
+    let expires_at = match (expires_at, principal.expires_at) {
+        (Some(asked), Some(limit)) => Some(asked.min(limit)),
+        (asked, limit) => asked.or(limit),
     };
     let (rec, secret) = state
         .store
@@ -256,6 +278,20 @@ pub async fn revoke(
     else {
         return Err(ApiError::not_found("API key"));
     };
+    // the revoker holds every permission of the key (a key scoped to `keys:manage` could
+    // revoke unscoped admin keys before)
+    let lacks = |key: &ApiKeyRecord| {
+        let Some(role) = Role::parse(&key.role) else {
+            return true;
+        };
+        let scopes: Option<Vec<Permission>> = key
+            .scopes
+            .as_ref()
+            .map(|l| l.iter().filter_map(|s| Permission::parse(s)).collect());
+        Permission::ALL.iter().any(|&p| {
+            switchyard_core::authz::allows(role, scopes.as_deref(), p) && !principal.can(p)
+        })
+    };
     if Role::parse(&key.role).is_none_or(|r| r > principal.role) {
         return Err(ApiError::new(
             ErrorCode::Forbidden,
@@ -266,6 +302,12 @@ pub async fn revoke(
             ),
         ));
     }
+    if lacks(&key) {
+        return Err(ApiError::new(
+            ErrorCode::Forbidden,
+            "the calling key cannot revoke a key that holds permissions it lacks",
+        ));
+    }
     let rec = state
         .store
         .revoke_tenant_api_key(principal.tenant_id, id)
@@ -274,4 +316,19 @@ pub async fn revoke(
     // this replica stops accepting it at once; the others when their cache expires
     state.auth_cache.clear();
     Ok(Json(rec.into()))
+}
+
+/// The scopes of a key of `role` made by `creator` without asking for any: `None` (all the role
+/// grants) when the creator holds all of them, else the part it holds.
+fn narrowed(role: Role, creator: &switchyard_store::Principal) -> Option<Vec<Permission>> {
+    let grants: Vec<Permission> = Permission::ALL
+        .iter()
+        .copied()
+        .filter(|&p| role.grants(p))
+        .collect();
+    if grants.iter().all(|&p| creator.can(p)) {
+        None
+    } else {
+        Some(grants.into_iter().filter(|&p| creator.can(p)).collect())
+    }
 }

@@ -69,6 +69,8 @@ fn error_frame(job_id: Option<Uuid>, err: &ApiError) -> Message {
 pub async fn ws(
     State(state): State<AppState>,
     Auth(principal): Auth,
+    headers: axum::http::HeaderMap,
+    uri: axum::http::Uri,
     upgrade: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
 ) -> Response {
     let upgrade = match upgrade {
@@ -82,13 +84,29 @@ pub async fn ws(
         }
     };
     let scope = principal.scope();
+    // checked again while the connection lives: a revoked key or an expired token ends it
+    let credential = crate::auth::presented_credential(&headers, uri.query()).unwrap_or_default();
     upgrade
         .max_message_size(64 * 1024)
         .read_buffer_size(READ_BUFFER)
-        .on_upgrade(move |socket| connection(state, scope, socket))
+        .on_upgrade(move |socket| connection(state, scope, credential, socket))
 }
 
-async fn connection(state: AppState, scope: Scope, socket: WebSocket) {
+/// Whether the connection's credential still authenticates (through the auth cache: a revoked
+/// key fails within its TTL, at once on the replica that revoked it; a token past `exp`).
+async fn still_valid(state: &AppState, credential: &str) -> bool {
+    match state
+        .auth_cache
+        .authenticate(&state.store, credential)
+        .await
+    {
+        Ok(_) => true,
+        // Postgres down: not the credential's fault; the next check decides
+        Err(e) => e.code != ErrorCode::Unauthorized,
+    }
+}
+
+async fn connection(state: AppState, scope: Scope, credential: String, socket: WebSocket) {
     state.metrics.ws_connections.inc();
     let (mut sink, mut stream) = socket.split();
     let (out_tx, mut out_rx) = mpsc::channel::<Message>(WS_BUFFER);
@@ -113,6 +131,10 @@ async fn connection(state: AppState, scope: Scope, socket: WebSocket) {
             }
             _ = slow.cancelled() => break,
             _ = ping.tick() => {
+                if !still_valid(&state, &credential).await {
+                    let _ = tokio::time::timeout(SEND_TIMEOUT, sink.send(close(1008, "credentials revoked or expired"))).await;
+                    break;
+                }
                 if !matches!(tokio::time::timeout(SEND_TIMEOUT, sink.send(Message::Ping(Vec::new().into()))).await, Ok(Ok(()))) {
                     break;
                 }
@@ -148,6 +170,10 @@ async fn connection(state: AppState, scope: Scope, socket: WebSocket) {
                     // at most the cap: above it, finished subscriptions would count against the
                     // cap for good (no prune would come before the refusal)
                     prune_at = (subs.len() * 2).clamp(64, MAX_SUBSCRIPTIONS);
+                }
+                if !still_valid(&state, &credential).await {
+                    let _ = tokio::time::timeout(SEND_TIMEOUT, sink.send(close(1008, "credentials revoked or expired"))).await;
+                    break;
                 }
                 if let Err((job, err)) = handle_op(&state, &scope, text.as_str(), &mut subs, &out_tx, &slow, &conn_done) {
                     let _ = out_tx.try_send(error_frame(job, &err));

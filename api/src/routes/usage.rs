@@ -132,7 +132,7 @@ pub async fn get_usage(
     }
     let report = state
         .store
-        .usage(principal.tenant_id, from, to, group)
+        .usage(principal.scope(), from, to, group)
         .await?;
     let data = report
         .rows

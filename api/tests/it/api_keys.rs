@@ -291,3 +291,118 @@ async fn failed_authentication_is_rate_limited_per_source(pool: PgPool) {
     assert_eq!(call(&app, &app.key, "GET", "/v1/jobs", None).await.0, 429);
     app.stop().await;
 }
+
+/// A key never gets, nor keeps past its maker, what the key that made it lacks: a key scoped
+/// to `keys:manage` that asks for no scopes gets that scope only (it made an unscoped admin
+/// key before), a key made by an expiring key expires with it, and a scoped key cannot revoke
+/// a key holding permissions it lacks.
+#[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
+async fn a_key_never_outgrows_the_key_that_made_it(pool: PgPool) {
+    let app = spawn_api_only(pool).await;
+    let rotator = key(&app, Role::Admin, Some(&[Permission::KeysManage])).await;
+    let (s, made) = call(
+        &app,
+        &rotator,
+        "POST",
+        "/v1/api-keys",
+        Some(json!({"role": "admin"})),
+    )
+    .await;
+    assert_eq!(s, 201, "{made}");
+    assert_eq!(made["scopes"], json!(["keys:manage"]), "{made}");
+    let secret = made["secret"].as_str().unwrap();
+    assert_eq!(call(&app, secret, "GET", "/v1/audit", None).await.0, 403);
+    // a key made by an expiring key expires no later
+    let (_, hourly) = app
+        .store
+        .create_scoped_api_key(
+            app.tenant,
+            "hourly",
+            Role::Admin,
+            None,
+            Some(chrono::Utc::now() + chrono::Duration::hours(1)),
+        )
+        .await
+        .unwrap();
+    let (s, made) = call(
+        &app,
+        &hourly,
+        "POST",
+        "/v1/api-keys",
+        Some(json!({"name": "forever"})),
+    )
+    .await;
+    assert_eq!(s, 201, "{made}");
+    let until: chrono::DateTime<chrono::Utc> = made["expires_at"]
+        .as_str()
+        .expect("an expiry")
+        .parse()
+        .unwrap();
+    assert!(
+        until <= chrono::Utc::now() + chrono::Duration::hours(1),
+        "{made}"
+    );
+    // revoking: not a key with permissions the caller lacks
+    let (_, full) = call(
+        &app,
+        &hourly,
+        "POST",
+        "/v1/api-keys",
+        Some(json!({"role": "admin"})),
+    )
+    .await;
+    let id = full["id"].as_str().unwrap();
+    let (s, e) = call(
+        &app,
+        &rotator,
+        "DELETE",
+        &format!("/v1/api-keys/{id}"),
+        None,
+    )
+    .await;
+    assert_eq!(s, 403, "{e}");
+    // a role of which the caller holds nothing: refused, not a key that can do nothing
+    let (s, e) = call(
+        &app,
+        &rotator,
+        "POST",
+        "/v1/api-keys",
+        Some(json!({"role": "viewer"})),
+    )
+    .await;
+    assert_eq!(s, 403, "{e}");
+    app.stop().await;
+}
+
+/// Behind a trusted proxy, failed authentication counts against the client its
+/// `X-Forwarded-For` names, not the proxy: one client guessing keys no longer locks every
+/// tenant behind the proxy out (a client that claims to be forwarded without coming from a
+/// trusted proxy is counted by its own address: `switchyard_core::proxy`'s unit tests).
+#[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
+async fn behind_a_trusted_proxy_each_client_has_its_own_failures(pool: PgPool) {
+    let opts = crate::support::Opts {
+        worker: false,
+        scheduler: false,
+        configure: Some(std::sync::Arc::new(|cfg| {
+            cfg.trusted_proxies = vec!["127.0.0.0/8".into()];
+        })),
+        ..Default::default()
+    };
+    let app = crate::support::spawn_app_with(pool, opts).await;
+    let bad = "sy_aaaaaaaa_0123456789abcdefghij0123456789ABCDEFGHIJ";
+    let get = |key: &str, client: &str| {
+        app.http
+            .get(app.url("/v1/jobs"))
+            .bearer_auth(key)
+            .header("x-forwarded-for", client)
+            .send()
+    };
+    for i in 0..31 {
+        let s = get(bad, "198.51.100.1").await.unwrap().status();
+        assert!(s == 401 || (i == 30 && s == 429), "attempt {i}: {s}");
+    }
+    assert_eq!(get(&app.key, "198.51.100.1").await.unwrap().status(), 429);
+    // another client through the same proxy is not affected
+    assert_eq!(get(&app.key, "198.51.100.2").await.unwrap().status(), 200);
+    app.stop().await;
+}

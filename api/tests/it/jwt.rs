@@ -251,6 +251,25 @@ async fn end_users_see_only_what_they_created(pool: PgPool) {
     assert_eq!(status_of(&app, &dave).await.0, 200);
     let (s, _) = send(&app, &dave, "POST", "/v1/jobs", "/v1/jobs").await;
     assert_eq!(s, StatusCode::FORBIDDEN);
+    // usage, too, is an end user's own: alice's chat counts for her and the tenant, not bob
+    sqlx::query(
+        "INSERT INTO jobs (id, tenant_id, created_by, kind, queue, status, attempt, max_attempts,
+                           input, output, created_at, started_at, finished_at)
+         VALUES ($1, $2, 'user:alice', 'llm.chat', 'llm', 'succeeded', 1, 3, '{\"model\": \"m\"}',
+                 '{\"model\": \"m\", \"usage\": {\"prompt_tokens\": 3, \"completion_tokens\": 4}}',
+                 now(), now(), now())",
+    )
+    .bind(uuid::Uuid::now_v7())
+    .bind(app.tenant)
+    .execute(app.store.pool())
+    .await
+    .unwrap();
+    for (who, n) in [(&alice, 1), (&bob, 0), (&app.key, 1)] {
+        let (s, body) = send(&app, who, "GET", "/v1/usage", "/v1/usage").await;
+        assert_eq!(s, 200, "{body}");
+        let v: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(v["total"]["requests"], n, "{body}");
+    }
     app.stop().await;
 }
 

@@ -476,3 +476,59 @@ async fn a_long_finished_stream_is_read_whole_and_resuming_at_its_end_is_quiet(p
     assert!(body.contains("reset"), "{body}");
     app.stop().await;
 }
+
+/// A WebSocket opened with a key that is revoked meanwhile does not outlive it: its next
+/// operation (or ping) closes the connection with 1008.
+#[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
+async fn a_websocket_ends_when_its_key_is_revoked(pool: PgPool) {
+    use tokio_tungstenite::tungstenite::Message;
+    let app = crate::support::spawn_api_only(pool).await;
+    let (rec, key) = app
+        .store
+        .create_scoped_api_key(
+            app.tenant,
+            "ws",
+            switchyard_core::authz::Role::Developer,
+            None,
+            None,
+        )
+        .await
+        .unwrap();
+    let mut ws = crate::support::ws_connect(&app.base, &key).await;
+    let first = app.submit_noop(json!({})).await;
+    ws.subscribe(first, 0).await;
+    let frame = ws.next(T).await.expect("events while the key is valid");
+    assert_eq!(frame["job_id"], json!(first), "{frame}");
+    // revoked through the API: this replica forgets its cached principal at once
+    let r = app
+        .auth(
+            app.http
+                .delete(app.url(&format!("/v1/api-keys/{}", rec.id))),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let second = app.submit_noop(json!({})).await;
+    ws.subscribe(second, 0).await;
+    let closed = loop {
+        match tokio::time::timeout(T, ws.inner.next())
+            .await
+            .expect("closed in time")
+        {
+            Some(Ok(Message::Close(c))) => break c.map(|c| u16::from(c.code)),
+            Some(Ok(Message::Text(t))) => {
+                let v: Value = serde_json::from_str(&t).unwrap();
+                assert_ne!(
+                    v["job_id"],
+                    json!(second),
+                    "no events after revocation: {v}"
+                );
+            }
+            Some(Ok(_)) => {}
+            None | Some(Err(_)) => break None,
+        }
+    };
+    assert_eq!(closed, Some(1008));
+    app.stop().await;
+}

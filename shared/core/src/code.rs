@@ -248,9 +248,21 @@ impl CodeExecInput {
             return Err(too_big("input.files", MAX_FILES_BYTES));
         }
         let paths: Vec<&str> = self.files.keys().map(String::as_str).collect();
+        // the program itself is written beside the files under this name
+        let main = match self.language {
+            Language::Python => Some("main.py"),
+            Language::Javascript => Some("main.js"),
+            Language::Wasm => None,
+        };
         for p in &paths {
             if let Err(why) = check_relative_path(p) {
                 return Err(FieldError::invalid(format!("input.files.{p}"), why));
+            }
+            if let Some(m) = main.filter(|m| *p == *m || p.starts_with(&format!("{m}/"))) {
+                return Err(FieldError::invalid(
+                    format!("input.files.{p}"),
+                    format!("`{m}` is the program's own file"),
+                ));
             }
             // a file may not also be a directory of another file
             let dir = format!("{p}/");
@@ -396,6 +408,9 @@ pub enum KilledBy {
     Cpu,
     Memory,
     Output,
+    /// The wasm tier: the program's files passed their cap (the gVisor tier's file systems are
+    /// size-limited: a write there fails instead).
+    Disk,
 }
 
 /// Which streams were cut at the output limit.
@@ -450,6 +465,20 @@ mod tests {
         let e =
             parse(json!({"language":"python","code":"1","files":{"a":"x","a/b":"y"}})).unwrap_err();
         assert_eq!(e.field, "input.files.a");
+        // the program's own file is not a file of the input (a directory of that name broke
+        // the run with an internal error that was retried)
+        for (lang, p) in [
+            ("python", "main.py/x"),
+            ("python", "main.py"),
+            ("javascript", "main.js/x"),
+        ] {
+            let e = parse(json!({"language": lang, "code": "1", "files": {p: "x"}})).unwrap_err();
+            assert_eq!(e.field, format!("input.files.{p}"), "{p}");
+        }
+        assert!(
+            parse(json!({"language": "javascript", "code": "1", "files": {"main.py": "x"}}))
+                .is_ok()
+        );
     }
 
     #[test]

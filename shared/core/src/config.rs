@@ -53,6 +53,12 @@ pub struct Config {
     /// Failed authentications a source address may make per minute before all its requests
     /// get 429 for a while.
     pub auth_failures_per_minute: u32,
+    /// Addresses or networks (CIDR) of reverse proxies in front of the API (nginx, an
+    /// ingress): a request from one is attributed to the client its `X-Forwarded-For` names
+    /// (per-source limits, the audit trail's `source`). Empty: the TCP peer (behind a proxy,
+    /// every client would then share the proxy's limits).
+    #[serde(default)]
+    pub trusted_proxies: Vec<String>,
     /// Audit rows older than this many days are pruned by the scheduler (0: kept forever).
     pub audit_retention_days: u64,
     /// Undelivered jobs one tenant (of weight 1) may have in a queue's streams before the rest
@@ -433,6 +439,9 @@ impl Config {
             if let Err(e) = table.resolve(m) {
                 anyhow::bail!("llm.summary_model: {e}");
             }
+        }
+        if let Err(e) = crate::proxy::TrustedProxies::parse(&self.trusted_proxies) {
+            anyhow::bail!("trusted_proxies: {e}");
         }
         for q in &self.worker.queues {
             if let Err(e) = crate::queueing::check_queue_name("worker.queues", q) {

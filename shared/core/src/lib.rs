@@ -13,6 +13,7 @@ pub mod job;
 pub mod jwt_config;
 pub mod models;
 pub mod nul;
+pub mod proxy;
 pub mod queueing;
 pub mod quota;
 pub mod schedule;

@@ -3,9 +3,8 @@
 //! index `jobs_chat_succeeded_finished`).
 
 use chrono::{DateTime, Utc};
-use uuid::Uuid;
 
-use crate::{Result, Store};
+use crate::{Result, Scope, Store};
 
 /// How usage rows are grouped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -121,18 +120,20 @@ impl Part {
 }
 
 impl Store {
-    /// Usage of `tenant_id`'s succeeded `llm.chat` jobs that finished in `[from, to)`: each job
+    /// Usage of the succeeded `llm.chat` jobs in `scope` (a tenant's, or an end user's own) that finished in `[from, to)`: each job
     /// counts its reply (under the model that answered) and, when the turn wrote a conversation
     /// summary, that call's tokens and cost (under the summary's model; no request of its own).
     /// Sums are exact (`numeric`) and the total comes from the same scan (a grouping set), so it
     /// equals the sum of the rows.
     pub async fn usage(
         &self,
-        tenant_id: Uuid,
+        scope: impl Into<Scope>,
         from: DateTime<Utc>,
         to: DateTime<Utc>,
         group: UsageGroup,
     ) -> Result<UsageReport> {
+        let scope = scope.into();
+        let tenant_id = scope.tenant_id;
         let mut tx = self.tenant_tx(tenant_id).await?;
         let (reply, summary) = (Part::reply(), Part::summary());
         // a job's `cost_usd` is its whole cost: the reply's share is what the summary left
@@ -153,6 +154,7 @@ impl Store {
                 ) AS part(k, n, p, c, t, u)
                 WHERE tenant_id = $1 AND kind = 'llm.chat' AND status = 'succeeded'
                   AND finished_at >= $2 AND finished_at < $3
+                  AND ($4::text IS NULL OR created_by = $4)
                   AND (part.n = 1 OR jsonb_typeof(output -> 'summary') = 'object')
              ) j
              GROUP BY GROUPING SETS ((k), ())
@@ -171,6 +173,7 @@ impl Store {
             .bind(tenant_id)
             .bind(from)
             .bind(to)
+            .bind(scope.creator.as_deref())
             .fetch_all(&mut *tx)
             .await?;
         let mut report = UsageReport::default();

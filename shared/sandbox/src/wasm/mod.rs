@@ -118,6 +118,10 @@ pub struct WasmSandbox {
     linker: Arc<Linker<RunState>>,
     interpreters: HashMap<Language, Arc<Interpreter>>,
     slots: Arc<Semaphore>,
+    /// One user module compiles at a time: a compile cannot be stopped, so one that ran past
+    /// its limit goes on to the end (holding this), and without a bound a tenant sending
+    /// slow-compiling modules piled compiles up over every core.
+    compiles: Arc<Semaphore>,
     cfg: WasmConfig,
     _ticker: Ticker,
 }
@@ -183,6 +187,7 @@ impl WasmSandbox {
         let ticker = Ticker::start(engine.clone())?;
         Ok(WasmSandbox {
             slots: Arc::new(Semaphore::new(cfg.slots.max(1) as usize)),
+            compiles: Arc::new(Semaphore::new(1)),
             engine,
             linker: Arc::new(linker),
             interpreters,
@@ -191,27 +196,47 @@ impl WasmSandbox {
         })
     }
 
-    /// Compiles and links a user's module, within the compile time limit.
+    /// Compiles and links a user's module, within the compile time limit (which counts the
+    /// wait for an earlier compile too).
     async fn user_module(&self, bytes: Vec<u8>) -> Result<InstancePre<RunState>, SandboxError> {
         let engine = self.engine.clone();
         let linker = self.linker.clone();
-        let job = tokio::task::spawn_blocking(move || {
-            let module =
-                Module::new(&engine, &bytes).map_err(|e| format!("invalid module: {e:#}"))?;
-            linker
-                .instantiate_pre(&module)
-                .map_err(|e| format!("module cannot run here (WASI preview 1 only): {e:#}"))
-        });
+        let compiles = self.compiles.clone();
+        let job = async move {
+            let permit = compiles
+                .acquire_owned()
+                .await
+                .map_err(|e| SandboxError::Internal(anyhow!("compile permit: {e}")))?;
+            tokio::task::spawn_blocking(move || {
+                // held until this compile ends, however long after its job gave up
+                let _permit = permit;
+                compile(&engine, &linker, &bytes)
+            })
+            .await
+            .map_err(|e| SandboxError::Internal(anyhow!("compile task: {e}")))
+        };
         match tokio::time::timeout(self.cfg.compile_timeout, job).await {
             Err(_) => Err(SandboxError::InvalidModule(format!(
                 "module took longer than {} ms to compile",
                 self.cfg.compile_timeout.as_millis()
             ))),
-            Ok(Err(e)) => Err(SandboxError::Internal(anyhow!("compile task: {e}"))),
+            Ok(Err(e)) => Err(e),
             Ok(Ok(Err(msg))) => Err(SandboxError::InvalidModule(msg)),
             Ok(Ok(Ok(pre))) => Ok(pre),
         }
     }
+}
+
+/// Compiles and links a module (CPU work: on a blocking thread).
+fn compile(
+    engine: &Engine,
+    linker: &Linker<RunState>,
+    bytes: &[u8],
+) -> Result<InstancePre<RunState>, String> {
+    let module = Module::new(engine, bytes).map_err(|e| format!("invalid module: {e:#}"))?;
+    linker
+        .instantiate_pre(&module)
+        .map_err(|e| format!("module cannot run here (WASI preview 1 only): {e:#}"))
 }
 
 #[async_trait]
@@ -306,6 +331,7 @@ impl Sandbox for WasmSandbox {
         let killed_by = match ended.stop {
             Some(Stop::Timeout) => Some(KilledBy::Timeout),
             Some(Stop::Cpu) => Some(KilledBy::Cpu),
+            Some(Stop::Disk) => Some(KilledBy::Disk),
             Some(Stop::Cancelled) => None,
             None if capture.exceeded() => Some(KilledBy::Output),
             None if ended.memory_hit => Some(KilledBy::Memory),
@@ -343,6 +369,7 @@ enum End {
 enum Stop {
     Timeout,
     Cpu,
+    Disk,
     Cancelled,
 }
 
@@ -428,6 +455,7 @@ async fn run_guest(
         }, None),
         _ = tokio::time::sleep_until(deadline) => (End::Stopped, Some(Stop::Timeout)),
         _ = cancel.cancelled() => (End::Stopped, Some(Stop::Cancelled)),
+        _ = disk_filled(dir) => (End::Stopped, Some(Stop::Disk)),
     };
     let duration = started.elapsed();
     if stop.is_none() && cpu_hit.load(Ordering::Relaxed) {
@@ -440,4 +468,47 @@ async fn run_guest(
         memory_hit: store.data().limits.memory_hit,
         duration,
     })
+}
+
+/// Bytes a program's directory may hold on the wasm tier (the gVisor tier's `/work`: 64 MiB),
+/// and files: WASI writes go straight to the host's disk, which one program would otherwise
+/// fill for every tenant of the worker.
+pub const DISK_BYTES: u64 = 64 << 20;
+pub const DISK_FILES: u64 = 4096;
+/// How often the directory is measured (what a program writes in between is its overshoot).
+const DISK_CHECK: Duration = Duration::from_millis(50);
+
+/// Resolves once `dir` holds more than [`DISK_BYTES`] or [`DISK_FILES`].
+async fn disk_filled(dir: &Path) {
+    loop {
+        tokio::time::sleep(DISK_CHECK).await;
+        let (bytes, files) = usage(dir);
+        if bytes > DISK_BYTES || files > DISK_FILES {
+            return;
+        }
+    }
+}
+
+/// Bytes and entries under `dir` (symbolic links not followed; stops counting past the caps).
+fn usage(dir: &Path) -> (u64, u64) {
+    let (mut bytes, mut files) = (0u64, 0u64);
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            files += 1;
+            let Ok(meta) = e.metadata() else { continue };
+            if meta.is_dir() {
+                todo.push(e.path());
+            } else {
+                bytes = bytes.saturating_add(meta.len());
+            }
+            if bytes > DISK_BYTES || files > DISK_FILES {
+                return (bytes, files);
+            }
+        }
+    }
+    (bytes, files)
 }

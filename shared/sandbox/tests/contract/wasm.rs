@@ -158,3 +158,40 @@ async fn escape_suite() {
     programs.extend(quickjs_programs());
     crate::escape::assert_contained(sandbox(), programs).await;
 }
+
+/// WASI writes land on the worker's own disk: a program that writes past the tier's cap (in
+/// bytes, or in files) is stopped with `killed_by: disk` instead of filling the disk for every
+/// tenant of the worker.
+#[tokio::test]
+async fn files_past_the_cap_stop_the_program() {
+    let sb = sandbox();
+    let big = "c = b'0' * (8 << 20)\nwith open('big', 'wb') as f:\n    for _ in range(64):\n        f.write(c)\nprint('wrote it all')";
+    let r = crate::suite::run(&*sb, crate::suite::request(Language::Python, big)).await;
+    assert_eq!(
+        r.outcome.killed_by,
+        Some(KilledBy::Disk),
+        "{:?} {}",
+        r.outcome,
+        r.stderr
+    );
+    assert!(!r.stdout.contains("wrote it all"));
+    let many = "for i in range(20000):\n    open(f'f{i}', 'w').close()\nprint('made them all')";
+    let r = crate::suite::run(&*sb, crate::suite::request(Language::Python, many)).await;
+    assert_eq!(
+        r.outcome.killed_by,
+        Some(KilledBy::Disk),
+        "{:?} {}",
+        r.outcome,
+        r.stderr
+    );
+    assert!(!r.stdout.contains("made them all"));
+    // within the cap: untouched
+    let small = "open('a', 'wb').write(b'0' * (1 << 20))\nprint('ok')";
+    let r = crate::suite::run(&*sb, crate::suite::request(Language::Python, small)).await;
+    assert_eq!(
+        (r.outcome.exit_code, r.outcome.killed_by),
+        (Some(0), None),
+        "{}",
+        r.stderr
+    );
+}
