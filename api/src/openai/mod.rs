@@ -53,8 +53,18 @@ impl Drop for CancelOnDrop {
         let (state, tenant, job) = (self.state.clone(), self.tenant, self.job);
         tracing::info!(job_id = %job, "front-door client went away; cancelling its job");
         self.state.tasks.spawn(async move {
-            if let Err(e) = cancel(&state, tenant, job).await {
-                tracing::warn!(job_id = %job, error = ?e, "could not cancel an abandoned job");
+            // a client gone while its job was in the group commit: the job is not there yet
+            for wait in [250, 1000, 4000] {
+                match cancel(&state, tenant, job).await {
+                    Err(e) if e.code == switchyard_core::ErrorCode::NotFound => {
+                        tokio::time::sleep(Duration::from_millis(wait)).await;
+                    }
+                    Err(e) => {
+                        tracing::warn!(job_id = %job, error = ?e, "could not cancel an abandoned job");
+                        return;
+                    }
+                    Ok(_) => return,
+                }
             }
         });
     }
@@ -132,13 +142,17 @@ async fn run(
         &trace,
     );
     let job_id = job.id;
-    state.submitter.submit(job).await.map_err(ApiError::from)?;
-    let guard = CancelOnDrop {
+    // armed before the commit: a client gone while it runs leaves no job running for nobody
+    let mut guard = CancelOnDrop {
         state: state.clone(),
         tenant: principal.tenant_id,
         job: job_id,
         armed: true,
     };
+    if let Err(e) = state.submitter.submit(job).await {
+        guard.armed = false;
+        return Err(ApiError::from(e).into());
+    }
     let feed = Feed::open_submitted(&state, job_id, LIVE_BUFFER).await;
     let meta = wire::Meta {
         id: format!("chatcmpl-{}", job_id.simple()),
@@ -172,7 +186,6 @@ async fn run(
         return Ok(([job_header], sse).into_response());
     }
     let mut feed = feed;
-    let mut guard = guard;
     loop {
         // on shutdown the client is told to retry and the job (its guard still armed) is
         // cancelled; the feed itself would wait for the job however long it takes

@@ -45,14 +45,20 @@ impl Cgroups {
     /// Changes the memory limit (a pooled sandbox gets its job's limit when it is taken).
     pub fn set_memory_mb(&self, mb: u64) -> anyhow::Result<()> {
         let bytes = (mb + OVERHEAD_MB).saturating_mul(1 << 20).to_string();
-        std::fs::write(self.memory.join("memory.limit_in_bytes"), &bytes)
-            .context("setting memory.limit_in_bytes")?;
-        // swap counts too where the kernel accounts it (memsw must be >= the plain limit)
+        let limit = self.memory.join("memory.limit_in_bytes");
+        let set_limit = || std::fs::write(&limit, &bytes).context("setting memory.limit_in_bytes");
+        // swap counts too where the kernel accounts it; memsw must stay >= the plain limit at
+        // every step (the kernel refuses otherwise): raised first, lowered last
         let memsw = self.memory.join("memory.memsw.limit_in_bytes");
-        if memsw.exists() {
-            std::fs::write(memsw, &bytes).context("setting memory.memsw.limit_in_bytes")?;
+        if !memsw.exists() {
+            return set_limit();
         }
-        Ok(())
+        if std::fs::write(&memsw, &bytes).is_ok() {
+            set_limit()
+        } else {
+            set_limit()?;
+            std::fs::write(memsw, &bytes).context("setting memory.memsw.limit_in_bytes")
+        }
     }
 
     /// Whether the kernel killed a process of this cgroup for memory.

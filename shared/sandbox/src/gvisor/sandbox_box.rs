@@ -236,7 +236,8 @@ impl SandboxBox {
         if self.cleaned {
             return;
         }
-        self.cleaned = true;
+        // `cleaned` only once all is done: a destroy dropped half-way (its job cancelled
+        // meanwhile) leaves the rest to `Drop` instead of leaking the container and cgroup
         if matches!(self.child.try_wait(), Ok(None)) {
             self.runsc.destroy(&self.id).await;
             let _ = tokio::time::timeout(Duration::from_secs(5), self.child.wait()).await;
@@ -259,6 +260,7 @@ impl SandboxBox {
             let _ = std::fs::remove_dir_all(&bundle);
         })
         .await;
+        self.cleaned = true;
     }
 }
 
