@@ -25,9 +25,14 @@ impl AuditSink {
     /// Starts the writer; it drains what is queued when `stop` fires. `stop` is meant to fire
     /// once the server has finished its requests (not with the shutdown signal itself: the
     /// requests still in flight then would find the writer gone and their entries lost).
-    pub fn start(store: Store, stop: CancellationToken, tasks: &TaskTracker) -> AuditSink {
+    pub fn start(
+        store: Store,
+        stop: CancellationToken,
+        shutdown: CancellationToken,
+        tasks: &TaskTracker,
+    ) -> AuditSink {
         let (tx, rx) = mpsc::channel(QUEUE);
-        tasks.spawn(writer(store, rx, stop));
+        tasks.spawn(writer(store, rx, stop, shutdown));
         AuditSink { tx }
     }
 
@@ -38,8 +43,17 @@ impl AuditSink {
     }
 }
 
-async fn writer(store: Store, mut rx: mpsc::Receiver<AuditEntry>, stop: CancellationToken) {
+/// `shutdown` starts the retry deadline of a failing batch (the server waits for its requests,
+/// which may wait on a full queue); `stop` ends the writer once they are done.
+async fn writer(
+    store: Store,
+    mut rx: mpsc::Receiver<AuditEntry>,
+    stop: CancellationToken,
+    shutdown: CancellationToken,
+) {
     let mut batch = Vec::with_capacity(BATCH);
+    // once the API is shutting down, failing batches are retried until then, all together
+    let mut give_up_at: Option<tokio::time::Instant> = None;
     loop {
         let n = tokio::select! {
             n = rx.recv_many(&mut batch, BATCH) => n,
@@ -48,7 +62,7 @@ async fn writer(store: Store, mut rx: mpsc::Receiver<AuditEntry>, stop: Cancella
                 while let Ok(e) = rx.try_recv() {
                     batch.push(e);
                 }
-                write(&store, &mut batch, &stop).await;
+                write(&store, &mut batch, &shutdown, &mut give_up_at).await;
                 return;
             }
         };
@@ -69,17 +83,22 @@ async fn writer(store: Store, mut rx: mpsc::Receiver<AuditEntry>, stop: Cancella
                 Ok(_) => {}
             }
         }
-        write(&store, &mut batch, &stop).await;
+        write(&store, &mut batch, &shutdown, &mut give_up_at).await;
     }
 }
 
-/// How long a batch is retried once the writer was told to stop (before: as long as it takes,
-/// while requests wait on the full queue rather than lose their entries).
+/// How long a batch is retried once the API is shutting down (before: as long as it takes,
+/// while requests wait on the full queue rather than lose their entries; during a shutdown
+/// they must end).
 const RETRY_AFTER_STOP: Duration = Duration::from_secs(30);
 
-async fn write(store: &Store, batch: &mut Vec<AuditEntry>, stop: &CancellationToken) {
+async fn write(
+    store: &Store,
+    batch: &mut Vec<AuditEntry>,
+    shutdown: &CancellationToken,
+    give_up_at: &mut Option<tokio::time::Instant>,
+) {
     let mut wait = Duration::from_millis(100);
-    let mut deadline: Option<tokio::time::Instant> = None;
     loop {
         match store.append_audit(batch.clone()).await {
             Ok(()) => {
@@ -88,8 +107,8 @@ async fn write(store: &Store, batch: &mut Vec<AuditEntry>, stop: &CancellationTo
             }
             Err(e) => {
                 tracing::warn!(error = %e, n = batch.len(), "audit append failed; retrying");
-                if stop.is_cancelled() {
-                    let until = *deadline
+                if shutdown.is_cancelled() {
+                    let until = *give_up_at
                         .get_or_insert_with(|| tokio::time::Instant::now() + RETRY_AFTER_STOP);
                     if tokio::time::Instant::now() >= until {
                         break;

@@ -113,11 +113,18 @@ fn peer(app: &AppState, req: &Request) -> Option<IpAddr> {
     if app.trusted_proxies.is_empty() {
         return Some(ip);
     }
-    let forwarded = req
+    // every line of the header, in order (a proxy may add its own line after the client's)
+    let forwarded: Vec<&str> = req
         .headers()
-        .get("x-forwarded-for")
-        .and_then(|v| v.to_str().ok());
-    Some(app.trusted_proxies.client(ip, forwarded))
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .collect();
+    let forwarded = forwarded.join(",");
+    Some(
+        app.trusted_proxies
+            .client(ip, Some(forwarded.as_str()).filter(|f| !f.is_empty())),
+    )
 }
 
 /// The request's `x-request-id` (set by the request-id layer), for audit rows.

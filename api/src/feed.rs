@@ -73,6 +73,10 @@ pub struct Feed {
     idle_rounds: u32,
     /// The job row read at open, reconciled at the first read of history.
     deferred: Option<JobRow>,
+    /// A live event received and not yet queued (see `next`).
+    held: Option<Arc<Event>>,
+    /// A resync received and not yet done.
+    resync: bool,
 }
 
 impl Feed {
@@ -119,6 +123,8 @@ impl Feed {
             more: false,
             idle_rounds: 0,
             deferred: None,
+            held: None,
+            resync: false,
         };
         if feed.sub.activating {
             // the hub sends a resync once the channel is live: read history then (saves a read)
@@ -155,30 +161,45 @@ impl Feed {
                 self.refill(row).await;
                 continue;
             }
+            // what a dropped `next()` (a caller's timeout) left half done: a live event taken,
+            // a resync asked for
+            if let Some(ev) = self.held.clone() {
+                let hw = self.high_water();
+                if ev.seq > hw + 1 {
+                    // gap: something was missed (slow subscriber, reconnect); re-read
+                    self.refill(None).await;
+                }
+                self.held = None;
+                if ev.seq > self.high_water() {
+                    // in order, or history cannot fill the gap (lost): go on from here
+                    self.pending.push_back(FeedItem::Event(ev));
+                }
+                continue;
+            }
+            if self.resync {
+                let row = self.deferred.clone();
+                self.refill(row).await;
+                self.resync = false;
+                continue;
+            }
             let msg = tokio::time::timeout(IDLE_REREAD, self.sub.rx.recv()).await;
+            // kept before any await, so that a `next()` dropped from here on loses nothing
+            match &msg {
+                Ok(Some(LiveMsg::Event(ev))) => {
+                    self.idle_rounds = 0;
+                    if ev.seq > self.high_water() {
+                        self.held = Some(ev.clone());
+                    }
+                }
+                Ok(Some(LiveMsg::Resync)) => self.resync = true,
+                _ => {}
+            }
             if self.sub.take_lagged() {
                 self.refill(None).await;
             }
             match msg {
-                Ok(Some(LiveMsg::Event(ev))) => {
-                    self.idle_rounds = 0;
-                    let hw = self.high_water();
-                    if ev.seq <= hw {
-                        continue;
-                    }
-                    if ev.seq > hw + 1 {
-                        // gap: something was missed (slow subscriber, reconnect); re-read
-                        self.refill(None).await;
-                    }
-                    if ev.seq > self.high_water() {
-                        // in order, or history cannot fill the gap (lost): go on from here
-                        self.pending.push_back(FeedItem::Event(ev));
-                    }
-                }
-                Ok(Some(LiveMsg::Resync)) => {
-                    let row = self.deferred.clone();
-                    self.refill(row).await
-                }
+                // taken up at the top of the loop
+                Ok(Some(LiveMsg::Event(_) | LiveMsg::Resync)) => {}
                 Ok(None) => {
                     // the hub is gone (shutdown)
                     self.done = true;
@@ -230,9 +251,6 @@ impl Feed {
         let Some(row) = row else {
             return;
         };
-        // a held-back row is taken only here, after the read: a `next()` dropped while it
-        // awaited the read (a caller's timeout) keeps it
-        self.deferred = None;
         if self.more {
             // more history to read: the end is reconciled after its last page (else a
             // terminal event made up from the row would jump over the pages between)
@@ -272,6 +290,9 @@ impl Feed {
             self.pending.push_back(FeedItem::Reset);
             self.reset_sent = true;
         }
+        // a held-back row is let go only here, after every await: a `next()` dropped before
+        // (a caller's timeout) keeps it
+        self.deferred = None;
     }
 
     /// Whether a client at `after`, at or past `end` (the durable terminal seq), has the job's

@@ -126,7 +126,12 @@ impl AppState {
         let submitter = Submitter::start(store.clone(), queue.clone(), submit_conn, &tasks);
         // stopped by `serve` once the requests in flight are done (they still record)
         let audit_stop = CancellationToken::new();
-        let audit = crate::audit::AuditSink::start(store.clone(), audit_stop.clone(), &tasks);
+        let audit = crate::audit::AuditSink::start(
+            store.clone(),
+            audit_stop.clone(),
+            shutdown.clone(),
+            &tasks,
+        );
         let key_usage = Arc::new(KeyUsage::default());
         {
             let (usage, store, stop) = (key_usage.clone(), store.clone(), shutdown.clone());

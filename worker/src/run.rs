@@ -111,7 +111,17 @@ pub(crate) async fn run_claimed(s: &Shared, d: Delivery, row: JobRow) {
                     _ = tokio::time::sleep(every) => {}
                     _ = beat_now.notified() => {}
                 }
-                match store.heartbeat(id, attempt, lease).await {
+                // the lease runs from when the renewal was sent; a renewal that hangs counts
+                // as failed
+                let sent = std::time::Instant::now();
+                let beat = tokio::time::timeout(every, store.heartbeat(id, attempt, lease))
+                    .await
+                    .unwrap_or_else(|_| {
+                        Err(switchyard_store::StoreError::Unavailable(
+                            sqlx::Error::PoolTimedOut,
+                        ))
+                    });
+                match beat {
                     Ok(None) => {
                         tracing::warn!("fenced out: a newer attempt owns this job; stopping");
                         fenced.cancel();
@@ -123,7 +133,7 @@ pub(crate) async fn run_claimed(s: &Shared, d: Delivery, row: JobRow) {
                         run_token.cancel();
                         return;
                     }
-                    Ok(Some(false)) => renewed = std::time::Instant::now(),
+                    Ok(Some(false)) => renewed = sent,
                     // the lease ran out in Postgres: the job may be claimed again (or ended)
                     // meanwhile, so this run stops as if fenced — it must not go on streaming
                     // (or keep its Redis entry alive) beside its successor; its entry is

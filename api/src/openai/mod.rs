@@ -54,16 +54,15 @@ impl Drop for CancelOnDrop {
         tracing::info!(job_id = %job, "front-door client went away; cancelling its job");
         self.state.tasks.spawn(async move {
             // a client gone while its job was in the group commit: the job is not there yet
-            for wait in [250, 1000, 4000] {
+            for wait in [0, 250, 1000, 4000] {
+                tokio::time::sleep(Duration::from_millis(wait)).await;
                 match cancel(&state, tenant, job).await {
-                    Err(e) if e.code == switchyard_core::ErrorCode::NotFound => {
-                        tokio::time::sleep(Duration::from_millis(wait)).await;
-                    }
+                    Ok(switchyard_store::CancelOutcome::NotFound) => continue,
+                    Ok(_) => return,
                     Err(e) => {
                         tracing::warn!(job_id = %job, error = ?e, "could not cancel an abandoned job");
                         return;
                     }
-                    Ok(_) => return,
                 }
             }
         });

@@ -64,6 +64,12 @@ pub async fn retry_job(
     let Some(dead) = state.store.get_job(principal.scope(), id).await? else {
         return Err(ApiError::not_found("job"));
     };
+    if dead.status() != JobStatus::Failed {
+        return Err(ApiError::new(
+            ErrorCode::Conflict,
+            format!("only failed jobs are retried; this one is {}", dead.status),
+        ));
+    }
     crate::quota::check_daily(&state, &principal, &dead.kind).await?;
     crate::quota::check_backlog(&state, &principal, 1).await?;
     if let Some(turn) = dead.input.get("conversation") {

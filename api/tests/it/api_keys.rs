@@ -404,5 +404,16 @@ async fn behind_a_trusted_proxy_each_client_has_its_own_failures(pool: PgPool) {
     assert_eq!(get(&app.key, "198.51.100.1").await.unwrap().status(), 429);
     // another client through the same proxy is not affected
     assert_eq!(get(&app.key, "198.51.100.2").await.unwrap().status(), 200);
+    // a forged first header line does not hide the line the proxy added after it
+    let r = app
+        .http
+        .get(app.url("/v1/jobs"))
+        .bearer_auth(&app.key)
+        .header("x-forwarded-for", "9.9.9.9")
+        .header("x-forwarded-for", "198.51.100.1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 429);
     app.stop().await;
 }

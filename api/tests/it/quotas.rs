@@ -199,6 +199,13 @@ async fn daily_quotas_refuse_new_jobs_and_are_reported(pool: PgPool) {
     assert!((1..=86_400).contains(&retry));
     let body: Value = r.json().await.unwrap();
     assert_eq!(body["error"]["code"], "quota_exceeded");
+    // a job that is not dead stays a 409, quota or not (429 would invite a retry)
+    let r = app
+        .auth(app.http.post(app.url(&format!("/v1/jobs/{id}/retry"))))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 409);
     // a retry starts calls like a new job
     let r = app
         .auth(app.http.post(app.url(&format!("/v1/jobs/{dead}/retry"))))

@@ -113,9 +113,12 @@ struct Delta {
     #[serde(default)]
     tool_calls: Option<Vec<ToolCallDelta>>,
     /// A reasoning model's thinking (DeepSeek and vLLM: `reasoning_content`; OpenRouter:
-    /// `reasoning`): not the reply, but the call is alive (the first-token limit is met).
-    #[serde(default, alias = "reasoning")]
+    /// `reasoning`; some servers send both): not the reply, but the call is alive (the
+    /// first-token limit is met).
+    #[serde(default)]
     reasoning_content: Option<Value>,
+    #[serde(default)]
+    reasoning: Option<Value>,
 }
 
 #[derive(Deserialize)]
@@ -295,9 +298,10 @@ impl OpenAi {
                         events.token();
                         refusal.push_str(&r);
                     }
-                    if d.reasoning_content
-                        .is_some_and(|r| r.as_str() != Some("") && !r.is_null())
-                    {
+                    if [&d.reasoning_content, &d.reasoning].iter().any(|r| {
+                        r.as_ref()
+                            .is_some_and(|r| r.as_str() != Some("") && !r.is_null())
+                    }) {
                         events.token();
                     }
                     for tc in d.tool_calls.unwrap_or_default() {

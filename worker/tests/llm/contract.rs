@@ -490,16 +490,14 @@ async fn thinking_keeps_a_call_alive_before_its_first_token() {
         format!("data: {c}\n\n")
     };
     let step = Duration::from_millis(300);
+    // OpenRouter's field, DeepSeek's, and both at once (some servers send both)
+    let fields = [
+        json!({"reasoning": "a"}),
+        json!({"reasoning_content": "b"}),
+        json!({"reasoning": "c", "reasoning_content": "c"}),
+    ];
     let mut parts: Vec<(Duration, String)> = (0..6)
-        .map(|i| {
-            (
-                step,
-                chunk(
-                    json!({"reasoning_content": format!("step {i} ")}),
-                    Value::Null,
-                ),
-            )
-        })
+        .map(|i| (step, chunk(fields[i % 3].clone(), Value::Null)))
         .collect();
     parts.push((step, chunk(json!({"content": "answer"}), json!("stop"))));
     parts.push((Duration::ZERO, "data: [DONE]\n\n".to_string()));

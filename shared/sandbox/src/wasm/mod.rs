@@ -118,9 +118,9 @@ pub struct WasmSandbox {
     linker: Arc<Linker<RunState>>,
     interpreters: HashMap<Language, Arc<Interpreter>>,
     slots: Arc<Semaphore>,
-    /// One user module compiles at a time: a compile cannot be stopped, so one that ran past
-    /// its limit goes on to the end (holding this), and without a bound a tenant sending
-    /// slow-compiling modules piled compiles up over every core.
+    /// User modules compiling at once (half the cores): a compile cannot be stopped, so one
+    /// that ran past its limit goes on to the end (holding its permit), and without a bound a
+    /// tenant sending slow-compiling modules piled compiles up over every core.
     compiles: Arc<Semaphore>,
     cfg: WasmConfig,
     _ticker: Ticker,
@@ -187,7 +187,9 @@ impl WasmSandbox {
         let ticker = Ticker::start(engine.clone())?;
         Ok(WasmSandbox {
             slots: Arc::new(Semaphore::new(cfg.slots.max(1) as usize)),
-            compiles: Arc::new(Semaphore::new(1)),
+            compiles: Arc::new(Semaphore::new(
+                std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).max(1)),
+            )),
             engine,
             linker: Arc::new(linker),
             interpreters,
@@ -196,31 +198,32 @@ impl WasmSandbox {
         })
     }
 
-    /// Compiles and links a user's module, within the compile time limit (which counts the
-    /// wait for an earlier compile too).
+    /// Compiles and links a user's module within the compile time limit. Waiting for a
+    /// compile permit (other compiles running) is not the module's fault: a wait as long as
+    /// the limit fails the attempt as retryable, not the module as invalid.
     async fn user_module(&self, bytes: Vec<u8>) -> Result<InstancePre<RunState>, SandboxError> {
-        let engine = self.engine.clone();
-        let linker = self.linker.clone();
-        let compiles = self.compiles.clone();
-        let job = async move {
-            let permit = compiles
-                .acquire_owned()
-                .await
-                .map_err(|e| SandboxError::Internal(anyhow!("compile permit: {e}")))?;
-            tokio::task::spawn_blocking(move || {
-                // held until this compile ends, however long after its job gave up
-                let _permit = permit;
-                compile(&engine, &linker, &bytes)
-            })
+        let limit = self.cfg.compile_timeout;
+        let permit = tokio::time::timeout(limit, self.compiles.clone().acquire_owned())
             .await
-            .map_err(|e| SandboxError::Internal(anyhow!("compile task: {e}")))
-        };
-        match tokio::time::timeout(self.cfg.compile_timeout, job).await {
+            .map_err(|_| {
+                SandboxError::Internal(anyhow!(
+                    "no compile slot free for {} ms (other modules compiling)",
+                    limit.as_millis()
+                ))
+            })?
+            .map_err(|e| SandboxError::Internal(anyhow!("compile permit: {e}")))?;
+        let (engine, linker) = (self.engine.clone(), self.linker.clone());
+        let job = tokio::task::spawn_blocking(move || {
+            // held until this compile ends, however long after its job gave up
+            let _permit = permit;
+            compile(&engine, &linker, &bytes)
+        });
+        match tokio::time::timeout(limit, job).await {
             Err(_) => Err(SandboxError::InvalidModule(format!(
                 "module took longer than {} ms to compile",
-                self.cfg.compile_timeout.as_millis()
+                limit.as_millis()
             ))),
-            Ok(Err(e)) => Err(e),
+            Ok(Err(e)) => Err(SandboxError::Internal(anyhow!("compile task: {e}"))),
             Ok(Ok(Err(msg))) => Err(SandboxError::InvalidModule(msg)),
             Ok(Ok(Ok(pre))) => Ok(pre),
         }
@@ -482,7 +485,11 @@ const DISK_CHECK: Duration = Duration::from_millis(50);
 async fn disk_filled(dir: &Path) {
     loop {
         tokio::time::sleep(DISK_CHECK).await;
-        let (bytes, files) = usage(dir);
+        // measured on another thread: not on the guest's CPU clock, nor holding it up
+        let d = dir.to_path_buf();
+        let Ok((bytes, files)) = tokio::task::spawn_blocking(move || usage(&d)).await else {
+            continue;
+        };
         if bytes > DISK_BYTES || files > DISK_FILES {
             return;
         }
