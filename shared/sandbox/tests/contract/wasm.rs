@@ -165,8 +165,16 @@ async fn escape_suite() {
 #[tokio::test]
 async fn files_past_the_cap_stop_the_program() {
     let sb = sandbox();
+    // limits far away: the cap must stop these, not the clock (file creation is slow on a
+    // loaded machine)
+    let req = |code: &str| {
+        let mut r = crate::suite::request(Language::Python, code);
+        r.limits.wall_ms = 300_000;
+        r.limits.cpu_ms = 300_000;
+        r
+    };
     let big = "c = b'0' * (8 << 20)\nwith open('big', 'wb') as f:\n    for _ in range(64):\n        f.write(c)\nprint('wrote it all')";
-    let r = crate::suite::run(&*sb, crate::suite::request(Language::Python, big)).await;
+    let r = crate::suite::run(&*sb, req(big)).await;
     assert_eq!(
         r.outcome.killed_by,
         Some(KilledBy::Disk),
@@ -176,7 +184,7 @@ async fn files_past_the_cap_stop_the_program() {
     );
     assert!(!r.stdout.contains("wrote it all"));
     let many = "for i in range(20000):\n    open(f'f{i}', 'w').close()\nprint('made them all')";
-    let r = crate::suite::run(&*sb, crate::suite::request(Language::Python, many)).await;
+    let r = crate::suite::run(&*sb, req(many)).await;
     assert_eq!(
         r.outcome.killed_by,
         Some(KilledBy::Disk),
