@@ -13,7 +13,7 @@ use crate::support::*;
 
 const T: Duration = Duration::from_secs(20);
 
-async fn chat(app: &TestApp, body: Value) -> reqwest::Response {
+pub(crate) async fn chat(app: &TestApp, body: Value) -> reqwest::Response {
     app.auth(app.http.post(app.url("/v1/chat/completions")))
         .json(&body)
         .send()
@@ -22,7 +22,7 @@ async fn chat(app: &TestApp, body: Value) -> reqwest::Response {
 }
 
 /// The `data:` payloads of an SSE body, in order.
-async fn sse_data(resp: reqwest::Response) -> Vec<String> {
+pub(crate) async fn sse_data(resp: reqwest::Response) -> Vec<String> {
     let mut buf = String::new();
     let mut s = resp.bytes_stream();
     while let Some(b) = s.next().await {
@@ -38,7 +38,7 @@ async fn sse_data(resp: reqwest::Response) -> Vec<String> {
 }
 
 /// The chunks of a streamed completion (the `[DONE]` marker left out).
-async fn sse_chunks(resp: reqwest::Response) -> Vec<Value> {
+pub(crate) async fn sse_chunks(resp: reqwest::Response) -> Vec<Value> {
     let data = sse_data(resp).await;
     data.iter()
         .filter(|d| *d != "[DONE]")
@@ -47,14 +47,14 @@ async fn sse_chunks(resp: reqwest::Response) -> Vec<Value> {
 }
 
 /// A delta field (`content`, `refusal`) of the chunks, joined.
-fn joined(chunks: &[Value], field: &str) -> String {
+pub(crate) fn joined(chunks: &[Value], field: &str) -> String {
     chunks
         .iter()
         .filter_map(|c| c["choices"][0]["delta"][field].as_str())
         .collect()
 }
 
-fn user(text: &str) -> Value {
+pub(crate) fn user(text: &str) -> Value {
     json!([{"role": "system", "content": "be brief"}, {"role": "user", "content": text}])
 }
 
@@ -473,159 +473,5 @@ async fn json_mode_on_an_anthropic_model_answers_json(pool: PgPool) {
         let reply: Value = serde_json::from_str(&content).unwrap();
         assert_eq!(reply, json!({"text": "red green"}), "stream={stream}");
     }
-    app.stop().await;
-}
-
-/// Publishes `ev` into a job's stream as a worker would.
-async fn publish(app: &TestApp, ev: switchyard_core::Event) {
-    let r = app.bus().await.publish(&ev).await.unwrap();
-    assert_eq!(r, switchyard_queue::events::Published::Ok, "{ev:?}");
-}
-
-/// A streamed request with no worker: the test plays the worker. Returns the response and the
-/// job id once the job's `queued` event is in its stream.
-async fn streamed_without_worker(app: &TestApp) -> (reqwest::Response, Uuid) {
-    let r = chat(
-        app,
-        json!({"model": "mock-echo", "messages": user("hi"), "stream": true}),
-    )
-    .await;
-    assert_eq!(r.status(), 200);
-    let id: Uuid = r.headers()["x-switchyard-job-id"]
-        .to_str()
-        .unwrap()
-        .parse()
-        .unwrap();
-    let bus = app.bus().await;
-    let t = std::time::Instant::now();
-    while bus.read(id, 0, 10).await.unwrap().events.is_empty() {
-        assert!(t.elapsed() < T, "no queued event");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    (r, id)
-}
-
-fn delta(id: Uuid, seq: u64, attempt: i32, text: &str) -> switchyard_core::Event {
-    switchyard_core::Event::new(id, seq, attempt, "output.delta", json!({ "text": text }))
-}
-
-fn succeeded(id: Uuid, seq: u64, attempt: i32, output: Value) -> switchyard_core::Event {
-    switchyard_core::Event::terminal(
-        id,
-        seq,
-        attempt,
-        switchyard_core::JobStatus::Succeeded,
-        Some(&output),
-        None,
-    )
-}
-
-/// Output of a second attempt after the first one's (its announcement lost) ends the stream
-/// with an error instead of splicing the two replies; the relay also holds what it streamed
-/// against the stored reply and sends what the stream missed.
-#[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
-async fn a_streamed_reply_is_never_spliced_and_never_short(pool: PgPool) {
-    let app = spawn_api_only(pool).await;
-    let reply = |text: &str| json!({"text": text, "finish_reason": "stop", "usage": {}});
-
-    let (r, id) = streamed_without_worker(&app).await;
-    publish(&app, delta(id, 2, 1, "Hello")).await;
-    publish(&app, delta(id, 3, 2, "Hi")).await;
-    publish(&app, succeeded(id, 4, 2, reply("Hi"))).await;
-    let data = sse_data(r).await;
-    let last: Value = serde_json::from_str(data.last().unwrap()).unwrap();
-    assert_eq!(last["error"]["code"], "provider_stream_error", "{data:?}");
-    assert!(!data.iter().any(|d| d.contains("\"Hi\"")), "{data:?}");
-
-    // deltas lost on the way (or a provider that does not stream): the rest comes at the end
-    let (r, id) = streamed_without_worker(&app).await;
-    publish(&app, delta(id, 2, 1, "a")).await;
-    publish(&app, succeeded(id, 3, 1, reply("abc"))).await;
-    let chunks = sse_chunks(r).await;
-    assert_eq!(joined(&chunks, "content"), "abc", "{chunks:?}");
-    assert_eq!(
-        chunks.last().unwrap()["choices"][0]["finish_reason"],
-        "stop"
-    );
-
-    // a stored reply that does not start with what was streamed is an error, not a mix
-    let (r, id) = streamed_without_worker(&app).await;
-    publish(&app, delta(id, 2, 1, "xyz")).await;
-    publish(&app, succeeded(id, 3, 1, reply("abc"))).await;
-    let data = sse_data(r).await;
-    let last: Value = serde_json::from_str(data.last().unwrap()).unwrap();
-    assert_eq!(last["error"]["code"], "provider_stream_error", "{data:?}");
-    app.stop().await;
-}
-
-/// A non-streamed request waiting for its job when the API shuts down answers 503 (and its
-/// job is cancelled) instead of holding the shutdown until the job ends, if ever.
-#[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
-async fn a_waiting_request_ends_when_the_api_shuts_down(pool: PgPool) {
-    let app = spawn_app(pool).await;
-    let req = app
-        .auth(app.http.post(app.url("/v1/chat/completions")))
-        .json(&json!({"model": "mock-stall", "messages": user("wait")}))
-        .send();
-    let pending = tokio::spawn(req);
-    let t = std::time::Instant::now();
-    let id: Uuid = loop {
-        let running: Option<Uuid> =
-            sqlx::query_scalar("SELECT id FROM jobs WHERE status = 'running' LIMIT 1")
-                .fetch_optional(app.store.pool())
-                .await
-                .unwrap();
-        if let Some(id) = running {
-            break id;
-        }
-        assert!(t.elapsed() < T, "the job never ran");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
-    app.shut_down_api();
-    let r = tokio::time::timeout(Duration::from_secs(10), pending)
-        .await
-        .expect("the request ends with the shutdown")
-        .unwrap()
-        .unwrap();
-    assert_eq!(r.status(), 503);
-    let e: Value = r.json().await.unwrap();
-    assert_eq!(e["error"]["type"], "server_error", "{e}");
-    let t = std::time::Instant::now();
-    loop {
-        let status: String = sqlx::query_scalar("SELECT status FROM jobs WHERE id = $1")
-            .bind(id)
-            .fetch_one(app.store.pool())
-            .await
-            .unwrap();
-        if status == "cancelled" {
-            break;
-        }
-        assert!(t.elapsed() < T, "the job was not cancelled: {status}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    app.stop().await;
-}
-
-/// Answers for a job that ended tell OpenAI's SDKs not to run it again as a new job (they
-/// retry 409 and 5xx by default; which codes may be retried: `openai::error`'s unit tests).
-#[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
-async fn ended_jobs_tell_sdks_not_to_run_them_again(pool: PgPool) {
-    let app = spawn_app(pool).await;
-    let r = chat(
-        &app,
-        json!({"model": "mock-error-400", "messages": user("x")}),
-    )
-    .await;
-    assert_eq!(r.status(), 400);
-    assert_eq!(
-        r.headers()
-            .get("x-should-retry")
-            .map(|v| v.to_str().unwrap()),
-        Some("false")
-    );
-    // errors of the request itself carry no such advice
-    let r = chat(&app, json!({"model": "gpt-nope", "messages": user("x")})).await;
-    assert_eq!(r.status(), 404);
-    assert!(r.headers().get("x-should-retry").is_none());
     app.stop().await;
 }

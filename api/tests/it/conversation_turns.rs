@@ -1,0 +1,98 @@
+//! Conversation turns that do not simply succeed: a turn behind one that keeps retrying, a
+//! conversation deleted mid-turn (the reply's tokens still charged), and the retry of a failed
+//! turn, allowed only while it is the last.
+
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use sqlx::PgPool;
+use uuid::Uuid;
+
+use crate::conversations::{create, delete, post, say};
+use crate::support::*;
+
+const T: Duration = Duration::from_secs(20);
+
+#[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
+async fn a_turn_behind_a_retrying_turn_is_answered_not_failed(pool: PgPool) {
+    let app = spawn_app(pool).await;
+    let c = create(&app, json!({"model": "mock-echo"})).await;
+    let id = c["id"].as_str().unwrap().to_string();
+    // turn 1 keeps failing (429 + retry-after: 1 s) through all its attempts
+    let (_, first) = post(
+        &app,
+        &id,
+        json!({"content": "one", "model": "mock-error-429"}),
+    )
+    .await;
+    let (_, second) = post(&app, &id, json!({"content": "two"})).await;
+    let j1: Uuid = first["job"]["id"].as_str().unwrap().parse().unwrap();
+    let j2: Uuid = second["job"]["id"].as_str().unwrap().parse().unwrap();
+    app.wait_status(j1, "failed", Duration::from_secs(60)).await;
+    let done = app
+        .wait_status(j2, "succeeded", Duration::from_secs(60))
+        .await;
+    assert_eq!(done["output"]["text"], "Mock reply: two");
+    app.stop().await;
+}
+
+/// A conversation deleted while its turn's reply is being written: the turn is not answered,
+/// and its job fails with `conversation_not_found` instead of succeeding with a lost reply.
+/// The reply's tokens were paid for all the same: they count against the tenant's day (else
+/// post, delete, repeat used a daily token quota without limit).
+#[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
+async fn deleting_a_conversation_mid_turn_fails_the_turn(pool: PgPool) {
+    let app = spawn_app(pool).await;
+    let c = create(&app, json!({"model": "mock-slow"})).await;
+    let id = c["id"].as_str().unwrap().to_string();
+    let words = vec!["word"; 30].join(" ");
+    let (s, posted) = post(&app, &id, json!({ "content": words })).await;
+    assert_eq!(s, 202);
+    let job: Uuid = posted["job"]["id"].as_str().unwrap().parse().unwrap();
+    app.wait_status(job, "running", T).await;
+    assert_eq!(delete(&app, &id).await, 204);
+    let j = app.wait_status(job, "failed", T).await;
+    assert_eq!(j["error"]["code"], "conversation_not_found", "{j}");
+    let t = std::time::Instant::now();
+    loop {
+        let q = app.get_json("/v1/quotas").await;
+        // 30 words of prompt and a reply of as many
+        if q["usage"]["llm_tokens_today"].as_u64().unwrap_or(0) >= 30 {
+            break;
+        }
+        assert!(t.elapsed() < T, "the spent tokens were not charged: {q}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    app.stop().await;
+}
+
+/// A failed turn may be retried while it is the conversation's last; once later turns were
+/// answered (without it), its reply would follow theirs: the retry is refused (409).
+#[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
+async fn a_failed_turn_is_retried_only_while_it_is_the_last(pool: PgPool) {
+    let app = spawn_app(pool).await;
+    let c = create(&app, json!({"model": "mock-echo"})).await;
+    let id = c["id"].as_str().unwrap().to_string();
+    let (_, first) = post(
+        &app,
+        &id,
+        json!({"content": "one", "model": "mock-error-400"}),
+    )
+    .await;
+    let j1: Uuid = first["job"]["id"].as_str().unwrap().parse().unwrap();
+    app.wait_status(j1, "failed", T).await;
+    let retry = || async {
+        app.auth(app.http.post(app.url(&format!("/v1/jobs/{j1}/retry"))))
+            .send()
+            .await
+            .unwrap()
+    };
+    assert_eq!(retry().await.status(), 202, "the last turn may be retried");
+    app.wait_status(j1, "failed", T).await;
+    say(&app, &id, "two").await;
+    let r = retry().await;
+    assert_eq!(r.status(), 409);
+    let e: Value = r.json().await.unwrap();
+    assert_eq!(e["error"]["code"], "conflict", "{e}");
+    app.stop().await;
+}
