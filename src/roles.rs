@@ -264,6 +264,7 @@ pub async fn run_scheduler(
         webhooks: Some(cfg.webhooks.clone()),
         queue_limits: cfg.queue_limits.clone(),
         tenant_concurrency: cfg.quotas.concurrent_jobs,
+        quota_defaults: cfg.quotas.defaults(),
         ..SchedulerOptions::default()
     };
     Scheduler::new(store, queue, opts).run(stop).await;

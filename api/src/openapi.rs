@@ -96,6 +96,7 @@ use crate::routes;
         switchyard_core::schedule::UpdateScheduleRequest,
         switchyard_core::schedule::Schedule,
         switchyard_core::schedule::ScheduleRun,
+        switchyard_core::schedule::RunSkipped,
         switchyard_core::queueing::Backoff,
         switchyard_core::queueing::BackoffKind,
         switchyard_core::quota::QuotaLimits,

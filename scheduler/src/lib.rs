@@ -47,6 +47,8 @@ pub struct SchedulerOptions {
     pub queue_limits: std::collections::BTreeMap<String, u64>,
     /// A tenant's jobs running at once in one queue, unless it has its own (`quotas.concurrent_jobs`).
     pub tenant_concurrency: Option<u64>,
+    /// Every tenant's quotas unless it has its own (`[quotas]`): cron runs are held to them.
+    pub quota_defaults: switchyard_core::quota::QuotaLimits,
     /// How often the limits are written to Redis.
     pub limits_every: Duration,
     /// How often the planner statistics of `jobs` are checked (and refreshed once enough of
@@ -69,6 +71,7 @@ impl Default for SchedulerOptions {
             webhooks: Some(Default::default()),
             queue_limits: Default::default(),
             tenant_concurrency: None,
+            quota_defaults: switchyard_core::quota::QuotaConfig::default().defaults(),
             limits_every: Duration::from_secs(5),
             statistics_every: Duration::from_secs(5),
         }
@@ -262,6 +265,7 @@ impl Scheduler {
         report.scheduled = cron::fire(
             &self.store,
             &self.queue,
+            &self.opts.quota_defaults,
             self.opts.batch,
             self.opts.max_batches,
         )

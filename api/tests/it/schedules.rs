@@ -1,6 +1,7 @@
 //! Cron schedules: the API (create, read, list, pause, delete, errors with field paths) and
 //! firing: each fire time enqueues exactly one job with two scheduler replicas, and a schedule
-//! that missed many fire times while nothing ran gets one catch-up run.
+//! that missed many fire times while nothing ran gets one catch-up run; runs are held to the
+//! tenant's limits and the creator's key.
 
 use std::time::Duration;
 
@@ -272,5 +273,189 @@ async fn a_fired_run_is_dispatched_once_and_found_by_job(pool: PgPool) {
         plan.iter().any(|l| l.contains("schedule_runs_job")),
         "{plan:#?}"
     );
+    app.stop().await;
+}
+
+/// Makes every schedule due, `minutes_ago` (distinct fire times per round).
+async fn make_due(app: &TestApp, minutes_ago: i32) {
+    sqlx::query("UPDATE schedules SET next_run_at = now() - make_interval(mins => $1)")
+        .bind(minutes_ago)
+        .execute(app.store.pool())
+        .await
+        .unwrap();
+}
+
+/// The newest run of a schedule as `GET /v1/schedules/{id}` shows it.
+async fn newest_run(app: &TestApp, id: Uuid) -> Value {
+    let got = app.get_json(&format!("/v1/schedules/{id}")).await;
+    got["runs"][0].clone()
+}
+
+/// A cron run is held to what a submission by the schedule's creator would be held to when
+/// it fires: a revoked key's schedule, a model no longer enabled for the tenant, a used-up
+/// daily quota and a full backlog (`max_queued_jobs`, counting the runs of the same pass) each
+/// skip the run, recorded with its reason; a schedule keeps its 20 newest skipped runs.
+#[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
+async fn cron_runs_are_held_to_the_tenants_limits_and_the_creators_key(pool: PgPool) {
+    use switchyard_core::quota::QuotaLimits;
+    let app = crate::support::spawn_api_only(pool).await;
+    let sched = switchyard_scheduler::Scheduler::new(
+        app.store.clone(),
+        app.queue().await,
+        app.scheduler_opts(),
+    );
+    let id_of = |s: &Value| -> Uuid { s["id"].as_str().unwrap().parse().unwrap() };
+    let (_, s) = post(
+        &app,
+        "/v1/schedules",
+        json!({"cron": "0 0 1 1 *", "job": {"kind": "system.noop", "input": {}}}),
+    )
+    .await;
+    let noop = id_of(&s);
+    let (_, s) = post(
+        &app,
+        "/v1/schedules",
+        json!({"cron": "0 0 1 1 *", "job": {"kind": "llm.chat", "input": {"model": "mock-echo",
+               "messages": [{"role": "user", "content": "hi"}]}}}),
+    )
+    .await;
+    let chat = id_of(&s);
+    // a schedule made with a second key, which is then revoked
+    let (rec, key2) = app
+        .store
+        .create_api_key(app.tenant, "temp", None)
+        .await
+        .unwrap();
+    let r = app
+        .http
+        .post(app.url("/v1/schedules"))
+        .bearer_auth(&key2)
+        .json(&json!({"cron": "0 0 1 1 *", "job": {"kind": "system.noop", "input": {}}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let revoked = id_of(&r.json::<Value>().await.unwrap());
+    assert_eq!(app.store.revoke_api_key(&rec.prefix).await.unwrap(), 1);
+
+    // 1: no limits; the revoked key's run is skipped
+    make_due(&app, 60).await;
+    assert_eq!(sched.pass().await.unwrap().scheduled, 2);
+    let run = newest_run(&app, revoked).await;
+    assert_eq!(run["job_id"], Value::Null, "{run}");
+    assert_eq!(run["skipped"]["code"], "forbidden", "{run}");
+    assert!(
+        run["skipped"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("revoked"),
+        "{run}"
+    );
+    let run = newest_run(&app, noop).await;
+    assert!(
+        run["job_id"].is_string() && run.get("skipped").is_none(),
+        "{run}"
+    );
+
+    // 2: the day's LLM tokens are used up: the chat run is skipped, the no-op is not
+    let limits = QuotaLimits {
+        llm_tokens_per_day: Some(10),
+        ..Default::default()
+    };
+    app.store
+        .set_tenant_quotas("acme", Some(&limits))
+        .await
+        .unwrap();
+    let (day, _) = switchyard_core::quota::utc_day(Utc::now());
+    switchyard_queue::Quotas::new(app.keys(), app.redis().await)
+        .charge(app.tenant, &day, 10, 0)
+        .await
+        .unwrap();
+    make_due(&app, 50).await;
+    assert_eq!(sched.pass().await.unwrap().scheduled, 1);
+    let run = newest_run(&app, chat).await;
+    assert_eq!(run["skipped"]["code"], "quota_exceeded", "{run}");
+    assert!(
+        run["skipped"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("LLM tokens"),
+        "{run}"
+    );
+    assert!(newest_run(&app, noop).await["job_id"].is_string());
+
+    // 3: three jobs wait (no worker runs here) and three may; the model is no longer enabled
+    let limits = QuotaLimits {
+        max_queued_jobs: Some(3),
+        ..Default::default()
+    };
+    app.store
+        .set_tenant_quotas("acme", Some(&limits))
+        .await
+        .unwrap();
+    app.store
+        .set_tenant_models("acme", Some(&["other-*".to_string()]))
+        .await
+        .unwrap();
+    make_due(&app, 40).await;
+    assert_eq!(sched.pass().await.unwrap().scheduled, 0);
+    let run = newest_run(&app, chat).await;
+    assert_eq!(run["skipped"]["code"], "forbidden", "{run}");
+    assert!(
+        run["skipped"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("mock-echo"),
+        "{run}"
+    );
+    let run = newest_run(&app, noop).await;
+    assert_eq!(run["skipped"]["code"], "quota_exceeded", "{run}");
+    assert!(
+        run["skipped"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("max_queued_jobs"),
+        "{run}"
+    );
+
+    // 4: room for one more job, two runs due in the same pass: one of them fits
+    app.store.set_tenant_models("acme", None).await.unwrap();
+    let limits = QuotaLimits {
+        max_queued_jobs: Some(4),
+        ..Default::default()
+    };
+    app.store
+        .set_tenant_quotas("acme", Some(&limits))
+        .await
+        .unwrap();
+    make_due(&app, 30).await;
+    assert_eq!(sched.pass().await.unwrap().scheduled, 1);
+    let queued: i64 = sqlx::query_scalar("SELECT count(*) FROM jobs WHERE tenant_id = $1")
+        .bind(app.tenant)
+        .fetch_one(app.store.pool())
+        .await
+        .unwrap();
+    assert_eq!(queued, 4);
+
+    // a schedule keeps its newest skipped runs only (fire times rising, all past)
+    for round in 0..25 {
+        sqlx::query(
+            "UPDATE schedules SET next_run_at = now() - make_interval(secs => $2) WHERE id = $1",
+        )
+        .bind(revoked)
+        .bind(f64::from(100 - round))
+        .execute(app.store.pool())
+        .await
+        .unwrap();
+        sched.pass().await.unwrap();
+    }
+    let kept: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM schedule_runs WHERE schedule_id = $1 AND job_id IS NULL",
+    )
+    .bind(revoked)
+    .fetch_one(app.store.pool())
+    .await
+    .unwrap();
+    assert_eq!(kept, 20);
     app.stop().await;
 }

@@ -323,6 +323,7 @@ impl TestApp {
             webhooks: Some(self.cfg.webhooks.clone()),
             queue_limits: self.cfg.queue_limits.clone(),
             tenant_concurrency: self.cfg.quotas.concurrent_jobs,
+            quota_defaults: self.cfg.quotas.defaults(),
             ..SchedulerOptions::default()
         }
     }

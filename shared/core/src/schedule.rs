@@ -61,11 +61,26 @@ pub struct Schedule {
     pub runs: Option<Vec<ScheduleRun>>,
 }
 
-/// One fire time of a schedule and the job it enqueued.
+/// One fire time of a schedule: the job it enqueued, or why it enqueued none.
 #[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ScheduleRun {
     pub fire_at: DateTime<Utc>,
-    pub job_id: Uuid,
+    /// The run's job (`null` when the run was skipped).
+    pub job_id: Option<Uuid>,
+    /// Why the scheduler enqueued no job at this fire time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub skipped: Option<RunSkipped>,
+}
+
+/// A fire time the scheduler refused: what a `POST /v1/jobs` of the template would have been
+/// refused with at that moment (`code` is a stable error code: `quota_exceeded` for the daily
+/// quotas and `max_queued_jobs`, `forbidden` when the model is no longer enabled for the tenant
+/// or the API key that created the schedule was revoked or expired, `invalid_input` when the
+/// template no longer makes a valid job).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct RunSkipped {
+    pub code: String,
+    pub message: String,
 }
 
 /// A parsed cron expression in its time zone.

@@ -1,10 +1,12 @@
 //! Cron schedules: tenant-scoped CRUD, and firing due runs exactly once: the run's
-//! `(schedule, fire time)` row and its job are inserted in one transaction over rows taken
-//! with `FOR UPDATE SKIP LOCKED`, so scheduler replicas never enqueue a run twice.
+//! `(schedule, fire time)` row and its job (or the reason it was skipped) are inserted in one
+//! transaction over rows taken with `FOR UPDATE SKIP LOCKED`, so scheduler replicas never
+//! enqueue a run twice.
 
 use chrono::{DateTime, Utc};
 use serde_json::Value;
-use switchyard_core::schedule::{Schedule, ScheduleRun};
+use switchyard_core::quota::QuotaLimits;
+use switchyard_core::schedule::{RunSkipped, Schedule, ScheduleRun};
 use uuid::Uuid;
 
 use crate::{NewJob, Result, Scope, Store};
@@ -12,7 +14,7 @@ use crate::{NewJob, Result, Scope, Store};
 const COLS: &str = "id, tenant_id, created_by, name, cron, timezone, job, paused, next_run_at, \
     last_run_at, created_at";
 
-/// Runs shown with a schedule.
+/// Runs shown with a schedule; also the skipped runs a schedule keeps.
 const RECENT_RUNS: i64 = 20;
 
 #[derive(Debug, Clone, sqlx::FromRow)]
@@ -48,10 +50,33 @@ impl ScheduleRow {
     }
 }
 
+/// A due schedule with what the scheduler checks before it enqueues the run: what a
+/// `POST /v1/jobs` by its creator would be checked against now.
+#[derive(Debug, Clone)]
+pub struct DueSchedule {
+    pub row: ScheduleRow,
+    /// The tenant's own quotas (unset fields: the configured defaults).
+    pub quotas: QuotaLimits,
+    /// The models the tenant may use (`None`: all).
+    pub allowed_models: Option<Vec<String>>,
+    /// The API key that created the schedule, when one did: `ok`, `revoked`, `expired` or
+    /// `missing` (`None`: an end user created it).
+    pub creator_key: Option<String>,
+}
+
+#[derive(sqlx::FromRow)]
+struct DueRow {
+    #[sqlx(flatten)]
+    row: ScheduleRow,
+    quotas: Option<Value>,
+    allowed_models: Option<Vec<String>>,
+    creator_key: Option<String>,
+}
+
 /// What the scheduler does with one due schedule.
 pub struct Firing {
-    /// The run's job (`None`: the template no longer makes a valid job; the run is skipped).
-    pub job: Option<NewJob>,
+    /// The run's job, or why the run is skipped (recorded with the fire time; no job).
+    pub job: std::result::Result<NewJob, RunSkipped>,
     /// The schedule's next fire time after now (one catch-up run after downtime, not one per
     /// missed time).
     pub next_run_at: DateTime<Utc>,
@@ -101,9 +126,9 @@ impl Store {
             tx.commit().await?;
             return Ok(None);
         };
-        let runs: Vec<(DateTime<Utc>, Uuid)> = sqlx::query_as(
-            "SELECT fire_at, job_id FROM schedule_runs WHERE schedule_id = $1
-             ORDER BY fire_at DESC LIMIT $2",
+        let runs: Vec<RunRow> = sqlx::query_as(
+            "SELECT fire_at, job_id, skipped_code, skipped_message FROM schedule_runs
+             WHERE schedule_id = $1 ORDER BY fire_at DESC LIMIT $2",
         )
         .bind(id)
         .bind(RECENT_RUNS)
@@ -112,7 +137,14 @@ impl Store {
         tx.commit().await?;
         let runs = runs
             .into_iter()
-            .map(|(fire_at, job_id)| ScheduleRun { fire_at, job_id })
+            .map(|(fire_at, job_id, code, message)| ScheduleRun {
+                fire_at,
+                job_id,
+                skipped: code.map(|code| RunSkipped {
+                    code,
+                    message: message.unwrap_or_default(),
+                }),
+            })
             .collect();
         Ok(Some((row, runs)))
     }
@@ -187,41 +219,94 @@ impl Store {
         Ok(row)
     }
 
-    /// Fires up to `limit` due schedules: for each, `decide` builds the run's job and the next
-    /// fire time; the run row `(schedule, fire time)`, the job and the schedule's advance commit
-    /// together. Rows another scheduler holds are skipped. Returns the jobs inserted (to
-    /// dispatch).
-    pub async fn fire_due_schedules(
-        &self,
-        limit: i64,
-        decide: impl Fn(&ScheduleRow) -> Firing,
-    ) -> Result<Vec<NewJob>> {
+    /// Takes up to `limit` due schedules (rows another scheduler holds are skipped) in a
+    /// transaction that [`DueBatch::commit`] ends: the scheduler decides each run in between.
+    pub async fn due_schedules(&self, limit: i64) -> Result<DueBatch> {
         let mut tx = self.pool().begin().await?;
-        let due = sqlx::query_as::<_, ScheduleRow>(&format!(
-            "SELECT {COLS} FROM schedules WHERE NOT paused AND next_run_at <= now()
-             ORDER BY next_run_at LIMIT $1 FOR UPDATE SKIP LOCKED"
+        let cols = COLS
+            .split(", ")
+            .map(|c| format!("s.{c}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let due = sqlx::query_as::<_, DueRow>(&format!(
+            "SELECT {cols}, t.quotas, t.allowed_models,
+                    CASE WHEN s.created_by LIKE 'key:%' THEN COALESCE(
+                        (SELECT CASE WHEN k.revoked_at IS NOT NULL THEN 'revoked'
+                                     WHEN k.expires_at <= now() THEN 'expired'
+                                     ELSE 'ok' END
+                         FROM api_keys k
+                         WHERE k.tenant_id = s.tenant_id AND k.id::text = substr(s.created_by, 5)),
+                        'missing') END AS creator_key
+             FROM schedules s JOIN tenants t ON t.id = s.tenant_id
+             WHERE NOT s.paused AND s.next_run_at <= now()
+             ORDER BY s.next_run_at LIMIT $1 FOR UPDATE OF s SKIP LOCKED"
         ))
         .bind(limit)
         .fetch_all(&mut *tx)
         .await?;
+        let due = due
+            .into_iter()
+            .map(|d| DueSchedule {
+                row: d.row,
+                quotas: crate::tenants::parse_quotas(d.quotas),
+                allowed_models: d.allowed_models,
+                creator_key: d.creator_key,
+            })
+            .collect();
+        Ok(DueBatch { tx, due })
+    }
+}
+
+/// Due schedules held (`FOR UPDATE`) until their runs are committed.
+pub struct DueBatch {
+    tx: sqlx::Transaction<'static, sqlx::Postgres>,
+    pub due: Vec<DueSchedule>,
+}
+
+impl DueBatch {
+    /// Commits one firing per due schedule (in order): the run row `(schedule, fire time)`
+    /// with its job or skip reason, the job, and the schedule's advance, together. Returns
+    /// the jobs inserted (to dispatch).
+    pub async fn commit(self, firings: Vec<Firing>) -> Result<Vec<NewJob>> {
+        let DueBatch { mut tx, due } = self;
         let mut jobs = Vec::new();
-        for s in &due {
-            let firing = decide(s);
-            if let Some(job) = firing.job {
-                let fresh = sqlx::query(
-                    "INSERT INTO schedule_runs (schedule_id, fire_at, tenant_id, job_id)
-                     VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
-                )
-                .bind(s.id)
-                .bind(s.next_run_at)
-                .bind(s.tenant_id)
-                .bind(job.id)
-                .execute(&mut *tx)
-                .await?
-                .rows_affected()
-                    == 1;
-                if fresh {
-                    jobs.push(job);
+        for (d, firing) in due.iter().zip(firings) {
+            let s = &d.row;
+            let (job_id, skipped) = match &firing.job {
+                Ok(job) => (Some(job.id), None),
+                Err(skip) => (None, Some(skip)),
+            };
+            let fresh = sqlx::query(
+                "INSERT INTO schedule_runs
+                     (schedule_id, fire_at, tenant_id, job_id, skipped_code, skipped_message)
+                 VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING",
+            )
+            .bind(s.id)
+            .bind(s.next_run_at)
+            .bind(s.tenant_id)
+            .bind(job_id)
+            .bind(skipped.map(|k| &k.code))
+            .bind(skipped.map(|k| &k.message))
+            .execute(&mut *tx)
+            .await?
+            .rows_affected()
+                == 1;
+            match firing.job {
+                Ok(job) if fresh => jobs.push(job),
+                Ok(_) => {}
+                Err(_) => {
+                    // a schedule keeps its recent skipped runs only
+                    sqlx::query(
+                        "DELETE FROM schedule_runs WHERE schedule_id = $1 AND job_id IS NULL
+                           AND fire_at < (SELECT min(fire_at) FROM (
+                               SELECT fire_at FROM schedule_runs
+                               WHERE schedule_id = $1 AND job_id IS NULL
+                               ORDER BY fire_at DESC LIMIT $2) recent)",
+                    )
+                    .bind(s.id)
+                    .bind(RECENT_RUNS)
+                    .execute(&mut *tx)
+                    .await?;
                 }
             }
             sqlx::query(
@@ -239,3 +324,5 @@ impl Store {
         Ok(jobs)
     }
 }
+
+type RunRow = (DateTime<Utc>, Option<Uuid>, Option<String>, Option<String>);

@@ -67,13 +67,7 @@ impl Principal {
     /// Whether the tenant may use `model`: every model when no list is set, else an exact
     /// entry or a prefix entry ending in `*`.
     pub fn may_use(&self, model: &str) -> bool {
-        match &self.allowed_models {
-            None => true,
-            Some(list) => list.iter().any(|p| match p.strip_suffix('*') {
-                Some(prefix) => model.starts_with(prefix),
-                None => p == model,
-            }),
-        }
+        model_allowed(self.allowed_models.as_deref(), model)
     }
 
     /// Whether the caller may do `p` (its role, narrowed by its scopes).
@@ -106,6 +100,18 @@ impl Principal {
             }
             _ => crate::Scope::tenant(self.tenant_id),
         }
+    }
+}
+
+/// Whether a tenant with the model list `allowed` (`None`: every model) may use `model`: an
+/// exact entry or a prefix entry ending in `*`.
+pub fn model_allowed(allowed: Option<&[String]>, model: &str) -> bool {
+    match allowed {
+        None => true,
+        Some(list) => list.iter().any(|p| match p.strip_suffix('*') {
+            Some(prefix) => model.starts_with(prefix),
+            None => p == model,
+        }),
     }
 }
 

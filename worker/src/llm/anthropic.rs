@@ -35,8 +35,9 @@ impl Anthropic {
 
 /// Our messages in Anthropic's shape: system turns joined into `system`, tool calls as
 /// `tool_use` blocks, tool results as `tool_result` blocks in a user turn, consecutive turns of
-/// one role merged.
-fn wire_messages(messages: &[ChatMessage]) -> (Option<String>, Vec<Value>) {
+/// one role merged. Tool-call arguments must be a JSON object (Anthropic's `input`; empty
+/// arguments are `{}`): others are refused rather than sent as something else.
+fn wire_messages(messages: &[ChatMessage]) -> Result<(Option<String>, Vec<Value>), ProviderError> {
     let mut system: Vec<&str> = Vec::new();
     let mut out: Vec<(String, Vec<Value>)> = Vec::new();
     for m in messages {
@@ -56,8 +57,25 @@ fn wire_messages(messages: &[ChatMessage]) -> (Option<String>, Vec<Value>) {
             "assistant" => {
                 let mut b = text_block(&m.content);
                 for c in m.tool_calls.iter().flatten() {
-                    let input: Value =
-                        serde_json::from_str(&c.function.arguments).unwrap_or_else(|_| json!({}));
+                    let args = c.function.arguments.trim();
+                    let input: Value = if args.is_empty() {
+                        json!({})
+                    } else {
+                        serde_json::from_str(args)
+                            .ok()
+                            .filter(Value::is_object)
+                            .ok_or_else(|| {
+                                ProviderError::new(
+                                    Failure::BadRequest,
+                                    format!(
+                                        "the arguments of tool call `{}` are not a JSON object \
+                                         (Anthropic's Messages API takes a tool call's input as \
+                                         an object)",
+                                        c.id
+                                    ),
+                                )
+                            })?
+                    };
                     b.push(json!({"type": "tool_use", "id": c.id, "name": c.function.name, "input": input}));
                 }
                 ("assistant", b)
@@ -77,7 +95,7 @@ fn wire_messages(messages: &[ChatMessage]) -> (Option<String>, Vec<Value>) {
         .into_iter()
         .map(|(role, content)| json!({"role": role, "content": content}))
         .collect();
-    (system, msgs)
+    Ok((system, msgs))
 }
 
 /// A text block, or none for empty or blank text (which the Messages API refuses with 400,
@@ -366,7 +384,7 @@ impl LlmProvider for Anthropic {
         sink: &Sink<'_>,
     ) -> Result<ChatOutput, ProviderError> {
         let json_tool = json_reply_tool(req)?;
-        let (system, messages) = wire_messages(req.messages);
+        let (system, messages) = wire_messages(req.messages)?;
         let mut body = json!({
             "model": req.model,
             "max_tokens": req.max_tokens,
@@ -477,7 +495,8 @@ mod tests {
             ChatMessage::new("user", "b"),
             asst,
             tool,
-        ]);
+        ])
+        .unwrap();
         assert_eq!(system.as_deref(), Some("be brief"));
         assert_eq!(msgs.len(), 3, "{msgs:?}");
         assert_eq!(msgs[0]["content"].as_array().unwrap().len(), 2);
@@ -488,13 +507,37 @@ mod tests {
     }
 
     #[test]
+    fn tool_call_arguments_must_be_an_object() {
+        let call = |args: &str| {
+            let mut asst = ChatMessage::new("assistant", "");
+            asst.tool_calls = Some(vec![ToolCall {
+                id: "t9".into(),
+                kind: "function".into(),
+                function: FunctionCall {
+                    name: "lookup".into(),
+                    arguments: args.into(),
+                },
+            }]);
+            wire_messages(&[ChatMessage::new("user", "a"), asst])
+        };
+        let (_, msgs) = call(" ").unwrap();
+        assert_eq!(msgs[1]["content"][0]["input"], json!({}));
+        for bad in [r#"{"q": "#, "[1, 2]", "\"x\"", "null"] {
+            let e = call(bad).unwrap_err();
+            assert_eq!(e.failure, Failure::BadRequest, "{bad}");
+            assert!(e.message.contains("`t9`"), "{e}");
+        }
+    }
+
+    #[test]
     fn blank_text_is_left_out_and_turns_without_blocks_too() {
         let (_, msgs) = wire_messages(&[
             ChatMessage::new("user", "a"),
             ChatMessage::new("assistant", " \n"),
             ChatMessage::new("user", ""),
             ChatMessage::new("user", "b"),
-        ]);
+        ])
+        .unwrap();
         assert_eq!(
             msgs,
             [json!({"role": "user", "content": [

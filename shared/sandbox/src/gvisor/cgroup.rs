@@ -34,6 +34,21 @@ impl Cgroups {
         Ok(cg)
     }
 
+    /// Removes the cgroups of a sandbox an earlier worker left behind, in every controller
+    /// (blocking: waits a little for the memory cgroup to empty).
+    pub fn remove_leftover(id: &str) {
+        Cgroups {
+            memory: PathBuf::from(ROOT).join("memory").join(PARENT).join(id),
+            cpuacct: PathBuf::from(ROOT).join("cpuacct").join(PARENT).join(id),
+        }
+        .remove();
+        if let Ok(controllers) = std::fs::read_dir(ROOT) {
+            for c in controllers.flatten() {
+                let _ = std::fs::remove_dir(c.path().join(PARENT).join(id));
+            }
+        }
+    }
+
     /// A placeholder owning nothing (what is left after the real one moved out).
     pub fn detached() -> Cgroups {
         Cgroups {
@@ -80,8 +95,12 @@ impl Cgroups {
             .and_then(|s| s.trim().parse().ok())
     }
 
-    /// Removes the memory cgroup (once no process is left in it).
+    /// Removes the memory cgroup (once no process is left in it), and the cpuacct one where
+    /// runsc left it (runsc removes its own cgroups when it deletes a sandbox it knows).
     pub fn remove(&self) {
+        if !self.cpuacct.as_os_str().is_empty() {
+            let _ = std::fs::remove_dir(&self.cpuacct);
+        }
         for _ in 0..50 {
             match std::fs::remove_dir(&self.memory) {
                 Ok(()) => return,

@@ -122,7 +122,7 @@ impl GvisorSandbox {
             root: cfg.state_dir.join("runsc"),
             platform: cfg.platform.clone(),
         });
-        runsc.delete_leftovers().await;
+        runsc.delete_leftovers(&cfg.state_dir.join("bundles")).await;
         let stop = CancellationToken::new();
         let tasks = TaskTracker::new();
         let mut pools = HashMap::new();

@@ -1,7 +1,8 @@
 //! One gVisor sandbox: a `runsc run` process in the foreground whose init is our loader, its
 //! OCI bundle, its cgroups, and its teardown (kill, delete, remove cgroups and bundle).
 
-use std::path::PathBuf;
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -71,15 +72,36 @@ impl Runsc {
             .await;
     }
 
-    /// Removes sandboxes a previous worker left in this state directory.
-    pub async fn delete_leftovers(&self) {
-        let Ok(out) = self.command().args(["list", "-quiet"]).output().await else {
-            return;
-        };
-        for id in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+    /// Removes what a previous worker killed before it could clean up left in this state
+    /// directory: its sandboxes (runsc's list), their bundles (`bundles/<id>`) and their
+    /// cgroups.
+    pub async fn delete_leftovers(&self, bundles: &Path) {
+        let mut ids = BTreeSet::new();
+        if let Ok(out) = self.command().args(["list", "-quiet"]).output().await {
+            ids.extend(
+                String::from_utf8_lossy(&out.stdout)
+                    .split_whitespace()
+                    .map(str::to_string),
+            );
+        }
+        if let Ok(dir) = std::fs::read_dir(bundles) {
+            ids.extend(
+                dir.flatten()
+                    .filter_map(|e| e.file_name().into_string().ok()),
+            );
+        }
+        for id in &ids {
             tracing::info!(id, "removing a sandbox left by an earlier worker");
             self.destroy(id).await;
         }
+        let bundles = bundles.to_path_buf();
+        let _ = tokio::task::spawn_blocking(move || {
+            for id in ids {
+                Cgroups::remove_leftover(&id);
+                let _ = std::fs::remove_dir_all(bundles.join(&id));
+            }
+        })
+        .await;
     }
 }
 

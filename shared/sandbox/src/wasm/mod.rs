@@ -134,6 +134,18 @@ impl WasmSandbox {
         let mut linker: Linker<RunState> = Linker::new(&engine);
         wasmtime_wasi::p1::add_to_linker_async(&mut linker, |s: &mut RunState| &mut s.wasi)
             .map_err(|e| anyhow!("linking WASI: {e:#}"))?;
+        // WASI refuses exit statuses of 126 and above with a trap, which would be reported as
+        // a crash (134): a guest's `exit(200)` ends with 200, and larger statuses keep their
+        // low byte, as on a POSIX host
+        linker.allow_shadowing(true);
+        linker
+            .func_wrap(
+                "wasi_snapshot_preview1",
+                "proc_exit",
+                |status: i32| -> wasmtime::Result<()> { Err(I32Exit(status & 0xff).into()) },
+            )
+            .map_err(|e| anyhow!("linking proc_exit: {e:#}"))?;
+        linker.allow_shadowing(false);
         let cache = ModuleCache::new(&engine, &cfg.cache_dir)?;
         let mut interpreters = HashMap::new();
         let specs: [(

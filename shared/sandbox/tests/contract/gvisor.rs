@@ -91,3 +91,26 @@ async fn escape_suite() {
     crate::escape::assert_contained(sb.clone(), programs).await;
     sb.shutdown().await;
 }
+
+/// A worker killed before it could clean up leaves bundles and memory cgroups behind: the next
+/// worker on the same state directory removes them when it starts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leftovers_of_a_killed_worker_are_removed_at_start() {
+    crate::canary();
+    let state = std::env::temp_dir().join(format!(
+        "switchyard-test-gvisor-leftovers-{}",
+        std::process::id()
+    ));
+    let id = format!("sy-leftover-{}", std::process::id());
+    let bundle = state.join("gvisor/bundles").join(&id);
+    std::fs::create_dir_all(&bundle).unwrap();
+    std::fs::write(bundle.join("config.json"), "{}").unwrap();
+    let cgroup = std::path::Path::new("/sys/fs/cgroup/memory/switchyard").join(&id);
+    std::fs::create_dir_all(&cgroup).unwrap();
+    let mut cfg = GvisorConfig::new(&crate::sandbox_dir(), &state);
+    cfg.pool_size = 0;
+    let _sb = GvisorSandbox::new(cfg).await.unwrap();
+    assert!(!bundle.exists(), "bundle left at {}", bundle.display());
+    assert!(!cgroup.exists(), "cgroup left at {}", cgroup.display());
+    let _ = std::fs::remove_dir_all(&state);
+}

@@ -101,6 +101,15 @@ pub async fn exit_codes(sb: &dyn Sandbox) {
     .await;
     assert_eq!((r.outcome.exit_code, r.outcome.killed_by), (Some(3), None));
     assert_eq!(r.stdout, "bye\n");
+    // statuses of 126 and above are the program's own, not a crash; the low byte counts
+    let r = run_code(sb, Language::Python, "import sys\nsys.exit(200)").await;
+    assert_eq!(
+        (r.outcome.exit_code, r.outcome.killed_by),
+        (Some(200), None)
+    );
+    assert!(!r.stderr.contains("trap"), "{}", r.stderr);
+    let r = run_code(sb, Language::Python, "import os\nos._exit(300)").await;
+    assert_eq!(r.outcome.exit_code, Some(44));
     let r = run_code(sb, Language::Python, "raise ValueError('boom')").await;
     assert_eq!(r.outcome.exit_code, Some(1));
     assert!(r.stderr.contains("ValueError: boom"), "{}", r.stderr);
