@@ -200,6 +200,56 @@ async fn the_chain_detects_edits_and_deletions(pool: PgPool) {
     app.stop().await;
 }
 
+/// The services' role may append to the trail but not rewrite it: no deleting rows (setting
+/// the pruning flag itself no longer opens the trigger), no moving a head back or its anchor,
+/// no new hash without a new row; retention still prunes (as the owner, through a function).
+#[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
+async fn the_services_role_cannot_rewrite_the_trail(pool: PgPool) {
+    let app = spawn_api_only(pool.clone()).await;
+    let s = &app.store;
+    s.append_audit((1..=5).map(|i| entry(&app, i)).collect())
+        .await
+        .unwrap();
+    let mut c = pool.acquire().await.unwrap();
+    sqlx::query("SET ROLE switchyard_app")
+        .execute(&mut *c)
+        .await
+        .unwrap();
+    sqlx::query("SET switchyard.audit_prune = 'on'")
+        .execute(&mut *c)
+        .await
+        .unwrap();
+    let tries = [
+        "DELETE FROM audit_events WHERE tenant_id = $1 AND seq >= 4",
+        "UPDATE audit_events SET outcome = 500 WHERE tenant_id = $1 AND seq = 4",
+        "UPDATE audit_heads SET seq = 3 WHERE tenant_id = $1",
+        "UPDATE audit_heads SET hash = '\\x00' WHERE tenant_id = $1",
+        "UPDATE audit_heads SET anchor_seq = 5, anchor_hash = hash WHERE tenant_id = $1",
+        "DELETE FROM audit_heads WHERE tenant_id = $1",
+    ];
+    for sql in tries {
+        let r = sqlx::query(sql).bind(app.tenant).execute(&mut *c).await;
+        assert!(r.is_err(), "the services' role could run: {sql}");
+    }
+    sqlx::query("RESET ROLE").execute(&mut *c).await.unwrap();
+    drop(c);
+    let v = s.verify_audit(app.tenant).await.unwrap();
+    assert_eq!((v.checked, v.first_broken), (5, None), "{v:?}");
+    // retention, as the store runs it (the services' role), still prunes and re-anchors
+    let pruned = s
+        .prune_audit(
+            app.tenant,
+            chrono::Utc::now() + chrono::Duration::seconds(1),
+        )
+        .await
+        .unwrap();
+    assert_eq!(pruned, 5);
+    s.append_audit(vec![entry(&app, 6)]).await.unwrap();
+    let v = s.verify_audit(app.tenant).await.unwrap();
+    assert_eq!((v.checked, v.first_broken), (1, None), "{v:?}");
+    app.stop().await;
+}
+
 /// Verification while rows are appended: the head and the rows come from one snapshot, so a
 /// row appended between reading the head and reading the rows is no broken chain (it was
 /// reported as "the chain ends at 8 but its head says 5").
