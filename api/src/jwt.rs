@@ -55,16 +55,31 @@ struct Key {
     key: DecodingKey,
 }
 
+/// A configured issuer's keys as last read.
+#[derive(Default)]
 struct Jwks {
     keys: Vec<std::sync::Arc<Key>>,
-    fetched: Instant,
+    /// The last successful read.
+    fetched: Option<Instant>,
+    /// The last attempt (failed reads are not retried more often than `jwks_min_refresh_s`).
+    tried: Option<Instant>,
+}
+
+/// One issuer's cache: read without waiting; one read of its JWKS at a time, which holds up
+/// only the requests that need that issuer's new keys (a slow identity provider used to stall
+/// every end user's authentication behind one lock).
+#[derive(Default)]
+struct IssuerKeys {
+    cached: std::sync::RwLock<Jwks>,
+    refresh: tokio::sync::Mutex<()>,
 }
 
 /// Verifies end users' tokens; keeps each issuer's keys.
 pub struct JwtVerifier {
     cfg: JwtConfig,
     http: reqwest::Client,
-    jwks: tokio::sync::Mutex<HashMap<String, Jwks>>,
+    /// Per configured issuer (`iss`).
+    jwks: HashMap<String, IssuerKeys>,
 }
 
 #[derive(Deserialize)]
@@ -90,11 +105,12 @@ impl JwtVerifier {
             .timeout(Duration::from_secs(5))
             .build()
             .unwrap_or_default();
-        JwtVerifier {
-            cfg,
-            http,
-            jwks: tokio::sync::Mutex::new(HashMap::new()),
-        }
+        let jwks = cfg
+            .issuers
+            .iter()
+            .map(|i| (i.issuer.clone(), IssuerKeys::default()))
+            .collect();
+        JwtVerifier { cfg, http, jwks }
     }
 
     /// Verifies `token` and maps its claims to a principal.
@@ -216,41 +232,50 @@ impl JwtVerifier {
 
     /// An issuer's keys: cached, re-read when stale, or sooner when `kid` is not among them.
     async fn keys_for(&self, issuer: &JwtIssuer, kid: Option<&str>) -> Vec<std::sync::Arc<Key>> {
-        let mut map = self.jwks.lock().await;
+        let Some(slot) = self.jwks.get(&issuer.issuer) else {
+            return Vec::new();
+        };
+        if let Some(keys) = self.current(slot, kid) {
+            return keys;
+        }
+        let _reading = slot.refresh.lock().await;
+        // another request may have read them while this one waited
+        if let Some(keys) = self.current(slot, kid) {
+            return keys;
+        }
+        let read = self.fetch(issuer).await;
+        let mut c = slot.cached.write().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        c.tried = Some(now);
+        match read {
+            Ok(keys) => {
+                c.keys = keys;
+                c.fetched = Some(now);
+            }
+            Err(e) => {
+                tracing::warn!(issuer = %issuer.issuer, error = %e, "could not read the JWKS; keeping the keys we have");
+            }
+        }
+        c.keys.clone()
+    }
+
+    /// The cached keys, unless they should be read again first.
+    fn current(&self, slot: &IssuerKeys, kid: Option<&str>) -> Option<Vec<std::sync::Arc<Key>>> {
         let refresh = Duration::from_secs(self.cfg.jwks_refresh_s);
         let min_refresh = Duration::from_secs(self.cfg.jwks_min_refresh_s);
-        let needed = match map.get(&issuer.issuer) {
+        let c = slot.cached.read().unwrap_or_else(|e| e.into_inner());
+        let stale = match c.fetched {
             None => true,
-            Some(j) => {
-                let age = j.fetched.elapsed();
+            Some(at) => {
+                let age = at.elapsed();
                 let unknown_kid =
-                    kid.is_some_and(|k| !j.keys.iter().any(|x| x.kid.as_deref() == Some(k)));
+                    kid.is_some_and(|k| !c.keys.iter().any(|x| x.kid.as_deref() == Some(k)));
                 age >= refresh || (unknown_kid && age >= min_refresh)
             }
         };
-        if needed {
-            match self.fetch(issuer).await {
-                Ok(keys) => {
-                    map.insert(
-                        issuer.issuer.clone(),
-                        Jwks {
-                            keys,
-                            fetched: Instant::now(),
-                        },
-                    );
-                }
-                Err(e) => {
-                    tracing::warn!(issuer = %issuer.issuer, error = %e, "could not read the JWKS; keeping the keys we have");
-                    // do not retry on every request
-                    if let Some(j) = map.get_mut(&issuer.issuer) {
-                        j.fetched = Instant::now() - refresh + min_refresh;
-                    }
-                }
-            }
-        }
-        map.get(&issuer.issuer)
-            .map(|j| j.keys.clone())
-            .unwrap_or_default()
+        // a failed read is not retried on every request
+        let may_retry = c.tried.is_none_or(|t| t.elapsed() >= min_refresh);
+        (!stale || !may_retry).then(|| c.keys.clone())
     }
 
     async fn fetch(&self, issuer: &JwtIssuer) -> anyhow::Result<Vec<std::sync::Arc<Key>>> {

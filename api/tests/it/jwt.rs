@@ -442,3 +442,52 @@ async fn jwks_issuers_verify_rs256_and_es256_and_follow_rotation(pool: PgPool) {
     assert_refused(&app, &signed(Algorithm::RS256, "rsa1", &c), "retired kid").await;
     app.stop().await;
 }
+
+/// An identity provider whose JWKS never answers holds up only its own tokens: another
+/// issuer's tokens verify while the read waits, and once it gives up the stalled issuer's
+/// tokens are refused (401), not an error.
+#[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
+async fn a_stalled_jwks_holds_up_only_its_own_issuer(pool: PgPool) {
+    use tokio::io::AsyncReadExt;
+    let stall = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/jwks.json", stall.local_addr().unwrap());
+    let (accepted_tx, accepted_rx) = tokio::sync::oneshot::channel();
+    let (closed_tx, closed_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        let (mut sock, _) = stall.accept().await.unwrap();
+        let _ = accepted_tx.send(());
+        // read the request, never answer; note when the client gives up
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = sock.read(&mut buf).await {
+            if n == 0 {
+                break;
+            }
+        }
+        let _ = closed_tx.send(true);
+    });
+    let (app, _) = spawn(pool, Some(url)).await;
+    let mut c = claims(PLATFORM_ISSUER, "frank");
+    c["aud"] = json!("platform");
+    c["tenant"] = json!("acme");
+    let stalled = signed(Algorithm::RS256, "rsa1", &c);
+    let stuck = tokio::spawn({
+        let (http, url) = (app.http.clone(), app.url("/v1/jobs"));
+        async move {
+            http.get(url)
+                .bearer_auth(stalled)
+                .send()
+                .await
+                .map(|r| r.status())
+        }
+    });
+    accepted_rx.await.unwrap();
+    let t = signed(Algorithm::RS256, "rsa1", &claims(FILE_ISSUER, "erin"));
+    assert_eq!(status_of(&app, &t).await.0, 200);
+    assert!(
+        !*closed_rx.borrow(),
+        "the other issuer's token waited for the stalled JWKS read"
+    );
+    assert!(!stuck.is_finished());
+    assert_eq!(stuck.await.unwrap().unwrap(), StatusCode::UNAUTHORIZED);
+    app.stop().await;
+}
