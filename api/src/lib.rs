@@ -293,7 +293,33 @@ pub fn router(state: AppState) -> Router {
             }),
         )
         .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
+        .layer(axum::middleware::map_request(plain_request_id))
         .with_state(state)
+}
+
+/// Longest `x-request-id` a client may choose.
+const MAX_REQUEST_ID: usize = 128;
+
+/// A client's own `x-request-id` is kept (echoed, logged, audited) when it is one plain token:
+/// at most 128 letters, digits and `-_.:/`. Anything else (a kilobyte of text, spaces, several
+/// values) is dropped and the request-id layer issues a UUID instead.
+async fn plain_request_id(mut req: axum::extract::Request) -> axum::extract::Request {
+    let mut ids = req.headers().get_all("x-request-id").iter();
+    let plain = match (ids.next(), ids.next()) {
+        (None, _) => true,
+        (Some(v), None) => {
+            let b = v.as_bytes();
+            !b.is_empty()
+                && b.len() <= MAX_REQUEST_ID
+                && b.iter()
+                    .all(|c| c.is_ascii_alphanumeric() || b"-_.:/".contains(c))
+        }
+        _ => false,
+    };
+    if !plain {
+        req.headers_mut().remove("x-request-id");
+    }
+    req
 }
 
 /// Serves until `state.shutdown` fires, then stops accepting, closes streams and waits for

@@ -200,6 +200,40 @@ async fn the_chain_detects_edits_and_deletions(pool: PgPool) {
     app.stop().await;
 }
 
+/// A client's own request id is kept only when it is one plain token; others (too long,
+/// spaces, several) are replaced by an issued UUID, in the response and the audit trail.
+#[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
+async fn a_client_request_id_is_kept_only_when_plain(pool: PgPool) {
+    let app = spawn_api_only(pool).await;
+    let long = "x".repeat(300);
+    let tries: [&[&str]; 4] = [&["trace-42:abc/7"], &[&long], &["two words"], &["a", "b"]];
+    let mut echoed = Vec::new();
+    for ids in tries {
+        let mut rb = app
+            .auth(app.http.post(app.url("/v1/jobs")))
+            .json(&json!({"kind": "system.noop", "input": {}}));
+        for id in ids {
+            rb = rb.header("x-request-id", *id);
+        }
+        let r = rb.send().await.unwrap();
+        assert_eq!(r.status(), 202);
+        let all: Vec<_> = r.headers().get_all("x-request-id").iter().collect();
+        assert_eq!(all.len(), 1, "{all:?}");
+        echoed.push(all[0].to_str().unwrap().to_string());
+    }
+    assert_eq!(echoed[0], "trace-42:abc/7");
+    for issued in &echoed[1..] {
+        assert!(uuid::Uuid::parse_str(issued).is_ok(), "{issued}");
+    }
+    let rows = audit_rows(&app, 4).await;
+    let audited: Vec<&str> = rows
+        .iter()
+        .map(|r| r["request_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(audited, echoed);
+    app.stop().await;
+}
+
 /// The services' role may append to the trail but not rewrite it: no deleting rows (setting
 /// the pruning flag itself no longer opens the trigger), no moving a head back or its anchor,
 /// no new hash without a new row; retention still prunes (as the owner, through a function).
