@@ -4,56 +4,43 @@
 
 use std::net::IpAddr;
 
+use ipnet::IpNet;
+
 /// Addresses and networks (`10.0.0.0/8`, `fd00::/8`, `127.0.0.1`) of trusted proxies.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct TrustedProxies(Vec<(IpAddr, u8)>);
+pub struct TrustedProxies(Vec<IpNet>);
 
 impl TrustedProxies {
     /// Parses a list; the error names the entry.
     pub fn parse(list: &[String]) -> Result<TrustedProxies, String> {
-        let mut nets = Vec::with_capacity(list.len());
-        for entry in list {
-            let (addr, bits) = match entry.split_once('/') {
-                Some((a, b)) => (a, Some(b)),
-                None => (entry.as_str(), None),
-            };
-            let ip: IpAddr = addr
-                .trim()
-                .parse()
-                .map_err(|_| format!("`{entry}` is not an address or a network (CIDR)"))?;
-            let max = if ip.is_ipv4() { 32 } else { 128 };
-            let bits = match bits {
-                None => max,
-                Some(b) => b
-                    .trim()
-                    .parse::<u8>()
-                    .ok()
-                    .filter(|b| *b <= max)
-                    .ok_or_else(|| format!("`{entry}`: the prefix length must be 0 to {max}"))?,
-            };
-            nets.push((ip, bits));
-        }
-        Ok(TrustedProxies(nets))
+        list.iter()
+            .map(|entry| {
+                let e = entry.trim();
+                if e.contains('/') {
+                    e.parse::<IpNet>().map_err(|_| {
+                        format!(
+                            "`{entry}` is not a network (CIDR; the prefix length is 0 to 32 for \
+                             IPv4, 0 to 128 for IPv6)"
+                        )
+                    })
+                } else {
+                    e.parse::<IpAddr>()
+                        .map(IpNet::from)
+                        .map_err(|_| format!("`{entry}` is not an address or a network (CIDR)"))
+                }
+            })
+            .collect::<Result<_, _>>()
+            .map(TrustedProxies)
     }
 
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
     }
 
-    /// Whether `ip` is one of the trusted proxies.
+    /// Whether `ip` is one of the trusted proxies (an IPv4-mapped IPv6 peer as its IPv4).
     pub fn contains(&self, ip: IpAddr) -> bool {
         let ip = ip.to_canonical();
-        self.0.iter().any(|&(net, bits)| match (net, ip) {
-            (IpAddr::V4(n), IpAddr::V4(a)) => {
-                let mask = u32::MAX.checked_shl(32 - u32::from(bits)).unwrap_or(0);
-                u32::from(n) & mask == u32::from(a) & mask
-            }
-            (IpAddr::V6(n), IpAddr::V6(a)) => {
-                let mask = u128::MAX.checked_shl(128 - u32::from(bits)).unwrap_or(0);
-                u128::from(n) & mask == u128::from(a) & mask
-            }
-            _ => false,
-        })
+        self.0.iter().any(|net| net.contains(&ip))
     }
 
     /// The client of a request from `peer` carrying `forwarded_for` (`X-Forwarded-For`): the
