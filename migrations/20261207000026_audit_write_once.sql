@@ -4,7 +4,8 @@
 -- tenant's newest rows, move the head back and append a different history that verified.
 -- Now it may only append rows and move a head forward; retention pruning runs as the owner,
 -- through `switchyard_prune_audit` (SECURITY DEFINER), which deletes only rows older than its
--- cutoff and re-anchors the chain at the last one.
+-- cutoff and never younger than `audit_settings.min_retention` (30 days unless the owner
+-- changes it: the services cannot), then re-anchors the chain at the last one.
 REVOKE UPDATE, DELETE ON audit_events FROM switchyard_app;
 REVOKE UPDATE, DELETE ON audit_heads FROM switchyard_app;
 GRANT UPDATE (seq, hash) ON audit_heads TO switchyard_app;
@@ -22,7 +23,16 @@ $$ LANGUAGE plpgsql;
 CREATE TRIGGER audit_heads_forward BEFORE UPDATE ON audit_heads
     FOR EACH ROW EXECUTE FUNCTION audit_heads_forward();
 
--- Deletes a tenant's rows older than `before` and re-anchors its chain at the last one
+-- The youngest audit rows pruning may delete, whatever the caller asks (owner-only: a
+-- compromised service could otherwise prune a tenant's whole trail "by retention").
+CREATE TABLE audit_settings (
+    only_row      boolean PRIMARY KEY DEFAULT true CHECK (only_row),
+    min_retention interval NOT NULL DEFAULT '30 days'
+);
+INSERT INTO audit_settings DEFAULT VALUES;
+GRANT SELECT ON audit_settings TO switchyard_app;
+
+-- Deletes a tenant's rows older than `before` (and than the minimum retention) and re-anchors its chain at the last one
 -- deleted (verification starts there); returns the rows deleted.
 CREATE FUNCTION switchyard_prune_audit(tenant uuid, before timestamptz)
 RETURNS bigint LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, public AS $$
@@ -35,6 +45,7 @@ BEGIN
     IF NOT FOUND THEN
         RETURN 0;
     END IF;
+    SELECT LEAST(before, now() - min_retention) INTO before FROM audit_settings;
     SELECT seq, hash INTO last_seq, last_hash FROM audit_events
         WHERE tenant_id = tenant AND at < before ORDER BY seq DESC LIMIT 1;
     IF last_seq IS NULL THEN

@@ -506,6 +506,13 @@ async fn admin(cfg: &Config, cmd: AdminCmd) -> anyhow::Result<()> {
                 .tenant_by_name(&tenant)
                 .await?
                 .with_context(|| format!("no tenant named {tenant}"))?;
+            let min = store.audit_min_retention().await?;
+            anyhow::ensure!(
+                u128::from(older_than_days) * 86_400 >= min.as_secs().into(),
+                "audit rows are kept at least {} days (audit_settings.min_retention, which only \
+                 the database owner can lower): --older-than-days {older_than_days} is shorter",
+                min.as_secs().div_ceil(86_400)
+            );
             let before = chrono::Utc::now() - chrono::Duration::days(older_than_days as i64);
             let n = store.prune_audit(t.id, before).await?;
             println!("tenant {tenant}: pruned {n} audit rows older than {older_than_days} days");

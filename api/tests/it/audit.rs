@@ -234,9 +234,18 @@ async fn a_client_request_id_is_kept_only_when_plain(pool: PgPool) {
     app.stop().await;
 }
 
+/// Lets pruning delete rows of any age (the owner's setting; 30 days by default).
+async fn no_minimum_retention(pool: &PgPool) {
+    sqlx::query("UPDATE audit_settings SET min_retention = '0'")
+        .execute(pool)
+        .await
+        .unwrap();
+}
+
 /// The services' role may append to the trail but not rewrite it: no deleting rows (setting
 /// the pruning flag itself no longer opens the trigger), no moving a head back or its anchor,
-/// no new hash without a new row; retention still prunes (as the owner, through a function).
+/// no new hash without a new row, no pruning of rows younger than the owner's minimum
+/// retention; retention still prunes (as the owner, through a function).
 #[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
 async fn the_services_role_cannot_rewrite_the_trail(pool: PgPool) {
     let app = spawn_api_only(pool.clone()).await;
@@ -269,15 +278,24 @@ async fn the_services_role_cannot_rewrite_the_trail(pool: PgPool) {
     drop(c);
     let v = s.verify_audit(app.tenant).await.unwrap();
     assert_eq!((v.checked, v.first_broken), (5, None), "{v:?}");
-    // retention, as the store runs it (the services' role), still prunes and re-anchors
-    let pruned = s
-        .prune_audit(
-            app.tenant,
-            chrono::Utc::now() + chrono::Duration::seconds(1),
-        )
+    // nor prune what is younger than the minimum retention (30 days, owner-only)
+    let everything = chrono::Utc::now() + chrono::Duration::seconds(1);
+    assert_eq!(s.prune_audit(app.tenant, everything).await.unwrap(), 0);
+    let mut c = pool.acquire().await.unwrap();
+    sqlx::query("SET ROLE switchyard_app")
+        .execute(&mut *c)
         .await
         .unwrap();
-    assert_eq!(pruned, 5);
+    assert!(sqlx::query("UPDATE audit_settings SET min_retention = '0'")
+        .execute(&mut *c)
+        .await
+        .is_err());
+    sqlx::query("RESET ROLE").execute(&mut *c).await.unwrap();
+    drop(c);
+    // retention, as the store runs it (the services' role), still prunes and re-anchors
+    // what the owner lets it
+    no_minimum_retention(&pool).await;
+    assert_eq!(s.prune_audit(app.tenant, everything).await.unwrap(), 5);
     s.append_audit(vec![entry(&app, 6)]).await.unwrap();
     let v = s.verify_audit(app.tenant).await.unwrap();
     assert_eq!((v.checked, v.first_broken), (1, None), "{v:?}");
@@ -316,6 +334,7 @@ async fn verifying_while_rows_are_appended_sees_an_intact_chain(pool: PgPool) {
 
 #[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
 async fn pruning_re_anchors_the_chain(pool: PgPool) {
+    no_minimum_retention(&pool).await;
     let app = spawn_api_only(pool).await;
     let s = &app.store;
     s.append_audit((1..=5).map(|i| entry(&app, i)).collect())
@@ -338,6 +357,7 @@ async fn pruning_re_anchors_the_chain(pool: PgPool) {
 
 #[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
 async fn job_state_changes_are_chained_and_retention_prunes_them(pool: PgPool) {
+    no_minimum_retention(&pool).await;
     let app = crate::support::spawn_app(pool).await;
     let id = app.submit_noop(json!({})).await;
     app.wait_status(id, "succeeded", Duration::from_secs(10))

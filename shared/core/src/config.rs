@@ -60,6 +60,8 @@ pub struct Config {
     #[serde(default)]
     pub trusted_proxies: Vec<String>,
     /// Audit rows older than this many days are pruned by the scheduler (0: kept forever).
+    /// The database keeps them at least `audit_settings.min_retention` (30 days) whatever this
+    /// says: only its owner can lower that, not the services' role.
     pub audit_retention_days: u64,
     /// Undelivered jobs one tenant (of weight 1) may have in a queue's streams before the rest
     /// waits in its own lane: another tenant's new job waits behind at most this many of each

@@ -378,8 +378,20 @@ impl Store {
         })
     }
 
-    /// Deletes a tenant's rows older than `before` and re-anchors its chain at the last one
-    /// deleted, so verification starts there. Returns the rows deleted.
+    /// The youngest rows pruning may delete (`audit_settings.min_retention`, which only the
+    /// database owner can change; 30 days unless it did).
+    pub async fn audit_min_retention(&self) -> Result<std::time::Duration> {
+        let secs: f64 = sqlx::query_scalar(
+            "SELECT EXTRACT(EPOCH FROM min_retention)::float8 FROM audit_settings",
+        )
+        .fetch_one(self.pool())
+        .await?;
+        Ok(std::time::Duration::from_secs_f64(secs.max(0.0)))
+    }
+
+    /// Deletes a tenant's rows older than `before` (and than the minimum retention, see
+    /// [`Store::audit_min_retention`]) and re-anchors its chain at the last one deleted, so
+    /// verification starts there. Returns the rows deleted.
     pub async fn prune_audit(&self, tenant: Uuid, before: DateTime<Utc>) -> Result<u64> {
         // as the owner (the services' role may not delete audit rows): migration 26
         let n: i64 = sqlx::query_scalar("SELECT switchyard_prune_audit($1, $2)")
