@@ -246,3 +246,79 @@ async fn finished_jobs_are_pruned_after_their_tenants_retention(pool: PgPool) {
     assert!(app.store.get_job_unscoped(forever).await.unwrap().is_some());
     app.stop().await;
 }
+
+/// Retention skips a job another transaction holds (a retry requeueing it: the job was deleted
+/// after its retry had answered 202) and a job whose webhook is still being delivered (until it
+/// is delivered); it takes the rest.
+#[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
+async fn retention_spares_a_job_being_retried_and_one_still_notifying(pool: PgPool) {
+    let app = crate::support::spawn_api_only(pool).await;
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        ids.push(id_of(
+            &app.submit(json!({"kind": "system.noop", "input": {}}))
+                .await,
+        ));
+    }
+    let (held, notifying, plain) = (ids[0], ids[1], ids[2]);
+    // all three failed 40 days ago (past the default 30 days)
+    sqlx::query(
+        "UPDATE jobs SET status = 'failed', finished_at = now() - interval '40 days'
+         WHERE id = ANY($1)",
+    )
+    .bind(&ids)
+    .execute(app.store.pool())
+    .await
+    .unwrap();
+    sqlx::query(
+        "INSERT INTO webhook_deliveries (tenant_id, job_id, url, event)
+         VALUES ($1, $2, 'https://example.com/hook', 'job.failed')",
+    )
+    .bind(app.tenant)
+    .bind(notifying)
+    .execute(app.store.pool())
+    .await
+    .unwrap();
+    // a retry of `held` is under way
+    let mut retry = app.store.pool().begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM jobs WHERE id = $1 FOR UPDATE")
+        .bind(held)
+        .execute(&mut *retry)
+        .await
+        .unwrap();
+    // (a hang guard: retention must not wait for the retry)
+    let pruned = tokio::time::timeout(T, app.store.prune_finished_jobs(30, 100))
+        .await
+        .expect("retention waited for a job another transaction holds")
+        .unwrap();
+    assert_eq!(pruned, vec![plain]);
+    sqlx::query("UPDATE jobs SET status = 'queued', finished_at = NULL WHERE id = $1")
+        .bind(held)
+        .execute(&mut *retry)
+        .await
+        .unwrap();
+    retry.commit().await.unwrap();
+    assert!(app
+        .store
+        .prune_finished_jobs(30, 100)
+        .await
+        .unwrap()
+        .is_empty());
+    assert!(app.store.get_job_unscoped(held).await.unwrap().is_some());
+    // once its webhook is delivered, the other goes too
+    sqlx::query("UPDATE webhook_deliveries SET state = 'delivered' WHERE job_id = $1")
+        .bind(notifying)
+        .execute(app.store.pool())
+        .await
+        .unwrap();
+    assert_eq!(
+        app.store.prune_finished_jobs(30, 100).await.unwrap(),
+        vec![notifying]
+    );
+    let left: i64 = sqlx::query_scalar("SELECT count(*) FROM webhook_deliveries")
+        .fetch_one(app.store.pool())
+        .await
+        .unwrap();
+    assert_eq!(left, 0);
+    app.stop().await;
+}

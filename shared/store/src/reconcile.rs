@@ -106,9 +106,12 @@ impl Store {
     }
 
     /// Deletes up to `limit` finished jobs past their tenant's retention (`job_retention_days`,
-    /// else `default_days`; 0 keeps them), oldest first, with their schedule-run rows; returns
-    /// the ids (their Redis events are dropped by the caller). Audit rows stay (their own
-    /// retention).
+    /// else `default_days`; 0 keeps them), oldest first, with their schedule-run rows and
+    /// webhook deliveries; returns the ids (their Redis events are dropped by the caller).
+    /// Audit rows stay (their own retention). A job whose webhook is still being delivered waits
+    /// for a later pass; a job another transaction holds (a retry requeueing it) is skipped,
+    /// and the row is taken only while it is still finished (a job retried meanwhile was
+    /// deleted after its retry had answered 202).
     pub async fn prune_finished_jobs(&self, default_days: i32, limit: i64) -> Result<Vec<Uuid>> {
         Ok(sqlx::query_scalar(
             "WITH t AS (
@@ -119,11 +122,15 @@ impl Store {
                      SELECT id FROM jobs
                      WHERE tenant_id = t.id AND status IN ('succeeded', 'failed', 'cancelled')
                        AND finished_at < now() - make_interval(days => t.days)
-                     ORDER BY finished_at LIMIT $2) j
+                       AND NOT EXISTS (SELECT 1 FROM webhook_deliveries d
+                                       WHERE d.job_id = jobs.id AND d.state = 'pending')
+                     ORDER BY finished_at LIMIT $2
+                     FOR UPDATE SKIP LOCKED) j
                  LIMIT $2),
              runs AS (DELETE FROM schedule_runs WHERE job_id IN (SELECT id FROM victims)),
              hooks AS (DELETE FROM webhook_deliveries WHERE job_id IN (SELECT id FROM victims))
-             DELETE FROM jobs WHERE id IN (SELECT id FROM victims) RETURNING id",
+             DELETE FROM jobs WHERE id IN (SELECT id FROM victims)
+               AND status IN ('succeeded', 'failed', 'cancelled') RETURNING id",
         )
         .bind(default_days)
         .bind(limit)
