@@ -68,20 +68,28 @@ pub fn next_for(s: &ScheduleRow, now: DateTime<Utc>) -> DateTime<Utc> {
         .unwrap_or_else(|| now + chrono::Duration::days(365))
 }
 
-/// What a pass knows of one tenant: its use today and its queued jobs (counted once per pass,
-/// plus the runs this pass enqueued).
+/// What a pass knows of one tenant: its use today and its queued jobs (counted before the
+/// schedules are locked, plus the runs this pass enqueued); `None`: not known (admitted).
+#[derive(Default)]
 struct TenantUse {
     tokens: Option<u64>,
     cpu_ms: Option<u64>,
     queued: Option<u64>,
 }
 
-/// Holds each due run to its tenant's limits, as the API holds a submission.
+/// How long one Redis read of a tenant's daily use may take before the pass goes on without.
+const USE_READ_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Holds each due run to its tenant's limits, as the API holds a submission. The use of the
+/// tenants with due schedules is read first ([`Gate::read_use`]), so the transaction that
+/// holds the schedules' rows waits for no Redis or Postgres round trip.
 pub struct Gate<'a> {
     store: &'a Store,
     quotas: Quotas,
     defaults: &'a QuotaLimits,
     day: String,
+    /// Redis failed or was slow this pass: daily use is not read again.
+    redis_down: bool,
     tenants: HashMap<Uuid, TenantUse>,
 }
 
@@ -92,14 +100,60 @@ impl<'a> Gate<'a> {
             quotas: Quotas::new(queue.keys().clone(), queue.conn()),
             defaults,
             day: utc_day(Utc::now()).0,
+            redis_down: false,
             tenants: HashMap::new(),
         }
     }
 
+    /// Reads the daily use and queued jobs of the tenants of up to `limit` due schedules (those
+    /// not read yet this pass). Trouble leaves a tenant's use unknown: its runs are admitted,
+    /// as the API admits a submission when Redis is down.
+    pub async fn read_use(&mut self, limit: i64) -> anyhow::Result<()> {
+        for (tenant, quotas) in self.store.due_schedule_tenants(limit).await? {
+            if self.tenants.contains_key(&tenant) {
+                continue;
+            }
+            let limits = quotas.over(self.defaults);
+            let mut u = TenantUse::default();
+            if !self.redis_down
+                && (limits.llm_tokens_per_day.is_some()
+                    || limits.sandbox_cpu_seconds_per_day.is_some())
+            {
+                match tokio::time::timeout(
+                    USE_READ_TIMEOUT,
+                    self.quotas.daily_use(tenant, &self.day),
+                )
+                .await
+                {
+                    Ok(Ok(d)) => (u.tokens, u.cpu_ms) = (Some(d.tokens), Some(d.cpu_ms)),
+                    Ok(Err(e)) => {
+                        tracing::warn!(error = %e, "cron runs' daily quotas not checked this pass: redis unavailable");
+                        self.redis_down = true;
+                    }
+                    Err(_) => {
+                        tracing::warn!(
+                            "cron runs' daily quotas not checked this pass: redis too slow"
+                        );
+                        self.redis_down = true;
+                    }
+                }
+            }
+            if let Some(max) = limits.max_queued_jobs {
+                u.queued = self
+                    .store
+                    .queued_jobs(tenant, max.min(i64::MAX as u64) as i64)
+                    .await
+                    .ok()
+                    .map(|c| c.max(0) as u64);
+            }
+            self.tenants.insert(tenant, u);
+        }
+        Ok(())
+    }
+
     /// Why the run of `d` with `job` may not be enqueued now (`None`: it may; counted as
-    /// queued). Redis or Postgres trouble admits, as on the API (the insert that follows
-    /// reports Postgres trouble itself).
-    pub async fn refusal(&mut self, d: &DueSchedule, job: &NewJob) -> Option<RunSkipped> {
+    /// queued).
+    pub fn refusal(&mut self, d: &DueSchedule, job: &NewJob) -> Option<RunSkipped> {
         match d.creator_key.as_deref() {
             None | Some("ok") => {}
             Some(state) => {
@@ -124,48 +178,18 @@ impl<'a> Gate<'a> {
             }
         }
         let limits = d.quotas.over(self.defaults);
+        let t = self.tenants.get_mut(&job.tenant_id)?;
         let daily = match job.kind.as_str() {
-            "llm.chat" => limits.llm_tokens_per_day.map(|l| (l, "LLM tokens")),
+            "llm.chat" => limits
+                .llm_tokens_per_day
+                .map(|l| (l, t.tokens, "LLM tokens")),
             "code.exec" => limits
                 .sandbox_cpu_seconds_per_day
-                .map(|s| (s.saturating_mul(1000), "sandbox CPU-seconds")),
+                .map(|s| (s.saturating_mul(1000), t.cpu_ms, "sandbox CPU-seconds")),
             _ => None,
         };
-        let tenant = job.tenant_id;
-        if !self.tenants.contains_key(&tenant) {
-            let used = match self.quotas.daily_use(tenant, &self.day).await {
-                Ok(u) => (Some(u.tokens), Some(u.cpu_ms)),
-                Err(e) => {
-                    tracing::warn!(error = %e, "a cron run's daily quota not checked: redis unavailable");
-                    (None, None)
-                }
-            };
-            let queued = match limits.max_queued_jobs {
-                Some(max) => self
-                    .store
-                    .queued_jobs(tenant, max.min(i64::MAX as u64) as i64)
-                    .await
-                    .ok()
-                    .map(|c| c.max(0) as u64),
-                None => None,
-            };
-            self.tenants.insert(
-                tenant,
-                TenantUse {
-                    tokens: used.0,
-                    cpu_ms: used.1,
-                    queued,
-                },
-            );
-        }
-        let t = self.tenants.get_mut(&tenant)?;
-        if let Some((limit, what)) = daily {
-            let used = if job.kind == "llm.chat" {
-                t.tokens
-            } else {
-                t.cpu_ms
-            };
-            if used.is_some_and(|u| u >= limit) {
+        if let Some((limit, Some(used), what)) = daily {
+            if used >= limit {
                 return Some(skipped(
                     ErrorCode::QuotaExceeded,
                     format!("the tenant's daily quota of {what} is used up"),
@@ -204,12 +228,13 @@ pub async fn fire(
     let mut gate = Gate::new(store, queue, defaults);
     for _ in 0..max_batches {
         let now = Utc::now();
+        gate.read_use(batch).await?;
         let batch_due = store.due_schedules(batch).await?;
         let due = batch_due.due.len();
         let mut firings = Vec::with_capacity(batch_due.due.len());
         for d in &batch_due.due {
             let job = match job_for(&d.row, now) {
-                Ok(job) => match gate.refusal(d, &job).await {
+                Ok(job) => match gate.refusal(d, &job) {
                     None => Ok(job),
                     Some(skip) => {
                         tracing::info!(schedule = %d.row.id, tenant = %d.row.tenant_id,

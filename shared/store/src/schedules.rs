@@ -219,6 +219,23 @@ impl Store {
         Ok(row)
     }
 
+    /// The tenants of up to `limit` due schedules, with their own quotas (read without locks:
+    /// the scheduler reads their use before it takes the schedules).
+    pub async fn due_schedule_tenants(&self, limit: i64) -> Result<Vec<(Uuid, QuotaLimits)>> {
+        let rows: Vec<(Uuid, Option<Value>)> = sqlx::query_as(
+            "SELECT id, quotas FROM tenants WHERE id IN (
+                 SELECT tenant_id FROM schedules WHERE NOT paused AND next_run_at <= now()
+                 ORDER BY next_run_at LIMIT $1)",
+        )
+        .bind(limit)
+        .fetch_all(self.pool())
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(id, q)| (id, crate::tenants::parse_quotas(q)))
+            .collect())
+    }
+
     /// Takes up to `limit` due schedules (rows another scheduler holds are skipped) in a
     /// transaction that [`DueBatch::commit`] ends: the scheduler decides each run in between.
     pub async fn due_schedules(&self, limit: i64) -> Result<DueBatch> {
@@ -230,13 +247,15 @@ impl Store {
             .join(", ");
         let due = sqlx::query_as::<_, DueRow>(&format!(
             "SELECT {cols}, t.quotas, t.allowed_models,
-                    CASE WHEN s.created_by LIKE 'key:%' THEN COALESCE(
+                    CASE WHEN s.created_by ~ '^key:[0-9a-f]{{8}}-[0-9a-f]{{4}}-[0-9a-f]{{4}}-[0-9a-f]{{4}}-[0-9a-f]{{12}}$'
+                    THEN COALESCE(
                         (SELECT CASE WHEN k.revoked_at IS NOT NULL THEN 'revoked'
                                      WHEN k.expires_at <= now() THEN 'expired'
                                      ELSE 'ok' END
                          FROM api_keys k
-                         WHERE k.tenant_id = s.tenant_id AND k.id::text = substr(s.created_by, 5)),
-                        'missing') END AS creator_key
+                         WHERE k.id = substr(s.created_by, 5)::uuid AND k.tenant_id = s.tenant_id),
+                        'missing')
+                    WHEN s.created_by LIKE 'key:%' THEN 'missing' END AS creator_key
              FROM schedules s JOIN tenants t ON t.id = s.tenant_id
              WHERE NOT s.paused AND s.next_run_at <= now()
              ORDER BY s.next_run_at LIMIT $1 FOR UPDATE OF s SKIP LOCKED"
