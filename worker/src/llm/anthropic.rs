@@ -35,9 +35,11 @@ impl Anthropic {
 
 /// Our messages in Anthropic's shape: system turns joined into `system`, tool calls as
 /// `tool_use` blocks, tool results as `tool_result` blocks in a user turn, consecutive turns of
-/// one role merged. Tool-call arguments must be a JSON object (Anthropic's `input`; empty
-/// arguments are `{}`): others are refused rather than sent as something else.
-fn wire_messages(messages: &[ChatMessage]) -> Result<(Option<String>, Vec<Value>), ProviderError> {
+/// one role merged. A tool call's `input` must be a JSON object: arguments that are not one
+/// (a call cut short by `max_tokens`, another provider's or a client's malformed string) go
+/// as `{"_raw_arguments": "<the string>"}` rather than failing every later turn of the
+/// conversation, or being dropped; empty arguments are `{}`.
+fn wire_messages(messages: &[ChatMessage]) -> (Option<String>, Vec<Value>) {
     let mut system: Vec<&str> = Vec::new();
     let mut out: Vec<(String, Vec<Value>)> = Vec::new();
     for m in messages {
@@ -57,26 +59,10 @@ fn wire_messages(messages: &[ChatMessage]) -> Result<(Option<String>, Vec<Value>
             "assistant" => {
                 let mut b = text_block(&m.content);
                 for c in m.tool_calls.iter().flatten() {
-                    let args = c.function.arguments.trim();
-                    let input: Value = if args.is_empty() {
-                        json!({})
-                    } else {
-                        serde_json::from_str(args)
-                            .ok()
-                            .filter(Value::is_object)
-                            .ok_or_else(|| {
-                                ProviderError::new(
-                                    Failure::BadRequest,
-                                    format!(
-                                        "the arguments of tool call `{}` are not a JSON object \
-                                         (Anthropic's Messages API takes a tool call's input as \
-                                         an object)",
-                                        c.id
-                                    ),
-                                )
-                            })?
-                    };
-                    b.push(json!({"type": "tool_use", "id": c.id, "name": c.function.name, "input": input}));
+                    b.push(
+                        json!({"type": "tool_use", "id": c.id, "name": c.function.name,
+                                  "input": tool_input(&c.id, &c.function.arguments)}),
+                    );
                 }
                 ("assistant", b)
             }
@@ -95,7 +81,21 @@ fn wire_messages(messages: &[ChatMessage]) -> Result<(Option<String>, Vec<Value>
         .into_iter()
         .map(|(role, content)| json!({"role": role, "content": content}))
         .collect();
-    Ok((system, msgs))
+    (system, msgs)
+}
+
+/// A tool call's arguments as Anthropic's `input` object (see [`wire_messages`]).
+fn tool_input(id: &str, args: &str) -> Value {
+    if args.trim().is_empty() {
+        return json!({});
+    }
+    match serde_json::from_str::<Value>(args) {
+        Ok(v) if v.is_object() => v,
+        _ => {
+            tracing::warn!(tool_call = %id, "tool-call arguments are not a JSON object; sent as _raw_arguments");
+            json!({ "_raw_arguments": args })
+        }
+    }
 }
 
 /// A text block, or none for empty or blank text (which the Messages API refuses with 400,
@@ -384,7 +384,7 @@ impl LlmProvider for Anthropic {
         sink: &Sink<'_>,
     ) -> Result<ChatOutput, ProviderError> {
         let json_tool = json_reply_tool(req)?;
-        let (system, messages) = wire_messages(req.messages)?;
+        let (system, messages) = wire_messages(req.messages);
         let mut body = json!({
             "model": req.model,
             "max_tokens": req.max_tokens,
@@ -495,8 +495,7 @@ mod tests {
             ChatMessage::new("user", "b"),
             asst,
             tool,
-        ])
-        .unwrap();
+        ]);
         assert_eq!(system.as_deref(), Some("be brief"));
         assert_eq!(msgs.len(), 3, "{msgs:?}");
         assert_eq!(msgs[0]["content"].as_array().unwrap().len(), 2);
@@ -507,7 +506,7 @@ mod tests {
     }
 
     #[test]
-    fn tool_call_arguments_must_be_an_object() {
+    fn tool_call_arguments_that_are_not_an_object_are_kept_raw() {
         let call = |args: &str| {
             let mut asst = ChatMessage::new("assistant", "");
             asst.tool_calls = Some(vec![ToolCall {
@@ -518,14 +517,13 @@ mod tests {
                     arguments: args.into(),
                 },
             }]);
-            wire_messages(&[ChatMessage::new("user", "a"), asst])
+            wire_messages(&[ChatMessage::new("user", "a"), asst]).1[1]["content"][0]["input"]
+                .clone()
         };
-        let (_, msgs) = call(" ").unwrap();
-        assert_eq!(msgs[1]["content"][0]["input"], json!({}));
+        assert_eq!(call(" "), json!({}));
+        assert_eq!(call(r#"{"q": 1}"#), json!({"q": 1}));
         for bad in [r#"{"q": "#, "[1, 2]", "\"x\"", "null"] {
-            let e = call(bad).unwrap_err();
-            assert_eq!(e.failure, Failure::BadRequest, "{bad}");
-            assert!(e.message.contains("`t9`"), "{e}");
+            assert_eq!(call(bad), json!({"_raw_arguments": bad}), "{bad}");
         }
     }
 
@@ -536,8 +534,7 @@ mod tests {
             ChatMessage::new("assistant", " \n"),
             ChatMessage::new("user", ""),
             ChatMessage::new("user", "b"),
-        ])
-        .unwrap();
+        ]);
         assert_eq!(
             msgs,
             [json!({"role": "user", "content": [
