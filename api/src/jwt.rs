@@ -67,11 +67,21 @@ struct Jwks {
 
 /// One issuer's cache: read without waiting; one read of its JWKS at a time, which holds up
 /// only the requests that need that issuer's new keys (a slow identity provider used to stall
-/// every end user's authentication behind one lock).
+/// every end user's authentication behind one lock, and each periodic re-read its own).
 #[derive(Default)]
 struct IssuerKeys {
     cached: std::sync::RwLock<Jwks>,
     refresh: tokio::sync::Mutex<()>,
+}
+
+/// What an issuer's cached keys are good for.
+enum Cached {
+    /// Serve them.
+    Fresh(Vec<std::sync::Arc<Key>>),
+    /// Serve them, and re-read them unless another request is.
+    Old(Vec<std::sync::Arc<Key>>),
+    /// Wait for a read (none yet, or the token's `kid` is not among them).
+    Needed,
 }
 
 /// Verifies end users' tokens; keeps each issuer's keys.
@@ -231,18 +241,28 @@ impl JwtVerifier {
     }
 
     /// An issuer's keys: cached, re-read when stale, or sooner when `kid` is not among them.
+    /// Keys that are only old (the token's `kid` is among them) keep serving while one request
+    /// re-reads them; the others do not wait for the identity provider.
     async fn keys_for(&self, issuer: &JwtIssuer, kid: Option<&str>) -> Vec<std::sync::Arc<Key>> {
         let Some(slot) = self.jwks.get(&issuer.issuer) else {
             return Vec::new();
         };
-        if let Some(keys) = self.current(slot, kid) {
-            return keys;
-        }
-        let _reading = slot.refresh.lock().await;
-        // another request may have read them while this one waited
-        if let Some(keys) = self.current(slot, kid) {
-            return keys;
-        }
+        let _reading = match self.current(slot, kid) {
+            Cached::Fresh(keys) => return keys,
+            Cached::Old(keys) => match slot.refresh.try_lock() {
+                Ok(guard) => guard,
+                // another request is re-reading them
+                Err(_) => return keys,
+            },
+            Cached::Needed => {
+                let guard = slot.refresh.lock().await;
+                // another request may have read them while this one waited
+                match self.current(slot, kid) {
+                    Cached::Fresh(keys) | Cached::Old(keys) => return keys,
+                    Cached::Needed => guard,
+                }
+            }
+        };
         let read = self.fetch(issuer).await;
         let mut c = slot.cached.write().unwrap_or_else(|e| e.into_inner());
         let now = Instant::now();
@@ -259,23 +279,31 @@ impl JwtVerifier {
         c.keys.clone()
     }
 
-    /// The cached keys, unless they should be read again first.
-    fn current(&self, slot: &IssuerKeys, kid: Option<&str>) -> Option<Vec<std::sync::Arc<Key>>> {
+    /// Whether the cached keys serve `kid` as they are.
+    fn current(&self, slot: &IssuerKeys, kid: Option<&str>) -> Cached {
         let refresh = Duration::from_secs(self.cfg.jwks_refresh_s);
         let min_refresh = Duration::from_secs(self.cfg.jwks_min_refresh_s);
         let c = slot.cached.read().unwrap_or_else(|e| e.into_inner());
-        let stale = match c.fetched {
-            None => true,
-            Some(at) => {
-                let age = at.elapsed();
-                let unknown_kid =
-                    kid.is_some_and(|k| !c.keys.iter().any(|x| x.kid.as_deref() == Some(k)));
-                age >= refresh || (unknown_kid && age >= min_refresh)
-            }
-        };
         // a failed read is not retried on every request
         let may_retry = c.tried.is_none_or(|t| t.elapsed() >= min_refresh);
-        (!stale || !may_retry).then(|| c.keys.clone())
+        let Some(at) = c.fetched else {
+            return if may_retry {
+                Cached::Needed
+            } else {
+                Cached::Fresh(c.keys.clone())
+            };
+        };
+        let age = at.elapsed();
+        let unknown_kid = kid.is_some_and(|k| !c.keys.iter().any(|x| x.kid.as_deref() == Some(k)));
+        if !may_retry {
+            Cached::Fresh(c.keys.clone())
+        } else if unknown_kid && age >= min_refresh {
+            Cached::Needed
+        } else if age >= refresh {
+            Cached::Old(c.keys.clone())
+        } else {
+            Cached::Fresh(c.keys.clone())
+        }
     }
 
     async fn fetch(&self, issuer: &JwtIssuer) -> anyhow::Result<Vec<std::sync::Arc<Key>>> {

@@ -491,3 +491,75 @@ async fn a_stalled_jwks_holds_up_only_its_own_issuer(pool: PgPool) {
     assert_eq!(stuck.await.unwrap().unwrap(), StatusCode::UNAUTHORIZED);
     app.stop().await;
 }
+
+/// When an issuer's keys are only old (re-read every time here) and the identity provider
+/// stops answering, one request waits for the re-read and the others go on with the cached
+/// keys.
+#[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
+async fn old_keys_serve_while_one_request_re_reads_them(pool: PgPool) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let idp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/jwks.json", idp.local_addr().unwrap());
+    let (stalled_tx, stalled_rx) = tokio::sync::oneshot::channel();
+    let (closed_tx, closed_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        // the first read is answered
+        let (mut sock, _) = idp.accept().await.unwrap();
+        let mut buf = [0u8; 4096];
+        let _ = sock.read(&mut buf).await;
+        let body = fixture("jwks1.json");
+        let head = format!(
+            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+            body.len()
+        );
+        sock.write_all(head.as_bytes()).await.unwrap();
+        sock.write_all(&body).await.unwrap();
+        drop(sock);
+        // the next is not
+        let (mut sock, _) = idp.accept().await.unwrap();
+        let _ = stalled_tx.send(());
+        while let Ok(n) = sock.read(&mut buf).await {
+            if n == 0 {
+                break;
+            }
+        }
+        let _ = closed_tx.send(true);
+    });
+    let opts = Opts {
+        scheduler: false,
+        configure: Some(Arc::new(move |cfg| {
+            cfg.jwt.jwks_refresh_s = 0;
+            cfg.jwt.jwks_min_refresh_s = 0;
+            cfg.jwt.issuers.push(JwtIssuer {
+                issuer: PLATFORM_ISSUER.into(),
+                jwks_file: None,
+                jwks_url: Some(url.clone()),
+                tenant: Some("acme".into()),
+                audience: None,
+            });
+        })),
+        ..Opts::default()
+    };
+    let app = spawn_app_with(pool, opts).await;
+    let token = |sub: &str| signed(Algorithm::RS256, "rsa1", &claims(PLATFORM_ISSUER, sub));
+    assert_eq!(status_of(&app, &token("first")).await.0, 200);
+    let waiting = tokio::spawn({
+        let (http, url, t) = (app.http.clone(), app.url("/v1/jobs"), token("second"));
+        async move {
+            http.get(url)
+                .bearer_auth(t)
+                .send()
+                .await
+                .map(|r| r.status())
+        }
+    });
+    stalled_rx.await.unwrap();
+    assert_eq!(status_of(&app, &token("third")).await.0, 200);
+    assert!(
+        !*closed_rx.borrow(),
+        "a request whose key was cached waited for the re-read"
+    );
+    // the re-read gives up; the keys it had still verify
+    assert_eq!(waiting.await.unwrap().unwrap(), StatusCode::OK);
+    app.stop().await;
+}
