@@ -1,18 +1,18 @@
 //! `/v1/jobs/batch` (up to 1,000 jobs, all or nothing, errors naming `jobs[i].field`) and
-//! idempotent submission (`Idempotency-Key` on `POST /v1/jobs`: the same job for 24 h, a
-//! different body under the same key is 409).
+//! idempotent submission (`Idempotency-Key` on `POST /v1/jobs` and on batches: the same jobs
+//! for 24 h, a different body under the same key is 409).
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::State;
-use axum::http::{HeaderMap, HeaderName, StatusCode};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use switchyard_core::job::Job;
 use switchyard_core::ErrorCode;
-use switchyard_store::{Idempotent, NewJob, Principal};
+use switchyard_store::{Idempotent, IdempotentBatch, NewJob, Principal};
 
 use super::jobs::{accepted, build_job, json_body, request_trace};
 use crate::auth::Auth;
@@ -135,12 +135,15 @@ async fn answer_replay(
 }
 
 /// Submit up to 1,000 jobs at once: all are accepted or none (an invalid job names its field
-/// as `jobs[17].input.model`).
+/// as `jobs[17].input.model`). Under an `Idempotency-Key` a repeated batch gets the same jobs
+/// back for 24 h.
 #[utoipa::path(
     post, path = "/v1/jobs/batch", tag = "jobs",
     request_body = BatchRequest,
+    params(("Idempotency-Key" = Option<String>, Header, description = "the same key returns the same jobs for 24 h (header `Idempotent-Replayed: true`); a different body under it is 409")),
     responses(
         (status = 202, description = "All accepted, in request order", body = BatchResponse),
+        (status = 409, description = "conflict: the Idempotency-Key was used with another body", body = ErrorBody),
         (status = 422, description = "invalid_input naming `jobs[i].field`; nothing was accepted", body = ErrorBody),
     ),
     security(("bearer" = []))
@@ -153,6 +156,20 @@ pub async fn create_batch(
 ) -> ApiResult<Response> {
     let started = std::time::Instant::now();
     let value = json_body(&headers, body)?;
+    let idempotency = idempotency_key(&headers, &principal)?;
+    // a batch's digest never equals a single job's: one key cannot stand for both
+    let request_digest = idempotency
+        .as_ref()
+        .map(|_| switchyard_core::apikey::digest(&format!("batch\u{1f}{value}")));
+    if let (Some(key), Some(digest)) = (&idempotency, request_digest) {
+        if let Some(outcome) = state
+            .store
+            .live_batch_idempotency_key(principal.tenant_id, key, &digest)
+            .await?
+        {
+            return answer_batch_replay(&state, &principal, outcome).await;
+        }
+    }
     let req: BatchRequest = switchyard_core::job::parse_at("", &value)?;
     if req.jobs.is_empty() || req.jobs.len() > MAX_BATCH_JOBS {
         return Err(ApiError::field(
@@ -177,15 +194,73 @@ pub async fn create_batch(
     }
     // once for the whole batch, after it validated (an invalid job counts nothing)
     crate::quota::check_backlog(&state, &principal, jobs.len() as u64).await?;
-    state
-        .store
-        .insert_tenant_jobs(principal.tenant_id, &jobs)
-        .await?;
+    let replayed = match (idempotency, request_digest) {
+        (Some(key), Some(digest)) => {
+            match state
+                .store
+                .insert_batch_idempotent(principal.tenant_id, &key, &digest, &jobs)
+                .await?
+            {
+                IdempotentBatch::Created => Some(false),
+                // a concurrent request with the key committed first
+                outcome => return answer_batch_replay(&state, &principal, outcome).await,
+            }
+        }
+        _ => {
+            state
+                .store
+                .insert_tenant_jobs(principal.tenant_id, &jobs)
+                .await?;
+            None
+        }
+    };
     let views: Vec<Job> = jobs.iter().map(NewJob::to_job).collect();
     for kind in views.iter().map(|j| j.kind.as_str()) {
         state.metrics.observe_submit(kind, started.elapsed());
     }
     state.submitter.dispatch_many(jobs).await;
     tracing::info!(n = views.len(), "batch accepted");
-    Ok((StatusCode::ACCEPTED, Json(BatchResponse { jobs: views })).into_response())
+    let mut resp = (StatusCode::ACCEPTED, Json(BatchResponse { jobs: views })).into_response();
+    if let Some(r) = replayed {
+        resp.headers_mut().insert(
+            REPLAYED,
+            HeaderValue::from_static(if r { "true" } else { "false" }),
+        );
+    }
+    Ok(resp)
+}
+
+/// The answer to a batch whose key is live: its jobs as they are now (`Idempotent-Replayed:
+/// true`), or 409 for another body.
+async fn answer_batch_replay(
+    state: &AppState,
+    principal: &Principal,
+    outcome: IdempotentBatch,
+) -> ApiResult<Response> {
+    match outcome {
+        IdempotentBatch::Existing(ids) => {
+            let mut jobs = Vec::with_capacity(ids.len());
+            for id in ids {
+                let row = state
+                    .store
+                    .get_job(principal.scope(), id)
+                    .await?
+                    .ok_or_else(|| ApiError::not_found("job"))?;
+                jobs.push(row.to_job());
+            }
+            let mut resp = (StatusCode::ACCEPTED, Json(BatchResponse { jobs })).into_response();
+            resp.headers_mut()
+                .insert(REPLAYED, HeaderValue::from_static("true"));
+            Ok(resp)
+        }
+        IdempotentBatch::Conflict(ids) => Err(ApiError::field(
+            ErrorCode::Conflict,
+            "Idempotency-Key",
+            format!(
+                "already used with a different request (job {}) in the last 24 h",
+                ids.first().map(|i| i.to_string()).unwrap_or_default()
+            ),
+        )),
+        IdempotentBatch::Created => Err(ApiError::internal("an idempotent insert is no replay")),
+    }
 }

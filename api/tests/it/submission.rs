@@ -1,6 +1,6 @@
-//! Submission features: `Idempotency-Key` (same job for the same key and body, also under
-//! concurrent duplicates; 409 for another body) and `POST /v1/jobs/batch` (all or nothing,
-//! errors naming `jobs[i].field`).
+//! Submission features: `Idempotency-Key` (same job, or batch of jobs, for the same key and
+//! body, also under concurrent duplicates; 409 for another body) and `POST /v1/jobs/batch`
+//! (all or nothing, errors naming `jobs[i].field`).
 
 use reqwest::StatusCode;
 use serde_json::{json, Value};
@@ -74,6 +74,69 @@ async fn an_idempotency_key_returns_the_same_job(pool: PgPool) {
     let r = post("order-42", body.clone()).await.unwrap();
     let again: Value = r.json().await.unwrap();
     assert_ne!(again["id"], id.as_str());
+    app.stop().await;
+}
+
+/// A batch under an `Idempotency-Key`: concurrent duplicates and a repeat get the same jobs
+/// (in order) and insert nothing more; another body under the key, or the key of a single
+/// job, is 409.
+#[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
+async fn an_idempotency_key_returns_the_same_batch(pool: PgPool) {
+    let app = spawn_api_only(pool).await;
+    let batch = |n: u64| {
+        json!({"jobs": (0..n).map(|i| json!({"kind": "system.noop", "input": {"sleep_ms": i}}))
+            .collect::<Vec<_>>()})
+    };
+    let post = |key: &'static str, body: Value| {
+        app.auth(app.http.post(app.url("/v1/jobs/batch")))
+            .header("idempotency-key", key)
+            .json(&body)
+            .send()
+    };
+    let ids_of = |v: &Value| -> Vec<String> {
+        v["jobs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|j| j["id"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let replies = futures::future::join_all((0..5).map(|_| post("nightly-42", batch(3)))).await;
+    let mut seen = std::collections::HashSet::new();
+    let mut replayed = 0;
+    for r in replies {
+        let r = r.unwrap();
+        assert_eq!(r.status(), StatusCode::ACCEPTED);
+        if r.headers()["idempotent-replayed"] == "true" {
+            replayed += 1;
+        }
+        let v: Value = r.json().await.unwrap();
+        assert_eq!(v["jobs"][2]["input"]["sleep_ms"], 2, "in request order");
+        seen.insert(ids_of(&v));
+    }
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    assert_eq!(replayed, 4);
+    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM jobs")
+        .fetch_one(app.store.pool())
+        .await
+        .unwrap();
+    assert_eq!(n, 3);
+    // another body under the key
+    let r = post("nightly-42", batch(2)).await.unwrap();
+    assert_eq!(r.status(), StatusCode::CONFLICT);
+    let e: Value = r.json().await.unwrap();
+    assert_eq!(e["error"]["field"], "Idempotency-Key");
+    // a single job's key is not a batch's, even for the same job
+    let r = app
+        .auth(app.http.post(app.url("/v1/jobs")))
+        .header("idempotency-key", "one-7")
+        .json(&json!({"kind": "system.noop", "input": {"sleep_ms": 0}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::ACCEPTED);
+    let r = post("one-7", batch(1)).await.unwrap();
+    assert_eq!(r.status(), StatusCode::CONFLICT);
     app.stop().await;
 }
 

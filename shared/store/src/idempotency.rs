@@ -1,5 +1,6 @@
-//! Idempotent job submission: an `Idempotency-Key` and the job it created, written in one
-//! transaction (concurrent duplicates wait on the key's row and then see it), kept 24 h.
+//! Idempotent job submission: an `Idempotency-Key` and the job (or batch of jobs) it created,
+//! written in one transaction (concurrent duplicates wait on the key's row and then see it),
+//! kept 24 h.
 
 use uuid::Uuid;
 
@@ -19,6 +20,22 @@ pub enum Idempotent {
     Conflict(Uuid),
 }
 
+/// What submitting a batch under a key did (see [`Idempotent`]); the ids are the batch's jobs
+/// in request order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum IdempotentBatch {
+    Created,
+    Existing(Vec<Uuid>),
+    Conflict(Vec<Uuid>),
+}
+
+/// A live key: its request's digest and its jobs.
+type KeyRow = (Vec<u8>, Uuid, Option<Vec<Uuid>>);
+
+fn jobs_of((_, first, all): &KeyRow) -> Vec<Uuid> {
+    all.clone().unwrap_or_else(|| vec![*first])
+}
+
 impl Store {
     /// Inserts `job` under `key` unless the key is live; see [`Idempotent`].
     pub async fn insert_job_idempotent(
@@ -27,45 +44,88 @@ impl Store {
         digest: &[u8; 32],
         job: &NewJob,
     ) -> Result<Idempotent> {
-        let mut tx = self.tenant_tx(job.tenant_id).await?;
+        let jobs = std::slice::from_ref(job);
+        Ok(
+            match self
+                .insert_idempotent(job.tenant_id, key, digest, jobs)
+                .await?
+            {
+                None => Idempotent::Created,
+                Some((same, ids)) if same => Idempotent::Existing(ids[0]),
+                Some((_, ids)) => Idempotent::Conflict(ids[0]),
+            },
+        )
+    }
+
+    /// Inserts one tenant's batch of jobs under `key`, all or nothing, unless the key is live;
+    /// see [`IdempotentBatch`].
+    pub async fn insert_batch_idempotent(
+        &self,
+        tenant: Uuid,
+        key: &str,
+        digest: &[u8; 32],
+        jobs: &[NewJob],
+    ) -> Result<IdempotentBatch> {
+        Ok(
+            match self.insert_idempotent(tenant, key, digest, jobs).await? {
+                None => IdempotentBatch::Created,
+                Some((true, ids)) => IdempotentBatch::Existing(ids),
+                Some((false, ids)) => IdempotentBatch::Conflict(ids),
+            },
+        )
+    }
+
+    /// The key row and the jobs in one transaction (concurrent requests with the key wait on
+    /// its row, then see it). `None`: inserted; else whether the live key's request had the
+    /// same digest, and its jobs.
+    async fn insert_idempotent(
+        &self,
+        tenant: Uuid,
+        key: &str,
+        digest: &[u8; 32],
+        jobs: &[NewJob],
+    ) -> Result<Option<(bool, Vec<Uuid>)>> {
+        let Some(first) = jobs.first() else {
+            return Ok(Some((false, Vec::new())));
+        };
+        let mut tx = self.tenant_tx(tenant).await?;
         sqlx::query("DELETE FROM idempotency_keys WHERE tenant_id = $1 AND key = $2 AND expires_at <= now()")
-            .bind(job.tenant_id)
+            .bind(tenant)
             .bind(key)
             .execute(&mut *tx)
             .await?;
+        let all: Option<Vec<Uuid>> = (jobs.len() > 1).then(|| jobs.iter().map(|j| j.id).collect());
         // a concurrent request with the same key waits here until the first one commits
         let inserted = sqlx::query(
-            "INSERT INTO idempotency_keys (tenant_id, key, request_digest, job_id, expires_at)
-             VALUES ($1, $2, $3, $4, now() + make_interval(hours => $5))
+            "INSERT INTO idempotency_keys (tenant_id, key, request_digest, job_id, job_ids, expires_at)
+             VALUES ($1, $2, $3, $4, $5, now() + make_interval(hours => $6))
              ON CONFLICT (tenant_id, key) DO NOTHING",
         )
-        .bind(job.tenant_id)
+        .bind(tenant)
         .bind(key)
         .bind(&digest[..])
-        .bind(job.id)
+        .bind(first.id)
+        .bind(&all)
         .bind(IDEMPOTENCY_TTL_H as i32)
         .execute(&mut *tx)
         .await?
         .rows_affected()
             == 1;
         if inserted {
-            crate::insert::insert_jobs_with(&mut *tx, std::slice::from_ref(job)).await?;
+            crate::insert::insert_jobs_with(&mut *tx, jobs).await?;
             tx.commit().await?;
-            return Ok(Idempotent::Created);
+            return Ok(None);
         }
-        let (stored, job_id): (Vec<u8>, Uuid) = sqlx::query_as(
-            "SELECT request_digest, job_id FROM idempotency_keys WHERE tenant_id = $1 AND key = $2",
+        let row: KeyRow = sqlx::query_as(
+            "SELECT request_digest, job_id, job_ids FROM idempotency_keys
+             WHERE tenant_id = $1 AND key = $2",
         )
-        .bind(job.tenant_id)
+        .bind(tenant)
         .bind(key)
         .fetch_one(&mut *tx)
         .await?;
         tx.commit().await?;
-        Ok(if stored == digest[..] {
-            Idempotent::Existing(job_id)
-        } else {
-            Idempotent::Conflict(job_id)
-        })
+        Ok(Some((row.0 == digest[..], jobs_of(&row))))
     }
 
     /// What a live `key` of `tenant` says of a request with `digest`: its job
@@ -77,21 +137,46 @@ impl Store {
         key: &str,
         digest: &[u8; 32],
     ) -> Result<Option<Idempotent>> {
-        let row: Option<(Vec<u8>, Uuid)> = sqlx::query_as(
-            "SELECT request_digest, job_id FROM idempotency_keys
+        Ok(self
+            .live_key(tenant, key, digest)
+            .await?
+            .map(|(same, ids)| match same {
+                true => Idempotent::Existing(ids[0]),
+                false => Idempotent::Conflict(ids[0]),
+            }))
+    }
+
+    /// [`Store::live_idempotency_key`] for a batch.
+    pub async fn live_batch_idempotency_key(
+        &self,
+        tenant: Uuid,
+        key: &str,
+        digest: &[u8; 32],
+    ) -> Result<Option<IdempotentBatch>> {
+        Ok(self
+            .live_key(tenant, key, digest)
+            .await?
+            .map(|(same, ids)| match same {
+                true => IdempotentBatch::Existing(ids),
+                false => IdempotentBatch::Conflict(ids),
+            }))
+    }
+
+    async fn live_key(
+        &self,
+        tenant: Uuid,
+        key: &str,
+        digest: &[u8; 32],
+    ) -> Result<Option<(bool, Vec<Uuid>)>> {
+        let row: Option<KeyRow> = sqlx::query_as(
+            "SELECT request_digest, job_id, job_ids FROM idempotency_keys
              WHERE tenant_id = $1 AND key = $2 AND expires_at > now()",
         )
         .bind(tenant)
         .bind(key)
         .fetch_optional(self.pool())
         .await?;
-        Ok(row.map(|(stored, job)| {
-            if stored == digest[..] {
-                Idempotent::Existing(job)
-            } else {
-                Idempotent::Conflict(job)
-            }
-        }))
+        Ok(row.map(|r| (r.0 == digest[..], jobs_of(&r))))
     }
 
     /// Deletes up to `limit` expired keys; returns how many.
