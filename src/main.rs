@@ -352,7 +352,10 @@ async fn admin(cfg: &Config, cmd: AdminCmd) -> anyhow::Result<()> {
                     .rotate_webhook_secret(&name)
                     .await?
                     .ok_or_else(|| anyhow::anyhow!("no tenant named {name}"))?;
-                println!("tenant {name}: webhook signing secret (shown once): {secret}");
+                println!(
+                    "tenant {name}: webhook signing secret (shown once): {secret}\n\
+                     (deliveries are signed with the previous secret too for the next 24 h)"
+                );
             }
             if let Some(spec) = job_retention_days {
                 let days = match spec.as_str() {

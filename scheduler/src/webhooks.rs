@@ -11,7 +11,7 @@ use futures::StreamExt;
 use rand::Rng;
 use reqwest::dns::{Addrs, Name, Resolve, Resolving};
 use serde_json::json;
-use switchyard_core::webhook::{is_public, sign, WebhookConfig, SIGNATURE_HEADER};
+use switchyard_core::webhook::{is_public, sign_with, WebhookConfig, SIGNATURE_HEADER};
 use switchyard_store::{DeliveryOutcome, DeliveryTask, Store};
 use tokio_util::sync::CancellationToken;
 
@@ -204,7 +204,12 @@ impl Deliverer {
             .http
             .post(url)
             .header("content-type", "application/json")
-            .header(SIGNATURE_HEADER, sign(secret, now, &body))
+            .header(SIGNATURE_HEADER, {
+                let secrets: Vec<&str> = std::iter::once(secret.as_str())
+                    .chain(t.previous_secret.as_deref())
+                    .collect();
+                sign_with(&secrets, now, &body)
+            })
             .header("switchyard-delivery", t.id.to_string())
             .header("switchyard-event", &t.event)
             .body(body)

@@ -73,6 +73,62 @@ async fn deliveries(app: &TestApp, id: Uuid, until: impl Fn(&Value) -> bool) -> 
     panic!("deliveries never got there: {v}");
 }
 
+/// After a rotation, deliveries are signed with the new secret and, for 24 h, the old one
+/// too (`t=…,v1=<new>,v1=<old>`), so a receiver still on the old secret keeps accepting them.
+#[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
+async fn a_rotated_secret_signs_beside_the_old_one_for_a_day(pool: PgPool) {
+    let app = spawn_app_with(pool, opts(true)).await;
+    let (addr, rx) = receiver(0).await;
+    let url = format!("http://{addr}/hook");
+    let old = app.store.webhook_secret(app.tenant).await.unwrap().unwrap();
+    let new = app
+        .store
+        .rotate_webhook_secret("acme")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_ne!(old, new);
+    let deliver = |n: usize| {
+        let (app, url, rx) = (&app, url.clone(), rx.clone());
+        async move {
+            let job = app
+                .submit(json!({"kind": "system.noop", "input": {}, "webhook_url": url}))
+                .await;
+            let id: Uuid = job["id"].as_str().unwrap().parse().unwrap();
+            deliveries(app, id, |v| v["data"][0]["state"] == "delivered").await;
+            let got = rx.got.lock().unwrap().clone();
+            assert_eq!(got.len(), n);
+            let (headers, body) = got[n - 1].clone();
+            let sig = headers["switchyard-signature"]
+                .to_str()
+                .unwrap()
+                .to_string();
+            let t: i64 = sig
+                .strip_prefix("t=")
+                .and_then(|s| s.split(',').next())
+                .unwrap()
+                .parse()
+                .unwrap();
+            (sig, t, body)
+        }
+    };
+    let (sig, t, body) = deliver(1).await;
+    assert_eq!(
+        sig,
+        switchyard_core::webhook::sign_with(&[&new, &old], t, &body)
+    );
+    let mine = switchyard_core::webhook::sign(&old, t, &body);
+    assert!(sig.ends_with(mine.split_once(',').unwrap().1), "{sig}");
+    // a day later only the new one signs
+    sqlx::query("UPDATE tenants SET webhook_secret_previous_until = now() - interval '1 second'")
+        .execute(app.store.pool())
+        .await
+        .unwrap();
+    let (sig, t, body) = deliver(2).await;
+    assert_eq!(sig, switchyard_core::webhook::sign(&new, t, &body));
+    app.stop().await;
+}
+
 #[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
 async fn a_finished_job_posts_a_signed_webhook(pool: PgPool) {
     let app = spawn_app_with(pool, opts(true)).await;

@@ -69,11 +69,23 @@ pub struct WebhookDelivery {
 /// The signature header's value for `body` sent at `t` (unix seconds). Receivers recompute
 /// it with their secret and reject old `t` (replay).
 pub fn sign(secret: &str, t: i64, body: &[u8]) -> String {
-    let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).expect("any key length");
-    mac.update(t.to_string().as_bytes());
-    mac.update(b".");
-    mac.update(body);
-    format!("t={t},v1={}", hex::encode(mac.finalize().into_bytes()))
+    sign_with(&[secret], t, body)
+}
+
+/// The signature header with one `v1=` per secret (the current one first; after a rotation
+/// the previous one too, so receivers may switch secrets within the overlap). A receiver
+/// accepts the delivery when any `v1` matches its secret.
+pub fn sign_with(secrets: &[&str], t: i64, body: &[u8]) -> String {
+    let mut header = format!("t={t}");
+    for secret in secrets {
+        let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).expect("any key length");
+        mac.update(t.to_string().as_bytes());
+        mac.update(b".");
+        mac.update(body);
+        header.push_str(",v1=");
+        header.push_str(&hex::encode(mac.finalize().into_bytes()));
+    }
+    header
 }
 
 /// Whether a delivery may connect to `ip`: public unicast only.

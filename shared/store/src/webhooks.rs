@@ -24,6 +24,8 @@ pub struct DeliveryTask {
     pub created_at: DateTime<Utc>,
     pub job: Option<JobRow>,
     pub secret: Option<String>,
+    /// The secret before the last rotation, for 24 h after it (deliveries are signed with both).
+    pub previous_secret: Option<String>,
 }
 
 /// How an attempt ended.
@@ -98,11 +100,14 @@ impl Store {
         .bind(&job_ids)
         .fetch_all(self.pool())
         .await?;
-        let secrets: Vec<(Uuid, String)> =
-            sqlx::query_as("SELECT id, webhook_secret FROM tenants WHERE id = ANY($1)")
-                .bind(&tenant_ids)
-                .fetch_all(self.pool())
-                .await?;
+        let secrets: Vec<(Uuid, String, Option<String>)> = sqlx::query_as(
+            "SELECT id, webhook_secret, CASE WHEN webhook_secret_previous_until > now()
+                                        THEN webhook_secret_previous END
+             FROM tenants WHERE id = ANY($1)",
+        )
+        .bind(&tenant_ids)
+        .fetch_all(self.pool())
+        .await?;
         Ok(rows
             .into_iter()
             .map(
@@ -120,8 +125,12 @@ impl Store {
                     },
                     secret: secrets
                         .iter()
-                        .find(|(t, _)| *t == tenant_id)
-                        .map(|(_, s)| s.clone()),
+                        .find(|(t, ..)| *t == tenant_id)
+                        .map(|(_, s, _)| s.clone()),
+                    previous_secret: secrets
+                        .iter()
+                        .find(|(t, ..)| *t == tenant_id)
+                        .and_then(|(.., p)| p.clone()),
                 },
             )
             .collect())
@@ -242,16 +251,20 @@ impl Store {
     }
 
     /// A new signing secret for the tenant's deliveries (returned once); `None` when there is
-    /// no such tenant.
+    /// no such tenant. The old one keeps signing too for 24 h (see [`DeliveryTask`]).
     pub async fn rotate_webhook_secret(&self, name: &str) -> Result<Option<String>> {
         let mut bytes = [0u8; 32];
         rand::thread_rng().fill_bytes(&mut bytes);
         let secret = format!("whsec_{}", hex::encode(bytes));
-        let r = sqlx::query("UPDATE tenants SET webhook_secret = $2 WHERE name = $1")
-            .bind(name)
-            .bind(&secret)
-            .execute(self.pool())
-            .await?;
+        let r = sqlx::query(
+            "UPDATE tenants SET webhook_secret_previous = webhook_secret,
+                 webhook_secret_previous_until = now() + interval '24 hours', webhook_secret = $2
+             WHERE name = $1",
+        )
+        .bind(name)
+        .bind(&secret)
+        .execute(self.pool())
+        .await?;
         Ok((r.rows_affected() == 1).then_some(secret))
     }
 
