@@ -30,16 +30,27 @@ impl Resolve for GuardedResolver {
         let allow = self.allow_private;
         Box::pin(async move {
             let host = name.as_str().to_string();
-            let all: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
+            // one answer for "no such name" and "private names only", which tenants read in
+            // their deliveries: they must not learn which internal names exist
+            let refused = || {
+                format!(
+                    "refused: {host} has no public address (it does not resolve, or only to \
+                     private, loopback or link-local addresses)"
+                )
+            };
+            let all: Vec<SocketAddr> = match tokio::net::lookup_host((host.as_str(), 0)).await {
+                Ok(a) => a.collect(),
+                Err(e) => {
+                    tracing::debug!(host = %host, error = %e, "webhook host lookup failed");
+                    return Err(refused().into());
+                }
+            };
             let ok: Vec<SocketAddr> = all
                 .into_iter()
                 .filter(|a| allow || is_public(a.ip()))
                 .collect();
             if ok.is_empty() {
-                return Err(format!(
-                    "refused: {host} resolves only to private, loopback or link-local addresses"
-                )
-                .into());
+                return Err(refused().into());
             }
             let addrs: Addrs = Box::new(ok.into_iter());
             Ok(addrs)

@@ -107,7 +107,20 @@ pub fn is_public(ip: IpAddr) -> bool {
                 let o = v6.octets();
                 return is_public_v4(Ipv4Addr::new(o[12], o[13], o[14], o[15]));
             }
+            // 6to4 (2002::/16) embeds one in its second and third groups
+            if s[0] == 0x2002 {
+                let o = v6.octets();
+                return is_public_v4(Ipv4Addr::new(o[2], o[3], o[4], o[5]));
+            }
             !(v6.is_loopback()
+                // local-use NAT64 (64:ff9b:1::/48, RFC 8215): translates to private networks
+                || (s[0] == 0x64 && s[1] == 0xff9b && s[2] == 1)
+                // Teredo (2001::/32): a tunnel whose far end hides the address it reaches
+                || (s[0] == 0x2001 && s[1] == 0)
+                // site-local (fec0::/10, deprecated but still routed inside some networks)
+                || (s[0] & 0xffc0) == 0xfec0
+                // discard-only (100::/64)
+                || (s[0] == 0x0100 && s[1..4] == [0, 0, 0])
                 || v6.is_unspecified()
                 || v6.is_multicast()
                 || (s[0] & 0xfe00) == 0xfc00 // unique local
@@ -195,10 +208,23 @@ mod tests {
             "::127.0.0.1",
             "::10.0.0.1",
             "64:ff9b::a00:1",
+            "64:ff9b:1::a00:5",
+            "2002:a00:1::1",
+            "2002:7f00:1::",
+            "2001:0:4136:e378:8000:63bf:3fff:fdd2",
+            "fec0::1",
+            "100::1",
         ] {
             assert!(!is_public(ip.parse().unwrap()), "{ip}");
         }
-        for ip in ["8.8.8.8", "1.1.1.1", "2606:4700::1111", "::ffff:8.8.8.8"] {
+        for ip in [
+            "8.8.8.8",
+            "1.1.1.1",
+            "2606:4700::1111",
+            "::ffff:8.8.8.8",
+            "2002:808:808::1",
+            "2001:4860::8888",
+        ] {
             assert!(is_public(ip.parse().unwrap()), "{ip}");
         }
     }
