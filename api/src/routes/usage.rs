@@ -97,6 +97,8 @@ fn timestamp(field: &str, v: Option<&str>) -> ApiResult<Option<DateTime<Utc>>> {
 }
 
 /// Usage of the caller's tenant: succeeded `llm.chat` jobs that finished in `[from, to)`.
+/// It sums the jobs that are kept: finished jobs past the tenant's job retention (default 30
+/// days) are pruned and no longer count.
 #[utoipa::path(
     get, path = "/v1/usage", tag = "usage",
     params(UsageParams),
