@@ -221,3 +221,17 @@ pub async fn check_backlog(state: &AppState, p: &Principal, n: u64) -> Result<()
     entry.1 += n;
     Ok(())
 }
+
+/// Gives back `n` jobs [`check_backlog`] counted that were not queued after all (a duplicate
+/// of an idempotent request answered with the first one's jobs), so they do not refuse
+/// other submissions meanwhile.
+pub fn return_backlog(state: &AppState, p: &Principal, n: u64) {
+    let mut map = state
+        .admission
+        .backlog
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    if let Some((_, c)) = map.get_mut(&p.tenant_id) {
+        *c = c.saturating_sub(n);
+    }
+}

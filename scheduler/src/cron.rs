@@ -151,6 +151,12 @@ impl<'a> Gate<'a> {
         Ok(())
     }
 
+    /// Whether the use of `tenant` was read this pass (a schedule that came due after
+    /// [`Gate::read_use`], or that another scheduler left, waits for the next pass).
+    pub fn knows(&self, tenant: Uuid) -> bool {
+        self.tenants.contains_key(&tenant)
+    }
+
     /// Why the run of `d` with `job` may not be enqueued now (`None`: it may; counted as
     /// queued).
     pub fn refusal(&mut self, d: &DueSchedule, job: &NewJob) -> Option<RunSkipped> {
@@ -233,6 +239,10 @@ pub async fn fire(
         let due = batch_due.due.len();
         let mut firings = Vec::with_capacity(batch_due.due.len());
         for d in &batch_due.due {
+            if !gate.knows(d.row.tenant_id) {
+                firings.push(None);
+                continue;
+            }
             let job = match job_for(&d.row, now) {
                 Ok(job) => match gate.refusal(d, &job) {
                     None => Ok(job),
@@ -244,10 +254,10 @@ pub async fn fire(
                 },
                 Err(skip) => Err(skip),
             };
-            firings.push(Firing {
+            firings.push(Some(Firing {
                 job,
                 next_run_at: next_for(&d.row, now),
-            });
+            }));
         }
         let jobs = batch_due.commit(firings).await?;
         total += jobs.len();

@@ -90,6 +90,7 @@ pub async fn submit_idempotent(
         state.submitter.dispatch(job).await;
         return Ok(accepted(view, Some((REPLAYED, "false".into()))));
     }
+    crate::quota::return_backlog(state, principal, 1);
     answer_replay(state, principal, outcome).await
 }
 
@@ -203,7 +204,10 @@ pub async fn create_batch(
             {
                 IdempotentBatch::Created => Some(false),
                 // a concurrent request with the key committed first
-                outcome => return answer_batch_replay(&state, &principal, outcome).await,
+                outcome => {
+                    crate::quota::return_backlog(&state, &principal, jobs.len() as u64);
+                    return answer_batch_replay(&state, &principal, outcome).await;
+                }
             }
         }
         _ => {
@@ -230,8 +234,8 @@ pub async fn create_batch(
     Ok(resp)
 }
 
-/// The answer to a batch whose key is live: its jobs as they are now (`Idempotent-Replayed:
-/// true`), or 409 for another body.
+/// The answer to a batch whose key is live: its jobs as they are now, in request order
+/// (`Idempotent-Replayed: true`; a job deleted since is left out), or 409 for another body.
 async fn answer_batch_replay(
     state: &AppState,
     principal: &Principal,
@@ -239,15 +243,13 @@ async fn answer_batch_replay(
 ) -> ApiResult<Response> {
     match outcome {
         IdempotentBatch::Existing(ids) => {
-            let mut jobs = Vec::with_capacity(ids.len());
-            for id in ids {
-                let row = state
-                    .store
-                    .get_job(principal.scope(), id)
-                    .await?
-                    .ok_or_else(|| ApiError::not_found("job"))?;
-                jobs.push(row.to_job());
-            }
+            let jobs = state
+                .store
+                .get_jobs(principal.scope(), &ids)
+                .await?
+                .iter()
+                .map(|r| r.to_job())
+                .collect();
             let mut resp = (StatusCode::ACCEPTED, Json(BatchResponse { jobs })).into_response();
             resp.headers_mut()
                 .insert(REPLAYED, HeaderValue::from_static("true"));

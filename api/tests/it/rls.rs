@@ -36,7 +36,8 @@ async fn the_service_role_is_bound_by_row_level_security(pool: PgPool) {
     let unprotected: Vec<String> = sqlx::query_scalar(
         "SELECT relname::text FROM pg_class
          WHERE relnamespace = 'public'::regnamespace AND relkind = 'r'
-           AND NOT relrowsecurity AND relname NOT IN ('system_state', '_sqlx_migrations')",
+           AND NOT relrowsecurity
+           AND relname NOT IN ('system_state', '_sqlx_migrations', 'audit_settings')",
     )
     .fetch_all(db)
     .await

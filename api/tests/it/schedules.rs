@@ -457,5 +457,26 @@ async fn cron_runs_are_held_to_the_tenants_limits_and_the_creators_key(pool: PgP
     .await
     .unwrap();
     assert_eq!(kept, 20);
+
+    // a schedule whose tenant's use a pass did not read is left due, with no run recorded
+    make_due(&app, 10).await;
+    let runs_before: i64 = sqlx::query_scalar("SELECT count(*) FROM schedule_runs")
+        .fetch_one(app.store.pool())
+        .await
+        .unwrap();
+    let batch = app.store.due_schedules(10).await.unwrap();
+    let n = batch.due.len();
+    assert_eq!(n, 3);
+    assert!(batch
+        .commit((0..n).map(|_| None).collect())
+        .await
+        .unwrap()
+        .is_empty());
+    let runs_after: i64 = sqlx::query_scalar("SELECT count(*) FROM schedule_runs")
+        .fetch_one(app.store.pool())
+        .await
+        .unwrap();
+    assert_eq!(runs_after, runs_before);
+    assert_eq!(app.store.due_schedules(10).await.unwrap().due.len(), 3);
     app.stop().await;
 }

@@ -217,6 +217,25 @@ impl Store {
 
     /// A job in the scope (another tenant's job, or another end user's, is `None`, like a
     /// missing one).
+    /// The jobs of `ids` in the scope, in the order of `ids` (those not found left out).
+    pub async fn get_jobs(&self, scope: impl Into<Scope>, ids: &[Uuid]) -> Result<Vec<JobRow>> {
+        let scope = scope.into();
+        let mut tx = self.tenant_tx(scope.tenant_id).await?;
+        let rows = sqlx::query_as::<_, JobRow>(&format!(
+            "SELECT {JOB_COLUMNS} FROM jobs WHERE id = ANY($1) AND tenant_id = $2
+               AND ($3::text IS NULL OR created_by = $3)"
+        ))
+        .bind(ids)
+        .bind(scope.tenant_id)
+        .bind(&scope.creator)
+        .fetch_all(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        let mut by_id: std::collections::HashMap<Uuid, JobRow> =
+            rows.into_iter().map(|r| (r.id, r)).collect();
+        Ok(ids.iter().filter_map(|id| by_id.remove(id)).collect())
+    }
+
     pub async fn get_job(&self, scope: impl Into<Scope>, id: Uuid) -> Result<Option<JobRow>> {
         let scope = scope.into();
         // one statement: the function sets the tenant for row-level security itself, local

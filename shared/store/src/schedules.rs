@@ -220,12 +220,14 @@ impl Store {
     }
 
     /// The tenants of up to `limit` due schedules, with their own quotas (read without locks:
-    /// the scheduler reads their use before it takes the schedules).
+    /// the scheduler reads their use before it takes the schedules; same order as
+    /// [`Store::due_schedules`], so both see the same schedules unless another scheduler holds
+    /// some).
     pub async fn due_schedule_tenants(&self, limit: i64) -> Result<Vec<(Uuid, QuotaLimits)>> {
         let rows: Vec<(Uuid, Option<Value>)> = sqlx::query_as(
             "SELECT id, quotas FROM tenants WHERE id IN (
                  SELECT tenant_id FROM schedules WHERE NOT paused AND next_run_at <= now()
-                 ORDER BY next_run_at LIMIT $1)",
+                 ORDER BY next_run_at, id LIMIT $1)",
         )
         .bind(limit)
         .fetch_all(self.pool())
@@ -258,7 +260,7 @@ impl Store {
                     WHEN s.created_by LIKE 'key:%' THEN 'missing' END AS creator_key
              FROM schedules s JOIN tenants t ON t.id = s.tenant_id
              WHERE NOT s.paused AND s.next_run_at <= now()
-             ORDER BY s.next_run_at LIMIT $1 FOR UPDATE OF s SKIP LOCKED"
+             ORDER BY s.next_run_at, s.id LIMIT $1 FOR UPDATE OF s SKIP LOCKED"
         ))
         .bind(limit)
         .fetch_all(&mut *tx)
@@ -284,12 +286,13 @@ pub struct DueBatch {
 
 impl DueBatch {
     /// Commits one firing per due schedule (in order): the run row `(schedule, fire time)`
-    /// with its job or skip reason, the job, and the schedule's advance, together. Returns
-    /// the jobs inserted (to dispatch).
-    pub async fn commit(self, firings: Vec<Firing>) -> Result<Vec<NewJob>> {
+    /// with its job or skip reason, the job, and the schedule's advance, together; `None`
+    /// leaves a schedule due (a later pass fires it). Returns the jobs inserted (to dispatch).
+    pub async fn commit(self, firings: Vec<Option<Firing>>) -> Result<Vec<NewJob>> {
         let DueBatch { mut tx, due } = self;
         let mut jobs = Vec::new();
         for (d, firing) in due.iter().zip(firings) {
+            let Some(firing) = firing else { continue };
             let s = &d.row;
             let (job_id, skipped) = match &firing.job {
                 Ok(job) => (Some(job.id), None),
