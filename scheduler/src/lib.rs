@@ -188,9 +188,10 @@ impl Scheduler {
             if items.is_empty() {
                 break;
             }
+            let (items, attempts): (Vec<_>, Vec<_>) = items.into_iter().unzip();
             self.queue.dispatch(&items).await?;
-            let ids: Vec<_> = items.iter().map(|i| i.id).collect();
-            self.store.mark_dispatched(&ids, epoch).await?;
+            let jobs: Vec<_> = items.iter().map(|i| i.id).zip(attempts).collect();
+            self.store.mark_redispatched(&jobs, epoch).await?;
             report.redispatched += items.len();
             if (items.len() as i64) < self.opts.batch {
                 break;

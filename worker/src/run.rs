@@ -341,10 +341,24 @@ pub(crate) async fn run_claimed(s: &Shared, d: Delivery, row: JobRow) {
     if let Some(run_at) = end.requeued_at() {
         let mut item = row.dispatch_item();
         item.run_at = Some(run_at);
-        if let Err(e) = s.queue.delay(&item).await {
-            // the reconciler finds it (its dispatch epoch is stale only if Redis lost data;
-            // otherwise its expired-lease/undispatched scans do)
-            tracing::warn!(error = %e, "could not re-dispatch for retry");
+        // the epoch is read before the dispatch (if Redis loses its data after, the mark is
+        // stale and the reconciler dispatches the job again)
+        let epoch = s.queue.epoch().await.ok().flatten();
+        match s.queue.delay(&item).await {
+            // marked, or the reconciler would dispatch it a second time while it waits
+            Ok(_) => {
+                if let Some(epoch) = epoch {
+                    if let Err(e) = s
+                        .store
+                        .mark_redispatched(&[(row.id, row.attempt)], epoch)
+                        .await
+                    {
+                        tracing::debug!(error = %e, "a requeued job not marked dispatched");
+                    }
+                }
+            }
+            // left unmarked (the run end reset its dispatch epoch): the reconciler finds it
+            Err(e) => tracing::warn!(error = %e, "could not re-dispatch for retry"),
         }
     }
     ack(s, &d).await;

@@ -1,6 +1,7 @@
 //! What a run's end writes: results Postgres could not hold (NUL characters) are kept with the
 //! NUL replaced instead of being lost, a requeued job counts as undispatched whichever path
-//! wrote its end, and a run whose event count fell behind its stream still publishes its end.
+//! wrote its end until its worker has dispatched it again, and a run whose event count fell
+//! behind its stream still publishes its end.
 
 use std::time::Duration;
 
@@ -98,6 +99,21 @@ async fn a_requeue_written_alone_leaves_the_job_undispatched(pool: PgPool) {
             .unwrap();
     // if the worker's own re-dispatch is lost, the reconciler finds it
     assert_eq!((status.as_str(), epoch), ("queued", 0));
+    // the mark of the submission's dispatch, arriving late, does not hide it again
+    app.store.mark_dispatched(&[id], 8).await.unwrap();
+    let epoch: i64 = sqlx::query_scalar("SELECT dispatch_epoch FROM jobs WHERE id = $1")
+        .bind(id)
+        .fetch_one(app.store.pool())
+        .await
+        .unwrap();
+    assert_eq!(epoch, 0);
+    app.store.mark_redispatched(&[(id, 1)], 8).await.unwrap();
+    let epoch: i64 = sqlx::query_scalar("SELECT dispatch_epoch FROM jobs WHERE id = $1")
+        .bind(id)
+        .fetch_one(app.store.pool())
+        .await
+        .unwrap();
+    assert_eq!(epoch, 8, "its worker's re-dispatch marks it");
     app.stop().await;
 }
 
@@ -182,5 +198,57 @@ async fn a_run_recognises_its_own_end_written_by_a_lost_reply(pool: PgPool) {
         ..write(failed("boom"), 3)
     };
     assert!(!app.store.run_end_landed(&older).await.unwrap());
+    app.stop().await;
+}
+
+/// A job the worker requeued (a retry waiting for its backoff) and re-dispatched itself is
+/// marked dispatched in the current epoch: the reconciler left it undispatched and gave it a
+/// second stream entry when it waited longer than 5 s. (No scheduler loop runs here: only the
+/// worker can mark it.)
+#[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
+async fn a_job_requeued_by_its_worker_is_marked_dispatched(pool: PgPool) {
+    let app = crate::support::spawn_app_with(
+        pool,
+        crate::support::Opts {
+            scheduler: false,
+            ..Default::default()
+        },
+    )
+    .await;
+    let sched = switchyard_scheduler::Scheduler::new(
+        app.store.clone(),
+        app.queue().await,
+        app.scheduler_opts(),
+    );
+    let epoch = sched
+        .pass()
+        .await
+        .unwrap()
+        .new_epoch
+        .expect("a first epoch");
+    let job = app
+        .submit(
+            json!({"kind": "system.noop", "input": {"fail_attempts": 1}, "max_attempts": 2,
+                       "backoff": {"type": "fixed", "delay_s": 600}}),
+        )
+        .await;
+    let id: Uuid = job["id"].as_str().unwrap().parse().unwrap();
+    let t = std::time::Instant::now();
+    loop {
+        let (status, attempt, marked): (String, i32, i64) =
+            sqlx::query_as("SELECT status, attempt, dispatch_epoch FROM jobs WHERE id = $1")
+                .bind(id)
+                .fetch_one(app.store.pool())
+                .await
+                .unwrap();
+        if status == "queued" && attempt == 1 && marked == epoch {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "{status} attempt {attempt} dispatch_epoch {marked} (epoch {epoch})"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     app.stop().await;
 }

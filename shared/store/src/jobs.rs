@@ -181,10 +181,13 @@ const LOCK_IN_ORDER: &str = "ARRAY(SELECT id FROM jobs WHERE id = ANY($1) ORDER 
 /// Like [`LOCK_IN_ORDER`] but skipping rows another statement holds: marking jobs dispatched
 /// never waits for a worker's claim (the claim records the epoch itself, since the worker just
 /// read the job from Redis). Rows that already carry the epoch (claimed meanwhile) are left
-/// alone: neither locked nor written.
+/// alone: neither locked nor written; so are rows whose attempt (`$3`, one per id) is no longer
+/// the one dispatched: a job claimed and requeued since is its worker's to dispatch again, and
+/// a late mark would hide it from the reconciler if that dispatch failed.
 const UNMARKED_IN_ORDER: &str =
-    "ARRAY(SELECT id FROM jobs WHERE id = ANY($1) AND dispatch_epoch < $2 \
-     ORDER BY id FOR UPDATE SKIP LOCKED)";
+    "ARRAY(SELECT j.id FROM jobs j JOIN unnest($1::uuid[], $3::int4[]) AS d(id, attempt) \
+         ON j.id = d.id AND j.attempt = d.attempt \
+     WHERE j.dispatch_epoch < $2 ORDER BY j.id FOR UPDATE OF j SKIP LOCKED)";
 
 pub(crate) fn millis(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
@@ -197,12 +200,20 @@ impl Store {
         crate::insert::insert_jobs_with(self.pool(), jobs).await
     }
 
-    /// Records that these jobs were handed to Redis in `epoch`. Rows locked by a concurrent
-    /// claim are skipped: the claim sets the epoch itself.
+    /// Records that these new jobs (attempt 0) were handed to Redis in `epoch`. Rows locked by
+    /// a concurrent claim are skipped: the claim sets the epoch itself.
     pub async fn mark_dispatched(&self, ids: &[Uuid], epoch: i64) -> Result<()> {
-        if ids.is_empty() {
+        let jobs: Vec<(Uuid, i32)> = ids.iter().map(|id| (*id, 0)).collect();
+        self.mark_redispatched(&jobs, epoch).await
+    }
+
+    /// Records that these jobs, each at the attempt given, were handed to Redis in `epoch`
+    /// (see [`UNMARKED_IN_ORDER`]).
+    pub async fn mark_redispatched(&self, jobs: &[(Uuid, i32)], epoch: i64) -> Result<()> {
+        if jobs.is_empty() {
             return Ok(());
         }
+        let (ids, attempts): (Vec<Uuid>, Vec<i32>) = jobs.iter().copied().unzip();
         sqlx::query(
             &format!(
                 "UPDATE jobs SET dispatch_epoch = $2 WHERE id = ANY({UNMARKED_IN_ORDER}) AND dispatch_epoch < $2"
@@ -210,13 +221,12 @@ impl Store {
         )
         .bind(ids)
         .bind(epoch)
+        .bind(attempts)
         .execute(self.batch_pool())
         .await?;
         Ok(())
     }
 
-    /// A job in the scope (another tenant's job, or another end user's, is `None`, like a
-    /// missing one).
     /// The jobs of `ids` in the scope, in the order of `ids` (those not found left out).
     pub async fn get_jobs(&self, scope: impl Into<Scope>, ids: &[Uuid]) -> Result<Vec<JobRow>> {
         let scope = scope.into();
@@ -236,6 +246,8 @@ impl Store {
         Ok(ids.iter().filter_map(|id| by_id.remove(id)).collect())
     }
 
+    /// A job in the scope (another tenant's job, or another end user's, is `None`, like a
+    /// missing one).
     pub async fn get_job(&self, scope: impl Into<Scope>, id: Uuid) -> Result<Option<JobRow>> {
         let scope = scope.into();
         // one statement: the function sets the tenant for row-level security itself, local

@@ -39,15 +39,16 @@ impl Store {
 
     /// Unfinished jobs not handed to Redis in `epoch` (never dispatched, or Redis lost them),
     /// last written at least `min_age` ago (so a job just submitted or requeued is left to
-    /// its own dispatch, not dispatched twice at once), oldest first, at most `limit`.
+    /// its own dispatch, not dispatched twice at once), oldest first, at most `limit`; with
+    /// each its attempt (for [`Store::mark_redispatched`]).
     pub async fn undispatched(
         &self,
         epoch: i64,
         min_age: Duration,
         limit: i64,
-    ) -> Result<Vec<DispatchItem>> {
-        let rows: Vec<ItemRow> = sqlx::query_as(
-            "SELECT id, tenant_id, queue, priority, run_at FROM jobs
+    ) -> Result<Vec<(DispatchItem, i32)>> {
+        let rows: Vec<(Uuid, Uuid, String, i16, Option<DateTime<Utc>>, i32)> = sqlx::query_as(
+            "SELECT id, tenant_id, queue, priority, run_at, attempt FROM jobs
              WHERE status IN ('queued', 'running') AND dispatch_epoch < $1
                AND updated_at < now() - make_interval(secs => $2 / 1000.0)
              ORDER BY dispatch_epoch, id LIMIT $3",
@@ -57,7 +58,12 @@ impl Store {
         .bind(limit)
         .fetch_all(self.pool())
         .await?;
-        Ok(rows.into_iter().map(to_item).collect())
+        Ok(rows
+            .into_iter()
+            .map(|(id, tenant, queue, priority, run_at, attempt)| {
+                (to_item((id, tenant, queue, priority, run_at)), attempt)
+            })
+            .collect())
     }
 
     /// Running jobs whose lease ran out more than `grace` ago: their worker is gone and the
