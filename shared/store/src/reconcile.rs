@@ -47,7 +47,7 @@ impl Store {
         min_age: Duration,
         limit: i64,
     ) -> Result<Vec<(DispatchItem, i32)>> {
-        let rows: Vec<(Uuid, Uuid, String, i16, Option<DateTime<Utc>>, i32)> = sqlx::query_as(
+        let rows: Vec<AttemptRow> = sqlx::query_as(
             "SELECT id, tenant_id, queue, priority, run_at, attempt FROM jobs
              WHERE status IN ('queued', 'running') AND dispatch_epoch < $1
                AND updated_at < now() - make_interval(secs => $2 / 1000.0)
@@ -175,6 +175,8 @@ impl Store {
 }
 
 type ItemRow = (Uuid, Uuid, String, i16, Option<DateTime<Utc>>);
+/// An [`ItemRow`] and the job's attempt.
+type AttemptRow = (Uuid, Uuid, String, i16, Option<DateTime<Utc>>, i32);
 
 fn to_item(r: ItemRow) -> DispatchItem {
     DispatchItem {
