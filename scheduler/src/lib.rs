@@ -51,6 +51,11 @@ pub struct SchedulerOptions {
     pub quota_defaults: switchyard_core::quota::QuotaLimits,
     /// How often the limits are written to Redis.
     pub limits_every: Duration,
+    /// How often idle stream consumers are deleted (each worker start reads under a new
+    /// consumer name, which Redis keeps until deleted).
+    pub consumer_prune_every: Duration,
+    /// A consumer without pending entries idle this long is deleted.
+    pub consumer_idle: Duration,
     /// How often the planner statistics of `jobs` are checked (and refreshed once enough of
     /// the table changed: see `Store::refresh_statistics`).
     pub statistics_every: Duration,
@@ -73,6 +78,8 @@ impl Default for SchedulerOptions {
             tenant_concurrency: None,
             quota_defaults: switchyard_core::quota::QuotaConfig::default().defaults(),
             limits_every: Duration::from_secs(5),
+            consumer_prune_every: Duration::from_secs(600),
+            consumer_idle: Duration::from_secs(3600),
             statistics_every: Duration::from_secs(5),
         }
     }
@@ -89,6 +96,8 @@ pub struct PassReport {
     pub audited: usize,
     pub audit_pruned: u64,
     pub jobs_pruned: usize,
+    /// Idle stream consumers deleted.
+    pub consumers_pruned: usize,
     /// Whether this pass refreshed the statistics of `jobs`.
     pub analyzed: bool,
     /// The audit outbox still held changes when the pass had chained `max_batches` batches:
@@ -105,6 +114,7 @@ pub struct Scheduler {
     last_job_prune: std::sync::Mutex<Option<std::time::Instant>>,
     last_limits: std::sync::Mutex<Option<std::time::Instant>>,
     last_statistics: std::sync::Mutex<Option<std::time::Instant>>,
+    last_consumer_prune: std::sync::Mutex<Option<std::time::Instant>>,
 }
 
 impl Scheduler {
@@ -117,6 +127,7 @@ impl Scheduler {
             last_job_prune: std::sync::Mutex::new(None),
             last_limits: std::sync::Mutex::new(None),
             last_statistics: std::sync::Mutex::new(None),
+            last_consumer_prune: std::sync::Mutex::new(None),
         }
     }
 
@@ -291,6 +302,14 @@ impl Scheduler {
             }
         }
         self.store.prune_idempotency_keys(self.opts.batch).await?;
+        if due(&self.last_consumer_prune, self.opts.consumer_prune_every) {
+            for q in self.queue.queues().await? {
+                report.consumers_pruned += self
+                    .queue
+                    .prune_consumers(&q, self.opts.consumer_idle)
+                    .await?;
+            }
+        }
         if due(&self.last_job_prune, self.opts.job_prune_every) {
             report.jobs_pruned = self.prune_jobs().await?;
         }

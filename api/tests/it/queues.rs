@@ -322,3 +322,87 @@ async fn retention_spares_a_job_being_retried_and_one_still_notifying(pool: PgPo
     assert_eq!(left, 0);
     app.stop().await;
 }
+
+/// Consumer names of a queue's streams (one per worker start; Redis keeps them until deleted).
+async fn consumers(app: &crate::support::TestApp, queue: &str) -> Vec<String> {
+    let mut c = app.redis().await;
+    let mut names = Vec::new();
+    for p in 0..10 {
+        let r: redis::RedisResult<Vec<redis::Value>> = redis::cmd("XINFO")
+            .arg("CONSUMERS")
+            .arg(app.keys().stream(queue, p))
+            .arg("workers")
+            .query_async(&mut c)
+            .await;
+        for entry in r.unwrap_or_default() {
+            let s = format!("{entry:?}");
+            for n in ["c-busy", "c-idle"] {
+                if s.contains(n) {
+                    names.push(n.to_string());
+                }
+            }
+        }
+    }
+    names.sort();
+    names.dedup();
+    names
+}
+
+/// Idle consumers without pending entries are deleted (workers of past deploys piled up in
+/// every stream's group); one holding an entry stays, and so do recently active ones.
+#[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
+async fn idle_stream_consumers_are_pruned_but_not_those_holding_entries(pool: PgPool) {
+    let app = crate::support::spawn_api_only(pool).await;
+    let queue = app.queue().await;
+    let job = app
+        .submit(json!({"kind": "system.noop", "input": {}}))
+        .await;
+    let q = job["queue"].as_str().unwrap().to_string();
+    queue.ensure_group(&q).await.unwrap();
+    let c = app.redis().await;
+    // c-busy holds an entry; c-idle took one and acknowledged it
+    let fetch = |name: &'static str| {
+        let (queue, q, mut c) = (queue.clone(), q.clone(), c.clone());
+        async move {
+            for _ in 0..100 {
+                let got = queue.try_fetch(&mut c, &q, name, 1).await.unwrap();
+                if let Some(d) = got.deliveries.into_iter().next() {
+                    return d;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            panic!("{name} fetched nothing");
+        }
+    };
+    fetch("c-busy").await;
+    app.submit(json!({"kind": "system.noop", "input": {}}))
+        .await;
+    let d = fetch("c-idle").await;
+    queue.ack(&d).await.unwrap();
+    assert_eq!(consumers(&app, &q).await, ["c-busy", "c-idle"]);
+    // recently active: kept
+    assert_eq!(
+        queue
+            .prune_consumers(&q, Duration::from_secs(3600))
+            .await
+            .unwrap(),
+        0
+    );
+    assert!(queue.prune_consumers(&q, Duration::ZERO).await.unwrap() >= 1);
+    assert_eq!(consumers(&app, &q).await, ["c-busy"]);
+    // and the scheduler does it on its own
+    let opts = switchyard_scheduler::SchedulerOptions {
+        consumer_prune_every: Duration::ZERO,
+        consumer_idle: Duration::ZERO,
+        ..app.scheduler_opts()
+    };
+    app.submit(json!({"kind": "system.noop", "input": {}}))
+        .await;
+    let d = fetch("c-idle").await;
+    queue.ack(&d).await.unwrap();
+    assert_eq!(consumers(&app, &q).await, ["c-busy", "c-idle"]);
+    let sched = switchyard_scheduler::Scheduler::new(app.store.clone(), app.queue().await, opts);
+    assert!(sched.pass().await.unwrap().consumers_pruned >= 1);
+    assert_eq!(consumers(&app, &q).await, ["c-busy"]);
+    app.stop().await;
+}

@@ -4,6 +4,7 @@
 //! Redis is never the source of truth: everything here can be rebuilt from Postgres.
 
 pub mod conn;
+pub mod consumers;
 pub mod events;
 pub mod fair;
 pub mod keys;

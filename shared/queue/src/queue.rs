@@ -421,40 +421,17 @@ impl Queue {
             // no worker has served this queue yet: everything in it is backlog
             let before = out.len();
             for g in groups {
-                let fields: Vec<(String, Value)> = match g {
-                    Value::Array(kv) => kv
-                        .chunks(2)
-                        .filter_map(|c| match c {
-                            [Value::BulkString(k), v] => {
-                                Some((String::from_utf8_lossy(k).into_owned(), v.clone()))
-                            }
-                            [Value::SimpleString(k), v] => Some((k.clone(), v.clone())),
-                            _ => None,
-                        })
-                        .collect(),
-                    Value::Map(kv) => kv
-                        .into_iter()
-                        .filter_map(|(k, v)| match k {
-                            Value::BulkString(k) => {
-                                Some((String::from_utf8_lossy(&k).into_owned(), v))
-                            }
-                            Value::SimpleString(k) => Some((k, v)),
-                            _ => None,
-                        })
-                        .collect(),
-                    _ => continue,
-                };
+                let fields = crate::consumers::info_fields(g);
                 let get = |name: &str| fields.iter().find(|(k, _)| k == name).map(|(_, v)| v);
                 let is_ours =
                     matches!(get("name"), Some(Value::BulkString(n)) if n == GROUP.as_bytes());
                 if !is_ours {
                     continue;
                 }
-                let num = |v: Option<&Value>| match v {
-                    Some(Value::Int(n)) => Some((*n).max(0) as u64),
-                    _ => None,
+                let num = |name: &str| {
+                    crate::consumers::int_field(&fields, name).map(|n| n.max(0) as u64)
                 };
-                out.push((*p, num(get("lag")), num(get("pending")).unwrap_or(0)));
+                out.push((*p, num("lag"), num("pending").unwrap_or(0)));
             }
             if out.len() == before {
                 out.push((*p, Some(*len), 0));

@@ -1,0 +1,89 @@
+//! Housekeeping of the queue streams' consumer groups: every worker start reads under a new
+//! consumer name, which Redis keeps in each stream's group until it is deleted. The scheduler
+//! deletes consumers that hold no pending entry and have been idle for a while (a live worker's
+//! consumer deleted this way is recreated by its next read: nothing is lost).
+
+use std::time::Duration;
+
+use redis::{RedisResult, Value};
+
+use crate::keys::{GROUP, PRIORITIES};
+use crate::Queue;
+
+/// The fields of one `XINFO` entry (RESP2 flat array or RESP3 map).
+pub(crate) fn info_fields(entry: Value) -> Vec<(String, Value)> {
+    match entry {
+        Value::Array(kv) => kv
+            .chunks(2)
+            .filter_map(|c| match c {
+                [Value::BulkString(k), v] => {
+                    Some((String::from_utf8_lossy(k).into_owned(), v.clone()))
+                }
+                [Value::SimpleString(k), v] => Some((k.clone(), v.clone())),
+                _ => None,
+            })
+            .collect(),
+        Value::Map(kv) => kv
+            .into_iter()
+            .filter_map(|(k, v)| match k {
+                Value::BulkString(k) => Some((String::from_utf8_lossy(&k).into_owned(), v)),
+                Value::SimpleString(k) => Some((k, v)),
+                _ => None,
+            })
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// A field as an integer.
+pub(crate) fn int_field(fields: &[(String, Value)], name: &str) -> Option<i64> {
+    match fields.iter().find(|(k, _)| k == name).map(|(_, v)| v) {
+        Some(Value::Int(n)) => Some(*n),
+        _ => None,
+    }
+}
+
+impl Queue {
+    /// Deletes the consumers of `queue`'s streams that hold no pending entry and were idle
+    /// for at least `idle`; returns how many.
+    pub async fn prune_consumers(&self, queue: &str, idle: Duration) -> RedisResult<usize> {
+        let mut c = self.conn();
+        let mut pruned = 0;
+        for p in PRIORITIES {
+            let stream = self.keys().stream(queue, p);
+            let reply: RedisResult<Value> = redis::cmd("XINFO")
+                .arg("CONSUMERS")
+                .arg(&stream)
+                .arg(GROUP)
+                .query_async(&mut c)
+                .await;
+            // no stream or no group yet: nothing to prune
+            let Ok(Value::Array(consumers)) = reply else {
+                continue;
+            };
+            for consumer in consumers {
+                let fields = info_fields(consumer);
+                let name = match fields.iter().find(|(k, _)| k == "name").map(|(_, v)| v) {
+                    Some(Value::BulkString(n)) => n.clone(),
+                    Some(Value::SimpleString(n)) => n.clone().into_bytes(),
+                    _ => continue,
+                };
+                let pending = int_field(&fields, "pending").unwrap_or(1);
+                let idle_ms = int_field(&fields, "idle").unwrap_or(0);
+                if pending != 0 || (idle_ms.max(0) as u128) < idle.as_millis() {
+                    continue;
+                }
+                // only with nothing pending: DELCONSUMER drops a consumer's pending entries
+                let _: i64 = redis::cmd("XGROUP")
+                    .arg("DELCONSUMER")
+                    .arg(&stream)
+                    .arg(GROUP)
+                    .arg(name)
+                    .query_async(&mut c)
+                    .await?;
+                pruned += 1;
+            }
+        }
+        Ok(pruned)
+    }
+}
