@@ -215,26 +215,30 @@ impl Scheduler {
     /// Call it under the dispatch lock (two schedulers would each start an epoch).
     pub async fn ensure_epoch(&self) -> anyhow::Result<(i64, bool)> {
         let pg = self.store.redis_epoch().await?;
-        match self.queue.epoch().await? {
-            Some(e) if e >= pg && e > 0 => Ok((e, false)),
-            seen => {
-                let new = self.store.bump_redis_epoch(seen.unwrap_or(0)).await?;
-                self.queue.set_epoch(new).await?;
-                for q in known_queues() {
-                    self.queue.ensure_group(q).await?;
-                }
-                if pg > 0 {
-                    tracing::warn!(
-                        old = pg,
-                        new,
-                        "redis lost its data (epoch key missing or old): re-dispatching unfinished jobs from postgres"
-                    );
-                } else {
-                    tracing::info!(epoch = new, "redis epoch initialised");
-                }
-                Ok((new, true))
+        let seen = self.queue.epoch().await?;
+        if let Some(e) = seen.filter(|e| *e >= pg && *e > 0) {
+            // a shard of a Redis Cluster can lose its data alone: each queue's slot is marked
+            let lost = self.queue.check_queue_epochs(e).await?;
+            if lost.is_empty() {
+                return Ok((e, false));
             }
+            tracing::warn!(queues = ?lost, epoch = e, "redis lost the data of these queues (their epoch mark is gone): re-dispatching unfinished jobs from postgres");
         }
+        let new = self.store.bump_redis_epoch(seen.unwrap_or(0)).await?;
+        self.queue.set_epoch(new).await?;
+        for q in known_queues() {
+            self.queue.ensure_group(q).await?;
+        }
+        if pg > 0 {
+            tracing::warn!(
+                old = pg,
+                new,
+                "new redis epoch (data lost): re-dispatching unfinished jobs from postgres"
+            );
+        } else {
+            tracing::info!(epoch = new, "redis epoch initialised");
+        }
+        Ok((new, true))
     }
 
     /// One reconciliation pass.

@@ -252,3 +252,58 @@ async fn a_job_requeued_by_its_worker_is_marked_dispatched(pool: PgPool) {
     }
     app.stop().await;
 }
+
+/// On a Redis Cluster one shard can lose its data while the epoch, on another shard, survives:
+/// each queue's slot carries the epoch mark, and a mark gone missing starts a new epoch, which
+/// re-dispatches the queue's jobs from Postgres (here the queue's keys are deleted, as a shard
+/// restarting empty would lose them).
+#[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
+async fn a_queue_losing_its_data_alone_is_redispatched(pool: PgPool) {
+    let app = spawn_api_only(pool).await;
+    let opts = switchyard_scheduler::SchedulerOptions {
+        undispatched_min_age: Duration::ZERO,
+        ..app.scheduler_opts()
+    };
+    let sched = switchyard_scheduler::Scheduler::new(app.store.clone(), app.queue().await, opts);
+    let first = sched.pass().await.unwrap();
+    let epoch = first.new_epoch.expect("a first epoch");
+    let job = app
+        .submit(json!({"kind": "system.noop", "input": {}}))
+        .await;
+    let q = job["queue"].as_str().unwrap().to_string();
+    let queue = app.queue().await;
+    let pending = |queue: switchyard_queue::Queue, q: String| async move {
+        queue
+            .depth(&q)
+            .await
+            .map(|(undelivered, _)| undelivered)
+            .unwrap()
+    };
+    let t = std::time::Instant::now();
+    while pending(queue.clone(), q.clone()).await == 0 {
+        assert!(t.elapsed() < Duration::from_secs(10), "never dispatched");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // a quiet pass marks the queues' slots
+    assert_eq!(sched.pass().await.unwrap().new_epoch, None);
+    assert_eq!(sched.pass().await.unwrap().new_epoch, None);
+    // the queue's shard restarts empty; the epoch's shard does not
+    let mut c = app.redis().await;
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{}*", app.keys().queue_base(&q)))
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert!(!keys.is_empty());
+    let _: () = redis::cmd("DEL")
+        .arg(&keys)
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert_eq!(pending(queue.clone(), q.clone()).await, 0);
+    let after = sched.pass().await.unwrap();
+    assert_eq!(after.new_epoch, Some(epoch + 1), "{after:?}");
+    assert!(after.redispatched >= 1, "{after:?}");
+    assert_eq!(pending(queue, q).await, 1);
+    app.stop().await;
+}

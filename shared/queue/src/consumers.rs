@@ -1,7 +1,8 @@
-//! Housekeeping of the queue streams' consumer groups: every worker start reads under a new
-//! consumer name, which Redis keeps in each stream's group until it is deleted. The scheduler
-//! deletes consumers that hold no pending entry and have been idle for a while (a live worker's
-//! consumer deleted this way is recreated by its next read: nothing is lost).
+//! Housekeeping of the queues' slots: every worker start reads under a new consumer name,
+//! which Redis keeps in each stream's group until it is deleted, so the scheduler deletes
+//! consumers that hold no pending entry and have been idle for a while (a live worker's
+//! consumer deleted this way is recreated by its next read: nothing is lost); and each queue's
+//! slot carries the epoch, so that a Redis Cluster shard losing its data alone is noticed.
 
 use std::time::Duration;
 
@@ -44,6 +45,48 @@ pub(crate) fn int_field(fields: &[(String, Value)], name: &str) -> Option<i64> {
 }
 
 impl Queue {
+    /// Marks every queue's slot with `epoch` (those not marked in it yet) and returns the
+    /// queues whose mark of `epoch` is gone: their shard lost its data while `{P:meta}` kept
+    /// the epoch (the caller starts a new epoch, which re-dispatches from Postgres).
+    pub async fn check_queue_epochs(&self, epoch: i64) -> RedisResult<Vec<String>> {
+        let queues = self.queues().await?;
+        let mut c = self.conn();
+        let marked: Vec<Option<i64>> = redis::cmd("HMGET")
+            .arg(self.keys().queue_marks())
+            .arg(&queues)
+            .query_async(&mut c)
+            .await?;
+        let mut pipe = redis::pipe();
+        for q in &queues {
+            pipe.get(self.keys().queue_epoch(q));
+        }
+        let marks: Vec<Option<i64>> = pipe.query_async(&mut c).await?;
+        let mut lost = Vec::new();
+        let mut fresh = Vec::new();
+        for ((q, was), now) in queues.iter().zip(marked).zip(marks) {
+            match (was == Some(epoch), now == Some(epoch)) {
+                (_, true) => {}
+                (true, false) => lost.push(q.clone()),
+                (false, false) => fresh.push(q),
+            }
+        }
+        if !fresh.is_empty() {
+            // the slot first, then the record that it was marked
+            let mut pipe = redis::pipe();
+            for q in &fresh {
+                pipe.set(self.keys().queue_epoch(q), epoch).ignore();
+            }
+            pipe.query_async::<()>(&mut c).await?;
+            let entries: Vec<(&String, i64)> = fresh.iter().map(|q| (*q, epoch)).collect();
+            redis::cmd("HSET")
+                .arg(self.keys().queue_marks())
+                .arg(entries)
+                .query_async::<()>(&mut c)
+                .await?;
+        }
+        Ok(lost)
+    }
+
     /// Deletes the consumers of `queue`'s streams that hold no pending entry and were idle
     /// for at least `idle`; returns how many.
     pub async fn prune_consumers(&self, queue: &str, idle: Duration) -> RedisResult<usize> {

@@ -10,6 +10,8 @@
 //! | `P:evch:<id>` | pub/sub | live events of a job (one SUBSCRIBE per watched job per API process) |
 //! | `P:cancel` | pub/sub | job ids whose cancellation was requested |
 //! | `{P:meta}:epoch` | string | Redis epoch; its absence means Redis lost its data |
+//! | `{P:q:<queue>}:epoch` | string | the epoch the queue's slot was marked in (a shard's own data loss) |
+//! | `{P:meta}:marked` | hash | queue → the epoch its slot was last marked in |
 //! | `{P:meta}:reclaims` | hash | deliveries reclaimed after an expired lease, per queue |
 //! | `{P:quota:<tenant>}:rpm` | string | the tenant's request-rate state (GCRA theoretical arrival time, µs) |
 //! | `{P:quota:<tenant>}:day:<YYYYMMDD>` | hash | the tenant's use that UTC day: `tokens`, `cpu_ms` |
@@ -141,6 +143,17 @@ impl Keys {
 
     pub fn epoch(&self) -> String {
         format!("{{{}:meta}}:epoch", self.prefix)
+    }
+
+    /// The epoch a queue's slot was marked in: on a Redis Cluster a shard can lose its data
+    /// while `{P:meta}` survives on another one; a marker gone missing tells the scheduler.
+    pub fn queue_epoch(&self, queue: &str) -> String {
+        format!("{{{}:q:{queue}}}:epoch", self.prefix)
+    }
+
+    /// Queue → the epoch the scheduler last marked its slot in.
+    pub fn queue_marks(&self) -> String {
+        format!("{{{}:meta}}:marked", self.prefix)
     }
 }
 
