@@ -535,6 +535,21 @@ async fn handle_delivery(s: &Shared, d: Delivery) {
             tracing::debug!(reason, "nothing to run");
             ack(s, &d).await;
         }
+        Ok(ClaimOutcome::Held(row)) => match row.lease_owner.as_deref() {
+            // a second entry of a job that runs elsewhere: drop it
+            _ if !d.reclaimed => ack(s, &d).await,
+            // our own entry, reclaimed while our heartbeat could not reach Redis: the run's
+            // end acknowledges it (acknowledging it now would free its slot while it runs)
+            Some(owner) if owner == s.id => {}
+            // the running worker's entry (its Redis heartbeat failed, its lease did not):
+            // handed back to it, slot and all
+            Some(owner) => {
+                if let Err(e) = s.queue.give_back(&d, owner).await {
+                    tracing::debug!(error = %e, "could not hand an entry back to its owner");
+                }
+            }
+            None => ack(s, &d).await,
+        },
         Ok(ClaimOutcome::NotDue(row)) => {
             if s.queue.delay(&row.dispatch_item()).await.is_ok() {
                 ack(s, &d).await;

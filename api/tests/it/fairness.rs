@@ -339,3 +339,68 @@ async fn a_batch_of_acknowledgements_frees_each_slot_once_and_moves_waiting_jobs
     assert_eq!(counter(&mut redis, format!("o:{a}")).await, None);
     app.stop().await;
 }
+
+/// An entry reclaimed from a worker whose lease still runs (its Redis heartbeat failed, its
+/// Postgres lease did not) is handed back to it with its slot still taken: acknowledging it
+/// freed the running job's slot (a tenant's and the queue's limit then passed by one).
+#[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
+async fn a_reclaimed_entry_handed_back_keeps_its_slot(pool: PgPool) {
+    let app = spawn_app_with(
+        pool,
+        Opts {
+            worker: false,
+            scheduler: false,
+            ..Opts::default()
+        },
+    )
+    .await;
+    let queue = app.queue().await;
+    queue.ensure_group("system").await.unwrap();
+    let item = switchyard_core::job::DispatchItem {
+        id: Uuid::now_v7(),
+        tenant_id: Uuid::new_v4(),
+        queue: "system".into(),
+        priority: 0,
+        run_at: None,
+    };
+    queue.dispatch(&[item]).await.unwrap();
+    let mut conn = app.redis().await;
+    let got = queue
+        .fetch(&mut conn, "system", "owner", 1, Duration::from_millis(100))
+        .await
+        .unwrap();
+    assert_eq!(got.len(), 1);
+    assert!(!got[0].reclaimed);
+    let mut redis = app.redis().await;
+    let fair = app.keys().fair("system");
+    let taken = async |redis: &mut switchyard_queue::RedisConn| -> Option<i64> {
+        redis::AsyncCommands::hget(redis, &fair, "r:*")
+            .await
+            .unwrap()
+    };
+    assert_eq!(taken(&mut redis).await, Some(1));
+    let mut cursor = "0-0".to_string();
+    let stolen = queue
+        .reclaim("system", 0, "other", Duration::ZERO, &mut cursor, 10)
+        .await
+        .unwrap();
+    assert_eq!(stolen.len(), 1);
+    assert!(stolen[0].reclaimed);
+    queue.give_back(&stolen[0], "owner").await.unwrap();
+    let owner_of: Vec<(String, String, u64, u64)> = redis::cmd("XPENDING")
+        .arg(app.keys().stream("system", 0))
+        .arg("workers")
+        .arg("-")
+        .arg("+")
+        .arg(10)
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    assert_eq!(owner_of.len(), 1);
+    assert_eq!(owner_of[0].1, "owner");
+    assert_eq!(taken(&mut redis).await, Some(1), "the slot is still taken");
+    // the owner's end frees it, once
+    queue.ack(&got[0]).await.unwrap();
+    assert_eq!(taken(&mut redis).await, None);
+    app.stop().await;
+}

@@ -77,7 +77,7 @@ async fn a_stale_worker_cannot_overwrite_its_successor(pool: PgPool) {
     // while the lease is live nobody else can claim
     assert!(matches!(
         app.store.claim(id, "new", lease).await.unwrap(),
-        ClaimOutcome::Skip(_)
+        ClaimOutcome::Held(ref r) if r.lease_owner.as_deref() == Some("old")
     ));
     // the old worker stalls; its lease runs out
     sqlx::query("UPDATE jobs SET lease_expires_at = now() - interval '1 second' WHERE id = $1")

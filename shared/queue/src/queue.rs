@@ -24,6 +24,8 @@ pub struct Delivery {
     pub job_id: Uuid,
     /// The job's tenant (its fairness lane and concurrency slot).
     pub tenant: String,
+    /// Taken over from another consumer (lease reclaim), not read fresh.
+    pub reclaimed: bool,
 }
 
 /// Dispatch and lease operations on the queue streams.
@@ -298,6 +300,21 @@ impl Queue {
 
     /// Takes over up to `count` entries idle for longer than `min_idle` (their worker stopped
     /// heartbeating). `cursor` is per stream and carried between calls (XAUTOCLAIM's cursor).
+    /// Hands a reclaimed entry back to `owner` (the consumer whose live lease runs its job),
+    /// still pending: its concurrency slot stays taken until the owner acknowledges it.
+    pub async fn give_back(&self, d: &Delivery, owner: &str) -> RedisResult<()> {
+        let mut c = self.conn.clone();
+        redis::cmd("XCLAIM")
+            .arg(&d.stream)
+            .arg(GROUP)
+            .arg(owner)
+            .arg(0)
+            .arg(&d.entry_id)
+            .arg("JUSTID")
+            .query_async::<()>(&mut c)
+            .await
+    }
+
     pub async fn reclaim(
         &self,
         queue: &str,
@@ -338,7 +355,10 @@ impl Queue {
                             }
                             _ => (None, String::new()),
                         };
-                        out.push(to_delivery(queue, &stream, &id, job, tenant));
+                        out.push(Delivery {
+                            reclaimed: true,
+                            ..to_delivery(queue, &stream, &id, job, tenant)
+                        });
                     }
                 }
             }
@@ -552,6 +572,7 @@ fn to_delivery(
     tenant: String,
 ) -> Delivery {
     Delivery {
+        reclaimed: false,
         tenant,
         queue: queue.to_string(),
         stream: stream.to_string(),

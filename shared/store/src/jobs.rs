@@ -126,8 +126,10 @@ pub enum CancelOutcome {
 pub enum ClaimOutcome {
     /// This worker now runs `attempt` (the fencing token) of the job.
     Claimed(JobRow),
-    /// Nothing to run: the job is gone, finished, or held by a live lease elsewhere.
+    /// Nothing to run: the job is gone or finished.
     Skip(&'static str),
+    /// A live lease holds the job (its `lease_owner` runs it).
+    Held(JobRow),
     /// The job waits for `run_at`: park it in the delayed set.
     NotDue(JobRow),
     /// The claim finished the job instead (cancel requested, attempts exhausted): publish its
@@ -362,7 +364,7 @@ impl Store {
         let lease_live =
             status == JobStatus::Running && row.lease_expires_at.is_some_and(|t| t >= Utc::now());
         if lease_live {
-            return Ok(ClaimOutcome::Skip("lease held"));
+            return Ok(ClaimOutcome::Held(row));
         }
         if row.cancel_requested_at.is_some() {
             if let Some(done) = self
