@@ -126,5 +126,44 @@ async fn batched_statements_run_generic_plans_as_the_services_role(pool: PgPool)
     assert_eq!(done, want);
     // a second end of the same runs is fenced out
     assert!(app.store.end_runs(&ends).await.unwrap().is_empty());
+
+    // the dispatch marks find their rows by primary key on these sessions (a join with the id
+    // list was planned as a scan of the whole table)
+    let mut c = app.store.batch_pool().acquire().await.unwrap();
+    let list = |ids: &[uuid::Uuid]| {
+        format!(
+            "'{{{}}}'",
+            ids.iter()
+                .map(|i| i.to_string())
+                .collect::<Vec<_>>()
+                .join(",")
+        )
+    };
+    let ids: Vec<uuid::Uuid> = jobs[2000..2200].iter().map(|j| j.id).collect();
+    let zeros = format!("'{{{}}}'", vec!["0"; ids.len()].join(","));
+    for (i, sql) in switchyard_store::Store::mark_statements()
+        .iter()
+        .enumerate()
+    {
+        sqlx::raw_sql(&format!("PREPARE mark{i}(uuid[], bigint, int4[]) AS {sql}"))
+            .execute(&mut *c)
+            .await
+            .unwrap();
+        let plan: Vec<String> = sqlx::query_scalar(&format!(
+            "EXPLAIN EXECUTE mark{i}({}, 99, {zeros})",
+            list(&ids)
+        ))
+        .fetch_all(&mut *c)
+        .await
+        .unwrap();
+        let plan = plan.join("\n");
+        assert!(!plan.contains("Seq Scan on jobs"), "{plan}");
+        assert!(plan.contains("jobs_pkey"), "{plan}");
+        sqlx::raw_sql(&format!("DEALLOCATE mark{i}"))
+            .execute(&mut *c)
+            .await
+            .unwrap();
+    }
+    drop(c);
     app.stop().await;
 }
