@@ -9,6 +9,7 @@ mod idempotency;
 mod insert;
 mod job_audit;
 mod jobs;
+mod marks;
 mod reconcile;
 mod retry;
 mod schedules;
