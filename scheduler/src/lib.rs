@@ -229,6 +229,9 @@ impl Scheduler {
         for q in known_queues() {
             self.queue.ensure_group(q).await?;
         }
+        // the queues' slots carry the new epoch before anything is re-dispatched in it (a slot
+        // losing its data before being marked would look new, not lost)
+        self.queue.check_queue_epochs(new).await?;
         if pg > 0 {
             tracing::warn!(
                 old = pg,

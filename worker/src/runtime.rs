@@ -536,19 +536,19 @@ async fn handle_delivery(s: &Shared, d: Delivery) {
             ack(s, &d).await;
         }
         Ok(ClaimOutcome::Held(row)) => match row.lease_owner.as_deref() {
-            // a second entry of a job that runs elsewhere: drop it
-            _ if !d.reclaimed => ack(s, &d).await,
-            // our own entry, reclaimed while our heartbeat could not reach Redis: the run's
-            // end acknowledges it (acknowledging it now would free its slot while it runs)
-            Some(owner) if owner == s.id => {}
-            // the running worker's entry (its Redis heartbeat failed, its lease did not):
-            // handed back to it, slot and all
-            Some(owner) => {
-                if let Err(e) = s.queue.give_back(&d, owner).await {
-                    tracing::debug!(error = %e, "could not hand an entry back to its owner");
+            // a reclaimed entry of a job whose lease still runs: the running worker's own
+            // entry (its Redis heartbeat failed, its lease did not) goes back to it, slot and
+            // all (acknowledging it would free its slot while it runs; ours stays ours); a
+            // stale duplicate (the owner holds another entry of the job) is dropped
+            Some(owner) if d.reclaimed => match s.queue.give_back(&d, owner).await {
+                Ok(true) => {}
+                Ok(false) => ack(s, &d).await,
+                Err(e) => {
+                    tracing::debug!(error = %e, "could not hand an entry back to its owner")
                 }
-            }
-            None => ack(s, &d).await,
+            },
+            // a second entry of a job that runs elsewhere: drop it
+            _ => ack(s, &d).await,
         },
         Ok(ClaimOutcome::NotDue(row)) => {
             if s.queue.delay(&row.dispatch_item()).await.is_ok() {

@@ -342,7 +342,8 @@ async fn a_batch_of_acknowledgements_frees_each_slot_once_and_moves_waiting_jobs
 
 /// An entry reclaimed from a worker whose lease still runs (its Redis heartbeat failed, its
 /// Postgres lease did not) is handed back to it with its slot still taken: acknowledging it
-/// freed the running job's slot (a tenant's and the queue's limit then passed by one).
+/// freed the running job's slot (a tenant's and the queue's limit then passed by one). A
+/// stale second entry of the job is not handed back (it would hold a slot for the whole run).
 #[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
 async fn a_reclaimed_entry_handed_back_keeps_its_slot(pool: PgPool) {
     let app = spawn_app_with(
@@ -386,7 +387,7 @@ async fn a_reclaimed_entry_handed_back_keeps_its_slot(pool: PgPool) {
         .unwrap();
     assert_eq!(stolen.len(), 1);
     assert!(stolen[0].reclaimed);
-    queue.give_back(&stolen[0], "owner").await.unwrap();
+    assert!(queue.give_back(&stolen[0], "owner").await.unwrap());
     let owner_of: Vec<(String, String, u64, u64)> = redis::cmd("XPENDING")
         .arg(app.keys().stream("system", 0))
         .arg("workers")
@@ -402,5 +403,33 @@ async fn a_reclaimed_entry_handed_back_keeps_its_slot(pool: PgPool) {
     // the owner's end frees it, once
     queue.ack(&got[0]).await.unwrap();
     assert_eq!(taken(&mut redis).await, None);
+
+    // a stale second entry of a job whose owner runs another one is not handed back
+    let item = switchyard_core::job::DispatchItem {
+        id: Uuid::now_v7(),
+        tenant_id: Uuid::new_v4(),
+        queue: "system".into(),
+        priority: 0,
+        run_at: None,
+    };
+    queue.dispatch(&[item.clone()]).await.unwrap();
+    queue.dispatch(&[item]).await.unwrap();
+    let stale = queue
+        .fetch(&mut conn, "system", "dead", 1, Duration::from_millis(100))
+        .await
+        .unwrap();
+    let running = queue
+        .fetch(&mut conn, "system", "owner", 1, Duration::from_millis(100))
+        .await
+        .unwrap();
+    assert_eq!((stale.len(), running.len()), (1, 1));
+    assert_eq!(stale[0].job_id, running[0].job_id);
+    let mut cursor = "0-0".to_string();
+    let stolen = queue
+        .reclaim("system", 0, "other", Duration::ZERO, &mut cursor, 1)
+        .await
+        .unwrap();
+    assert_eq!(stolen[0].entry_id, stale[0].entry_id);
+    assert!(!queue.give_back(&stolen[0], "owner").await.unwrap());
     app.stop().await;
 }

@@ -267,6 +267,14 @@ async fn a_queue_losing_its_data_alone_is_redispatched(pool: PgPool) {
     let sched = switchyard_scheduler::Scheduler::new(app.store.clone(), app.queue().await, opts);
     let first = sched.pass().await.unwrap();
     let epoch = first.new_epoch.expect("a first epoch");
+    // the slots carry a new epoch as it starts (not a pass later)
+    let mut c = app.redis().await;
+    let mark: Option<i64> = redis::cmd("GET")
+        .arg(app.keys().queue_epoch("system"))
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert_eq!(mark, Some(epoch));
     let job = app
         .submit(json!({"kind": "system.noop", "input": {}}))
         .await;
@@ -288,7 +296,6 @@ async fn a_queue_losing_its_data_alone_is_redispatched(pool: PgPool) {
     assert_eq!(sched.pass().await.unwrap().new_epoch, None);
     assert_eq!(sched.pass().await.unwrap().new_epoch, None);
     // the queue's shard restarts empty; the epoch's shard does not
-    let mut c = app.redis().await;
     let keys: Vec<String> = redis::cmd("KEYS")
         .arg(format!("{}*", app.keys().queue_base(&q)))
         .query_async(&mut c)

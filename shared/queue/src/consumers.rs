@@ -36,6 +36,28 @@ pub(crate) fn info_fields(entry: Value) -> Vec<(String, Value)> {
     }
 }
 
+/// KEYS[1] = a stream; ARGV: group, idle ms. Deletes the group's consumers without pending
+/// entries idle at least that long; returns how many.
+pub(crate) const PRUNE: &str = r#"
+local consumers = redis.pcall('XINFO', 'CONSUMERS', KEYS[1], ARGV[1])
+if type(consumers) ~= 'table' or consumers.err then return 0 end
+local min_idle = tonumber(ARGV[2])
+local n = 0
+for _, c in ipairs(consumers) do
+  local name, pending, idle = nil, 1, 0
+  for i = 1, #c, 2 do
+    if c[i] == 'name' then name = c[i + 1]
+    elseif c[i] == 'pending' then pending = tonumber(c[i + 1])
+    elseif c[i] == 'idle' then idle = tonumber(c[i + 1]) end
+  end
+  if name and pending == 0 and idle >= min_idle then
+    redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], name)
+    n = n + 1
+  end
+end
+return n
+"#;
+
 /// A field as an integer.
 pub(crate) fn int_field(fields: &[(String, Value)], name: &str) -> Option<i64> {
     match fields.iter().find(|(k, _)| k == name).map(|(_, v)| v) {
@@ -88,44 +110,23 @@ impl Queue {
     }
 
     /// Deletes the consumers of `queue`'s streams that hold no pending entry and were idle
-    /// for at least `idle`; returns how many.
+    /// for at least `idle`; returns how many. Each stream's check and deletions are one script
+    /// (atomic): a consumer that fetched an entry between a separate check and its deletion
+    /// would lose the entry, and the entry's concurrency slot would never be given back.
     pub async fn prune_consumers(&self, queue: &str, idle: Duration) -> RedisResult<usize> {
         let mut c = self.conn();
         let mut pruned = 0;
         for p in PRIORITIES {
             let stream = self.keys().stream(queue, p);
-            let reply: RedisResult<Value> = redis::cmd("XINFO")
-                .arg("CONSUMERS")
-                .arg(&stream)
+            // (a stream or group that does not exist yet counts 0)
+            let n: i64 = self
+                .prune_script()
+                .key(&stream)
                 .arg(GROUP)
-                .query_async(&mut c)
-                .await;
-            // no stream or no group yet: nothing to prune
-            let Ok(Value::Array(consumers)) = reply else {
-                continue;
-            };
-            for consumer in consumers {
-                let fields = info_fields(consumer);
-                let name = match fields.iter().find(|(k, _)| k == "name").map(|(_, v)| v) {
-                    Some(Value::BulkString(n)) => n.clone(),
-                    Some(Value::SimpleString(n)) => n.clone().into_bytes(),
-                    _ => continue,
-                };
-                let pending = int_field(&fields, "pending").unwrap_or(1);
-                let idle_ms = int_field(&fields, "idle").unwrap_or(0);
-                if pending != 0 || (idle_ms.max(0) as u128) < idle.as_millis() {
-                    continue;
-                }
-                // only with nothing pending: DELCONSUMER drops a consumer's pending entries
-                let _: i64 = redis::cmd("XGROUP")
-                    .arg("DELCONSUMER")
-                    .arg(&stream)
-                    .arg(GROUP)
-                    .arg(name)
-                    .query_async(&mut c)
-                    .await?;
-                pruned += 1;
-            }
+                .arg(idle.as_millis() as u64)
+                .invoke_async(&mut c)
+                .await?;
+            pruned += n.max(0) as usize;
         }
         Ok(pruned)
     }

@@ -38,9 +38,30 @@ pub struct Queue {
     fetch_script: Arc<Script>,
     dispatch_script: Arc<Script>,
     ack_script: Arc<Script>,
+    prune_script: Arc<Script>,
+    give_back_script: Arc<Script>,
     /// Undelivered entries one tenant (weight 1) may have in a queue's streams (`fair.rs`).
     lane_depth: u64,
 }
+
+/// KEYS[1] = stream; ARGV: group, owner, job id, entry id. 0 when the owner holds another
+/// pending entry of the job; else claims the entry for the owner and returns 1.
+const GIVE_BACK_LUA: &str = r#"
+local pending = redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 10000, ARGV[2])
+for _, e in ipairs(pending) do
+  if e[1] ~= ARGV[4] then
+    local r = redis.call('XRANGE', KEYS[1], e[1], e[1])
+    if #r > 0 then
+      local f = r[1][2]
+      for i = 1, #f, 2 do
+        if f[i] == 'job' and f[i + 1] == ARGV[3] then return 0 end
+      end
+    end
+  end
+end
+redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[4], 'JUSTID')
+return 1
+"#;
 
 const HEARTBEAT_LUA: &str = r#"
 local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[3], ARGV[3], 1)
@@ -59,6 +80,8 @@ impl Queue {
             fetch_script: Arc::new(fair::script(fair::FETCH)),
             dispatch_script: Arc::new(fair::script(fair::DISPATCH)),
             ack_script: Arc::new(fair::script(fair::ACK_MANY)),
+            prune_script: Arc::new(Script::new(crate::consumers::PRUNE)),
+            give_back_script: Arc::new(Script::new(GIVE_BACK_LUA)),
             lane_depth: fair::DEFAULT_LANE_DEPTH,
         }
     }
@@ -67,6 +90,10 @@ impl Queue {
     pub fn with_lane_depth(mut self, depth: u64) -> Queue {
         self.lane_depth = depth.max(1);
         self
+    }
+
+    pub(crate) fn prune_script(&self) -> &Script {
+        &self.prune_script
     }
 
     pub fn keys(&self) -> &Keys {
@@ -298,23 +325,26 @@ impl Queue {
         Ok(acked.into_iter().map(|n| n == 1).collect())
     }
 
-    /// Takes over up to `count` entries idle for longer than `min_idle` (their worker stopped
-    /// heartbeating). `cursor` is per stream and carried between calls (XAUTOCLAIM's cursor).
     /// Hands a reclaimed entry back to `owner` (the consumer whose live lease runs its job),
-    /// still pending: its concurrency slot stays taken until the owner acknowledges it.
-    pub async fn give_back(&self, d: &Delivery, owner: &str) -> RedisResult<()> {
+    /// still pending: its concurrency slot stays taken until the owner acknowledges it. Unless
+    /// the owner holds another entry of the same job (then this one is a stale duplicate, and
+    /// `false` says to acknowledge it).
+    pub async fn give_back(&self, d: &Delivery, owner: &str) -> RedisResult<bool> {
         let mut c = self.conn.clone();
-        redis::cmd("XCLAIM")
-            .arg(&d.stream)
+        let handed: i64 = self
+            .give_back_script
+            .key(&d.stream)
             .arg(GROUP)
             .arg(owner)
-            .arg(0)
+            .arg(d.job_id.to_string())
             .arg(&d.entry_id)
-            .arg("JUSTID")
-            .query_async::<()>(&mut c)
-            .await
+            .invoke_async(&mut c)
+            .await?;
+        Ok(handed == 1)
     }
 
+    /// Takes over up to `count` entries idle for longer than `min_idle` (their worker stopped
+    /// heartbeating). `cursor` is per stream and carried between calls (XAUTOCLAIM's cursor).
     pub async fn reclaim(
         &self,
         queue: &str,
