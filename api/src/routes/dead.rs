@@ -114,9 +114,25 @@ pub async fn retry_job(
     if let Err(e) = state.bus.publish_after(&ev, durable).await {
         tracing::warn!(error = %e, "could not publish the retry's queued event");
     }
-    // not marked dispatched: if this fails, or Redis loses it, the reconciler dispatches it
-    if let Err(e) = state.queue.dispatch(&[row.dispatch_item()]).await {
-        tracing::warn!(error = %e, "could not dispatch the retried job; the reconciler will");
+    // marked dispatched (with the epoch read before) only once Redis took it: if the dispatch
+    // fails, or Redis loses it, the reconciler dispatches it; unmarked, the reconciler would
+    // give it a second entry after a few seconds in a backlog
+    let epoch = state.queue.epoch().await.ok().flatten();
+    match state.queue.dispatch(&[row.dispatch_item()]).await {
+        Ok(()) => {
+            if let Some(epoch) = epoch {
+                if let Err(e) = state
+                    .store
+                    .mark_redispatched(&[(row.id, row.attempt)], epoch)
+                    .await
+                {
+                    tracing::debug!(error = %e, "a retried job not marked dispatched");
+                }
+            }
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "could not dispatch the retried job; the reconciler will")
+        }
     }
     Ok(accepted(row.to_job(), None))
 }

@@ -314,3 +314,43 @@ async fn a_queue_losing_its_data_alone_is_redispatched(pool: PgPool) {
     assert_eq!(pending(queue, q).await, 1);
     app.stop().await;
 }
+
+/// A dead job requeued by `POST /v1/jobs/{id}/retry` is marked dispatched once Redis took it
+/// (unmarked, the reconciler gave it a second stream entry after a few seconds in a backlog).
+#[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
+async fn a_retried_dead_job_is_marked_dispatched(pool: PgPool) {
+    let app = spawn_api_only(pool).await;
+    let sched = switchyard_scheduler::Scheduler::new(
+        app.store.clone(),
+        app.queue().await,
+        app.scheduler_opts(),
+    );
+    let epoch = sched
+        .pass()
+        .await
+        .unwrap()
+        .new_epoch
+        .expect("a first epoch");
+    let id = app.submit_noop(json!({})).await;
+    sqlx::query(
+        "UPDATE jobs SET status = 'failed', attempt = max_attempts, finished_at = now(),
+             dispatch_epoch = 0 WHERE id = $1",
+    )
+    .bind(id)
+    .execute(app.store.pool())
+    .await
+    .unwrap();
+    let r = app
+        .auth(app.http.post(app.url(&format!("/v1/jobs/{id}/retry"))))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    let marked: i64 = sqlx::query_scalar("SELECT dispatch_epoch FROM jobs WHERE id = $1")
+        .bind(id)
+        .fetch_one(app.store.pool())
+        .await
+        .unwrap();
+    assert_eq!(marked, epoch);
+    app.stop().await;
+}
