@@ -412,7 +412,7 @@ async fn a_reclaimed_entry_handed_back_keeps_its_slot(pool: PgPool) {
         priority: 0,
         run_at: None,
     };
-    queue.dispatch(&[item.clone()]).await.unwrap();
+    queue.dispatch(std::slice::from_ref(&item)).await.unwrap();
     queue.dispatch(&[item]).await.unwrap();
     let stale = queue
         .fetch(&mut conn, "system", "dead", 1, Duration::from_millis(100))
