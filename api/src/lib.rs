@@ -231,13 +231,14 @@ pub fn router(state: AppState) -> Router {
             "/v1/conversations/{id}",
             get(conversations::get).delete(conversations::delete),
         )
+        // prompts as large as a job's (a 1 MiB limit refused prompts `/v1/jobs` takes)
         .route(
             "/v1/conversations/{id}/messages",
-            post(conversations::post_message),
+            post(conversations::post_message).layer(DefaultBodyLimit::max(max_job_body)),
         )
         .route(
             "/v1/chat/completions",
-            post(crate::openai::chat_completions),
+            post(crate::openai::chat_completions).layer(DefaultBodyLimit::max(max_job_body)),
         )
         .route("/v1/models", get(models::list_models))
         .route("/v1/models/{*id}", get(models::get_model))

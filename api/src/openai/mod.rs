@@ -108,7 +108,12 @@ async fn run(
     let value = json_body(&headers, body)?;
     let mut req = wire::parse(&value)?;
     if let Some(v) = headers.get(CACHE_HEADER).and_then(|v| v.to_str().ok()) {
-        req.input.cache = Some(matches!(v.trim(), "1" | "true" | "on" | "yes"));
+        // any case; a value that is neither leaves the tenant's default
+        match v.trim().to_ascii_lowercase().as_str() {
+            "1" | "true" | "on" | "yes" => req.input.cache = Some(true),
+            "0" | "false" | "off" | "no" => req.input.cache = Some(false),
+            _ => {}
+        }
     }
     if req.input.cache.is_none() && principal.llm_cache {
         req.input.cache = Some(true);

@@ -182,7 +182,18 @@ async fn the_front_door_opts_in_by_header_or_field(pool: PgPool) {
         post(true, body.clone()).await["switchyard"]["cached"],
         false
     );
-    assert_eq!(post(true, body.clone()).await["switchyard"]["cached"], true);
+    // (the header in any case)
+    let r = app
+        .auth(app.http.post(app.url("/v1/chat/completions")))
+        .header("x-switchyard-cache", "True")
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
+        .json::<Value>()
+        .await
+        .unwrap();
+    assert_eq!(r["switchyard"]["cached"], true);
     let mut with_field = body.clone();
     with_field["cache"] = json!(true);
     assert_eq!(post(false, with_field).await["switchyard"]["cached"], true);

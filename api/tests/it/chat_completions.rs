@@ -102,6 +102,46 @@ async fn non_streaming_completion(pool: PgPool) {
     app.stop().await;
 }
 
+/// A prompt as large as a job may carry (here ~1.5 MB of JSON) is read by the front door and
+/// by a conversation (both refused anything over 1 MiB with 413, where `/v1/jobs` took it).
+#[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
+async fn prompts_larger_than_a_mebibyte_are_taken(pool: PgPool) {
+    let app = spawn_app(pool).await;
+    let big = "lorem ipsum ".repeat(60_000);
+    let messages = json!([{"role": "user", "content": big}, {"role": "assistant", "content": "ok"},
+                          {"role": "user", "content": big}]);
+    let r = chat(
+        &app,
+        json!({"model": "mock-echo", "messages": messages, "max_tokens": 5}),
+    )
+    .await;
+    // read and parsed: what refuses it now is the mock model's 8k window, not the body size
+    assert_eq!(r.status(), 400);
+    let e: Value = r.json().await.unwrap();
+    assert_eq!(e["error"]["code"], "context_length_exceeded", "{e}");
+    let conv: Value = app
+        .auth(app.http.post(app.url("/v1/conversations")))
+        .json(&json!({"model": "mock-echo"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let r = app
+        .auth(app.http.post(app.url(&format!(
+            "/v1/conversations/{}/messages",
+            conv["id"].as_str().unwrap()
+        ))))
+        // 600,000 characters, each escaped in JSON: 1.2 MB of body
+        .json(&json!({"content": "\"".repeat(600_000)}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202, "{}", r.text().await.unwrap_or_default());
+    app.stop().await;
+}
+
 /// A model's refusal reaches OpenAI's `refusal` field (content null), and streams as a
 /// `refusal` delta, never as content.
 #[sqlx::test(migrator = "switchyard_store::MIGRATOR")]

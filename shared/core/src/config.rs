@@ -47,8 +47,8 @@ pub struct Config {
     pub shutdown_grace_s: u64,
     /// Maximum request body.
     pub max_body_bytes: usize,
-    /// Maximum body of `POST /v1/jobs` (a `code.exec` job may carry an 8 MiB module and 4 MiB
-    /// of files).
+    /// Maximum body of `POST /v1/jobs` and `/v1/jobs/batch` (a `code.exec` job may carry an
+    /// 8 MiB module and 4 MiB of files), `/v1/chat/completions` and a conversation's messages.
     pub max_job_body_bytes: usize,
     /// Failed authentications a source address may make per minute before all its requests
     /// get 429 for a while.
