@@ -96,3 +96,47 @@ async fn a_failed_turn_is_retried_only_while_it_is_the_last(pool: PgPool) {
     assert_eq!(e["error"]["code"], "conflict", "{e}");
     app.stop().await;
 }
+
+/// While a turn runs, only the next turn waits in a worker slot: turns further back give
+/// theirs back (deferred, queued again with a due time; no attempt used), and all are answered
+/// in order once the running turn ends. (A burst of posts held a slot per turn, each polling,
+/// for as long as the turns before ran.)
+#[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
+async fn only_the_next_turn_waits_in_a_slot(pool: PgPool) {
+    let app = spawn_app(pool).await;
+    let c = create(&app, json!({"model": "mock-echo"})).await;
+    let id = c["id"].as_str().unwrap().to_string();
+    // turn 1 stalls until it is cancelled
+    let (_, first) = post(&app, &id, json!({"content": "one", "model": "mock-stall"})).await;
+    let j1: Uuid = first["job"]["id"].as_str().unwrap().parse().unwrap();
+    app.wait_status(j1, "running", T).await;
+    let mut later = Vec::new();
+    for text in ["two", "three", "four"] {
+        let (s, v) = post(&app, &id, json!({ "content": text })).await;
+        assert_eq!(s, 202, "{v}");
+        later.push(v["job"]["id"].as_str().unwrap().parse::<Uuid>().unwrap());
+    }
+    // turn 4 (two unfinished turns ahead of it) is deferred rather than held
+    let t = std::time::Instant::now();
+    loop {
+        let j = app.get_job(later[2]).await;
+        if j["status"] == "queued" && j["attempt"].as_i64().unwrap_or(0) >= 1 {
+            break;
+        }
+        assert!(t.elapsed() < T, "turn 4 never gave its slot back: {j}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let r = app
+        .auth(app.http.post(app.url(&format!("/v1/jobs/{j1}/cancel"))))
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success());
+    for (job, text) in later.iter().zip(["two", "three", "four"]) {
+        let done = app
+            .wait_status(*job, "succeeded", Duration::from_secs(60))
+            .await;
+        assert_eq!(done["output"]["text"], format!("Mock reply: {text}"));
+    }
+    app.stop().await;
+}

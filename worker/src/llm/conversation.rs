@@ -1,5 +1,6 @@
 //! Answering a turn of a stored conversation: wait until earlier turns are answered (posts are
-//! answered in order), read the history, fit it into the model's window, and append the reply.
+//! answered in order; only the next turn waits in its worker slot, later ones are deferred),
+//! read the history, fit it into the model's window, and append the reply.
 
 use std::time::{Duration, Instant};
 
@@ -61,6 +62,21 @@ pub(crate) async fn history(
             .map_err(store_error)?;
         let Some(first) = pending.first() else { break };
         waited = true;
+        // only the turn right after the unfinished ones waits in its slot; turns further back
+        // give theirs back at once (a burst of posts to one conversation held a worker slot
+        // per turn, each polling, for as long as the turns before it ran)
+        if pending.len() > 1 {
+            let ahead = pending.len() as u64;
+            return Err(ExecError::defer(
+                "conversation_busy",
+                format!(
+                    "turn {} waits for {ahead} earlier turns (from turn {})",
+                    conv.turn, first.turn
+                ),
+                Duration::from_secs(ahead - 1)
+                    .clamp(Duration::from_secs(1), Duration::from_secs(30)),
+            ));
+        }
         // waiting in the slot is cheap while an earlier turn runs; when none runs (queued for
         // a retry, or its worker died and the lease ran out) the slot goes back for a while,
         // without using up an attempt
