@@ -201,3 +201,32 @@ async fn the_front_door_opts_in_by_header_or_field(pool: PgPool) {
     assert_eq!(calls(&app, &model).await, 2);
     app.stop().await;
 }
+
+/// A reply a fallback model gave (the requested model failed) is not cached under the
+/// requested model: the next identical request asks the requested model again instead of
+/// getting the fallback's answer for the cache's TTL.
+#[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
+async fn a_fallbacks_reply_is_not_cached_for_the_requested_model(pool: PgPool) {
+    let app = spawn_app_with(
+        pool,
+        Opts {
+            configure: Some(std::sync::Arc::new(|cfg| {
+                cfg.llm.models.insert(
+                    "flaky".into(),
+                    serde_json::from_value(json!({"provider": "mock", "model": "mock-error-500",
+                        "fallbacks": ["mock-echo"]}))
+                    .unwrap(),
+                );
+            })),
+            ..Opts::default()
+        },
+    )
+    .await;
+    for _ in 0..2 {
+        let done = run(&app, chat("flaky", Some(true))).await;
+        assert_eq!(done["output"]["model"], "mock-echo", "{done}");
+        assert_eq!(done["output"]["cached"], false, "{done}");
+    }
+    assert_eq!(calls(&app, "mock-echo").await, 2);
+    app.stop().await;
+}

@@ -110,6 +110,11 @@ impl LlmChatExecutor {
                     }
                 };
                 match &result {
+                    // a fallback's reply is not stored under the requested model's key: the
+                    // requested model would otherwise keep answering with it for the TTL
+                    Ok(a) if a.model != input.model => {
+                        cache.release(ctx.tenant_id, &fp, ctx.job_id).await
+                    }
                     Ok(a) => {
                         let entry = Entry {
                             text: a.output.text.clone(),
