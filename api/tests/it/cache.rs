@@ -230,3 +230,38 @@ async fn a_fallbacks_reply_is_not_cached_for_the_requested_model(pool: PgPool) {
     assert_eq!(calls(&app, "mock-echo").await, 2);
     app.stop().await;
 }
+
+/// Identical requests wait for the leader's call as long as it runs, also past the global call
+/// timeout when the model has a longer one of its own (they gave up after the global timeout
+/// and each called the provider).
+#[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
+async fn identical_requests_wait_for_a_call_longer_than_the_global_timeout(pool: PgPool) {
+    let app = spawn_app_with(
+        pool,
+        Opts {
+            configure: Some(std::sync::Arc::new(|cfg| {
+                cfg.llm.call_timeout_s = 1;
+                cfg.llm.models.insert(
+                    "patient".into(),
+                    serde_json::from_value(json!({"provider": "mock", "model": "mock-slow",
+                        "call_timeout_s": 60}))
+                    .unwrap(),
+                );
+            })),
+            ..Opts::default()
+        },
+    )
+    .await;
+    // ~45 tokens at 50 ms each: a call of more than 2 s
+    let words = vec!["word"; 40].join(" ");
+    let body = json!({"kind": "llm.chat", "input": {"model": "patient", "cache": true,
+        "messages": [{"role": "user", "content": words}]}});
+    let jobs = futures::future::join_all((0..3).map(|_| app.submit(body.clone()))).await;
+    for j in &jobs {
+        let id: Uuid = j["id"].as_str().unwrap().parse().unwrap();
+        app.wait_status(id, "succeeded", Duration::from_secs(60))
+            .await;
+    }
+    assert_eq!(calls(&app, "mock-slow").await, 1, "one provider call");
+    app.stop().await;
+}

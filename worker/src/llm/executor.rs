@@ -15,7 +15,11 @@ use super::{conversation, summarize, ChatOutput, Providers, Sink};
 use crate::executor::{ExecError, Executor, JobContext};
 
 /// Longest wait for an identical request's call (single flight) before calling ourselves.
-const SHARED_WAIT_MAX: Duration = Duration::from_secs(120);
+/// The wait normally ends sooner: the leader holds its lock only while its call runs (it
+/// extends it; one that died lets it lapse within the lock's TTL, and a waiter leads then).
+/// The global call timeout was the bound before, shorter than a model's own `call_timeout_s`
+/// can be: identical requests to a slow model each called it.
+const SHARED_WAIT_MAX: Duration = Duration::from_secs(30 * 60);
 
 pub struct LlmChatExecutor {
     pub providers: Providers,
@@ -78,8 +82,10 @@ impl LlmChatExecutor {
         sink: &Sink<'_>,
     ) -> Result<Answer, ExecError> {
         let fp = cache::fingerprint(input, head, history);
-        let wait = self.providers.policy().call_timeout.min(SHARED_WAIT_MAX);
-        match cache.lookup(ctx.tenant_id, &fp, ctx.job_id, wait).await {
+        match cache
+            .lookup(ctx.tenant_id, &fp, ctx.job_id, SHARED_WAIT_MAX)
+            .await
+        {
             Lookup::Hit { entry, shared } => {
                 tracing::debug!(shared, "response cache hit");
                 for c in &entry.chunks {
