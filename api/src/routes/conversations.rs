@@ -64,11 +64,15 @@ pub struct PostMessage {
     pub cache: Option<bool>,
 }
 
+/// Content one page of messages carries at most (whole turns; a single larger turn alone).
+const PAGE_BYTES: i64 = 8 << 20;
+
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct ConversationWithMessages {
     #[serde(flatten)]
     pub conversation: Conversation,
-    /// The messages of up to `turns` turns after `after_turn`.
+    /// The messages of up to `turns` turns after `after_turn`, and at most 8 MiB of content
+    /// (whole turns; a single larger turn comes alone).
     pub messages: Vec<Message>,
     /// Pass as `after_turn` for the next page; null on the last page.
     pub next_after_turn: Option<i32>,
@@ -238,14 +242,14 @@ pub async fn get(
         .get_conversation(principal.scope(), id)
         .await?
         .ok_or_else(|| ApiError::not_found("conversation"))?;
-    let (messages, more) = state
+    let (messages, next_after_turn) = state
         .store
-        .messages_page(principal.tenant_id, id, after, turns)
+        .messages_page(principal.tenant_id, id, after, turns, PAGE_BYTES)
         .await?;
     Ok(Json(ConversationWithMessages {
         conversation,
         messages,
-        next_after_turn: more.then_some(after + turns),
+        next_after_turn,
     }))
 }
 

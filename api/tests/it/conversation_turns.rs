@@ -140,3 +140,44 @@ async fn only_the_next_turn_waits_in_a_slot(pool: PgPool) {
     }
     app.stop().await;
 }
+
+/// A page of messages is bounded by bytes as well as turns: whole turns only (the page's
+/// first turn whatever its size), and `next_after_turn` resumes after the last one sent.
+#[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
+async fn message_pages_are_bounded_by_bytes_in_whole_turns(pool: PgPool) {
+    let app = spawn_app(pool).await;
+    let c = create(&app, json!({"model": "mock-echo"})).await;
+    let id = c["id"].as_str().unwrap().to_string();
+    let conv: Uuid = id.parse().unwrap();
+    for word in ["alpha", "beta", "gamma"] {
+        say(&app, &id, &word.repeat(20)).await;
+    }
+    let page = |after: i32, max: i64| {
+        let store = app.store.clone();
+        let tenant = app.tenant;
+        async move {
+            let (rows, next) = store
+                .messages_page(tenant, conv, after, 200, max)
+                .await
+                .unwrap();
+            let turns: Vec<(i32, String)> = rows.iter().map(|m| (m.turn, m.role.clone())).collect();
+            (turns, next)
+        }
+    };
+    let user_and_reply = |t: i32| vec![(t, "user".to_string()), (t, "assistant".to_string())];
+    // everything fits: no next page
+    assert_eq!(
+        page(0, 1 << 20).await,
+        (
+            [user_and_reply(1), user_and_reply(2), user_and_reply(3)].concat(),
+            None
+        )
+    );
+    // ~100 bytes of user text and ~113 of reply per turn: 250 bytes end inside turn 2
+    assert_eq!(page(0, 250).await, (user_and_reply(1), Some(1)));
+    assert_eq!(page(1, 250).await, (user_and_reply(2), Some(2)));
+    assert_eq!(page(2, 250).await, (user_and_reply(3), None));
+    // a turn larger than the budget comes alone, whole
+    assert_eq!(page(0, 10).await, (user_and_reply(1), Some(1)));
+    app.stop().await;
+}

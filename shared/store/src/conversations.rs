@@ -174,30 +174,73 @@ impl Store {
     }
 
     /// One page of a conversation's messages: the turns after `after_turn`, at most `turns` of
-    /// them, and whether more follow.
+    /// them and at most `max_bytes` of content (whole turns; the first turn whatever its
+    /// size), and the turn to read the next page after (`None`: this was the last page).
     pub async fn messages_page(
         &self,
         tenant: Uuid,
         id: Uuid,
         after_turn: i32,
         turns: i32,
-    ) -> Result<(Vec<Message>, bool)> {
+        max_bytes: i64,
+    ) -> Result<(Vec<Message>, Option<i32>)> {
         let mut tx = self.tenant_tx(tenant).await?;
+        // the byte budget is applied in Postgres: rows past it are never sent here
         let mut rows = sqlx::query_as::<_, Message>(&format!(
-            "SELECT {MSG_COLS} FROM conversation_messages
-             WHERE conversation_id = $1 AND turn > $2 AND turn <= $2 + $3 + 1
+            "SELECT {MSG_COLS} FROM (
+                 SELECT *, sum(octet_length(content)) OVER (ORDER BY turn, part) AS upto,
+                        min(turn) OVER () AS first
+                 FROM conversation_messages
+                 WHERE conversation_id = $1 AND turn > $2 AND turn <= $2 + $3 + 1) m
+             WHERE upto - octet_length(content) < $4 OR turn = first
              ORDER BY turn, part"
         ))
         .bind(id)
         .bind(after_turn)
         .bind(turns)
+        .bind(max_bytes)
         .fetch_all(&mut *tx)
         .await?;
+        let window: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM conversation_messages
+             WHERE conversation_id = $1 AND turn > $2 AND turn <= $2 + $3 + 1",
+        )
+        .bind(id)
+        .bind(after_turn)
+        .bind(turns)
+        .fetch_one(&mut *tx)
+        .await?;
         tx.commit().await?;
+        let cut = (rows.len() as i64) < window;
         let last = after_turn.saturating_add(turns);
         let more = rows.iter().any(|m| m.turn > last);
         rows.retain(|m| m.turn <= last);
-        Ok((rows, more))
+        // the budget ended inside a turn: that turn is left to the next page, unless it is
+        // the page's only one
+        if cut && !more {
+            if let Some(t) = rows.last().map(|m| m.turn) {
+                if rows.first().is_some_and(|m| m.turn != t) {
+                    let parts = rows.iter().filter(|m| m.turn == t).count();
+                    if parts < self.turn_parts(id, t).await? {
+                        rows.retain(|m| m.turn != t);
+                    }
+                }
+            }
+        }
+        let next = (cut || more).then(|| rows.last().map_or(after_turn, |m| m.turn));
+        Ok((rows, next))
+    }
+
+    /// How many messages a turn has (1 until its reply is written, then 2).
+    async fn turn_parts(&self, id: Uuid, turn: i32) -> Result<usize> {
+        let n: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM conversation_messages WHERE conversation_id = $1 AND turn = $2",
+        )
+        .bind(id)
+        .bind(turn)
+        .fetch_one(self.pool())
+        .await?;
+        Ok(n.max(0) as usize)
     }
 
     /// Newest first; `before` is the last id of the previous page.
