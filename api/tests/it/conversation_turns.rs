@@ -181,3 +181,58 @@ async fn message_pages_are_bounded_by_bytes_in_whole_turns(pool: PgPool) {
     assert_eq!(page(0, 10).await, (user_and_reply(1), Some(1)));
     app.stop().await;
 }
+
+/// The history a turn reads under `drop_oldest` is bounded by bytes (newest first, from a
+/// question on), so a long conversation is not read whole on every turn.
+#[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
+async fn the_history_read_for_a_turn_is_bounded_by_bytes(pool: PgPool) {
+    let app = crate::support::spawn_api_only(pool).await;
+    let c = create(&app, json!({"model": "mock-echo"})).await;
+    let conv: Uuid = c["id"].as_str().unwrap().parse().unwrap();
+    // ten answered turns and the question of the eleventh, 1,000 bytes each
+    for turn in 1..=11 {
+        for (part, role) in [(0, "user"), (1, "assistant")] {
+            if turn == 11 && part == 1 {
+                continue;
+            }
+            sqlx::query(
+                "INSERT INTO conversation_messages (conversation_id, turn, part, role, content, job_id)
+                 VALUES ($1, $2, $3, $4, $5, $6)",
+            )
+            .bind(conv)
+            .bind(turn)
+            .bind(part as i16)
+            .bind(role)
+            .bind("x".repeat(1000))
+            .bind(Uuid::now_v7())
+            .execute(app.store.pool())
+            .await
+            .unwrap();
+        }
+    }
+    let read = |max: Option<i64>| {
+        let store = app.store.clone();
+        async move {
+            store
+                .messages_from(conv, 0, 11, max)
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|m| (m.turn, m.role))
+                .collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(read(None).await.len(), 21);
+    // 3,500 bytes: the newest three messages and the reply of turn 9, which opens nothing
+    assert_eq!(
+        read(Some(3500)).await,
+        [
+            (10, "user".to_string()),
+            (10, "assistant".to_string()),
+            (11, "user".to_string())
+        ]
+    );
+    // the question being answered is read whatever its size
+    assert_eq!(read(Some(1)).await, [(11, "user".to_string())]);
+    app.stop().await;
+}

@@ -153,24 +153,37 @@ impl Store {
     }
 
     /// Messages of turns `from_turn..=upto_turn` (the reply of `upto_turn` excluded), in order:
-    /// the part of the history a summary does not cover.
+    /// the part of the history a summary does not cover. With `max_bytes`, only the newest
+    /// messages whose content fits in it (the newest always), from a question on: what a
+    /// prompt that drops the oldest turns first can use, without reading a long history whole.
     pub async fn messages_from(
         &self,
         id: Uuid,
         from_turn: i32,
         upto_turn: i32,
+        max_bytes: Option<i64>,
     ) -> Result<Vec<Message>> {
-        Ok(sqlx::query_as::<_, Message>(&format!(
-            "SELECT {MSG_COLS} FROM conversation_messages
-             WHERE conversation_id = $1 AND turn >= $3
-               AND (turn < $2 OR (turn = $2 AND part = 0))
+        let mut rows = sqlx::query_as::<_, Message>(&format!(
+            "SELECT {MSG_COLS} FROM (
+                 SELECT *, sum(octet_length(content)) OVER (ORDER BY turn DESC, part DESC) AS newer
+                 FROM conversation_messages
+                 WHERE conversation_id = $1 AND turn >= $3
+                   AND (turn < $2 OR (turn = $2 AND part = 0))) m
+             WHERE $4::bigint IS NULL OR newer - octet_length(content) < $4
              ORDER BY turn, part"
         ))
         .bind(id)
         .bind(upto_turn)
         .bind(from_turn)
+        .bind(max_bytes)
         .fetch_all(self.pool())
-        .await?)
+        .await?;
+        // a reply whose question the budget left out does not open the prompt
+        if max_bytes.is_some() {
+            let lead = rows.iter().take_while(|m| m.role != "user").count();
+            rows.drain(..lead);
+        }
+        Ok(rows)
     }
 
     /// One page of a conversation's messages: the turns after `after_turn`, at most `turns` of

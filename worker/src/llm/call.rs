@@ -60,6 +60,9 @@ impl CallPolicy {
     }
 }
 
+/// See [`Providers::history_bytes`].
+const HISTORY_BYTES_PER_TOKEN: u64 = 16;
+
 /// The providers of the model table, by name, and the policy for calling them.
 #[derive(Clone)]
 pub struct Providers {
@@ -130,6 +133,21 @@ impl Providers {
 
     pub fn summary_model(&self) -> Option<&str> {
         self.summary_model.as_deref()
+    }
+
+    /// Bytes of a conversation's history worth reading for `model`: more than the largest
+    /// window of its chain can hold (16 bytes per token; a token is rarely more than 4), so
+    /// that fitting, not reading, decides what is dropped. `None` when a window is unknown.
+    pub fn history_bytes(&self, model: &str) -> Option<u64> {
+        let chain = self.table.chain(model).ok()?;
+        let mut widest = 0u64;
+        for m in &chain {
+            if m.config.context_window == 0 {
+                return None;
+            }
+            widest = widest.max(u64::from(m.config.context_window));
+        }
+        Some(widest.saturating_mul(HISTORY_BYTES_PER_TOKEN))
     }
 
     /// Runs `input` with the prompt `head` (kept whole) + `history` (oldest dropped first)

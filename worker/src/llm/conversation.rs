@@ -36,11 +36,14 @@ impl History {
     }
 }
 
-/// Waits for earlier turns, then returns the conversation's prompt for `turn`.
+/// Waits for earlier turns, then returns the conversation's prompt for `turn`. Under
+/// `drop_oldest`, only the newest `max_bytes` of the history are read (what the model chain's
+/// windows can hold; `None`: no bound): a long conversation was read whole on every turn.
 pub(crate) async fn history(
     store: &Store,
     ctx: &JobContext,
     conv: ConversationRef,
+    max_bytes: Option<u64>,
 ) -> Result<History, ExecError> {
     let gone = || {
         ExecError::fatal(
@@ -111,8 +114,13 @@ pub(crate) async fn history(
         (Some(_), "summarize") => c.summary_turn.min(conv.turn),
         _ => 0,
     };
+    // under `summarize` the summarizer needs every turn the summary does not cover yet
+    let budget = match c.context_strategy.as_str() {
+        "summarize" => None,
+        _ => max_bytes.map(|b| b.min(i64::MAX as u64) as i64),
+    };
     let rows = store
-        .messages_from(conv.id, from, conv.turn)
+        .messages_from(conv.id, from, conv.turn, budget)
         .await
         .map_err(store_error)?;
     if !rows.iter().any(|m| m.turn == conv.turn) {

@@ -160,7 +160,8 @@ impl Executor for LlmChatExecutor {
                 (h.to_vec(), rest.to_vec(), None)
             }
             (Some(conv), Some(store)) => {
-                let h = conversation::history(store, ctx, conv).await?;
+                let budget = self.providers.history_bytes(&input.model);
+                let h = conversation::history(store, ctx, conv, budget).await?;
                 if h.conversation.context_strategy == "summarize" {
                     let model = self.providers.summary_model();
                     let p =
