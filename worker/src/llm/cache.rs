@@ -94,8 +94,15 @@ pub enum Lookup {
     Bypass,
 }
 
-/// The request's identity: everything that shapes the reply.
-pub fn fingerprint(input: &LlmChatInput, head: &[ChatMessage], history: &[ChatMessage]) -> String {
+/// The request's identity: everything that shapes the reply, including what the requested
+/// alias resolves to (`route`: provider, upstream model, window and reply budget; a change of
+/// the model table no longer serves the old model's replies for the rest of their TTL).
+pub fn fingerprint(
+    input: &LlmChatInput,
+    head: &[ChatMessage],
+    history: &[ChatMessage],
+    route: Option<&str>,
+) -> String {
     let mut canonical = json!({
         "v": 1,
         "model": input.model,
@@ -110,6 +117,9 @@ pub fn fingerprint(input: &LlmChatInput, head: &[ChatMessage], history: &[ChatMe
     // they existed
     if let Some(p) = input.parallel_tool_calls {
         canonical["parallel_tool_calls"] = p.into();
+    }
+    if let Some(r) = route {
+        canonical["route"] = r.into();
     }
     if let Value::Object(extra) = serde_json::to_value(input.sampling()).unwrap_or_default() {
         if !extra.is_empty() {
@@ -265,9 +275,23 @@ mod tests {
     }
 
     #[test]
+    fn what_the_alias_resolves_to_changes_the_fingerprint() {
+        let head = [ChatMessage::new("user", "hi")];
+        let i = input(json!({}));
+        let a = fingerprint(&i, &head, &[], Some("openai/gpt-4o/128000/4096"));
+        let b = fingerprint(&i, &head, &[], Some("openai/gpt-4o-mini/128000/4096"));
+        assert_ne!(a, b);
+        assert_ne!(a, fingerprint(&i, &head, &[], None));
+        assert_eq!(
+            a,
+            fingerprint(&i, &head, &[], Some("openai/gpt-4o/128000/4096"))
+        );
+    }
+
+    #[test]
     fn every_sampling_parameter_changes_the_fingerprint_and_absent_ones_keep_it() {
         let head = [ChatMessage::new("user", "hi")];
-        let plain = fingerprint(&input(json!({})), &head, &[]);
+        let plain = fingerprint(&input(json!({})), &head, &[], None);
         // the fingerprint a request without sampling parameters had before they existed
         let before = hex::encode(Sha256::digest(
             json!({"v": 1, "model": "m", "head": head, "history": [], "max_tokens": null,
@@ -288,7 +312,7 @@ mod tests {
         let mut seen = std::collections::HashSet::from([plain]);
         for v in variants {
             assert!(
-                seen.insert(fingerprint(&input(v.clone()), &head, &[])),
+                seen.insert(fingerprint(&input(v.clone()), &head, &[], None)),
                 "{v}"
             );
         }

@@ -135,6 +135,18 @@ impl Providers {
         self.summary_model.as_deref()
     }
 
+    /// What `model` resolves to, for the response cache's key: provider, upstream model,
+    /// window and default reply budget of the chain's first model (only its replies are
+    /// cached).
+    pub fn route_of(&self, model: &str) -> Option<String> {
+        let chain = self.table.chain(model).ok()?;
+        let m = chain.first()?;
+        Some(format!(
+            "{}/{}/{}/{}",
+            m.provider, m.upstream, m.config.context_window, m.config.max_output_tokens
+        ))
+    }
+
     /// Bytes of a conversation's history worth reading for `model`: more than the largest
     /// window of its chain can hold (16 bytes per token; a token is rarely more than 4), so
     /// that fitting, not reading, decides what is dropped. `None` when a window is unknown.

@@ -81,7 +81,8 @@ impl LlmChatExecutor {
         history: &[ChatMessage],
         sink: &Sink<'_>,
     ) -> Result<Answer, ExecError> {
-        let fp = cache::fingerprint(input, head, history);
+        let route = self.providers.route_of(&input.model);
+        let fp = cache::fingerprint(input, head, history, route.as_deref());
         match cache
             .lookup(ctx.tenant_id, &fp, ctx.job_id, SHARED_WAIT_MAX)
             .await
