@@ -8,6 +8,7 @@ pub mod consumers;
 pub mod events;
 pub mod fair;
 pub mod keys;
+pub mod lease;
 pub mod live;
 pub mod queue;
 pub mod quotas;

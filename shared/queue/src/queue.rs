@@ -1,6 +1,6 @@
-//! Job dispatch over Redis Streams: XADD to dispatch, XREADGROUP to fetch, XCLAIM JUSTID as a
-//! lease heartbeat, XAUTOCLAIM to reclaim expired leases, XACK+XDEL when done, and a delayed
-//! zset moved into the streams in bounded batches. No operation costs O(backlog).
+//! Job dispatch over Redis Streams: XADD to dispatch, XREADGROUP to fetch, XACK+XDEL when
+//! done, and a delayed zset moved into the streams in bounded batches (leases: heartbeat and
+//! reclaim, in `lease.rs`). No operation costs O(backlog).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -33,55 +33,29 @@ pub struct Delivery {
 pub struct Queue {
     keys: Keys,
     conn: RedisConn,
-    heartbeat_script: Arc<Script>,
+    pub(crate) heartbeat_script: Arc<Script>,
     move_due_script: Arc<Script>,
     fetch_script: Arc<Script>,
     dispatch_script: Arc<Script>,
     ack_script: Arc<Script>,
     prune_script: Arc<Script>,
-    give_back_script: Arc<Script>,
+    pub(crate) give_back_script: Arc<Script>,
     /// Undelivered entries one tenant (weight 1) may have in a queue's streams (`fair.rs`).
     lane_depth: u64,
 }
-
-/// KEYS[1] = stream; ARGV: group, owner, job id, entry id. 0 when the owner holds another
-/// pending entry of the job; else claims the entry for the owner and returns 1.
-const GIVE_BACK_LUA: &str = r#"
-local pending = redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 10000, ARGV[2])
-for _, e in ipairs(pending) do
-  if e[1] ~= ARGV[4] then
-    local r = redis.call('XRANGE', KEYS[1], e[1], e[1])
-    if #r > 0 then
-      local f = r[1][2]
-      for i = 1, #f, 2 do
-        if f[i] == 'job' and f[i + 1] == ARGV[3] then return 0 end
-      end
-    end
-  end
-end
-redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[4], 'JUSTID')
-return 1
-"#;
-
-const HEARTBEAT_LUA: &str = r#"
-local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[3], ARGV[3], 1)
-if #p == 0 or p[1][2] ~= ARGV[2] then return 0 end
-redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[3], 'JUSTID')
-return 1
-"#;
 
 impl Queue {
     pub fn new(keys: Keys, conn: RedisConn) -> Queue {
         Queue {
             keys,
             conn,
-            heartbeat_script: Arc::new(Script::new(HEARTBEAT_LUA)),
+            heartbeat_script: Arc::new(Script::new(crate::lease::HEARTBEAT_LUA)),
             move_due_script: Arc::new(fair::script(fair::MOVE_DUE)),
             fetch_script: Arc::new(fair::script(fair::FETCH)),
             dispatch_script: Arc::new(fair::script(fair::DISPATCH)),
             ack_script: Arc::new(fair::script(fair::ACK_MANY)),
             prune_script: Arc::new(Script::new(crate::consumers::PRUNE)),
-            give_back_script: Arc::new(Script::new(GIVE_BACK_LUA)),
+            give_back_script: Arc::new(Script::new(crate::lease::GIVE_BACK_LUA)),
             lane_depth: fair::DEFAULT_LANE_DEPTH,
         }
     }
@@ -285,20 +259,6 @@ impl Queue {
         Ok(())
     }
 
-    /// Renews the lease of a delivery (resets its idle time) if `consumer` still owns it.
-    pub async fn heartbeat(&self, d: &Delivery, consumer: &str) -> RedisResult<bool> {
-        let mut c = self.conn.clone();
-        let owned: i64 = self
-            .heartbeat_script
-            .key(&d.stream)
-            .arg(GROUP)
-            .arg(consumer)
-            .arg(&d.entry_id)
-            .invoke_async(&mut c)
-            .await?;
-        Ok(owned == 1)
-    }
-
     /// Removes a delivery for good (the job's state lives in Postgres).
     pub async fn ack(&self, d: &Delivery) -> RedisResult<()> {
         self.ack_many(&d.queue, &[d]).await.map(|_| ())
@@ -323,77 +283,6 @@ impl Queue {
         }
         let acked: Vec<i64> = inv.invoke_async(&mut c).await?;
         Ok(acked.into_iter().map(|n| n == 1).collect())
-    }
-
-    /// Hands a reclaimed entry back to `owner` (the consumer whose live lease runs its job),
-    /// still pending: its concurrency slot stays taken until the owner acknowledges it. Unless
-    /// the owner holds another entry of the same job (then this one is a stale duplicate, and
-    /// `false` says to acknowledge it).
-    pub async fn give_back(&self, d: &Delivery, owner: &str) -> RedisResult<bool> {
-        let mut c = self.conn.clone();
-        let handed: i64 = self
-            .give_back_script
-            .key(&d.stream)
-            .arg(GROUP)
-            .arg(owner)
-            .arg(d.job_id.to_string())
-            .arg(&d.entry_id)
-            .invoke_async(&mut c)
-            .await?;
-        Ok(handed == 1)
-    }
-
-    /// Takes over up to `count` entries idle for longer than `min_idle` (their worker stopped
-    /// heartbeating). `cursor` is per stream and carried between calls (XAUTOCLAIM's cursor).
-    pub async fn reclaim(
-        &self,
-        queue: &str,
-        priority: i16,
-        consumer: &str,
-        min_idle: Duration,
-        cursor: &mut String,
-        count: usize,
-    ) -> RedisResult<Vec<Delivery>> {
-        let stream = self.keys.stream(queue, priority);
-        let mut c = self.conn.clone();
-        let reply: Value = redis::cmd("XAUTOCLAIM")
-            .arg(&stream)
-            .arg(GROUP)
-            .arg(consumer)
-            .arg(min_idle.as_millis() as u64)
-            .arg(cursor.as_str())
-            .arg("COUNT")
-            .arg(count)
-            .query_async(&mut c)
-            .await?;
-        let mut out = Vec::new();
-        if let Value::Array(parts) = reply {
-            if let Some(Value::BulkString(next)) = parts.first() {
-                *cursor = String::from_utf8_lossy(next).into_owned();
-            }
-            if let Some(Value::Array(entries)) = parts.get(1) {
-                for e in entries {
-                    // deleted entries come back as nil and are dropped from the PEL by Redis
-                    if let Value::Array(pair) = e {
-                        let id = match pair.first() {
-                            Some(Value::BulkString(b)) => String::from_utf8_lossy(b).into_owned(),
-                            _ => continue,
-                        };
-                        let (job, tenant) = match pair.get(1) {
-                            Some(Value::Array(fields)) => {
-                                (field(fields, "job"), field(fields, "t").unwrap_or_default())
-                            }
-                            _ => (None, String::new()),
-                        };
-                        out.push(Delivery {
-                            reclaimed: true,
-                            ..to_delivery(queue, &stream, &id, job, tenant)
-                        });
-                    }
-                }
-            }
-        }
-        Ok(out)
     }
 
     /// Parks a job until `run_at` (retry backoff).
@@ -585,7 +474,7 @@ pub fn delayed_member(it: &DispatchItem) -> String {
     format!("{}:{}:{}", it.id, it.tenant_id, it.priority.clamp(0, 9))
 }
 
-fn field(fields: &[Value], name: &str) -> Option<String> {
+pub(crate) fn field(fields: &[Value], name: &str) -> Option<String> {
     fields.chunks(2).find_map(|kv| match kv {
         [Value::BulkString(k), Value::BulkString(v)] if k == name.as_bytes() => {
             Some(String::from_utf8_lossy(v).into_owned())
@@ -594,7 +483,7 @@ fn field(fields: &[Value], name: &str) -> Option<String> {
     })
 }
 
-fn to_delivery(
+pub(crate) fn to_delivery(
     queue: &str,
     stream: &str,
     id: &str,
