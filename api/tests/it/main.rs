@@ -3,6 +3,7 @@
 
 mod api_keys;
 mod audit;
+mod audit_chain;
 mod cache;
 mod chat_completions;
 mod cluster;
