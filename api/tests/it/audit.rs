@@ -196,7 +196,7 @@ async fn job_state_changes_are_chained_and_retention_prunes_them(pool: PgPool) {
         audit_retention: Some(Duration::ZERO),
         ..app.scheduler_opts()
     };
-    let sched = switchyard_scheduler::Scheduler::new(app.store.clone(), app.queue().await, opts);
+    let sched = app.scheduler(opts).await;
     let report = sched.pass().await.unwrap();
     assert!(report.audit_pruned >= 3, "{report:?}");
     let v = app.store.verify_audit(app.tenant).await.unwrap();
@@ -430,7 +430,7 @@ async fn a_scheduler_behind_on_the_audit_trail_chains_again_without_waiting(pool
         interval: Duration::from_secs(3600),
         ..app.scheduler_opts()
     };
-    let sched = switchyard_scheduler::Scheduler::new(app.store.clone(), app.queue().await, opts);
+    let sched = app.scheduler(opts).await;
     let first = sched.pass().await.unwrap();
     assert_eq!((first.audited, first.backlog), (5, true), "{first:?}");
     let stop = tokio_util::sync::CancellationToken::new();

@@ -50,10 +50,7 @@ async fn sync_limits(app: &TestApp) {
         limits_every: Duration::ZERO,
         ..app.scheduler_opts()
     };
-    switchyard_scheduler::Scheduler::new(app.store.clone(), app.queue().await, opts)
-        .pass()
-        .await
-        .unwrap();
+    app.scheduler(opts).await.pass().await.unwrap();
 }
 
 #[sqlx::test(migrator = "switchyard_store::MIGRATOR")]

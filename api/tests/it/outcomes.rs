@@ -215,11 +215,7 @@ async fn a_job_requeued_by_its_worker_is_marked_dispatched(pool: PgPool) {
         },
     )
     .await;
-    let sched = switchyard_scheduler::Scheduler::new(
-        app.store.clone(),
-        app.queue().await,
-        app.scheduler_opts(),
-    );
+    let sched = app.scheduler(app.scheduler_opts()).await;
     let epoch = sched
         .pass()
         .await
@@ -264,7 +260,7 @@ async fn a_queue_losing_its_data_alone_is_redispatched(pool: PgPool) {
         undispatched_min_age: Duration::ZERO,
         ..app.scheduler_opts()
     };
-    let sched = switchyard_scheduler::Scheduler::new(app.store.clone(), app.queue().await, opts);
+    let sched = app.scheduler(opts).await;
     let first = sched.pass().await.unwrap();
     let epoch = first.new_epoch.expect("a first epoch");
     // the slots carry a new epoch as it starts (not a pass later)
@@ -320,11 +316,7 @@ async fn a_queue_losing_its_data_alone_is_redispatched(pool: PgPool) {
 #[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
 async fn a_retried_dead_job_is_marked_dispatched(pool: PgPool) {
     let app = spawn_api_only(pool).await;
-    let sched = switchyard_scheduler::Scheduler::new(
-        app.store.clone(),
-        app.queue().await,
-        app.scheduler_opts(),
-    );
+    let sched = app.scheduler(app.scheduler_opts()).await;
     let epoch = sched
         .pass()
         .await

@@ -232,7 +232,7 @@ async fn finished_jobs_are_pruned_after_their_tenants_retention(pool: PgPool) {
         job_prune_every: Duration::ZERO,
         ..app.scheduler_opts()
     };
-    let sched = switchyard_scheduler::Scheduler::new(app.store.clone(), app.queue().await, opts);
+    let sched = app.scheduler(opts).await;
     let report = sched.pass().await.unwrap();
     assert_eq!(report.jobs_pruned, 1, "{report:?}");
     let r = app
@@ -401,7 +401,7 @@ async fn idle_stream_consumers_are_pruned_but_not_those_holding_entries(pool: Pg
     let d = fetch("c-idle").await;
     queue.ack(&d).await.unwrap();
     assert_eq!(consumers(&app, &q).await, ["c-busy", "c-idle"]);
-    let sched = switchyard_scheduler::Scheduler::new(app.store.clone(), app.queue().await, opts);
+    let sched = app.scheduler(opts).await;
     assert!(sched.pass().await.unwrap().consumers_pruned >= 1);
     assert_eq!(consumers(&app, &q).await, ["c-busy"]);
     app.stop().await;

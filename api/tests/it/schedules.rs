@@ -221,7 +221,7 @@ async fn a_fired_run_is_dispatched_once_and_found_by_job(pool: PgPool) {
         undispatched_min_age: Duration::ZERO,
         ..app.scheduler_opts()
     };
-    let sched = switchyard_scheduler::Scheduler::new(app.store.clone(), app.queue().await, opts);
+    let sched = app.scheduler(opts).await;
     let first = sched.pass().await.unwrap();
     assert!(first.new_epoch.is_some(), "{first:?}");
     let (status, s) = post(
@@ -299,11 +299,7 @@ async fn newest_run(app: &TestApp, id: Uuid) -> Value {
 async fn cron_runs_are_held_to_the_tenants_limits_and_the_creators_key(pool: PgPool) {
     use switchyard_core::quota::QuotaLimits;
     let app = crate::support::spawn_api_only(pool).await;
-    let sched = switchyard_scheduler::Scheduler::new(
-        app.store.clone(),
-        app.queue().await,
-        app.scheduler_opts(),
-    );
+    let sched = app.scheduler(app.scheduler_opts()).await;
     let id_of = |s: &Value| -> Uuid { s["id"].as_str().unwrap().parse().unwrap() };
     let (_, s) = post(
         &app,

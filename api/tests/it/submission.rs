@@ -477,9 +477,7 @@ async fn one_scheduler_at_a_time_starts_an_epoch_and_redispatches(pool: PgPool) 
         undispatched_min_age: Duration::ZERO,
         ..app.scheduler_opts()
     };
-    let scheduler = || async {
-        switchyard_scheduler::Scheduler::new(app.store.clone(), app.queue().await, opts.clone())
-    };
+    let scheduler = || async { app.scheduler(opts.clone()).await };
     let (a, b) = (scheduler().await, scheduler().await);
     let queue = app.queue().await;
 

@@ -315,6 +315,11 @@ impl TestApp {
         tokio::spawn(s.run(stop));
     }
 
+    /// A scheduler of this app's store and Redis, whose passes a test runs itself.
+    pub async fn scheduler(&self, opts: SchedulerOptions) -> Scheduler {
+        Scheduler::new(self.store.clone(), self.queue().await, opts)
+    }
+
     pub fn scheduler_opts(&self) -> SchedulerOptions {
         SchedulerOptions {
             interval: Duration::from_millis(200),

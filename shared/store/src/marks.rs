@@ -1,6 +1,8 @@
 //! Dispatch marks: which Redis epoch holds each job's stream entry (`jobs.dispatch_epoch`), so
 //! that the reconciler re-dispatches only what Redis does not hold.
 
+use std::sync::LazyLock;
+
 use uuid::Uuid;
 
 use crate::{Result, Store};
@@ -20,21 +22,26 @@ fn unmarked_in_order(attempt: &str) -> String {
     )
 }
 
+/// The two marks (new jobs; re-dispatched ones), built once.
+static MARK_SQL: LazyLock<[String; 2]> = LazyLock::new(|| {
+    let update = |attempt: &str| {
+        format!(
+            "UPDATE jobs SET dispatch_epoch = $2 WHERE id = ANY({}) AND dispatch_epoch < $2",
+            unmarked_in_order(attempt)
+        )
+    };
+    [
+        update("attempt = 0"),
+        update("(id, attempt) IN (SELECT * FROM unnest($1::uuid[], $3::int4[]))"),
+    ]
+});
+
 impl Store {
     /// The statements of [`Store::mark_dispatched`] and [`Store::mark_redispatched`] (their
     /// plans are checked by a test).
     #[doc(hidden)]
-    pub fn mark_statements() -> [String; 2] {
-        let update = |attempt: &str| {
-            format!(
-                "UPDATE jobs SET dispatch_epoch = $2 WHERE id = ANY({}) AND dispatch_epoch < $2",
-                unmarked_in_order(attempt)
-            )
-        };
-        [
-            update("attempt = 0"),
-            update("(id, attempt) IN (SELECT * FROM unnest($1::uuid[], $3::int4[]))"),
-        ]
+    pub fn mark_statements() -> &'static [String; 2] {
+        &MARK_SQL
     }
 
     /// Records that these new jobs (attempt 0) were handed to Redis in `epoch`. Rows locked by
@@ -43,8 +50,7 @@ impl Store {
         if ids.is_empty() {
             return Ok(());
         }
-        let [sql, _] = Self::mark_statements();
-        sqlx::query(&sql)
+        sqlx::query(&MARK_SQL[0])
             .bind(ids)
             .bind(epoch)
             .execute(self.batch_pool())
@@ -59,8 +65,7 @@ impl Store {
             return Ok(());
         }
         let (ids, attempts): (Vec<Uuid>, Vec<i32>) = jobs.iter().copied().unzip();
-        let [_, sql] = Self::mark_statements();
-        sqlx::query(&sql)
+        sqlx::query(&MARK_SQL[1])
             .bind(ids)
             .bind(epoch)
             .bind(attempts)
