@@ -120,7 +120,7 @@ impl Queue {
             let stream = self.keys().stream(queue, p);
             // (a stream or group that does not exist yet counts 0)
             let n: i64 = self
-                .prune_script()
+                .prune_script
                 .key(&stream)
                 .arg(GROUP)
                 .arg(idle.as_millis() as u64)

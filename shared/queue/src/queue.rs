@@ -38,7 +38,7 @@ pub struct Queue {
     fetch_script: Arc<Script>,
     dispatch_script: Arc<Script>,
     ack_script: Arc<Script>,
-    prune_script: Arc<Script>,
+    pub(crate) prune_script: Arc<Script>,
     pub(crate) give_back_script: Arc<Script>,
     /// Undelivered entries one tenant (weight 1) may have in a queue's streams (`fair.rs`).
     lane_depth: u64,
@@ -64,10 +64,6 @@ impl Queue {
     pub fn with_lane_depth(mut self, depth: u64) -> Queue {
         self.lane_depth = depth.max(1);
         self
-    }
-
-    pub(crate) fn prune_script(&self) -> &Script {
-        &self.prune_script
     }
 
     pub fn keys(&self) -> &Keys {
