@@ -119,26 +119,15 @@ async fn prompts_larger_than_a_mebibyte_are_taken(pool: PgPool) {
     assert_eq!(r.status(), 400);
     let e: Value = r.json().await.unwrap();
     assert_eq!(e["error"]["code"], "context_length_exceeded", "{e}");
-    let conv: Value = app
-        .auth(app.http.post(app.url("/v1/conversations")))
-        .json(&json!({"model": "mock-echo"}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let r = app
-        .auth(app.http.post(app.url(&format!(
-            "/v1/conversations/{}/messages",
-            conv["id"].as_str().unwrap()
-        ))))
-        // 600,000 characters, each escaped in JSON: 1.2 MB of body
-        .json(&json!({"content": "\"".repeat(600_000)}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 202, "{}", r.text().await.unwrap_or_default());
+    let conv = crate::conversations::create(&app, json!({"model": "mock-echo"})).await;
+    // 600,000 characters, each escaped in JSON: 1.2 MB of body
+    let (status, body) = crate::conversations::post(
+        &app,
+        conv["id"].as_str().unwrap(),
+        json!({"content": "\"".repeat(600_000)}),
+    )
+    .await;
+    assert_eq!(status, 202, "{body}");
     app.stop().await;
 }
 
