@@ -2,6 +2,7 @@
 //! `retryable`, and the runtime decides between retry and final failure.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -23,8 +24,6 @@ pub struct ExecError {
     /// Not a failure: the job cannot run yet; it goes back to the queue for `retry_after`
     /// without using up an attempt.
     pub defer: bool,
-    /// LLM tokens the attempt used before it failed (charged to the tenant's day).
-    pub spent_tokens: u64,
 }
 
 impl ExecError {
@@ -35,7 +34,6 @@ impl ExecError {
             retryable: true,
             retry_after: None,
             defer: false,
-            spent_tokens: 0,
         }
     }
 
@@ -55,14 +53,7 @@ impl ExecError {
             retryable: false,
             retry_after: None,
             defer: false,
-            spent_tokens: 0,
         }
-    }
-
-    /// The attempt used `tokens` before it failed.
-    pub fn spent(mut self, tokens: u64) -> Self {
-        self.spent_tokens = tokens;
-        self
     }
 
     /// A fault of ours (a task that panicked, JSON that would not encode): logged with its
@@ -106,6 +97,8 @@ pub struct JobContext {
     /// Cancelled when the job is cancelled, times out or the run is fenced out.
     pub cancel: CancellationToken,
     emit: mpsc::Sender<Emit>,
+    /// LLM tokens the attempt has used so far (see [`JobContext::spent`]).
+    spent: Arc<AtomicU64>,
 }
 
 /// Identity and input of one attempt, for [`JobContext::new`].
@@ -130,7 +123,30 @@ impl JobContext {
             max_attempts: meta.max_attempts,
             cancel,
             emit,
+            spent: Arc::new(AtomicU64::new(0)),
         }
+    }
+
+    /// The attempt's running count of LLM tokens, charged to its tenant's day however the
+    /// run ends (a reply cut by a cancel or a timeout, or not kept, was paid for all the
+    /// same). Provider calls add to it as they stream ([`crate::llm::Sink`]); the runtime
+    /// reads it after the executor's future is gone, so it outlives the context.
+    pub fn spent(&self) -> Arc<AtomicU64> {
+        self.spent.clone()
+    }
+
+    /// Adds `tokens` to the attempt's count.
+    pub fn add_spent(&self, tokens: u64) {
+        self.spent.fetch_add(tokens, Ordering::Relaxed);
+    }
+
+    /// Takes back `tokens` counted ahead of what a call turned out to use.
+    pub fn refund_spent(&self, tokens: u64) {
+        let _ = self
+            .spent
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                Some(n.saturating_sub(tokens))
+            });
     }
 
     /// Streams output text; waits if the publisher is behind (bounded buffer).

@@ -167,6 +167,7 @@ pub(crate) async fn run_claimed(s: &Shared, d: Delivery, row: JobRow) {
         run_token.clone(),
         tx,
     );
+    let spent = ctx.spent();
     let exec = s.executors.get(&row.kind);
     let timeout = row.timeout_s.map(|t| Duration::from_secs(t as u64));
     let exec_fut = async move {
@@ -222,12 +223,15 @@ pub(crate) async fn run_claimed(s: &Shared, d: Delivery, row: JobRow) {
         None
     };
 
-    // what the run used, whatever its end (a reply it could not keep was paid for)
-    let used = match &result {
-        Some(Ok(output)) => crate::quota::use_of(&row.kind, output),
-        Some(Err(e)) => (e.spent_tokens, 0),
-        None => (0, 0),
-    };
+    // what the run used, whatever its end (a reply it could not keep, or that a cancel or a
+    // time limit cut, was paid for)
+    let used = (
+        spent.load(std::sync::atomic::Ordering::Relaxed),
+        match &result {
+            Some(Ok(output)) => crate::quota::sandbox_ms(&row.kind, output),
+            _ => 0,
+        },
+    );
     let (end, event) = match (interrupt, result) {
         (Some(Interrupt::Fenced), _) => return,
         (Some(Interrupt::Cancelled), _) => (

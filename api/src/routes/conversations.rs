@@ -283,8 +283,8 @@ pub async fn list(
     }))
 }
 
-/// Delete a conversation and its messages (jobs stay; an unanswered turn fails with
-/// `conversation_not_found`).
+/// Delete a conversation and its messages. Its turns that are still queued or running are
+/// cancelled (nobody is left to read their replies); the jobs themselves stay.
 #[utoipa::path(
     delete, path = "/v1/conversations/{id}", tag = "conversations",
     params(("id" = Uuid, Path, description = "conversation id")),
@@ -301,15 +301,21 @@ pub async fn delete(
     Path(id): Path<String>,
 ) -> ApiResult<StatusCode> {
     let id = parse_id(&id)?;
-    if state
+    let Some(unfinished) = state
         .store
         .delete_conversation(principal.scope(), id)
         .await?
-    {
-        Ok(StatusCode::NO_CONTENT)
-    } else {
-        Err(ApiError::not_found("conversation"))
+    else {
+        return Err(ApiError::not_found("conversation"));
+    };
+    // the newest first: an older turn's end must not let a newer one start
+    for job in unfinished.into_iter().rev() {
+        if let Err(e) = super::jobs::cancel(&state, principal.scope(), job).await {
+            // the turn then fails with conversation_not_found when it runs
+            tracing::warn!(%job, error = ?e, "could not cancel a deleted conversation's turn");
+        }
     }
+    Ok(StatusCode::NO_CONTENT)
 }
 
 /// Post a user message: 202 with the stored message and the `llm.chat` job that answers it.

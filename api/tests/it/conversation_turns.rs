@@ -1,6 +1,7 @@
 //! Conversation turns that do not simply succeed: a turn behind one that keeps retrying, a
-//! conversation deleted mid-turn (the reply's tokens still charged), and the retry of a failed
-//! turn, allowed only while it is the last.
+//! conversation deleted mid-turn (its turns cancelled, the reply's tokens still charged), a
+//! reply cut by a cancel (charged), and the retry of a failed turn, allowed only while it is
+//! the last.
 
 use std::time::Duration;
 
@@ -36,12 +37,12 @@ async fn a_turn_behind_a_retrying_turn_is_answered_not_failed(pool: PgPool) {
     app.stop().await;
 }
 
-/// A conversation deleted while its turn's reply is being written: the turn is not answered,
-/// and its job fails with `conversation_not_found` instead of succeeding with a lost reply.
-/// The reply's tokens were paid for all the same: they count against the tenant's day (else
+/// A conversation deleted while its turn streams: the turn is cancelled (its provider call
+/// aborted, nobody is left to read the reply) and so is the turn queued behind it. The tokens
+/// the cut reply used were paid for all the same: they count against the tenant's day (else
 /// post, delete, repeat used a daily token quota without limit).
 #[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
-async fn deleting_a_conversation_mid_turn_fails_the_turn(pool: PgPool) {
+async fn deleting_a_conversation_mid_turn_cancels_its_turns(pool: PgPool) {
     let app = spawn_app(pool).await;
     let c = create(&app, json!({"model": "mock-slow"})).await;
     let id = c["id"].as_str().unwrap().to_string();
@@ -49,18 +50,56 @@ async fn deleting_a_conversation_mid_turn_fails_the_turn(pool: PgPool) {
     let (s, posted) = post(&app, &id, json!({ "content": words })).await;
     assert_eq!(s, 202);
     let job: Uuid = posted["job"]["id"].as_str().unwrap().parse().unwrap();
-    app.wait_status(job, "running", T).await;
+    let (_, next) = post(&app, &id, json!({ "content": "and then?" })).await;
+    let next: Uuid = next["job"]["id"].as_str().unwrap().parse().unwrap();
+    let mut ws = app.ws().await;
+    ws.subscribe(job, 0).await;
+    while ws.next(T).await.expect("events")["type"] != "output.delta" {}
     assert_eq!(delete(&app, &id).await, 204);
-    let j = app.wait_status(job, "failed", T).await;
-    assert_eq!(j["error"]["code"], "conversation_not_found", "{j}");
+    let j = app.wait_status(job, "cancelled", T).await;
+    assert!(j["output"].is_null(), "{j}");
+    let n = app.wait_status(next, "cancelled", T).await;
+    assert!(n["error"].is_null(), "the queued turn never failed: {n}");
     let t = std::time::Instant::now();
     loop {
         let q = app.get_json("/v1/quotas").await;
-        // 30 words of prompt and a reply of as many
-        if q["usage"]["llm_tokens_today"].as_u64().unwrap_or(0) >= 30 {
+        // 30 words of prompt and what streamed of the reply
+        if q["usage"]["llm_tokens_today"].as_u64().unwrap_or(0) > 30 {
             break;
         }
         assert!(t.elapsed() < T, "the spent tokens were not charged: {q}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    app.stop().await;
+}
+
+/// A job cancelled while its reply streams: the prompt and what streamed are charged (a
+/// cancel just before the end cannot be used to get replies past the daily token quota).
+#[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
+async fn a_reply_cut_by_a_cancel_is_charged(pool: PgPool) {
+    let app = spawn_app(pool).await;
+    let words = vec!["word"; 40].join(" ");
+    let job = app
+        .submit(json!({"kind": "llm.chat", "input": {"model": "mock-slow", "messages": [{"role": "user", "content": words}]}}))
+        .await;
+    let job: Uuid = job["id"].as_str().unwrap().parse().unwrap();
+    let mut ws = app.ws().await;
+    ws.subscribe(job, 0).await;
+    while ws.next(T).await.expect("events")["type"] != "output.delta" {}
+    let r = app
+        .auth(app.http.post(app.url(&format!("/v1/jobs/{job}/cancel"))))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    app.wait_status(job, "cancelled", T).await;
+    let t = std::time::Instant::now();
+    loop {
+        let q = app.get_json("/v1/quotas").await;
+        if q["usage"]["llm_tokens_today"].as_u64().unwrap_or(0) > 40 {
+            break;
+        }
+        assert!(t.elapsed() < T, "the cut reply was not charged: {q}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     app.stop().await;

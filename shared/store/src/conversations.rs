@@ -281,21 +281,49 @@ impl Store {
         Ok(out)
     }
 
-    /// Deletes a conversation and its messages; false when there was none.
-    pub async fn delete_conversation(&self, scope: impl Into<Scope>, id: Uuid) -> Result<bool> {
+    /// Deletes a conversation and its messages. Returns the jobs of its turns that had not
+    /// finished (the caller cancels them: nobody is left to read their replies), or `None`
+    /// when there was no such conversation.
+    pub async fn delete_conversation(
+        &self,
+        scope: impl Into<Scope>,
+        id: Uuid,
+    ) -> Result<Option<Vec<Uuid>>> {
         let scope = scope.into();
         let mut tx = self.tenant_tx(scope.tenant_id).await?;
-        let r = sqlx::query(
-            "DELETE FROM conversations WHERE id = $1 AND tenant_id = $2
-               AND ($3::text IS NULL OR created_by = $3)",
+        // the row lock waits for a post in flight, so its turn is among those read below
+        let found: Option<Uuid> = sqlx::query_scalar(
+            "SELECT id FROM conversations WHERE id = $1 AND tenant_id = $2
+               AND ($3::text IS NULL OR created_by = $3)
+             FOR UPDATE",
         )
         .bind(id)
         .bind(scope.tenant_id)
-        .bind(scope.creator)
-        .execute(&mut *tx)
+        .bind(&scope.creator)
+        .fetch_optional(&mut *tx)
         .await?;
+        if found.is_none() {
+            return Ok(None);
+        }
+        // the jobs of turns without a reply that are still to run or running
+        let unfinished: Vec<Uuid> = sqlx::query_scalar(
+            "SELECT j.id FROM conversation_messages m JOIN jobs j ON j.id = m.job_id
+             WHERE m.conversation_id = $1 AND m.part = 0
+               AND NOT EXISTS (SELECT 1 FROM conversation_messages r
+                               WHERE r.conversation_id = m.conversation_id
+                                 AND r.turn = m.turn AND r.part = 1)
+               AND j.status IN ('queued', 'running')
+             ORDER BY m.turn",
+        )
+        .bind(id)
+        .fetch_all(&mut *tx)
+        .await?;
+        sqlx::query("DELETE FROM conversations WHERE id = $1")
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
         tx.commit().await?;
-        Ok(r.rows_affected() == 1)
+        Ok(Some(unfinished))
     }
 
     /// Stores a user message as the next turn and the job answering it, atomically. `make_job`

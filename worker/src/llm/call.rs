@@ -196,12 +196,14 @@ impl Providers {
             let extra = tok.request_extra(input);
             let fitted = if m.config.context_window == 0 {
                 // a name outside the table: its window is unknown, the provider judges
-                Ok([head, history].concat())
+                let all = [head, history].concat();
+                let tokens = super::estimate_prompt(&all);
+                Ok((all, tokens))
             } else {
                 fit_prompt(tok, head.to_vec(), history.to_vec(), budget, extra).await
             };
-            let messages = match fitted {
-                Ok(msgs) => msgs,
+            let (messages, prompt_tokens) = match fitted {
+                Ok(fitted) => fitted,
                 Err(e) if ci + 1 < chain.len() => {
                     tracing::info!(model = %m.alias, error = %e, "prompt does not fit; trying the next model");
                     continue;
@@ -239,6 +241,7 @@ impl Providers {
             let mut retry = 0u32;
             loop {
                 calls += 1;
+                sink.begin_call(prompt_tokens);
                 let result = tokio::time::timeout(limit, provider.chat(&req, sink))
                     .await
                     .unwrap_or_else(|_| {
@@ -247,6 +250,7 @@ impl Providers {
                             format!("the call took longer than {limit:?}"),
                         ))
                     });
+                sink.end_call(result.as_ref().ok().map(|o| &o.usage));
                 let e = match result {
                     Ok(output) => {
                         return Ok(Completion {

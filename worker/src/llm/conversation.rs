@@ -159,7 +159,7 @@ pub(crate) async fn fit_prompt(
     history: Vec<ChatMessage>,
     budget: u64,
     extra: u64,
-) -> Result<Vec<ChatMessage>, ExecError> {
+) -> Result<(Vec<ChatMessage>, u64), ExecError> {
     let chars: usize = head.iter().chain(&history).map(|m| m.content.len()).sum();
     let fitted = if chars <= INLINE_FIT_CHARS {
         fit(tok, head, history, budget, extra)
@@ -178,7 +178,7 @@ pub(crate) async fn fit_prompt(
                     "context fitted"
                 );
             }
-            Ok(f.messages)
+            Ok((f.messages, f.tokens))
         }
         None => Err(ExecError::fatal(
             "context_too_long",
@@ -198,7 +198,6 @@ pub(crate) async fn append(
     input: &LlmChatInput,
     out: &ChatOutput,
     model: &str,
-    spent: u64,
 ) -> Result<(), ExecError> {
     let tool_calls = (!out.tool_calls.is_empty())
         .then(|| serde_json::to_value(&out.tool_calls).unwrap_or_default());
@@ -219,12 +218,11 @@ pub(crate) async fn append(
     {
         ReplyAppend::Written => Ok(()),
         // deleted while its turn ran: the turn is not answered (nor is the job a success)
+        // (the reply was paid for all the same: the job's spent tokens count it)
         ReplyAppend::ConversationGone => Err(ExecError::fatal(
             "conversation_not_found",
             format!("conversation {} was deleted while its turn ran", conv.id),
-        )
-        // the reply was paid for all the same
-        .spent(spent)),
+        )),
         ReplyAppend::Fenced => {
             tracing::info!(conversation = %conv.id, turn = conv.turn, model = %input.model,
                 "reply not appended (a newer attempt owns the turn)");

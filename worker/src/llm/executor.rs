@@ -193,12 +193,7 @@ impl Executor for LlmChatExecutor {
         };
         let out = &answer.output;
         if let (Some(conv), Some(store)) = (input.conversation, &self.store) {
-            let spent = if answer.cached {
-                0
-            } else {
-                out.usage.total_tokens
-            } + summary.as_ref().map_or(0, |s| s.usage.total_tokens);
-            conversation::append(store, ctx, conv, &input, out, &answer.model, spent).await?;
+            conversation::append(store, ctx, conv, &input, out, &answer.model).await?;
         }
         let mut v = json!({
             "text": out.text,

@@ -101,6 +101,28 @@ pub struct Sink<'a> {
     recorded: Option<Mutex<Vec<String>>>,
     /// Emit nothing (an internal call, e.g. a summary).
     silent: bool,
+    /// The provider call in flight, as counted into the job's spent tokens.
+    meter: Mutex<Meter>,
+}
+
+/// What a provider call in flight has added to its job's spent tokens
+/// ([`JobContext::spent`]): its prompt once sent, then an estimate of the text it streamed;
+/// the call's reported usage replaces the estimate when it ends.
+#[derive(Debug, Default)]
+struct Meter {
+    active: bool,
+    prompt: u64,
+    /// ASCII bytes and other characters streamed (see [`estimate_tokens`]).
+    ascii: u64,
+    other: u64,
+    /// What this call has added so far.
+    counted: u64,
+}
+
+impl Meter {
+    fn completion(&self) -> u64 {
+        self.ascii.div_ceil(4) + self.other
+    }
 }
 
 impl<'a> Sink<'a> {
@@ -110,6 +132,7 @@ impl<'a> Sink<'a> {
             streamed: AtomicBool::new(false),
             recorded: None,
             silent: false,
+            meter: Mutex::new(Meter::default()),
         }
     }
 
@@ -134,11 +157,60 @@ impl<'a> Sink<'a> {
         }
     }
 
+    /// A provider call starts with a prompt of `prompt_tokens`: they count as spent until the
+    /// call ends (a call cancelled meanwhile was paid for).
+    pub fn begin_call(&self, prompt_tokens: u64) {
+        let mut m = self.meter.lock().unwrap_or_else(|p| p.into_inner());
+        *m = Meter {
+            active: true,
+            prompt: prompt_tokens,
+            counted: prompt_tokens,
+            ..Meter::default()
+        };
+        self.ctx.add_spent(prompt_tokens);
+    }
+
+    /// The call ended: with its usage, which replaces what was counted for it; or failed
+    /// (`None`), which keeps what was counted once it streamed something (the provider
+    /// charged for it) and takes back the prompt of a call that produced nothing.
+    pub fn end_call(&self, usage: Option<&Usage>) {
+        let mut m = self.meter.lock().unwrap_or_else(|p| p.into_inner());
+        if !m.active {
+            return;
+        }
+        let keep = match usage {
+            Some(u) => u.total_tokens.max(u.prompt_tokens + u.completion_tokens),
+            None if m.completion() > 0 => m.counted,
+            None => m.counted - m.prompt,
+        };
+        if keep >= m.counted {
+            self.ctx.add_spent(keep - m.counted);
+        } else {
+            self.ctx.refund_spent(m.counted - keep);
+        }
+        *m = Meter::default();
+    }
+
+    /// Counts streamed text toward the call in flight.
+    fn meter(&self, text: &str) {
+        let mut m = self.meter.lock().unwrap_or_else(|p| p.into_inner());
+        if !m.active {
+            return;
+        }
+        let before = m.completion();
+        m.ascii += text.bytes().filter(u8::is_ascii).count() as u64;
+        m.other += text.chars().filter(|c| !c.is_ascii()).count() as u64;
+        let added = m.completion() - before;
+        m.counted += added;
+        self.ctx.add_spent(added);
+    }
+
     /// Streams output text.
     pub async fn text(&self, delta: String) {
         if delta.is_empty() {
             return;
         }
+        self.meter(&delta);
         if let Some(r) = &self.recorded {
             if let Ok(mut r) = r.lock() {
                 r.push(delta.clone());
@@ -161,6 +233,8 @@ impl<'a> Sink<'a> {
 
     /// Streams a completed tool call (`output.tool_call`).
     pub async fn tool_call(&self, index: usize, call: &ToolCall) {
+        self.meter(&call.function.name);
+        self.meter(&call.function.arguments);
         if self.silent {
             return;
         }

@@ -326,3 +326,75 @@ async fn an_unreachable_provider_s_address_stays_out_of_the_error() {
         e.message
     );
 }
+
+/// The job's spent tokens (what its tenant is charged): a call's reported usage once it ends;
+/// nothing for calls that failed before they produced anything; the prompt and the streamed
+/// text of a call that broke mid-stream (the provider charged it); and the prompt and what had
+/// streamed when the call is dropped mid-reply (a cancel, a job time limit).
+#[tokio::test]
+async fn spent_tokens_count_every_call_that_produced_something() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let (base, stop) = mock().await;
+    let mut cfg = llm(&base);
+    cfg.max_retries = 0;
+    cfg.models.insert(
+        "flaky".into(),
+        model("mock", "mock-midstream-error", &["steady"]),
+    );
+    cfg.models
+        .insert("steady".into(), model("mock-anthropic", "mock-echo", &[]));
+    let p = Providers::from_config(&cfg);
+    let words = "one two three four five six seven eight nine ten";
+
+    // two 500s, then a reply: only the reply is charged
+    let mut retrying = llm(&base);
+    retrying.max_retries = 2;
+    let p2 = Providers::from_config(&retrying);
+    let (c, _rx) = ctx();
+    let done = p2
+        .complete(
+            &input(&unique("mock-fail-first-2"), words),
+            &[],
+            &user(words),
+            &Sink::new(&c),
+        )
+        .await
+        .unwrap();
+    assert_eq!(done.calls, 3);
+    assert!(done.output.usage.total_tokens > 0);
+    assert_eq!(c.spent().load(Relaxed), done.output.usage.total_tokens);
+
+    // a reply cut mid-stream, then the fallback's: both are charged
+    let (c, _rx) = ctx();
+    let done = p
+        .complete(&input("flaky", words), &[], &user(words), &Sink::new(&c))
+        .await
+        .unwrap();
+    assert_eq!(done.calls, 2);
+    let broken = c.spent().load(Relaxed) - done.output.usage.total_tokens;
+    assert!(
+        broken > done.output.usage.prompt_tokens,
+        "the broken call's prompt and streamed text: {broken}"
+    );
+
+    // dropped after its first tokens: the prompt and what streamed stay counted
+    let (c, mut rx) = ctx();
+    let spent = c.spent();
+    let call = async {
+        let sink = Sink::new(&c);
+        p.complete(&input("mock-slow", words), &[], &user(words), &sink)
+            .await
+    };
+    tokio::select! {
+        _ = call => panic!("the slow reply finished first"),
+        _ = rx.recv() => {}
+    }
+    drop(c);
+    let prompt_at_least = 10;
+    assert!(
+        spent.load(Relaxed) > prompt_at_least,
+        "prompt and first token: {}",
+        spent.load(Relaxed)
+    );
+    stop.cancel();
+}
