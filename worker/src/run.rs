@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::Utc;
+use futures::FutureExt;
 use serde_json::{json, Value};
 use switchyard_core::event::types;
 use switchyard_core::job::{job_error_codes, JobError, JobKind, JobStatus};
@@ -171,25 +172,42 @@ pub(crate) async fn run_claimed(s: &Shared, d: Delivery, row: JobRow) {
     let exec = s.executors.get(&row.kind);
     let timeout = row.timeout_s.map(|t| Duration::from_secs(t as u64));
     let exec_fut = async move {
-        let r = match exec {
-            None => Err(ExecError::fatal(
-                job_error_codes::NO_EXECUTOR,
-                format!(
-                    "this worker has no executor for kind `{}`",
-                    ctx.kind.as_str()
-                ),
-            )),
-            Some(e) => match timeout {
-                Some(t) => match tokio::time::timeout(t, e.execute(&ctx)).await {
-                    Ok(r) => r,
-                    Err(_) => Err(ExecError::retryable(
-                        job_error_codes::TIMEOUT,
-                        format!("attempt exceeded timeout_s ({}s)", t.as_secs()),
-                    )),
+        let run = async {
+            match exec {
+                None => Err(ExecError::fatal(
+                    job_error_codes::NO_EXECUTOR,
+                    format!(
+                        "this worker has no executor for kind `{}`",
+                        ctx.kind.as_str()
+                    ),
+                )),
+                Some(e) => match timeout {
+                    Some(t) => match tokio::time::timeout(t, e.execute(&ctx)).await {
+                        Ok(r) => r,
+                        Err(_) => Err(ExecError::retryable(
+                            job_error_codes::TIMEOUT,
+                            format!("attempt exceeded timeout_s ({}s)", t.as_secs()),
+                        )),
+                    },
+                    None => e.execute(&ctx).await,
                 },
-                None => e.execute(&ctx).await,
-            },
+            }
         };
+        // an executor that panics (a bug, or a library's on odd input) fails its attempt: the
+        // run still ends, and its heartbeat stops with it (else the lease was renewed forever)
+        let r = std::panic::AssertUnwindSafe(run)
+            .catch_unwind()
+            .await
+            .unwrap_or_else(|panic| {
+                let what = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_default();
+                Err(ExecError::internal(format!(
+                    "the executor panicked: {what}"
+                )))
+            });
         drop(ctx);
         r
     };

@@ -346,3 +346,50 @@ async fn a_retried_dead_job_is_marked_dispatched(pool: PgPool) {
     assert_eq!(marked, epoch);
     app.stop().await;
 }
+
+/// An executor that panics fails its attempt (`internal`): its run ends, and with it the
+/// heartbeat that kept the job's lease alive (the job stayed `running` forever). The worker
+/// goes on running other jobs.
+#[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
+async fn an_executor_that_panics_fails_its_job(pool: PgPool) {
+    use std::sync::Arc;
+    use switchyard_core::job::JobKind;
+    use switchyard_worker::executor::{ExecError, Executor, JobContext};
+
+    struct Panics;
+    #[async_trait::async_trait]
+    impl Executor for Panics {
+        async fn execute(&self, ctx: &JobContext) -> Result<serde_json::Value, ExecError> {
+            // (noop's input is checked on submit: a chosen sleep says "panic")
+            if ctx.input["sleep_ms"] == 7 {
+                panic!("byte index 1 is not a char boundary");
+            }
+            Ok(json!({"ok": true}))
+        }
+    }
+    let opts = crate::support::Opts {
+        executors: Some(Arc::new(|reg| {
+            reg.register(JobKind::SystemNoop, Arc::new(Panics));
+        })),
+        ..Default::default()
+    };
+    let app = crate::support::spawn_app_with(pool, opts).await;
+    let bad = app.submit_noop(json!({"sleep_ms": 7})).await;
+    let j = app
+        .wait_status(bad, "failed", Duration::from_secs(20))
+        .await;
+    assert_eq!(j["error"]["code"], "internal", "{j}");
+    assert!(
+        !j["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("char boundary"),
+        "the detail stays in the worker's log: {j}"
+    );
+    let good = app.submit_noop(json!({})).await;
+    let j = app
+        .wait_status(good, "succeeded", Duration::from_secs(20))
+        .await;
+    assert_eq!(j["output"]["ok"], true);
+    app.stop().await;
+}

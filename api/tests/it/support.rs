@@ -32,6 +32,9 @@ pub const OPERATOR_TOKEN: &str = "operator-token-for-tests-0123456789abcdef";
 /// A change to the configuration a test makes before the app starts.
 pub type Configure = std::sync::Arc<dyn Fn(&mut Config) + Send + Sync>;
 
+/// Executors a test puts in its workers' registry (replacing those of the same kind).
+pub type Register = std::sync::Arc<dyn Fn(&mut ExecutorRegistry) + Send + Sync>;
+
 #[derive(Clone)]
 pub struct Opts {
     pub worker: bool,
@@ -44,6 +47,8 @@ pub struct Opts {
     pub code: bool,
     /// Adjusts the configuration before anything starts.
     pub configure: Option<Configure>,
+    /// Adjusts the workers' executors.
+    pub executors: Option<Register>,
 }
 
 impl Default for Opts {
@@ -57,6 +62,7 @@ impl Default for Opts {
             enable_noop: true,
             code: false,
             configure: None,
+            executors: None,
         }
     }
 }
@@ -250,6 +256,9 @@ impl TestApp {
                     ),
                 ),
             );
+        }
+        if let Some(register) = &self.opts.executors {
+            register(&mut reg);
         }
         reg
     }

@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use bytes::Bytes;
 use eventsource_stream::{Event, EventStreamError, Eventsource};
 use futures::{Stream, StreamExt};
 use secrecy::SecretString;
@@ -97,10 +98,11 @@ pub(crate) async fn send(
         return Ok(resp);
     }
     let retry_after = retry_after(resp.headers());
-    let body = tokio::time::timeout(limit, resp.text())
+    let body = tokio::time::timeout(limit, read_limited(resp, MAX_ERROR_BODY))
         .await
         .ok()
         .and_then(Result::ok)
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
         .unwrap_or_default();
     let mut e = classify(Some(status.as_u16()), &body);
     e.retry_after = retry_after;
@@ -230,18 +232,120 @@ pub(crate) fn reader(
     started: Instant,
     ttft: Duration,
     idle: Duration,
-) -> SseReader<impl Stream<Item = Result<Event, EventStreamError<reqwest::Error>>>> {
+) -> SseReader<impl Stream<Item = Result<Event, EventStreamError<BodyError>>>> {
+    let mut guard = Guard::default();
     SseReader {
-        inner: resp.bytes_stream().eventsource(),
+        inner: resp
+            .bytes_stream()
+            .map(move |chunk| guard.pass(chunk))
+            .eventsource(),
         first_deadline: started + ttft,
         idle,
         got_token: false,
     }
 }
 
+/// Longest SSE line, and longest event (its lines up to the blank line that ends it), a
+/// provider may send: past them the call fails rather than buffering without bound. (The
+/// parser re-reads a line it has not seen the end of on every packet: a line's cost grows
+/// with its square, so its bound is the tighter; a whole reply of 1 MiB is ~250k tokens.)
+pub(crate) const MAX_SSE_LINE: u64 = 1 << 20;
+pub(crate) const MAX_SSE_EVENT: u64 = 8 << 20;
+/// Longest non-streamed reply, and longest error body read.
+pub(crate) const MAX_BODY: usize = 64 << 20;
+const MAX_ERROR_BODY: usize = 64 << 10;
+
+/// Why a provider's body could not be read.
+#[derive(Debug)]
+pub(crate) enum BodyError {
+    Http(reqwest::Error),
+    TooLarge(&'static str),
+}
+
+impl std::fmt::Display for BodyError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            BodyError::Http(e) => write!(f, "{e}"),
+            BodyError::TooLarge(what) => write!(f, "{what}"),
+        }
+    }
+}
+
+impl std::error::Error for BodyError {}
+
+/// Checks the raw bytes of an SSE body before the parser sees them: drops a leading UTF-8
+/// byte order mark (the parser slices it as if it were one byte and panics) and bounds lines
+/// and events (the parser buffers a line until its newline, an event until its blank line).
+#[derive(Debug, Default)]
+struct Guard {
+    /// Bytes seen so far, up to the length of a BOM.
+    head: usize,
+    line: u64,
+    event: u64,
+    /// The byte before (a line ending right after another is a blank line: the event ends).
+    prev: u8,
+    failed: bool,
+}
+
+const BOM: &[u8] = b"\xEF\xBB\xBF";
+
+impl Guard {
+    fn pass(&mut self, chunk: Result<Bytes, reqwest::Error>) -> Result<Bytes, BodyError> {
+        if self.failed {
+            return Err(BodyError::TooLarge("provider stream broke"));
+        }
+        let mut bytes = chunk.map_err(BodyError::Http)?;
+        // a BOM can only be the body's first three bytes (possibly split across chunks)
+        while self.head < BOM.len() && !bytes.is_empty() {
+            if bytes[0] != BOM[self.head] {
+                self.head = BOM.len();
+                break;
+            }
+            bytes = bytes.slice(1..);
+            self.head += 1;
+        }
+        for &b in bytes.iter() {
+            let ending = |c: u8| c == b'\n' || c == b'\r';
+            if ending(b) {
+                // `\r\n` is one line ending
+                if ending(self.prev) && !(self.prev == b'\r' && b == b'\n') {
+                    self.event = 0;
+                }
+                self.line = 0;
+            } else {
+                self.line += 1;
+                self.event += 1;
+            }
+            self.prev = b;
+            if self.line > MAX_SSE_LINE || self.event > MAX_SSE_EVENT {
+                self.failed = true;
+                return Err(BodyError::TooLarge(
+                    "the provider sent a stream event larger than 8 MiB (or a line over 1 MiB)",
+                ));
+            }
+        }
+        Ok(bytes)
+    }
+}
+
+/// Reads a whole body, failing past `max` bytes.
+pub(crate) async fn read_limited(
+    mut resp: reqwest::Response,
+    max: usize,
+) -> Result<Vec<u8>, BodyError> {
+    let mut out = Vec::new();
+    while let Some(chunk) = resp.chunk().await.map_err(BodyError::Http)? {
+        if out.len() + chunk.len() > max {
+            return Err(BodyError::TooLarge("the provider's reply is too large"));
+        }
+        out.extend_from_slice(&chunk);
+    }
+    Ok(out)
+}
+
 impl<S> SseReader<S>
 where
-    S: Stream<Item = Result<Event, EventStreamError<reqwest::Error>>> + Unpin,
+    S: Stream<Item = Result<Event, EventStreamError<BodyError>>> + Unpin,
 {
     /// Marks that a token arrived: from now on the idle limit applies.
     pub fn token(&mut self) {
@@ -280,10 +384,11 @@ pub(crate) async fn body_json(
     started: Instant,
     ttft: Duration,
 ) -> Result<Value, ProviderError> {
-    let text = tokio::time::timeout_at(started + ttft, resp.text())
+    let body = tokio::time::timeout_at(started + ttft, read_limited(resp, MAX_BODY))
         .await
         .map_err(|_| ProviderError::new(Failure::Timeout, "no reply from the provider in time"))?
         .map_err(|e| ProviderError::new(Failure::Stream, format!("reply body broke: {e}")))?;
+    let text = String::from_utf8_lossy(&body);
     let v: Value = serde_json::from_str(&text).map_err(|e| {
         ProviderError::new(Failure::Stream, format!("unparseable provider reply: {e}"))
     })?;
@@ -296,6 +401,33 @@ pub(crate) async fn body_json(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_guard_drops_a_split_mark_and_bounds_events_not_bodies() {
+        let mut g = Guard::default();
+        let pass = |g: &mut Guard, b: &[u8]| g.pass(Ok(Bytes::copy_from_slice(b)));
+        assert_eq!(pass(&mut g, b"\xEF").unwrap(), Bytes::new());
+        assert_eq!(
+            pass(&mut g, b"\xBB\xBFdata: a\n\n").unwrap(),
+            &b"data: a\n\n"[..]
+        );
+        // a mark later in the body is the body's
+        assert_eq!(pass(&mut g, b"\xEF\xBB\xBF").unwrap(), &b"\xEF\xBB\xBF"[..]);
+        // many events, each under the bound, with any line endings: fine
+        let event = format!("data: {}\r\r", "x".repeat(1000 << 10));
+        for _ in 0..40 {
+            assert!(pass(&mut g, event.as_bytes()).is_ok());
+        }
+        let event = format!("data: {}\r\n\r\n", "x".repeat(1000 << 10));
+        for _ in 0..40 {
+            assert!(pass(&mut g, event.as_bytes()).is_ok());
+        }
+        // one event of many lines past the event bound: refused, and so is what follows
+        let line = format!("data: {}\n", "x".repeat(1000 << 10));
+        let refused = (0..20).any(|_| pass(&mut g, line.as_bytes()).is_err());
+        assert!(refused);
+        assert!(pass(&mut g, b"\n\n").is_err());
+    }
 
     #[test]
     fn endpoints_keep_queries() {

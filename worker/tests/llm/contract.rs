@@ -512,3 +512,47 @@ async fn thinking_keeps_a_call_alive_before_its_first_token() {
     assert_eq!(out.text, "answer", "the thinking is not the reply");
     assert_eq!(out.finish_reason, "stop");
 }
+
+/// A body that starts with a UTF-8 byte order mark (some proxies add one) is read like any
+/// other: the SSE parser sliced the mark as one byte and panicked, in both formats. And a
+/// provider that sends a line without end fails the call once the line passes its bound,
+/// before its time limit, instead of being buffered without bound.
+#[tokio::test]
+async fn a_byte_order_mark_is_skipped_and_endless_lines_are_refused() {
+    let openai = "\u{feff}data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"hi\"},\"finish_reason\":\"stop\"}]}\n\ndata: [DONE]\n\n";
+    let anthropic = concat!(
+        "\u{feff}event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"usage\":{\"input_tokens\":3,\"output_tokens\":0}}}\n\n",
+        "event: content_block_start\ndata: {\"type\":\"content_block_start\",\"index\":0,\"content_block\":{\"type\":\"text\",\"text\":\"\"}}\n\n",
+        "event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"text_delta\",\"text\":\"hi\"}}\n\n",
+        "event: message_delta\ndata: {\"type\":\"message_delta\",\"delta\":{\"stop_reason\":\"end_turn\"},\"usage\":{\"output_tokens\":1}}\n\n",
+        "event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n",
+    );
+    for (format, body) in [(Format::OpenAi, openai), (Format::Anthropic, anthropic)] {
+        // the mark in a packet of its own
+        let (a, b) = body.split_at(3);
+        let base = raw_server(vec![
+            (Duration::ZERO, a.to_string()),
+            (Duration::from_millis(20), b.to_string()),
+        ])
+        .await;
+        let p = adapter(format, &base);
+        let msgs = user("x");
+        let (c, _rx) = ctx();
+        let out = p
+            .chat(&request("m", &msgs, true), &Sink::new(&c))
+            .await
+            .unwrap();
+        assert_eq!(out.text, "hi", "{format:?}");
+    }
+
+    let endless = format!("data: {}", "x".repeat(3 << 20));
+    let base = raw_server(vec![(Duration::ZERO, endless)]).await;
+    let p = adapter(Format::OpenAi, &base);
+    let msgs = user("x");
+    let mut req = request("m", &msgs, true);
+    req.ttft_timeout = Duration::from_secs(60);
+    let (c, _rx) = ctx();
+    let e = p.chat(&req, &Sink::new(&c)).await.unwrap_err();
+    assert_eq!(e.failure, Failure::Stream, "{}", e.message);
+    assert!(e.message.contains("larger than"), "{}", e.message);
+}
