@@ -263,6 +263,9 @@ impl Anthropic {
                     if let Some(o) = v["usage"]["output_tokens"].as_u64() {
                         output_tokens = o;
                     }
+                    // cumulative like the output count; some compatible servers send 0 in
+                    // `message_start` and the real prompt count only here
+                    input_tokens = input_tokens.max(prompt_tokens(&v["usage"]));
                 }
                 "message_stop" => {
                     stopped = true;

@@ -387,6 +387,17 @@ pub fn estimate_tokens(text: &str) -> u64 {
 pub(crate) fn estimate_prompt(messages: &[ChatMessage]) -> u64 {
     messages
         .iter()
-        .map(|m| 4 + estimate_tokens(&m.content))
+        .map(|m| {
+            let calls = m.tool_calls.as_deref().unwrap_or_default();
+            4 + estimate_tokens(&m.content) + estimate_calls(calls)
+        })
+        .sum()
+}
+
+/// Tool calls' names and arguments, estimated like text.
+pub(crate) fn estimate_calls(calls: &[ToolCall]) -> u64 {
+    calls
+        .iter()
+        .map(|c| estimate_tokens(&c.function.name) + estimate_tokens(&c.function.arguments))
         .sum()
 }

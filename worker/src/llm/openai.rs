@@ -16,8 +16,8 @@ use tokio::time::Instant;
 
 use super::sse::{body_json, classify, reader, send, Endpoint};
 use super::{
-    estimate_prompt, estimate_tokens, ChatOutput, Failure, LlmProvider, ProviderError,
-    ProviderRequest, Sink, Usage,
+    estimate_calls, estimate_prompt, estimate_tokens, ChatOutput, Failure, LlmProvider,
+    ProviderError, ProviderRequest, Sink, Usage,
 };
 
 /// An OpenAI-format endpoint.
@@ -159,47 +159,77 @@ struct WireUsage {
 /// Most tool calls kept from one reply.
 const MAX_TOOL_CALLS: usize = 128;
 
-/// Tool calls assembled from their streamed fragments, by index.
+/// Tool calls assembled from their streamed fragments. A fragment continues the call of its
+/// `index` unless it brings a new id: servers that stream parallel calls all under index 0
+/// (Ollama, SGLang) start each with its own id. Indexes are only labels (SGLang numbers a
+/// call by its tool's position in the request), never positions to fill up to.
 #[derive(Default)]
-struct ToolCalls(Vec<ToolCall>);
+struct ToolCalls {
+    calls: Vec<ToolCall>,
+    /// The provider's index of each call.
+    index: Vec<Option<usize>>,
+}
 
 impl ToolCalls {
     fn apply(&mut self, d: ToolCallDelta) {
-        let i = match (d.index, self.0.last()) {
-            (Some(i), _) => i,
-            (None, None) => 0,
+        let id = d.id.filter(|s| !s.is_empty());
+        let new_id = |c: &ToolCall| {
+            id.as_ref()
+                .is_some_and(|id| !c.id.is_empty() && &c.id != id)
+        };
+        let slot = match d.index {
+            Some(i) => self
+                .index
+                .iter()
+                .rposition(|&x| x == Some(i))
+                .filter(|&at| !new_id(&self.calls[at])),
             // servers that leave `index` out (Gemini's compatible endpoint): a fragment
             // with a new id starts the next call, one without continues the last
-            (None, Some(last)) => match d.id.as_deref() {
-                Some(id) if !id.is_empty() && !last.id.is_empty() && last.id != id => self.0.len(),
-                _ => self.0.len() - 1,
-            },
+            None => self
+                .calls
+                .last()
+                .filter(|c| !new_id(c))
+                .map(|_| self.calls.len() - 1),
         };
-        if i >= MAX_TOOL_CALLS {
-            return; // a misbehaving server; never grow without bound
-        }
-        while self.0.len() <= i {
-            self.0.push(ToolCall {
-                id: String::new(),
-                kind: "function".into(),
-                function: FunctionCall {
-                    name: String::new(),
-                    arguments: String::new(),
-                },
-            });
-        }
-        let c = &mut self.0[i];
-        if let Some(id) = d.id.filter(|s| !s.is_empty()) {
+        let slot = match slot {
+            Some(at) => at,
+            None if self.calls.len() >= MAX_TOOL_CALLS => return, // never grow without bound
+            None => {
+                self.calls.push(ToolCall {
+                    id: String::new(),
+                    kind: "function".into(),
+                    function: FunctionCall {
+                        name: String::new(),
+                        arguments: String::new(),
+                    },
+                });
+                self.index.push(d.index);
+                self.calls.len() - 1
+            }
+        };
+        let c = &mut self.calls[slot];
+        if let Some(id) = id {
             c.id = id;
         }
         if let Some(f) = d.function {
-            if let Some(n) = f.name {
+            // a name comes whole in one fragment, in pieces, or (some servers) whole again
+            // in every fragment: a repeat of the whole name is not appended
+            if let Some(n) = f.name.filter(|n| *n != c.function.name) {
                 c.function.name.push_str(&n);
             }
             if let Some(a) = f.arguments {
                 c.function.arguments.push_str(&a);
             }
         }
+    }
+
+    /// The calls that have a name (a fragment of nothing, e.g. an empty first chunk under its
+    /// own index, is not a call).
+    fn done(self) -> Vec<ToolCall> {
+        self.calls
+            .into_iter()
+            .filter(|c| !c.function.name.is_empty())
+            .collect()
     }
 }
 
@@ -221,7 +251,7 @@ fn whole_tool_calls(v: &Value) -> Result<Vec<ToolCall>, ProviderError> {
         p.index = Some(i);
         calls.apply(p);
     }
-    Ok(calls.0)
+    Ok(calls.done())
 }
 
 fn finish(
@@ -234,10 +264,22 @@ fn finish(
 ) -> ChatOutput {
     let usage = match usage {
         Some(u) => Usage::new(u.prompt_tokens, u.completion_tokens),
-        None => Usage {
-            estimated: true,
-            ..Usage::new(estimate_prompt(req.messages), estimate_tokens(&text))
-        },
+        // what a provider that reports no usage was sent (tool schemas included) and what it
+        // answered (tool calls and refusals too)
+        None => {
+            let tools = match req.tools {
+                [] => 0,
+                t => estimate_tokens(&serde_json::to_string(t).unwrap_or_default()),
+            };
+            let prompt = estimate_prompt(req.messages) + tools;
+            let reply = estimate_tokens(&text)
+                + estimate_tokens(refusal.as_deref().unwrap_or_default())
+                + estimate_calls(&tool_calls);
+            Usage {
+                estimated: true,
+                ..Usage::new(prompt, reply)
+            }
+        }
     };
     let finish_reason = match finish {
         Some(f) => f,
@@ -320,7 +362,8 @@ impl OpenAi {
                 "provider stream ended before completion",
             ));
         }
-        if fin.is_none() && text.is_empty() && refusal.is_empty() && calls.0.is_empty() {
+        let calls = calls.done();
+        if fin.is_none() && text.is_empty() && refusal.is_empty() && calls.is_empty() {
             // `[DONE]` and nothing else: no reply, no finish reason (llama.cpp sends its errors
             // on a 200 stream in an `error:` field, which SSE readers drop)
             return Err(ProviderError::new(
@@ -328,10 +371,10 @@ impl OpenAi {
                 "provider stream ended without a reply (an error it sent outside `data:` is lost)",
             ));
         }
-        for (i, c) in calls.0.iter().enumerate() {
+        for (i, c) in calls.iter().enumerate() {
             sink.tool_call(i, c).await;
         }
-        Ok(finish(text, fin, calls.0, usage, Some(refusal), req))
+        Ok(finish(text, fin, calls, usage, Some(refusal), req))
     }
 
     async fn whole(
@@ -410,7 +453,7 @@ mod tests {
         for f in serde_json::from_value::<Vec<ToolCallDelta>>(fragments).unwrap() {
             calls.apply(f);
         }
-        calls.0
+        calls.done()
     }
 
     fn summary(calls: &[ToolCall]) -> Vec<(&str, &str, &str)> {
@@ -442,6 +485,31 @@ mod tests {
             {"index": 0, "function": {"arguments": "}"}},
         ]));
         assert_eq!(summary(&calls), [("a", "f", "{}"), ("b", "g", "{}")]);
+    }
+
+    #[test]
+    fn parallel_calls_under_one_index_and_repeated_names_stay_apart() {
+        // Ollama and SGLang: every parallel call under index 0, each with its own id
+        let calls = streamed(json!([
+            {"index": 0, "id": "a", "function": {"name": "write", "arguments": "{\"p\":1}"}},
+            {"index": 0, "id": "b", "function": {"name": "write", "arguments": "{\"p\":2}"}},
+        ]));
+        assert_eq!(
+            summary(&calls),
+            [("a", "write", "{\"p\":1}"), ("b", "write", "{\"p\":2}")]
+        );
+        // the whole name in every fragment (MiniMax through NIM), names in pieces, and an
+        // index that is the tool's position in the request: no empty calls before it
+        let calls = streamed(json!([
+            {"index": 3, "id": "a", "function": {"name": "read_file", "arguments": "{\"p\""}},
+            {"index": 3, "function": {"name": "read_file", "arguments": ":1}"}},
+            {"index": 5, "id": "b", "function": {"name": "list_", "arguments": ""}},
+            {"index": 5, "function": {"name": "dir", "arguments": "{}"}},
+        ]));
+        assert_eq!(
+            summary(&calls),
+            [("a", "read_file", "{\"p\":1}"), ("b", "list_dir", "{}")]
+        );
     }
 
     #[test]
