@@ -5,6 +5,7 @@ mod acker;
 mod batcher;
 pub mod code;
 pub mod code_metrics;
+mod deliver;
 pub mod executor;
 pub mod llm;
 pub mod noop;

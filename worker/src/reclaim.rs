@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::runtime::{spawn_batch, Shared};
+use crate::deliver::spawn_batch;
+use crate::runtime::Shared;
 
 pub(crate) async fn reclaim_loop(s: Arc<Shared>, stop: CancellationToken) {
     let every = (s.opts.lease / 4).clamp(Duration::from_millis(250), Duration::from_secs(5));

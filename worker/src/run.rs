@@ -22,9 +22,10 @@ use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
+use crate::deliver::ack;
 use crate::executor::{Emit, ExecError, JobContext, JobMeta};
 use crate::publisher::publish_next;
-use crate::runtime::{ack, complete, with_retry, Running, Shared};
+use crate::runtime::{complete, with_retry, Running, Shared};
 
 /// A job is deferred at most this many times (its attempts then count again).
 const MAX_DEFERRALS: i32 = 1000;

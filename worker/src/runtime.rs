@@ -4,22 +4,21 @@
 //! Invariants: a stream entry is acknowledged only after Postgres holds the run's outcome; every
 //! write of a run is fenced by its `attempt`; a fenced-out run stops without writing anything.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rand::Rng;
-use switchyard_core::Event;
-use switchyard_queue::{Delivery, EventBus, Queue};
-use switchyard_store::{ClaimOutcome, JobRow, RunEndWrite, Store, StoreError};
-use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
+use switchyard_queue::{EventBus, Queue};
+use switchyard_store::{RunEndWrite, Store, StoreError};
+use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::batcher::Batcher;
+use crate::deliver::spawn_batch;
 use crate::executor::ExecutorRegistry;
 
 /// Tunables of a worker process.
@@ -86,6 +85,10 @@ pub(crate) struct Shared {
     pub(crate) slots: Arc<Semaphore>,
     pub(crate) queue_slots: HashMap<String, Arc<Semaphore>>,
     pub(crate) running: Mutex<HashMap<Uuid, Running>>,
+    /// Jobs this worker holds a claim on, from the claim to the end of their run: a claim
+    /// found held by this worker's own id is run only if it is not in here (its reply was
+    /// lost), else it is a duplicate delivery.
+    pub(crate) claimed: Mutex<HashSet<Uuid>>,
     /// Cancel notices for jobs not (yet) running here: a run that registers right after its
     /// notice arrived still sees it.
     pub(crate) recent_cancels: Mutex<HashMap<Uuid, tokio::time::Instant>>,
@@ -164,6 +167,7 @@ impl Worker {
                     .collect(),
                 opts,
                 running: Mutex::new(HashMap::new()),
+                claimed: Mutex::new(HashSet::new()),
                 recent_cancels: Mutex::new(HashMap::new()),
                 hard_stop: CancellationToken::new(),
                 jobs: TaskTracker::new(),
@@ -390,59 +394,6 @@ async fn cancel_listener(s: Arc<Shared>, stop: CancellationToken) {
     }
 }
 
-/// Claims a fetched batch in one statement, then runs each delivery in its own task.
-pub(crate) async fn spawn_batch(
-    s: &Arc<Shared>,
-    deliveries: Vec<Delivery>,
-    permits: &mut Vec<OwnedSemaphorePermit>,
-) {
-    let ids: Vec<Uuid> = deliveries
-        .iter()
-        .map(|d| d.job_id)
-        .filter(|id| !id.is_nil())
-        .collect();
-    let mut claimed: HashMap<Uuid, JobRow> =
-        match s.store.claim_many(&ids, &s.id, s.opts.lease).await {
-            Ok(rows) => rows.into_iter().map(|r| (r.id, r)).collect(),
-            Err(e) => {
-                // each delivery then takes the one-by-one path (which retries)
-                tracing::warn!(error = %e, "batched claim failed");
-                HashMap::new()
-            }
-        };
-    for d in deliveries {
-        // a blocking fetch can bring one more than asked (one per priority): wait for a slot
-        let permit = match permits.pop() {
-            Some(p) => p,
-            None => match s.slots_for(&d.queue).clone().acquire_owned().await {
-                Ok(p) => p,
-                Err(_) => break,
-            },
-        };
-        let row = claimed.remove(&d.job_id);
-        let s2 = s.clone();
-        let span = tracing::info_span!(
-            "job",
-            job_id = %d.job_id,
-            queue = %d.queue,
-            worker = %s.id,
-            attempt = tracing::field::Empty,
-            trace_id = tracing::field::Empty,
-            parent_span_id = tracing::field::Empty,
-        );
-        s.jobs.spawn(
-            async move {
-                match row {
-                    Some(row) => crate::run::run_claimed(&s2, d, row).await,
-                    None => handle_delivery(&s2, d).await,
-                }
-                drop(permit);
-            }
-            .instrument(span),
-        );
-    }
-}
-
 /// Retries a store call on transient errors (Postgres down) with backoff, up to ~`limit`.
 pub(crate) async fn with_retry<T, F, Fut>(
     what: &str,
@@ -511,66 +462,4 @@ pub(crate) async fn complete(s: &Shared, write: RunEndWrite) -> Result<bool, Sto
         .map_err(|_| StoreError::Unavailable(sqlx_unavailable()))?;
     rx.await
         .map_err(|_| StoreError::Unavailable(sqlx_unavailable()))?
-}
-
-pub(crate) async fn ack(s: &Shared, d: &Delivery) {
-    s.acker.ack(d).await;
-}
-
-async fn handle_delivery(s: &Shared, d: Delivery) {
-    if d.job_id.is_nil() {
-        ack(s, &d).await;
-        return;
-    }
-    let claim = with_retry("claim", s.opts.lease, || {
-        s.store.claim(d.job_id, &s.id, s.opts.lease)
-    })
-    .await;
-    match claim {
-        Err(e) => {
-            // leave the entry pending: it is reclaimed once its idle time passes the lease
-            tracing::error!(error = %e, "claim failed");
-        }
-        Ok(ClaimOutcome::Skip(reason)) => {
-            tracing::debug!(reason, "nothing to run");
-            ack(s, &d).await;
-        }
-        Ok(ClaimOutcome::Held(row)) => match row.lease_owner.as_deref() {
-            // a reclaimed entry of a job whose lease still runs: the running worker's own
-            // entry (its Redis heartbeat failed, its lease did not) goes back to it, slot and
-            // all (acknowledging it would free its slot while it runs; ours stays ours); a
-            // stale duplicate (the owner holds another entry of the job) is dropped
-            Some(owner) if d.reclaimed => match s.queue.give_back(&d, owner).await {
-                Ok(true) => {}
-                Ok(false) => ack(s, &d).await,
-                Err(e) => {
-                    tracing::debug!(error = %e, "could not hand an entry back to its owner")
-                }
-            },
-            // a second entry of a job that runs elsewhere: drop it
-            _ => ack(s, &d).await,
-        },
-        Ok(ClaimOutcome::NotDue(row)) => {
-            if s.queue.delay(&row.dispatch_item()).await.is_ok() {
-                ack(s, &d).await;
-            }
-        }
-        Ok(ClaimOutcome::Finalized(row)) => {
-            let ev = Event::terminal(
-                row.id,
-                row.event_seq as u64,
-                row.attempt,
-                row.status(),
-                row.output.as_ref(),
-                row.job_error().as_ref(),
-            );
-            // after whatever the dead run streamed (Postgres' seq does not count its deltas)
-            let durable = (row.event_seq as u64).saturating_sub(1);
-            if let Err(e) = s.bus.publish_after(&ev, durable).await {
-                tracing::warn!(error = %e, "could not publish a finalized job's end");
-            }
-            ack(s, &d).await;
-        }
-        Ok(ClaimOutcome::Claimed(row)) => crate::run::run_claimed(s, d, row).await,
-    }
 }

@@ -393,3 +393,30 @@ async fn an_executor_that_panics_fails_its_job(pool: PgPool) {
     assert_eq!(j["output"]["ok"], true);
     app.stop().await;
 }
+
+/// A worker's claim that committed but whose reply was lost (Postgres restarting): the next
+/// try finds the job held by the worker's own id. The worker runs it (before, it dropped the
+/// delivery as a duplicate; the job waited for its lease to end and, with one attempt, failed
+/// `lease_expired` without ever running).
+#[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
+async fn a_claim_whose_reply_was_lost_is_run_by_its_worker(pool: PgPool) {
+    let mut app = crate::support::spawn_without_worker(pool).await;
+    let job = app
+        .submit(json!({"kind": "system.noop", "input": {}, "max_attempts": 1}))
+        .await;
+    let id: Uuid = job["id"].as_str().unwrap().parse().unwrap();
+    let w = app.new_worker(Duration::from_secs(5)).await;
+    // the claim as it committed; its reply never reached the worker
+    let rows = app
+        .store
+        .claim_many(&[id], w.id(), Duration::from_secs(3))
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 1);
+    app.run_worker(w);
+    let j = app
+        .wait_status(id, "succeeded", Duration::from_secs(20))
+        .await;
+    assert_eq!(j["attempt"], 1, "{j}");
+    app.stop().await;
+}

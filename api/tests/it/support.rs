@@ -286,6 +286,17 @@ impl TestApp {
     }
 
     pub async fn start_worker_with_grace(&mut self, grace: Duration) {
+        let w = self.new_worker(grace).await;
+        self.run_worker(w);
+    }
+
+    /// Starts a worker built by [`TestApp::new_worker`]; it stops with the app.
+    pub fn run_worker(&mut self, w: Worker) {
+        self.workers.push(w.start(CancellationToken::new()));
+    }
+
+    /// A worker of this app, not started (a test may read its id first).
+    pub async fn new_worker(&self, grace: Duration) -> Worker {
         let client = switchyard_queue::RedisClient::open(self.opts.redis_url.as_str()).unwrap();
         let opts = WorkerOptions {
             lease: self.opts.lease,
@@ -303,15 +314,14 @@ impl TestApp {
                 .map(|(q, n)| (q.clone(), *n))
                 .collect(),
         };
-        let w = Worker::new(
+        Worker::new(
             self.store.clone(),
             self.queue().await,
             self.bus().await,
             client,
             self.executors().await,
             opts,
-        );
-        self.workers.push(w.start(CancellationToken::new()));
+        )
     }
 
     pub async fn start_scheduler(&mut self) {

@@ -1,0 +1,158 @@
+//! From a delivery to a run: the batched claim of a fetched batch, the one-by-one claim, and
+//! what each claim outcome means for the delivery (run it, drop it, hand it back, delay it).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use switchyard_core::Event;
+use switchyard_queue::Delivery;
+use switchyard_store::{ClaimOutcome, JobRow};
+use tokio::sync::OwnedSemaphorePermit;
+use tracing::Instrument;
+use uuid::Uuid;
+
+use crate::runtime::{with_retry, Shared};
+
+/// Claims a fetched batch in one statement, then runs each delivery in its own task.
+pub(crate) async fn spawn_batch(
+    s: &Arc<Shared>,
+    deliveries: Vec<Delivery>,
+    permits: &mut Vec<OwnedSemaphorePermit>,
+) {
+    let ids: Vec<Uuid> = deliveries
+        .iter()
+        .map(|d| d.job_id)
+        .filter(|id| !id.is_nil())
+        .collect();
+    let mut claimed: HashMap<Uuid, JobRow> =
+        match s.store.claim_many(&ids, &s.id, s.opts.lease).await {
+            Ok(rows) => rows.into_iter().map(|r| (r.id, r)).collect(),
+            Err(e) => {
+                // each delivery then takes the one-by-one path (which retries)
+                tracing::warn!(error = %e, "batched claim failed");
+                HashMap::new()
+            }
+        };
+    if let Ok(mut held) = s.claimed.lock() {
+        held.extend(claimed.keys().copied());
+    }
+    for d in deliveries {
+        // a blocking fetch can bring one more than asked (one per priority): wait for a slot
+        let permit = match permits.pop() {
+            Some(p) => p,
+            None => match s.slots_for(&d.queue).clone().acquire_owned().await {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+        };
+        let row = claimed.remove(&d.job_id);
+        let s2 = s.clone();
+        let span = tracing::info_span!(
+            "job",
+            job_id = %d.job_id,
+            queue = %d.queue,
+            worker = %s.id,
+            attempt = tracing::field::Empty,
+            trace_id = tracing::field::Empty,
+            parent_span_id = tracing::field::Empty,
+        );
+        s.jobs.spawn(
+            async move {
+                match row {
+                    Some(row) => run_holding(&s2, d, row).await,
+                    None => handle_delivery(&s2, d).await,
+                }
+                drop(permit);
+            }
+            .instrument(span),
+        );
+    }
+}
+
+/// Runs a job this worker claimed (already in `claimed`), then lets go of the claim.
+async fn run_holding(s: &Shared, d: Delivery, row: JobRow) {
+    let id = row.id;
+    crate::run::run_claimed(s, d, row).await;
+    if let Ok(mut held) = s.claimed.lock() {
+        held.remove(&id);
+    }
+}
+
+/// Takes hold of a claim: false when this worker already holds it.
+fn hold(s: &Shared, id: Uuid) -> bool {
+    s.claimed.lock().map(|mut h| h.insert(id)).unwrap_or(false)
+}
+
+pub(crate) async fn ack(s: &Shared, d: &Delivery) {
+    s.acker.ack(d).await;
+}
+
+async fn handle_delivery(s: &Shared, d: Delivery) {
+    if d.job_id.is_nil() {
+        ack(s, &d).await;
+        return;
+    }
+    let claim = with_retry("claim", s.opts.lease, || {
+        s.store.claim(d.job_id, &s.id, s.opts.lease)
+    })
+    .await;
+    match claim {
+        Err(e) => {
+            // leave the entry pending: it is reclaimed once its idle time passes the lease
+            tracing::error!(error = %e, "claim failed");
+        }
+        Ok(ClaimOutcome::Skip(reason)) => {
+            tracing::debug!(reason, "nothing to run");
+            ack(s, &d).await;
+        }
+        // held by this worker's id but not running here: the claim committed and its reply
+        // was lost (or a retried claim found its first try done); nobody else will run it
+        // before its lease ends, and then at the cost of an attempt
+        Ok(ClaimOutcome::Held(row))
+            if row.lease_owner.as_deref() == Some(s.id.as_str()) && hold(s, row.id) =>
+        {
+            tracing::info!("running a claim of this worker whose reply was lost");
+            run_holding(s, d, row).await;
+        }
+        Ok(ClaimOutcome::Held(row)) => match row.lease_owner.as_deref() {
+            // a reclaimed entry of a job whose lease still runs: the running worker's own
+            // entry (its Redis heartbeat failed, its lease did not) goes back to it, slot and
+            // all (acknowledging it would free its slot while it runs; ours stays ours); a
+            // stale duplicate (the owner holds another entry of the job) is dropped
+            Some(owner) if d.reclaimed => match s.queue.give_back(&d, owner).await {
+                Ok(true) => {}
+                Ok(false) => ack(s, &d).await,
+                Err(e) => {
+                    tracing::debug!(error = %e, "could not hand an entry back to its owner")
+                }
+            },
+            // a second entry of a job that runs elsewhere: drop it
+            _ => ack(s, &d).await,
+        },
+        Ok(ClaimOutcome::NotDue(row)) => {
+            if s.queue.delay(&row.dispatch_item()).await.is_ok() {
+                ack(s, &d).await;
+            }
+        }
+        Ok(ClaimOutcome::Finalized(row)) => {
+            let ev = Event::terminal(
+                row.id,
+                row.event_seq as u64,
+                row.attempt,
+                row.status(),
+                row.output.as_ref(),
+                row.job_error().as_ref(),
+            );
+            // after whatever the dead run streamed (Postgres' seq does not count its deltas)
+            let durable = (row.event_seq as u64).saturating_sub(1);
+            if let Err(e) = s.bus.publish_after(&ev, durable).await {
+                tracing::warn!(error = %e, "could not publish a finalized job's end");
+            }
+            ack(s, &d).await;
+        }
+        Ok(ClaimOutcome::Claimed(row)) => {
+            hold(s, row.id);
+            run_holding(s, d, row).await
+        }
+    }
+}
