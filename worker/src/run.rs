@@ -17,7 +17,7 @@ use switchyard_core::telemetry::TraceParent;
 use switchyard_core::Event;
 use switchyard_queue::events::Published;
 use switchyard_queue::Delivery;
-use switchyard_store::{JobRow, RunEnd, RunEndWrite};
+use switchyard_store::{JobRow, RunEnd, RunEndWrite, StoreError};
 use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -333,17 +333,25 @@ pub(crate) async fn run_claimed(s: &Shared, d: Delivery, row: JobRow) {
             }
         }
     };
-    let write = RunEndWrite {
+    let (mut end, mut event) = (end, event);
+    let mut write = RunEndWrite {
         id,
         attempt,
         end: end.clone(),
         seq: seq + 1,
     };
-    let written = match with_retry("end run", s.opts.lease, || complete(s, write.clone())).await {
-        // refused as fenced: or an earlier try committed it and its reply was lost
-        Ok(false) => Ok(s.store.run_end_landed(&write).await.unwrap_or(false)),
-        other => other,
-    };
+    let mut written = write_end(s, &write).await;
+    if matches!(written, Ok(false))
+        && end.requeued_at().is_some()
+        && cancel_asked(s, id, attempt).await
+    {
+        // a cancel asked for while the run ended (between heartbeats): the job is not
+        // requeued (the write refuses it), it ends cancelled now
+        end = RunEnd::Cancelled;
+        event = Event::terminal(id, seq + 1, attempt, JobStatus::Cancelled, None, None);
+        write.end = end.clone();
+        written = write_end(s, &write).await;
+    }
     match written {
         Ok(true) => crate::quota::charge(s, &row, used).await,
         Ok(false) => {
@@ -385,6 +393,28 @@ pub(crate) async fn run_claimed(s: &Shared, d: Delivery, row: JobRow) {
         }
     }
     ack(s, &d).await;
+}
+
+/// Records a run's end (group-committed, retried while Postgres is away); `Ok(false)` when
+/// the write was refused (fenced out, or a requeue of a job whose cancel was asked for).
+async fn write_end(s: &Shared, write: &RunEndWrite) -> Result<bool, StoreError> {
+    match with_retry("end run", s.opts.lease, || complete(s, write.clone())).await {
+        // refused as fenced: or an earlier try committed it and its reply was lost
+        Ok(false) => Ok(s.store.run_end_landed(write).await.unwrap_or(false)),
+        other => other,
+    }
+}
+
+/// Whether this attempt still runs the job and a cancel of it was asked for.
+async fn cancel_asked(s: &Shared, id: Uuid, attempt: i32) -> bool {
+    match s.store.get_job_unscoped(id).await {
+        Ok(Some(row)) => {
+            row.attempt == attempt
+                && row.status() == JobStatus::Running
+                && row.cancel_requested_at.is_some()
+        }
+        _ => false,
+    }
 }
 
 /// Publishes executor output as events, coalescing deltas that are already waiting, once

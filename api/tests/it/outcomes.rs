@@ -1,8 +1,9 @@
 //! What a run's end writes: results Postgres could not hold (NUL characters) are kept with the
 //! NUL replaced instead of being lost, a requeued job counts as undispatched whichever path
-//! wrote its end until its worker has dispatched it again, and a run whose event count fell
-//! behind its stream still publishes its end.
-
+//! wrote its end until its worker has dispatched it again, a run whose event count fell
+//! behind its stream still publishes its end, an executor's panic fails its job, a claim
+//! whose reply was lost is run by its worker, and a cancel that races a retryable failure
+//! ends the job.
 use std::time::Duration;
 
 use serde_json::json;
@@ -416,6 +417,39 @@ async fn a_claim_whose_reply_was_lost_is_run_by_its_worker(pool: PgPool) {
     app.run_worker(w);
     let j = app
         .wait_status(id, "succeeded", Duration::from_secs(20))
+        .await;
+    assert_eq!(j["attempt"], 1, "{j}");
+    app.stop().await;
+}
+
+/// A cancel asked for between two heartbeats of a run that then fails retryably: the job ends
+/// `cancelled` at once. (The retry was written: the job sat `queued` for its whole backoff,
+/// here an hour, though the cancel had answered 202.)
+#[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
+async fn a_cancel_that_races_a_retryable_failure_ends_the_job(pool: PgPool) {
+    // heartbeats every 10 s: the worker learns of the cancel only from its run's end
+    let opts = crate::support::Opts {
+        lease: LEASE,
+        ..Default::default()
+    };
+    let app = crate::support::spawn_app_with(pool, opts).await;
+    let job = app
+        .submit(
+            json!({"kind": "system.noop", "input": {"sleep_ms": 1500, "fail_attempts": 1},
+            "max_attempts": 3, "backoff": {"type": "fixed", "delay_s": 3600}}),
+        )
+        .await;
+    let id: Uuid = job["id"].as_str().unwrap().parse().unwrap();
+    app.wait_status(id, "running", Duration::from_secs(20))
+        .await;
+    // straight to the store: no notice reaches the worker
+    let asked = app.store.cancel_job(app.tenant, id).await.unwrap();
+    assert!(matches!(
+        asked,
+        switchyard_store::CancelOutcome::Requested(_)
+    ));
+    let j = app
+        .wait_status(id, "cancelled", Duration::from_secs(20))
         .await;
     assert_eq!(j["attempt"], 1, "{j}");
     app.stop().await;

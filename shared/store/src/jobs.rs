@@ -163,7 +163,8 @@ pub enum RunEnd {
 }
 
 impl RunEnd {
-    /// When a run that goes back to the queue is due.
+    /// When a run that goes back to the queue is due. (Such an end is refused once the job's
+    /// cancel was asked for: its run ends `cancelled` instead, never waiting out a backoff.)
     pub fn requeued_at(&self) -> Option<DateTime<Utc>> {
         match self {
             RunEnd::Retry { run_at, .. }
@@ -446,7 +447,8 @@ impl Store {
                 updated_at = now(),
                 -- requeued: undispatched until the reconciler sees it (as in `end_runs`)
                 dispatch_epoch = CASE WHEN $3 = 'queued' THEN 0 ELSE dispatch_epoch END
-             WHERE id = $1 AND attempt = $2 AND status = 'running'",
+             WHERE id = $1 AND attempt = $2 AND status = 'running'
+               AND NOT ($3 = 'queued' AND cancel_requested_at IS NOT NULL)",
         )
         .bind(id)
         .bind(attempt)
@@ -522,6 +524,9 @@ impl Store {
                 AS v(id, attempt, status, output, error, run_at, seq, given_back)
              WHERE j.id = v.id AND j.id = ANY({LOCK_IN_ORDER})
                AND j.attempt = v.attempt AND j.status = 'running'
+               -- a job whose cancel was asked for is not requeued (the run ends cancelled:
+               -- see `RunEnd::requeued_at`)
+               AND NOT (v.status = 'queued' AND j.cancel_requested_at IS NOT NULL)
              RETURNING j.id"
         ))
         .bind(&ids)
