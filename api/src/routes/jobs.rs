@@ -489,7 +489,11 @@ pub async fn cancel(
                 None,
                 None,
             );
-            if let Err(e) = state.bus.publish(&ev).await {
+            // after every event already in the stream: a run that died mid-stream (then
+            // retried) left more there than Postgres' seq counts, and an event numbered
+            // below them would be refused as stale
+            let durable = (row.event_seq as u64).saturating_sub(1);
+            if let Err(e) = state.bus.publish_after(&ev, durable).await {
                 tracing::warn!(error = %e, "could not publish the cancelled event (clients get it from postgres)");
             }
         }

@@ -2,8 +2,9 @@
 //! NUL replaced instead of being lost, a requeued job counts as undispatched whichever path
 //! wrote its end until its worker has dispatched it again, a run whose event count fell
 //! behind its stream still publishes its end, an executor's panic fails its job, a claim
-//! whose reply was lost is run by its worker, and a cancel that races a retryable failure
-//! ends the job.
+//! whose reply was lost is run by its worker, a cancel that races a retryable failure ends
+//! the job, and a cancel's event follows every event already in the stream.
+
 use std::time::Duration;
 
 use serde_json::json;
@@ -452,5 +453,33 @@ async fn a_cancel_that_races_a_retryable_failure_ends_the_job(pool: PgPool) {
         .wait_status(id, "cancelled", Duration::from_secs(20))
         .await;
     assert_eq!(j["attempt"], 1, "{j}");
+    app.stop().await;
+}
+
+/// Cancelling a queued job whose stream holds more events than Postgres counts (a run died
+/// mid-stream, then the job was retried): the `cancelled` event follows them. (It was
+/// numbered from Postgres' count, refused as stale without a word, and followers got a
+/// `reset` instead of the end.)
+#[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
+async fn a_cancel_is_published_after_every_event_in_the_stream(pool: PgPool) {
+    let app = spawn_api_only(pool).await;
+    let id = app.submit_noop(json!({})).await;
+    let bus = app.bus().await;
+    for seq in 2..=10 {
+        let ev = switchyard_core::Event::new(id, seq, 0, "output.delta", json!({"text": "x"}));
+        assert_eq!(
+            bus.publish(&ev).await.unwrap(),
+            switchyard_queue::events::Published::Ok
+        );
+    }
+    let r = app
+        .auth(app.http.post(app.url(&format!("/v1/jobs/{id}/cancel"))))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let h = bus.read(id, 10, 100).await.unwrap();
+    let end = h.events.first().expect("the cancelled event in the stream");
+    assert_eq!((end.seq, end.kind.as_str()), (11, "cancelled"), "{end:?}");
     app.stop().await;
 }
