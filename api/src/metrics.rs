@@ -47,6 +47,27 @@ pub struct Metrics {
     code_run_seconds: Family<Labels, Gauge<f64, AtomicU64>>,
     code_start_seconds: Family<Labels, Gauge<f64, AtomicU64>>,
     code_pool: Family<Labels, Gauge>,
+    source_up: Family<Labels, Gauge>,
+}
+
+/// Longest wait for one read of a scrape.
+const SOURCE_READ_LIMIT: Duration = Duration::from_secs(2);
+
+/// One read of a scrape from a source still `up`; a failed or slow read marks it down.
+async fn read<T, E>(
+    up: &mut bool,
+    f: impl std::future::Future<Output = Result<T, E>>,
+) -> Option<T> {
+    if !*up {
+        return None;
+    }
+    match tokio::time::timeout(SOURCE_READ_LIMIT, f).await {
+        Ok(Ok(v)) => Some(v),
+        _ => {
+            *up = false;
+            None
+        }
+    }
 }
 
 /// A worker's warm-pool report older than this is ignored (the worker is gone).
@@ -79,6 +100,7 @@ impl Metrics {
         let lease_reclaims = Family::<Labels, Gauge>::default();
         let jobs_estimate = Gauge::default();
         let oldest_queued = Family::<Labels, Gauge<f64, AtomicU64>>::default();
+        let source_up = Family::<Labels, Gauge>::default();
         let llm_cache = Family::<Labels, Gauge>::default();
         let code_runs = Family::<Labels, Gauge>::default();
         let code_run_seconds = Family::<Labels, Gauge<f64, AtomicU64>>::default();
@@ -161,8 +183,13 @@ impl Metrics {
         );
         registry.register(
             "oldest_queued_age_seconds",
-            "Age of the oldest queued job per queue",
+            "How long the oldest job ready to run (not delayed, not waiting for a retry) has waited, per queue",
             oldest_queued.clone(),
+        );
+        registry.register(
+            "metrics_source_up",
+            "1 when this scrape read everything it reports from the source (postgres, redis); 0 when a read failed and its series were left out rather than shown stale",
+            source_up.clone(),
         );
         registry.register(
             "llm_cache_lookups",
@@ -188,6 +215,7 @@ impl Metrics {
             code_run_seconds,
             code_start_seconds,
             code_pool,
+            source_up,
         }
     }
 
@@ -207,67 +235,92 @@ impl Metrics {
     }
 
     pub async fn render(&self, state: &AppState) -> String {
-        if let Ok(counts) = state.store.job_counts().await {
-            self.jobs.clear();
+        // a series whose source could not be read is left out, not shown with its last value
+        // (an autoscaler would act on a stale backlog); `metrics_source_up` says which failed.
+        // After a source's first failed read, the scrape reads nothing more from it: a scrape
+        // stays within a few seconds when Redis or Postgres is down.
+        let (mut pg, mut redis) = (true, true);
+        self.jobs.clear();
+        if let Some(counts) = read(&mut pg, state.store.job_counts()).await {
             for (kind, status, n) in counts {
                 self.jobs
                     .get_or_create(&vec![("kind".into(), kind), ("status".into(), status)])
                     .set(n);
             }
         }
-        let queues = state.queue.queues().await.unwrap_or_else(|_| {
-            switchyard_core::job::known_queues()
-                .into_iter()
-                .map(String::from)
-                .collect()
-        });
+        let queues = read(&mut redis, state.queue.queues())
+            .await
+            .unwrap_or_else(|| {
+                switchyard_core::job::known_queues()
+                    .into_iter()
+                    .map(String::from)
+                    .collect()
+            });
+        for family in [
+            &self.queue_depth,
+            &self.queue_delayed,
+            &self.queue_backlog,
+            &self.queue_in_flight,
+        ] {
+            family.clear();
+        }
         for q in &queues {
             let q = q.as_str();
-            if let Ok((depth, delayed)) = state.queue.depth(q).await {
+            if let Some((depth, delayed)) = read(&mut redis, state.queue.depth(q)).await {
                 let l = vec![("queue".to_string(), q.to_string())];
                 self.queue_depth.get_or_create(&l).set(depth as i64);
                 self.queue_delayed.get_or_create(&l).set(delayed as i64);
             }
-            if let Ok(rows) = state.queue.backlog(q).await {
-                for (p, lag, pending) in rows {
-                    let l = vec![
-                        ("queue".to_string(), q.to_string()),
-                        ("priority".to_string(), p.to_string()),
-                    ];
-                    if let Some(lag) = lag {
-                        self.queue_backlog.get_or_create(&l).set(lag as i64);
-                    }
-                    self.queue_in_flight.get_or_create(&l).set(pending as i64);
+            for (p, lag, pending) in read(&mut redis, state.queue.backlog(q))
+                .await
+                .unwrap_or_default()
+            {
+                let l = vec![
+                    ("queue".to_string(), q.to_string()),
+                    ("priority".to_string(), p.to_string()),
+                ];
+                // (Redis cannot always tell a stream's lag: then none is shown)
+                if let Some(lag) = lag {
+                    self.queue_backlog.get_or_create(&l).set(lag as i64);
                 }
+                self.queue_in_flight.get_or_create(&l).set(pending as i64);
             }
         }
-        if let Ok(n) = state.store.jobs_estimate().await {
+        if let Some(n) = read(&mut pg, state.store.jobs_estimate()).await {
             self.jobs_estimate.set(n);
         }
-        if let Ok(rows) = state.queue.reclaims().await {
-            for (q, n) in rows {
-                self.lease_reclaims
-                    .get_or_create(&vec![("queue".to_string(), q)])
-                    .set(n);
-            }
+        for (q, n) in read(&mut redis, state.queue.reclaims())
+            .await
+            .unwrap_or_default()
+        {
+            self.lease_reclaims
+                .get_or_create(&vec![("queue".to_string(), q)])
+                .set(n);
         }
-        if let Ok(oldest) = state.store.oldest_queued(&queues).await {
-            self.oldest_queued.clear();
-            for (q, age) in oldest {
-                self.oldest_queued
-                    .get_or_create(&vec![("queue".to_string(), q)])
-                    .set(age);
-            }
+        self.oldest_queued.clear();
+        for (q, age) in read(&mut pg, state.store.oldest_queued(&queues))
+            .await
+            .unwrap_or_default()
+        {
+            self.oldest_queued
+                .get_or_create(&vec![("queue".to_string(), q)])
+                .set(age);
         }
-        if let Ok(stats) = state.queue.llm_cache_stats().await {
-            for (result, n) in stats {
-                self.llm_cache
-                    .get_or_create(&vec![("result".to_string(), result)])
-                    .set(n);
-            }
+        for (result, n) in read(&mut redis, state.queue.llm_cache_stats())
+            .await
+            .unwrap_or_default()
+        {
+            self.llm_cache
+                .get_or_create(&vec![("result".to_string(), result)])
+                .set(n);
         }
-        if let Ok((stats, pools)) = state.queue.code_stats().await {
+        if let Some((stats, pools)) = read(&mut redis, state.queue.code_stats()).await {
             self.record_code(stats, pools);
+        }
+        for (source, up) in [("postgres", pg), ("redis", redis)] {
+            self.source_up
+                .get_or_create(&vec![("source".to_string(), source.to_string())])
+                .set(i64::from(up));
         }
         let mut out = String::new();
         if let Ok(reg) = self.registry.lock() {

@@ -209,3 +209,62 @@ pub(crate) async fn workers_are_listed_for_the_operator_on(
     assert_eq!(after["data"], json!([]), "{after}");
     app.stop().await;
 }
+
+/// `/metrics` leaves out what it could not read instead of repeating its last value (an
+/// autoscaler would act on a stale backlog), says so in `metrics_source_up`, and does not wait
+/// on a source that is down once one read failed; the age of
+/// the oldest queued job counts only jobs ready to run (a job delayed an hour is not waiting).
+#[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
+async fn metrics_leave_out_what_they_cannot_read(pool: PgPool) {
+    let mut redis = switchyard_queue::testing::PrivateRedis::start();
+    let app = crate::support::spawn_app_with(
+        pool,
+        crate::support::Opts {
+            worker: false,
+            redis_url: redis.url(),
+            ..Default::default()
+        },
+    )
+    .await;
+    let oldest = r#"switchyard_oldest_queued_age_seconds{queue="system"}"#;
+    app.submit(json!({"kind": "system.noop", "input": {}, "delay_s": 3600}))
+        .await;
+    let text = app.metrics_text().await;
+    assert!(
+        !text.contains(oldest),
+        "a delayed job is not waiting:\n{text}"
+    );
+    assert!(
+        text.contains(r#"switchyard_metrics_source_up{source="redis"} 1"#),
+        "{text}"
+    );
+    assert!(
+        text.contains(r#"switchyard_queue_depth{queue="system"}"#),
+        "{text}"
+    );
+    app.submit_noop(json!({})).await;
+    let text = app.metrics_text().await;
+    assert!(text.contains(oldest), "{text}");
+
+    redis.stop();
+    let t = std::time::Instant::now();
+    let text = app.metrics_text().await;
+    // within Prometheus' default scrape timeout (it took ~30 s: every read waited out Redis)
+    assert!(
+        t.elapsed() < std::time::Duration::from_secs(10),
+        "{:?}",
+        t.elapsed()
+    );
+    assert!(
+        text.contains(r#"switchyard_metrics_source_up{source="redis"} 0"#),
+        "{text}"
+    );
+    assert!(
+        text.contains(r#"switchyard_metrics_source_up{source="postgres"} 1"#),
+        "{text}"
+    );
+    assert!(!text.contains("switchyard_queue_depth{"), "stale:\n{text}");
+    assert!(text.contains(oldest), "postgres still answers:\n{text}");
+    let _back = switchyard_queue::testing::PrivateRedis::start_on(redis.port);
+    app.stop().await;
+}

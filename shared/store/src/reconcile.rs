@@ -155,19 +155,25 @@ impl Store {
         Ok(r.rows_affected() == 1)
     }
 
-    /// Age in seconds of the oldest queued job per queue (one index probe per queue).
+    /// Per queue, how long the oldest job ready to run has waited: the first queued job (by
+    /// creation) that is due, counted from when it became due (its creation, or the time a
+    /// retry or a delay set). Delayed jobs and jobs waiting out a backoff are not waiting yet.
+    /// (An index walk in creation order per queue, past the delayed jobs at its head.)
     pub async fn oldest_queued(&self, queues: &[String]) -> Result<Vec<(String, f64)>> {
         let mut out = Vec::new();
         for q in queues {
             let age: Option<f64> = sqlx::query_scalar(
-                "SELECT EXTRACT(EPOCH FROM now() - min(created_at))::float8 FROM jobs
-                 WHERE status = 'queued' AND queue = $1",
+                "SELECT EXTRACT(EPOCH FROM now() - GREATEST(created_at, COALESCE(run_at, created_at)))::float8
+                 FROM jobs
+                 WHERE status = 'queued' AND queue = $1 AND (run_at IS NULL OR run_at <= now())
+                 ORDER BY created_at LIMIT 1",
             )
             .bind(q)
-            .fetch_one(self.pool())
-            .await?;
+            .fetch_optional(self.pool())
+            .await?
+            .flatten();
             if let Some(a) = age {
-                out.push((q.clone(), a));
+                out.push((q.clone(), a.max(0.0)));
             }
         }
         Ok(out)
