@@ -9,9 +9,10 @@ use tiktoken_rs::CoreBPE;
 pub enum Tokenizer {
     O200k,
     Cl100k,
-    /// [`super::estimate_tokens`]: 4 ASCII characters a token, rounded up, one per other
-    /// character. Deliberately generous for English prose (real tokenizers average about 4.5
-    /// characters a token there) and for CJK text (about one a character).
+    /// [`super::estimate_tokens`]: 3 ASCII characters a token, rounded up, one per other
+    /// character. Deliberately generous for English prose (Claude's tokenizer averages about
+    /// 3.5 characters a token there, OpenAI's 4 to 4.5) and for CJK text (about one a
+    /// character); and when a request carries tools, [`TOOL_PROMPT`] more.
     Estimate,
 }
 
@@ -56,7 +57,8 @@ impl Tokenizer {
 
     pub fn count(self, text: &str) -> u64 {
         match self.bpe() {
-            Some(b) => b.encode_with_special_tokens(text).len() as u64,
+            // what looks like a special token (`<|endoftext|>`) is plain text to the API
+            Some(b) => b.encode_ordinary(text).len() as u64,
             None => super::estimate_tokens(text),
         }
     }
@@ -80,6 +82,9 @@ impl Tokenizer {
 
 const MESSAGE_OVERHEAD: u64 = 4;
 
+/// Tokens allowed for a provider's own tool-use system prompt (see [`Tokenizer::Estimate`]).
+pub const TOOL_PROMPT: u64 = 500;
+
 impl Tokenizer {
     /// Tokens the tool definitions of a request take (counted as their JSON text).
     pub fn tools(self, tools: Option<&[switchyard_core::job::ToolSpec]>) -> u64 {
@@ -97,7 +102,15 @@ impl Tokenizer {
             .as_ref()
             .filter(|f| f["type"] != "text")
             .map_or(0, |f| self.count(&f.to_string()));
-        self.tools(input.tools.as_deref()) + format
+        let tools = self.tools(input.tools.as_deref());
+        // providers without a tokenizer here may wrap tools in a system prompt of their own
+        // (Anthropic's tool-use prompt is a few hundred tokens; a JSON reply is a tool there)
+        let wrapper = if self == Tokenizer::Estimate && tools + format > 0 {
+            TOOL_PROMPT
+        } else {
+            0
+        };
+        tools + format + wrapper
     }
 }
 
@@ -169,7 +182,38 @@ mod tests {
         let schema = serde_json::json!({"type": "json_schema", "json_schema": {"name": "r",
             "schema": {"type": "object", "properties": {"answer": {"type": "string"}}}}});
         input.response_format = Some(schema.clone());
-        assert_eq!(tok.request_extra(&input), tok.count(&schema.to_string()));
+        // on a model counted by estimate, the provider's own tool prompt too
+        assert_eq!(
+            tok.request_extra(&input),
+            tok.count(&schema.to_string()) + TOOL_PROMPT
+        );
+        assert_eq!(
+            Tokenizer::O200k.request_extra(&input),
+            Tokenizer::O200k.count(&schema.to_string())
+        );
+    }
+
+    #[test]
+    fn special_token_text_is_counted_as_text() {
+        // what the API does with it: ordinary text, several tokens
+        let t = "<|endoftext|>";
+        assert_eq!(
+            Tokenizer::Cl100k.count(t),
+            tiktoken_rs::cl100k_base_singleton()
+                .encode_ordinary(t)
+                .len() as u64
+        );
+        assert!(Tokenizer::Cl100k.count(t) > 1);
+        assert!(Tokenizer::O200k.count(&t.repeat(100)) > 100);
+    }
+
+    #[test]
+    fn the_estimate_is_not_below_a_dense_tokenizer() {
+        // English prose at Claude's ~3.5 characters a token must not be undercounted
+        let prose = "The quick brown fox jumps over the lazy dog while the committee \
+            reviews its quarterly budget and the engineers refactor the scheduler. ";
+        let n = prose.repeat(50);
+        assert!(Tokenizer::Estimate.count(&n) as f64 >= n.len() as f64 / 3.5);
     }
 
     fn m(role: &str, words: usize) -> ChatMessage {
@@ -192,10 +236,10 @@ mod tests {
             Tokenizer::Cl100k
         );
         assert_eq!(Tokenizer::O200k.count("hello world"), 2);
-        assert_eq!(Tokenizer::Estimate.count("hello world"), 3);
+        assert_eq!(Tokenizer::Estimate.count("hello world"), 4);
         // one per non-ASCII character: CJK text is never undercounted 4×
         assert_eq!(Tokenizer::Estimate.count("日本語のテキスト"), 8);
-        assert_eq!(Tokenizer::Estimate.count("naïve café"), 2 + 2);
+        assert_eq!(Tokenizer::Estimate.count("naïve café"), 3 + 2);
     }
 
     #[test]
