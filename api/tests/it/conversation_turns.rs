@@ -1,7 +1,7 @@
 //! Conversation turns that do not simply succeed: a turn behind one that keeps retrying, a
 //! conversation deleted mid-turn (its turns cancelled, the reply's tokens still charged), a
 //! reply cut by a cancel (charged), and the retry of a failed turn, allowed only while it is
-//! the last.
+//! the last, and a summary model that answers with nothing.
 
 use std::time::Duration;
 
@@ -273,5 +273,46 @@ async fn the_history_read_for_a_turn_is_bounded_by_bytes(pool: PgPool) {
     );
     // the question being answered is read whatever its size
     assert_eq!(read(Some(1)).await, [(11, "user".to_string())]);
+    app.stop().await;
+}
+
+/// A summary model that answers with nothing (a reasoning model that spent its whole budget
+/// thinking): nothing is stored, and the turns that needed a summary drop their oldest turns
+/// instead. (An empty summary was stored and stood for every turn it covered: they vanished
+/// from every later prompt.)
+#[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
+async fn an_empty_summary_is_not_kept(pool: PgPool) {
+    let opts = Opts {
+        configure: Some(std::sync::Arc::new(|cfg| {
+            cfg.llm.summary_model = Some("mock-empty".into());
+        })),
+        ..Default::default()
+    };
+    let app = spawn_app_with(pool, opts).await;
+    let model = format!("mock-sum-{}", Uuid::now_v7().simple());
+    let c = create(
+        &app,
+        json!({"model": model, "context_strategy": "summarize"}),
+    )
+    .await;
+    let id = c["id"].as_str().unwrap().to_string();
+    let mut summarized = 0;
+    for i in 0..24 {
+        let content = format!("turn {i} ") + &"conversational ".repeat(100);
+        let j = say(&app, &id, &content).await;
+        if j["output"].get("summary").is_some() {
+            summarized += 1;
+        }
+    }
+    assert!(summarized >= 1, "summaries were asked for");
+    assert_eq!(app.mock_requests("mock-empty").await.len(), summarized);
+    let (_, conv) = crate::conversations::get(&app, &format!("/v1/conversations/{id}")).await;
+    assert!(conv["summary"].is_null(), "{}", conv["summary"]);
+    // the last turn's prompt: as many of the turns before as fit, no summary
+    let reqs = app.mock_requests(&model).await;
+    let last = &reqs.last().unwrap()["body"]["messages"];
+    let msgs = last.as_array().unwrap();
+    assert!(msgs.len() > 4, "older turns kept: {}", msgs.len());
+    assert!(msgs.iter().all(|m| m["role"] != "system"), "{last}");
     app.stop().await;
 }

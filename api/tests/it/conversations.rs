@@ -48,7 +48,7 @@ pub(crate) async fn post(app: &TestApp, id: &str, body: Value) -> (u16, Value) {
     (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
 }
 
-async fn get(app: &TestApp, path: &str) -> (u16, Value) {
+pub(crate) async fn get(app: &TestApp, path: &str) -> (u16, Value) {
     let r = app.auth(app.http.get(app.url(path))).send().await.unwrap();
     (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
 }
@@ -427,8 +427,9 @@ async fn the_summarize_strategy_keeps_and_reuses_a_summary(pool: PgPool) {
         |u: &Value| u["prompt_tokens"].as_i64().unwrap() + u["completion_tokens"].as_i64().unwrap();
     for o in &summarized {
         assert_eq!(o["summary"]["model"], model.as_str(), "{o}");
+        // a transcript of several whole turns (~100 words each)
         assert!(
-            o["summary"]["usage"]["prompt_tokens"].as_i64().unwrap() > 1000,
+            o["summary"]["usage"]["prompt_tokens"].as_i64().unwrap() > 500,
             "{o}"
         );
     }

@@ -156,7 +156,11 @@ pub(crate) async fn messages(
         }
         _ => None,
     };
-    let reply = Reply::plan(&pairs, Some(max_tokens), tool).stop_at(&req.stop_sequences);
+    let limit = match call.behaviour {
+        Behaviour::Empty => 0,
+        _ => max_tokens,
+    };
+    let reply = Reply::plan(&pairs, Some(limit), tool).stop_at(&req.stop_sequences);
     let id = format!("msg_mock_{}", call.id);
     let stream = req.stream.unwrap_or(false);
     tracing::debug!(

@@ -43,6 +43,7 @@
 //! | `mock-reset` | The body aborts right after the response headers, before any token. |
 //! | `mock-cut` | Streaming: 2 tokens, then the body ends cleanly with no finish chunk / `[DONE]` (OpenAI) or `message_delta`/`message_stop` (Anthropic). Non-streaming: 200 with a JSON body cut in half. |
 //! | `mock-midstream-error` | Streaming: 2 tokens, then an error event, then the body ends (OpenAI `data: {"error":{..,"type":"server_error"}}`, Anthropic `event: error` with `overloaded_error`). Non-streaming: HTTP 200 whose body is the error object. |
+//! | `mock-empty` (and `mock-empty-*`) | 200 with no text at all and finish reason `length` / `max_tokens` (a reasoning model that spent its whole budget thinking). |
 //! | `mock-error-400` | 400, `invalid_request_error`. |
 //! | `mock-error-401` | 401; OpenAI code `invalid_api_key`, Anthropic `authentication_error`. |
 //! | `mock-error-429` | 429 with `retry-after: 1`; OpenAI `rate_limit_error` / `rate_limit_exceeded`, Anthropic `rate_limit_error`. |

@@ -46,7 +46,11 @@ pub(crate) async fn chat_completions(
         }
         _ => None,
     };
-    let reply = Reply::plan(&pairs, req.token_limit(), tool).stop_at(&req.stop_list());
+    let limit = match call.behaviour {
+        Behaviour::Empty => Some(0),
+        _ => req.token_limit(),
+    };
+    let reply = Reply::plan(&pairs, limit, tool).stop_at(&req.stop_list());
     let meta = ResponseMeta {
         id: format!("chatcmpl-mock-{}", call.id),
         created: server::unix_now(),

@@ -26,6 +26,7 @@ pub const MOCK_MODELS: &[&str] = &[
     "mock-tool",
     "mock-variants",
     "mock-refusal",
+    "mock-empty",
 ];
 
 /// The context window the `mock-context-length` errors quote.
@@ -45,6 +46,9 @@ pub(crate) enum Behaviour {
     Tool,
     /// The reply comes as a refusal (OpenAI's `refusal` instead of `content`; OpenAI route).
     Refusal,
+    /// No text at all, finish reason `length` (a reasoning model that spent its whole budget
+    /// thinking).
+    Empty,
 }
 
 /// Every error response the mock sends, before it is put in a route's shape.
@@ -232,6 +236,7 @@ pub(crate) fn resolve(model: &str, call: u64, prompt_tokens: u32) -> Result<Beha
         "mock-midstream-error" => Ok(Behaviour::MidstreamError),
         "mock-variants" => Ok(Behaviour::Variants),
         "mock-refusal" => Ok(Behaviour::Refusal),
+        m if m == "mock-empty" || m.starts_with("mock-empty-") => Ok(Behaviour::Empty),
         m if m == "mock-tool" || m.starts_with("mock-tool-") => Ok(Behaviour::Tool),
         m if m.starts_with("mock-") => Ok(Behaviour::Normal),
         m => Err(Failure::NotFound {

@@ -119,7 +119,8 @@ impl SseParts {
             | Behaviour::Slow
             | Behaviour::Variants
             | Behaviour::Tool
-            | Behaviour::Refusal => {
+            | Behaviour::Refusal
+            | Behaviour::Empty => {
                 head.append(&mut tokens);
                 head.extend(tail);
                 return BodyPlan {

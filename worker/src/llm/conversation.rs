@@ -51,20 +51,13 @@ pub(crate) async fn history(
             format!("conversation {} no longer exists", conv.id),
         )
     };
-    let c = store
-        .get_conversation(ctx.tenant_id, conv.id)
-        .await
-        .map_err(store_error)?
-        .ok_or_else(gone)?;
     let started = Instant::now();
-    let mut waited = false;
     loop {
         let pending = store
             .unfinished_turns_before(conv.id, conv.turn)
             .await
             .map_err(store_error)?;
         let Some(first) = pending.first() else { break };
-        waited = true;
         // only the turn right after the unfinished ones waits in its slot; turns further back
         // give theirs back at once (a burst of posts to one conversation held a worker slot
         // per turn, each polling, for as long as the turns before it ran)
@@ -99,16 +92,13 @@ pub(crate) async fn history(
             _ = ctx.cancel.cancelled() => return Err(ExecError::fatal("cancelled", "cancelled")),
         }
     }
-    // the turns waited for may have stored a newer summary: read the conversation again
-    let c = if waited {
-        store
-            .get_conversation(ctx.tenant_id, conv.id)
-            .await
-            .map_err(store_error)?
-            .ok_or_else(gone)?
-    } else {
-        c
-    };
+    // read once the turns before have ended: one that ended just now may have stored a newer
+    // summary (read before, this turn summarized the same turns again, over the new summary)
+    let c = store
+        .get_conversation(ctx.tenant_id, conv.id)
+        .await
+        .map_err(store_error)?
+        .ok_or_else(gone)?;
     // under `summarize`, turns the stored summary covers are not read again
     let from = match (&c.summary, c.context_strategy.as_str()) {
         (Some(_), "summarize") => c.summary_turn.min(conv.turn),

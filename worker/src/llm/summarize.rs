@@ -185,22 +185,33 @@ pub(crate) async fn prompt(
         .await
         .map_err(ExecError::internal)?
     };
+    // no temperature: reasoning models (o3, gpt-5...) refuse any but their default
     let summary_input = LlmChatInput {
         model,
         messages: Vec::new(),
         max_tokens: Some(SUMMARY_TOKENS),
-        temperature: Some(0.0),
         stream: Some(false),
         ..LlmChatInput::default()
     };
-    let done = providers
+    let done = match providers
         .complete(
             &summary_input,
             &[ChatMessage::new("system", INSTRUCTIONS)],
             &[ChatMessage::new("user", text)],
             &Sink::silent(ctx),
         )
-        .await?;
+        .await
+    {
+        Ok(done) => done,
+        // worth another attempt (the job retries, and summarizes then)
+        Err(e) if e.retryable => return Err(e),
+        // a summary this model will not write (a bad request, no such model): this turn drops
+        // the oldest turns instead, rather than every later turn failing the same way
+        Err(e) => {
+            tracing::warn!(conversation = %c.id, error = %e, "no summary; the oldest turns are dropped for this turn");
+            return Ok(Prompt::unchanged(head, msgs));
+        }
+    };
     let u = &done.output.usage;
     let call = SummaryCall {
         cost_usd: done
@@ -211,6 +222,16 @@ pub(crate) async fn prompt(
         model: done.model.alias,
     };
     let summary = done.output.text;
+    if summary.trim().is_empty() {
+        // (a reasoning model can spend its whole budget thinking) stored, an empty summary
+        // would stand for every turn it covers: they would vanish from every later prompt
+        tracing::warn!(conversation = %c.id, model = %call.model, "the summary came back empty; the oldest turns are dropped for this turn");
+        return Ok(Prompt {
+            head,
+            history: msgs,
+            summary: Some(call),
+        });
+    }
     tracing::info!(conversation = %c.id, summarized_before_turn = new_from, "conversation summarized");
     if let Err(e) = store.save_summary(c.id, &summary, new_from).await {
         tracing::warn!(error = %e, "could not keep the summary (it is made again next time)");
