@@ -72,21 +72,6 @@ pub async fn retry_job(
     }
     crate::quota::check_daily(&state, &principal, &dead.kind).await?;
     crate::quota::check_backlog(&state, &principal, 1).await?;
-    if let Some(turn) = dead.input.get("conversation") {
-        // answered after later turns, its reply would follow theirs, which were made without it
-        let (conv, n) = (
-            turn["id"].as_str().and_then(|s| s.parse().ok()),
-            turn["turn"].as_i64(),
-        );
-        if let (Some(conv), Some(n)) = (conv, n) {
-            if state.store.has_turns_after(conv, n as i32).await? {
-                return Err(ApiError::new(
-                    ErrorCode::Conflict,
-                    "this conversation turn is no longer the last one; post its message again instead",
-                ));
-            }
-        }
-    }
     let row = match state
         .store
         .retry_job(principal.scope(), id, attempts)
@@ -100,6 +85,14 @@ pub async fn retry_job(
             ))
         }
         RetryOutcome::Requeued(row) => row,
+        // answered after later turns, its reply would follow theirs, made without it
+        RetryOutcome::NotLastTurn => {
+            crate::quota::return_backlog(&state, &principal, 1);
+            return Err(ApiError::new(
+                ErrorCode::Conflict,
+                "this conversation turn is no longer the last one; post its message again instead",
+            ));
+        }
     };
     let ev = Event::status(
         row.id,

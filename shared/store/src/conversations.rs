@@ -387,19 +387,6 @@ impl Store {
         .await?)
     }
 
-    /// Whether the conversation has turns after `turn` (a retried turn would be answered
-    /// after them).
-    pub async fn has_turns_after(&self, conversation_id: Uuid, turn: i32) -> Result<bool> {
-        Ok(sqlx::query_scalar(
-            "SELECT EXISTS (SELECT 1 FROM conversation_messages
-                            WHERE conversation_id = $1 AND turn > $2)",
-        )
-        .bind(conversation_id)
-        .bind(turn)
-        .fetch_one(self.pool())
-        .await?)
-    }
-
     /// The conversation a worker answers in (tenant-checked).
     pub async fn conversation_for_job(
         &self,

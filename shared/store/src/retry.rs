@@ -13,6 +13,9 @@ pub enum RetryOutcome {
     NotDead(JobRow),
     /// Queued again; its `queued` event has the row's `event_seq`.
     Requeued(JobRow),
+    /// A conversation turn with later turns posted: answered now, its reply would follow
+    /// theirs, which were made without it.
+    NotLastTurn,
 }
 
 impl Store {
@@ -26,6 +29,30 @@ impl Store {
     ) -> Result<RetryOutcome> {
         let scope = scope.into();
         let mut tx = self.tenant_tx(scope.tenant_id).await?;
+        // a conversation turn is retried only while it is the last: the conversation's row
+        // lock orders this check against a post in flight (which takes it to number its turn)
+        let turn: Option<(Option<String>, Option<String>)> = sqlx::query_as(
+            "SELECT input -> 'conversation' ->> 'id', input -> 'conversation' ->> 'turn'
+             FROM jobs WHERE id = $1 AND tenant_id = $2 AND status = 'failed'",
+        )
+        .bind(id)
+        .bind(scope.tenant_id)
+        .fetch_optional(&mut *tx)
+        .await?;
+        if let Some((Some(conv), Some(turn))) = turn {
+            let (conv, turn) = (conv.parse::<Uuid>().ok(), turn.parse::<i32>().ok());
+            if let (Some(conv), Some(turn)) = (conv, turn) {
+                let next: Option<i32> = sqlx::query_scalar(
+                    "SELECT next_turn FROM conversations WHERE id = $1 FOR UPDATE",
+                )
+                .bind(conv)
+                .fetch_optional(&mut *tx)
+                .await?;
+                if next.is_some_and(|n| n > turn + 1) {
+                    return Ok(RetryOutcome::NotLastTurn);
+                }
+            }
+        }
         let row = sqlx::query_as::<_, JobRow>(&format!(
             "UPDATE jobs SET status = 'queued', max_attempts = attempt + $3, error = NULL,
                 output = NULL, finished_at = NULL, run_at = NULL, cancel_requested_at = NULL,
