@@ -365,7 +365,6 @@ pub(crate) async fn run_claimed(s: &Shared, d: Delivery, row: JobRow) {
         }
     }
     // `ts` is the publication time: stamp it now, after the durable write
-    let mut event = event;
     event.ts = Utc::now();
     let mut last = seq;
     publish_next(s, event, &mut last).await;
