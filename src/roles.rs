@@ -135,6 +135,7 @@ pub fn worker_options(cfg: &Config, code: bool) -> WorkerOptions {
             .clone()
             .unwrap_or_else(|| format!("worker-{}", std::process::id())),
         shutdown_grace: Duration::from_secs(cfg.shutdown_grace_s),
+        quota_defaults: cfg.quotas.defaults(),
         ..WorkerOptions::default()
     }
 }

@@ -91,7 +91,9 @@ impl Admission {
             if l.len() > MAX_CREDENTIALS {
                 l.retain_recent();
             }
-            if let Err(not_until) = l.check_key(&p.subject()) {
+            // the tenant in the key: an end user's subject is the tenant's to choose (a tenant
+            // minting tokens for another tenant's user ids would throttle those users)
+            if let Err(not_until) = l.check_key(&format!("{}/{}", p.tenant_id, p.subject())) {
                 let wait = not_until.wait_time_from(DefaultClock::default().now());
                 let e = ApiError::new(
                     ErrorCode::RateLimited,

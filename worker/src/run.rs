@@ -172,8 +172,13 @@ pub(crate) async fn run_claimed(s: &Shared, d: Delivery, row: JobRow) {
     let spent = ctx.spent();
     let exec = s.executors.get(&row.kind);
     let timeout = row.timeout_s.map(|t| Duration::from_secs(t as u64));
+    // a run that would draw on a daily quota its tenant has used up waits for the next day
+    let refused = s.daily.refuse(s, &row).await;
     let exec_fut = async move {
         let run = async {
+            if let Some(e) = refused {
+                return Err(e);
+            }
             match exec {
                 None => Err(ExecError::fatal(
                     job_error_codes::NO_EXECUTOR,

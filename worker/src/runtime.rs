@@ -37,6 +37,9 @@ pub struct WorkerOptions {
     /// Queues with their own number of slots (e.g. `code`, bounded by CPUs), apart from
     /// `concurrency`, which the other queues share.
     pub queue_concurrency: HashMap<String, usize>,
+    /// The configured tenant quotas (`[quotas]`): a run whose tenant has used up today's
+    /// quota for it waits for the next day.
+    pub quota_defaults: switchyard_core::quota::QuotaLimits,
 }
 
 impl Default for WorkerOptions {
@@ -53,6 +56,7 @@ impl Default for WorkerOptions {
             fetch_block: Duration::from_secs(1),
             retry_base: Duration::from_secs(1),
             queue_concurrency: HashMap::new(),
+            quota_defaults: Default::default(),
         }
     }
 }
@@ -73,6 +77,8 @@ pub(crate) struct Shared {
     pub(crate) store: Store,
     pub(crate) queue: Queue,
     pub(crate) quotas: switchyard_queue::Quotas,
+    /// Daily quotas checked before a run starts.
+    pub(crate) daily: crate::quota::DailyGate,
     pub(crate) bus: EventBus,
     /// Events of all runs go out in batches (`publisher.rs`).
     pub(crate) publisher: crate::publisher::Publisher,
@@ -153,6 +159,7 @@ impl Worker {
                 id,
                 store,
                 quotas: switchyard_queue::Quotas::new(queue.keys().clone(), queue.conn()),
+                daily: crate::quota::DailyGate::new(opts.quota_defaults.clone()),
                 acker: crate::acker::Acker::new(queue.clone()),
                 queue,
                 publisher: crate::publisher::Publisher::new(bus.clone()),

@@ -8,7 +8,7 @@ use axum::http::HeaderMap;
 use axum::response::Response;
 use serde::Deserialize;
 use serde_json::json;
-use switchyard_core::job::{Job, JobStatus, DEFAULT_MAX_ATTEMPTS, MAX_MAX_ATTEMPTS};
+use switchyard_core::job::{Job, JobKind, JobStatus, DEFAULT_MAX_ATTEMPTS, MAX_MAX_ATTEMPTS};
 use switchyard_core::{ErrorCode, Event};
 use switchyard_store::RetryOutcome;
 
@@ -69,6 +69,13 @@ pub async fn retry_job(
             ErrorCode::Conflict,
             format!("only failed jobs are retried; this one is {}", dead.status),
         ));
+    }
+    // the model must still be one the tenant may use (its allow-list may have narrowed since)
+    if dead.kind == JobKind::LlmChat.as_str() {
+        let model = dead.input["model"].as_str().unwrap_or_default();
+        crate::routes::models::usable(&state.models, &principal, model).map_err(|e| {
+            ApiError::field(ErrorCode::InvalidInput, "input.model", e.message(model))
+        })?;
     }
     crate::quota::check_daily(&state, &principal, &dead.kind).await?;
     crate::quota::check_backlog(&state, &principal, 1).await?;

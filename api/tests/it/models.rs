@@ -273,3 +273,60 @@ async fn a_tenant_sees_and_uses_only_its_models(pool: PgPool) {
     );
     app.stop().await;
 }
+
+/// A dead job is retried only on a model its tenant may still use: narrowing the tenant's
+/// models (a plan downgrade) is not undone by retrying its old jobs.
+#[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
+async fn a_retry_is_held_to_the_tenants_models(pool: PgPool) {
+    let app = crate::support::spawn_app(pool).await;
+    let t = app.store.create_tenant("narrowed").await.unwrap();
+    let (_, key) = app.store.create_api_key(t.id, "k", None).await.unwrap();
+    let r = app
+        .http
+        .post(app.url("/v1/jobs"))
+        .bearer_auth(&key)
+        .json(
+            &json!({"kind": "llm.chat", "input": {"model": "mock-error-400",
+            "messages": [{"role": "user", "content": "x"}]}}),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    let id: uuid::Uuid = r.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let t0 = std::time::Instant::now();
+    while app
+        .store
+        .get_job_unscoped(id)
+        .await
+        .unwrap()
+        .unwrap()
+        .status
+        != "failed"
+    {
+        assert!(t0.elapsed() < std::time::Duration::from_secs(20));
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(app
+        .store
+        .set_tenant_models("narrowed", Some(&["mock-echo".to_string()]))
+        .await
+        .unwrap());
+    // a key looked up after the change (a cached one sees it within seconds)
+    let (_, key2) = app.store.create_api_key(t.id, "k2", None).await.unwrap();
+    let r = app
+        .http
+        .post(app.url(&format!("/v1/jobs/{id}/retry")))
+        .bearer_auth(&key2)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 422);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["field"], "input.model", "{body}");
+    app.stop().await;
+}

@@ -344,3 +344,54 @@ async fn a_full_backlog_refuses_new_jobs_until_workers_catch_up(pool: PgPool) {
     app.submit_noop(json!({})).await;
     app.stop().await;
 }
+
+/// A job admitted while its tenant had quota left, that comes due after the quota is used up
+/// (delayed, or one of a batch admitted on one reading), does not run today: it waits, queued,
+/// until 00:00 UTC, and no provider is called. (Only submissions were checked: delayed jobs ran
+/// past any daily quota.)
+#[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
+async fn a_job_due_after_the_quota_is_used_up_waits_for_the_next_day(pool: PgPool) {
+    let app = spawn_app_with(pool, Opts::default()).await;
+    let limits = QuotaLimits {
+        llm_tokens_per_day: Some(10),
+        ..Default::default()
+    };
+    app.store
+        .set_tenant_quotas("acme", Some(&limits))
+        .await
+        .unwrap();
+    let model = format!("mock-q-{}", uuid::Uuid::now_v7().simple());
+    let job = app
+        .submit(
+            json!({"kind": "llm.chat", "delay_s": 1, "input": {"model": model,
+            "messages": [{"role": "user", "content": "later"}]}}),
+        )
+        .await;
+    let id: uuid::Uuid = job["id"].as_str().unwrap().parse().unwrap();
+    // the day's tokens are used up before it comes due
+    let (day, left) = switchyard_core::quota::utc_day(chrono::Utc::now());
+    let midnight = chrono::Utc::now() + chrono::Duration::from_std(left).unwrap();
+    let quotas = switchyard_queue::Quotas::new(app.keys(), app.redis().await);
+    quotas.charge(app.tenant, &day, 10, 0).await.unwrap();
+    let due = |j: &Value| {
+        j["run_at"]
+            .as_str()
+            .and_then(|r| r.parse::<chrono::DateTime<chrono::Utc>>().ok())
+    };
+    let t = std::time::Instant::now();
+    let j = loop {
+        let j = app.get_job(id).await;
+        if due(&j).is_some_and(|d| d >= midnight - chrono::Duration::seconds(5)) {
+            break j;
+        }
+        assert!(j["status"] == "queued" || j["status"] == "running", "{j}");
+        assert!(t.elapsed() < Duration::from_secs(20), "not deferred: {j}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(j["status"], "queued", "{j}");
+    assert!(
+        app.mock_requests(&model).await.is_empty(),
+        "no provider call"
+    );
+    app.stop().await;
+}

@@ -313,6 +313,7 @@ impl TestApp {
                 .iter()
                 .map(|(q, n)| (q.clone(), *n))
                 .collect(),
+            quota_defaults: self.cfg.quotas.defaults(),
         };
         Worker::new(
             self.store.clone(),
