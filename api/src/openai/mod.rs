@@ -389,8 +389,12 @@ impl Relay {
             }
             types::STATUS => {
                 // a new attempt, or a provider restart inside one, after output went out:
-                // the reply would be spliced from two calls, so the stream ends with an error
+                // the reply would be spliced from two calls, so the stream ends with an error.
+                // A requeue (a retry after a backoff, a worker that drained) ends it at once:
+                // waiting would hold the client through the backoff only to fail then, after
+                // the next attempt's call started (the guard cancels the job while queued)
                 let restart = data.get("restart").is_some()
+                    || data["status"] == "queued"
                     || (data["status"] == "running" && data["attempt"].as_i64() > Some(1));
                 if restart && self.sent_output {
                     self.abandon(OaiError::from_job(
@@ -399,6 +403,9 @@ impl Relay {
                     ));
                 }
             }
+            // the end of another attempt than the one whose output went out (its own events
+            // lost): its tool calls or text would be spliced onto the first attempt's
+            types::SUCCEEDED if !self.output_of(ev.attempt) => {}
             types::SUCCEEDED => {
                 let out = &data["output"];
                 if let Err(e) = self.catch_up(out) {

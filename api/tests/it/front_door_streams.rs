@@ -166,3 +166,45 @@ async fn ended_jobs_tell_sdks_not_to_run_them_again(pool: PgPool) {
     assert!(r.headers().get("x-should-retry").is_none());
     app.stop().await;
 }
+
+/// After part of a reply went out, a requeue of the job (its attempt failed and waits out a
+/// backoff) ends the stream with an error at once: the client was held through the backoff,
+/// and the next attempt's provider call started, before the stream gave up. And the end of
+/// another attempt than the one whose output went out is not spliced onto it (tool calls
+/// streamed by attempt 1, the stored reply's calls from attempt 2).
+#[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
+async fn a_requeue_or_another_attempts_end_after_output_ends_the_stream(pool: PgPool) {
+    let app = spawn_api_only(pool).await;
+    let (r, id) = streamed_without_worker(&app).await;
+    publish(&app, delta(id, 2, 1, "Hel")).await;
+    let retry_at = chrono::Utc::now() + chrono::Duration::seconds(300);
+    let requeued = switchyard_core::Event::status(
+        id,
+        3,
+        1,
+        switchyard_core::JobStatus::Queued,
+        json!({"retry_at": retry_at, "error": {"code": "provider_error", "message": "502", "retryable": true}}),
+    );
+    publish(&app, requeued).await;
+    let data = tokio::time::timeout(Duration::from_secs(60), sse_data(r))
+        .await
+        .expect("the stream ends without waiting out the backoff");
+    let last: Value = serde_json::from_str(data.last().unwrap()).unwrap();
+    assert_eq!(last["error"]["code"], "provider_stream_error", "{data:?}");
+
+    let (r, id) = streamed_without_worker(&app).await;
+    let call = |id: &str, index: u64| {
+        json!({"index": index, "id": id, "type": "function",
+            "function": {"name": "f", "arguments": "{}"}})
+    };
+    let first = switchyard_core::Event::new(id, 2, 1, "output.tool_call", call("call_A", 0));
+    publish(&app, first).await;
+    let out = json!({"text": "", "finish_reason": "tool_calls", "usage": {},
+        "tool_calls": [call("call_B", 0), call("call_C", 1)]});
+    publish(&app, succeeded(id, 3, 2, out)).await;
+    let data = sse_data(r).await;
+    let last: Value = serde_json::from_str(data.last().unwrap()).unwrap();
+    assert_eq!(last["error"]["code"], "provider_stream_error", "{data:?}");
+    assert!(!data.iter().any(|d| d.contains("call_C")), "{data:?}");
+    app.stop().await;
+}
