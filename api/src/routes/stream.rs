@@ -89,7 +89,7 @@ pub async fn ws(
     upgrade
         .max_message_size(64 * 1024)
         .read_buffer_size(READ_BUFFER)
-        .on_upgrade(move |socket| connection(state, scope, credential, socket))
+        .on_upgrade(move |socket| connection(state, principal, scope, credential, socket))
 }
 
 /// Whether the connection's credential still authenticates (through the auth cache: a revoked
@@ -106,7 +106,13 @@ async fn still_valid(state: &AppState, credential: &str) -> bool {
     }
 }
 
-async fn connection(state: AppState, scope: Scope, credential: String, socket: WebSocket) {
+async fn connection(
+    state: AppState,
+    principal: switchyard_store::Principal,
+    scope: Scope,
+    credential: String,
+    socket: WebSocket,
+) {
     state.metrics.ws_connections.inc();
     let (mut sink, mut stream) = socket.split();
     let (out_tx, mut out_rx) = mpsc::channel::<Message>(WS_BUFFER);
@@ -174,6 +180,12 @@ async fn connection(state: AppState, scope: Scope, credential: String, socket: W
                 if !still_valid(&state, &credential).await {
                     let _ = tokio::time::timeout(SEND_TIMEOUT, sink.send(close(1008, "credentials revoked or expired"))).await;
                     break;
+                }
+                // every message is a request: held to the credential's and the tenant's rates
+                // (each subscription reads Postgres and Redis; only the upgrade was counted)
+                if let (_, Err(err)) = state.admission.admit(&principal).await {
+                    let _ = out_tx.try_send(error_frame(None, &err));
+                    continue;
                 }
                 if let Err((job, err)) = handle_op(&state, &scope, text.as_str(), &mut subs, &out_tx, &slow, &conn_done) {
                     let _ = out_tx.try_send(error_frame(job, &err));

@@ -395,3 +395,43 @@ async fn a_job_due_after_the_quota_is_used_up_waits_for_the_next_day(pool: PgPoo
     );
     app.stop().await;
 }
+
+/// Messages on a WebSocket are held to the tenant's request rate like any request (each
+/// subscription reads Postgres and Redis): a client looping `subscribe` on one connection gets
+/// `rate_limited` frames once the rate is used up (only the upgrade was counted).
+#[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
+async fn websocket_messages_count_against_the_request_rate(pool: PgPool) {
+    let app = spawn_app_with(
+        pool,
+        Opts {
+            worker: false,
+            ..Opts::default()
+        },
+    )
+    .await;
+    // (bursts of a sixth of the rate: ten requests)
+    let limits = QuotaLimits {
+        requests_per_minute: Some(60),
+        ..Default::default()
+    };
+    app.store
+        .set_tenant_quotas("acme", Some(&limits))
+        .await
+        .unwrap();
+    // a key looked up after the change carries it
+    let (_, key) = app
+        .store
+        .create_scoped_api_key(app.tenant, "ws", Role::Viewer, None, None)
+        .await
+        .unwrap();
+    let mut ws = crate::support::ws_connect(&app.base, &key).await;
+    let mut codes = Vec::new();
+    for _ in 0..20 {
+        ws.subscribe(uuid::Uuid::now_v7(), 0).await;
+        let frame = ws.next(Duration::from_secs(10)).await.expect("a frame");
+        codes.push(frame["error"]["code"].as_str().unwrap_or("").to_string());
+    }
+    assert!(codes.iter().any(|c| c == "rate_limited"), "{codes:?}");
+    assert!(codes.iter().any(|c| c == "not_found"), "{codes:?}");
+    app.stop().await;
+}
