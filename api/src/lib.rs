@@ -20,7 +20,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::{DefaultBodyLimit, FromRef};
-use axum::http::Request;
+use axum::http::{Request, StatusCode};
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
 use switchyard_core::config::Config;
@@ -186,8 +187,41 @@ impl AppState {
     }
 }
 
-async fn not_found() -> ApiError {
-    ApiError::new(ErrorCode::NotFound, "no such route")
+/// Routes of OpenAI's API that Switchyard does not serve: an OpenAI SDK pointed here gets its
+/// own error shape for them.
+const OPENAI_ONLY: &[&str] = &[
+    "/v1/embeddings",
+    "/v1/completions",
+    "/v1/responses",
+    "/v1/audio",
+    "/v1/images",
+    "/v1/files",
+    "/v1/uploads",
+    "/v1/moderations",
+    "/v1/batches",
+    "/v1/fine_tuning",
+    "/v1/assistants",
+    "/v1/threads",
+    "/v1/vector_stores",
+    "/v1/realtime",
+];
+
+async fn not_found(uri: axum::http::Uri) -> Response {
+    let path = uri.path();
+    let openai = OPENAI_ONLY
+        .iter()
+        .any(|p| path == *p || path.strip_prefix(p).is_some_and(|r| r.starts_with('/')));
+    if openai {
+        return openai::error::OaiError::new(
+            StatusCode::NOT_FOUND,
+            "invalid_request_error",
+            format!(
+                "{path} is not served here: Switchyard's OpenAI-compatible API is /v1/chat/completions and /v1/models"
+            ),
+        )
+        .into_response();
+    }
+    ApiError::new(ErrorCode::NotFound, "no such route").into_response()
 }
 
 async fn method_not_allowed() -> ApiError {

@@ -142,8 +142,13 @@ impl From<ApiError> for OaiError {
             ),
             ErrorCode::Unavailable => (StatusCode::SERVICE_UNAVAILABLE, "server_error", None),
             ErrorCode::Internal => (StatusCode::INTERNAL_SERVER_ERROR, "server_error", None),
+            // OpenAI answers what we call 422 with 400; the rest keep their status (405,
+            // 409, 415)
             _ => (
-                StatusCode::BAD_REQUEST,
+                match e.code.http_status() {
+                    422 => StatusCode::BAD_REQUEST,
+                    s => StatusCode::from_u16(s).unwrap_or(StatusCode::BAD_REQUEST),
+                },
                 "invalid_request_error",
                 Some(e.code.as_str()),
             ),

@@ -504,3 +504,42 @@ async fn json_mode_on_an_anthropic_model_answers_json(pool: PgPool) {
     }
     app.stop().await;
 }
+
+/// Routes of OpenAI's API that are not served answer in OpenAI's error shape (an SDK pointed
+/// here reads them), other unknown routes in ours; a body that is not JSON is a 415 on the
+/// front door as on `/v1/jobs` (it became a 400).
+#[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
+async fn unserved_openai_routes_and_bad_media_types_answer_openai_s_way(pool: PgPool) {
+    let app = spawn_app(pool).await;
+    for path in ["/v1/embeddings", "/v1/responses", "/v1/audio/speech"] {
+        let r = app
+            .auth(app.http.post(app.url(path)))
+            .json(&json!({"model": "x", "input": "y"}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 404, "{path}");
+        let v: Value = r.json().await.unwrap();
+        assert_eq!(v["error"]["type"], "invalid_request_error", "{v}");
+        assert!(v["error"].get("param").is_some(), "{v}");
+    }
+    let r = app
+        .auth(app.http.get(app.url("/v1/nothing-here")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "not_found", "{v}");
+    let r = app
+        .auth(app.http.post(app.url("/v1/chat/completions")))
+        .header("content-type", "text/plain")
+        .body("hello")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 415);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "unsupported_media_type", "{v}");
+    app.stop().await;
+}
