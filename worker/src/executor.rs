@@ -68,6 +68,7 @@ impl ExecError {
 
     pub fn to_job_error(&self) -> JobError {
         JobError::new(&self.code, self.message.clone(), self.retryable)
+            .retry_after(self.retry_after)
     }
 }
 
@@ -190,5 +191,23 @@ impl ExecutorRegistry {
 
     pub fn get(&self, kind: &str) -> Option<Arc<dyn Executor>> {
         self.map.get(kind).cloned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_job_error_keeps_the_service_s_wait() {
+        let mut e = ExecError::retryable("provider_rate_limited", "slow down");
+        assert_eq!(e.to_job_error().retry_after_s, None);
+        e.retry_after = Some(Duration::from_millis(29_200));
+        assert_eq!(e.to_job_error().retry_after_s, Some(30));
+        let json = serde_json::to_value(ExecError::fatal("x", "y").to_job_error()).unwrap();
+        assert!(
+            json.get("retry_after_s").is_none(),
+            "left out when unknown: {json}"
+        );
     }
 }

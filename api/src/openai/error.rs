@@ -78,6 +78,18 @@ impl OaiError {
         }})
     }
 
+    /// A failed job's error object (`code`, `message`, `retry_after_s`).
+    pub fn from_job_error(e: &serde_json::Value) -> Self {
+        let mut out = OaiError::from_job(
+            e["code"].as_str().unwrap_or("internal"),
+            e["message"].as_str().unwrap_or("the job failed"),
+        );
+        if let Some(s) = e["retry_after_s"].as_u64() {
+            out.retry_after = Some(std::time::Duration::from_secs(s));
+        }
+        out
+    }
+
     /// A failed (or cancelled) job of the front door, by its job error code.
     pub fn from_job(code: &str, message: &str) -> Self {
         use StatusCode as S;
@@ -195,6 +207,19 @@ impl IntoResponse for OaiError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_provider_s_wait_reaches_retry_after() {
+        let e = serde_json::json!({"code": "provider_rate_limited", "message": "slow down",
+            "retryable": true, "retry_after_s": 30});
+        let r = OaiError::from_job_error(&e).into_response();
+        assert_eq!(r.status(), 429);
+        assert_eq!(r.headers()[header::RETRY_AFTER], "30");
+        // none said: a second
+        let e = serde_json::json!({"code": "provider_rate_limited", "message": "slow down"});
+        let r = OaiError::from_job_error(&e).into_response();
+        assert_eq!(r.headers()[header::RETRY_AFTER], "1");
+    }
 
     #[test]
     fn only_waiting_out_a_provider_may_help_an_ended_job() {

@@ -207,11 +207,7 @@ async fn run(
             }
             types::FAILED => {
                 guard.armed = false;
-                let e = &ev.data["error"];
-                return Err(OaiError::from_job(
-                    e["code"].as_str().unwrap_or("internal"),
-                    e["message"].as_str().unwrap_or("the job failed"),
-                ));
+                return Err(OaiError::from_job_error(&ev.data["error"]));
             }
             types::CANCELLED => {
                 guard.armed = false;
@@ -266,12 +262,7 @@ impl Relay {
             match item? {
                 FeedItem::Event(ev) => {
                     let failure = match ev.kind.as_str() {
-                        types::FAILED => Some(OaiError::from_job(
-                            ev.data["error"]["code"].as_str().unwrap_or("internal"),
-                            ev.data["error"]["message"]
-                                .as_str()
-                                .unwrap_or("the job failed"),
-                        )),
+                        types::FAILED => Some(OaiError::from_job_error(&ev.data["error"])),
                         types::CANCELLED => {
                             Some(OaiError::from_job("cancelled", "the request was cancelled"))
                         }
@@ -429,11 +420,7 @@ impl Relay {
                 self.finish();
             }
             types::FAILED => {
-                let e = &data["error"];
-                self.error(OaiError::from_job(
-                    e["code"].as_str().unwrap_or("internal"),
-                    e["message"].as_str().unwrap_or("the job failed"),
-                ));
+                self.error(OaiError::from_job_error(&data["error"]));
             }
             types::CANCELLED => {
                 self.error(OaiError::from_job("cancelled", "the request was cancelled"));

@@ -50,6 +50,7 @@ async fn nul_characters_in_results_are_replaced_not_lost(pool: PgPool) {
         code: "exit_1".into(),
         message: "stderr: \u{0}".into(),
         retryable: false,
+        retry_after_s: None,
     };
     let writes = [
         RunEndWrite {

@@ -132,6 +132,10 @@ pub struct JobError {
     pub message: String,
     /// Whether running the job again could succeed.
     pub retryable: bool,
+    /// How long the failing service asked to be left alone (a provider's `retry-after`), in
+    /// seconds, when it said.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_after_s: Option<u64>,
 }
 
 impl JobError {
@@ -144,7 +148,14 @@ impl JobError {
             code: code.to_string(),
             message,
             retryable,
+            retry_after_s: None,
         }
+    }
+
+    /// With the failing service's `retry-after` (rounded up to whole seconds).
+    pub fn retry_after(mut self, wait: Option<std::time::Duration>) -> Self {
+        self.retry_after_s = wait.map(|w| w.as_secs_f64().ceil() as u64);
+        self
     }
 }
 
