@@ -170,7 +170,7 @@ impl<'a> Gate<'a> {
                 };
                 return Some(skipped(
                     ErrorCode::Forbidden,
-                    format!("the API key that created this schedule {what}"),
+                    format!("the credential (API key or end-user token) that created this schedule {what}"),
                 ));
             }
         }

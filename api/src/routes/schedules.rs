@@ -40,6 +40,15 @@ pub struct ListParams {
 }
 
 /// The stored template: the validated job as a `POST /v1/jobs` body (tenant defaults applied).
+/// When a schedule's creator stops vouching for it: an end user's token expiry (an API key is
+/// checked live when each run fires: revoked or expired, the run is skipped).
+fn creator_end(p: &switchyard_store::Principal) -> Option<chrono::DateTime<Utc>> {
+    match p.credential {
+        switchyard_store::Credential::Token { .. } => p.expires_at,
+        switchyard_store::Credential::Key(_) => None,
+    }
+}
+
 fn template(req: &ValidJobRequest) -> Value {
     let mut t = json!({
         "kind": req.kind.as_str(),
@@ -88,19 +97,22 @@ pub async fn create(
         .ok_or_else(|| ApiError::field(ErrorCode::InvalidInput, "cron", "never fires"))?;
     let row = state
         .store
-        .create_schedule(&ScheduleRow {
-            id: Uuid::now_v7(),
-            tenant_id: principal.tenant_id,
-            created_by: principal.subject(),
-            name: req.name,
-            cron: req.cron.trim().to_string(),
-            timezone: req.timezone.unwrap_or_else(|| "UTC".into()),
-            job: template(&job),
-            paused: req.paused,
-            next_run_at,
-            last_run_at: None,
-            created_at: Utc::now(),
-        })
+        .create_schedule(
+            &ScheduleRow {
+                id: Uuid::now_v7(),
+                tenant_id: principal.tenant_id,
+                created_by: principal.subject(),
+                name: req.name,
+                cron: req.cron.trim().to_string(),
+                timezone: req.timezone.unwrap_or_else(|| "UTC".into()),
+                job: template(&job),
+                paused: req.paused,
+                next_run_at,
+                last_run_at: None,
+                created_at: Utc::now(),
+            },
+            creator_end(&principal),
+        )
         .await?;
     let location = format!("/v1/schedules/{}", row.id);
     Ok((

@@ -476,3 +476,70 @@ async fn cron_runs_are_held_to_the_tenants_limits_and_the_creators_key(pool: PgP
     assert_eq!(app.store.due_schedules(10).await.unwrap().due.len(), 3);
     app.stop().await;
 }
+
+/// A schedule an end user created with a JWT stops firing once the token has expired (its
+/// runs are skipped, as a revoked key's are): an end user cannot leave work running past their
+/// authority. (It fired forever, even after the tenant removed its issuer.)
+#[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
+async fn an_end_users_schedule_ends_with_their_token(pool: PgPool) {
+    use jsonwebtoken::{encode, EncodingKey, Header};
+    let app = crate::support::spawn_api_only(pool).await;
+    let sched = app.scheduler(app.scheduler_opts()).await;
+    let secret = switchyard_core::apikey::random_secret(48);
+    let issuer = "https://acme.example/users";
+    assert!(app
+        .store
+        .set_tenant_jwt("acme", Some((issuer, &secret)))
+        .await
+        .unwrap());
+    let exp = Utc::now().timestamp() + 3600;
+    let claims = json!({"iss": issuer, "sub": "alice", "aud": "switchyard", "exp": exp,
+        "iat": Utc::now().timestamp(), "role": "developer"});
+    let token = encode(
+        &Header::default(),
+        &claims,
+        &EncodingKey::from_secret(secret.as_bytes()),
+    )
+    .unwrap();
+    let r = app
+        .http
+        .post(app.url("/v1/schedules"))
+        .bearer_auth(&token)
+        .json(&json!({"cron": "0 0 1 1 *", "job": {"kind": "system.noop", "input": {}}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let id: Uuid = r.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let ends: Option<DateTime<Utc>> =
+        sqlx::query_scalar("SELECT creator_expires_at FROM schedules WHERE id = $1")
+            .bind(id)
+            .fetch_one(app.store.pool())
+            .await
+            .unwrap();
+    assert_eq!(ends.map(|t| t.timestamp()), Some(exp));
+    // while the token is valid, runs fire
+    make_due(&app, 60).await;
+    assert_eq!(sched.pass().await.unwrap().scheduled, 1);
+    // the token's time has passed
+    sqlx::query("UPDATE schedules SET creator_expires_at = now() - interval '1 second'")
+        .execute(app.store.pool())
+        .await
+        .unwrap();
+    make_due(&app, 30).await;
+    assert_eq!(sched.pass().await.unwrap().scheduled, 0);
+    let run = newest_run(&app, id).await;
+    assert_eq!(run["skipped"]["code"], "forbidden", "{run}");
+    assert!(
+        run["skipped"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("expired"),
+        "{run}"
+    );
+    app.stop().await;
+}

@@ -59,8 +59,8 @@ pub struct DueSchedule {
     pub quotas: QuotaLimits,
     /// The models the tenant may use (`None`: all).
     pub allowed_models: Option<Vec<String>>,
-    /// The API key that created the schedule, when one did: `ok`, `revoked`, `expired` or
-    /// `missing` (`None`: an end user created it).
+    /// The credential that created the schedule: for an API key `ok`, `revoked`, `expired` or
+    /// `missing`; for an end user's token `expired` once past its expiry (else `None`).
     pub creator_key: Option<String>,
 }
 
@@ -83,12 +83,16 @@ pub struct Firing {
 }
 
 impl Store {
-    pub async fn create_schedule(&self, row: &ScheduleRow) -> Result<ScheduleRow> {
+    pub async fn create_schedule(
+        &self,
+        row: &ScheduleRow,
+        creator_expires_at: Option<DateTime<Utc>>,
+    ) -> Result<ScheduleRow> {
         let mut tx = self.tenant_tx(row.tenant_id).await?;
         let out = sqlx::query_as::<_, ScheduleRow>(&format!(
             "INSERT INTO schedules (id, tenant_id, created_by, name, cron, timezone, job, paused,
-                next_run_at, created_at)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, now()) RETURNING {COLS}"
+                next_run_at, created_at, creator_expires_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, now(), $10) RETURNING {COLS}"
         ))
         .bind(row.id)
         .bind(row.tenant_id)
@@ -99,6 +103,7 @@ impl Store {
         .bind(&row.job)
         .bind(row.paused)
         .bind(row.next_run_at)
+        .bind(creator_expires_at)
         .fetch_one(&mut *tx)
         .await?;
         tx.commit().await?;
@@ -257,7 +262,8 @@ impl Store {
                          FROM api_keys k
                          WHERE k.id = substr(s.created_by, 5)::uuid AND k.tenant_id = s.tenant_id),
                         'missing')
-                    WHEN s.created_by LIKE 'key:%' THEN 'missing' END AS creator_key
+                    WHEN s.created_by LIKE 'key:%' THEN 'missing'
+                    WHEN s.creator_expires_at <= now() THEN 'expired' END AS creator_key
              FROM schedules s JOIN tenants t ON t.id = s.tenant_id
              WHERE NOT s.paused AND s.next_run_at <= now()
              ORDER BY s.next_run_at, s.id LIMIT $1 FOR UPDATE OF s SKIP LOCKED"
