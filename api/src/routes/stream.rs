@@ -30,6 +30,8 @@ pub const WS_BUFFER: usize = 1024;
 const LIVE_BUFFER: usize = 256;
 const MAX_SUBSCRIPTIONS: usize = 10_000;
 const PING_EVERY: Duration = Duration::from_secs(20);
+/// An SSE stream checks its credential again before an event once its last check is older.
+const EVENT_AUTH_CHECK: Duration = Duration::from_secs(1);
 const SEND_TIMEOUT: Duration = Duration::from_secs(10);
 /// Bytes read from a client at a time. Clients send small control frames; tungstenite zeroes
 /// this much of its buffer on every read attempt (its default, 128 KiB, cost ~10 % of the
@@ -360,11 +362,42 @@ pub async fn sse(
         })?,
     };
     let feed = Feed::open(&state, principal.scope(), id, after, LIVE_BUFFER).await?;
+    // checked again while the stream lives, as a WebSocket's: a revoked key or an expired
+    // token ends it (a reconnect then gets 401); on a timer, and before an event when the last
+    // check is older than a second
+    let credential = crate::auth::presented_credential(&headers, uri.query()).unwrap_or_default();
+    let check = std::sync::Arc::new((state.clone(), credential.clone()));
+    let ended = {
+        let (state, shutdown) = (state.clone(), state.shutdown.clone());
+        async move {
+            let revoked = async {
+                let mut every = tokio::time::interval(PING_EVERY);
+                every.tick().await;
+                loop {
+                    every.tick().await;
+                    if !still_valid(&state, &credential).await {
+                        return;
+                    }
+                }
+            };
+            tokio::select! {
+                _ = shutdown.cancelled() => {}
+                _ = revoked => {}
+            }
+        }
+    };
     let metrics = state.metrics.clone();
-    let stream = futures::stream::unfold(feed, move |mut f| {
-        let metrics = metrics.clone();
+    let checked = tokio::time::Instant::now();
+    let stream = futures::stream::unfold((feed, checked), move |(mut f, mut checked)| {
+        let (metrics, check) = (metrics.clone(), check.clone());
         async move {
             let item = f.next().await?;
+            if checked.elapsed() >= EVENT_AUTH_CHECK {
+                if !still_valid(&check.0, &check.1).await {
+                    return None;
+                }
+                checked = tokio::time::Instant::now();
+            }
             let data = item.to_text(f.job_id);
             let ev = match &item {
                 FeedItem::Event(e) => {
@@ -376,9 +409,9 @@ pub async fn sse(
                 }
                 FeedItem::Reset => SseEvent::default().event("reset").data(data),
             };
-            Some((Ok(ev), f))
+            Some((Ok(ev), (f, checked)))
         }
     })
-    .take_until(state.shutdown.clone().cancelled_owned());
+    .take_until(ended);
     Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))))
 }

@@ -532,3 +532,48 @@ async fn a_websocket_ends_when_its_key_is_revoked(pool: PgPool) {
     assert_eq!(closed, Some(1008));
     app.stop().await;
 }
+
+/// An SSE stream ends once its key is revoked, as a WebSocket does (it went on until the job
+/// ended, however long): the end of the job is not sent to a revoked key.
+#[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
+async fn an_sse_stream_ends_when_its_key_is_revoked(pool: PgPool) {
+    let app = crate::support::spawn_app(pool).await;
+    let (rec, key) = app
+        .store
+        .create_scoped_api_key(
+            app.tenant,
+            "sse",
+            switchyard_core::authz::Role::Developer,
+            None,
+            None,
+        )
+        .await
+        .unwrap();
+    let id = app.submit_noop(json!({"sleep_ms": 2500})).await;
+    let r = app
+        .http
+        .get(app.url(&format!("/v1/jobs/{id}/events")))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let revoked = app
+        .auth(
+            app.http
+                .delete(app.url(&format!("/v1/api-keys/{}", rec.id))),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(revoked.status(), 200);
+    let events = tokio::time::timeout(T, sse_events(r))
+        .await
+        .expect("the stream ends");
+    assert!(
+        !events.iter().any(|(_, kind, _)| kind == "succeeded"),
+        "{events:?}"
+    );
+    app.wait_status(id, "succeeded", T).await;
+    app.stop().await;
+}
