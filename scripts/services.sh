@@ -16,7 +16,28 @@ apt_install() {
     DEBIAN_FRONTEND=noninteractive apt-get update -qq >/dev/null
     export SWITCHYARD_APT_UPDATED=1
   fi
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" >/dev/null
+}
+
+# Debian's postgresql package creates and starts a `main` cluster on 5432 that wants passwords
+# on 127.0.0.1: it would take the port of the private trust cluster started below (and every
+# login would fail). Only the binaries are wanted.
+install_postgres() {
+  if [ "$(id -u)" = 0 ] && [ ! -f /etc/postgresql-common/createcluster.conf ]; then
+    mkdir -p /etc/postgresql-common
+    echo "create_main_cluster = false" >/etc/postgresql-common/createcluster.conf
+  fi
+  apt_install postgresql
+}
+
+# host and port of a redis:// / rediss:// / postgres:// URL (userinfo may hold a password)
+url_host_port() {
+  local url=$1 default_port=$2
+  if [[ "$url" =~ ^[a-z]+://([^@/]*@)?([^:/?]+)(:([0-9]+))? ]]; then
+    echo "${BASH_REMATCH[2]} ${BASH_REMATCH[4]:-$default_port}"
+  else
+    echo "127.0.0.1 $default_port"
+  fi
 }
 
 port_open() { (exec 3<>"/dev/tcp/$1/$2") 2>/dev/null; }
@@ -28,10 +49,8 @@ pg_bin() {
 }
 
 ensure_redis() {
-  local host=127.0.0.1 port=6379
-  if [[ "${REDIS_URL:-}" =~ ^redis://([^:/@]+@)?([^:/]+):([0-9]+) ]]; then
-    host=${BASH_REMATCH[2]}; port=${BASH_REMATCH[3]}
-  fi
+  local host port
+  read -r host port <<<"$(url_host_port "${REDIS_URL:-redis://127.0.0.1:6379}" 6379)"
   if port_open "$host" "$port"; then return; fi
   command -v redis-server >/dev/null || apt_install redis-server
   say "starting redis-server on $host:$port (no persistence)"
@@ -42,23 +61,41 @@ ensure_redis() {
   die "redis-server did not start; see .switchyard/redis/redis.log"
 }
 
-ensure_postgres() {
-  local host=127.0.0.1 port=5432
-  if [[ "${DATABASE_URL:-}" =~ ^postgres(ql)?://([^@/]+@)?([^:/]+):([0-9]+) ]]; then
-    host=${BASH_REMATCH[3]}; port=${BASH_REMATCH[4]}
+# A server answering at DATABASE_URL must also take its login (another Postgres on the port
+# that wants a password would fail every test with an authentication error).
+check_postgres_login() {
+  local url=${DATABASE_URL:-postgres://postgres@127.0.0.1:5432/postgres} psql
+  psql=$(pg_bin psql || true)
+  [ -n "$psql" ] || return 0
+  local out
+  if ! out=$(PGCONNECT_TIMEOUT=5 "$psql" "$url" -Atqc 'select 1' 2>&1); then
+    case "$out" in
+      *password*|*authentication*|*"no pg_hba.conf entry"*|*"role"*"does not exist"*)
+        die "the postgres at DATABASE_URL refuses its login ($(echo "$out" | head -1)): set DATABASE_URL to a user it accepts (e.g. postgres://user:password@host:port/db), or stop that server so a private one can start" ;;
+    esac
   fi
-  if port_open "$host" "$port"; then return; fi
+}
+
+ensure_postgres() {
+  local host port
+  read -r host port <<<"$(url_host_port "${DATABASE_URL:-postgres://127.0.0.1:5432}" 5432)"
+  if port_open "$host" "$port"; then check_postgres_login; return; fi
   # a Debian cluster that is merely stopped
   if command -v pg_ctlcluster >/dev/null && [ -d /etc/postgresql ] && [ -n "$(ls /etc/postgresql 2>/dev/null)" ]; then
     say "starting the local postgres cluster"
     pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql | sort -V | tail -1)" main start || true
-    for _ in $(seq 50); do port_open "$host" "$port" && return; sleep 0.1; done
+    for _ in $(seq 50); do port_open "$host" "$port" && { check_postgres_login; return; }; sleep 0.1; done
   fi
-  [ -n "$(pg_bin initdb)" ] || apt_install postgresql
+  [ -n "$(pg_bin initdb || true)" ] || install_postgres
   local initdb postgres dir
-  initdb=$(pg_bin initdb); postgres=$(pg_bin postgres)
+  initdb=$(pg_bin initdb || true); postgres=$(pg_bin postgres || true)
   [ -n "$initdb" ] && [ -n "$postgres" ] || die "postgres binaries not found after install"
   dir="$PWD/.switchyard/pg"
+  if [ "$(id -u)" = 0 ]; then
+    # the `postgres` user runs it: a checkout under /root (mode 0700) is out of its reach;
+    # a short path also keeps the socket under the 107-byte limit
+    dir="/var/tmp/switchyard-pg-$(printf '%s' "$PWD" | md5sum | cut -c1-8)"
+  fi
   mkdir -p "$dir"
   local run=()
   if [ "$(id -u)" = 0 ]; then

@@ -12,28 +12,36 @@ export CARGO_TERM_COLOR=${CARGO_TERM_COLOR:-never}
 
 command -v cargo >/dev/null || die "cargo not found: install Rust (https://rustup.rs)"
 if ! cargo nextest --version >/dev/null 2>&1; then
-  say "installing cargo-nextest (once)"
-  cargo install cargo-nextest --locked
+  # pinned: the newest release may need a newer Rust than the toolchain here
+  say "installing cargo-nextest 0.9.143 (once)"
+  cargo install cargo-nextest --version 0.9.143 --locked
 fi
 command -v redis-server >/dev/null || apt_install redis-server
 # the Redis Cluster tests (api/tests/it/cluster.rs) build private clusters with redis-cli
 command -v redis-cli >/dev/null || apt_install redis-tools
 ensure_redis
 ensure_postgres
-# the front door is tested with the official `openai` Python package
-command -v python3 >/dev/null || apt_install python3 python3-pip
-if ! python3 -c "import openai" >/dev/null 2>&1; then
-  say "installing the openai Python package (for the front-door SDK test)"
-  python3 -m pip install --quiet --disable-pip-version-check openai 2>/dev/null \
-    || python3 -m pip install --quiet --disable-pip-version-check --break-system-packages openai \
-    || die "could not install the openai Python package: run 'python3 -m pip install openai'"
+# the front door is tested with the official `openai` Python package, pinned, in its own venv
+# (the system Python is left alone; Debian's refuses pip installs anyway)
+command -v python3 >/dev/null || apt_install python3
+python3 -m venv --help >/dev/null 2>&1 || apt_install python3-venv
+PY_VENV=${XDG_CACHE_HOME:-$HOME/.cache}/switchyard/openai-venv
+OPENAI_PY_VERSION=3.63.0
+if ! "$PY_VENV/bin/python" -c "import openai, sys; sys.exit(openai.__version__ != '$OPENAI_PY_VERSION')" 2>/dev/null; then
+  say "installing openai $OPENAI_PY_VERSION into $PY_VENV (for the front-door SDK test)"
+  { python3 -m venv "$PY_VENV" 2>/dev/null || { apt_install python3-venv && python3 -m venv "$PY_VENV"; }; } \
+    || die "could not create a Python venv: install python3-venv"
+  "$PY_VENV/bin/pip" install --quiet --disable-pip-version-check "openai==$OPENAI_PY_VERSION" \
+    || die "could not install openai: run '$PY_VENV/bin/pip install openai==$OPENAI_PY_VERSION'"
 fi
-# ... and with the official `openai` Node package (v5 runs on Node 18+)
+export SWITCHYARD_PYTHON="$PY_VENV/bin/python"
+# ... and with the official `openai` Node package, pinned (v5 runs on Node 18+)
 command -v node >/dev/null || apt_install nodejs npm
-if [ ! -d api/tests/node/node_modules/openai ]; then
-  say "installing the openai Node package into api/tests/node (for the front-door SDK test)"
-  npm install --prefix api/tests/node --no-save --no-audit --no-fund --silent openai@5 \
-    || die "could not install the openai Node package: run 'npm install --prefix api/tests/node openai@5'"
+OPENAI_NODE_VERSION=5.23.2
+if ! grep -q "\"version\": \"$OPENAI_NODE_VERSION\"" api/tests/node/node_modules/openai/package.json 2>/dev/null; then
+  say "installing openai@$OPENAI_NODE_VERSION into api/tests/node (for the front-door SDK test)"
+  npm install --prefix api/tests/node --no-save --no-audit --no-fund --silent "openai@$OPENAI_NODE_VERSION" \
+    || die "could not install the openai Node package: run 'npm install --prefix api/tests/node openai@$OPENAI_NODE_VERSION'"
 fi
 
 # the API fuzz test (api/tests/it/fuzz.rs) runs schemathesis, pinned, from its own venv

@@ -113,11 +113,18 @@ pub async fn ensure_services(cfg: &mut Config) -> anyhow::Result<Services> {
             .children
             .push(("redis".into(), spawn_redis(&bin, &dir, port)?));
         let url = format!("redis://127.0.0.1:{port}");
+        let mut up = false;
         for _ in 0..50 {
             if redis_reachable(&url).await {
+                up = true;
                 break;
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        if !up {
+            bail!(
+                "the private redis-server did not answer on port {port}: is another server using the port (one that wants a password)? set REDIS_URL to a Redis that works"
+            );
         }
         cfg.redis_url = url.into();
     }
@@ -134,7 +141,8 @@ pub async fn ensure_services(cfg: &mut Config) -> anyhow::Result<Services> {
         } else {
             free_port()?
         };
-        start_private_postgres(&base.join("pg"), port, &mut services)?;
+        let dir = private_pg_dir(&base);
+        start_private_postgres(&dir, port, &mut services)?;
         let db = opts.get_database().unwrap_or("switchyard").to_string();
         let url = format!("postgres://postgres@127.0.0.1:{port}/{db}");
         let opts: PgConnectOptions = url.parse()?;
@@ -147,7 +155,10 @@ pub async fn ensure_services(cfg: &mut Config) -> anyhow::Result<Services> {
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
         if !ok {
-            bail!("the private postgres did not come up; see .switchyard/pg/log");
+            bail!(
+                "the private postgres did not come up; see {}",
+                dir.join("log").display()
+            );
         }
         cfg.database_url = url.into();
     }
@@ -155,7 +166,11 @@ pub async fn ensure_services(cfg: &mut Config) -> anyhow::Result<Services> {
 }
 
 fn spawn_redis(bin: &Path, dir: &Path, port: u16) -> anyhow::Result<Child> {
+    use std::os::unix::process::CommandExt;
     Command::new(bin)
+        // its own process group: a Ctrl-C in the terminal reaches dev, which drains the worker
+        // before it stops the services (else they died first and the drain failed)
+        .process_group(0)
         .args([
             "--port",
             &port.to_string(),
@@ -242,6 +257,33 @@ fn redact(url: &str) -> String {
     }
 }
 
+/// Where dev keeps its private Postgres: under the checkout, unless its socket path would pass
+/// the 107-byte limit or (as root, where the `postgres` user runs it) the `postgres` user
+/// cannot reach the checkout (under `/root`, mode 0700): then under `/var/tmp`.
+fn private_pg_dir(base: &Path) -> PathBuf {
+    let own = base.join("pg");
+    let short = own.as_os_str().len() < 80;
+    let reachable = unsafe { libc::geteuid() } != 0
+        || Command::new("runuser")
+            .args(["-u", "postgres", "--", "test", "-x"])
+            .arg(base.parent().unwrap_or(base))
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+    if short && reachable {
+        return own;
+    }
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    std::fs::canonicalize(base)
+        .unwrap_or_else(|_| base.to_path_buf())
+        .hash(&mut h);
+    PathBuf::from(format!(
+        "/var/tmp/switchyard-dev-pg-{:08x}",
+        h.finish() as u32
+    ))
+}
+
 /// Returns false if no server answers; creates the database if the server lacks it.
 async fn ensure_database(opts: &PgConnectOptions) -> anyhow::Result<bool> {
     match tokio::time::timeout(Duration::from_secs(3), opts.connect()).await {
@@ -267,6 +309,15 @@ async fn ensure_database(opts: &PgConnectOptions) -> anyhow::Result<bool> {
         // 57P03: the server is starting up (or shutting down)
         Ok(Err(sqlx::Error::Database(e))) if e.code().as_deref() == Some("57P03") => Ok(false),
         Ok(Err(sqlx::Error::Io(_))) | Err(_) => Ok(false),
+        // another server on the port, that wants a password or knows no such role
+        Ok(Err(sqlx::Error::Database(e)))
+            if matches!(e.code().as_deref(), Some("28P01" | "28000")) =>
+        {
+            bail!(
+                "the postgres at DATABASE_URL refuses its login ({}): set DATABASE_URL to a user it accepts (postgres://user:password@host:port/db), or stop that server so dev can start a private one",
+                e.message()
+            )
+        }
         Ok(Err(e)) => Err(e).context("connecting to postgres"),
     }
 }
@@ -313,7 +364,9 @@ fn start_private_postgres(dir: &Path, port: u16, services: &mut Services) -> any
     }
     eprintln!("no Postgres at DATABASE_URL: starting a private one on port {port}");
     let log = std::fs::File::create(dir.join("log"))?;
+    use std::os::unix::process::CommandExt;
     let child = wrap(&postgres)
+        .process_group(0)
         .arg("-D")
         .arg(&data)
         .args(["-p", &port.to_string(), "-h", "127.0.0.1", "-k"])
