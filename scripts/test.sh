@@ -34,7 +34,7 @@ if ! "$PY_VENV/bin/python" -c "import openai, sys; sys.exit(openai.__version__ !
   "$PY_VENV/bin/pip" install --quiet --disable-pip-version-check "openai==$OPENAI_PY_VERSION" \
     || die "could not install openai: run '$PY_VENV/bin/pip install openai==$OPENAI_PY_VERSION'"
 fi
-export SWITCHYARD_PYTHON="$PY_VENV/bin/python"
+export SWITCHYARD_OPENAI_PYTHON="$PY_VENV/bin/python"
 # ... and with the official `openai` Node package, pinned (v5 runs on Node 18+)
 command -v node >/dev/null || apt_install nodejs npm
 OPENAI_NODE_VERSION=5.23.2

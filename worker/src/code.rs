@@ -171,6 +171,13 @@ impl Executor for CodeExecExecutor {
             limits,
         };
         let capture = Arc::new(Capture::new(limits.output_bytes));
+        // the sandbox time is counted whatever ends the run: this future dropped by a cancel
+        // or the job's `timeout_s` counts the time since the run began
+        let mut meter = SandboxMeter {
+            used: ctx.sandbox_ms(),
+            since: Instant::now(),
+            armed: true,
+        };
         let run = sandbox.run(req, capture.clone(), ctx.cancel.clone());
         tokio::pin!(run);
         let mut fwd = Forwarder::default();
@@ -216,6 +223,7 @@ impl Executor for CodeExecExecutor {
                 ExecError::retryable("sandbox_error", "the sandbox failed; see the worker log")
             }
         })?;
+        meter.ran(outcome.duration);
         let (stdout, stderr, truncated) = capture.finish();
         let out = CodeExecOutput {
             exit_code: outcome.exit_code,
@@ -324,4 +332,32 @@ pub fn default_concurrency() -> usize {
     std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(2)
+}
+
+/// Adds a run's sandbox time to its job's count: the time the sandbox reports once the run
+/// ended, or (dropped before, or failed) the time since the run began.
+struct SandboxMeter {
+    used: Arc<std::sync::atomic::AtomicU64>,
+    since: Instant,
+    armed: bool,
+}
+
+impl SandboxMeter {
+    fn ran(&mut self, took: Duration) {
+        self.armed = false;
+        self.used.fetch_add(
+            took.as_millis() as u64,
+            std::sync::atomic::Ordering::Relaxed,
+        );
+    }
+}
+
+impl Drop for SandboxMeter {
+    fn drop(&mut self) {
+        if self.armed {
+            let ms = self.since.elapsed().as_millis() as u64;
+            self.used
+                .fetch_add(ms, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
 }

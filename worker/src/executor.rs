@@ -100,6 +100,8 @@ pub struct JobContext {
     emit: mpsc::Sender<Emit>,
     /// LLM tokens the attempt has used so far (see [`JobContext::spent`]).
     spent: Arc<AtomicU64>,
+    /// Sandbox milliseconds the attempt has used so far (see [`JobContext::sandbox_ms`]).
+    sandbox_ms: Arc<AtomicU64>,
 }
 
 /// Identity and input of one attempt, for [`JobContext::new`].
@@ -125,7 +127,14 @@ impl JobContext {
             cancel,
             emit,
             spent: Arc::new(AtomicU64::new(0)),
+            sandbox_ms: Arc::new(AtomicU64::new(0)),
         }
+    }
+
+    /// The attempt's sandbox time in milliseconds, charged to its tenant's day however the run
+    /// ends (a run cut by a cancel or the job's `timeout_s` used the sandbox all the same).
+    pub fn sandbox_ms(&self) -> Arc<AtomicU64> {
+        self.sandbox_ms.clone()
     }
 
     /// The attempt's running count of LLM tokens, charged to its tenant's day however the

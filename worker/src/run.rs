@@ -169,7 +169,7 @@ pub(crate) async fn run_claimed(s: &Shared, d: Delivery, row: JobRow) {
         run_token.clone(),
         tx,
     );
-    let spent = ctx.spent();
+    let (spent, sandbox_ms) = (ctx.spent(), ctx.sandbox_ms());
     let exec = s.executors.get(&row.kind);
     let timeout = row.timeout_s.map(|t| Duration::from_secs(t as u64));
     // a run that would draw on a daily quota its tenant has used up waits for the next day
@@ -251,10 +251,7 @@ pub(crate) async fn run_claimed(s: &Shared, d: Delivery, row: JobRow) {
     // time limit cut, was paid for)
     let used = (
         spent.load(std::sync::atomic::Ordering::Relaxed),
-        match &result {
-            Some(Ok(output)) => crate::quota::sandbox_ms(&row.kind, output),
-            _ => 0,
-        },
+        sandbox_ms.load(std::sync::atomic::Ordering::Relaxed),
     );
     let (end, event) = match (interrupt, result) {
         (Some(Interrupt::Fenced), _) => return,

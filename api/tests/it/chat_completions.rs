@@ -330,14 +330,16 @@ async fn the_official_openai_python_package_works_unchanged(pool: PgPool) {
     let app = spawn_app(pool).await;
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/python/openai_sdk.py");
     // scripts/test.sh installs the pinned `openai` package into a venv and names its python
-    let python = std::env::var("SWITCHYARD_PYTHON").unwrap_or_else(|_| "python3".into());
+    let python = std::env::var("SWITCHYARD_OPENAI_PYTHON").unwrap_or_else(|_| "python3".into());
     let out = tokio::process::Command::new(&python)
         .arg(script)
         .env("SWITCHYARD_BASE_URL", app.url("/v1"))
         .env("SWITCHYARD_API_KEY", &app.key)
         .output()
         .await
-        .expect("python runs (scripts/test.sh installs the `openai` package; SWITCHYARD_PYTHON)");
+        .expect(
+            "python runs (scripts/test.sh installs the `openai` package; SWITCHYARD_OPENAI_PYTHON)",
+        );
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(

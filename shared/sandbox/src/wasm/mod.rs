@@ -309,12 +309,16 @@ impl Sandbox for WasmSandbox {
                 )))
             }
         };
-        let _slot = tokio::select! {
+        let slot = tokio::select! {
             s = self.slots.clone().acquire_owned() => {
                 s.map_err(|_| SandboxError::Internal(anyhow!("sandbox closed")))?
             }
             _ = cancel.cancelled() => return Ok(RunOutcome::cancelled()),
         };
+        // the guest stops when this future is dropped (a job's `timeout_s`), not only when
+        // the run is cancelled: it would otherwise run on, holding an engine instance
+        let cancel = cancel.child_token();
+        let _stop_when_dropped = cancel.clone().drop_guard();
         let scratch_base = self.cfg.scratch_dir.clone();
         let stdin = req.stdin.clone();
         let limits = req.limits;
@@ -323,6 +327,9 @@ impl Sandbox for WasmSandbox {
         // calls that block (sleep, reads) never hold an async thread of the worker, and a
         // deadline or a cancellation simply drops the guest's future.
         let task = tokio::task::spawn_blocking(move || -> anyhow::Result<Ended> {
+            // the slot is the engine's instance: given back when the guest has ended, not when
+            // the run's future goes (the next run would find no instance and report a trap)
+            let _slot = slot;
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_time()
                 .build()?;

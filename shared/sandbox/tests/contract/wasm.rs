@@ -203,3 +203,44 @@ async fn files_past_the_cap_stop_the_program() {
         r.stderr
     );
 }
+
+/// A run whose future is dropped (a job's `timeout_s` ends it) stops its guest, and its engine
+/// instance is given back when the guest has ended: the next run starts normally. (The guest
+/// ran on holding its instance while its slot went to the next run, which found no instance
+/// and reported a trap, exit 134, as if the program had crashed.)
+#[tokio::test]
+async fn a_dropped_run_stops_its_guest_and_the_next_run_starts() {
+    crate::canary();
+    let root = crate::sandbox_dir();
+    let tmp = std::env::temp_dir();
+    let sb = WasmSandbox::new(WasmConfig {
+        runtimes_dir: root.join("wasm"),
+        cache_dir: tmp.join("switchyard-test-code/cwasm"),
+        scratch_dir: tmp.join("switchyard-test-scratch"),
+        slots: 1,
+        max_memory_mb: 512,
+        compile_timeout: Duration::from_secs(10),
+    })
+    .expect("wasm sandbox");
+    let mut spin = module(
+        r#"(module (memory (export "memory") 1)
+        (func (export "_start") (loop (br 0))))"#,
+    );
+    spin.limits.wall_ms = 60_000;
+    spin.limits.cpu_ms = 60_000;
+    let cap = Arc::new(Capture::new(spin.limits.output_bytes));
+    let dropped = tokio::time::timeout(
+        Duration::from_millis(300),
+        sb.run(spin, cap, CancellationToken::new()),
+    )
+    .await;
+    assert!(dropped.is_err(), "the spinning run was cut by the timeout");
+    let r = tokio::time::timeout(
+        Duration::from_secs(20),
+        crate::suite::run(&sb, module(HELLO)),
+    )
+    .await
+    .expect("the next run got the instance once the dropped guest stopped");
+    assert_eq!(r.outcome.exit_code, Some(7), "{:?} {}", r.outcome, r.stderr);
+    assert_eq!(r.stdout, "hi from wasm\n");
+}
