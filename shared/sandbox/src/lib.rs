@@ -8,6 +8,7 @@
 
 pub mod gvisor;
 pub mod output;
+pub mod owned_dir;
 pub mod scratch;
 pub mod wasm;
 

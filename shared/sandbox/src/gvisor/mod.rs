@@ -90,12 +90,15 @@ pub struct GvisorSandbox {
     languages: Vec<Language>,
     stop: CancellationToken,
     tasks: TaskTracker,
+    /// This process's part of the state directory (`cfg.state_dir` points into it).
+    _state: crate::owned_dir::OwnedDir,
 }
 
 impl GvisorSandbox {
     /// Checks runsc and the rootfs, removes sandboxes an earlier worker left, and starts
-    /// filling the warm pools.
-    pub async fn new(cfg: GvisorConfig) -> anyhow::Result<GvisorSandbox> {
+    /// filling the warm pools. Workers sharing `state_dir` each take a part of their own
+    /// ([`crate::owned_dir`]): one's start never removes another's live sandboxes.
+    pub async fn new(mut cfg: GvisorConfig) -> anyhow::Result<GvisorSandbox> {
         let bin = which(&cfg.runsc).ok_or_else(|| {
             anyhow!(
                 "{} not found: install gVisor (Debian: apt-get install runsc)",
@@ -116,6 +119,8 @@ impl GvisorSandbox {
             "no sandbox rootfs at {}: run sandbox-images/gvisor/build-rootfs.sh",
             cfg.rootfs.display()
         );
+        let state = crate::owned_dir::OwnedDir::claim(&cfg.state_dir)?;
+        cfg.state_dir = state.path().to_path_buf();
         std::fs::create_dir_all(cfg.state_dir.join("runsc"))?;
         let runsc = Arc::new(Runsc {
             bin,
@@ -145,6 +150,7 @@ impl GvisorSandbox {
             languages,
             stop,
             tasks,
+            _state: state,
         })
     }
 

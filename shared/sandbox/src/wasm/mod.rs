@@ -124,6 +124,8 @@ pub struct WasmSandbox {
     compiles: Arc<Semaphore>,
     cfg: WasmConfig,
     _ticker: Ticker,
+    /// This process's part of the scratch directory (runs' working directories).
+    scratch: crate::owned_dir::OwnedDir,
 }
 
 impl WasmSandbox {
@@ -197,6 +199,17 @@ impl WasmSandbox {
             );
         }
         let ticker = Ticker::start(engine.clone())?;
+        // a worker killed mid-run left its runs' directories (tenants' files, up to the disk
+        // cap each): the part of the scratch directory this process takes over is cleared
+        let scratch = crate::owned_dir::OwnedDir::claim(&cfg.scratch_dir)?;
+        if let Ok(entries) = std::fs::read_dir(scratch.path()) {
+            for e in entries.flatten() {
+                if e.file_name().to_string_lossy().starts_with("run-") {
+                    tracing::info!(dir = %e.path().display(), "removing a run directory left by an earlier worker");
+                    let _ = std::fs::remove_dir_all(e.path());
+                }
+            }
+        }
         Ok(WasmSandbox {
             slots: Arc::new(Semaphore::new(cfg.slots.max(1) as usize)),
             compiles: Arc::new(Semaphore::new(
@@ -207,6 +220,7 @@ impl WasmSandbox {
             interpreters,
             cfg,
             _ticker: ticker,
+            scratch,
         })
     }
 
@@ -319,7 +333,7 @@ impl Sandbox for WasmSandbox {
         // the run is cancelled: it would otherwise run on, holding an engine instance
         let cancel = cancel.child_token();
         let _stop_when_dropped = cancel.clone().drop_guard();
-        let scratch_base = self.cfg.scratch_dir.clone();
+        let scratch_base = self.scratch.path().to_path_buf();
         let stdin = req.stdin.clone();
         let limits = req.limits;
         let cap = capture.clone();
@@ -515,26 +529,88 @@ async fn disk_filled(dir: &Path) {
     }
 }
 
-/// Bytes and entries under `dir` (symbolic links not followed; stops counting past the caps).
+/// Deepest directory nesting a run may make (each level walked holds a descriptor).
+const DISK_DEPTH: usize = 128;
+
+/// Bytes and entries a run holds in `dir`: the tree under it, walked relative to directory
+/// descriptors (a path past the kernel's 4,096-byte limit cannot hide a subtree) without
+/// following symbolic links, plus files still open but no longer named (deleted after being
+/// opened, they take disk as long as they are written). Stops counting past the caps; a tree
+/// deeper than [`DISK_DEPTH`] counts as over them.
 fn usage(dir: &Path) -> (u64, u64) {
-    let (mut bytes, mut files) = (0u64, 0u64);
-    let mut todo = vec![dir.to_path_buf()];
-    while let Some(d) = todo.pop() {
-        let Ok(entries) = std::fs::read_dir(&d) else {
+    let mut total = (0u64, 0u64);
+    let over = |(bytes, files): (u64, u64)| bytes > DISK_BYTES || files > DISK_FILES;
+    if let Ok(fd) = rustix::fs::open(
+        dir,
+        rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::DIRECTORY | rustix::fs::OFlags::CLOEXEC,
+        rustix::fs::Mode::empty(),
+    ) {
+        if !walk(&fd, 0, &mut total) {
+            return (DISK_BYTES + 1, total.1);
+        }
+    }
+    if !over(total) {
+        total.0 = total.0.saturating_add(unlinked_open_bytes(dir));
+    }
+    total
+}
+
+/// Adds the entries under the directory `fd` to `total`; false when the tree is deeper than
+/// [`DISK_DEPTH`]. Stops early once past the caps.
+fn walk(fd: &std::os::fd::OwnedFd, depth: usize, total: &mut (u64, u64)) -> bool {
+    use rustix::fs::{AtFlags, FileType, Mode, OFlags};
+    if depth > DISK_DEPTH {
+        return false;
+    }
+    let Ok(entries) = rustix::fs::Dir::read_from(fd) else {
+        return true;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        if name.to_bytes() == b"." || name.to_bytes() == b".." {
+            continue;
+        }
+        total.1 += 1;
+        let Ok(st) = rustix::fs::statat(fd, name, AtFlags::SYMLINK_NOFOLLOW) else {
             continue;
         };
-        for e in entries.flatten() {
-            files += 1;
-            let Ok(meta) = e.metadata() else { continue };
-            if meta.is_dir() {
-                todo.push(e.path());
-            } else {
-                bytes = bytes.saturating_add(meta.len());
+        if FileType::from_raw_mode(st.st_mode) == FileType::Directory {
+            let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+            if let Ok(sub) = rustix::fs::openat(fd, name, flags, Mode::empty()) {
+                if !walk(&sub, depth + 1, total) {
+                    return false;
+                }
             }
-            if bytes > DISK_BYTES || files > DISK_FILES {
-                return (bytes, files);
+        } else {
+            total.0 = total.0.saturating_add(st.st_size.max(0) as u64);
+        }
+        if total.0 > DISK_BYTES || total.1 > DISK_FILES {
+            return true;
+        }
+    }
+    true
+}
+
+/// Bytes of the files under `dir` this process holds open that have no name any more (the
+/// guest's descriptors are this process's: `/proc/self/fd`).
+fn unlinked_open_bytes(dir: &Path) -> u64 {
+    let Ok(fds) = std::fs::read_dir("/proc/self/fd") else {
+        return 0;
+    };
+    let prefix = dir.as_os_str().as_encoded_bytes();
+    let mut bytes = 0u64;
+    for fd in fds.flatten() {
+        let Ok(target) = std::fs::read_link(fd.path()) else {
+            continue;
+        };
+        let t = target.as_os_str().as_encoded_bytes();
+        if t.starts_with(prefix) && t.ends_with(b" (deleted)") {
+            if let Ok(meta) = std::fs::metadata(fd.path()) {
+                if meta.is_file() {
+                    bytes = bytes.saturating_add(meta.len());
+                }
             }
         }
     }
-    (bytes, files)
+    bytes
 }

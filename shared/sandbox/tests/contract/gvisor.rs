@@ -114,3 +114,44 @@ async fn leftovers_of_a_killed_worker_are_removed_at_start() {
     assert!(!cgroup.exists(), "cgroup left at {}", cgroup.display());
     let _ = std::fs::remove_dir_all(&state);
 }
+
+/// Two workers sharing one state directory (the default work_dir is one per host): the second
+/// one's start does not remove the first one's live sandboxes as leftovers (it killed them,
+/// and their runs ended as if the program had exited 137). Each takes a part of its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_worker_on_the_same_directory_leaves_the_first_ones_sandboxes_alone() {
+    crate::canary();
+    let state = std::env::temp_dir().join(format!(
+        "switchyard-test-gvisor-shared-{}",
+        std::process::id()
+    ));
+    let cfg = || {
+        let mut c = GvisorConfig::new(&crate::sandbox_dir(), &state);
+        c.pool_size = 0;
+        c
+    };
+    let first = Arc::new(GvisorSandbox::new(cfg()).await.unwrap());
+    let run = {
+        let first = first.clone();
+        tokio::spawn(async move {
+            let mut req = crate::suite::request(
+                Language::Python,
+                "import time\nprint('started', flush=True)\ntime.sleep(3)\nprint('done')",
+            );
+            req.limits.wall_ms = 30_000;
+            crate::suite::run(&*first, req).await
+        })
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    let second = GvisorSandbox::new(cfg()).await.unwrap();
+    let r = run.await.unwrap();
+    assert_eq!(
+        (r.outcome.exit_code, r.outcome.killed_by),
+        (Some(0), None),
+        "{}",
+        r.stderr
+    );
+    assert!(r.stdout.contains("done"), "{}", r.stdout);
+    drop(second);
+    let _ = std::fs::remove_dir_all(&state);
+}

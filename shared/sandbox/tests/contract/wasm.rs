@@ -160,8 +160,9 @@ async fn escape_suite() {
 }
 
 /// WASI writes land on the worker's own disk: a program that writes past the tier's cap (in
-/// bytes, or in files) is stopped with `killed_by: disk` instead of filling the disk for every
-/// tenant of the worker.
+/// bytes, or in files; a file deleted while it is open and written counts, as does nesting
+/// deeper than the walk follows) is stopped with `killed_by: disk` instead of filling the disk
+/// for every tenant of the worker.
 #[tokio::test]
 async fn files_past_the_cap_stop_the_program() {
     let sb = sandbox();
@@ -193,6 +194,28 @@ async fn files_past_the_cap_stop_the_program() {
         r.stderr
     );
     assert!(!r.stdout.contains("made them all"));
+    // a file deleted while open still takes disk as it is written
+    let unlinked = "import os\nf = open('big', 'wb')\nos.remove('big')\nc = b'0' * (8 << 20)\nfor _ in range(64):\n    f.write(c)\nprint('wrote it all')";
+    let r = crate::suite::run(&*sb, req(unlinked)).await;
+    assert_eq!(
+        r.outcome.killed_by,
+        Some(KilledBy::Disk),
+        "{:?} {}",
+        r.outcome,
+        r.stderr
+    );
+    assert!(!r.stdout.contains("wrote it all"));
+    // nesting past the depth a walk follows
+    let deep = "import os, time\nos.makedirs('/'.join(['d'] * 200))\ntime.sleep(3)\nprint('slept')";
+    let r = crate::suite::run(&*sb, req(deep)).await;
+    assert_eq!(
+        r.outcome.killed_by,
+        Some(KilledBy::Disk),
+        "{:?} {}",
+        r.outcome,
+        r.stderr
+    );
+    assert!(!r.stdout.contains("slept"));
     // within the cap: untouched
     let small = "open('a', 'wb').write(b'0' * (1 << 20))\nprint('ok')";
     let r = crate::suite::run(&*sb, crate::suite::request(Language::Python, small)).await;
@@ -243,4 +266,31 @@ async fn a_dropped_run_stops_its_guest_and_the_next_run_starts() {
     .expect("the next run got the instance once the dropped guest stopped");
     assert_eq!(r.outcome.exit_code, Some(7), "{:?} {}", r.outcome, r.stderr);
     assert_eq!(r.stdout, "hi from wasm\n");
+}
+
+/// A worker killed mid-run leaves its runs' directories (tenants' files, up to the disk cap
+/// each): the next worker on the directory removes them when it starts.
+#[tokio::test]
+async fn run_directories_left_by_a_killed_worker_are_removed_at_start() {
+    crate::canary();
+    let tmp = std::env::temp_dir();
+    let scratch = tmp.join(format!(
+        "switchyard-test-scratch-left-{}",
+        std::process::id()
+    ));
+    let left = scratch.join("run-left");
+    std::fs::create_dir_all(&left).unwrap();
+    std::fs::write(left.join("tenant-file"), b"secret").unwrap();
+    let _sb = WasmSandbox::new(WasmConfig {
+        runtimes_dir: crate::sandbox_dir().join("wasm"),
+        cache_dir: tmp.join("switchyard-test-code/cwasm"),
+        scratch_dir: scratch.clone(),
+        slots: 1,
+        max_memory_mb: 64,
+        compile_timeout: Duration::from_secs(10),
+    })
+    .expect("wasm sandbox");
+    assert!(!left.exists(), "left at {}", left.display());
+    drop(_sb);
+    let _ = std::fs::remove_dir_all(&scratch);
 }
