@@ -46,6 +46,8 @@ pub struct ApiConfig {
     pub max_job_body_bytes: usize,
     /// SHA-256 of the operator token (`None`: operator routes closed).
     pub operator_digest: Option<[u8; 32]>,
+    /// `/metrics` asks for this token (or the operator's) when set.
+    pub metrics_digest: Option<[u8; 32]>,
     pub enable_noop: bool,
     /// Webhook URLs may name private addresses (`webhooks.allow_private`).
     pub webhooks_allow_private: bool,
@@ -158,6 +160,9 @@ impl AppState {
                 max_body_bytes: cfg.max_body_bytes,
                 max_job_body_bytes: cfg.max_job_body_bytes,
                 operator_digest: cfg.operator_token.as_ref().map(|t| {
+                    switchyard_core::apikey::digest(secrecy::ExposeSecret::expose_secret(t))
+                }),
+                metrics_digest: cfg.metrics_token.as_ref().map(|t| {
                     switchyard_core::apikey::digest(secrecy::ExposeSecret::expose_secret(t))
                 }),
                 enable_noop: cfg.enable_noop,

@@ -45,9 +45,21 @@ pub async fn readyz(State(state): State<AppState>) -> Response {
     (code, Json(body)).into_response()
 }
 
-/// Prometheus metrics.
-#[utoipa::path(get, path = "/metrics", tag = "ops", responses((status = 200, description = "OpenMetrics text format", content_type = "application/openmetrics-text; version=1.0.0; charset=utf-8")))]
-pub async fn metrics(State(state): State<AppState>) -> Response {
+/// Prometheus metrics. With `metrics_token` configured, only for that bearer token (or the
+/// operator's).
+#[utoipa::path(get, path = "/metrics", tag = "ops", responses(
+    (status = 200, description = "OpenMetrics text format", content_type = "application/openmetrics-text; version=1.0.0; charset=utf-8"),
+    (status = 401, description = "unauthorized (`metrics_token` is set and was not presented)", body = crate::error::ErrorBody),
+))]
+pub async fn metrics(State(state): State<AppState>, headers: axum::http::HeaderMap) -> Response {
+    if let Some(expected) = state.cfg.metrics_digest {
+        let presented = crate::auth::presented_credential(&headers, None)
+            .map(|p| switchyard_core::apikey::digest(&p));
+        let ok = presented.is_some_and(|d| d == expected || Some(d) == state.cfg.operator_digest);
+        if !ok {
+            return crate::error::ApiError::unauthorized().into_response();
+        }
+    }
     let text = state.metrics.render(&state).await;
     (
         [(

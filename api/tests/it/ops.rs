@@ -268,3 +268,44 @@ async fn metrics_leave_out_what_they_cannot_read(pool: PgPool) {
     let _back = switchyard_queue::testing::PrivateRedis::start_on(redis.port);
     app.stop().await;
 }
+
+/// With `metrics_token` set, `/metrics` (which names tenants' queues) answers only that bearer
+/// token or the operator's.
+#[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
+async fn metrics_may_ask_for_a_token(pool: PgPool) {
+    const TOKEN: &str = "metrics-token-0123456789";
+    let app = crate::support::spawn_app_with(
+        pool,
+        crate::support::Opts {
+            worker: false,
+            configure: Some(std::sync::Arc::new(|cfg| {
+                cfg.metrics_token = Some(TOKEN.to_string().into());
+            })),
+            ..Default::default()
+        },
+    )
+    .await;
+    let get = |token: Option<&str>| {
+        let mut r = app.http.get(app.url("/metrics"));
+        if let Some(t) = token {
+            r = r.bearer_auth(t);
+        }
+        r.send()
+    };
+    assert_eq!(get(None).await.unwrap().status(), 401);
+    assert_eq!(
+        get(Some("wrong-token-0123456789")).await.unwrap().status(),
+        401
+    );
+    assert_eq!(
+        get(Some(&app.key)).await.unwrap().status(),
+        401,
+        "a tenant's key"
+    );
+    let r = get(Some(TOKEN)).await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(r.text().await.unwrap().contains("switchyard_jobs_estimate"));
+    let r = get(Some(crate::support::OPERATOR_TOKEN)).await.unwrap();
+    assert_eq!(r.status(), 200, "the operator's token");
+    app.stop().await;
+}

@@ -83,6 +83,11 @@ pub struct Config {
     /// over `/v1/tenants`. Unset: those routes are closed.
     #[serde(default)]
     pub operator_token: Option<SecretString>,
+    /// A bearer token `/metrics` asks for (`SWITCHYARD_METRICS_TOKEN`; the operator token is
+    /// taken too). Unset: `/metrics` is public (it names queues, so keep it on an internal
+    /// network then).
+    #[serde(default)]
+    pub metrics_token: Option<SecretString>,
     pub worker: WorkerConfig,
     pub llm: LlmConfig,
     /// `code.exec`: sandboxes, limits (`SWITCHYARD_CODE__...`).
@@ -301,10 +306,11 @@ fn defaults() -> Defaults {
 
 /// Files read from `SWITCHYARD_SECRETS_DIR` (when set), each into its configuration key; an
 /// environment variable of the same name still wins.
-pub const SECRET_FILES: [(&str, &str); 5] = [
+pub const SECRET_FILES: [(&str, &str); 6] = [
     ("DATABASE_URL", "database_url"),
     ("REDIS_URL", "redis_url"),
     ("SWITCHYARD_OPERATOR_TOKEN", "operator_token"),
+    ("SWITCHYARD_METRICS_TOKEN", "metrics_token"),
     ("OPENAI_API_KEY", "llm.openai_api_key"),
     ("ANTHROPIC_API_KEY", "llm.anthropic_api_key"),
 ];
@@ -404,6 +410,12 @@ impl Config {
             anyhow::ensure!(
                 t.expose_secret().len() >= 32,
                 "operator_token must be at least 32 characters"
+            );
+        }
+        if let Some(t) = &self.metrics_token {
+            anyhow::ensure!(
+                t.expose_secret().len() >= 16,
+                "metrics_token must be at least 16 characters"
             );
         }
         self.jwt.check().map_err(anyhow::Error::msg)?;
