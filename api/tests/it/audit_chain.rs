@@ -205,3 +205,29 @@ async fn pruning_re_anchors_the_chain(pool: PgPool) {
     assert_eq!((v.checked, v.first_broken), (3, None));
     app.stop().await;
 }
+
+/// Pruning deletes only the oldest stretch of rows that are all older than the cutoff: a row
+/// with an old time chained after newer ones (a job change chained late, or one the services'
+/// role forged) does not take the newer rows along past the retention.
+#[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
+async fn pruning_stops_at_the_first_row_younger_than_the_cutoff(pool: PgPool) {
+    no_minimum_retention(&pool).await;
+    let app = spawn_api_only(pool).await;
+    let s = &app.store;
+    let old = |i| AuditEntry {
+        at: chrono::Utc::now() - chrono::Duration::days(400),
+        ..entry(&app, i)
+    };
+    // two old rows, two of today, then one with an old time chained after them
+    s.append_audit(vec![old(1), old(2)]).await.unwrap();
+    s.append_audit(vec![entry(&app, 3), entry(&app, 4)])
+        .await
+        .unwrap();
+    s.append_audit(vec![old(5)]).await.unwrap();
+    let cut = chrono::Utc::now() - chrono::Duration::days(30);
+    assert_eq!(s.prune_audit(app.tenant, cut).await.unwrap(), 2);
+    let v = s.verify_audit(app.tenant).await.unwrap();
+    assert_eq!((v.checked, v.first_broken), (3, None), "today's rows stay");
+    assert_eq!(s.prune_audit(app.tenant, cut).await.unwrap(), 0);
+    app.stop().await;
+}

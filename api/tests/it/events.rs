@@ -141,3 +141,34 @@ async fn a_subscriber_replacing_the_last_one_gets_a_resync() {
     tracker.close();
     tracker.wait().await;
 }
+
+/// Another event under a seq the stream already holds (the attempt's announcement went through
+/// but its reply was lost, so the run numbered its next event the same) is stale, not taken
+/// for a repeat of the stored one: the run then publishes it after the head. (It was answered
+/// `Ok` and lost: a job's end could vanish from its stream.)
+#[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
+async fn another_event_under_a_taken_seq_is_stale_not_a_repeat(pool: PgPool) {
+    let app = spawn_api_only(pool).await;
+    let bus = app.bus().await;
+    let id = Uuid::now_v7();
+    let running =
+        switchyard_core::Event::status(id, 0, 1, switchyard_core::JobStatus::Running, json!({}));
+    assert_eq!(bus.begin_attempt_with(&running, 1).await.unwrap(), Some(2));
+    let end = switchyard_core::Event::terminal(
+        id,
+        2,
+        1,
+        switchyard_core::JobStatus::Succeeded,
+        Some(&json!({"ok": true})),
+        None,
+    );
+    assert_eq!(bus.publish(&end).await.unwrap(), Published::Stale);
+    assert_eq!(bus.publish_after(&end, 2).await.unwrap(), Some(3));
+    let h = bus.read(id, 0, 10).await.unwrap();
+    let kinds: Vec<&str> = h.events.iter().map(|e| e.kind.as_str()).collect();
+    assert_eq!(kinds, ["status", "succeeded"]);
+    // the stored event itself again is a repeat
+    let again = h.events[1].clone();
+    assert_eq!(bus.publish(&again).await.unwrap(), Published::Ok);
+    app.stop().await;
+}

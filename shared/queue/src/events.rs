@@ -32,7 +32,9 @@ if att > cur then redis.call('HSET', KEYS[2], 'attempt', att) end
 local r = redis.pcall('XADD', KEYS[1], ARGV[2] .. '-0', 'e', ARGV[3])
 if type(r) == 'table' and r.err then
   local l = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
-  if #l > 0 and l[1][1] == ARGV[2] .. '-0' then return 2 end
+  -- the same event again (a retry whose first reply was lost); another event under this seq
+  -- (a begin whose reply was lost numbered one already) is stale: it goes after the head
+  if #l > 0 and l[1][1] == ARGV[2] .. '-0' and l[1][2][2] == ARGV[3] then return 2 end
   return -2
 end
 redis.call('PUBLISH', ARGV[4], ARGV[3])

@@ -149,6 +149,9 @@ struct Columns {
 const COLUMNS: &str =
     "tenant_id, seq, at, actor, action, target, outcome, request_id, source, details, prev_hash, hash";
 
+/// Most rows one call of `switchyard_prune_audit` deletes (migration 30).
+const AUDIT_PRUNE_BATCH: i64 = 10_000;
+
 impl Store {
     /// Appends entries (any tenants) in one transaction: per tenant, the chain head is locked
     /// once (tenants in id order, so concurrent batches never deadlock), the rows are numbered
@@ -389,16 +392,26 @@ impl Store {
         Ok(std::time::Duration::from_secs_f64(secs.max(0.0)))
     }
 
-    /// Deletes a tenant's rows older than `before` (and than the minimum retention, see
-    /// [`Store::audit_min_retention`]) and re-anchors its chain at the last one deleted, so
-    /// verification starts there. Returns the rows deleted.
+    /// Deletes the oldest stretch of a tenant's chain whose rows are all older than `before`
+    /// (and than the minimum retention, see [`Store::audit_min_retention`]): a row with an old
+    /// time chained after newer ones does not take them along. Re-anchors the chain at the
+    /// last one deleted, so verification starts there. Returns the rows deleted.
     pub async fn prune_audit(&self, tenant: Uuid, before: DateTime<Utc>) -> Result<u64> {
-        // as the owner (the services' role may not delete audit rows): migration 26
-        let n: i64 = sqlx::query_scalar("SELECT switchyard_prune_audit($1, $2)")
-            .bind(tenant)
-            .bind(before)
-            .fetch_one(self.pool())
-            .await?;
-        Ok(n.max(0) as u64)
+        // as the owner (the services' role may not delete audit rows): migration 26; in
+        // batches of at most AUDIT_PRUNE_BATCH rows, the head locked for one batch at a time
+        // (migration 30)
+        let mut total = 0u64;
+        loop {
+            let n: i64 = sqlx::query_scalar("SELECT switchyard_prune_audit($1, $2)")
+                .bind(tenant)
+                .bind(before)
+                .fetch_one(self.pool())
+                .await?;
+            total += n.max(0) as u64;
+            if n < AUDIT_PRUNE_BATCH {
+                break;
+            }
+        }
+        Ok(total)
     }
 }
