@@ -315,7 +315,11 @@ impl Metrics {
                 .set(n);
         }
         if let Some((stats, pools)) = read(&mut redis, state.queue.code_stats()).await {
-            self.record_code(stats, pools);
+            // every worker process adds its own fields: the stale ones go, or they pile up
+            let stale = self.record_code(stats, pools);
+            if !stale.is_empty() {
+                let _ = read(&mut redis, state.queue.forget_code_pool_reports(&stale)).await;
+            }
         }
         for (source, up) in [("postgres", pg), ("redis", redis)] {
             self.source_up
@@ -329,7 +333,9 @@ impl Metrics {
         out
     }
 
-    fn record_code(&self, stats: Vec<(String, i64)>, pools: Vec<(String, String)>) {
+    /// Sets the `code.exec` series; returns the warm-pool reports that are stale (a worker
+    /// gone, or idle: it reports again on its next run), to be deleted.
+    fn record_code(&self, stats: Vec<(String, i64)>, pools: Vec<(String, String)>) -> Vec<String> {
         let label = |tier: &str, lang: &str| -> Labels {
             vec![
                 ("tier".to_string(), tier.to_string()),
@@ -359,17 +365,22 @@ impl Metrics {
         }
         let now = Utc::now().timestamp();
         let mut per_lang: std::collections::BTreeMap<String, i64> = Default::default();
+        let mut stale = Vec::new();
         for (field, value) in pools {
             let (Some((_, lang)), Some((n, at))) = (field.rsplit_once('|'), value.split_once('|'))
             else {
+                stale.push(field);
                 continue;
             };
             let (Ok(n), Ok(at)) = (n.parse::<i64>(), at.parse::<i64>()) else {
+                stale.push(field);
                 continue;
             };
             let sum = per_lang.entry(lang.to_string()).or_default();
             if now - at <= POOL_REPORT_TTL_S {
                 *sum += n;
+            } else {
+                stale.push(field);
             }
         }
         for (lang, n) in per_lang {
@@ -377,5 +388,6 @@ impl Metrics {
                 .get_or_create(&vec![("language".to_string(), lang)])
                 .set(n);
         }
+        stale
     }
 }

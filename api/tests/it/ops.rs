@@ -309,3 +309,34 @@ async fn metrics_may_ask_for_a_token(pool: PgPool) {
     assert_eq!(r.status(), 200, "the operator's token");
     app.stop().await;
 }
+
+/// Warm-pool reports of workers that are gone are deleted by a scrape: every worker process
+/// adds fields of its own, which piled up for ever (each scrape read them all).
+#[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
+async fn stale_warm_pool_reports_are_deleted(pool: PgPool) {
+    let app = crate::support::spawn_api_only(pool).await;
+    let mut c = app.redis().await;
+    let key = app.keys().code_pool();
+    let now = chrono::Utc::now().timestamp();
+    let _: () = redis::cmd("HSET")
+        .arg(&key)
+        .arg("gone-worker|python")
+        .arg("3|1000")
+        .arg("live-worker|python")
+        .arg(format!("2|{now}"))
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    let text = app.metrics_text().await;
+    assert!(
+        text.contains(r#"switchyard_code_pool_ready{language="python"} 2"#),
+        "{text}"
+    );
+    let left: Vec<String> = redis::cmd("HKEYS")
+        .arg(&key)
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert_eq!(left, ["live-worker|python"]);
+    app.stop().await;
+}

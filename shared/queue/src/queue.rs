@@ -434,6 +434,16 @@ impl Queue {
             .await
     }
 
+    /// Deletes warm-pool reports (fields of the `code_pool` hash) that went stale.
+    pub async fn forget_code_pool_reports(&self, fields: &[String]) -> RedisResult<()> {
+        let mut c = self.conn.clone();
+        redis::cmd("HDEL")
+            .arg(self.keys.code_pool())
+            .arg(fields)
+            .query_async(&mut c)
+            .await
+    }
+
     /// The current epoch, or `None` if Redis lost it (fresh or flushed Redis).
     pub async fn epoch(&self) -> RedisResult<Option<i64>> {
         let mut c = self.conn.clone();
