@@ -496,6 +496,12 @@ pub async fn cancel(
             if let Err(e) = state.bus.publish_after(&ev, durable).await {
                 tracing::warn!(error = %e, "could not publish the cancelled event (clients get it from postgres)");
             }
+            if row.run_at.is_some_and(|t| t > chrono::Utc::now()) {
+                // (if this fails, the member is dropped when it comes due: the claim skips it)
+                if let Err(e) = state.queue.undelay(&row.dispatch_item()).await {
+                    tracing::debug!(error = %e, "a cancelled delayed job left in its delayed set");
+                }
+            }
         }
         CancelOutcome::Requested(_) => {
             if let Err(e) = state.queue.notify_cancel(id).await {

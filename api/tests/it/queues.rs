@@ -406,3 +406,39 @@ async fn idle_stream_consumers_are_pruned_but_not_those_holding_entries(pool: Pg
     assert_eq!(consumers(&app, &q).await, ["c-busy"]);
     app.stop().await;
 }
+
+/// Cancelling a delayed job takes it out of its queue's delayed set at once (its member stayed
+/// until its due time, up to a year, then took lane room only to be fetched and dropped).
+#[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
+async fn a_cancelled_delayed_job_leaves_the_delayed_set(pool: PgPool) {
+    let app = crate::support::spawn_api_only(pool).await;
+    let job = app
+        .submit(json!({"kind": "system.noop", "input": {}, "delay_s": 86_400}))
+        .await;
+    let id = job["id"].as_str().unwrap().to_string();
+    let mut c = app.redis().await;
+    let key = app.keys().delayed("system");
+    let members: Vec<String> = redis::cmd("ZRANGE")
+        .arg(&key)
+        .arg(0)
+        .arg(-1)
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert!(members.iter().any(|m| m.starts_with(&id)), "{members:?}");
+    let r = app
+        .auth(app.http.post(app.url(&format!("/v1/jobs/{id}/cancel"))))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let members: Vec<String> = redis::cmd("ZRANGE")
+        .arg(&key)
+        .arg(0)
+        .arg(-1)
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert!(!members.iter().any(|m| m.starts_with(&id)), "{members:?}");
+    app.stop().await;
+}

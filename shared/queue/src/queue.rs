@@ -286,6 +286,15 @@ impl Queue {
         self.dispatch(std::slice::from_ref(item)).await
     }
 
+    /// Takes a job out of its queue's delayed set (a cancelled delayed job: its member would
+    /// stay until its due time, up to a year, and then take lane room to be fetched and
+    /// dropped). Nothing happens if it is not there.
+    pub async fn undelay(&self, item: &DispatchItem) -> RedisResult<()> {
+        let mut c = self.conn.clone();
+        c.zrem(self.keys.delayed(&item.queue), delayed_member(item))
+            .await
+    }
+
     /// Moves at most `limit` due jobs of `queue` from the delayed set to its streams.
     pub async fn move_due(&self, queue: &str, limit: usize) -> RedisResult<usize> {
         let mut c = self.conn.clone();
