@@ -343,12 +343,10 @@ pub(crate) async fn run_claimed(s: &Shared, d: Delivery, row: JobRow) {
         seq: seq + 1,
     };
     let mut written = write_end(s, &write).await;
-    if matches!(written, Ok(false))
-        && end.requeued_at().is_some()
-        && cancel_asked(s, id, attempt).await
-    {
+    let refusable = end.requeued_at().is_some() || matches!(end, RunEnd::Failed(_));
+    if matches!(written, Ok(false)) && refusable && cancel_asked(s, id, attempt).await {
         // a cancel asked for while the run ended (between heartbeats): the job is not
-        // requeued (the write refuses it), it ends cancelled now
+        // requeued nor failed (the write refuses both), it ends cancelled now
         end = RunEnd::Cancelled;
         event = Event::terminal(id, seq + 1, attempt, JobStatus::Cancelled, None, None);
         write.end = end.clone();

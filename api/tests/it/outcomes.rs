@@ -426,7 +426,8 @@ async fn a_claim_whose_reply_was_lost_is_run_by_its_worker(pool: PgPool) {
 
 /// A cancel asked for between two heartbeats of a run that then fails retryably: the job ends
 /// `cancelled` at once. (The retry was written: the job sat `queued` for its whole backoff,
-/// here an hour, though the cancel had answered 202.)
+/// here an hour, though the cancel had answered 202.) A run that fails for good meanwhile ends
+/// `cancelled` too.
 #[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
 async fn a_cancel_that_races_a_retryable_failure_ends_the_job(pool: PgPool) {
     // heartbeats every 10 s: the worker learns of the cancel only from its run's end
@@ -454,6 +455,21 @@ async fn a_cancel_that_races_a_retryable_failure_ends_the_job(pool: PgPool) {
         .wait_status(id, "cancelled", Duration::from_secs(20))
         .await;
     assert_eq!(j["attempt"], 1, "{j}");
+    // and a failure for good: the cancel's promise wins
+    let fatal = app
+        .submit_noop(json!({"sleep_ms": 1500, "fail_fatal": true}))
+        .await;
+    app.wait_status(fatal, "running", Duration::from_secs(20))
+        .await;
+    let asked = app.store.cancel_job(app.tenant, fatal).await.unwrap();
+    assert!(matches!(
+        asked,
+        switchyard_store::CancelOutcome::Requested(_)
+    ));
+    let j = app
+        .wait_status(fatal, "cancelled", Duration::from_secs(20))
+        .await;
+    assert!(j["error"].is_null(), "{j}");
     app.stop().await;
 }
 

@@ -318,6 +318,15 @@ impl Store {
         .bind(id)
         .fetch_all(&mut *tx)
         .await?;
+        // asked to cancel in the same commit: a turn that finds its conversation gone from
+        // now on ends cancelled, not failed (its worker may look before it hears of the cancel)
+        sqlx::query(
+            "UPDATE jobs SET cancel_requested_at = COALESCE(cancel_requested_at, now())
+             WHERE id = ANY($1) AND status IN ('queued', 'running')",
+        )
+        .bind(&unfinished)
+        .execute(&mut *tx)
+        .await?;
         sqlx::query("DELETE FROM conversations WHERE id = $1")
             .bind(id)
             .execute(&mut *tx)

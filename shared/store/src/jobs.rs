@@ -163,8 +163,9 @@ pub enum RunEnd {
 }
 
 impl RunEnd {
-    /// When a run that goes back to the queue is due. (Such an end is refused once the job's
-    /// cancel was asked for: its run ends `cancelled` instead, never waiting out a backoff.)
+    /// When a run that goes back to the queue is due. (Such an end, or a failure, is refused
+    /// once the job's cancel was asked for: its run ends `cancelled` instead, as the cancel
+    /// promised, never waiting out a backoff.)
     pub fn requeued_at(&self) -> Option<DateTime<Utc>> {
         match self {
             RunEnd::Retry { run_at, .. }
@@ -448,7 +449,7 @@ impl Store {
                 -- requeued: undispatched until the reconciler sees it (as in `end_runs`)
                 dispatch_epoch = CASE WHEN $3 = 'queued' THEN 0 ELSE dispatch_epoch END
              WHERE id = $1 AND attempt = $2 AND status = 'running'
-               AND NOT ($3 = 'queued' AND cancel_requested_at IS NOT NULL)",
+               AND NOT ($3 IN ('queued', 'failed') AND cancel_requested_at IS NOT NULL)",
         )
         .bind(id)
         .bind(attempt)
@@ -524,9 +525,9 @@ impl Store {
                 AS v(id, attempt, status, output, error, run_at, seq, given_back)
              WHERE j.id = v.id AND j.id = ANY({LOCK_IN_ORDER})
                AND j.attempt = v.attempt AND j.status = 'running'
-               -- a job whose cancel was asked for is not requeued (the run ends cancelled:
-               -- see `RunEnd::requeued_at`)
-               AND NOT (v.status = 'queued' AND j.cancel_requested_at IS NOT NULL)
+               -- a job whose cancel was asked for is not requeued, nor failed (the run ends
+               -- cancelled, as the cancel promised: see `RunEnd::requeued_at`)
+               AND NOT (v.status IN ('queued', 'failed') AND j.cancel_requested_at IS NOT NULL)
              RETURNING j.id"
         ))
         .bind(&ids)
