@@ -26,6 +26,9 @@ impl DispatchLock {
     }
 }
 
+/// Most queued jobs the oldest-age gauge walks per queue and scrape.
+const OLDEST_WALK: i64 = 10_000;
+
 impl Store {
     /// Takes [`DISPATCH_LOCK`] unless another scheduler holds it (then `None`).
     pub async fn try_dispatch_lock(&self) -> Result<Option<DispatchLock>> {
@@ -158,17 +161,22 @@ impl Store {
     /// Per queue, how long the oldest job ready to run has waited: the first queued job (by
     /// creation) that is due, counted from when it became due (its creation, or the time a
     /// retry or a delay set). Delayed jobs and jobs waiting out a backoff are not waiting yet.
-    /// (An index walk in creation order per queue, past the delayed jobs at its head.)
+    /// (An index walk in creation order per queue, past the delayed jobs at its head, bounded
+    /// at [`OLDEST_WALK`] jobs: every scrape runs it, and a queue whose oldest jobs all wait for
+    /// later, e.g. deferred to the next day, is reported as having none ready.)
     pub async fn oldest_queued(&self, queues: &[String]) -> Result<Vec<(String, f64)>> {
         let mut out = Vec::new();
         for q in queues {
             let age: Option<f64> = sqlx::query_scalar(
                 "SELECT EXTRACT(EPOCH FROM now() - GREATEST(created_at, COALESCE(run_at, created_at)))::float8
-                 FROM jobs
-                 WHERE status = 'queued' AND queue = $1 AND (run_at IS NULL OR run_at <= now())
+                 FROM (SELECT created_at, run_at FROM jobs
+                       WHERE status = 'queued' AND queue = $1
+                       ORDER BY created_at LIMIT $2) oldest
+                 WHERE run_at IS NULL OR run_at <= now()
                  ORDER BY created_at LIMIT 1",
             )
             .bind(q)
+            .bind(OLDEST_WALK)
             .fetch_optional(self.pool())
             .await?
             .flatten();
