@@ -316,6 +316,11 @@ impl Scheduler {
                     .prune_consumers(&q, self.opts.consumer_idle)
                     .await?;
             }
+            // and the registry's reports of workers that died (reading it drops them; else
+            // they stayed until someone listed the workers)
+            self.queue
+                .workers(switchyard_core::queueing::WORKER_REPORT_TTL)
+                .await?;
         }
         if due(&self.last_job_prune, self.opts.job_prune_every) {
             report.jobs_pruned = self.prune_jobs().await?;

@@ -401,9 +401,25 @@ async fn idle_stream_consumers_are_pruned_but_not_those_holding_entries(pool: Pg
     let d = fetch("c-idle").await;
     queue.ack(&d).await.unwrap();
     assert_eq!(consumers(&app, &q).await, ["c-busy", "c-idle"]);
+    // a dead worker's report in the registry goes with the same pass
+    let mut c = app.redis().await;
+    let _: () = redis::cmd("HSET")
+        .arg(app.keys().workers())
+        .arg("dead-worker")
+        .arg("{}")
+        .query_async(&mut c)
+        .await
+        .unwrap();
     let sched = app.scheduler(opts).await;
     assert!(sched.pass().await.unwrap().consumers_pruned >= 1);
     assert_eq!(consumers(&app, &q).await, ["c-busy"]);
+    let left: bool = redis::cmd("HEXISTS")
+        .arg(app.keys().workers())
+        .arg("dead-worker")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert!(!left, "a dead worker's report stayed");
     app.stop().await;
 }
 
