@@ -12,6 +12,7 @@
 
 pub mod cron;
 pub mod limits;
+mod losses;
 pub mod webhooks;
 
 use std::time::Duration;
@@ -59,6 +60,12 @@ pub struct SchedulerOptions {
     /// How often the planner statistics of `jobs` are checked (and refreshed once enough of
     /// the table changed: see `Store::refresh_statistics`).
     pub statistics_every: Duration,
+    /// How often what Redis holds per queue is compared with what was dispatched
+    /// (`losses.rs`).
+    pub loss_check_every: Duration,
+    /// Only jobs that kept their state this long count in that comparison (younger ones may
+    /// be on their way into Redis).
+    pub loss_settle: Duration,
 }
 
 impl Default for SchedulerOptions {
@@ -81,6 +88,8 @@ impl Default for SchedulerOptions {
             consumer_prune_every: Duration::from_secs(600),
             consumer_idle: Duration::from_secs(3600),
             statistics_every: Duration::from_secs(5),
+            loss_check_every: Duration::from_secs(60),
+            loss_settle: Duration::from_secs(30),
         }
     }
 }
@@ -98,6 +107,8 @@ pub struct PassReport {
     pub jobs_pruned: usize,
     /// Idle stream consumers deleted.
     pub consumers_pruned: usize,
+    /// Queues found to have lost part of their Redis data (a new epoch follows).
+    pub lost_queues: usize,
     /// Whether this pass refreshed the statistics of `jobs`.
     pub analyzed: bool,
     /// The audit outbox still held changes when the pass had chained `max_batches` batches:
@@ -115,6 +126,9 @@ pub struct Scheduler {
     last_limits: std::sync::Mutex<Option<std::time::Instant>>,
     last_statistics: std::sync::Mutex<Option<std::time::Instant>>,
     last_consumer_prune: std::sync::Mutex<Option<std::time::Instant>>,
+    last_loss_check: std::sync::Mutex<Option<std::time::Instant>>,
+    /// Queues found short at the last loss check (by how many jobs).
+    short: std::sync::Mutex<std::collections::HashMap<String, u64>>,
 }
 
 impl Scheduler {
@@ -128,6 +142,8 @@ impl Scheduler {
             last_limits: std::sync::Mutex::new(None),
             last_statistics: std::sync::Mutex::new(None),
             last_consumer_prune: std::sync::Mutex::new(None),
+            last_loss_check: std::sync::Mutex::new(None),
+            short: std::sync::Mutex::new(Default::default()),
         }
     }
 
@@ -207,6 +223,9 @@ impl Scheduler {
             if (items.len() as i64) < self.opts.batch {
                 break;
             }
+        }
+        if !new && due(&self.last_loss_check, self.opts.loss_check_every) {
+            report.lost_queues = self.check_losses(epoch).await?.len();
         }
         Ok(())
     }

@@ -500,3 +500,70 @@ async fn a_cancel_is_published_after_every_event_in_the_stream(pool: PgPool) {
     assert_eq!((end.seq, end.kind.as_str()), (11, "cancelled"), "{end:?}");
     app.stop().await;
 }
+
+/// A queue's slot that loses some writes but keeps its epoch mark (a replica promoted before
+/// it had them): the scheduler finds Redis holding fewer jobs than were dispatched on two
+/// checks in a row, and a new epoch dispatches them again. (They waited for ever: the epoch
+/// check sees only whole slots lost.)
+#[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
+async fn a_queue_losing_some_writes_is_redispatched(pool: PgPool) {
+    let app = spawn_api_only(pool).await;
+    let opts = switchyard_scheduler::SchedulerOptions {
+        undispatched_min_age: Duration::ZERO,
+        loss_check_every: Duration::ZERO,
+        loss_settle: Duration::ZERO,
+        ..app.scheduler_opts()
+    };
+    let sched = app.scheduler(opts).await;
+    let epoch = sched
+        .pass()
+        .await
+        .unwrap()
+        .new_epoch
+        .expect("a first epoch");
+    let id = app.submit_noop(json!({})).await;
+    let t = std::time::Instant::now();
+    loop {
+        let marked: i64 = sqlx::query_scalar("SELECT dispatch_epoch FROM jobs WHERE id = $1")
+            .bind(id)
+            .fetch_one(app.store.pool())
+            .await
+            .unwrap();
+        if marked == epoch {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(10), "never marked");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let quiet = sched.pass().await.unwrap();
+    assert_eq!((quiet.new_epoch, quiet.lost_queues), (None, 0), "{quiet:?}");
+    // the queue's data goes, its epoch mark stays
+    let mut c = app.redis().await;
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{}*", app.keys().queue_base("system")))
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    let mark = app.keys().queue_epoch("system");
+    let gone: Vec<&String> = keys.iter().filter(|k| **k != mark).collect();
+    assert!(!gone.is_empty());
+    let _: () = redis::cmd("DEL")
+        .arg(&gone)
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    let first = sched.pass().await.unwrap();
+    assert_eq!(
+        (first.new_epoch, first.lost_queues),
+        (None, 0),
+        "checked again first: {first:?}"
+    );
+    let second = sched.pass().await.unwrap();
+    assert_eq!(second.lost_queues, 1, "{second:?}");
+    let third = sched.pass().await.unwrap();
+    assert_eq!(third.new_epoch, Some(epoch + 1), "{third:?}");
+    assert!(third.redispatched >= 1, "{third:?}");
+    let queue = app.queue().await;
+    assert!(queue.held("system").await.unwrap() >= 1);
+    app.stop().await;
+}

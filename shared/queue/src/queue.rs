@@ -324,6 +324,31 @@ impl Queue {
         Ok((streams, delayed))
     }
 
+    /// Entries Redis holds for `queue`'s jobs: its streams (waiting and delivered), its
+    /// tenants' lanes and its delayed set. (A slot that lost some writes, not all: a replica
+    /// promoted before it had them, holds fewer than Postgres says it should.)
+    pub async fn held(&self, queue: &str) -> RedisResult<u64> {
+        let mut c = self.conn.clone();
+        let mut pipe = redis::pipe();
+        for p in PRIORITIES {
+            pipe.xlen(self.keys.stream(queue, p));
+        }
+        let fair = self.keys.fair(queue);
+        for p in PRIORITIES {
+            pipe.hget(&fair, format!("ov{p}"));
+        }
+        pipe.zcard(self.keys.delayed(queue));
+        let v: Vec<Option<i64>> = pipe.query_async(&mut c).await?;
+        Ok(v.into_iter().flatten().map(|n| n.max(0) as u64).sum())
+    }
+
+    /// Drops `queue`'s epoch mark: the next epoch check takes the queue's data for lost and
+    /// starts a new epoch (every unfinished job dispatched again from Postgres).
+    pub async fn forget_queue_epoch(&self, queue: &str) -> RedisResult<()> {
+        let mut c = self.conn.clone();
+        c.del(self.keys.queue_epoch(queue)).await
+    }
+
     /// Per priority of `queue`: the backlog (entries not yet delivered to any worker: the
     /// group's `lag`; `None` when Redis cannot tell) and the entries in flight (delivered, not
     /// acknowledged). Streams without the group are left out.

@@ -69,6 +69,26 @@ impl Store {
             .collect())
     }
 
+    /// Per queue, the unfinished jobs marked dispatched in `epoch` that have kept their state
+    /// for at least `settle`: Redis should hold an entry for each (in a stream, waiting or
+    /// delivered; in a tenant's lane; in the delayed set). See the scheduler's loss check.
+    pub async fn settled_dispatched(
+        &self,
+        epoch: i64,
+        settle: Duration,
+    ) -> Result<Vec<(String, i64)>> {
+        Ok(sqlx::query_as(
+            "SELECT queue, count(*) FROM jobs
+             WHERE status IN ('queued', 'running') AND dispatch_epoch = $1
+               AND updated_at < now() - make_interval(secs => $2 / 1000.0)
+             GROUP BY queue",
+        )
+        .bind(epoch)
+        .bind(millis(settle))
+        .fetch_all(self.pool())
+        .await?)
+    }
+
     /// Running jobs whose lease ran out more than `grace` ago: their worker is gone and the
     /// stream entry may be gone too. Their lease is pushed forward by `grace` so each pass picks
     /// different jobs (no full rescan of the backlog).
