@@ -115,8 +115,9 @@ impl Store {
     /// Counts of jobs by (kind, status) for metrics.
     pub async fn job_counts(&self) -> Result<Vec<(String, String, i64)>> {
         Ok(sqlx::query_as(
-            // unfinished jobs only (the partial index `jobs_unfinished_epoch`): cheap at any
-            // table size; finished ones are counted by `jobs_estimate`
+            // unfinished jobs only (the partial index `jobs_unfinished_epoch`), whatever the
+            // number of finished ones (counted by `jobs_estimate`); it reads a row per
+            // unfinished job, so a scrape during a large backlog pays for it
             "SELECT kind, status, count(*) FROM jobs WHERE status IN ('queued', 'running')
              GROUP BY kind, status ORDER BY kind, status",
         )
