@@ -19,11 +19,17 @@ pub(crate) async fn spawn_batch(
     deliveries: Vec<Delivery>,
     permits: &mut Vec<OwnedSemaphorePermit>,
 ) {
-    let ids: Vec<Uuid> = deliveries
-        .iter()
-        .map(|d| d.job_id)
-        .filter(|id| !id.is_nil())
-        .collect();
+    // held before the claim is sent: another delivery of one of these jobs (a duplicate, the
+    // reclaim loop's) that finds it held by this worker's id meanwhile must not take that
+    // for a lost reply and run the same attempt beside this one
+    let ids: Vec<Uuid> = {
+        let mut held = s.claimed.lock().unwrap_or_else(|p| p.into_inner());
+        deliveries
+            .iter()
+            .map(|d| d.job_id)
+            .filter(|id| !id.is_nil() && held.insert(*id))
+            .collect()
+    };
     let mut claimed: HashMap<Uuid, JobRow> =
         match s.store.claim_many(&ids, &s.id, s.opts.lease).await {
             Ok(rows) => rows.into_iter().map(|r| (r.id, r)).collect(),
@@ -33,8 +39,13 @@ pub(crate) async fn spawn_batch(
                 HashMap::new()
             }
         };
+    // what was not claimed is let go (its delivery goes the one-by-one way, holding anew)
     if let Ok(mut held) = s.claimed.lock() {
-        held.extend(claimed.keys().copied());
+        for id in &ids {
+            if !claimed.contains_key(id) {
+                held.remove(id);
+            }
+        }
     }
     for d in deliveries {
         // a blocking fetch can bring one more than asked (one per priority): wait for a slot
@@ -92,10 +103,46 @@ async fn handle_delivery(s: &Shared, d: Delivery) {
         ack(s, &d).await;
         return;
     }
+    // held before the claim, as in `spawn_batch`; `false`: another task of this worker is
+    // claiming or running the job, so this delivery is a duplicate whatever the claim says
+    let mine = hold(s, d.job_id);
     let claim = with_retry("claim", s.opts.lease, || {
         s.store.claim(d.job_id, &s.id, s.opts.lease)
     })
     .await;
+    let release = |s: &Shared| {
+        if mine {
+            if let Ok(mut held) = s.claimed.lock() {
+                held.remove(&d.job_id);
+            }
+        }
+    };
+    match claim {
+        Ok(ClaimOutcome::Claimed(row)) if mine => run_holding(s, d, row).await,
+        // (a newer attempt than the one running here: that one is fenced out)
+        Ok(ClaimOutcome::Claimed(row)) => crate::run::run_claimed(s, d, row).await,
+        // held by this worker's id but not running here: the claim committed and its reply
+        // was lost (or a retried claim found its first try done); nobody else will run it
+        // before its lease ends, and then at the cost of an attempt
+        Ok(ClaimOutcome::Held(row))
+            if mine && row.lease_owner.as_deref() == Some(s.id.as_str()) =>
+        {
+            tracing::info!("running a claim of this worker whose reply was lost");
+            run_holding(s, d, row).await;
+        }
+        other => {
+            release(s);
+            settle(s, d, other).await;
+        }
+    }
+}
+
+/// What a delivery whose job this worker does not run becomes.
+async fn settle(
+    s: &Shared,
+    d: Delivery,
+    claim: Result<ClaimOutcome, switchyard_store::StoreError>,
+) {
     match claim {
         Err(e) => {
             // leave the entry pending: it is reclaimed once its idle time passes the lease
@@ -104,15 +151,6 @@ async fn handle_delivery(s: &Shared, d: Delivery) {
         Ok(ClaimOutcome::Skip(reason)) => {
             tracing::debug!(reason, "nothing to run");
             ack(s, &d).await;
-        }
-        // held by this worker's id but not running here: the claim committed and its reply
-        // was lost (or a retried claim found its first try done); nobody else will run it
-        // before its lease ends, and then at the cost of an attempt
-        Ok(ClaimOutcome::Held(row))
-            if row.lease_owner.as_deref() == Some(s.id.as_str()) && hold(s, row.id) =>
-        {
-            tracing::info!("running a claim of this worker whose reply was lost");
-            run_holding(s, d, row).await;
         }
         Ok(ClaimOutcome::Held(row)) => match row.lease_owner.as_deref() {
             // a reclaimed entry of a job whose lease still runs: the running worker's own
@@ -150,9 +188,6 @@ async fn handle_delivery(s: &Shared, d: Delivery) {
             }
             ack(s, &d).await;
         }
-        Ok(ClaimOutcome::Claimed(row)) => {
-            hold(s, row.id);
-            run_holding(s, d, row).await
-        }
+        Ok(ClaimOutcome::Claimed(row)) => crate::run::run_claimed(s, d, row).await,
     }
 }

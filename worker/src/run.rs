@@ -342,7 +342,7 @@ pub(crate) async fn run_claimed(s: &Shared, d: Delivery, row: JobRow) {
         end: end.clone(),
         seq: seq + 1,
     };
-    let mut written = write_end(s, &write).await;
+    let mut written = write_end_kept(s, &d, &write).await;
     let refusable = end.requeued_at().is_some() || matches!(end, RunEnd::Failed(_));
     if matches!(written, Ok(false)) && refusable && cancel_asked(s, id, attempt).await {
         // a cancel asked for while the run ended (between heartbeats): the job is not
@@ -350,7 +350,7 @@ pub(crate) async fn run_claimed(s: &Shared, d: Delivery, row: JobRow) {
         end = RunEnd::Cancelled;
         event = Event::terminal(id, seq + 1, attempt, JobStatus::Cancelled, None, None);
         write.end = end.clone();
-        written = write_end(s, &write).await;
+        written = write_end_kept(s, &d, &write).await;
     }
     match written {
         Ok(true) => crate::quota::charge(s, &row, used).await,
@@ -401,6 +401,30 @@ async fn write_end(s: &Shared, write: &RunEndWrite) -> Result<bool, StoreError> 
         // refused as fenced: or an earlier try committed it and its reply was lost
         Ok(false) => Ok(s.store.run_end_landed(write).await.unwrap_or(false)),
         other => other,
+    }
+}
+
+/// [`write_end`] while the run's lease and stream entry are kept alive: the heartbeat has
+/// stopped with the run, and a write that waits for Postgres (retried up to a lease) let the
+/// entry be reclaimed meanwhile, the job run again or failed `lease_expired`, and this
+/// outcome discarded.
+async fn write_end_kept(s: &Shared, d: &Delivery, write: &RunEndWrite) -> Result<bool, StoreError> {
+    let every = s.opts.lease / 3;
+    let keep = async {
+        loop {
+            tokio::time::sleep(every).await;
+            let beat = s.store.heartbeat(write.id, write.attempt, s.opts.lease);
+            if let Ok(Err(e)) = tokio::time::timeout(every, beat).await {
+                tracing::debug!(error = %e, "lease not extended while the outcome is written");
+            }
+            if let Err(e) = s.queue.heartbeat(d, &s.id).await {
+                tracing::debug!(error = %e, "entry not kept while the outcome is written");
+            }
+        }
+    };
+    tokio::select! {
+        w = write_end(s, write) => w,
+        _ = keep => unreachable!("the keep-alive loop never ends"),
     }
 }
 
