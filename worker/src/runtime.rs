@@ -379,13 +379,13 @@ async fn cancel_listener(s: Arc<Shared>, stop: CancellationToken) {
             let Ok(job) = Uuid::parse_str(&payload) else {
                 continue;
             };
-            let here = s
-                .running
-                .lock()
-                .ok()
-                .and_then(|r| r.get(&job).map(|r| r.beat_now.clone()));
-            match here {
-                Some(beat_now) => beat_now.notify_one(),
+            // the notice is kept under the `running` lock: a run that registers meanwhile
+            // either is seen here or finds the notice when it looks (run.rs), never neither
+            let Ok(running) = s.running.lock() else {
+                continue;
+            };
+            match running.get(&job) {
+                Some(r) => r.beat_now.notify_one(),
                 None => {
                     if let Ok(mut recent) = s.recent_cancels.lock() {
                         let now = tokio::time::Instant::now();
@@ -397,6 +397,7 @@ async fn cancel_listener(s: Arc<Shared>, stop: CancellationToken) {
                     }
                 }
             }
+            drop(running);
         }
     }
 }
