@@ -306,7 +306,7 @@ pub(crate) async fn run_claimed(s: &Shared, d: Delivery, row: JobRow) {
                 seq + 1,
                 attempt,
                 JobStatus::Queued,
-                json!({ "retry_at": run_at, "reason": "deferred", "detail": e.message }),
+                json!({ "retry_at": run_at, "reason": "deferred", "code": e.code, "detail": e.message }),
             );
             (RunEnd::Defer { run_at }, ev)
         }

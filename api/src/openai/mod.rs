@@ -213,6 +213,12 @@ async fn run(
                 guard.armed = false;
                 return Err(OaiError::from_job("cancelled", "the request was cancelled"));
             }
+            // (the guard, still armed, cancels the job)
+            types::STATUS => {
+                if let Some(e) = quota_deferral(&ev) {
+                    return Err(e);
+                }
+            }
             _ => {}
         }
     }
@@ -221,6 +227,29 @@ async fn run(
         "the server is shutting down",
     )
     .into())
+}
+
+/// The job was put off to the next day because its tenant's daily quota ran out after the
+/// request was admitted: the request gets the 429 it would have got a moment later (it would
+/// wait until 00:00 UTC), and its job is cancelled.
+fn quota_deferral(ev: &Event) -> Option<OaiError> {
+    let d = &ev.data;
+    if d["reason"] != "deferred" || d["code"] != "quota_exceeded" {
+        return None;
+    }
+    let wait = d["retry_at"]
+        .as_str()
+        .and_then(|t| t.parse::<chrono::DateTime<chrono::Utc>>().ok())
+        .and_then(|t| (t - chrono::Utc::now()).to_std().ok())
+        .unwrap_or(Duration::from_secs(60));
+    Some(
+        ApiError::new(
+            switchyard_core::ErrorCode::QuotaExceeded,
+            "the tenant's daily quota of LLM tokens is used up; it resets at 00:00 UTC",
+        )
+        .retry_after(wait)
+        .into(),
+    )
 }
 
 /// Relays a job's events as `chat.completion.chunk`s.
@@ -271,6 +300,10 @@ impl Relay {
                     if failure.is_some() {
                         self.guard.armed = false;
                         return failure;
+                    }
+                    // (the guard, still armed, cancels the job)
+                    if let Some(e) = quota_deferral(&ev) {
+                        return Some(e);
                     }
                     self.on_event(&ev);
                 }
@@ -377,6 +410,11 @@ impl Relay {
                 self.pending.push_back(
                     wire::chunk(&self.meta, wire::tool_call_delta(data), None).to_string(),
                 );
+            }
+            types::STATUS if quota_deferral(ev).is_some() => {
+                if let Some(e) = quota_deferral(ev) {
+                    self.abandon(e);
+                }
             }
             types::STATUS => {
                 // a new attempt, or a provider restart inside one, after output went out:

@@ -208,3 +208,60 @@ async fn a_requeue_or_another_attempts_end_after_output_ends_the_stream(pool: Pg
     assert!(!data.iter().any(|d| d.contains("call_C")), "{data:?}");
     app.stop().await;
 }
+
+/// A request admitted just before its tenant's daily quota ran out, whose job the worker then
+/// puts off to the next day: the request gets the 429 it would have got a moment later, and
+/// the job is cancelled (the request waited until 00:00 UTC, or until the client gave up).
+#[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
+async fn a_request_whose_quota_runs_out_before_it_runs_gets_429(pool: PgPool) {
+    let mut app = spawn_without_worker(pool).await;
+    let limits = switchyard_core::quota::QuotaLimits {
+        llm_tokens_per_day: Some(10),
+        ..Default::default()
+    };
+    app.store
+        .set_tenant_quotas("acme", Some(&limits))
+        .await
+        .unwrap();
+    let (http, url, key) = (
+        app.http.clone(),
+        app.url("/v1/chat/completions"),
+        app.key.clone(),
+    );
+    let pending = tokio::spawn(async move {
+        http.post(url)
+            .bearer_auth(key)
+            .json(&json!({"model": "mock-echo", "messages": user("hello")}))
+            .send()
+            .await
+            .unwrap()
+    });
+    // admitted and queued; then the day's tokens go
+    let t = std::time::Instant::now();
+    let id: Uuid = loop {
+        let queued: Option<Uuid> =
+            sqlx::query_scalar("SELECT id FROM jobs WHERE status = 'queued' LIMIT 1")
+                .fetch_optional(app.store.pool())
+                .await
+                .unwrap();
+        if let Some(id) = queued {
+            break id;
+        }
+        assert!(t.elapsed() < T, "never queued");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let (day, _) = switchyard_core::quota::utc_day(chrono::Utc::now());
+    let quotas = switchyard_queue::Quotas::new(app.keys(), app.redis().await);
+    quotas.charge(app.tenant, &day, 10, 0).await.unwrap();
+    app.start_worker().await;
+    let r = tokio::time::timeout(T, pending)
+        .await
+        .expect("answered, not held until midnight")
+        .unwrap();
+    assert_eq!(r.status(), 429);
+    assert!(r.headers().get("retry-after").is_some());
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["type"], "insufficient_quota", "{body}");
+    app.wait_status(id, "cancelled", T).await;
+    app.stop().await;
+}
