@@ -340,3 +340,25 @@ async fn stale_warm_pool_reports_are_deleted(pool: PgPool) {
     assert_eq!(left, ["live-worker|python"]);
     app.stop().await;
 }
+
+/// Migrating rebuilds an index a failed concurrent build left invalid (a re-run of its
+/// migration, `IF NOT EXISTS`, took it for done, and queries went back to scanning).
+#[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
+async fn migrating_rebuilds_an_index_left_invalid(pool: PgPool) {
+    sqlx::query(
+        "UPDATE pg_index SET indisvalid = false
+         WHERE indexrelid = 'schedule_runs_job'::regclass",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let store = switchyard_store::Store::from_pool(pool.clone());
+    store.migrate().await.unwrap();
+    let valid: bool = sqlx::query_scalar(
+        "SELECT indisvalid FROM pg_index WHERE indexrelid = 'schedule_runs_job'::regclass",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert!(valid);
+}

@@ -219,6 +219,7 @@ impl Store {
             }
         };
         MIGRATOR.run(&mut conn).await?;
+        rebuild_invalid_indexes(&mut conn).await?;
         conn.close().await?;
         Ok(())
     }
@@ -259,4 +260,25 @@ impl Store {
         .await?;
         Ok(v)
     }
+}
+
+/// Rebuilds the indexes a concurrent build left invalid: a `CREATE INDEX CONCURRENTLY`
+/// migration that failed half-way (a cancel, a statement timeout) leaves one behind, which a
+/// re-run with `IF NOT EXISTS` takes for done. Rebuilt concurrently: writes go on meanwhile.
+async fn rebuild_invalid_indexes(conn: &mut sqlx::PgConnection) -> anyhow::Result<()> {
+    let invalid: Vec<String> = sqlx::query_scalar(
+        "SELECT format('%I.%I', n.nspname, c.relname) FROM pg_index i
+         JOIN pg_class c ON c.oid = i.indexrelid
+         JOIN pg_namespace n ON n.oid = c.relnamespace
+         WHERE NOT i.indisvalid AND n.nspname = current_schema()",
+    )
+    .fetch_all(&mut *conn)
+    .await?;
+    for index in invalid {
+        tracing::warn!(%index, "rebuilding an index a failed migration left invalid");
+        sqlx::query(&format!("REINDEX INDEX CONCURRENTLY {index}"))
+            .execute(&mut *conn)
+            .await?;
+    }
+    Ok(())
 }
