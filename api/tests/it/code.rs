@@ -185,19 +185,7 @@ async fn cancelling_stops_the_sandbox(pool: PgPool) {
     assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
     // the sandbox time it used is charged all the same (a cancel just before the end was a
     // way past the daily sandbox quota)
-    let t = std::time::Instant::now();
-    loop {
-        let q = app.get_json("/v1/quotas").await;
-        if q["usage"]["sandbox_cpu_seconds_today"]
-            .as_f64()
-            .unwrap_or(0.0)
-            > 0.0
-        {
-            break;
-        }
-        assert!(t.elapsed() < Duration::from_secs(10), "not charged: {q}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    app.wait_usage_above("sandbox_cpu_seconds_today", 0.0).await;
     app.stop().await;
 }
 

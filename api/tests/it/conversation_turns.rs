@@ -60,16 +60,8 @@ async fn deleting_a_conversation_mid_turn_cancels_its_turns(pool: PgPool) {
     assert!(j["output"].is_null(), "{j}");
     let n = app.wait_status(next, "cancelled", T).await;
     assert!(n["error"].is_null(), "the queued turn never failed: {n}");
-    let t = std::time::Instant::now();
-    loop {
-        let q = app.get_json("/v1/quotas").await;
-        // 30 words of prompt and what streamed of the reply
-        if q["usage"]["llm_tokens_today"].as_u64().unwrap_or(0) > 30 {
-            break;
-        }
-        assert!(t.elapsed() < T, "the spent tokens were not charged: {q}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    // 30 words of prompt and what streamed of the reply
+    app.wait_usage_above("llm_tokens_today", 30.0).await;
     app.stop().await;
 }
 
@@ -93,15 +85,7 @@ async fn a_reply_cut_by_a_cancel_is_charged(pool: PgPool) {
         .unwrap();
     assert_eq!(r.status(), 202);
     app.wait_status(job, "cancelled", T).await;
-    let t = std::time::Instant::now();
-    loop {
-        let q = app.get_json("/v1/quotas").await;
-        if q["usage"]["llm_tokens_today"].as_u64().unwrap_or(0) > 40 {
-            break;
-        }
-        assert!(t.elapsed() < T, "the cut reply was not charged: {q}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    app.wait_usage_above("llm_tokens_today", 40.0).await;
     app.stop().await;
 }
 

@@ -434,13 +434,16 @@ async fn a_cancelled_delayed_job_leaves_the_delayed_set(pool: PgPool) {
     let id = job["id"].as_str().unwrap().to_string();
     let mut c = app.redis().await;
     let key = app.keys().delayed("system");
-    let members: Vec<String> = redis::cmd("ZRANGE")
-        .arg(&key)
-        .arg(0)
-        .arg(-1)
-        .query_async(&mut c)
-        .await
-        .unwrap();
+    let mut delayed = async || -> Vec<String> {
+        redis::cmd("ZRANGE")
+            .arg(&key)
+            .arg(0)
+            .arg(-1)
+            .query_async(&mut c)
+            .await
+            .unwrap()
+    };
+    let members = delayed().await;
     assert!(members.iter().any(|m| m.starts_with(&id)), "{members:?}");
     let r = app
         .auth(app.http.post(app.url(&format!("/v1/jobs/{id}/cancel"))))
@@ -448,13 +451,7 @@ async fn a_cancelled_delayed_job_leaves_the_delayed_set(pool: PgPool) {
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
-    let members: Vec<String> = redis::cmd("ZRANGE")
-        .arg(&key)
-        .arg(0)
-        .arg(-1)
-        .query_async(&mut c)
-        .await
-        .unwrap();
+    let members = delayed().await;
     assert!(!members.iter().any(|m| m.starts_with(&id)), "{members:?}");
     app.stop().await;
 }

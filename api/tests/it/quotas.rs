@@ -440,3 +440,44 @@ async fn websocket_messages_count_against_the_request_rate(pool: PgPool) {
     assert!(codes.iter().any(|c| c == "not_found"), "{codes:?}");
     app.stop().await;
 }
+
+/// The per-credential rate counts an end user per tenant: a tenant minting tokens for another
+/// tenant's user ids (its subjects are its own to choose) does not throttle those users.
+#[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
+async fn an_end_users_rate_is_counted_in_their_tenant_alone(pool: PgPool) {
+    let opts = Opts {
+        worker: false,
+        scheduler: false,
+        configure: Some(Arc::new(|cfg| {
+            cfg.quotas.per_credential_rps = 1;
+            cfg.quotas.per_credential_burst = 2;
+        })),
+        ..Opts::default()
+    };
+    let app = spawn_app_with(pool, opts).await;
+    let (sa, sb) = (
+        switchyard_core::apikey::random_secret(48),
+        switchyard_core::apikey::random_secret(48),
+    );
+    let (ia, ib) = ("https://a.example/", "https://b.example/");
+    assert!(app
+        .store
+        .set_tenant_jwt("acme", Some((ia, &sa)))
+        .await
+        .unwrap());
+    app.store.create_tenant("tenant-b").await.unwrap();
+    assert!(app
+        .store
+        .set_tenant_jwt("tenant-b", Some((ib, &sb)))
+        .await
+        .unwrap());
+    let a = crate::jwt::hs256(&sa, &crate::jwt::claims(ia, "alice@b.example"));
+    let b = crate::jwt::hs256(&sb, &crate::jwt::claims(ib, "alice@b.example"));
+    let mut seen = Vec::new();
+    for _ in 0..4 {
+        seen.push(crate::jwt::status_of(&app, &a).await.0.as_u16());
+    }
+    assert!(seen.contains(&429), "{seen:?}");
+    assert_eq!(crate::jwt::status_of(&app, &b).await.0, StatusCode::OK);
+    app.stop().await;
+}

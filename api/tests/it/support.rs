@@ -495,6 +495,23 @@ impl TestApp {
         }
     }
 
+    /// Polls `GET /v1/quotas` until `usage.<field>` is above `over` (panics after 20 s): what
+    /// a worker charges lands after the job's end.
+    pub async fn wait_usage_above(&self, field: &str, over: f64) -> Value {
+        let t = std::time::Instant::now();
+        loop {
+            let q = self.get_json("/v1/quotas").await;
+            if q["usage"][field].as_f64().unwrap_or(0.0) > over {
+                return q;
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(20),
+                "{field} not charged: {q}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// The whole `/metrics` page.
     pub async fn metrics_text(&self) -> String {
         self.http

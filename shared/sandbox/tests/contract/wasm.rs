@@ -17,18 +17,25 @@ pub fn sandbox() -> Arc<WasmSandbox> {
         "wasm runtimes missing in {}: run `bash sandbox-images/wasm/fetch.sh` (scripts/test.sh does)",
         runtimes.display()
     );
-    let tmp = std::env::temp_dir();
     Arc::new(
-        WasmSandbox::new(WasmConfig {
-            runtimes_dir: runtimes,
-            cache_dir: tmp.join("switchyard-test-code/cwasm"),
-            scratch_dir: tmp.join("switchyard-test-scratch"),
-            slots: 4,
-            max_memory_mb: 512,
-            compile_timeout: Duration::from_secs(10),
-        })
+        WasmSandbox::new(config(
+            std::env::temp_dir().join("switchyard-test-scratch"),
+            4,
+        ))
         .expect("wasm sandbox"),
     )
+}
+
+/// The tests' configuration: runs in `scratch`, `slots` at once.
+fn config(scratch: std::path::PathBuf, slots: u32) -> WasmConfig {
+    WasmConfig {
+        runtimes_dir: crate::sandbox_dir().join("wasm"),
+        cache_dir: std::env::temp_dir().join("switchyard-test-code/cwasm"),
+        scratch_dir: scratch,
+        slots,
+        max_memory_mb: 512,
+        compile_timeout: Duration::from_secs(10),
+    }
 }
 
 crate::contract_tests!(sandbox());
@@ -234,17 +241,8 @@ async fn files_past_the_cap_stop_the_program() {
 #[tokio::test]
 async fn a_dropped_run_stops_its_guest_and_the_next_run_starts() {
     crate::canary();
-    let root = crate::sandbox_dir();
-    let tmp = std::env::temp_dir();
-    let sb = WasmSandbox::new(WasmConfig {
-        runtimes_dir: root.join("wasm"),
-        cache_dir: tmp.join("switchyard-test-code/cwasm"),
-        scratch_dir: tmp.join("switchyard-test-scratch"),
-        slots: 1,
-        max_memory_mb: 512,
-        compile_timeout: Duration::from_secs(10),
-    })
-    .expect("wasm sandbox");
+    let scratch = std::env::temp_dir().join("switchyard-test-scratch");
+    let sb = WasmSandbox::new(config(scratch, 1)).expect("wasm sandbox");
     let mut spin = module(
         r#"(module (memory (export "memory") 1)
         (func (export "_start") (loop (br 0))))"#,
@@ -281,15 +279,7 @@ async fn run_directories_left_by_a_killed_worker_are_removed_at_start() {
     let left = scratch.join("run-left");
     std::fs::create_dir_all(&left).unwrap();
     std::fs::write(left.join("tenant-file"), b"secret").unwrap();
-    let _sb = WasmSandbox::new(WasmConfig {
-        runtimes_dir: crate::sandbox_dir().join("wasm"),
-        cache_dir: tmp.join("switchyard-test-code/cwasm"),
-        scratch_dir: scratch.clone(),
-        slots: 1,
-        max_memory_mb: 64,
-        compile_timeout: Duration::from_secs(10),
-    })
-    .expect("wasm sandbox");
+    let _sb = WasmSandbox::new(config(scratch.clone(), 1)).expect("wasm sandbox");
     assert!(!left.exists(), "left at {}", left.display());
     drop(_sb);
     let _ = std::fs::remove_dir_all(&scratch);
