@@ -117,6 +117,54 @@ fn percent_decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// Whether a long-lived request's credential still authenticates (through the auth cache: a
+/// revoked key fails within its TTL, at once on the replica that revoked it; a token past
+/// `exp`). Postgres down is not the credential's fault: the next check decides.
+pub(crate) async fn still_valid(state: &AppState, credential: &str) -> bool {
+    match state
+        .auth_cache
+        .authenticate(&state.store, credential)
+        .await
+    {
+        Ok(_) => true,
+        Err(e) => e.code != switchyard_core::ErrorCode::Unauthorized,
+    }
+}
+
+/// A credential checked again every `every` while a request lives (a front-door relay):
+/// `revoked` is cancelled once it no longer authenticates. Dropping the watch stops the checks.
+pub(crate) struct CredentialWatch {
+    pub revoked: tokio_util::sync::CancellationToken,
+    _stop: tokio_util::sync::DropGuard,
+}
+
+impl CredentialWatch {
+    pub(crate) fn start(state: &AppState, credential: String, every: Duration) -> CredentialWatch {
+        let revoked = tokio_util::sync::CancellationToken::new();
+        let stop = tokio_util::sync::CancellationToken::new();
+        let (st, flag, done) = (state.clone(), revoked.clone(), stop.clone());
+        state.tasks.spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.tick().await;
+            loop {
+                tokio::select! {
+                    _ = done.cancelled() => return,
+                    _ = st.shutdown.cancelled() => return,
+                    _ = tick.tick() => {}
+                }
+                if !still_valid(&st, &credential).await {
+                    flag.cancel();
+                    return;
+                }
+            }
+        });
+        CredentialWatch {
+            revoked,
+            _stop: stop.drop_guard(),
+        }
+    }
+}
+
 /// The credential a request presents: `Authorization: Bearer ...`, else `?token=`.
 pub fn presented_credential(
     headers: &axum::http::HeaderMap,

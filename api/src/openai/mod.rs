@@ -26,13 +26,15 @@ use switchyard_core::event::types;
 use switchyard_core::Event;
 use uuid::Uuid;
 
-use crate::auth::Auth;
+use crate::auth::{Auth, CredentialWatch};
 use crate::error::ApiError;
 use crate::feed::{Feed, FeedItem};
 use crate::routes::jobs::{cancel, json_body, llm_chat_job, request_trace};
 use crate::AppState;
 
 const LIVE_BUFFER: usize = 1024;
+/// How often a request waiting for its reply checks its credential again.
+const AUTH_RECHECK: Duration = Duration::from_secs(2);
 const JOB_HEADER: &str = "x-switchyard-job-id";
 /// Request header opting in (`true`) or out (`false`) of the response cache.
 pub const CACHE_HEADER: &str = "x-switchyard-cache";
@@ -158,6 +160,10 @@ async fn run(
         return Err(ApiError::from(e).into());
     }
     let feed = Feed::open_submitted(&state, job_id, LIVE_BUFFER).await;
+    // checked again while the reply comes: a revoked key or an expired token ends the request
+    // and cancels its job, as it ends a WebSocket or an SSE stream
+    let credential = crate::auth::presented_credential(&headers, None).unwrap_or_default();
+    let watch = CredentialWatch::start(&state, credential, AUTH_RECHECK);
     let meta = wire::Meta {
         id: format!("chatcmpl-{}", job_id.simple()),
         created: Utc::now().timestamp(),
@@ -180,6 +186,7 @@ async fn run(
             done: false,
             guard,
             shutdown: state.shutdown.clone(),
+            watch,
         };
         let mut relay = relay.started();
         if let Some(e) = relay.prime(PRIME_WAIT).await {
@@ -196,6 +203,8 @@ async fn run(
         let item = tokio::select! {
             i = feed.next() => i,
             _ = state.shutdown.cancelled() => None,
+            // (the guard, still armed, cancels the job)
+            _ = watch.revoked.cancelled() => return Err(revoked()),
         };
         let Some(item) = item else { break };
         let FeedItem::Event(ev) = item else { continue };
@@ -227,6 +236,15 @@ async fn run(
         "the server is shutting down",
     )
     .into())
+}
+
+/// The request's credential was revoked or expired while its reply came.
+fn revoked() -> OaiError {
+    ApiError::new(
+        switchyard_core::ErrorCode::Unauthorized,
+        "the API key was revoked or the token expired",
+    )
+    .into()
 }
 
 /// The job was put off to the next day because its tenant's daily quota ran out after the
@@ -270,6 +288,7 @@ struct Relay {
     done: bool,
     guard: CancelOnDrop,
     shutdown: tokio_util::sync::CancellationToken,
+    watch: CredentialWatch,
 }
 
 /// How long a streamed request waits for its reply to start before it answers 200: a failure
@@ -287,6 +306,8 @@ impl Relay {
             let item = tokio::select! {
                 r = tokio::time::timeout_at(until, self.feed.next()) => r.ok()?,
                 _ = self.shutdown.cancelled() => return None,
+                // (the guard, still armed, cancels the job)
+                _ = self.watch.revoked.cancelled() => return Some(revoked()),
             };
             match item? {
                 FeedItem::Event(ev) => {
@@ -478,6 +499,10 @@ impl Relay {
                 }
                 let item = tokio::select! {
                     i = r.feed.next() => i,
+                    _ = r.watch.revoked.cancelled() => {
+                        r.abandon(revoked());
+                        continue;
+                    }
                     _ = r.shutdown.cancelled() => {
                         r.abandon(OaiError::new(
                             axum::http::StatusCode::SERVICE_UNAVAILABLE,

@@ -19,7 +19,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::auth::{url_query_param, Auth};
+use crate::auth::{still_valid, url_query_param, Auth};
 use crate::error::{ApiError, ApiResult, ErrorBody};
 use crate::feed::{Feed, FeedItem};
 use crate::AppState;
@@ -92,20 +92,6 @@ pub async fn ws(
         .max_message_size(64 * 1024)
         .read_buffer_size(READ_BUFFER)
         .on_upgrade(move |socket| connection(state, principal, scope, credential, socket))
-}
-
-/// Whether the connection's credential still authenticates (through the auth cache: a revoked
-/// key fails within its TTL, at once on the replica that revoked it; a token past `exp`).
-async fn still_valid(state: &AppState, credential: &str) -> bool {
-    match state
-        .auth_cache
-        .authenticate(&state.store, credential)
-        .await
-    {
-        Ok(_) => true,
-        // Postgres down: not the credential's fault; the next check decides
-        Err(e) => e.code != ErrorCode::Unauthorized,
-    }
 }
 
 async fn connection(

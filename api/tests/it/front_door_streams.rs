@@ -265,3 +265,90 @@ async fn a_request_whose_quota_runs_out_before_it_runs_gets_429(pool: PgPool) {
     app.wait_status(id, "cancelled", T).await;
     app.stop().await;
 }
+
+/// A front-door request outlives neither its key nor its token, as a WebSocket or an SSE
+/// stream does not: revoking the key mid-reply ends the stream with `invalid_api_key` (and
+/// a waiting non-streamed request with a 401), and the job is cancelled.
+#[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
+async fn a_front_door_request_ends_when_its_key_is_revoked(pool: PgPool) {
+    let app = spawn_app(pool).await;
+    for stream in [true, false] {
+        let (rec, key) = app
+            .store
+            .create_scoped_api_key(
+                app.tenant,
+                "front door",
+                switchyard_core::authz::Role::Developer,
+                None,
+                None,
+            )
+            .await
+            .unwrap();
+        let req = app
+            .http
+            .post(app.url("/v1/chat/completions"))
+            .bearer_auth(&key)
+            .json(&json!({"model": "mock-stall", "messages": user("wait"), "stream": stream}))
+            .send();
+        let pending = tokio::spawn(req);
+        // the job runs (and, streamed, its first token went out) before the key goes
+        let t = std::time::Instant::now();
+        let id: Uuid = loop {
+            // (a streamed request's job has no `stream` field; a waiting one's is false)
+            let running: Option<Uuid> = sqlx::query_scalar(
+                "SELECT id FROM jobs WHERE status = 'running' AND (input ? 'stream') <> $1",
+            )
+            .bind(stream)
+            .fetch_optional(app.store.pool())
+            .await
+            .unwrap();
+            if let Some(id) = running {
+                break id;
+            }
+            assert!(t.elapsed() < T, "the job never ran");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        if stream {
+            let bus = app.bus().await;
+            while !bus
+                .read(id, 0, 100)
+                .await
+                .unwrap()
+                .events
+                .iter()
+                .any(|e| e.kind == "output.delta")
+            {
+                assert!(t.elapsed() < T, "no token");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        let revoked = app
+            .auth(
+                app.http
+                    .delete(app.url(&format!("/v1/api-keys/{}", rec.id))),
+            )
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(revoked.status(), 200);
+        let r = tokio::time::timeout(T, pending)
+            .await
+            .expect("the request ends with its key")
+            .unwrap()
+            .unwrap();
+        if stream {
+            assert_eq!(r.status(), 200);
+            let data = tokio::time::timeout(T, sse_data(r))
+                .await
+                .expect("the stream ends with its key");
+            let last: Value = serde_json::from_str(data.last().unwrap()).unwrap();
+            assert_eq!(last["error"]["code"], "invalid_api_key", "{data:?}");
+        } else {
+            assert_eq!(r.status(), 401);
+            let e: Value = r.json().await.unwrap();
+            assert_eq!(e["error"]["code"], "invalid_api_key", "{e}");
+        }
+        app.wait_status(id, "cancelled", T).await;
+    }
+    app.stop().await;
+}
