@@ -14,8 +14,10 @@ use crate::support::*;
 
 const T: Duration = Duration::from_secs(20);
 
+/// A turn queued behind one that keeps retrying and then fails is answered, not failed, and
+/// its prompt leaves the failed turn's unanswered question out.
 #[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
-async fn a_turn_behind_a_retrying_turn_is_answered_not_failed(pool: PgPool) {
+async fn a_turn_behind_a_failing_turn_is_answered_without_its_question(pool: PgPool) {
     let app = spawn_app(pool).await;
     let c = create(&app, json!({"model": "mock-echo"})).await;
     let id = c["id"].as_str().unwrap().to_string();
@@ -34,6 +36,13 @@ async fn a_turn_behind_a_retrying_turn_is_answered_not_failed(pool: PgPool) {
         .wait_status(j2, "succeeded", Duration::from_secs(60))
         .await;
     assert_eq!(done["output"]["text"], "Mock reply: two");
+    // the failed turn's question is not part of the answered turn's prompt: the mock counts
+    // a token per word of the prompt, and "one" would make it two
+    assert_eq!(done["output"]["usage"]["prompt_tokens"], 1, "{done}");
+    let conv: Uuid = id.parse().unwrap();
+    let prompt = app.store.messages_from(conv, 0, 2, None).await.unwrap();
+    let texts: Vec<&str> = prompt.iter().map(|m| m.content.as_str()).collect();
+    assert_eq!(texts, ["two"]);
     app.stop().await;
 }
 

@@ -153,7 +153,9 @@ impl Store {
     }
 
     /// Messages of turns `from_turn..=upto_turn` (the reply of `upto_turn` excluded), in order:
-    /// the part of the history a summary does not cover. With `max_bytes`, only the newest
+    /// the part of the history a summary does not cover. An earlier turn that ended without a
+    /// reply (failed, cancelled) is left out: its question was never answered, and a model
+    /// seeing it would answer it along with the next one. With `max_bytes`, only the newest
     /// messages whose content fits in it (the newest always), from a question on: what a
     /// prompt that drops the oldest turns first can use, without reading a long history whole.
     pub async fn messages_from(
@@ -166,9 +168,14 @@ impl Store {
         let mut rows = sqlx::query_as::<_, Message>(&format!(
             "SELECT {MSG_COLS} FROM (
                  SELECT *, sum(octet_length(content)) OVER (ORDER BY turn DESC, part DESC) AS newer
-                 FROM conversation_messages
+                 FROM conversation_messages m
                  WHERE conversation_id = $1 AND turn >= $3
-                   AND (turn < $2 OR (turn = $2 AND part = 0))) m
+                   AND (turn < $2 OR (turn = $2 AND part = 0))
+                   -- an earlier question without a reply (its turn failed or was cancelled)
+                   AND (turn = $2 OR part = 1 OR EXISTS (
+                        SELECT 1 FROM conversation_messages r
+                        WHERE r.conversation_id = m.conversation_id AND r.turn = m.turn
+                          AND r.part = 1))) m
              WHERE $4::bigint IS NULL OR newer - octet_length(content) < $4
              ORDER BY turn, part"
         ))
