@@ -341,6 +341,7 @@ pub(crate) async fn run_claimed(s: &Shared, d: Delivery, row: JobRow) {
         attempt,
         end: end.clone(),
         seq: seq + 1,
+        tokens: used.0,
     };
     let mut written = write_end_kept(s, &d, &write).await;
     let refusable = end.requeued_at().is_some() || matches!(end, RunEnd::Failed(_));

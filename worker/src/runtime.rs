@@ -450,7 +450,7 @@ async fn end_batch(store: Store, batch: Vec<CompleteReq>) {
             tracing::warn!(error = %e, "batched run ends failed; writing one by one");
             for r in batch {
                 let w = &r.write;
-                let res = store.end_run(w.id, w.attempt, &w.end, w.seq).await;
+                let res = store.end_one(w).await;
                 let _ = r.done.send(res);
             }
         }

@@ -1,4 +1,4 @@
-//! `/v1/usage`: the caller's tokens and cost of succeeded `llm.chat` jobs in a time window,
+//! `/v1/usage`: the caller's tokens and cost of finished `llm.chat` jobs in a time window,
 //! grouped by model or by UTC day.
 
 use axum::extract::rejection::QueryRejection;
@@ -33,21 +33,31 @@ pub struct UsageTotals {
     /// Succeeded `llm.chat` jobs (a conversation summary a turn wrote adds its tokens and cost
     /// under the summary's model, not a request).
     pub requests: i64,
+    /// `llm.chat` jobs that ended failed or cancelled (under the model they asked for).
+    pub failed_requests: i64,
+    /// Of succeeded replies (and summaries), as the providers reported them.
     pub prompt_tokens: i64,
     pub completion_tokens: i64,
     pub total_tokens: i64,
     /// Cost in USD at the prices of the model table when each job ran.
     pub cost_usd: f64,
+    /// What every attempt of these jobs counted against the daily token quota, whatever it
+    /// ended as: a reply cut by a cancel or a time limit, a failed or retried attempt, a
+    /// summary written by an attempt that then failed (a cache hit counts nothing). It can
+    /// exceed `total_tokens`, which counts succeeded replies only.
+    pub charged_tokens: i64,
 }
 
 impl From<UsageSums> for UsageTotals {
     fn from(s: UsageSums) -> Self {
         UsageTotals {
             requests: s.requests,
+            failed_requests: s.failed_requests,
             prompt_tokens: s.prompt_tokens,
             completion_tokens: s.completion_tokens,
             total_tokens: s.total_tokens,
             cost_usd: s.cost_usd,
+            charged_tokens: s.charged_tokens,
         }
     }
 }
@@ -96,7 +106,8 @@ fn timestamp(field: &str, v: Option<&str>) -> ApiResult<Option<DateTime<Utc>>> {
     }
 }
 
-/// Usage of the caller's tenant: succeeded `llm.chat` jobs that finished in `[from, to)`.
+/// Usage of the caller's tenant: `llm.chat` jobs that finished in `[from, to)` (succeeded ones'
+/// tokens and cost, failed and cancelled ones counted, every attempt's charged tokens).
 /// It sums the jobs that are kept: finished jobs past the tenant's job retention (default 30
 /// days) are pruned and no longer count.
 #[utoipa::path(

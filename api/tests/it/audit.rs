@@ -269,6 +269,7 @@ async fn a_batch_statement_writes_one_outbox_row_per_tenant_and_each_job_is_chai
             attempt: 1,
             end,
             seq: 3,
+            tokens: 0,
         })
         .collect();
     assert_eq!(s.end_runs(&writes).await.unwrap().len(), 2);

@@ -94,7 +94,17 @@ async fn a_reply_cut_by_a_cancel_is_charged(pool: PgPool) {
         .unwrap();
     assert_eq!(r.status(), 202);
     app.wait_status(job, "cancelled", T).await;
-    app.wait_usage_above("llm_tokens_today", 40.0).await;
+    let q = app.wait_usage_above("llm_tokens_today", 40.0).await;
+    // and the usage report shows the cancelled job and what it was charged
+    let report = app.get_json("/v1/usage").await;
+    let total = &report["total"];
+    assert_eq!(total["requests"], 0, "{report}");
+    assert_eq!(total["failed_requests"], 1, "{report}");
+    assert_eq!(
+        total["charged_tokens"].as_f64(),
+        q["usage"]["llm_tokens_today"].as_f64(),
+        "{report} {q}"
+    );
     app.stop().await;
 }
 

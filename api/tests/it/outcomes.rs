@@ -58,12 +58,14 @@ async fn nul_characters_in_results_are_replaced_not_lost(pool: PgPool) {
             attempt: 1,
             end: RunEnd::Succeeded(json!("x\u{0}")),
             seq: 2,
+            tokens: 0,
         },
         RunEndWrite {
             id: b,
             attempt: 1,
             end: RunEnd::Failed(err),
             seq: 2,
+            tokens: 0,
         },
     ];
     let mut done = app.store.end_runs(&writes).await.unwrap();
@@ -175,6 +177,7 @@ async fn a_run_recognises_its_own_end_written_by_a_lost_reply(pool: PgPool) {
         attempt: 1,
         end,
         seq,
+        tokens: 0,
     };
     let failed = |code: &str| RunEnd::Failed(JobError::new(code, "x", false));
     let mine = write(failed("boom"), 3);

@@ -517,6 +517,7 @@ async fn run_ends_are_written_in_one_batch(pool: PgPool) {
             attempt: 1,
             end,
             seq: 2,
+            tokens: 0,
         })
         .collect();
     let done = app

@@ -117,6 +117,7 @@ async fn batched_statements_run_generic_plans_as_the_services_role(pool: PgPool)
             attempt: r.attempt,
             end: RunEnd::Succeeded(serde_json::json!({ "ok": true })),
             seq: 3,
+            tokens: 0,
         })
         .collect();
     let mut done = app.store.end_runs(&ends).await.unwrap();

@@ -89,7 +89,15 @@ async fn usage(app: &TestApp, query: &str) -> Value {
 }
 
 fn sums(requests: i64, p: i64, c: i64, t: i64, cost: f64) -> Value {
-    json!({"requests": requests, "prompt_tokens": p, "completion_tokens": c, "total_tokens": t, "cost_usd": cost})
+    json!({"requests": requests, "failed_requests": 0, "prompt_tokens": p, "completion_tokens": c,
+           "total_tokens": t, "cost_usd": cost, "charged_tokens": 0})
+}
+
+/// `s` with failed requests and charged tokens.
+fn charged(mut s: Value, failed: i64, tokens: i64) -> Value {
+    s["failed_requests"] = json!(failed);
+    s["charged_tokens"] = json!(tokens);
+    s
 }
 
 fn with(key: &str, value: &str, mut s: Value) -> Value {
@@ -135,7 +143,7 @@ async fn seed(app: &TestApp) -> (Uuid, String) {
         ts("2026-12-01T00:00:00Z"),
     )
     .await;
-    // decoys: at `to` (exclusive), before `from`, failed, another kind
+    // decoys: at `to` (exclusive), before `from`, another kind
     chat(
         s,
         t,
@@ -150,6 +158,8 @@ async fn seed(app: &TestApp) -> (Uuid, String) {
         "2026-11-29T23:59:59Z",
     )
     .await;
+    // a failed job: a failed request under the model it asked for, its output (one it could
+    // not keep) not counted, the tokens its attempts were charged counted
     let failed = out(Some("gpt-a"), 1000, 1000, Some(1.0));
     insert_job(
         s,
@@ -161,6 +171,10 @@ async fn seed(app: &TestApp) -> (Uuid, String) {
         ts("2026-12-01T12:00:00Z"),
     )
     .await;
+    sqlx::query("UPDATE jobs SET charged_tokens = 2500 WHERE status = 'failed'")
+        .execute(s.pool())
+        .await
+        .unwrap();
     let noop = out(Some("gpt-a"), 1000, 1000, Some(1.0));
     insert_job(
         s,
@@ -191,7 +205,7 @@ const WINDOW: &str = "from=2026-11-30T00:00:00Z&to=2026-12-02T00:00:00Z";
 async fn sums_by_model_and_by_day_exactly(pool: PgPool) {
     let app = spawn_api_only(pool).await;
     let (_, other_key) = seed(&app).await;
-    let total = sums(4, 137, 68, 205, 0.2542);
+    let total = charged(sums(4, 137, 68, 205, 0.2542), 1, 2500);
 
     let by_model = usage(&app, &format!("?{WINDOW}&group_by=model")).await;
     assert_eq!(
@@ -202,7 +216,7 @@ async fn sums_by_model_and_by_day_exactly(pool: PgPool) {
             "group_by": "model",
             "data": [
                 with("model", "claude-b", sums(1, 100, 50, 150, 0.25)),
-                with("model", "gpt-a", sums(2, 30, 15, 45, 0.0042)),
+                with("model", "gpt-a", charged(sums(2, 30, 15, 45, 0.0042), 1, 2500)),
                 with("model", "mock-echo", sums(1, 7, 3, 10, 0.0)),
             ],
             "total": total,
@@ -220,7 +234,7 @@ async fn sums_by_model_and_by_day_exactly(pool: PgPool) {
             "group_by": "day",
             "data": [
                 with("day", "2026-11-30", sums(2, 110, 55, 165, 0.2512)),
-                with("day", "2026-12-01", sums(2, 27, 13, 40, 0.003)),
+                with("day", "2026-12-01", charged(sums(2, 27, 13, 40, 0.003), 1, 2500)),
             ],
             "total": total,
         })
@@ -237,7 +251,7 @@ async fn sums_by_model_and_by_day_exactly(pool: PgPool) {
 
     // a narrower window: only 2026-12-01
     let day2 = usage(&app, "?from=2026-12-01T00:00:00Z&to=2026-12-02T00:00:00Z").await;
-    assert_eq!(day2["total"], sums(2, 27, 13, 40, 0.003));
+    assert_eq!(day2["total"], charged(sums(2, 27, 13, 40, 0.003), 1, 2500));
 
     // the other tenant sees only its own job
     let (s, theirs) = usage_as(&app, &other_key, &format!("?{WINDOW}")).await;
@@ -358,7 +372,11 @@ async fn a_real_chat_job_is_counted(pool: PgPool) {
     let body = usage(&app, "").await;
     assert_eq!(
         body["data"],
-        json!([with("model", "mock-echo", sums(1, p, c, t, cost))]),
+        json!([with(
+            "model",
+            "mock-echo",
+            charged(sums(1, p, c, t, cost), 0, t)
+        )]),
         "{o}"
     );
     let by_day = usage(&app, "?group_by=day").await;

@@ -438,28 +438,41 @@ impl Store {
     /// Writes the end of a run, fenced by `attempt`; `seq` is the seq of the event announcing it.
     /// Returns false if this run was fenced out (its write is ignored).
     pub async fn end_run(&self, id: Uuid, attempt: i32, end: &RunEnd, seq: u64) -> Result<bool> {
-        let (status, output, error, run_at, grant) = split_end(end);
+        self.end_one(&RunEndWrite {
+            id,
+            attempt,
+            end: end.clone(),
+            seq,
+            tokens: 0,
+        })
+        .await
+    }
+
+    /// [`Store::end_run`] of a [`RunEndWrite`], its charged tokens included.
+    pub async fn end_one(&self, w: &RunEndWrite) -> Result<bool> {
+        let (status, output, error, run_at, grant) = split_end(&w.end);
         let finished = status.is_terminal();
         let res = sqlx::query(
             "UPDATE jobs SET status = $3, output = $4, error = $5, run_at = $6,
                 max_attempts = max_attempts + $9,
                 finished_at = CASE WHEN $7 THEN now() ELSE NULL END,
                 lease_owner = NULL, lease_expires_at = NULL, event_seq = GREATEST(event_seq, $8),
-                updated_at = now(),
+                updated_at = now(), charged_tokens = charged_tokens + $10,
                 -- requeued: undispatched until the reconciler sees it (as in `end_runs`)
                 dispatch_epoch = CASE WHEN $3 = 'queued' THEN 0 ELSE dispatch_epoch END
              WHERE id = $1 AND attempt = $2 AND status = 'running'
                AND NOT ($3 IN ('queued', 'failed') AND cancel_requested_at IS NOT NULL)",
         )
-        .bind(id)
-        .bind(attempt)
+        .bind(w.id)
+        .bind(w.attempt)
         .bind(status.as_str())
         .bind(output)
         .bind(error.map(error_json))
         .bind(run_at)
         .bind(finished)
-        .bind(seq as i64)
+        .bind(w.seq as i64)
         .bind(grant)
+        .bind(tokens_i64(w.tokens))
         .execute(self.pool())
         .await?;
         Ok(res.rows_affected() == 1)
@@ -500,8 +513,9 @@ impl Store {
             Vec::<Option<DateTime<Utc>>>::with_capacity(n),
             Vec::with_capacity(n),
         );
-        let mut grants = Vec::with_capacity(n);
+        let (mut grants, mut tokens) = (Vec::with_capacity(n), Vec::with_capacity(n));
         for w in ends {
+            tokens.push(tokens_i64(w.tokens));
             let (status, output, error, run_at, grant) = split_end(&w.end);
             grants.push(grant);
             ids.push(w.id);
@@ -517,12 +531,13 @@ impl Store {
                 finished_at = CASE WHEN v.status IN ('succeeded', 'failed', 'cancelled') THEN now() ELSE NULL END,
                 lease_owner = NULL, lease_expires_at = NULL, event_seq = GREATEST(j.event_seq, v.seq),
                 max_attempts = j.max_attempts + v.given_back, updated_at = now(),
+                charged_tokens = j.charged_tokens + v.tokens,
                 -- a requeued job counts as undispatched until the reconciler has seen it in
                 -- Redis: if the worker's own re-dispatch never happens (it died, or this
                 -- commit's reply was lost), the job is not stranded
                 dispatch_epoch = CASE WHEN v.status = 'queued' THEN 0 ELSE j.dispatch_epoch END
-             FROM UNNEST($1::uuid[], $2::int4[], $3::text[], $4::jsonb[], $5::jsonb[], $6::timestamptz[], $7::int8[], $8::int4[])
-                AS v(id, attempt, status, output, error, run_at, seq, given_back)
+             FROM UNNEST($1::uuid[], $2::int4[], $3::text[], $4::jsonb[], $5::jsonb[], $6::timestamptz[], $7::int8[], $8::int4[], $9::int8[])
+                AS v(id, attempt, status, output, error, run_at, seq, given_back, tokens)
              WHERE j.id = v.id AND j.id = ANY({LOCK_IN_ORDER})
                AND j.attempt = v.attempt AND j.status = 'running'
                -- a job whose cancel was asked for is not requeued, nor failed (the run ends
@@ -538,6 +553,7 @@ impl Store {
         .bind(&run_ats)
         .bind(&seqs)
         .bind(&grants)
+        .bind(&tokens)
         .fetch_all(self.batch_pool())
         .await?;
         Ok(done)
@@ -552,6 +568,13 @@ pub struct RunEndWrite {
     pub end: RunEnd,
     /// Seq of the event announcing the end.
     pub seq: u64,
+    /// LLM tokens the attempt used (charged to the tenant's day however it ended): added to
+    /// the job's `charged_tokens`.
+    pub tokens: u64,
+}
+
+fn tokens_i64(t: u64) -> i64 {
+    i64::try_from(t).unwrap_or(i64::MAX)
 }
 
 /// Status, output, error, due time and attempts given back of a run end.

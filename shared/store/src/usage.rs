@@ -1,6 +1,7 @@
-//! Usage per tenant: tokens and cost of succeeded `llm.chat` jobs (their replies and the
-//! conversation summaries written for them), grouped by model or UTC day (served by the partial
-//! index `jobs_chat_succeeded_finished`).
+//! Usage per tenant: tokens and cost of finished `llm.chat` jobs (the replies of succeeded ones
+//! and the conversation summaries written for them; the tokens every attempt was charged,
+//! whatever it ended as), grouped by model or UTC day (served by the partial index
+//! `jobs_chat_finished`).
 
 use chrono::{DateTime, Utc};
 
@@ -46,10 +47,12 @@ impl UsageGroup {
 #[derive(Debug, Clone, Default, PartialEq, sqlx::FromRow)]
 pub struct UsageSums {
     pub requests: i64,
+    pub failed_requests: i64,
     pub prompt_tokens: i64,
     pub completion_tokens: i64,
     pub total_tokens: i64,
     pub cost_usd: f64,
+    pub charged_tokens: i64,
 }
 
 /// One group: its key (a model alias or a day) and its sums.
@@ -120,9 +123,13 @@ impl Part {
 }
 
 impl Store {
-    /// Usage of the succeeded `llm.chat` jobs in `scope` (a tenant's, or an end user's own) that finished in `[from, to)`: each job
-    /// counts its reply (under the model that answered) and, when the turn wrote a conversation
-    /// summary, that call's tokens and cost (under the summary's model; no request of its own).
+    /// Usage of the `llm.chat` jobs in `scope` (a tenant's, or an end user's own) that finished
+    /// in `[from, to)`: a succeeded job counts its reply (under the model that answered) and,
+    /// when the turn wrote a conversation summary, that call's tokens and cost (under the
+    /// summary's model; no request of its own); a failed or cancelled one counts as a failed
+    /// request (under the model asked for); every job adds the tokens its attempts were charged
+    /// against the tenant's daily quota (`charged_tokens`: cut, failed and retried attempts
+    /// included, a cache hit nothing).
     /// Sums are exact (`numeric`) and the total comes from the same scan (a grouping set), so it
     /// equals the sum of the rows.
     pub async fn usage(
@@ -138,24 +145,33 @@ impl Store {
         let (reply, summary) = (Part::reply(), Part::summary());
         // a job's `cost_usd` is its whole cost: the reply's share is what the summary left
         let reply_cost = format!("{} - {}", reply.cost, summary.cost);
-        // The literal `kind` and `status` predicates match the partial index.
+        // The literal `kind` and `status` predicates match the partial index. Only a succeeded
+        // job's output counts (a failed one has none, or one it could not keep).
         let sql = format!(
             "SELECT k AS key, GROUPING(k) = 1 AS is_total,
                     COALESCE(sum(n), 0)::bigint AS requests,
+                    COALESCE(sum(f), 0)::bigint AS failed_requests,
                     COALESCE(sum(p), 0)::bigint AS prompt_tokens,
                     COALESCE(sum(c), 0)::bigint AS completion_tokens,
                     COALESCE(sum(t), 0)::bigint AS total_tokens,
-                    COALESCE(sum(u), 0)::float8 AS cost_usd
+                    COALESCE(sum(u), 0)::float8 AS cost_usd,
+                    COALESCE(sum(ch), 0)::bigint AS charged_tokens
              FROM (
                 SELECT part.*
                 FROM jobs CROSS JOIN LATERAL (VALUES
-                    ({reply_key}, 1, {rp}, {rc}, {rt}, {reply_cost}),
-                    ({summary_key}, 0, {sp}, {sc}, {st}, {su})
-                ) AS part(k, n, p, c, t, u)
-                WHERE tenant_id = $1 AND kind = 'llm.chat' AND status = 'succeeded'
+                    (true, {reply_key}, (status = 'succeeded')::int, (status <> 'succeeded')::int,
+                     CASE WHEN status = 'succeeded' THEN {rp} ELSE 0 END,
+                     CASE WHEN status = 'succeeded' THEN {rc} ELSE 0 END,
+                     CASE WHEN status = 'succeeded' THEN {rt} ELSE 0 END,
+                     CASE WHEN status = 'succeeded' THEN {reply_cost} ELSE 0 END, charged_tokens),
+                    (false, {summary_key}, 0, 0, {sp}, {sc}, {st}, {su}, 0::bigint)
+                ) AS part(reply, k, n, f, p, c, t, u, ch)
+                WHERE tenant_id = $1 AND kind = 'llm.chat'
+                  AND status IN ('succeeded', 'failed', 'cancelled')
                   AND finished_at >= $2 AND finished_at < $3
                   AND ($4::text IS NULL OR created_by = $4)
-                  AND (part.n = 1 OR jsonb_typeof(output -> 'summary') = 'object')
+                  AND (part.reply OR (status = 'succeeded'
+                       AND jsonb_typeof(output -> 'summary') = 'object'))
              ) j
              GROUP BY GROUPING SETS ((k), ())
              ORDER BY is_total, k COLLATE \"C\"",

@@ -1,0 +1,4 @@
+-- What each llm.chat job's attempts used of the tenant's daily token quota, whatever they
+-- ended as (a failed, cancelled or retried attempt's tokens were paid for): added by each
+-- run end, reported by GET /v1/usage as charged_tokens. A constant default: no table rewrite.
+ALTER TABLE jobs ADD COLUMN IF NOT EXISTS charged_tokens bigint NOT NULL DEFAULT 0;
