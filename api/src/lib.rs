@@ -12,6 +12,7 @@ pub mod jwt;
 pub mod metrics;
 pub mod openai;
 pub mod openapi;
+pub mod queues;
 pub mod quota;
 pub mod routes;
 pub mod submit;
@@ -85,6 +86,8 @@ pub struct AppStateInner {
     pub admission: Arc<crate::quota::Admission>,
     /// The model table (`GET /v1/models`), built once from `llm` at start.
     pub models: Arc<ModelTable>,
+    /// The cap on named queues (`max_named_queues`) and the registry as last read.
+    pub named_queues: Arc<crate::queues::NamedQueues>,
     /// Fired when the process drains: streams close (WebSocket code 1012).
     pub shutdown: CancellationToken,
     /// Fired by `serve` once the server's requests have ended: the audit writer drains.
@@ -185,6 +188,7 @@ impl AppState {
                 switchyard_queue::Quotas::new(keys_for_quotas, conn.clone()),
             )),
             models: Arc::new(cfg.llm.table()),
+            named_queues: Arc::new(crate::queues::NamedQueues::new(cfg.max_named_queues)),
             shutdown,
             audit_stop,
             tasks,

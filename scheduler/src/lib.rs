@@ -13,6 +13,7 @@
 pub mod cron;
 pub mod limits;
 mod losses;
+mod registry;
 pub mod webhooks;
 
 use std::time::Duration;
@@ -336,10 +337,8 @@ impl Scheduler {
                     .await?;
             }
             // and the registry's reports of workers that died (reading it drops them; else
-            // they stayed until someone listed the workers)
-            self.queue
-                .workers(switchyard_core::queueing::WORKER_REPORT_TTL)
-                .await?;
+            // they stayed until someone listed the workers), and the named queues nothing uses
+            self.prune_queue_registry().await?;
         }
         if due(&self.last_job_prune, self.opts.job_prune_every) {
             report.jobs_pruned = self.prune_jobs().await?;

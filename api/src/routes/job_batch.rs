@@ -193,6 +193,12 @@ pub async fn create_batch(
             })?;
         jobs.push(job);
     }
+    let names: Vec<(String, &str)> = jobs
+        .iter()
+        .enumerate()
+        .map(|(i, j)| (format!("jobs[{i}].queue"), j.queue.as_str()))
+        .collect();
+    state.named_queues.admit(&state.queue, &names).await?;
     // once for the whole batch, after it validated (an invalid job counts nothing)
     crate::quota::check_backlog(&state, &principal, jobs.len() as u64).await?;
     let replayed = match (idempotency, request_digest) {

@@ -208,6 +208,10 @@ pub async fn create_job(
         }
     }
     let job = build_job(&state, &principal, value, &trace).await?;
+    state
+        .named_queues
+        .admit(&state.queue, &[("queue".to_string(), job.queue.as_str())])
+        .await?;
     crate::quota::check_backlog(&state, &principal, 1).await?;
     if let (Some(key), Some(digest)) = (idempotency, request_digest) {
         return crate::routes::job_batch::submit_idempotent(&state, &principal, &key, digest, job)

@@ -92,6 +92,13 @@ pub async fn create(
     let (req, spec) = CreateScheduleRequest::parse(&value)?;
     let job =
         validate_job(&state, &principal, req.job.clone()).map_err(|e| nest_field("job", e))?;
+    state
+        .named_queues
+        .admit(
+            &state.queue,
+            &[("job.queue".to_string(), job.queue.as_str())],
+        )
+        .await?;
     let next_run_at = spec
         .next_after(Utc::now())
         .ok_or_else(|| ApiError::field(ErrorCode::InvalidInput, "cron", "never fires"))?;

@@ -67,6 +67,11 @@ pub struct Config {
     /// waits in its own lane: another tenant's new job waits behind at most this many of each
     /// busy tenant's (fairness; see ARCHITECTURE.md).
     pub queue_lane_depth: u64,
+    /// Named queues (beyond the kinds' own) this deployment holds at most: a job naming a new
+    /// queue past it is refused (422 on `queue`). Every queue costs the scheduler work each
+    /// pass and `/metrics` series; named queues that hold nothing and that no live worker
+    /// serves are dropped from the registry by the scheduler, freeing their place.
+    pub max_named_queues: u64,
     /// Jobs of a queue running at once across all workers, e.g. `{ llm = 200 }`.
     #[serde(default)]
     pub queue_limits: std::collections::BTreeMap<String, u64>,
@@ -237,6 +242,7 @@ struct Defaults {
     audit_retention_days: u64,
     job_retention_days: u64,
     queue_lane_depth: u64,
+    max_named_queues: u64,
     enable_noop: bool,
     event_ttl_s: u64,
     log_json: bool,
@@ -278,6 +284,7 @@ fn defaults() -> Defaults {
         audit_retention_days: 365,
         job_retention_days: 30,
         queue_lane_depth: 256,
+        max_named_queues: 1000,
         enable_noop: false,
         event_ttl_s: 3600,
         log_json: false,

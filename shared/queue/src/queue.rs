@@ -184,6 +184,18 @@ impl Queue {
         pipe.query_async::<()>(&mut c).await
     }
 
+    /// Drops a named queue from the registry (the scheduler's pruning of unused ones).
+    pub async fn unregister_queue(&self, queue: &str) -> RedisResult<()> {
+        let mut c = self.conn.clone();
+        c.srem(self.keys.queues(), queue).await
+    }
+
+    /// Lists a named queue in the registry again.
+    pub async fn register_queue(&self, queue: &str) -> RedisResult<()> {
+        let mut c = self.conn.clone();
+        c.sadd(self.keys.queues(), queue).await
+    }
+
     /// Every queue: the kinds' own and the named ones seen (sorted).
     pub async fn queues(&self) -> RedisResult<Vec<String>> {
         let mut c = self.conn.clone();

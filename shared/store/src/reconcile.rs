@@ -112,6 +112,18 @@ impl Store {
         Ok(rows.into_iter().map(to_item).collect())
     }
 
+    /// Whether `queue` has an unfinished job (queued, delayed included, or running): through
+    /// the partial indexes `jobs_queued_created` and `jobs_running_lease`.
+    pub async fn queue_in_use(&self, queue: &str) -> Result<bool> {
+        Ok(sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM jobs WHERE queue = $1 AND status = 'queued')
+                 OR EXISTS (SELECT 1 FROM jobs WHERE queue = $1 AND status = 'running')",
+        )
+        .bind(queue)
+        .fetch_one(self.pool())
+        .await?)
+    }
+
     /// Counts of jobs by (kind, status) for metrics.
     pub async fn job_counts(&self) -> Result<Vec<(String, String, i64)>> {
         Ok(sqlx::query_as(

@@ -1,0 +1,47 @@
+//! Pruning the queue registry: a named queue stays in the registry (read every pass by the
+//! scheduler's per-queue steps and by `/metrics`) only while it holds something, has
+//! unfinished jobs or is served by a live worker. The others are dropped, which bounds the
+//! registry by what is in use and frees places under the API's `max_named_queues`.
+//!
+//! A job committed while its queue is dropped keeps it: the queue is dropped only when Redis
+//! holds nothing for it and Postgres has no unfinished job in it, and Postgres is asked again
+//! after the drop. A job committed before that second look is seen by it (the queue goes back
+//! in the registry); one committed after is dispatched after the drop, and its dispatch adds
+//! the queue again.
+
+use std::collections::HashSet;
+
+use switchyard_core::job::known_queues;
+
+use crate::Scheduler;
+
+impl Scheduler {
+    /// Drops the named queues nothing uses from the registry; returns their names.
+    pub async fn prune_queue_registry(&self) -> anyhow::Result<Vec<String>> {
+        let served: HashSet<String> = self
+            .queue
+            .workers(switchyard_core::queueing::WORKER_REPORT_TTL)
+            .await?
+            .into_iter()
+            .flat_map(|w| w.queues.into_iter().map(|q| q.name))
+            .collect();
+        let known = known_queues();
+        let mut dropped = Vec::new();
+        for q in self.queue.queues().await? {
+            if known.contains(&q.as_str()) || served.contains(&q) {
+                continue;
+            }
+            if self.queue.held(&q).await? > 0 || self.store.queue_in_use(&q).await? {
+                continue;
+            }
+            self.queue.unregister_queue(&q).await?;
+            if self.store.queue_in_use(&q).await? || self.queue.held(&q).await? > 0 {
+                self.queue.register_queue(&q).await?;
+                continue;
+            }
+            tracing::info!(queue = %q, "unused named queue dropped from the registry");
+            dropped.push(q);
+        }
+        Ok(dropped)
+    }
+}
