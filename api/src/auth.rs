@@ -139,9 +139,21 @@ pub(crate) struct CredentialWatch {
 }
 
 impl CredentialWatch {
-    pub(crate) fn start(state: &AppState, credential: String, every: Duration) -> CredentialWatch {
+    /// Without a credential (none to check again: the request was let in without one) the
+    /// watch never fires.
+    pub(crate) fn start(
+        state: &AppState,
+        credential: Option<String>,
+        every: Duration,
+    ) -> CredentialWatch {
         let revoked = tokio_util::sync::CancellationToken::new();
         let stop = tokio_util::sync::CancellationToken::new();
+        let Some(credential) = credential.filter(|c| !c.is_empty()) else {
+            return CredentialWatch {
+                revoked,
+                _stop: stop.drop_guard(),
+            };
+        };
         let (st, flag, done) = (state.clone(), revoked.clone(), stop.clone());
         state.tasks.spawn(async move {
             let mut tick = tokio::time::interval(every);

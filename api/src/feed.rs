@@ -67,6 +67,8 @@ pub struct Feed {
     sub: LiveSubscription,
     pending: VecDeque<FeedItem>,
     done: bool,
+    /// The event sent last was a terminal one: the feed ends once nothing follows it.
+    ended: bool,
     reset_sent: bool,
     /// The last history read returned a full page: read more before waiting.
     more: bool,
@@ -119,6 +121,7 @@ impl Feed {
             sub,
             pending: VecDeque::new(),
             done: false,
+            ended: false,
             reset_sent: false,
             more: false,
             idle_rounds: 0,
@@ -142,9 +145,11 @@ impl Feed {
                 match &item {
                     FeedItem::Event(e) => {
                         self.last_sent = e.seq;
-                        if e.is_terminal() {
+                        // the end, unless events follow it: a dead job retried (`POST
+                        // /retry`) goes on numbering after its old terminal event
+                        self.ended = e.is_terminal();
+                        if self.ended && self.pending.is_empty() && !self.more {
                             self.done = true;
-                            self.pending.clear();
                         }
                     }
                     // after a reset the client starts over: any later event is new to it
@@ -160,6 +165,11 @@ impl Feed {
                 let row = self.deferred.clone();
                 self.refill(row).await;
                 continue;
+            }
+            if self.ended {
+                // a terminal event last sent, and history holds nothing after it
+                self.done = true;
+                return None;
             }
             // what a dropped `next()` (a caller's timeout) left half done: a live event taken,
             // a resync asked for

@@ -188,7 +188,14 @@ impl AppState {
                 switchyard_queue::Quotas::new(keys_for_quotas, conn.clone()),
             )),
             models: Arc::new(cfg.llm.table()),
-            named_queues: Arc::new(crate::queues::NamedQueues::new(cfg.max_named_queues)),
+            named_queues: Arc::new(crate::queues::NamedQueues::new(
+                cfg.max_named_queues,
+                cfg.worker
+                    .queues
+                    .iter()
+                    .chain(cfg.queue_limits.keys())
+                    .cloned(),
+            )),
             shutdown,
             audit_stop,
             tasks,

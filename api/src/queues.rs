@@ -17,17 +17,32 @@ use crate::error::ApiError;
 /// How long a read of the registry is trusted for names it holds.
 const REGISTRY_TTL: Duration = Duration::from_secs(5);
 
-/// The cap, and the registry's named queues as last read.
+/// The cap, the queues the configuration names (always admitted), and the registry's named
+/// queues as last read.
 pub struct NamedQueues {
     max: usize,
+    configured: HashSet<String>,
     seen: Mutex<(Option<Instant>, HashSet<String>)>,
 }
 
 impl NamedQueues {
-    pub fn new(max: u64) -> NamedQueues {
+    /// `configured`: queues the operator set up (`worker.queues`, `queue_limits`): a job may
+    /// name them whatever the registry holds.
+    pub fn new(max: u64, configured: impl IntoIterator<Item = String>) -> NamedQueues {
         NamedQueues {
             max: usize::try_from(max).unwrap_or(usize::MAX),
+            configured: configured.into_iter().collect(),
             seen: Mutex::new((None, HashSet::new())),
+        }
+    }
+
+    /// Lists a named queue in the registry now (a schedule's, before its first run).
+    pub async fn register(&self, queue: &Queue, name: &str) {
+        if known_queues().contains(&name) {
+            return;
+        }
+        if let Err(e) = queue.register_queue(name).await {
+            tracing::debug!(error = %e, "queue not registered; its first job registers it");
         }
     }
 
@@ -39,7 +54,8 @@ impl NamedQueues {
         let known = known_queues();
         let mut wanted: Vec<(&str, &str)> = Vec::new();
         for (field, name) in names {
-            if !known.contains(name) && !wanted.iter().any(|(_, n)| n == name) {
+            let exempt = known.contains(name) || self.configured.contains(*name);
+            if !exempt && !wanted.iter().any(|(_, n)| n == name) {
                 wanted.push((field.as_str(), name));
             }
         }

@@ -354,9 +354,12 @@ impl Scheduler {
 
     /// Retention: finished jobs past their tenant's period go, in batches (each a short
     /// statement over `jobs_tenant_finished`), with their Redis events.
+    /// Prunes up to `max_batches` batches of finished jobs past their retention; when they
+    /// all came back full (a backlog: more jobs end than one pass a minute removes), the next
+    /// pass prunes again instead of waiting for `job_prune_every`.
     async fn prune_jobs(&self) -> anyhow::Result<usize> {
         let mut total = 0;
-        for _ in 0..self.opts.max_batches {
+        for i in 0..self.opts.max_batches {
             let ids = self
                 .store
                 .prune_finished_jobs(self.opts.job_retention_days as i32, self.opts.batch)
@@ -367,6 +370,11 @@ impl Scheduler {
             }
             if (ids.len() as i64) < self.opts.batch {
                 break;
+            }
+            if i + 1 == self.opts.max_batches {
+                if let Ok(mut last) = self.last_job_prune.lock() {
+                    *last = None;
+                }
             }
         }
         Ok(total)

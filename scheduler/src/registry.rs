@@ -1,6 +1,6 @@
 //! Pruning the queue registry: a named queue stays in the registry (read every pass by the
 //! scheduler's per-queue steps and by `/metrics`) only while it holds something, has
-//! unfinished jobs or is served by a live worker. The others are dropped, which bounds the
+//! unfinished jobs, is named by a schedule or is served by a live worker. The others are dropped, which bounds the
 //! registry by what is in use and frees places under the API's `max_named_queues`.
 //!
 //! A job committed while its queue is dropped keeps it: the queue is dropped only when Redis
@@ -18,17 +18,19 @@ use crate::Scheduler;
 impl Scheduler {
     /// Drops the named queues nothing uses from the registry; returns their names.
     pub async fn prune_queue_registry(&self) -> anyhow::Result<Vec<String>> {
-        let served: HashSet<String> = self
+        let mut kept: HashSet<String> = self
             .queue
             .workers(switchyard_core::queueing::WORKER_REPORT_TTL)
             .await?
             .into_iter()
             .flat_map(|w| w.queues.into_iter().map(|q| q.name))
             .collect();
+        // a schedule's queue stays: its runs would bring it back without the API's cap
+        kept.extend(self.store.scheduled_queues().await?);
         let known = known_queues();
         let mut dropped = Vec::new();
         for q in self.queue.queues().await? {
-            if known.contains(&q.as_str()) || served.contains(&q) {
+            if known.contains(&q.as_str()) || kept.contains(&q) {
                 continue;
             }
             if self.queue.held(&q).await? > 0 || self.store.queue_in_use(&q).await? {

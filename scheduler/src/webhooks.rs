@@ -113,7 +113,8 @@ impl Deliverer {
         // to the timeout each (a shorter lease let another scheduler send them again)
         let waves = (BATCH as f64 / self.cfg.concurrency.max(1) as f64).ceil();
         let lease = (self.cfg.timeout_s.max(1) as f64 * (waves + 1.0)).max(5.0);
-        let tasks = self.store.claim_deliveries(BATCH, lease).await?;
+        let max = i32::try_from(self.cfg.max_attempts.max(1)).unwrap_or(i32::MAX);
+        let tasks = self.store.claim_deliveries(BATCH, lease, max).await?;
         let n = tasks.len();
         let unstarted = std::sync::Mutex::new(Vec::new());
         futures::stream::iter(tasks)

@@ -92,9 +92,13 @@ pub async fn chat_completions(
     State(state): State<AppState>,
     auth: Result<Auth, ApiError>,
     headers: HeaderMap,
+    uri: axum::http::Uri,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    match run(state, auth, headers, body).await {
+    // the credential the request was admitted with (a header, or `?token=`), checked again
+    // while it waits for its reply
+    let credential = crate::auth::presented_credential(&headers, uri.query());
+    match run(state, auth, headers, credential, body).await {
         Ok(r) => r,
         Err(e) => e.into_response(),
     }
@@ -104,6 +108,7 @@ async fn run(
     state: AppState,
     auth: Result<Auth, ApiError>,
     headers: HeaderMap,
+    credential: Option<String>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, OaiError> {
     let Auth(principal) = auth?;
@@ -162,7 +167,6 @@ async fn run(
     let feed = Feed::open_submitted(&state, job_id, LIVE_BUFFER).await;
     // checked again while the reply comes: a revoked key or an expired token ends the request
     // and cancels its job, as it ends a WebSocket or an SSE stream
-    let credential = crate::auth::presented_credential(&headers, None).unwrap_or_default();
     let watch = CredentialWatch::start(&state, credential, AUTH_RECHECK);
     let meta = wire::Meta {
         id: format!("chatcmpl-{}", job_id.simple()),
@@ -201,6 +205,8 @@ async fn run(
         // on shutdown the client is told to retry and the job (its guard still armed) is
         // cancelled; the feed itself would wait for the job however long it takes
         let item = tokio::select! {
+            // the job's end first: a reply that came is answered, whatever came with it
+            biased;
             i = feed.next() => i,
             _ = state.shutdown.cancelled() => None,
             // (the guard, still armed, cancels the job)
@@ -304,6 +310,7 @@ impl Relay {
         let until = tokio::time::Instant::now() + wait;
         while !self.sent_output && !self.done {
             let item = tokio::select! {
+                biased;
                 r = tokio::time::timeout_at(until, self.feed.next()) => r.ok()?,
                 _ = self.shutdown.cancelled() => return None,
                 // (the guard, still armed, cancels the job)
@@ -498,6 +505,7 @@ impl Relay {
                     return None;
                 }
                 let item = tokio::select! {
+                    biased;
                     i = r.feed.next() => i,
                     _ = r.watch.revoked.cancelled() => {
                         r.abandon(revoked());

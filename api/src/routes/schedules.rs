@@ -99,6 +99,8 @@ pub async fn create(
             &[("job.queue".to_string(), job.queue.as_str())],
         )
         .await?;
+    // counted from now on (the scheduler keeps a schedule's queue in the registry)
+    state.named_queues.register(&state.queue, &job.queue).await;
     let next_run_at = spec
         .next_after(Utc::now())
         .ok_or_else(|| ApiError::field(ErrorCode::InvalidInput, "cron", "never fires"))?;

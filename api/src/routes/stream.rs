@@ -278,7 +278,15 @@ fn handle_op(
                     };
                     let Some(item) = item else { break };
                     let text = item.to_text(job_id);
-                    if out.try_send(Message::Text(text.into())).is_err() {
+                    // waits for room (a replay of a long history comes faster than any socket
+                    // takes it): a client counts as too slow only when the buffer stays full
+                    // for SEND_TIMEOUT, not as soon as a burst fills it
+                    let sent = tokio::select! {
+                        _ = token.cancelled() => return,
+                        _ = slow.cancelled() => return,
+                        r = tokio::time::timeout(SEND_TIMEOUT, out.send(Message::Text(text.into()))) => r,
+                    };
+                    if !matches!(sent, Ok(Ok(()))) {
                         slow.cancel();
                         return;
                     }

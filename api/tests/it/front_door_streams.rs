@@ -352,3 +352,30 @@ async fn a_front_door_request_ends_when_its_key_is_revoked(pool: PgPool) {
     }
     app.stop().await;
 }
+
+/// A front-door request let in with `?token=` (where headers are impossible) keeps that
+/// credential while its reply comes: a reply slower than the credential's re-check arrives.
+#[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
+async fn a_front_door_request_with_a_query_token_gets_its_slow_reply(pool: PgPool) {
+    let app = spawn_app(pool).await;
+    // ~60 tokens 50 ms apart: about 3 s, past the 2 s re-check
+    let words = vec!["slow"; 60].join(" ");
+    for stream in [false, true] {
+        let r = app
+            .http
+            .post(app.url(&format!("/v1/chat/completions?token={}", app.key)))
+            .json(&json!({"model": "mock-slow", "messages": user(&words), "stream": stream}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        if stream {
+            let data = tokio::time::timeout(T, sse_data(r)).await.unwrap();
+            assert_eq!(data.last().map(String::as_str), Some("[DONE]"), "{data:?}");
+        } else {
+            let v: Value = r.json().await.unwrap();
+            assert_eq!(v["choices"][0]["finish_reason"], "stop", "{v}");
+        }
+    }
+    app.stop().await;
+}

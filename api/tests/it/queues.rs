@@ -468,9 +468,10 @@ async fn post(app: &crate::support::TestApp, path: &str, body: Value) -> (u16, V
 }
 
 /// Named queues are capped (`max_named_queues`): a job naming a new one past the cap is
-/// refused naming its field, alone or in a batch, while existing and the kinds' own queues
-/// take jobs. The scheduler drops named queues nothing uses (empty in Redis, no unfinished
-/// job, no live worker serving them), which frees their places.
+/// refused naming its field, alone, in a batch or in a schedule, while existing, configured
+/// and the kinds' own queues take jobs. The scheduler drops named queues nothing uses (empty
+/// in Redis, no unfinished job, no schedule naming them, no live worker serving them), which
+/// frees their places.
 #[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
 async fn named_queues_are_capped_and_unused_ones_dropped(pool: PgPool) {
     let app = spawn_app_with(
@@ -478,18 +479,34 @@ async fn named_queues_are_capped_and_unused_ones_dropped(pool: PgPool) {
         Opts {
             scheduler: false,
             configure: Some(Arc::new(|cfg| {
-                cfg.max_named_queues = 3;
+                cfg.max_named_queues = 4;
                 cfg.worker.queues.push("served".into());
             })),
             ..Opts::default()
         },
     )
     .await;
-    // "served" is registered by its worker; "a" and "b" by their jobs (waiting an hour)
+    // "served" is registered by its worker; "a" and "b" by their jobs (waiting an hour),
+    // "sched" by its schedule
+    let t = std::time::Instant::now();
+    while !app
+        .queue()
+        .await
+        .queues()
+        .await
+        .unwrap()
+        .contains(&"served".to_string())
+    {
+        assert!(t.elapsed() < T, "the worker never registered its queue");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let later =
         |queue: &str| json!({"kind": "system.noop", "queue": queue, "delay_s": 3600, "input": {}});
+    let hourly = |queue: &str| json!({"cron": "0 * * * *", "job": {"kind": "system.noop", "queue": queue, "input": {}}});
     let a = app.submit(later("a")).await;
     app.submit(later("b")).await;
+    let (s, e) = post(&app, "/v1/schedules", hourly("sched")).await;
+    assert_eq!(s, 201, "{e}");
     let (s, e) = post(&app, "/v1/jobs", later("c")).await;
     assert_eq!(s, 422, "{e}");
     assert_eq!(e["error"]["field"], "queue", "{e}");
@@ -504,9 +521,7 @@ async fn named_queues_are_capped_and_unused_ones_dropped(pool: PgPool) {
     let (s, e) = post(&app, "/v1/jobs/batch", batch).await;
     assert_eq!(s, 422, "{e}");
     assert_eq!(e["error"]["field"], "jobs[1].queue", "{e}");
-    let schedule =
-        json!({"cron": "0 * * * *", "job": {"kind": "system.noop", "queue": "c", "input": {}}});
-    let (s, e) = post(&app, "/v1/schedules", schedule).await;
+    let (s, e) = post(&app, "/v1/schedules", hourly("c")).await;
     assert_eq!(s, 422, "{e}");
     assert_eq!(e["error"]["field"], "job.queue", "{e}");
     // queues the registry holds, and the kinds' own, still take jobs
@@ -515,7 +530,8 @@ async fn named_queues_are_capped_and_unused_ones_dropped(pool: PgPool) {
     app.submit(json!({"kind": "system.noop", "input": {}}))
         .await;
 
-    // nothing is unused yet: "a" and "b" hold waiting jobs, "served" has a live worker
+    // nothing is unused yet: "a" and "b" hold waiting jobs, "sched" has a schedule, "served"
+    // a live worker
     let sched = app.scheduler(app.scheduler_opts()).await;
     assert!(sched.prune_queue_registry().await.unwrap().is_empty());
     // with their jobs cancelled, "a" holds nothing: it is dropped, and "c" fits
@@ -533,6 +549,7 @@ async fn named_queues_are_capped_and_unused_ones_dropped(pool: PgPool) {
     let queues = app.queue().await.queues().await.unwrap();
     assert!(!queues.contains(&"a".to_string()), "{queues:?}");
     assert!(queues.contains(&"served".to_string()), "{queues:?}");
+    assert!(queues.contains(&"sched".to_string()), "{queues:?}");
     // (the API trusts its last read of the registry for a few seconds)
     let t = std::time::Instant::now();
     loop {

@@ -8,7 +8,7 @@ use serde_json::{json, Value};
 use sqlx::PgPool;
 use uuid::Uuid;
 
-use crate::support::{assert_contiguous, spawn_api_only, spawn_app, spawn_app_with, Opts};
+use crate::support::{assert_contiguous, spawn_api_only, spawn_app, spawn_app_with, Opts, TestApp};
 
 const T: Duration = Duration::from_secs(20);
 
@@ -319,19 +319,20 @@ async fn websocket_closes_with_1012_when_the_api_drains(pool: PgPool) {
     app.stop().await;
 }
 
-/// A client that stops reading (a tiny TCP receive window, nothing read) fills its buffer: the
-/// server closes it with 1008 instead of buffering without bound, and what it did receive is a
-/// gap-free prefix of the job's events.
-#[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
-async fn a_websocket_client_that_stops_reading_is_closed_with_1008(pool: PgPool) {
+/// A job with a history of 3,000 events of 8 KiB (24 MiB, far beyond socket buffers and the
+/// connection's 1,024 frames), and a WebSocket subscribed to it from the start over a TCP
+/// socket with a tiny receive window.
+async fn long_history_over_a_narrow_socket(
+    app: &TestApp,
+) -> (
+    Uuid,
+    tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>,
+) {
     use futures::SinkExt;
     use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-    use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
     use tokio_tungstenite::tungstenite::Message;
 
-    let app = spawn_api_only(pool).await;
     let id = app.submit_noop(json!({})).await;
-    // a long history: 3,000 events of 8 KiB (24 MiB, far beyond socket buffers + 1024 frames)
     let bus = app.bus().await;
     bus.begin_attempt(id, 1).await.unwrap();
     let text = "x".repeat(8 * 1024);
@@ -340,7 +341,6 @@ async fn a_websocket_client_that_stops_reading_is_closed_with_1008(pool: PgPool)
             switchyard_core::event::Event::new(id, seq, 1, "output.delta", json!({"text": text}));
         bus.publish(&ev).await.unwrap();
     }
-
     let addr = app.base.trim_start_matches("http://").to_string();
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
     socket.set_recv_buffer_size(4096).unwrap();
@@ -358,6 +358,54 @@ async fn a_websocket_client_that_stops_reading_is_closed_with_1008(pool: PgPool)
     ))
     .await
     .unwrap();
+    (id, ws)
+}
+
+/// A client that keeps reading gets the whole of a long history, however narrow its socket:
+/// the replay waits for room in the connection's buffer (it used to fill the buffer in a burst
+/// and close the connection with 1008, so such a history could never be read).
+#[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
+async fn a_websocket_client_that_reads_gets_a_long_history_whole(pool: PgPool) {
+    use tokio_tungstenite::tungstenite::Message;
+
+    let app = spawn_api_only(pool).await;
+    let (_, mut ws) = long_history_over_a_narrow_socket(&app).await;
+    let mut seqs = Vec::new();
+    while seqs.len() < 3001 {
+        let m = tokio::time::timeout(T, ws.next())
+            .await
+            .expect("the history stopped")
+            .expect("the connection closed")
+            .unwrap();
+        match m {
+            Message::Text(t) => {
+                let v: Value = serde_json::from_str(&t).unwrap();
+                seqs.push(v["seq"].as_u64().unwrap());
+            }
+            Message::Close(frame) => panic!("closed after {} events: {frame:?}", seqs.len()),
+            _ => {}
+        }
+    }
+    assert_eq!(seqs, (1..=3001).collect::<Vec<u64>>());
+    assert_eq!(
+        app.metric("switchyard_ws_slow_disconnects_total")
+            .await
+            .unwrap_or(0.0),
+        0.0
+    );
+    app.stop().await;
+}
+
+/// A client that stops reading (a tiny TCP receive window, nothing read) fills its buffer: the
+/// server closes it with 1008 instead of buffering without bound, and what it did receive is a
+/// gap-free prefix of the job's events.
+#[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
+async fn a_websocket_client_that_stops_reading_is_closed_with_1008(pool: PgPool) {
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+    use tokio_tungstenite::tungstenite::Message;
+
+    let app = spawn_api_only(pool).await;
+    let (id, mut ws) = long_history_over_a_narrow_socket(&app).await;
 
     // read nothing until the server gives up on this client
     let series = "switchyard_ws_slow_disconnects_total";

@@ -343,6 +343,26 @@ async fn dead_jobs_are_listed_and_can_be_retried(pool: PgPool) {
     let j = app.wait_status(id, "succeeded", t).await;
     assert_eq!(j["attempt"], 4);
     assert!(j["error"].is_null());
+    // its events, followed from the start, go on past the old `failed` to the new end
+    let mut ws = app.ws().await;
+    ws.subscribe(id, 0).await;
+    let mut kinds = Vec::new();
+    let followed = tokio::time::timeout(t, async {
+        while kinds.last().map(String::as_str) != Some("succeeded") {
+            let Some(f) = ws.next(t).await else { break };
+            if let Some(k) = f["type"].as_str() {
+                kinds.push(k.to_string());
+            }
+        }
+    })
+    .await;
+    assert!(followed.is_ok(), "the feed stopped after {kinds:?}");
+    assert_eq!(
+        kinds.last().map(String::as_str),
+        Some("succeeded"),
+        "{kinds:?}"
+    );
+    assert!(kinds.iter().any(|k| k == "failed"), "{kinds:?}");
     app.stop().await;
 }
 

@@ -276,12 +276,12 @@ async fn a_late_attempt_never_overwrites_a_newer_claims_outcome(pool: PgPool) {
         "UPDATE jobs SET status = 'succeeded', finished_at = now() WHERE id = $1",
     )
     .await;
-    let first = s.claim_deliveries(10, 0.05).await.unwrap();
+    let first = s.claim_deliveries(10, 0.05, 8).await.unwrap();
     assert_eq!(first.len(), 1);
     assert_eq!(first[0].attempt, 1);
     tokio::time::sleep(Duration::from_millis(100)).await;
     // the first claim's lease ran out: another scheduler takes the delivery
-    let second = s.claim_deliveries(10, 60.0).await.unwrap();
+    let second = s.claim_deliveries(10, 60.0, 8).await.unwrap();
     assert_eq!((second.len(), second[0].attempt), (1, 2));
     let id = first[0].id;
     let retry = DeliveryOutcome::Retry {
@@ -309,6 +309,39 @@ async fn a_late_attempt_never_overwrites_a_newer_claims_outcome(pool: PgPool) {
     app.stop().await;
 }
 
+/// A delivery whose every claim ended without an outcome (its scheduler killed during the
+/// attempt, say by the delivery itself) is given up once its attempts are used, not claimed
+/// for ever.
+#[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
+async fn a_delivery_whose_claims_never_end_is_given_up(pool: PgPool) {
+    let app = crate::support::spawn_api_only(pool).await;
+    let s = &app.store;
+    let job = ended_with_webhook(
+        &app,
+        "UPDATE jobs SET status = 'succeeded', finished_at = now() WHERE id = $1",
+    )
+    .await;
+    for attempt in 1..=2 {
+        let claimed = s.claim_deliveries(10, 0.05, 2).await.unwrap();
+        assert_eq!(claimed.len(), 1);
+        assert_eq!(claimed[0].attempt, attempt);
+        // the claim runs out with nothing recorded
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(s.claim_deliveries(10, 60.0, 2).await.unwrap().is_empty());
+    let d = app
+        .get_json(&format!("/v1/jobs/{}/deliveries", job.id))
+        .await;
+    let d0 = &d["data"][0];
+    assert_eq!(d0["state"], "failed", "{d}");
+    assert_eq!(d0["attempts"], 2, "{d}");
+    assert!(
+        d0["last_error"].as_str().unwrap().contains("given up"),
+        "{d}"
+    );
+    app.stop().await;
+}
+
 /// A delivery describes the ending it announces, though the job moved on (a retry) before
 /// the delivery went out: the trigger keeps the row as it ended.
 #[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
@@ -329,7 +362,7 @@ async fn a_delivery_carries_the_job_as_it_ended(pool: PgPool) {
     .execute(s.pool())
     .await
     .unwrap();
-    let tasks = s.claim_deliveries(10, 60.0).await.unwrap();
+    let tasks = s.claim_deliveries(10, 60.0, 8).await.unwrap();
     assert_eq!(tasks.len(), 1);
     assert_eq!(tasks[0].event, "job.failed");
     let ended = tasks[0].job.as_ref().expect("the snapshot").to_job();
@@ -406,7 +439,7 @@ async fn a_stopping_scheduler_gives_back_the_deliveries_it_did_not_start(pool: P
         ],
         "the attempt in flight finished; the others were given back"
     );
-    let again = app.store.claim_deliveries(10, 60.0).await.unwrap();
+    let again = app.store.claim_deliveries(10, 60.0, 8).await.unwrap();
     assert_eq!(again.len(), 2, "due at once");
     assert!(again.iter().all(|t| t.attempt == 1));
     app.stop().await;

@@ -23,7 +23,9 @@ pub struct WebhookConfig {
     pub allow_private: bool,
     /// Limit of one delivery attempt (connect + response).
     pub timeout_s: u64,
-    /// Attempts before a delivery is given up (`failed`).
+    /// Attempts before a delivery is given up (`failed`). With the default backoff (5 s
+    /// doubling up to an hour) 20 attempts span about 10 hours: a receiver down for a deploy
+    /// or a night still gets its events.
     pub max_attempts: u32,
     /// First retry delay; doubles per attempt, with jitter, up to `retry_max_s`.
     pub retry_base_ms: u64,
@@ -37,7 +39,7 @@ impl Default for WebhookConfig {
         WebhookConfig {
             allow_private: false,
             timeout_s: 10,
-            max_attempts: 8,
+            max_attempts: 20,
             retry_base_ms: 5_000,
             retry_max_s: 3_600,
             concurrency: 16,

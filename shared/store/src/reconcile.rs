@@ -124,6 +124,15 @@ impl Store {
         .await?)
     }
 
+    /// The queues schedules' job templates name (paused ones too: they may be resumed).
+    pub async fn scheduled_queues(&self) -> Result<Vec<String>> {
+        Ok(sqlx::query_scalar(
+            "SELECT DISTINCT job->>'queue' FROM schedules WHERE job->>'queue' IS NOT NULL",
+        )
+        .fetch_all(self.pool())
+        .await?)
+    }
+
     /// Counts of jobs by (kind, status) for metrics.
     pub async fn job_counts(&self) -> Result<Vec<(String, String, i64)>> {
         Ok(sqlx::query_as(
@@ -156,9 +165,12 @@ impl Store {
     /// deleted after its retry had answered 202).
     pub async fn prune_finished_jobs(&self, default_days: i32, limit: i64) -> Result<Vec<Uuid>> {
         Ok(sqlx::query_scalar(
+            // tenants in a random order: a tenant with a large backlog to prune fills every
+            // batch it comes first in, and the others' turn would wait for all of it
             "WITH t AS (
                  SELECT id, COALESCE(job_retention_days, $1) AS days FROM tenants
-                 WHERE COALESCE(job_retention_days, $1) > 0),
+                 WHERE COALESCE(job_retention_days, $1) > 0
+                 ORDER BY random()),
              victims AS (
                  SELECT j.id FROM t CROSS JOIN LATERAL (
                      SELECT id FROM jobs

@@ -71,12 +71,34 @@ type DeliveryRow = (
 
 impl Store {
     /// Claims up to `limit` due deliveries (another scheduler sees them again only after
-    /// `lease_s`, should this one die mid-attempt).
-    pub async fn claim_deliveries(&self, limit: i64, lease_s: f64) -> Result<Vec<DeliveryTask>> {
+    /// `lease_s`, should this one die mid-attempt). A due delivery that already used
+    /// `max_attempts` claims (its last attempt's scheduler died before recording an outcome,
+    /// e.g. killed while sending it) is given up instead of claimed again: else a delivery that
+    /// kills its scheduler would be retried for ever.
+    pub async fn claim_deliveries(
+        &self,
+        limit: i64,
+        lease_s: f64,
+        max_attempts: i32,
+    ) -> Result<Vec<DeliveryTask>> {
+        let spent = sqlx::query(
+            "UPDATE webhook_deliveries SET state = 'failed',
+                 last_error = 'given up: its attempts ran out, the last one without an outcome'
+             WHERE state = 'pending' AND next_attempt_at <= now() AND attempts >= $1",
+        )
+        .bind(max_attempts)
+        .execute(self.pool())
+        .await?;
+        if spent.rows_affected() > 0 {
+            tracing::warn!(
+                n = spent.rows_affected(),
+                "webhook deliveries given up: attempts used up without an outcome"
+            );
+        }
         let rows: Vec<ClaimedRow> = sqlx::query_as(
             "WITH due AS (
                  SELECT id FROM webhook_deliveries
-                 WHERE state = 'pending' AND next_attempt_at <= now()
+                 WHERE state = 'pending' AND next_attempt_at <= now() AND attempts < $3
                  ORDER BY next_attempt_at LIMIT $1 FOR UPDATE SKIP LOCKED)
              UPDATE webhook_deliveries d SET attempts = d.attempts + 1,
                  next_attempt_at = now() + make_interval(secs => $2)
@@ -86,6 +108,7 @@ impl Store {
         )
         .bind(limit)
         .bind(lease_s)
+        .bind(max_attempts)
         .fetch_all(self.pool())
         .await?;
         if rows.is_empty() {
