@@ -76,8 +76,10 @@ async fn publish_batch(bus: EventBus, batch: Vec<Req>) {
 /// Publishes a run's next event, numbered `*seq + 1`, and counts it in `seq`. When the stream
 /// is ahead of the run's count (a dead run's deltas Postgres never counted, after an
 /// announcement that failed), the event goes after the stream's head; when it is not known
-/// whether it went out (a Redis error), the count is read back from the stream, so the next
-/// event neither reuses a taken seq (and is dropped as a repeat) nor leaves a gap.
+/// whether it went out (a Redis error), the count is read back from the stream, and an event
+/// that did not land is sent again (a Redis blip, e.g. a reconnect): the next event neither
+/// reuses a taken seq (and is dropped as a repeat) nor leaves a gap, and none is skipped
+/// unseen. Only when Redis stays away through the retries is the event given up (`Stale`).
 pub(crate) async fn publish_next(s: &Shared, ev: Event, seq: &mut u64) -> Published {
     match s.publisher.publish(ev.clone()).await {
         Some(Published::Ok) => {
@@ -85,26 +87,52 @@ pub(crate) async fn publish_next(s: &Shared, ev: Event, seq: &mut u64) -> Publis
             Published::Ok
         }
         Some(Published::Fenced) => Published::Fenced,
-        Some(Published::Stale) => match s.bus.publish_after(&ev, *seq).await {
+        Some(Published::Stale) => republish(s, &ev, seq, false).await,
+        None => republish(s, &ev, seq, true).await,
+    }
+}
+
+/// Waits before each try of [`republish`].
+const REPUBLISH_WAITS_MS: [u64; 5] = [0, 50, 200, 800, 2_000];
+
+/// Sends `ev` after the stream's head, retried while Redis answers with errors. `unknown`:
+/// an earlier send may have landed, so the stream is read first.
+async fn republish(s: &Shared, ev: &Event, seq: &mut u64, unknown: bool) -> Published {
+    let mut check = unknown;
+    for wait in REPUBLISH_WAITS_MS {
+        tokio::time::sleep(std::time::Duration::from_millis(wait)).await;
+        if check {
+            match s.bus.begin_attempt(ev.job_id, ev.attempt).await {
+                // it went out (or the stream is ahead anyway): go on after the head
+                Ok(Some(last)) if last >= ev.seq => {
+                    *seq = last;
+                    return Published::Ok;
+                }
+                // not there: send it (again)
+                Ok(Some(_)) => {}
+                Ok(None) => return Published::Fenced,
+                Err(e) => {
+                    tracing::debug!(error = %e, "reading the stream's head failed; retrying");
+                    continue;
+                }
+            }
+        }
+        match s.bus.publish_after(ev, *seq).await {
             Ok(Some(n)) => {
                 *seq = n;
-                Published::Ok
+                return Published::Ok;
             }
-            Ok(None) => Published::Fenced,
+            Ok(None) => return Published::Fenced,
             Err(e) => {
-                tracing::warn!(error = %e, "could not publish after the stream's head");
-                Published::Stale
+                tracing::debug!(error = %e, "publishing after the stream's head failed; retrying");
+                // it may have landed before the error: read the head before sending again
+                check = true;
             }
-        },
-        None => match s.bus.begin_attempt(ev.job_id, ev.attempt).await {
-            // it went out (or the stream is ahead anyway): go on after the head
-            Ok(Some(last)) if last >= ev.seq => {
-                *seq = last;
-                Published::Ok
-            }
-            Ok(Some(_)) => Published::Stale,
-            Ok(None) => Published::Fenced,
-            Err(_) => Published::Stale,
-        },
+        }
     }
+    tracing::warn!(
+        seq = ev.seq,
+        "event given up: redis unavailable through the retries"
+    );
+    Published::Stale
 }

@@ -16,6 +16,12 @@ use uuid::Uuid;
 
 use crate::keys::Keys;
 
+/// How often the pub/sub connection is pinged.
+const PING_EVERY: Duration = Duration::from_secs(15);
+/// How long a connect, a (un)subscribe or a ping may take before the connection counts as
+/// dead (and is made again: subscribers re-read history).
+const LIVENESS_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// What a subscriber receives.
 #[derive(Debug, Clone)]
 pub enum LiveMsg {
@@ -182,8 +188,11 @@ impl LiveHub {
             }
             let conn = tokio::select! {
                 _ = shutdown.cancelled() => return,
-                c = client.pubsub() => c,
+                c = tokio::time::timeout(LIVENESS_TIMEOUT, client.pubsub()) => c,
             };
+            let conn = conn.unwrap_or_else(|_| {
+                Err((redis::ErrorKind::IoError, "pub/sub connect timed out").into())
+            });
             let (mut sink, mut stream) = match conn {
                 Ok(ps) => ps.split(),
                 Err(e) => {
@@ -202,7 +211,13 @@ impl LiveHub {
                 d.clear();
             }
             let watched: Vec<Uuid> = self.watched();
-            if let Err(e) = self.sync(&mut sink, &mut active, watched).await {
+            let synced =
+                tokio::time::timeout(LIVENESS_TIMEOUT, self.sync(&mut sink, &mut active, watched))
+                    .await
+                    .unwrap_or_else(|_| {
+                        Err((redis::ErrorKind::IoError, "subscribe timed out").into())
+                    });
+            if let Err(e) = synced {
                 // not at once again: a SUBSCRIBE that keeps failing would spin
                 tracing::warn!(error = %e, "live events: subscribing failed; retrying");
                 tokio::select! {
@@ -217,15 +232,32 @@ impl LiveHub {
                 self.broadcast_resync();
             }
             connected_before = true;
+            // a connection that died without a word (a NAT or load balancer dropping it, a
+            // half-open socket after a failover) is noticed by a ping, not waited on for ever
+            let mut ping = tokio::time::interval(PING_EVERY);
+            ping.tick().await;
             loop {
                 tokio::select! {
                     _ = shutdown.cancelled() => return,
+                    _ = ping.tick() => {
+                        let pong = tokio::time::timeout(LIVENESS_TIMEOUT, sink.ping::<redis::Value>()).await;
+                        if !matches!(pong, Ok(Ok(_))) {
+                            tracing::warn!("live events: pub/sub connection unresponsive; reconnecting");
+                            break;
+                        }
+                    }
                     _ = self.inner.wake.notified() => {
                         let dirty: Vec<Uuid> = match self.inner.dirty.lock() {
                             Ok(mut d) => d.drain().collect(),
                             Err(_) => return,
                         };
-                        if let Err(e) = self.sync(&mut sink, &mut active, dirty).await {
+                        let synced = tokio::time::timeout(
+                            LIVENESS_TIMEOUT,
+                            self.sync(&mut sink, &mut active, dirty),
+                        )
+                        .await
+                        .unwrap_or_else(|_| Err((redis::ErrorKind::IoError, "(un)subscribe timed out").into()));
+                        if let Err(e) = synced {
                             tracing::warn!(error = %e, "live events: pub/sub command failed; reconnecting");
                             break;
                         }
