@@ -278,6 +278,9 @@ fn main() -> anyhow::Result<()> {
 async fn admin(cfg: &Config, cmd: AdminCmd) -> anyhow::Result<()> {
     let store = roles::store(cfg, 2)?;
     store.migrate().await.context("applying migrations")?;
+    // running API replicas cache credential lookups (with the tenant's settings)
+    let changes_credentials =
+        matches!(cmd, AdminCmd::RevokeKey { .. } | AdminCmd::SetTenant { .. });
     match cmd {
         AdminCmd::CreateTenant { name } => {
             let t = store.create_tenant(&name).await?;
@@ -520,6 +523,9 @@ async fn admin(cfg: &Config, cmd: AdminCmd) -> anyhow::Result<()> {
             let n = store.prune_audit(t.id, before).await?;
             println!("tenant {tenant}: pruned {n} audit rows older than {older_than_days} days");
         }
+    }
+    if changes_credentials {
+        roles::announce_credentials_change(cfg).await;
     }
     Ok(())
 }

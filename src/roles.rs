@@ -29,6 +29,26 @@ pub fn store(cfg: &Config, max_connections: u32) -> anyhow::Result<Store> {
     )
 }
 
+/// Tells running API replicas that credentials or tenant settings changed (an admin command
+/// revoked a key or changed a tenant): they drop their cached lookups now. Without Redis
+/// they pick the change up within `auth_cache_ttl_s`; says so rather than failing.
+pub async fn announce_credentials_change(cfg: &Config) {
+    let announced = tokio::time::timeout(Duration::from_secs(5), async {
+        let conn = redis_client(cfg)?.connect(Duration::from_secs(3)).await?;
+        Queue::new(Keys::new(&cfg.redis_prefix), conn)
+            .announce_credentials_change()
+            .await?;
+        anyhow::Ok(())
+    })
+    .await;
+    if !matches!(announced, Ok(Ok(()))) {
+        eprintln!(
+            "note: Redis not reached; running API replicas apply this within {} s",
+            cfg.auth_cache_ttl_s
+        );
+    }
+}
+
 pub fn redis_client(cfg: &Config) -> anyhow::Result<switchyard_queue::RedisClient> {
     switchyard_queue::RedisClient::open(cfg.redis_url())
         .map_err(|e| anyhow::anyhow!("invalid REDIS_URL: {e}"))

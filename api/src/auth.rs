@@ -13,21 +13,23 @@ use switchyard_store::{Principal, Store};
 use crate::error::ApiError;
 use crate::AppState;
 
-/// How long a successful key lookup is reused (so a revocation takes effect within this).
-pub const AUTH_CACHE_TTL: Duration = Duration::from_secs(5);
 const AUTH_CACHE_MAX: usize = 10_000;
 
 /// Small TTL cache of credential digest → principal, and the JWT verifier.
 pub struct AuthCache {
     map: Mutex<HashMap<[u8; 32], (Principal, Instant)>>,
     jwt: crate::jwt::JwtVerifier,
+    /// How long a lookup is reused (`auth_cache_ttl_s`): a change announced over Redis clears
+    /// the cache at once, this bounds a replica that missed the announcement.
+    ttl: Duration,
 }
 
 impl AuthCache {
-    pub fn new(jwt: switchyard_core::jwt_config::JwtConfig) -> AuthCache {
+    pub fn new(jwt: switchyard_core::jwt_config::JwtConfig, ttl: Duration) -> AuthCache {
         AuthCache {
             map: Mutex::new(HashMap::new()),
             jwt: crate::jwt::JwtVerifier::new(jwt),
+            ttl,
         }
     }
 
@@ -40,7 +42,7 @@ impl AuthCache {
         if let Ok(map) = self.map.lock() {
             if let Some((p, at)) = map.get(&digest) {
                 let expired = p.expires_at.is_some_and(|e| e <= chrono::Utc::now());
-                if at.elapsed() < AUTH_CACHE_TTL && !expired {
+                if at.elapsed() < self.ttl && !expired {
                     return Ok(p.clone());
                 }
             }

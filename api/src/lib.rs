@@ -138,6 +138,31 @@ impl AppState {
             shutdown.clone(),
             &tasks,
         );
+        let auth_cache = Arc::new(AuthCache::new(
+            cfg.jwt.clone(),
+            Duration::from_secs(cfg.auth_cache_ttl_s),
+        ));
+        {
+            // a key revoked or a tenant changed anywhere: cached lookups go at once
+            let (cache, mut changes, stop) = (
+                auth_cache.clone(),
+                live.credential_changes(),
+                shutdown.clone(),
+            );
+            tasks.spawn(async move {
+                loop {
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        r = changes.changed() => {
+                            if r.is_err() {
+                                return;
+                            }
+                            cache.clear();
+                        }
+                    }
+                }
+            });
+        }
         let key_usage = Arc::new(KeyUsage::default());
         {
             let (usage, store, stop) = (key_usage.clone(), store.clone(), shutdown.clone());
@@ -172,7 +197,7 @@ impl AppState {
                 webhooks_allow_private: cfg.webhooks.allow_private,
             }),
             metrics: Arc::new(Metrics::new()),
-            auth_cache: Arc::new(AuthCache::new(cfg.jwt.clone())),
+            auth_cache,
             key_usage,
             audit,
             auth_failures: Arc::new(crate::auth_limit::AuthFailures::new(

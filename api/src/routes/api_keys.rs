@@ -313,8 +313,12 @@ pub async fn revoke(
         .revoke_tenant_api_key(principal.tenant_id, id)
         .await?
         .ok_or_else(|| ApiError::not_found("API key"))?;
-    // this replica stops accepting it at once; the others when their cache expires
+    // this replica stops accepting it at once, the others when they hear of it (or when their
+    // cached lookup expires, should the announcement not reach them)
     state.auth_cache.clear();
+    if let Err(e) = state.queue.announce_credentials_change().await {
+        tracing::warn!(error = %e, "key revoked; other replicas drop it when their cache expires");
+    }
     Ok(Json(rec.into()))
 }
 

@@ -417,3 +417,57 @@ async fn behind_a_trusted_proxy_each_client_has_its_own_failures(pool: PgPool) {
     assert_eq!(r.status(), 429);
     app.stop().await;
 }
+
+/// A key revoked on one API replica is refused by the others at once: the revocation is
+/// announced over Redis and every replica drops its cached lookups (here they would
+/// otherwise keep it for an hour, `auth_cache_ttl_s`).
+#[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
+async fn a_key_revoked_on_one_replica_is_refused_by_the_others(pool: PgPool) {
+    let app = crate::support::spawn_app_with(
+        pool,
+        crate::support::Opts {
+            worker: false,
+            scheduler: false,
+            configure: Some(std::sync::Arc::new(|cfg| cfg.auth_cache_ttl_s = 3600)),
+            ..Default::default()
+        },
+    )
+    .await;
+    let other = app.spawn_api_replica().await;
+    let (rec, secret) = app
+        .store
+        .create_scoped_api_key(app.tenant, "t", Role::Developer, None, None)
+        .await
+        .unwrap();
+    let on_other = || {
+        app.http
+            .get(format!("{other}/v1/jobs"))
+            .bearer_auth(&secret)
+            .send()
+    };
+    // the other replica has it cached
+    assert_eq!(on_other().await.unwrap().status(), 200);
+    let r = app
+        .auth(
+            app.http
+                .delete(app.url(&format!("/v1/api-keys/{}", rec.id))),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let t = std::time::Instant::now();
+    loop {
+        let s = on_other().await.unwrap().status();
+        if s == 401 {
+            break;
+        }
+        assert_eq!(s, 200);
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "the other replica still accepts the revoked key"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    app.stop().await;
+}

@@ -53,6 +53,10 @@ pub struct Config {
     /// Failed authentications a source address may make per minute before all its requests
     /// get 429 for a while.
     pub auth_failures_per_minute: u32,
+    /// Seconds an API replica reuses a credential lookup. A revoked key or a changed tenant
+    /// setting is announced to every replica over Redis, which then drop their lookups at
+    /// once; this bounds how long one that missed the announcement (Redis away) goes on.
+    pub auth_cache_ttl_s: u64,
     /// Addresses or networks (CIDR) of reverse proxies in front of the API (nginx, an
     /// ingress): a request from one is attributed to the client its `X-Forwarded-For` names
     /// (per-source limits, the audit trail's `source`). Empty: the TCP peer (behind a proxy,
@@ -239,6 +243,7 @@ struct Defaults {
     max_body_bytes: usize,
     max_job_body_bytes: usize,
     auth_failures_per_minute: u32,
+    auth_cache_ttl_s: u64,
     audit_retention_days: u64,
     job_retention_days: u64,
     queue_lane_depth: u64,
@@ -281,6 +286,7 @@ fn defaults() -> Defaults {
         max_body_bytes: 1024 * 1024,
         max_job_body_bytes: 16 * 1024 * 1024,
         auth_failures_per_minute: 30,
+        auth_cache_ttl_s: 5,
         audit_retention_days: 365,
         job_retention_days: 30,
         queue_lane_depth: 256,

@@ -85,6 +85,12 @@ impl Keys {
         format!("{}:evch:", self.prefix)
     }
 
+    /// Announces that credentials or tenant settings changed (a revoked key): every API
+    /// replica drops its cached lookups at once instead of when they expire.
+    pub fn credentials_channel(&self) -> String {
+        format!("{}:credentials", self.prefix)
+    }
+
     pub fn cancel_channel(&self) -> String {
         format!("{}:cancel", self.prefix)
     }

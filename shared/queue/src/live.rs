@@ -44,6 +44,9 @@ struct Inner {
     /// them with what is subscribed, in batches (one SUBSCRIBE for many channels).
     dirty: Mutex<HashSet<Uuid>>,
     wake: Notify,
+    /// Bumped on every credentials announcement, and on every reconnection (announcements
+    /// may have been missed meanwhile).
+    credentials: tokio::sync::watch::Sender<u64>,
 }
 
 /// Shared fan-out of live events. Cheap to clone.
@@ -91,6 +94,7 @@ impl LiveHub {
                 next_id: AtomicU64::new(1),
                 dirty: Mutex::new(HashSet::new()),
                 wake: Notify::new(),
+                credentials: tokio::sync::watch::Sender::new(0),
             }),
         };
         let h = hub.clone();
@@ -120,6 +124,18 @@ impl LiveHub {
             job,
             id,
         }
+    }
+
+    /// Changes whenever credentials or tenant settings may have changed elsewhere (see
+    /// [`Keys::credentials_channel`]): what a cache of credential lookups listens to.
+    pub fn credential_changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.inner.credentials.subscribe()
+    }
+
+    fn credentials_changed(&self) {
+        self.inner
+            .credentials
+            .send_modify(|n| *n = n.wrapping_add(1));
     }
 
     /// Number of jobs with local subscribers.
@@ -211,12 +227,13 @@ impl LiveHub {
                 d.clear();
             }
             let watched: Vec<Uuid> = self.watched();
-            let synced =
-                tokio::time::timeout(LIVENESS_TIMEOUT, self.sync(&mut sink, &mut active, watched))
-                    .await
-                    .unwrap_or_else(|_| {
-                        Err((redis::ErrorKind::IoError, "subscribe timed out").into())
-                    });
+            let credentials = self.inner.keys.credentials_channel();
+            let synced = tokio::time::timeout(LIVENESS_TIMEOUT, async {
+                sink.subscribe(&credentials).await?;
+                self.sync(&mut sink, &mut active, watched).await
+            })
+            .await
+            .unwrap_or_else(|_| Err((redis::ErrorKind::IoError, "subscribe timed out").into()));
             if let Err(e) = synced {
                 // not at once again: a SUBSCRIBE that keeps failing would spin
                 tracing::warn!(error = %e, "live events: subscribing failed; retrying");
@@ -230,6 +247,7 @@ impl LiveHub {
             backoff = Duration::from_millis(50);
             if connected_before {
                 self.broadcast_resync();
+                self.credentials_changed();
             }
             connected_before = true;
             // a connection that died without a word (a NAT or load balancer dropping it, a
@@ -268,6 +286,10 @@ impl LiveHub {
                             break;
                         };
                         let channel = msg.get_channel_name();
+                        if channel == credentials {
+                            self.credentials_changed();
+                            continue;
+                        }
                         let Some(job) = channel.strip_prefix(&prefix).and_then(|j| Uuid::parse_str(j).ok()) else {
                             continue;
                         };

@@ -507,6 +507,13 @@ impl Queue {
         c.publish(self.keys.cancel_channel(), job.to_string()).await
     }
 
+    /// Tells every API replica that credentials or tenant settings changed (a key revoked):
+    /// they drop their cached credential lookups now.
+    pub async fn announce_credentials_change(&self) -> RedisResult<()> {
+        let mut c = self.conn.clone();
+        c.publish(self.keys.credentials_channel(), "changed").await
+    }
+
     pub async fn ping(&self) -> RedisResult<()> {
         let mut c = self.conn.clone();
         redis::cmd("PING").query_async::<()>(&mut c).await
