@@ -184,10 +184,18 @@ impl Queue {
         pipe.query_async::<()>(&mut c).await
     }
 
-    /// Drops a named queue from the registry (the scheduler's pruning of unused ones).
+    /// Drops a named queue from the registry (the scheduler's pruning of unused ones), and its
+    /// lease-reclaim count (a `/metrics` series). Its slot's keys stay: empty streams with
+    /// their consumer group, its fairness and limit hashes and its epoch mark, which a job
+    /// dispatched to it again finds as it left them (deleting them would race that dispatch).
     pub async fn unregister_queue(&self, queue: &str) -> RedisResult<()> {
         let mut c = self.conn.clone();
-        c.srem(self.keys.queues(), queue).await
+        let mut pipe = redis::pipe();
+        pipe.srem(self.keys.queues(), queue)
+            .ignore()
+            .hdel(self.keys.reclaims(), queue)
+            .ignore();
+        pipe.query_async(&mut c).await
     }
 
     /// Lists a named queue in the registry again.
