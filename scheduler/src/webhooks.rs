@@ -15,9 +15,12 @@ use switchyard_core::webhook::{is_public, sign_with, WebhookConfig, SIGNATURE_HE
 use switchyard_store::{DeliveryOutcome, DeliveryTask, Store};
 use tokio_util::sync::CancellationToken;
 
-/// Deliveries claimed per round.
+/// Deliveries claimed at once at most.
 const BATCH: i64 = 64;
-/// Idle wait between rounds.
+/// Deliveries of one tenant in one claim at most (tenants in a random order): a tenant with
+/// many due does not fill every free slot.
+const PER_TENANT: i64 = 4;
+/// Wait before looking for due deliveries again when there were none.
 const IDLE: Duration = Duration::from_millis(500);
 
 /// Resolves names like the system does, then keeps only addresses a delivery may reach.
@@ -81,66 +84,57 @@ impl Deliverer {
         Ok(Deliverer { store, cfg, http })
     }
 
-    /// Delivers until `stop`; Postgres trouble is logged and retried. On `stop`, attempts in
-    /// flight finish (each within the timeout) and the round's others are given back.
+    /// Delivers until `stop`; Postgres trouble is logged and retried. Slots are refilled as
+    /// attempts end (claimed just before they start, a few at a time): a slow or dead
+    /// receiver holds only the slots of its own attempts, and no claimed delivery waits
+    /// behind it. On `stop` no attempt starts and those in flight finish (each within the
+    /// timeout); nothing is left claimed but not started.
     pub async fn run(self, stop: CancellationToken) {
+        let slots = self.cfg.concurrency.max(1);
+        // claims of at least this many (or whatever is free when nothing runs): a claim per
+        // ending attempt would cost a statement per delivery
+        let refill_at = (slots / 4).max(1);
+        // each attempt starts as soon as it is claimed: one timeout and a margin
+        let lease = self.cfg.timeout_s.max(1) as f64 + 5.0;
+        let max = i32::try_from(self.cfg.max_attempts.max(1)).unwrap_or(i32::MAX);
+        let mut running = futures::stream::FuturesUnordered::new();
+        // when to look for due deliveries again after a claim found fewer than it asked for
+        let mut idle_until: Option<tokio::time::Instant> = None;
         loop {
-            let n = match self.round(&stop).await {
-                Ok(n) => n,
-                Err(e) => {
-                    tracing::warn!(error = %e, "webhook round failed; retrying");
-                    0
+            let free = slots - running.len();
+            let idle = idle_until.is_some_and(|t| tokio::time::Instant::now() < t);
+            if !stop.is_cancelled() && !idle && (free >= refill_at || running.is_empty()) {
+                let want = free.min(BATCH as usize) as i64;
+                match self
+                    .store
+                    .claim_deliveries(want, PER_TENANT, lease, max)
+                    .await
+                {
+                    Ok(tasks) => {
+                        idle_until = ((tasks.len() as i64) < want)
+                            .then(|| tokio::time::Instant::now() + IDLE);
+                        for t in tasks {
+                            running.push(self.attempt(t));
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "claiming webhook deliveries failed; retrying");
+                        idle_until = Some(tokio::time::Instant::now() + IDLE);
+                    }
                 }
-            };
-            if n == 0 {
-                tokio::select! {
-                    _ = stop.cancelled() => return,
-                    _ = tokio::time::sleep(IDLE) => {}
-                }
-            } else if stop.is_cancelled() {
-                return;
+                continue;
+            }
+            let wake = idle_until.unwrap_or_else(|| tokio::time::Instant::now() + IDLE);
+            tokio::select! {
+                _ = stop.cancelled(), if !stop.is_cancelled() => {}
+                Some(()) = running.next(), if !running.is_empty() => {}
+                _ = tokio::time::sleep_until(wake), if !stop.is_cancelled() => {}
+                else => break,
+            }
+            if stop.is_cancelled() && running.is_empty() {
+                break;
             }
         }
-    }
-
-    /// One round: claims due deliveries and attempts them concurrently; returns how many.
-    /// Once `stop` fires no attempt starts: those not started are given back (due at once,
-    /// their attempt not counted) for another scheduler, rather than left claimed until the
-    /// lease runs out and then counted as attempts that never happened. A round takes up to
-    /// a timeout per wave, longer than a shutdown's grace period.
-    pub async fn round(&self, stop: &CancellationToken) -> anyhow::Result<usize> {
-        // the lease covers the whole round: its last wave starts after the others took up
-        // to the timeout each (a shorter lease let another scheduler send them again)
-        let waves = (BATCH as f64 / self.cfg.concurrency.max(1) as f64).ceil();
-        let lease = (self.cfg.timeout_s.max(1) as f64 * (waves + 1.0)).max(5.0);
-        let max = i32::try_from(self.cfg.max_attempts.max(1)).unwrap_or(i32::MAX);
-        let tasks = self.store.claim_deliveries(BATCH, lease, max).await?;
-        let n = tasks.len();
-        let unstarted = std::sync::Mutex::new(Vec::new());
-        futures::stream::iter(tasks)
-            .for_each_concurrent(self.cfg.concurrency.max(1), |t| {
-                let unstarted = &unstarted;
-                async move {
-                    if stop.is_cancelled() {
-                        if let Ok(mut u) = unstarted.lock() {
-                            u.push((t.id, t.attempt));
-                        }
-                        return;
-                    }
-                    self.attempt(t).await;
-                }
-            })
-            .await;
-        let unstarted = unstarted.into_inner().unwrap_or_default();
-        if !unstarted.is_empty() {
-            // not given back: their lease runs out and they are claimed again
-            self.store.release_deliveries(&unstarted).await?;
-            tracing::info!(
-                n = unstarted.len(),
-                "stopping: webhook deliveries not started were given back"
-            );
-        }
-        Ok(n - unstarted.len())
     }
 
     async fn attempt(&self, t: DeliveryTask) {
@@ -208,6 +202,9 @@ impl Deliverer {
             "id": t.id,
             "type": t.event,
             "created_at": t.created_at,
+            // signed with the body: a receiver can tell a delivery meant for another of the
+            // tenant's URLs (a job's own, set by whoever submitted it) replayed to it
+            "url": t.url,
             "data": { "job": job.to_job() },
         }))
         .map_err(|e| e.to_string())?;

@@ -164,6 +164,11 @@ async fn a_finished_job_posts_a_signed_webhook(pool: PgPool) {
     assert_ne!(sig, switchyard_core::webhook::sign("wrong", t, body));
     let v: Value = serde_json::from_slice(body).unwrap();
     assert_eq!(v["type"], "job.succeeded");
+    assert_eq!(
+        v["url"],
+        url.as_str(),
+        "the signed body names where it was sent"
+    );
     assert_eq!(v["id"], d0["id"]);
     assert_eq!(v["data"]["job"]["id"], json!(id));
     assert_eq!(v["data"]["job"]["status"], "succeeded");
@@ -276,12 +281,12 @@ async fn a_late_attempt_never_overwrites_a_newer_claims_outcome(pool: PgPool) {
         "UPDATE jobs SET status = 'succeeded', finished_at = now() WHERE id = $1",
     )
     .await;
-    let first = s.claim_deliveries(10, 0.05, 8).await.unwrap();
+    let first = s.claim_deliveries(10, 10, 0.05, 8).await.unwrap();
     assert_eq!(first.len(), 1);
     assert_eq!(first[0].attempt, 1);
     tokio::time::sleep(Duration::from_millis(100)).await;
     // the first claim's lease ran out: another scheduler takes the delivery
-    let second = s.claim_deliveries(10, 60.0, 8).await.unwrap();
+    let second = s.claim_deliveries(10, 10, 60.0, 8).await.unwrap();
     assert_eq!((second.len(), second[0].attempt), (1, 2));
     let id = first[0].id;
     let retry = DeliveryOutcome::Retry {
@@ -309,6 +314,32 @@ async fn a_late_attempt_never_overwrites_a_newer_claims_outcome(pool: PgPool) {
     app.stop().await;
 }
 
+/// A round claims at most a few deliveries of each tenant: a tenant with many due (its
+/// receiver down, every attempt waiting out the timeout) leaves room for the others'.
+#[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
+async fn deliveries_are_claimed_a_few_per_tenant(pool: PgPool) {
+    let app = crate::support::spawn_api_only(pool).await;
+    let s = &app.store;
+    let quiet = s.create_tenant("quiet").await.unwrap();
+    for (tenant, n) in [(app.tenant, 30), (quiet.id, 1)] {
+        sqlx::query(
+            "INSERT INTO webhook_deliveries (tenant_id, job_id, url, event)
+             SELECT $1, gen_random_uuid(), 'http://127.0.0.1:9/', 'job.succeeded'
+             FROM generate_series(1, $2)",
+        )
+        .bind(tenant)
+        .bind(n)
+        .execute(s.pool())
+        .await
+        .unwrap();
+    }
+    let claimed = s.claim_deliveries(10, 4, 60.0, 8).await.unwrap();
+    let busy = claimed.iter().filter(|d| d.tenant_id == app.tenant).count();
+    let other = claimed.iter().filter(|d| d.tenant_id == quiet.id).count();
+    assert_eq!((busy, other), (4, 1));
+    app.stop().await;
+}
+
 /// A delivery whose every claim ended without an outcome (its scheduler killed during the
 /// attempt, say by the delivery itself) is given up once its attempts are used, not claimed
 /// for ever.
@@ -322,13 +353,17 @@ async fn a_delivery_whose_claims_never_end_is_given_up(pool: PgPool) {
     )
     .await;
     for attempt in 1..=2 {
-        let claimed = s.claim_deliveries(10, 0.05, 2).await.unwrap();
+        let claimed = s.claim_deliveries(10, 10, 0.05, 2).await.unwrap();
         assert_eq!(claimed.len(), 1);
         assert_eq!(claimed[0].attempt, attempt);
         // the claim runs out with nothing recorded
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert!(s.claim_deliveries(10, 60.0, 2).await.unwrap().is_empty());
+    assert!(s
+        .claim_deliveries(10, 10, 60.0, 2)
+        .await
+        .unwrap()
+        .is_empty());
     let d = app
         .get_json(&format!("/v1/jobs/{}/deliveries", job.id))
         .await;
@@ -362,7 +397,7 @@ async fn a_delivery_carries_the_job_as_it_ended(pool: PgPool) {
     .execute(s.pool())
     .await
     .unwrap();
-    let tasks = s.claim_deliveries(10, 60.0, 8).await.unwrap();
+    let tasks = s.claim_deliveries(10, 10, 60.0, 8).await.unwrap();
     assert_eq!(tasks.len(), 1);
     assert_eq!(tasks[0].event, "job.failed");
     let ended = tasks[0].job.as_ref().expect("the snapshot").to_job();
@@ -375,9 +410,9 @@ async fn a_delivery_carries_the_job_as_it_ended(pool: PgPool) {
     app.stop().await;
 }
 
-/// A scheduler that stops mid-round lets the attempt in flight finish, starts no other, and
-/// gives the rest back (due at once, no attempt counted) instead of holding them for a round
-/// that outlasts the shutdown's grace period.
+/// A scheduler that stops lets the attempt in flight finish and starts no other; the rest
+/// stay due at once with no attempt counted (it claims only what it starts), instead of being
+/// held for a round that outlasts the shutdown's grace period.
 #[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
 async fn a_stopping_scheduler_gives_back_the_deliveries_it_did_not_start(pool: PgPool) {
     use std::sync::atomic::{AtomicUsize, Ordering};
@@ -439,7 +474,7 @@ async fn a_stopping_scheduler_gives_back_the_deliveries_it_did_not_start(pool: P
         ],
         "the attempt in flight finished; the others were given back"
     );
-    let again = app.store.claim_deliveries(10, 60.0, 8).await.unwrap();
+    let again = app.store.claim_deliveries(10, 10, 60.0, 8).await.unwrap();
     assert_eq!(again.len(), 2, "due at once");
     assert!(again.iter().all(|t| t.attempt == 1));
     app.stop().await;

@@ -70,14 +70,17 @@ type DeliveryRow = (
 );
 
 impl Store {
-    /// Claims up to `limit` due deliveries (another scheduler sees them again only after
-    /// `lease_s`, should this one die mid-attempt). A due delivery that already used
+    /// Claims up to `limit` due deliveries, at most `per_tenant` of any one tenant, the
+    /// tenants in a random order (a tenant whose receiver is down or slow fills no more than
+    /// its share of a round, however many of its deliveries are due); another scheduler sees
+    /// them again only after `lease_s`, should this one die mid-attempt. A due delivery that already used
     /// `max_attempts` claims (its last attempt's scheduler died before recording an outcome,
     /// e.g. killed while sending it) is given up instead of claimed again: else a delivery that
     /// kills its scheduler would be retried for ever.
     pub async fn claim_deliveries(
         &self,
         limit: i64,
+        per_tenant: i64,
         lease_s: f64,
         max_attempts: i32,
     ) -> Result<Vec<DeliveryTask>> {
@@ -96,10 +99,14 @@ impl Store {
             );
         }
         let rows: Vec<ClaimedRow> = sqlx::query_as(
-            "WITH due AS (
-                 SELECT id FROM webhook_deliveries
-                 WHERE state = 'pending' AND next_attempt_at <= now() AND attempts < $3
-                 ORDER BY next_attempt_at LIMIT $1 FOR UPDATE SKIP LOCKED)
+            "WITH t AS (SELECT id FROM tenants ORDER BY random()),
+             due AS (
+                 SELECT w.id FROM t CROSS JOIN LATERAL (
+                     SELECT id FROM webhook_deliveries
+                     WHERE tenant_id = t.id AND state = 'pending' AND next_attempt_at <= now()
+                       AND attempts < $3
+                     ORDER BY next_attempt_at LIMIT $4 FOR UPDATE SKIP LOCKED) w
+                 LIMIT $1)
              UPDATE webhook_deliveries d SET attempts = d.attempts + 1,
                  next_attempt_at = now() + make_interval(secs => $2)
              FROM due WHERE d.id = due.id
@@ -109,6 +116,7 @@ impl Store {
         .bind(limit)
         .bind(lease_s)
         .bind(max_attempts)
+        .bind(per_tenant)
         .fetch_all(self.pool())
         .await?;
         if rows.is_empty() {
