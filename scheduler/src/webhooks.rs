@@ -94,8 +94,9 @@ impl Deliverer {
         // claims of at least this many (or whatever is free when nothing runs): a claim per
         // ending attempt would cost a statement per delivery
         let refill_at = (slots / 4).max(1);
-        // each attempt starts as soon as it is claimed: one timeout and a margin
-        let lease = self.cfg.timeout_s.max(1) as f64 + 5.0;
+        // each attempt starts as soon as it is claimed and ends within the timeout; as much
+        // again (and a little) for recording its outcome with Postgres slow
+        let lease = 2.0 * self.cfg.timeout_s.max(1) as f64 + 5.0;
         let max = i32::try_from(self.cfg.max_attempts.max(1)).unwrap_or(i32::MAX);
         let mut running = futures::stream::FuturesUnordered::new();
         // when to look for due deliveries again after a claim found fewer than it asked for
