@@ -178,6 +178,10 @@ impl Providers {
             .map_err(|e| ExecError::fatal("unknown_model", e.to_string()))?;
         let mut calls = 0u32;
         let mut tried: Vec<String> = Vec::new();
+        // the failure that sent the chain on to the next model: what the job reports if no
+        // later model gets called (e.g. the prompt fits none of them), not the later model's
+        // own refusal (a rate limit is retried later; a prompt too long for a fallback is not)
+        let mut passed_on: Option<ProviderError> = None;
         for (ci, m) in chain.iter().enumerate() {
             let Some(provider) = self.by_name.get(&m.provider) else {
                 continue;
@@ -208,7 +212,12 @@ impl Providers {
                     tracing::info!(model = %m.alias, error = %e, "prompt does not fit; trying the next model");
                     continue;
                 }
-                Err(e) => return Err(e),
+                Err(e) => {
+                    return Err(match passed_on {
+                        Some(p) => job_error(p, &tried, calls),
+                        None => e,
+                    })
+                }
             };
             let messages = &messages[..];
             let limit = m
@@ -289,16 +298,20 @@ impl Providers {
                 // a silent sink records too (the cache): never splice the next reply onto this
                 sink.discard_recorded();
                 if !again {
+                    passed_on = Some(e);
                     break;
                 }
                 tokio::time::sleep(wait).await;
                 retry += 1;
             }
         }
-        Err(ExecError::fatal(
-            "no_provider",
-            format!("no provider is configured for model `{}`", input.model),
-        ))
+        Err(match passed_on {
+            Some(p) => job_error(p, &tried, calls),
+            None => ExecError::fatal(
+                "no_provider",
+                format!("no provider is configured for model `{}`", input.model),
+            ),
+        })
     }
 }
 

@@ -107,14 +107,19 @@ impl LlmChatExecutor {
             Lookup::Bypass => self.call(input, head, history, sink).await,
             Lookup::Lead => {
                 let call = self.call(input, head, history, sink);
-                tokio::pin!(call);
-                let mut tick = tokio::time::interval(cache::LOCK_EXTEND);
-                tick.tick().await;
-                let result = loop {
-                    tokio::select! {
-                        r = &mut call => break r,
-                        _ = tick.tick() => cache.extend(ctx.tenant_id, &fp, ctx.job_id).await,
+                // the lock is extended beside the call, never instead of polling it (a slow
+                // Redis held up the reply's stream, and could run out its token timers)
+                let extend = async {
+                    let mut tick = tokio::time::interval(cache::LOCK_EXTEND);
+                    tick.tick().await;
+                    loop {
+                        tick.tick().await;
+                        cache.extend(ctx.tenant_id, &fp, ctx.job_id).await;
                     }
+                };
+                let result = tokio::select! {
+                    r = call => r,
+                    never = extend => never,
                 };
                 match &result {
                     // a fallback's reply is not stored under the requested model's key: the

@@ -203,6 +203,38 @@ async fn fallback_to_the_next_model_across_formats() {
     stop.cancel();
 }
 
+/// A fallback the prompt does not fit is never called, and the job reports the failure that
+/// passed the chain on (here a retryable 503, so the job is tried again later), not a
+/// `context_too_long` that would fail it for good.
+#[tokio::test]
+async fn a_fallback_too_small_for_the_prompt_keeps_the_first_failure() {
+    let (base, stop) = mock().await;
+    let mut cfg = llm(&base);
+    cfg.max_retries = 0;
+    let small = unique("mock-echo");
+    cfg.models
+        .insert("wide".into(), model("mock", "mock-error-503", &["narrow"]));
+    let mut narrow = model("mock", &small, &[]);
+    narrow.context_window = 64;
+    narrow.max_output_tokens = 16;
+    cfg.models.insert("narrow".into(), narrow);
+    let p = Providers::from_config(&cfg);
+    let (c, _rx) = ctx();
+    let long = vec!["word"; 400].join(" ");
+    let e = p
+        .complete(&input("wide", &long), &[], &user(&long), &Sink::new(&c))
+        .await
+        .unwrap_err();
+    assert!(e.code.starts_with("provider_"), "{e}");
+    assert!(e.retryable, "{e}");
+    assert_eq!(
+        stats(&base, &small).await.0,
+        0,
+        "the fallback is not called"
+    );
+    stop.cancel();
+}
+
 #[tokio::test]
 async fn a_restart_after_streamed_tokens_is_announced_never_spliced() {
     let (base, stop) = mock().await;
