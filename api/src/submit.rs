@@ -108,8 +108,19 @@ async fn commit_loop(
                 }
             }
         }
-        if !committed.is_empty() && dispatch.send(committed).await.is_err() {
-            return;
+        // handed to the dispatch task without waiting: with Redis slow or away its queue
+        // fills, and waiting here would stop the commits (every submission would wait on
+        // Redis though Postgres is fine). What does not fit keeps dispatch_epoch = 0: the
+        // reconciler dispatches it.
+        if !committed.is_empty() {
+            match dispatch.try_send(committed) {
+                Ok(()) => {}
+                Err(mpsc::error::TrySendError::Full(left)) => tracing::warn!(
+                    n = left.len(),
+                    "dispatch backlogged (redis slow?): the reconciler dispatches these jobs"
+                ),
+                Err(mpsc::error::TrySendError::Closed(_)) => return,
+            }
         }
     }
 }
@@ -161,7 +172,8 @@ async fn dispatch_loop(
         };
         if let Some(epoch) = epoch {
             let ids: Vec<_> = jobs.iter().map(|j| j.id).collect();
-            if marks.send((ids, epoch)).await.is_err() {
+            // marks are hints for the reconciler: dropped rather than waited for
+            if let Err(mpsc::error::TrySendError::Closed(_)) = marks.try_send((ids, epoch)) {
                 return;
             }
         }

@@ -79,11 +79,12 @@ pub async fn retry_job(
     }
     crate::quota::check_daily(&state, &principal, &dead.kind).await?;
     crate::quota::check_backlog(&state, &principal, 1).await?;
-    let row = match state
-        .store
-        .retry_job(principal.scope(), id, attempts)
-        .await?
-    {
+    let retried = state.store.retry_job(principal.scope(), id, attempts).await;
+    if !matches!(retried, Ok(RetryOutcome::Requeued(_))) {
+        // nothing requeued (every other outcome answers an error): the place goes back
+        crate::quota::return_backlog(&state, &principal, 1);
+    }
+    let row = match retried? {
         RetryOutcome::NotFound => return Err(ApiError::not_found("job")),
         RetryOutcome::NotDead(row) => {
             return Err(ApiError::new(
@@ -94,7 +95,6 @@ pub async fn retry_job(
         RetryOutcome::Requeued(row) => row,
         // answered after later turns, its reply would follow theirs, made without it
         RetryOutcome::NotLastTurn => {
-            crate::quota::return_backlog(&state, &principal, 1);
             return Err(ApiError::new(
                 ErrorCode::Conflict,
                 "this conversation turn is no longer the last one; post its message again instead",

@@ -145,8 +145,19 @@ pub async fn build_job(
     value: Value,
     trace: &TraceParent,
 ) -> ApiResult<NewJob> {
+    let job = new_job(state, principal, value, trace)?;
+    crate::quota::check_daily(state, principal, &job.kind).await?;
+    Ok(job)
+}
+
+/// A validated job, its daily quota not checked (a batch checks once per kind).
+pub fn new_job(
+    state: &AppState,
+    principal: &switchyard_store::Principal,
+    value: Value,
+    trace: &TraceParent,
+) -> ApiResult<NewJob> {
     let req = validate_job(state, principal, value)?;
-    crate::quota::check_daily(state, principal, req.kind.as_str()).await?;
     Ok(NewJob {
         id: Uuid::now_v7(),
         tenant_id: principal.tenant_id,
@@ -218,7 +229,11 @@ pub async fn create_job(
             .await;
     }
     let view = job.to_job();
-    state.submitter.submit(job).await?;
+    if let Err(e) = state.submitter.submit(job).await {
+        // not queued after all: its place in the backlog count goes back
+        crate::quota::return_backlog(&state, &principal, 1);
+        return Err(e.into());
+    }
     state.metrics.observe_submit(&view.kind, started.elapsed());
     tracing::info!(job_id = %view.id, kind = %view.kind, traceparent = %trace, "job accepted");
     Ok(accepted(

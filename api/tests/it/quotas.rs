@@ -481,3 +481,39 @@ async fn an_end_users_rate_is_counted_in_their_tenant_alone(pool: PgPool) {
     assert_eq!(crate::jwt::status_of(&app, &b).await.0, StatusCode::OK);
     app.stop().await;
 }
+
+/// A request refused after the backlog check (a retry of a job that is not dead) gives its
+/// place in the backlog count back: the next submission is not refused for it.
+#[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
+async fn a_refused_retry_gives_back_its_backlog_place(pool: PgPool) {
+    let app = spawn_app_with(pool, Opts::default()).await;
+    let done = app.submit_noop(json!({})).await;
+    app.wait_status(done, "succeeded", Duration::from_secs(20))
+        .await;
+    let limits = QuotaLimits {
+        max_queued_jobs: Some(2),
+        ..Default::default()
+    };
+    app.store
+        .set_tenant_quotas("acme", Some(&limits))
+        .await
+        .unwrap();
+    // one job waits (an hour); the count is read now
+    app.submit(json!({"kind": "system.noop", "input": {}, "delay_s": 3600}))
+        .await;
+    let r = app
+        .auth(app.http.post(app.url(&format!("/v1/jobs/{done}/retry"))))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 409);
+    // room for one more: the refused retry took none
+    let r = app
+        .auth(app.http.post(app.url("/v1/jobs")))
+        .json(&json!({"kind": "system.noop", "input": {}, "delay_s": 3600}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202, "{}", r.text().await.unwrap());
+    app.stop().await;
+}

@@ -38,7 +38,8 @@ use std::time::Duration;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::PgPool;
 
-/// Errors of the store. `Unavailable` means Postgres could not be reached (retry later).
+/// Errors of the store. `Unavailable` means Postgres could not be reached or refused for a
+/// passing reason (retry later).
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("postgres unavailable: {0}")]
@@ -62,11 +63,15 @@ impl From<sqlx::Error> for StoreError {
             sqlx::Error::Database(db) if db.code().as_deref() == Some("23505") => {
                 StoreError::AlreadyExists(db.message().to_string())
             }
-            // admin_shutdown, cannot_connect_now, connection exceptions
+            // passing trouble, not the statement's fault: connection exceptions (08),
+            // insufficient resources such as too many connections (53), operator
+            // intervention such as a shutdown or a cancelled statement (57), a rolled-back
+            // transaction: serialization failure, deadlock (40), a read-only server during a
+            // failover (25006)
             sqlx::Error::Database(db)
-                if db
-                    .code()
-                    .is_some_and(|c| c.starts_with("08") || c == "57P01" || c == "57P03") =>
+                if db.code().is_some_and(|c| {
+                    ["08", "53", "57", "40"].iter().any(|p| c.starts_with(p)) || c == "25006"
+                }) =>
             {
                 StoreError::Unavailable(e)
             }
