@@ -216,11 +216,13 @@ fn main() -> anyhow::Result<()> {
                 concurrency,
             } => {
                 if let Some(q) = queues {
-                    cfg.worker.queues = q;
+                    cfg.worker.queues = q.iter().map(|s| s.trim().to_string()).collect();
                 }
                 if let Some(c) = concurrency {
                     cfg.worker.concurrency = c.max(1);
                 }
+                // the flags' queue names are held to the same rules as the file's
+                cfg.check().context("worker flags")?;
                 let stop = CancellationToken::new();
                 roles::shutdown_on_signals(stop.clone());
                 let health = roles::Health::new();
@@ -277,7 +279,14 @@ fn main() -> anyhow::Result<()> {
 
 async fn admin(cfg: &Config, cmd: AdminCmd) -> anyhow::Result<()> {
     let store = roles::store(cfg, 2)?;
-    store.migrate().await.context("applying migrations")?;
+    if let Err(e) = store.migrate().await {
+        // a login that may not migrate (the services' least-privilege role), or a schema newer
+        // than this binary (a rolling upgrade): the command itself may still work
+        if !roles::migration_not_ours(&e) {
+            return Err(e.context("applying migrations"));
+        }
+        eprintln!("note: migrations not applied ({e:#}); `switchyard migrate` with the owner's login applies them");
+    }
     // running API replicas cache credential lookups (with the tenant's settings)
     let changes_credentials =
         matches!(cmd, AdminCmd::RevokeKey { .. } | AdminCmd::SetTenant { .. });
@@ -312,18 +321,36 @@ async fn admin(cfg: &Config, cmd: AdminCmd) -> anyhow::Result<()> {
                  --code-limits wall_ms=N,cpu_ms=N,memory_mb=N,output_bytes=N|default and/or \
                  --jwt-hs256 ISSUER|off, --quotas name=N,..|default, --job-retention-days N|default, --webhook-url URL|off, --webhook-secret rotate, --queue-weight N|default"
             );
+            // every flag is checked before anything changes: an error leaves the tenant as it
+            // was (a secret rotated before a later flag's error was lost with the exit code)
+            anyhow::ensure!(
+                store.tenant_by_name(&name).await?.is_some(),
+                "no tenant named {name}"
+            );
+            if let Some(spec) = &queue_weight {
+                parse_queue_weight(spec)?;
+            }
+            if let Some(u) = webhook_url.as_deref().filter(|u| *u != "off") {
+                switchyard_core::webhook::check_url("--webhook-url", u, cfg.webhooks.allow_private)
+                    .map_err(|e| anyhow::anyhow!("{}: {}", e.field, e.message))?;
+            }
+            if let Some(what) = &webhook_secret {
+                anyhow::ensure!(what == "rotate", "--webhook-secret takes `rotate`");
+            }
+            if let Some(spec) = &job_retention_days {
+                parse_retention_days(spec)?;
+            }
+            if let Some(spec) = &quotas {
+                parse_quotas(spec)?;
+            }
+            if let Some(issuer) = &jwt_hs256 {
+                anyhow::ensure!(!issuer.trim().is_empty(), "the issuer must not be empty");
+            }
+            if let Some(spec) = &code_limits {
+                parse_code_limits(spec)?;
+            }
             if let Some(spec) = queue_weight {
-                let w = match spec.as_str() {
-                    "default" => None,
-                    n => Some(
-                        n.parse::<i32>()
-                            .ok()
-                            .filter(|w| (1..=1000).contains(w))
-                            .ok_or_else(|| {
-                                anyhow::anyhow!("--queue-weight: 1 to 1000, or `default`")
-                            })?,
-                    ),
-                };
+                let w = parse_queue_weight(&spec)?;
                 anyhow::ensure!(
                     store.set_tenant_queue_weight(&name, w).await?,
                     "no tenant named {name}"
@@ -361,14 +388,7 @@ async fn admin(cfg: &Config, cmd: AdminCmd) -> anyhow::Result<()> {
                 );
             }
             if let Some(spec) = job_retention_days {
-                let days = match spec.as_str() {
-                    "default" => None,
-                    n => Some(n.parse::<i32>().ok().filter(|d| *d >= 0).ok_or_else(|| {
-                        anyhow::anyhow!(
-                            "--job-retention-days: a number of days (0: forever) or `default`"
-                        )
-                    })?),
-                };
+                let days = parse_retention_days(&spec)?;
                 anyhow::ensure!(
                     store.set_tenant_job_retention(&name, days).await?,
                     "no tenant named {name}"
@@ -548,6 +568,34 @@ fn parse_code_limits(spec: &str) -> anyhow::Result<Option<switchyard_core::code:
         }
     }
     Ok(Some(l))
+}
+
+/// `--queue-weight`: 1 to 1000, or `default` (`None`).
+fn parse_queue_weight(spec: &str) -> anyhow::Result<Option<i32>> {
+    match spec {
+        "default" => Ok(None),
+        n => n
+            .parse::<i32>()
+            .ok()
+            .filter(|w| (1..=1000).contains(w))
+            .map(Some)
+            .ok_or_else(|| anyhow::anyhow!("--queue-weight: 1 to 1000, or `default`")),
+    }
+}
+
+/// `--job-retention-days`: days (0: forever), or `default` (`None`).
+fn parse_retention_days(spec: &str) -> anyhow::Result<Option<i32>> {
+    match spec {
+        "default" => Ok(None),
+        n => n
+            .parse::<i32>()
+            .ok()
+            .filter(|d| *d >= 0)
+            .map(Some)
+            .ok_or_else(|| {
+                anyhow::anyhow!("--job-retention-days: a number of days (0: forever) or `default`")
+            }),
+    }
 }
 
 /// `requests_per_minute=N,concurrent_jobs=N,llm_tokens_per_day=N,sandbox_cpu_seconds_per_day=N,

@@ -29,6 +29,23 @@ pub fn store(cfg: &Config, max_connections: u32) -> anyhow::Result<Store> {
     )
 }
 
+/// Whether a failed `migrate` is one an admin command may go on past: this login may not
+/// change the schema (insufficient privilege), or the database has migrations this binary
+/// does not know (a newer release applied them).
+pub fn migration_not_ours(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        if let Some(m) = c.downcast_ref::<sqlx::migrate::MigrateError>() {
+            if matches!(m, sqlx::migrate::MigrateError::VersionMissing(_)) {
+                return true;
+            }
+        }
+        c.downcast_ref::<sqlx::Error>()
+            .and_then(|s| s.as_database_error())
+            .and_then(|d| d.code())
+            .is_some_and(|code| code == "42501")
+    })
+}
+
 /// Tells running API replicas that credentials or tenant settings changed (an admin command
 /// revoked a key or changed a tenant): they drop their cached lookups now. Without Redis
 /// they pick the change up within `auth_cache_ttl_s`; says so rather than failing.
@@ -385,4 +402,18 @@ pub async fn run_dev(mut cfg: Config, opts: DevOptions) -> anyhow::Result<()> {
     }
     drop(services);
     Ok(())
+}
+
+#[cfg(test)]
+mod migration_tests {
+    use super::migration_not_ours;
+
+    #[test]
+    fn an_admin_command_goes_on_past_a_schema_it_may_not_or_need_not_migrate() {
+        let newer = anyhow::Error::from(sqlx::migrate::MigrateError::VersionMissing(99));
+        assert!(migration_not_ours(&newer));
+        let other = anyhow::Error::from(sqlx::migrate::MigrateError::VersionMismatch(1));
+        assert!(!migration_not_ours(&other));
+        assert!(!migration_not_ours(&anyhow::anyhow!("connection refused")));
+    }
 }

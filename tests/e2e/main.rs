@@ -186,6 +186,17 @@ async fn admin_commands_manage_tenants_and_keys() {
     assert!(ok && out.contains("models = all"), "{out}");
     let (ok, _) = run(&["admin", "set-tenant", "nobody", "--llm-cache", "off"]);
     assert!(!ok, "unknown tenants are refused");
+    // a bad flag changes nothing: the secret is not rotated (and lost) before the error
+    let (ok, out) = run(&[
+        "admin",
+        "set-tenant",
+        "globex",
+        "--webhook-secret",
+        "rotate",
+        "--quotas",
+        "bogus=1",
+    ]);
+    assert!(!ok && !out.contains("secret"), "{out}");
     let (ok, key) = run(&["admin", "create-key", "--tenant", "globex", "--name", "ci"]);
     assert!(ok && key.starts_with("sy_"), "{key}");
     let r = c

@@ -216,7 +216,20 @@ impl LlmConfig {
             claude.model = Some("mock-echo".into());
             models.insert("mock-claude".to_string(), claude);
         }
-        providers.extend(self.providers.clone());
+        // a declared provider reading OPENAI_API_KEY or ANTHROPIC_API_KEY gets the key loaded
+        // for it (that variable, a file of the secrets directory or `llm.*_api_key`): the
+        // worker reads only the environment, so a key mounted as a file was lost
+        providers.extend(self.providers.iter().map(|(name, p)| {
+            let mut p = p.clone();
+            if p.api_key.is_none() {
+                p.api_key = match p.api_key_env.as_deref() {
+                    Some("OPENAI_API_KEY") => self.openai_api_key.clone(),
+                    Some("ANTHROPIC_API_KEY") => self.anthropic_api_key.clone(),
+                    _ => None,
+                };
+            }
+            (name.clone(), p)
+        }));
         models.extend(self.models.clone());
         let default_provider = self
             .default_provider
@@ -409,7 +422,8 @@ impl Config {
         cfg
     }
 
-    fn check(&self) -> anyhow::Result<()> {
+    /// Checks the configuration as loaded, and again after command-line flags changed it.
+    pub fn check(&self) -> anyhow::Result<()> {
         anyhow::ensure!(self.lease_s >= 2, "lease_s must be at least 2");
         anyhow::ensure!(
             self.worker.concurrency >= 1,
@@ -482,6 +496,18 @@ impl Config {
             );
             anyhow::ensure!(*n >= 1, "worker.queue_concurrency.{q} must be at least 1");
         }
+        // 0 would read as "no limit" where a limit was meant (to pause a queue, stop its
+        // workers; to stop a tenant, revoke its keys)
+        for (q, n) in &self.queue_limits {
+            anyhow::ensure!(
+                *n >= 1,
+                "queue_limits.{q} must be at least 1 (leave it out for no limit)"
+            );
+        }
+        anyhow::ensure!(
+            self.quotas.concurrent_jobs != Some(0),
+            "quotas.concurrent_jobs must be at least 1 (leave it out for no limit)"
+        );
         Ok(())
     }
 
@@ -525,6 +551,52 @@ mod tests {
         let e = Config::load_from(Some(&toml), Some(dir.clone())).unwrap_err();
         assert!(e.to_string().contains("REDIS_URL"), "{e}");
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A declared provider reading `OPENAI_API_KEY` gets the key mounted as a file of the
+    /// secrets directory (the worker reads only the environment; the file's key was lost).
+    #[test]
+    fn a_declared_providers_key_comes_from_the_secrets_dir() {
+        if std::env::var_os("OPENAI_API_KEY").is_some() {
+            return; // the environment wins over the file; nothing to show here
+        }
+        let dir = std::env::temp_dir().join(format!("sy-provider-key-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("OPENAI_API_KEY"), "sk-from-a-file\n").unwrap();
+        let toml = dir.join("switchyard.toml");
+        std::fs::write(
+            &toml,
+            "[llm.providers.openai]\nkind = \"openai\"\nbase_url = \"https://api.openai.com/v1\"\napi_key_env = \"OPENAI_API_KEY\"\n",
+        )
+        .unwrap();
+        let cfg = Config::load_from(Some(&toml), Some(dir.clone())).unwrap();
+        let table = cfg.llm.table();
+        let key = table.providers["openai"]
+            .api_key
+            .as_ref()
+            .expect("the file's key");
+        assert_eq!(key.expose_secret(), "sk-from-a-file");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A zero limit is refused (it would read as none), and queue names set after loading
+    /// (the worker's `--queues`) are held to the file's rules.
+    #[test]
+    fn zero_limits_and_bad_queue_names_are_refused() {
+        let base = Config::for_tests("postgres://h/db", "redis://h", "t");
+        let mut cfg = base.clone();
+        cfg.queue_limits.insert("llm".into(), 0);
+        assert!(cfg
+            .check()
+            .unwrap_err()
+            .to_string()
+            .contains("queue_limits.llm"));
+        let mut cfg = base.clone();
+        cfg.quotas.concurrent_jobs = Some(0);
+        assert!(cfg.check().is_err());
+        let mut cfg = base;
+        cfg.worker.queues = vec!["llm".into(), "".into()];
+        assert!(cfg.check().is_err());
     }
 
     #[test]
