@@ -247,11 +247,20 @@ impl Anthropic {
                                 sink.text(t).await;
                             }
                         }
+                        // extended thinking: not the reply, but the call is alive and it is
+                        // billed as output
+                        (Some("thinking_delta"), _) => {
+                            let t = d["thinking"].as_str().unwrap_or_default();
+                            if !t.is_empty() {
+                                events.token();
+                                sink.progress(t);
+                            }
+                        }
                         (Some("input_json_delta"), Some(Block::Tool(c))) => {
                             events.token();
-                            c.function
-                                .arguments
-                                .push_str(d["partial_json"].as_str().unwrap_or_default());
+                            let part = d["partial_json"].as_str().unwrap_or_default();
+                            sink.progress(part);
+                            c.function.arguments.push_str(part);
                         }
                         _ => {}
                     }
@@ -457,6 +466,7 @@ impl LlmProvider for Anthropic {
         }
         let started = Instant::now();
         let resp = send(http, req.ttft_timeout).await?;
+        sink.accepted();
         if req.stream {
             self.streamed(resp, started, req, sink, json_mode).await
         } else {

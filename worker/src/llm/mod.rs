@@ -111,6 +111,8 @@ pub struct Sink<'a> {
 #[derive(Debug, Default)]
 struct Meter {
     active: bool,
+    /// The provider accepted the request (a 2xx head arrived): it bills the prompt.
+    accepted: bool,
     prompt: u64,
     /// ASCII bytes and other characters streamed (see [`estimate_tokens`]).
     ascii: u64,
@@ -170,9 +172,26 @@ impl<'a> Sink<'a> {
         self.ctx.add_spent(prompt_tokens);
     }
 
+    /// The provider accepted the call in flight (its answer's head was a 2xx): from now on a
+    /// failure keeps the prompt counted (the provider bills it, e.g. a reply cut by a time
+    /// limit before anything streamed, or a reply that is not streamed at all).
+    pub fn accepted(&self) {
+        let mut m = self.meter.lock().unwrap_or_else(|p| p.into_inner());
+        if m.active {
+            m.accepted = true;
+        }
+    }
+
+    /// Counts generated output that is not reply text (reasoning, tool-call arguments, a
+    /// refusal) toward the call in flight, as [`Sink::text`] counts text.
+    pub fn progress(&self, generated: &str) {
+        self.meter(generated);
+    }
+
     /// The call ended: with its usage, which replaces what was counted for it; or failed
-    /// (`None`), which keeps what was counted once it streamed something (the provider
-    /// charged for it) and takes back the prompt of a call that produced nothing.
+    /// (`None`), which keeps what was counted once the provider accepted the call or it
+    /// streamed something (the provider charged for it), and takes back the prompt of a call
+    /// refused before it started (an error status, no connection).
     pub fn end_call(&self, usage: Option<&Usage>) {
         let mut m = self.meter.lock().unwrap_or_else(|p| p.into_inner());
         if !m.active {
@@ -180,7 +199,7 @@ impl<'a> Sink<'a> {
         }
         let keep = match usage {
             Some(u) => u.total_tokens.max(u.prompt_tokens + u.completion_tokens),
-            None if m.completion() > 0 => m.counted,
+            None if m.accepted || m.completion() > 0 => m.counted,
             None => m.counted - m.prompt,
         };
         if keep >= m.counted {

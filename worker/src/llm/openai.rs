@@ -338,6 +338,7 @@ impl OpenAi {
                     }
                     if let Some(r) = d.refusal.filter(|r| !r.is_empty()) {
                         events.token();
+                        sink.progress(&r);
                         refusal.push_str(&r);
                     }
                     if [&d.reasoning_content, &d.reasoning].iter().any(|r| {
@@ -345,9 +346,18 @@ impl OpenAi {
                             .is_some_and(|r| r.as_str() != Some("") && !r.is_null())
                     }) {
                         events.token();
+                        // thinking is billed as output: counted, though not part of the reply
+                        for r in [&d.reasoning_content, &d.reasoning].into_iter().flatten() {
+                            if let Some(t) = r.as_str() {
+                                sink.progress(t);
+                            }
+                        }
                     }
                     for tc in d.tool_calls.unwrap_or_default() {
                         events.token();
+                        if let Some(a) = tc.function.as_ref().and_then(|f| f.arguments.as_deref()) {
+                            sink.progress(a);
+                        }
                         calls.apply(tc);
                     }
                 }
@@ -434,6 +444,7 @@ impl LlmProvider for OpenAi {
         }
         let started = Instant::now();
         let resp = send(http, req.ttft_timeout).await?;
+        sink.accepted();
         if req.stream {
             self.streamed(resp, started, req, sink).await
         } else {

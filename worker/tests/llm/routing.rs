@@ -428,5 +428,28 @@ async fn spent_tokens_count_every_call_that_produced_something() {
         "prompt and first token: {}",
         spent.load(Relaxed)
     );
+
+    // accepted (a 2xx head), then cut by the first-token limit before any token: the
+    // provider bills the prompt, so it stays counted (it used to be taken back)
+    let mut strict = llm(&base);
+    strict.max_retries = 0;
+    strict.ttft_timeout_ms = 50;
+    let p3 = Providers::from_config(&strict);
+    let (c, _rx) = ctx();
+    let e = p3
+        .complete(
+            &input("mock-slow", words),
+            &[],
+            &user(words),
+            &Sink::new(&c),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(e.code, "provider_timeout", "{e}");
+    assert!(
+        c.spent().load(Relaxed) >= prompt_at_least,
+        "the accepted call's prompt: {}",
+        c.spent().load(Relaxed)
+    );
     stop.cancel();
 }
