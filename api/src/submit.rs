@@ -58,12 +58,27 @@ impl Submitter {
         self.dispatch_many(vec![job]).await
     }
 
-    /// Dispatches jobs committed elsewhere (a batch), like [`Submitter::dispatch`].
+    /// Dispatches jobs committed elsewhere (a batch), like [`Submitter::dispatch`]; without
+    /// waiting when the dispatch task is backlogged (Redis slow or away): the reconciler
+    /// dispatches what it could not take.
     pub async fn dispatch_many(&self, jobs: Vec<NewJob>) {
-        if self.dispatch.send(jobs).await.is_err() {
-            tracing::warn!("dispatcher stopped; the reconciler will dispatch the job");
+        if let Err(e) = self.dispatch.try_send(jobs) {
+            tracing::warn!(error = %e, "dispatch backlogged or stopped; the reconciler will dispatch the jobs");
         }
     }
+}
+
+/// Longest wait for a group commit's INSERT before its requests are answered 503.
+const INSERT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// After a commit that failed for want of Postgres, which of `ids` are in (its reply lost on
+/// a connection that died after the commit): asked once, briefly; `None` when Postgres is
+/// away (then the requests get their 503 about 2 s later than they did).
+async fn landed(store: &Store, ids: &[Uuid]) -> Option<Vec<Uuid>> {
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    let read =
+        tokio::time::timeout(std::time::Duration::from_secs(2), store.existing_jobs(ids)).await;
+    read.ok()?.ok()
 }
 
 async fn commit_loop(
@@ -82,7 +97,37 @@ async fn commit_loop(
         }
         let jobs: Vec<NewJob> = batch.iter().map(|r| r.job.clone()).collect();
         let mut committed = Vec::with_capacity(jobs.len());
-        match store.insert_jobs(&jobs).await {
+        // bounded: a connection that died silently would hold every submission behind it
+        let inserted = tokio::time::timeout(INSERT_TIMEOUT, store.insert_jobs(&jobs))
+            .await
+            .unwrap_or(Err(StoreError::Unavailable(sqlx::Error::PoolTimedOut)));
+        // the commit's reply may be what was lost (the rows are in): asked again, the jobs
+        // that exist are accepted, not answered 503 (a client retrying it made a duplicate)
+        let inserted = match inserted {
+            Err(StoreError::Unavailable(e)) => {
+                let ids: Vec<Uuid> = jobs.iter().map(|j| j.id).collect();
+                match landed(&store, &ids).await {
+                    Some(found) if found.len() == ids.len() => Ok(()),
+                    Some(found) if !found.is_empty() => {
+                        // some rows only: cannot be one statement's; answer each as it stands
+                        for r in batch.drain(..) {
+                            if found.contains(&r.job.id) {
+                                committed.push(r.job);
+                                let _ = r.done.send(Ok(()));
+                            } else {
+                                let _ = r
+                                    .done
+                                    .send(Err(StoreError::Unavailable(sqlx::Error::PoolTimedOut)));
+                            }
+                        }
+                        Err(StoreError::Unavailable(e))
+                    }
+                    _ => Err(StoreError::Unavailable(e)),
+                }
+            }
+            other => other,
+        };
+        match inserted {
             Ok(()) => {
                 for r in batch.drain(..) {
                     committed.push(r.job);
@@ -91,6 +136,7 @@ async fn commit_loop(
             }
             Err(StoreError::Unavailable(e)) => {
                 tracing::warn!(error = %e, n = batch.len(), "group commit: postgres unavailable");
+                // (a batch answered above has no requests left here)
                 for r in batch.drain(..) {
                     let _ = r
                         .done

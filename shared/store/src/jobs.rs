@@ -187,6 +187,14 @@ pub(crate) fn millis(d: Duration) -> f64 {
 }
 
 impl Store {
+    /// Which of `ids` are jobs (a commit whose reply was lost: were its rows written?).
+    pub async fn existing_jobs(&self, ids: &[Uuid]) -> Result<Vec<Uuid>> {
+        Ok(sqlx::query_scalar("SELECT id FROM jobs WHERE id = ANY($1)")
+            .bind(ids)
+            .fetch_all(self.pool())
+            .await?)
+    }
+
     /// Inserts a batch in one statement (group commit). On failure the caller retries rows one by
     /// one so one bad row never fails the others.
     pub async fn insert_jobs(&self, jobs: &[NewJob]) -> Result<()> {
