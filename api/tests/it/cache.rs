@@ -265,3 +265,31 @@ async fn identical_requests_wait_for_a_call_longer_than_the_global_timeout(pool:
     assert_eq!(calls(&app, "mock-slow").await, 1, "one provider call");
     app.stop().await;
 }
+
+/// A leader whose call left no entry (it failed, or a fallback answered) marks the lock: the
+/// requests waiting for it call the provider themselves at once, instead of taking the lock
+/// one after another and each running the whole model chain again.
+#[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
+async fn waiters_call_at_once_when_the_leader_stored_nothing(pool: PgPool) {
+    use switchyard_worker::llm::cache::{Lookup, ResponseCache};
+    let app = spawn_api_only(pool).await;
+    let cache = ResponseCache::new(
+        app.redis().await,
+        app.keys(),
+        std::time::Duration::from_secs(60),
+    );
+    let (leader, waiter) = (Uuid::now_v7(), Uuid::now_v7());
+    let wait = std::time::Duration::from_secs(30);
+    assert!(matches!(
+        cache.lookup(app.tenant, "fp", leader, wait).await,
+        Lookup::Lead
+    ));
+    cache.unserved(app.tenant, "fp", leader).await;
+    let t = std::time::Instant::now();
+    assert!(matches!(
+        cache.lookup(app.tenant, "fp", waiter, wait).await,
+        Lookup::Bypass
+    ));
+    assert!(t.elapsed() < wait, "the waiter did not wait out the leader");
+    app.stop().await;
+}

@@ -42,6 +42,23 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then
   return redis.call('DEL', KEYS[1])
 end
 return 0";
+/// Takes the lock for `ARGV[1]` (for `ARGV[2]` ms) unless someone holds it; returns nothing
+/// when taken, else the holder (or [`UNSERVED`]).
+const TAKE: &str = r"
+local holder = redis.call('GET', KEYS[1])
+if holder then return holder end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return false";
+/// Turns the lock `ARGV[1]` holds into the [`UNSERVED`] mark for `ARGV[3]` ms.
+const MARK_UNSERVED: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+end
+return 0";
+/// What the lock holds for a while after its holder's call left no entry (it failed, or a
+/// fallback model answered): identical requests then call the provider each, at once, rather
+/// than take the lock one after another and each wait out the whole model chain again.
+const UNSERVED: &str = "!unserved";
 
 #[derive(Clone)]
 pub struct ResponseCache {
@@ -51,6 +68,8 @@ pub struct ResponseCache {
     extend: Arc<redis::Script>,
     put: Arc<redis::Script>,
     release: Arc<redis::Script>,
+    take: Arc<redis::Script>,
+    unserved: Arc<redis::Script>,
 }
 
 /// What a cache entry holds.
@@ -138,6 +157,8 @@ impl ResponseCache {
             extend: Arc::new(redis::Script::new(EXTEND)),
             put: Arc::new(redis::Script::new(PUT)),
             release: Arc::new(redis::Script::new(RELEASE)),
+            take: Arc::new(redis::Script::new(TAKE)),
+            unserved: Arc::new(redis::Script::new(MARK_UNSERVED)),
         }
     }
 
@@ -171,17 +192,20 @@ impl ResponseCache {
                     return Lookup::Bypass;
                 }
             }
-            let took: redis::RedisResult<bool> = redis::cmd("SET")
-                .arg(self.keys.llm_cache_lock(tenant, fp))
+            let holder: redis::RedisResult<Option<String>> = self
+                .take
+                .key(self.keys.llm_cache_lock(tenant, fp))
                 .arg(job.to_string())
-                .arg("NX")
-                .arg("PX")
                 .arg(LOCK_TTL.as_millis() as u64)
-                .query_async::<Option<String>>(&mut self.conn.clone())
-                .await
-                .map(|r| r.is_some());
-            match took {
-                Ok(true) => {
+                .invoke_async(&mut self.conn.clone())
+                .await;
+            match holder.as_ref().map(Option::as_deref) {
+                // the last holder's call left nothing to share: call, as it did
+                Ok(Some(UNSERVED)) => {
+                    self.count("misses").await;
+                    return Lookup::Bypass;
+                }
+                Ok(None) => {
                     // the previous holder stores its entry before it unlocks: look once more
                     if let Ok(Some(entry)) = self.get(tenant, fp).await {
                         self.release(tenant, fp, job).await;
@@ -194,13 +218,13 @@ impl ResponseCache {
                     self.count("misses").await;
                     return Lookup::Lead;
                 }
-                Ok(false) if started.elapsed() < wait => {
+                Ok(Some(_)) if started.elapsed() < wait => {
                     waited = true;
                     // 20 ms, growing to 200 ms: prompt for short calls, light for long ones
                     polls += 1;
                     tokio::time::sleep(POLL.saturating_mul(polls.min(10))).await;
                 }
-                Ok(false) => {
+                Ok(Some(_)) => {
                     self.count("misses").await;
                     return Lookup::Bypass;
                 }
@@ -249,6 +273,20 @@ impl ResponseCache {
             .release
             .key(self.keys.llm_cache_lock(tenant, fp))
             .arg(job.to_string())
+            .invoke_async(&mut self.conn.clone())
+            .await;
+    }
+
+    /// The holder's call left no entry (it failed, or a fallback answered): the lock becomes
+    /// the [`UNSERVED`] mark for a lock's lifetime, so the requests waiting for it, and those
+    /// arriving meanwhile, call the provider themselves instead of taking turns.
+    pub async fn unserved(&self, tenant: Uuid, fp: &str, job: Uuid) {
+        let _: redis::RedisResult<redis::Value> = self
+            .unserved
+            .key(self.keys.llm_cache_lock(tenant, fp))
+            .arg(job.to_string())
+            .arg(UNSERVED)
+            .arg(LOCK_TTL.as_millis() as u64)
             .invoke_async(&mut self.conn.clone())
             .await;
     }

@@ -125,7 +125,7 @@ impl LlmChatExecutor {
                     // a fallback's reply is not stored under the requested model's key: the
                     // requested model would otherwise keep answering with it for the TTL
                     Ok(a) if a.model != input.model => {
-                        cache.release(ctx.tenant_id, &fp, ctx.job_id).await
+                        cache.unserved(ctx.tenant_id, &fp, ctx.job_id).await
                     }
                     Ok(a) => {
                         let entry = Entry {
@@ -141,7 +141,7 @@ impl LlmChatExecutor {
                         };
                         cache.put(ctx.tenant_id, &fp, ctx.job_id, &entry).await;
                     }
-                    Err(_) => cache.release(ctx.tenant_id, &fp, ctx.job_id).await,
+                    Err(_) => cache.unserved(ctx.tenant_id, &fp, ctx.job_id).await,
                 }
                 result
             }
