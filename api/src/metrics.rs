@@ -28,6 +28,9 @@ pub fn queue_backlog_metric() -> String {
     format!("{PREFIX}_{QUEUE_BACKLOG}")
 }
 
+/// Unfinished jobs counted on a scrape at most; past it, `switchyard_jobs` are estimates.
+const EXACT_JOB_COUNTS: i64 = 100_000;
+
 pub struct Metrics {
     registry: Mutex<Registry>,
     submit_latency: Family<Labels, Histogram>,
@@ -41,6 +44,8 @@ pub struct Metrics {
     queue_in_flight: Family<Labels, Gauge>,
     lease_reclaims: Family<Labels, Gauge>,
     jobs_estimate: Gauge,
+    /// 1 while `jobs` holds the planner's estimates (a backlog too large to count per scrape).
+    jobs_estimated: Gauge,
     oldest_queued: Family<Labels, Gauge<f64, AtomicU64>>,
     llm_cache: Family<Labels, Gauge>,
     code_runs: Family<Labels, Gauge>,
@@ -99,6 +104,7 @@ impl Metrics {
         let queue_in_flight = Family::<Labels, Gauge>::default();
         let lease_reclaims = Family::<Labels, Gauge>::default();
         let jobs_estimate = Gauge::default();
+        let jobs_estimated = Gauge::default();
         let oldest_queued = Family::<Labels, Gauge<f64, AtomicU64>>::default();
         let source_up = Family::<Labels, Gauge>::default();
         let llm_cache = Family::<Labels, Gauge>::default();
@@ -157,6 +163,11 @@ impl Metrics {
             jobs_estimate.clone(),
         );
         registry.register(
+            "jobs_estimated",
+            "1 while switchyard_jobs are the planner's estimates (more unfinished jobs than are counted on a scrape)",
+            jobs_estimated.clone(),
+        );
+        registry.register(
             QUEUE_BACKLOG,
             "Entries of a queue not yet delivered to any worker, per priority: what an autoscaler reads",
             queue_backlog.clone(),
@@ -209,6 +220,7 @@ impl Metrics {
             queue_in_flight,
             lease_reclaims,
             jobs_estimate,
+            jobs_estimated,
             oldest_queued,
             llm_cache,
             code_runs,
@@ -241,7 +253,10 @@ impl Metrics {
         // stays within a few seconds when Redis or Postgres is down.
         let (mut pg, mut redis) = (true, true);
         self.jobs.clear();
-        if let Some(counts) = read(&mut pg, state.store.job_counts()).await {
+        if let Some((counts, estimated)) =
+            read(&mut pg, state.store.job_counts(EXACT_JOB_COUNTS)).await
+        {
+            self.jobs_estimated.set(i64::from(estimated));
             for (kind, status, n) in counts {
                 self.jobs
                     .get_or_create(&vec![("kind".into(), kind), ("status".into(), status)])

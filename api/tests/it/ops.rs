@@ -76,6 +76,23 @@ pub(crate) async fn health_ready_metrics_on(pool: PgPool, base: crate::support::
         text.contains(r#"switchyard_jobs{kind="system.noop",status="queued"} 2"#),
         "{text}"
     );
+    assert!(text.contains("switchyard_jobs_estimated 0"), "{text}");
+    // past the number counted on a scrape, the counts are the planner's estimates (a backlog
+    // of millions is not read on every scrape)
+    let (exact, estimated) = app.store.job_counts(1000).await.unwrap();
+    assert!(!estimated);
+    assert!(
+        exact.contains(&("system.noop".into(), "queued".into(), 2)),
+        "{exact:?}"
+    );
+    let (guessed, estimated) = app.store.job_counts(1).await.unwrap();
+    assert!(estimated);
+    assert_eq!(
+        guessed.len(),
+        6,
+        "every kind, queued and running: {guessed:?}"
+    );
+    assert!(guessed.iter().all(|(_, _, n)| *n >= 0), "{guessed:?}");
     app.stop().await;
 }
 

@@ -133,17 +133,39 @@ impl Store {
         .await?)
     }
 
-    /// Counts of jobs by (kind, status) for metrics.
-    pub async fn job_counts(&self) -> Result<Vec<(String, String, i64)>> {
-        Ok(sqlx::query_as(
-            // unfinished jobs only (the partial index `jobs_unfinished_epoch`), whatever the
-            // number of finished ones (counted by `jobs_estimate`); it reads a row per
-            // unfinished job, so a scrape during a large backlog pays for it
-            "SELECT kind, status, count(*) FROM jobs WHERE status IN ('queued', 'running')
+    /// Unfinished jobs by (kind, status) for metrics, and whether they are estimates: counted
+    /// while there are at most `exact_up_to` (an index read of that many at most, whatever the
+    /// number of finished ones, counted by `jobs_estimate`), else the planner's estimates (no
+    /// scan: a backlog of millions is not read on every scrape).
+    pub async fn job_counts(&self, exact_up_to: i64) -> Result<(Vec<(String, String, i64)>, bool)> {
+        let counted: Vec<(String, String, i64)> = sqlx::query_as(
+            "SELECT kind, status, count(*) FROM (
+                 SELECT kind, status FROM jobs WHERE status IN ('queued', 'running')
+                 LIMIT $1 + 1) unfinished
              GROUP BY kind, status ORDER BY kind, status",
         )
+        .bind(exact_up_to)
         .fetch_all(self.pool())
-        .await?)
+        .await?;
+        if counted.iter().map(|c| c.2).sum::<i64>() <= exact_up_to {
+            return Ok((counted, false));
+        }
+        let mut estimated = Vec::new();
+        for kind in switchyard_core::JobKind::ALL {
+            for status in ["queued", "running"] {
+                // both literals come from fixed lists, never from input
+                let plan: serde_json::Value = sqlx::query_scalar(&format!(
+                    "EXPLAIN (FORMAT JSON) SELECT 1 FROM jobs
+                     WHERE kind = '{}' AND status = '{status}'",
+                    kind.as_str()
+                ))
+                .fetch_one(self.pool())
+                .await?;
+                let rows = plan[0]["Plan"]["Plan Rows"].as_f64().unwrap_or(0.0);
+                estimated.push((kind.as_str().to_string(), status.to_string(), rows as i64));
+            }
+        }
+        Ok((estimated, true))
     }
 
     /// The planner's estimate of all rows of `jobs` (no scan).
