@@ -309,8 +309,21 @@ pub async fn run_scheduler(
     Ok(())
 }
 
-/// Fires the token on SIGTERM or Ctrl-C.
+/// Fires the token on SIGTERM or Ctrl-C; a second signal ends the process at once.
 pub fn shutdown_on_signals(token: CancellationToken) {
+    on_signals(token, true)
+}
+
+/// [`shutdown_on_signals`] for `dev`: a second signal does not cut the drain short (the
+/// private Postgres and Redis it started are stopped when it ends).
+fn shutdown_on_signals_keeping_services(token: CancellationToken) {
+    on_signals(token, false)
+}
+
+/// Cancels `token` on SIGTERM or SIGINT; with `second_exits`, a second one ends the process
+/// at once (exit 130): an operator's second Ctrl-C during a drain means "now" (the work is
+/// durable: leases run out and other workers take the jobs).
+fn on_signals(token: CancellationToken, second_exits: bool) {
     tokio::spawn(async move {
         let mut term =
             match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
@@ -326,6 +339,15 @@ pub fn shutdown_on_signals(token: CancellationToken) {
             _ = token.cancelled() => return,
         }
         token.cancel();
+        if !second_exits {
+            return;
+        }
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+        tracing::warn!("second signal: exiting without finishing the drain");
+        std::process::exit(130);
     });
 }
 
@@ -340,7 +362,7 @@ pub struct DevOptions {
 /// scheduler in one process.
 pub async fn run_dev(mut cfg: Config, opts: DevOptions) -> anyhow::Result<()> {
     let stop = CancellationToken::new();
-    shutdown_on_signals(stop.clone());
+    shutdown_on_signals_keeping_services(stop.clone());
     let services = crate::devsvc::ensure_services(&mut cfg).await?;
     cfg.enable_noop = true;
     let store = store(&cfg, 8)?;

@@ -154,6 +154,35 @@ async fn sigterm_drains_in_flight_jobs() {
     }
 }
 
+/// A second SIGTERM during a drain ends the worker at once (exit 130) instead of waiting for
+/// its jobs; they are not lost: their leases run out and they run again elsewhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_sigterm_ends_the_drain_at_once() {
+    let mut c = Cluster::new().await;
+    let api = c.api().await;
+    let w = c.worker(4);
+    let ids = c.submit_sleepers(&api, 1, 60_000).await;
+    c.wait_status(&api, ids[0], "running").await;
+    let pid = c.children[w].1.id() as i32;
+    unsafe {
+        libc::kill(pid, libc::SIGTERM);
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    unsafe {
+        libc::kill(pid, libc::SIGTERM);
+    }
+    let started = std::time::Instant::now();
+    let status = tokio::task::spawn_blocking({
+        let mut child = c.children.remove(w).1;
+        move || child.wait().unwrap()
+    })
+    .await
+    .unwrap();
+    assert_eq!(status.code(), Some(130), "{status:?}");
+    // (a drain would have waited for the minute-long job)
+    assert!(started.elapsed() < std::time::Duration::from_secs(30));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admin_commands_manage_tenants_and_keys() {
     let mut c = Cluster::new().await;
