@@ -86,16 +86,27 @@ async fn ready(State(p): State<Probes>) -> (StatusCode, Json<Value>) {
 }
 
 /// `switchyard probe [URL]`: exits 0 if `URL` (or, without one, this host's health endpoint
-/// or API) answers 200 within 3 s.
+/// or API at their configured addresses: `health_listen`, `listen`) answers 200 within 3 s.
+/// An API started with `--listen` is probed with its URL (or set `SWITCHYARD_LISTEN` instead).
 pub async fn probe(url: Option<String>, cfg: &switchyard_core::config::Config) -> bool {
     let urls: Vec<String> = match url {
         Some(u) => vec![u],
         None => {
+            // the configured address, or loopback where it names every interface (a
+            // listener bound to one interface does not answer on 127.0.0.1)
+            let at = |a: std::net::SocketAddr| {
+                let host = match a.ip() {
+                    ip if ip.is_unspecified() => "127.0.0.1".to_string(),
+                    std::net::IpAddr::V6(ip) => format!("[{ip}]"),
+                    ip => ip.to_string(),
+                };
+                format!("http://{host}:{}/healthz", a.port())
+            };
             let mut v = Vec::new();
             if let Some(h) = cfg.health_listen {
-                v.push(format!("http://127.0.0.1:{}/healthz", h.port()));
+                v.push(at(h));
             }
-            v.push(format!("http://127.0.0.1:{}/healthz", cfg.listen.port()));
+            v.push(at(cfg.listen));
             v
         }
     };

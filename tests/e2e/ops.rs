@@ -58,6 +58,16 @@ async fn health_endpoints_follow_the_drain() {
     };
     assert!(probe(format!("http://127.0.0.1:{wport}/readyz")).success());
     assert!(!probe(format!("http://127.0.0.1:{}/healthz", free_port())).success());
+    // without a URL: the configured health address (loopback when it names every interface)
+    let configured = |listen: String| {
+        let mut cmd = c.command(&["probe"]);
+        cmd.env("SWITCHYARD_HEALTH_LISTEN", listen)
+            .stderr(Stdio::null());
+        cmd.status().unwrap()
+    };
+    assert!(configured(format!("127.0.0.1:{wport}")).success());
+    let closed = free_port();
+    assert!(!configured(format!("0.0.0.0:{closed}")).success());
 
     // a drain: in-flight jobs keep the worker alive for a while, not ready but live
     let ids = c.submit_sleepers(&api, 2, 3000).await;
