@@ -293,3 +293,55 @@ async fn waiters_call_at_once_when_the_leader_stored_nothing(pool: PgPool) {
     assert!(t.elapsed() < wait, "the waiter did not wait out the leader");
     app.stop().await;
 }
+
+/// A leading call that is cancelled marks its lock unserved at once: the requests waiting for
+/// it call the provider themselves instead of waiting out the lock's lifetime.
+#[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
+async fn a_cancelled_leader_lets_its_waiters_go(pool: PgPool) {
+    let app = spawn_app(pool).await;
+    let mut body = chat("mock-slow", Some(true));
+    let words = vec!["slow"; 200].join(" ");
+    body["input"]["messages"] = json!([{"role": "user", "content": words}]);
+    let leader = app.submit(body).await;
+    let id: Uuid = leader["id"].as_str().unwrap().parse().unwrap();
+    app.wait_status(id, "running", T).await;
+    let mut redis = app.redis().await;
+    let pattern = format!("*{}*:lock", app.tenant);
+    let t = std::time::Instant::now();
+    let lock = loop {
+        let found: Vec<String> = redis::cmd("KEYS")
+            .arg(&pattern)
+            .query_async(&mut redis)
+            .await
+            .unwrap();
+        if let Some(k) = found.into_iter().next() {
+            break k;
+        }
+        assert!(t.elapsed() < T, "the leader took no lock");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let r = app
+        .auth(app.http.post(app.url(&format!("/v1/jobs/{id}/cancel"))))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    app.wait_status(id, "cancelled", T).await;
+    let t = std::time::Instant::now();
+    loop {
+        let holder: Option<String> = redis::cmd("GET")
+            .arg(&lock)
+            .query_async(&mut redis)
+            .await
+            .unwrap();
+        if holder.as_deref() == Some("!unserved") {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "the lock still holds the cancelled leader: {holder:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    app.stop().await;
+}

@@ -106,6 +106,13 @@ impl LlmChatExecutor {
             }
             Lookup::Bypass => self.call(input, head, history, sink).await,
             Lookup::Lead => {
+                let mut lead = LeadGuard {
+                    cache: cache.clone(),
+                    tenant: ctx.tenant_id,
+                    fp: fp.clone(),
+                    job: ctx.job_id,
+                    armed: true,
+                };
                 let call = self.call(input, head, history, sink);
                 // the lock is extended beside the call, never instead of polling it (a slow
                 // Redis held up the reply's stream, and could run out its token timers)
@@ -143,6 +150,7 @@ impl LlmChatExecutor {
                     }
                     Err(_) => cache.unserved(ctx.tenant_id, &fp, ctx.job_id).await,
                 }
+                lead.armed = false;
                 result
             }
         }
@@ -222,5 +230,34 @@ impl Executor for LlmChatExecutor {
             v["tool_calls"] = serde_json::to_value(&out.tool_calls).map_err(ExecError::internal)?;
         }
         Ok(v)
+    }
+}
+
+/// The lock of a leading call, marked unserved if the call is dropped before it stored or
+/// marked anything (a cancel, the job's time limit, a front-door client gone): the requests
+/// waiting for it call the provider at once instead of waiting out the lock's lifetime.
+struct LeadGuard {
+    cache: ResponseCache,
+    tenant: uuid::Uuid,
+    fp: String,
+    job: uuid::Uuid,
+    armed: bool,
+}
+
+impl Drop for LeadGuard {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let (cache, tenant, job) = (self.cache.clone(), self.tenant, self.job);
+        let fp = std::mem::take(&mut self.fp);
+        // one Redis call, bounded: nothing for a shutdown to wait for (the lock would expire
+        // by itself; this only spares the waiters its lifetime)
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move {
+                let mark = cache.unserved(tenant, &fp, job);
+                let _ = tokio::time::timeout(Duration::from_secs(2), mark).await;
+            });
+        }
     }
 }
