@@ -434,11 +434,7 @@ async fn a_key_revoked_on_one_replica_is_refused_by_the_others(pool: PgPool) {
     )
     .await;
     let other = app.spawn_api_replica().await;
-    let (rec, secret) = app
-        .store
-        .create_scoped_api_key(app.tenant, "t", Role::Developer, None, None)
-        .await
-        .unwrap();
+    let (key_id, secret) = app.developer_key("t").await;
     let on_other = || {
         app.http
             .get(format!("{other}/v1/jobs"))
@@ -447,15 +443,7 @@ async fn a_key_revoked_on_one_replica_is_refused_by_the_others(pool: PgPool) {
     };
     // the other replica has it cached
     assert_eq!(on_other().await.unwrap().status(), 200);
-    let r = app
-        .auth(
-            app.http
-                .delete(app.url(&format!("/v1/api-keys/{}", rec.id))),
-        )
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
+    app.revoke_key(key_id).await;
     let t = std::time::Instant::now();
     loop {
         let s = on_other().await.unwrap().status();

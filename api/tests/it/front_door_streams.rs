@@ -42,6 +42,23 @@ async fn streamed_without_worker(app: &TestApp) -> (reqwest::Response, Uuid) {
     (r, id)
 }
 
+/// The first job matching `predicate` (SQL over `jobs`), once there is one.
+async fn job_where(app: &TestApp, predicate: &str) -> Uuid {
+    let t = std::time::Instant::now();
+    loop {
+        let found: Option<Uuid> =
+            sqlx::query_scalar(&format!("SELECT id FROM jobs WHERE {predicate} LIMIT 1"))
+                .fetch_optional(app.store.pool())
+                .await
+                .unwrap();
+        if let Some(id) = found {
+            return id;
+        }
+        assert!(t.elapsed() < T, "no job with {predicate}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 fn delta(id: Uuid, seq: u64, attempt: i32, text: &str) -> switchyard_core::Event {
     switchyard_core::Event::new(id, seq, attempt, "output.delta", json!({ "text": text }))
 }
@@ -105,19 +122,7 @@ async fn a_waiting_request_ends_when_the_api_shuts_down(pool: PgPool) {
         .json(&json!({"model": "mock-stall", "messages": user("wait")}))
         .send();
     let pending = tokio::spawn(req);
-    let t = std::time::Instant::now();
-    let id: Uuid = loop {
-        let running: Option<Uuid> =
-            sqlx::query_scalar("SELECT id FROM jobs WHERE status = 'running' LIMIT 1")
-                .fetch_optional(app.store.pool())
-                .await
-                .unwrap();
-        if let Some(id) = running {
-            break id;
-        }
-        assert!(t.elapsed() < T, "the job never ran");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let id = job_where(&app, "status = 'running'").await;
     app.shut_down_api();
     let r = tokio::time::timeout(Duration::from_secs(10), pending)
         .await
@@ -237,19 +242,7 @@ async fn a_request_whose_quota_runs_out_before_it_runs_gets_429(pool: PgPool) {
             .unwrap()
     });
     // admitted and queued; then the day's tokens go
-    let t = std::time::Instant::now();
-    let id: Uuid = loop {
-        let queued: Option<Uuid> =
-            sqlx::query_scalar("SELECT id FROM jobs WHERE status = 'queued' LIMIT 1")
-                .fetch_optional(app.store.pool())
-                .await
-                .unwrap();
-        if let Some(id) = queued {
-            break id;
-        }
-        assert!(t.elapsed() < T, "never queued");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let id = job_where(&app, "status = 'queued'").await;
     let (day, _) = switchyard_core::quota::utc_day(chrono::Utc::now());
     let quotas = switchyard_queue::Quotas::new(app.keys(), app.redis().await);
     quotas.charge(app.tenant, &day, 10, 0).await.unwrap();
@@ -273,17 +266,7 @@ async fn a_request_whose_quota_runs_out_before_it_runs_gets_429(pool: PgPool) {
 async fn a_front_door_request_ends_when_its_key_is_revoked(pool: PgPool) {
     let app = spawn_app(pool).await;
     for stream in [true, false] {
-        let (rec, key) = app
-            .store
-            .create_scoped_api_key(
-                app.tenant,
-                "front door",
-                switchyard_core::authz::Role::Developer,
-                None,
-                None,
-            )
-            .await
-            .unwrap();
+        let (key_id, key) = app.developer_key("front door").await;
         let req = app
             .http
             .post(app.url("/v1/chat/completions"))
@@ -292,22 +275,13 @@ async fn a_front_door_request_ends_when_its_key_is_revoked(pool: PgPool) {
             .send();
         let pending = tokio::spawn(req);
         // the job runs (and, streamed, its first token went out) before the key goes
+        // (a streamed request's job has no `stream` field; a waiting one's is false)
+        let id = job_where(
+            &app,
+            &format!("status = 'running' AND (input ? 'stream') <> {stream}"),
+        )
+        .await;
         let t = std::time::Instant::now();
-        let id: Uuid = loop {
-            // (a streamed request's job has no `stream` field; a waiting one's is false)
-            let running: Option<Uuid> = sqlx::query_scalar(
-                "SELECT id FROM jobs WHERE status = 'running' AND (input ? 'stream') <> $1",
-            )
-            .bind(stream)
-            .fetch_optional(app.store.pool())
-            .await
-            .unwrap();
-            if let Some(id) = running {
-                break id;
-            }
-            assert!(t.elapsed() < T, "the job never ran");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        };
         if stream {
             let bus = app.bus().await;
             while !bus
@@ -322,15 +296,7 @@ async fn a_front_door_request_ends_when_its_key_is_revoked(pool: PgPool) {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
         }
-        let revoked = app
-            .auth(
-                app.http
-                    .delete(app.url(&format!("/v1/api-keys/{}", rec.id))),
-            )
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(revoked.status(), 200);
+        app.revoke_key(key_id).await;
         let r = tokio::time::timeout(T, pending)
             .await
             .expect("the request ends with its key")

@@ -8,6 +8,7 @@ use serde_json::{json, Value};
 use sqlx::PgPool;
 use uuid::Uuid;
 
+use crate::schedules::post;
 use crate::support::{spawn_app_with, Opts};
 
 const T: Duration = Duration::from_secs(30);
@@ -454,17 +455,6 @@ async fn a_cancelled_delayed_job_leaves_the_delayed_set(pool: PgPool) {
     let members = delayed().await;
     assert!(!members.iter().any(|m| m.starts_with(&id)), "{members:?}");
     app.stop().await;
-}
-
-/// Posts `body` to `path` and returns the status and the body.
-async fn post(app: &crate::support::TestApp, path: &str, body: Value) -> (u16, Value) {
-    let r = app
-        .auth(app.http.post(app.url(path)))
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    (r.status().as_u16(), r.json().await.unwrap())
 }
 
 /// Named queues are capped (`max_named_queues`): a job naming a new one past the cap is

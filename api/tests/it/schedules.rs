@@ -12,7 +12,8 @@ use uuid::Uuid;
 
 use crate::support::{spawn_app, TestApp};
 
-async fn post(app: &TestApp, path: &str, body: Value) -> (u16, Value) {
+/// Posts `body` to `path` with the app's key: the status and the body (`null` if not JSON).
+pub(crate) async fn post(app: &TestApp, path: &str, body: Value) -> (u16, Value) {
     let r = app
         .auth(app.http.post(app.url(path)))
         .json(&body)

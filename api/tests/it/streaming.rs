@@ -531,32 +531,14 @@ async fn a_long_finished_stream_is_read_whole_and_resuming_at_its_end_is_quiet(p
 async fn a_websocket_ends_when_its_key_is_revoked(pool: PgPool) {
     use tokio_tungstenite::tungstenite::Message;
     let app = crate::support::spawn_api_only(pool).await;
-    let (rec, key) = app
-        .store
-        .create_scoped_api_key(
-            app.tenant,
-            "ws",
-            switchyard_core::authz::Role::Developer,
-            None,
-            None,
-        )
-        .await
-        .unwrap();
+    let (key_id, key) = app.developer_key("ws").await;
     let mut ws = crate::support::ws_connect(&app.base, &key).await;
     let first = app.submit_noop(json!({})).await;
     ws.subscribe(first, 0).await;
     let frame = ws.next(T).await.expect("events while the key is valid");
     assert_eq!(frame["job_id"], json!(first), "{frame}");
     // revoked through the API: this replica forgets its cached principal at once
-    let r = app
-        .auth(
-            app.http
-                .delete(app.url(&format!("/v1/api-keys/{}", rec.id))),
-        )
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
+    app.revoke_key(key_id).await;
     let second = app.submit_noop(json!({})).await;
     ws.subscribe(second, 0).await;
     let closed = loop {
@@ -586,17 +568,7 @@ async fn a_websocket_ends_when_its_key_is_revoked(pool: PgPool) {
 #[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
 async fn an_sse_stream_ends_when_its_key_is_revoked(pool: PgPool) {
     let app = crate::support::spawn_app(pool).await;
-    let (rec, key) = app
-        .store
-        .create_scoped_api_key(
-            app.tenant,
-            "sse",
-            switchyard_core::authz::Role::Developer,
-            None,
-            None,
-        )
-        .await
-        .unwrap();
+    let (key_id, key) = app.developer_key("sse").await;
     let id = app.submit_noop(json!({"sleep_ms": 2500})).await;
     let r = app
         .http
@@ -606,15 +578,7 @@ async fn an_sse_stream_ends_when_its_key_is_revoked(pool: PgPool) {
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
-    let revoked = app
-        .auth(
-            app.http
-                .delete(app.url(&format!("/v1/api-keys/{}", rec.id))),
-        )
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(revoked.status(), 200);
+    app.revoke_key(key_id).await;
     let events = tokio::time::timeout(T, sse_events(r))
         .await
         .expect("the stream ends");

@@ -461,6 +461,32 @@ impl TestApp {
         self.get_json(&format!("/v1/jobs/{id}")).await
     }
 
+    /// A new developer key of the app's tenant: its id and its secret.
+    pub async fn developer_key(&self, name: &str) -> (Uuid, String) {
+        let (rec, key) = self
+            .store
+            .create_scoped_api_key(
+                self.tenant,
+                name,
+                switchyard_core::authz::Role::Developer,
+                None,
+                None,
+            )
+            .await
+            .unwrap();
+        (rec.id, key)
+    }
+
+    /// Revokes key `id` through the API (this replica forgets it at once); asserts 200.
+    pub async fn revoke_key(&self, id: Uuid) {
+        let r = self
+            .auth(self.http.delete(self.url(&format!("/v1/api-keys/{id}"))))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    }
+
     /// `GET path` with the app's key; asserts 200 and returns the JSON body.
     pub async fn get_json(&self, path: &str) -> Value {
         let r = self
