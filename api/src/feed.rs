@@ -70,6 +70,8 @@ pub struct Feed {
     /// The event sent last was a terminal one: the feed ends once nothing follows it.
     ended: bool,
     reset_sent: bool,
+    /// The `base` of a stream written anew that a reset was sent for (see `refill`).
+    reset_base: u64,
     /// The last history read returned a full page: read more before waiting.
     more: bool,
     idle_rounds: u32,
@@ -123,6 +125,7 @@ impl Feed {
             done: false,
             ended: false,
             reset_sent: false,
+            reset_base: 0,
             more: false,
             idle_rounds: 0,
             deferred: None,
@@ -244,6 +247,13 @@ impl Feed {
         match hist {
             Ok(h) => {
                 exists = h.exists;
+                if after > 0 && after + 1 < h.base && self.reset_base != h.base {
+                    // the stream was written anew after Redis lost it (a later attempt numbers
+                    // past every seq of the lost one): what this client saw is gone, and what
+                    // follows may be another attempt's. It starts over rather than splicing
+                    self.pending.push_back(FeedItem::Reset);
+                    self.reset_base = h.base;
+                }
                 self.more = h.events.len() == HISTORY_PAGE;
                 let mut next = after;
                 for e in h.events {

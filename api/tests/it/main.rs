@@ -18,6 +18,7 @@ mod front_door_streams;
 mod fuzz;
 mod jobs;
 mod jwt;
+mod lost_history;
 mod models;
 mod ops;
 mod outcomes;

@@ -196,7 +196,7 @@ async fn websocket_needs_a_key(pool: PgPool) {
     app.stop().await;
 }
 
-async fn sse_events(resp: reqwest::Response) -> Vec<(Option<String>, String, Value)> {
+pub(crate) async fn sse_events(resp: reqwest::Response) -> Vec<(Option<String>, String, Value)> {
     let mut out = Vec::new();
     let mut buf = String::new();
     let mut body = resp.bytes_stream();

@@ -28,7 +28,14 @@ const PUBLISH_LUA: &str = r#"
 local cur = tonumber(redis.call('HGET', KEYS[2], 'attempt') or '0')
 local att = tonumber(ARGV[1])
 if att < cur then return -1 end
-if att > cur then redis.call('HSET', KEYS[2], 'attempt', att) end
+if att > cur then
+  redis.call('HSET', KEYS[2], 'attempt', att)
+  -- the run's earlier events are gone (Redis lost them, or they expired): the stream starts
+  -- again at this seq, and a reader behind it has a gap that no history can fill
+  if cur == 0 and tonumber(ARGV[2]) > 1 and redis.call('EXISTS', KEYS[1]) == 0 then
+    redis.call('HSET', KEYS[2], 'base', ARGV[2])
+  end
+end
 local r = redis.pcall('XADD', KEYS[1], ARGV[2] .. '-0', 'e', ARGV[3])
 if type(r) == 'table' and r.err then
   local l = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
@@ -59,8 +66,11 @@ return tonumber(ms)
 
 // Starts an attempt and publishes its first event in one round trip: fences older attempts,
 // numbers the event after the highest seq in the stream (or ARGV[2], Postgres' durable seq),
-// and returns that seq (-1 if a newer attempt owns the job).
-// KEYS: ev stream, meta hash. ARGV: attempt, durable seq, payload head, payload tail, channel, ttl
+// and returns that seq (-1 if a newer attempt owns the job). A stream that is gone starts
+// again at that seq plus ARGV[7] (the gap: see `LOST_GAP`), which its meta hash keeps as
+// `base`.
+// KEYS: ev stream, meta hash. ARGV: attempt, durable seq, payload head, payload tail, channel,
+// ttl, gap
 const BEGIN_PUBLISH_LUA: &str = r#"
 local cur = tonumber(redis.call('HGET', KEYS[2], 'attempt') or '0')
 local att = tonumber(ARGV[1])
@@ -70,6 +80,10 @@ local last = 0
 local l = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
 if #l > 0 then last = tonumber(string.match(l[1][1], '^(%d+)-')) end
 local seq = math.max(last, tonumber(ARGV[2])) + 1
+if #l == 0 then
+  seq = seq + tonumber(ARGV[7])
+  if seq > 1 then redis.call('HSET', KEYS[2], 'base', string.format('%d', seq)) end
+end
 local payload = ARGV[3] .. string.format('%d', seq) .. ARGV[4]
 redis.call('XADD', KEYS[1], string.format('%d', seq) .. '-0', 'e', payload)
 redis.call('PUBLISH', ARGV[5], payload)
@@ -95,12 +109,23 @@ fn published(r: i64) -> Published {
 /// Placeholder seq used to split an event's JSON around its seq (filled in by Redis).
 const SEQ_PLACEHOLDER: u64 = 9_007_199_254_740_991;
 
+/// How far a new attempt's numbering jumps when it finds its job's stream gone although an
+/// earlier attempt ran (Redis lost the data): past every seq the lost stream can have held
+/// (Postgres' durable seq lags the deltas a run streamed), so that a client's `after` from the
+/// lost stream never names an event of the new one, and its feed can tell it to start over
+/// (`reset`) instead of splicing two attempts' output.
+pub const LOST_GAP: u64 = 1_000_000_000;
+
 /// What `read` found of a job's event history.
 #[derive(Debug, Clone)]
 pub struct History {
     pub events: Vec<Event>,
     /// Whether the job's event stream exists at all (absent: expired or lost).
     pub exists: bool,
+    /// The stream was written anew from this seq after its earlier events were lost (0: it
+    /// holds the job's events from the start). A reader that saw events before `base - 1`
+    /// cannot be brought up to date from it.
+    pub base: u64,
 }
 
 #[derive(Clone)]
@@ -151,12 +176,15 @@ impl EventBus {
     /// [`EventBus::begin_attempt`] and the publication of `first` (whose `seq` is ignored) in
     /// one round trip: `first` gets seq = max(last seq in the stream, `durable_seq`) + 1, which
     /// is returned; `None` if a newer attempt owns the job.
+    /// A later attempt (`first.attempt > 1`) that finds the stream gone numbers from
+    /// `durable_seq + LOST_GAP + 1` ([`LOST_GAP`]).
     pub async fn begin_attempt_with(
         &self,
         first: &Event,
         durable_seq: u64,
     ) -> RedisResult<Option<u64>> {
-        self.publish_after(first, durable_seq).await
+        let gap = if first.attempt > 1 { LOST_GAP } else { 0 };
+        self.publish_numbered(first, durable_seq, gap).await
     }
 
     /// Publishes `ev` (whose `seq` is ignored) numbered after both the stream's last event and
@@ -165,6 +193,15 @@ impl EventBus {
     /// that run published, and an event numbered below them would be refused as stale. Returns
     /// the seq given, `None` if a newer attempt owns the job.
     pub async fn publish_after(&self, ev: &Event, durable_seq: u64) -> RedisResult<Option<u64>> {
+        self.publish_numbered(ev, durable_seq, 0).await
+    }
+
+    async fn publish_numbered(
+        &self,
+        ev: &Event,
+        durable_seq: u64,
+        gap: u64,
+    ) -> RedisResult<Option<u64>> {
         let ttl = if ev.is_terminal() {
             self.done_ttl
         } else {
@@ -196,6 +233,7 @@ impl EventBus {
             .arg(tail)
             .arg(self.keys.event_channel(ev.job_id))
             .arg(ttl.as_secs().max(1))
+            .arg(gap)
             .invoke_async(&mut c)
             .await?;
         Ok(if seq < 0 { None } else { Some(seq as u64) })
@@ -266,7 +304,7 @@ impl EventBus {
     pub async fn read(&self, job: Uuid, after: u64, limit: usize) -> RedisResult<History> {
         let mut c = self.conn.clone();
         let key = self.keys.events(job);
-        let (raw, exists): (Value, bool) = redis::pipe()
+        let (raw, exists, base): (Value, bool, Option<u64>) = redis::pipe()
             .cmd("XRANGE")
             .arg(&key)
             .arg(format!("{}-0", after.saturating_add(1)))
@@ -274,6 +312,7 @@ impl EventBus {
             .arg("COUNT")
             .arg(limit)
             .exists(&key)
+            .hget(self.keys.event_meta(job), "base")
             .query_async(&mut c)
             .await?;
         let mut events = Vec::new();
@@ -294,6 +333,10 @@ impl EventBus {
                 }
             }
         }
-        Ok(History { events, exists })
+        Ok(History {
+            events,
+            exists,
+            base: base.unwrap_or(0),
+        })
     }
 }
