@@ -247,7 +247,7 @@ impl Feed {
         match hist {
             Ok(h) => {
                 exists = h.exists;
-                if after > 0 && after + 1 < h.base && self.reset_base != h.base {
+                if after > 0 && after.saturating_add(1) < h.base && self.reset_base != h.base {
                     // the stream was written anew after Redis lost it (a later attempt numbers
                     // past every seq of the lost one): what this client saw is gone, and what
                     // follows may be another attempt's. It starts over rather than splicing

@@ -167,6 +167,17 @@ pub async fn check_backlog(state: &AppState, p: &Principal, n: u64) -> Result<()
     let Some(max) = state.admission.limits(p).max_queued_jobs else {
         return Ok(());
     };
+    if n > 1 && n > max {
+        // no backlog ever takes it: waiting would not help
+        return Err(ApiError::field(
+            ErrorCode::InvalidInput,
+            "jobs",
+            format!(
+                "{n} jobs in one request, and the tenant may have at most {max} queued \
+                 (max_queued_jobs): send them in smaller batches"
+            ),
+        ));
+    }
     // (the count to go by, whether this request refreshes it)
     let (known, refresh) = {
         let mut map = state

@@ -22,14 +22,12 @@ pub(crate) async fn spawn_batch(
     // held before the claim is sent: another delivery of one of these jobs (a duplicate, the
     // reclaim loop's) that finds it held by this worker's id meanwhile must not take that
     // for a lost reply and run the same attempt beside this one
-    let ids: Vec<Uuid> = {
-        let mut held = s.claimed.lock().unwrap_or_else(|p| p.into_inner());
+    let ids: Vec<Uuid> = s.claimed.hold_many(
         deliveries
             .iter()
             .map(|d| d.job_id)
-            .filter(|id| !id.is_nil() && held.insert(*id))
-            .collect()
-    };
+            .filter(|id| !id.is_nil()),
+    );
     let mut claimed: HashMap<Uuid, JobRow> =
         match s.store.claim_many(&ids, &s.id, s.opts.lease).await {
             Ok(rows) => rows.into_iter().map(|r| (r.id, r)).collect(),
@@ -40,11 +38,10 @@ pub(crate) async fn spawn_batch(
             }
         };
     // what was not claimed is let go (its delivery goes the one-by-one way, holding anew)
-    if let Ok(mut held) = s.claimed.lock() {
-        for id in &ids {
-            if !claimed.contains_key(id) {
-                held.remove(id);
-            }
+    for id in &ids {
+        match claimed.get(id) {
+            Some(row) => s.claimed.running(*id, row.attempt),
+            None => s.claimed.release(*id),
         }
     }
     for d in deliveries {
@@ -80,18 +77,13 @@ pub(crate) async fn spawn_batch(
     }
 }
 
-/// Runs a job this worker claimed (already in `claimed`), then lets go of the claim.
+/// Runs a job this worker claimed, holding it as this attempt's, then lets go of the claim
+/// (unless a newer attempt claimed here took over).
 async fn run_holding(s: &Shared, d: Delivery, row: JobRow) {
-    let id = row.id;
+    let (id, attempt) = (row.id, row.attempt);
+    s.claimed.running(id, attempt);
     crate::run::run_claimed(s, d, row).await;
-    if let Ok(mut held) = s.claimed.lock() {
-        held.remove(&id);
-    }
-}
-
-/// Takes hold of a claim: false when this worker already holds it.
-fn hold(s: &Shared, id: Uuid) -> bool {
-    s.claimed.lock().map(|mut h| h.insert(id)).unwrap_or(false)
+    s.claimed.finished(id, attempt);
 }
 
 pub(crate) async fn ack(s: &Shared, d: &Delivery) {
@@ -105,33 +97,30 @@ async fn handle_delivery(s: &Shared, d: Delivery) {
     }
     // held before the claim, as in `spawn_batch`; `false`: another task of this worker is
     // claiming or running the job, so this delivery is a duplicate whatever the claim says
-    let mine = hold(s, d.job_id);
+    let mine = s.claimed.hold(d.job_id);
     let claim = with_retry("claim", s.opts.lease, || {
         s.store.claim(d.job_id, &s.id, s.opts.lease)
     })
     .await;
-    let release = |s: &Shared| {
-        if mine {
-            if let Ok(mut held) = s.claimed.lock() {
-                held.remove(&d.job_id);
-            }
-        }
-    };
     match claim {
-        Ok(ClaimOutcome::Claimed(row)) if mine => run_holding(s, d, row).await,
-        // (a newer attempt than the one running here: that one is fenced out)
-        Ok(ClaimOutcome::Claimed(row)) => crate::run::run_claimed(s, d, row).await,
+        // (not `mine`: a newer attempt than the one running here, which is fenced out; this
+        // one takes over the hold, so the stale run's end does not let go of it)
+        Ok(ClaimOutcome::Claimed(row)) => run_holding(s, d, row).await,
         // held by this worker's id but not running here: the claim committed and its reply
         // was lost (or a retried claim found its first try done); nobody else will run it
         // before its lease ends, and then at the cost of an attempt
         Ok(ClaimOutcome::Held(row))
-            if mine && row.lease_owner.as_deref() == Some(s.id.as_str()) =>
+            if mine
+                && row.lease_owner.as_deref() == Some(s.id.as_str())
+                && s.claimed.adopt(row.id, row.attempt) =>
         {
             tracing::info!("running a claim of this worker whose reply was lost");
             run_holding(s, d, row).await;
         }
         other => {
-            release(s);
+            if mine {
+                s.claimed.release(d.job_id);
+            }
             settle(s, d, other).await;
         }
     }

@@ -7,6 +7,7 @@ pub mod code;
 pub mod code_metrics;
 mod deliver;
 pub mod executor;
+mod holds;
 pub mod llm;
 pub mod noop;
 mod publisher;

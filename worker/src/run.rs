@@ -76,6 +76,7 @@ pub(crate) async fn run_claimed(s: &Shared, d: Delivery, row: JobRow) {
             id,
             Running {
                 beat_now: beat_now.clone(),
+                attempt,
             },
         );
     }
@@ -83,9 +84,7 @@ pub(crate) async fn run_claimed(s: &Shared, d: Delivery, row: JobRow) {
     let noticed = s
         .recent_cancels
         .lock()
-        .ok()
-        .and_then(|mut recent| recent.remove(&id))
-        .is_some();
+        .is_ok_and(|mut recent| recent.take(id, tokio::time::Instant::now()));
     if noticed {
         beat_now.notify_one();
     }
@@ -104,15 +103,28 @@ pub(crate) async fn run_claimed(s: &Shared, d: Delivery, row: JobRow) {
         );
         let consumer = s.id.clone();
         let d = d.clone();
+        // what is left of the lease the claim took: a claim whose reply was lost (taken up
+        // later, or by a retry) may have committed long before this run starts
+        let left = row
+            .lease_expires_at
+            .and_then(|t| (t - Utc::now()).to_std().ok())
+            .unwrap_or_default()
+            .min(lease);
         async move {
             let every = lease / 3;
-            let mut renewed = std::time::Instant::now();
+            // as if renewed when the claim's lease began, and first renewed while half of
+            // what is left remains
+            let mut renewed = std::time::Instant::now()
+                .checked_sub(lease - left)
+                .unwrap_or_else(std::time::Instant::now);
+            let mut wait = every.min(left / 2);
             loop {
                 tokio::select! {
                     _ = run_token.cancelled() => return,
-                    _ = tokio::time::sleep(every) => {}
+                    _ = tokio::time::sleep(wait) => {}
                     _ = beat_now.notified() => {}
                 }
+                wait = every;
                 // the lease runs from when the renewal was sent; a renewal that hangs counts
                 // as failed
                 let sent = std::time::Instant::now();
@@ -234,7 +246,10 @@ pub(crate) async fn run_claimed(s: &Shared, d: Delivery, row: JobRow) {
     run_token.cancel();
     let _ = hb_task.await;
     if let Ok(mut r) = s.running.lock() {
-        r.remove(&id);
+        // unless a newer attempt claimed here took over meanwhile
+        if r.get(&id).is_some_and(|r| r.attempt == attempt) {
+            r.remove(&id);
+        }
     }
 
     let interrupt = if fenced.is_cancelled() {

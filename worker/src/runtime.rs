@@ -4,7 +4,7 @@
 //! Invariants: a stream entry is acknowledged only after Postgres holds the run's outcome; every
 //! write of a run is fenced by its `attempt`; a fenced-out run stops without writing anything.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -20,6 +20,7 @@ use uuid::Uuid;
 use crate::batcher::Batcher;
 use crate::deliver::spawn_batch;
 use crate::executor::ExecutorRegistry;
+use crate::holds::{Claims, RecentCancels};
 
 /// Tunables of a worker process.
 #[derive(Debug, Clone)]
@@ -70,6 +71,8 @@ impl Shared {
 
 pub(crate) struct Running {
     pub(crate) beat_now: Arc<Notify>,
+    /// The attempt running (a newer one claimed here replaces a stale one's entry).
+    pub(crate) attempt: i32,
 }
 
 pub(crate) struct Shared {
@@ -91,13 +94,10 @@ pub(crate) struct Shared {
     pub(crate) slots: Arc<Semaphore>,
     pub(crate) queue_slots: HashMap<String, Arc<Semaphore>>,
     pub(crate) running: Mutex<HashMap<Uuid, Running>>,
-    /// Jobs this worker holds a claim on, from the claim to the end of their run: a claim
-    /// found held by this worker's own id is run only if it is not in here (its reply was
-    /// lost), else it is a duplicate delivery.
-    pub(crate) claimed: Mutex<HashSet<Uuid>>,
-    /// Cancel notices for jobs not (yet) running here: a run that registers right after its
-    /// notice arrived still sees it.
-    pub(crate) recent_cancels: Mutex<HashMap<Uuid, tokio::time::Instant>>,
+    /// Jobs this worker holds a claim on, from the claim to the end of their run.
+    pub(crate) claimed: Claims,
+    /// Cancel notices for jobs not (yet) running here.
+    pub(crate) recent_cancels: Mutex<RecentCancels>,
     /// Fired after the grace period: runs still going are released to other workers.
     pub(crate) hard_stop: CancellationToken,
     pub(crate) jobs: TaskTracker,
@@ -174,8 +174,8 @@ impl Worker {
                     .collect(),
                 opts,
                 running: Mutex::new(HashMap::new()),
-                claimed: Mutex::new(HashSet::new()),
-                recent_cancels: Mutex::new(HashMap::new()),
+                claimed: Claims::default(),
+                recent_cancels: Mutex::new(RecentCancels::default()),
                 hard_stop: CancellationToken::new(),
                 jobs: TaskTracker::new(),
                 completer: Batcher::new(256, 4096),
@@ -388,12 +388,7 @@ async fn cancel_listener(s: Arc<Shared>, stop: CancellationToken) {
                 Some(r) => r.beat_now.notify_one(),
                 None => {
                     if let Ok(mut recent) = s.recent_cancels.lock() {
-                        let now = tokio::time::Instant::now();
-                        if recent.len() >= 10_000 {
-                            recent
-                                .retain(|_, at| now.duration_since(*at) < Duration::from_secs(30));
-                        }
-                        recent.insert(job, now);
+                        recent.insert(job, tokio::time::Instant::now());
                     }
                 }
             }
@@ -431,9 +426,9 @@ async fn end_batch(store: Store, batch: Vec<CompleteReq>) {
     let writes: Vec<RunEndWrite> = batch.iter().map(|r| r.write.clone()).collect();
     match store.end_runs(&writes).await {
         Ok(done) => {
-            let done: std::collections::HashSet<Uuid> = done.into_iter().collect();
+            let done: std::collections::HashSet<(Uuid, i32)> = done.into_iter().collect();
             for r in batch {
-                let ok = done.contains(&r.write.id);
+                let ok = done.contains(&(r.write.id, r.write.attempt));
                 let _ = r.done.send(Ok(ok));
             }
         }

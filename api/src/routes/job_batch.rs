@@ -84,7 +84,12 @@ pub async fn submit_idempotent(
     let outcome = state
         .store
         .insert_job_idempotent(key, &digest, &job)
-        .await?;
+        .await
+        .map_err(|e| {
+            // nothing was queued: its place in the backlog count goes back
+            crate::quota::return_backlog(state, principal, 1);
+            ApiError::from(e)
+        })?;
     if outcome == Idempotent::Created {
         let view = job.to_job();
         state.submitter.dispatch(job).await;

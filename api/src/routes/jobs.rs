@@ -223,7 +223,18 @@ pub async fn create_job(
         .named_queues
         .admit(&state.queue, &[("queue".to_string(), job.queue.as_str())])
         .await?;
-    crate::quota::check_backlog(&state, &principal, 1).await?;
+    if let Err(refused) = crate::quota::check_backlog(&state, &principal, 1).await {
+        // a duplicate of a keyed request that committed meanwhile (the two were admitted one
+        // after the other, the first one's job taking the last place) gets that job
+        if let (Some(key), Some(digest)) = (&idempotency, request_digest) {
+            if let Some(replay) =
+                crate::routes::job_batch::replay_idempotent(&state, &principal, key, digest).await?
+            {
+                return Ok(replay);
+            }
+        }
+        return Err(refused);
+    }
     if let (Some(key), Some(digest)) = (idempotency, request_digest) {
         return crate::routes::job_batch::submit_idempotent(&state, &principal, &key, digest, job)
             .await;

@@ -1,7 +1,8 @@
 //! Conversation turns that do not simply succeed: a turn behind one that keeps retrying, a
 //! conversation deleted mid-turn (its turns cancelled, the reply's tokens still charged), a
 //! reply cut by a cancel (charged), and the retry of a failed turn, allowed only while it is
-//! the last, and a summary model that answers with nothing.
+//! the last, a summary model that answers with nothing or does not resolve, and a stored
+//! summary kept for a turn on a model outside the table.
 
 use std::time::Duration;
 
@@ -317,5 +318,102 @@ async fn an_empty_summary_is_not_kept(pool: PgPool) {
     let msgs = last.as_array().unwrap();
     assert!(msgs.len() > 4, "older turns kept: {}", msgs.len());
     assert!(msgs.iter().all(|m| m["role"] != "system"), "{last}");
+    app.stop().await;
+}
+
+/// Turns of a `summarize` conversation until one stores a summary; returns its id and model.
+async fn summarized(app: &TestApp) -> (String, String) {
+    let model = format!("mock-sum-{}", Uuid::now_v7().simple());
+    let c = create(
+        app,
+        json!({"model": model, "context_strategy": "summarize"}),
+    )
+    .await;
+    let id = c["id"].as_str().unwrap().to_string();
+    for i in 0..24 {
+        say(
+            app,
+            &id,
+            &(format!("turn {i} ") + &"conversational ".repeat(100)),
+        )
+        .await;
+        let (_, conv) = crate::conversations::get(app, &format!("/v1/conversations/{id}")).await;
+        if !conv["summary"].is_null() {
+            return (id, model);
+        }
+    }
+    panic!("no summary was stored");
+}
+
+/// A turn on a model outside the table (`<provider>/<model>`: its window is unknown, so nothing
+/// is fitted) still gets the stored summary: the turns it covers are not read any more, and
+/// they vanished from that turn's prompt.
+#[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
+async fn a_turn_on_an_unlisted_model_keeps_the_summary(pool: PgPool) {
+    let app = spawn_app(pool).await;
+    let (id, model) = summarized(&app).await;
+    let (s, v) = post(
+        &app,
+        &id,
+        json!({"content": "and now?", "model": format!("mock/{model}")}),
+    )
+    .await;
+    assert_eq!(s, 202, "{v}");
+    let job: Uuid = v["job"]["id"].as_str().unwrap().parse().unwrap();
+    app.wait_status(job, "succeeded", T).await;
+    let reqs = app.mock_requests(&model).await;
+    let last = &reqs.last().unwrap()["body"]["messages"];
+    let first = &last.as_array().unwrap()[0];
+    assert_eq!(first["role"], "system", "{last}");
+    assert!(
+        first["content"]
+            .as_str()
+            .unwrap()
+            .starts_with("Summary of the earlier conversation"),
+        "{last}"
+    );
+    assert_eq!(
+        last.as_array().unwrap().last().unwrap()["content"],
+        "and now?"
+    );
+    app.stop().await;
+}
+
+/// A summary model that does not resolve (`llm.summary_model` misconfigured) fails no turn:
+/// the turns that need a summary drop their oldest turns instead, as when the model refuses.
+#[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
+async fn a_summary_model_that_does_not_resolve_fails_no_turn(pool: PgPool) {
+    let opts = Opts {
+        configure: Some(std::sync::Arc::new(|cfg| {
+            cfg.llm.summary_model = Some("no-such-model".into());
+        })),
+        ..Default::default()
+    };
+    let app = spawn_app_with(pool, opts).await;
+    let model = format!("mock-sum-{}", Uuid::now_v7().simple());
+    let c = create(
+        &app,
+        json!({"model": model, "context_strategy": "summarize"}),
+    )
+    .await;
+    let id = c["id"].as_str().unwrap().to_string();
+    for i in 0..24 {
+        // `say` waits for each turn to succeed
+        say(
+            &app,
+            &id,
+            &(format!("turn {i} ") + &"conversational ".repeat(100)),
+        )
+        .await;
+    }
+    let (_, conv) = crate::conversations::get(&app, &format!("/v1/conversations/{id}")).await;
+    assert!(conv["summary"].is_null(), "{}", conv["summary"]);
+    let reqs = app.mock_requests(&model).await;
+    assert_eq!(reqs.len(), 24);
+    let last = reqs.last().unwrap()["body"]["messages"]
+        .as_array()
+        .unwrap()
+        .len();
+    assert!(last < 48, "the oldest turns were dropped: {last} messages");
     app.stop().await;
 }

@@ -70,7 +70,7 @@ async fn nul_characters_in_results_are_replaced_not_lost(pool: PgPool) {
     ];
     let mut done = app.store.end_runs(&writes).await.unwrap();
     done.sort();
-    let mut want = vec![a, b];
+    let mut want = vec![(a, 1), (b, 1)];
     want.sort();
     assert_eq!(done, want, "both written in the batch");
     assert_eq!(app.get_job(a).await["output"], json!("x\u{FFFD}"));

@@ -324,6 +324,22 @@ async fn a_full_backlog_refuses_new_jobs_until_workers_catch_up(pool: PgPool) {
         "/v1/jobs/batch",
     )
     .await;
+    // a batch larger than the limit itself never fits: 422 on its field, not a 429 to retry
+    let big = json!({"jobs": vec![json!({"kind": "system.noop", "input": {}}); 4]});
+    let r = app
+        .auth(app.http.post(app.url("/v1/jobs/batch")))
+        .json(&big)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 422);
+    assert!(r.headers().get("retry-after").is_none());
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(
+        (v["error"]["code"].as_str(), v["error"]["field"].as_str()),
+        (Some("invalid_input"), Some("jobs")),
+        "{v}"
+    );
     // the front door says so in OpenAI's rate-limit shape (clients retry it), with the wait
     let r = front_door_chat(&app).await;
     assert_eq!(r.status(), 429);

@@ -83,6 +83,17 @@ async fn batched_statements_run_generic_plans_as_the_services_role(pool: PgPool)
     assert_eq!(main_nestloop, "on");
     assert_eq!(batch_role, main_role);
     assert_eq!(batch_role, switchyard_store::SERVICE_ROLE);
+    // every service session is bounded server-side: a stalled statement is cancelled
+    for p in [app.store.pool(), app.store.batch_pool()] {
+        let (st, idle): (String, String) = sqlx::query_as(
+            "SELECT current_setting('statement_timeout'),
+                    current_setting('idle_in_transaction_session_timeout')",
+        )
+        .fetch_one(p)
+        .await
+        .unwrap();
+        assert_eq!((st.as_str(), idle.as_str()), ("1min", "1min"));
+    }
 
     // plans made on an empty table
     let lease = Duration::from_secs(30);
@@ -122,7 +133,7 @@ async fn batched_statements_run_generic_plans_as_the_services_role(pool: PgPool)
         .collect();
     let mut done = app.store.end_runs(&ends).await.unwrap();
     done.sort();
-    let mut want = ids.clone();
+    let mut want: Vec<(uuid::Uuid, i32)> = ends.iter().map(|e| (e.id, e.attempt)).collect();
     want.sort();
     assert_eq!(done, want);
     // a second end of the same runs is fenced out

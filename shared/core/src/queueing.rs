@@ -79,7 +79,7 @@ pub struct Backoff {
     /// Seconds before the first retry (exponential) or every retry (fixed); default 1.
     #[serde(default = "one")]
     pub delay_s: f64,
-    /// Exponential only: the longest wait (default 3600).
+    /// Exponential only: the longest wait (default 3600, or `delay_s` when that is longer).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_delay_s: Option<f64>,
     /// Multiply each wait by a random factor in 0.8–1.2 (default: on for exponential, off for
@@ -134,7 +134,10 @@ impl Backoff {
             BackoffKind::Fixed => self.delay_s,
             BackoffKind::Exponential => {
                 let doublings = (attempt.max(1) - 1).min(60);
-                let max = self.max_delay_s.unwrap_or(DEFAULT_MAX_DELAY_S);
+                // the default cap never shortens the first wait asked for
+                let max = self
+                    .max_delay_s
+                    .unwrap_or(DEFAULT_MAX_DELAY_S.max(self.delay_s));
                 (self.delay_s * 2f64.powi(doublings)).min(max)
             }
         };
@@ -225,6 +228,23 @@ mod tests {
             let s = j.delay(1).as_secs_f64();
             assert!((1.6..=2.4).contains(&s), "{s}");
         }
+    }
+
+    #[test]
+    fn the_default_cap_never_shortens_the_first_wait() {
+        let b = Backoff {
+            kind: BackoffKind::Exponential,
+            delay_s: 7200.0,
+            max_delay_s: None,
+            jitter: Some(false),
+        };
+        assert_eq!(b.delay(1).as_secs(), 7200);
+        assert_eq!(b.delay(3).as_secs(), 7200);
+        let short = Backoff {
+            delay_s: 1000.0,
+            ..b
+        };
+        assert_eq!(short.delay(3).as_secs(), 3600);
     }
 
     #[test]

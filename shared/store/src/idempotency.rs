@@ -4,7 +4,7 @@
 
 use uuid::Uuid;
 
-use crate::{NewJob, Result, Store};
+use crate::{NewJob, Result, Store, StoreError};
 
 /// How long a key keeps returning its job.
 pub const IDEMPOTENCY_TTL_H: i64 = 24;
@@ -95,35 +95,46 @@ impl Store {
             .execute(&mut *tx)
             .await?;
         let all: Option<Vec<Uuid>> = (jobs.len() > 1).then(|| jobs.iter().map(|j| j.id).collect());
-        // a concurrent request with the same key waits here until the first one commits
-        let inserted = sqlx::query(
-            "INSERT INTO idempotency_keys (tenant_id, key, request_digest, job_id, job_ids, expires_at)
-             VALUES ($1, $2, $3, $4, $5, now() + make_interval(hours => $6))
-             ON CONFLICT (tenant_id, key) DO NOTHING",
-        )
-        .bind(tenant)
-        .bind(key)
-        .bind(&digest[..])
-        .bind(first.id)
-        .bind(&all)
-        .bind(IDEMPOTENCY_TTL_H as i32)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected()
-            == 1;
-        if inserted {
-            crate::insert::insert_jobs_with(&mut *tx, jobs).await?;
-            tx.commit().await?;
-            return Ok(None);
-        }
-        let row: KeyRow = sqlx::query_as(
-            "SELECT request_digest, job_id, job_ids FROM idempotency_keys
-             WHERE tenant_id = $1 AND key = $2",
-        )
-        .bind(tenant)
-        .bind(key)
-        .fetch_one(&mut *tx)
-        .await?;
+        // the key that kept this request's out can be gone when it is read back (it expired,
+        // and a prune or another request's DELETE took it in between): then insert again
+        let mut tries = 0;
+        let row: KeyRow = loop {
+            tries += 1;
+            // a concurrent request with the same key waits here until the first one commits
+            let inserted = sqlx::query(
+                "INSERT INTO idempotency_keys (tenant_id, key, request_digest, job_id, job_ids, expires_at)
+                 VALUES ($1, $2, $3, $4, $5, now() + make_interval(hours => $6))
+                 ON CONFLICT (tenant_id, key) DO NOTHING",
+            )
+            .bind(tenant)
+            .bind(key)
+            .bind(&digest[..])
+            .bind(first.id)
+            .bind(&all)
+            .bind(IDEMPOTENCY_TTL_H as i32)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected()
+                == 1;
+            if inserted {
+                crate::insert::insert_jobs_with(&mut *tx, jobs).await?;
+                tx.commit().await?;
+                return Ok(None);
+            }
+            let row: Option<KeyRow> = sqlx::query_as(
+                "SELECT request_digest, job_id, job_ids FROM idempotency_keys
+                 WHERE tenant_id = $1 AND key = $2",
+            )
+            .bind(tenant)
+            .bind(key)
+            .fetch_optional(&mut *tx)
+            .await?;
+            match row {
+                Some(row) => break row,
+                None if tries < 3 => continue,
+                None => return Err(StoreError::Unavailable(sqlx::Error::RowNotFound)),
+            }
+        };
         tx.commit().await?;
         Ok(Some((row.0 == digest[..], jobs_of(&row))))
     }

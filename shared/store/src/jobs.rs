@@ -339,6 +339,16 @@ impl Store {
         if lease_live {
             return Ok(ClaimOutcome::Held(row));
         }
+        // what the claim left alone was not claimable by Postgres' clock: a running job whose
+        // lease this host's clock (ahead of Postgres') or the moment since calls expired is
+        // still held, never dropped as raced (its entry would be acknowledged while it runs)
+        let held = |row: JobRow| {
+            if row.status() == JobStatus::Running {
+                ClaimOutcome::Held(row)
+            } else {
+                ClaimOutcome::Skip("raced")
+            }
+        };
         if row.cancel_requested_at.is_some() {
             if let Some(done) = self
                 .finalize_unowned(id, row.attempt, JobStatus::Cancelled, None)
@@ -346,7 +356,7 @@ impl Store {
             {
                 return Ok(ClaimOutcome::Finalized(done));
             }
-            return Ok(ClaimOutcome::Skip("raced"));
+            return Ok(held(row));
         }
         if row.attempt >= row.max_attempts {
             let err = JobError::new(
@@ -363,7 +373,7 @@ impl Store {
             {
                 return Ok(ClaimOutcome::Finalized(done));
             }
-            return Ok(ClaimOutcome::Skip("raced"));
+            return Ok(held(row));
         }
         // a queued job with a start time that the claim did not take was not due by
         // Postgres' clock; this host's clock may be ahead of it, so never drop it as raced
@@ -372,7 +382,7 @@ impl Store {
         if status == JobStatus::Queued && row.run_at.is_some() {
             return Ok(ClaimOutcome::NotDue(row));
         }
-        Ok(ClaimOutcome::Skip("raced"))
+        Ok(held(row))
     }
 
     /// Claims many jobs in one statement (the fast path of a fetched batch). Returns the rows it

@@ -111,6 +111,19 @@ fn batch_pool(opts: &PgConnectOptions, max_connections: u32) -> PgPool {
         .connect_lazy_with(opts)
 }
 
+/// Server-side bounds of every service session: a statement stalled on a lock or a slow disk
+/// is cancelled (SQLSTATE 57014, answered 503 by the API, retried by workers) instead of
+/// holding its caller, and its locks, indefinitely; a session idle inside a transaction (a
+/// client that died mid-way) gives its locks up. Generous: the longest statements the
+/// services run (a statistics refresh, a page of retention or audit chaining) take seconds.
+/// Migrations connect as the owner, without these.
+fn bounded(opts: PgConnectOptions) -> PgConnectOptions {
+    opts.options([
+        ("statement_timeout", "60s"),
+        ("idle_in_transaction_session_timeout", "60s"),
+    ])
+}
+
 /// The role the services act as (row-level security binds it; see the RLS migration).
 pub const SERVICE_ROLE: &str = "switchyard_app";
 
@@ -134,7 +147,7 @@ impl Store {
         // the throughput). A generic plan cached while `jobs` was empty would keep scanning it
         // as it grows (measured: 5,000 → 1,300 jobs/s): the scheduler refreshes the table's
         // statistics as it changes (`refresh_statistics`), which re-plans every cached plan.
-        let mut opts = owner.clone();
+        let mut opts = bounded(owner.clone());
         if let Some(role) = role.filter(|r| !r.is_empty()) {
             opts = opts.options([("role", role)]);
         }
@@ -162,7 +175,7 @@ impl Store {
     /// The same database as `pool`'s, acting as `role` (tests run the services' role).
     pub fn with_role(pool: &PgPool, role: &str) -> Store {
         let owner = (*pool.connect_options()).clone();
-        let opts = owner.clone().options([("role", role)]);
+        let opts = bounded(owner.clone()).options([("role", role)]);
         let pool = PgPoolOptions::new()
             .max_connections(16)
             .acquire_timeout(Duration::from_secs(5))

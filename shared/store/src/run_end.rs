@@ -71,8 +71,9 @@ impl Store {
     }
 
     /// Writes the ends of many runs in one statement, each fenced by its own attempt; returns
-    /// the ids whose write took effect (the others were fenced out).
-    pub async fn end_runs(&self, ends: &[RunEndWrite]) -> Result<Vec<Uuid>> {
+    /// the (id, attempt) of each write that took effect (the others were fenced out): two runs
+    /// of one job in a batch, a stale one and the current one, are told apart by attempt.
+    pub async fn end_runs(&self, ends: &[RunEndWrite]) -> Result<Vec<(Uuid, i32)>> {
         if ends.is_empty() {
             return Ok(Vec::new());
         }
@@ -101,7 +102,7 @@ impl Store {
             run_ats.push(run_at);
             seqs.push(w.seq as i64);
         }
-        let done: Vec<Uuid> = sqlx::query_scalar(&format!(
+        let done: Vec<(Uuid, i32)> = sqlx::query_as(&format!(
             "UPDATE jobs j SET status = v.status, output = v.output, error = v.error, run_at = v.run_at,
                 finished_at = CASE WHEN v.status IN ('succeeded', 'failed', 'cancelled') THEN now() ELSE NULL END,
                 lease_owner = NULL, lease_expires_at = NULL, event_seq = GREATEST(j.event_seq, v.seq),
@@ -118,7 +119,7 @@ impl Store {
                -- a job whose cancel was asked for is not requeued, nor failed (the run ends
                -- cancelled, as the cancel promised: see `RunEnd::requeued_at`)
                AND NOT (v.status IN ('queued', 'failed') AND j.cancel_requested_at IS NOT NULL)
-             RETURNING j.id"
+             RETURNING j.id, v.attempt"
         ))
         .bind(&ids)
         .bind(&attempts)

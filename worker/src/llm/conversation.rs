@@ -17,6 +17,16 @@ use crate::executor::{ExecError, JobContext};
 const IDLE_PREDECESSOR_WAIT: Duration = Duration::from_secs(5);
 const POLL: Duration = Duration::from_millis(100);
 
+/// How long a turn `ahead` turns back in line waits before it looks again: a second per turn
+/// ahead, doubling with each deferral (every claim counts an attempt, given back on deferral),
+/// at most 30 s. A turn behind long replies deferred every second, used up the run's 1,000
+/// deferrals in a quarter of an hour and then failed; now they last hours.
+fn busy_delay(ahead: u64, attempt: i32) -> Duration {
+    let doubling = 1u64 << (attempt.clamp(1, 6) - 1);
+    Duration::from_secs(ahead.saturating_sub(1).max(doubling))
+        .clamp(Duration::from_secs(1), Duration::from_secs(30))
+}
+
 fn store_error(e: switchyard_store::StoreError) -> ExecError {
     ExecError::retryable("store_unavailable", e.to_string())
 }
@@ -69,8 +79,7 @@ pub(crate) async fn history(
                     "turn {} waits for {ahead} earlier turns (from turn {})",
                     conv.turn, first.turn
                 ),
-                Duration::from_secs(ahead - 1)
-                    .clamp(Duration::from_secs(1), Duration::from_secs(30)),
+                busy_delay(ahead, ctx.attempt),
             ));
         }
         // waiting in the slot is cheap while an earlier turn runs; when none runs (queued for
@@ -218,5 +227,23 @@ pub(crate) async fn append(
                 "reply not appended (a newer attempt owns the turn)");
             Ok(())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_turn_waiting_in_line_backs_off_to_30_s() {
+        let secs = |ahead, attempt| busy_delay(ahead, attempt).as_secs();
+        assert_eq!(secs(2, 1), 1);
+        assert_eq!(secs(2, 2), 2);
+        assert_eq!(secs(2, 4), 8);
+        assert_eq!(secs(2, 6), 30);
+        assert_eq!(secs(2, 900), 30);
+        assert_eq!(secs(10, 1), 9, "a second per turn ahead");
+        assert_eq!(secs(100, 1), 30);
+        assert_eq!(secs(2, 0), 1);
     }
 }

@@ -113,8 +113,12 @@ pub(crate) async fn prompt(
 ) -> Result<Prompt, ExecError> {
     let primary = match providers.table().resolve(&input.model) {
         // a known window; otherwise the call reports the unknown model, or the provider judges
+        // (the stored summary still stands for the turns it covers: they were not read)
         Ok(p) if p.config.context_window > 0 => p,
-        _ => return Ok(Prompt::unchanged(h.head.clone(), h.messages())),
+        _ => {
+            let head = with_summary(&h.head, h.conversation.summary.as_deref());
+            return Ok(Prompt::unchanged(head, h.messages()));
+        }
     };
     let c = &h.conversation;
     let from = if c.summary.is_some() {
@@ -164,10 +168,15 @@ pub(crate) async fn prompt(
     }
     let new_from = rest[dropped].0;
     let model = summary_model.unwrap_or(&input.model).to_string();
-    let summarizer = providers
-        .table()
-        .resolve(&model)
-        .map_err(|e| ExecError::fatal("unknown_model", format!("summary model: {e}")))?;
+    let summarizer = match providers.table().resolve(&model) {
+        Ok(m) => m,
+        // a summary model that does not resolve (`llm.summary_model` misconfigured): this
+        // turn drops the oldest turns instead, as when the model refuses to summarize
+        Err(e) => {
+            tracing::warn!(conversation = %c.id, model, error = %e, "no summary model; the oldest turns are dropped for this turn");
+            return Ok(Prompt::unchanged(head, msgs));
+        }
+    };
     // a summary model of unknown window (not in the table) gets the conversation model's:
     // a window of 0 would cut the whole transcript and store an empty summary
     let window = match summarizer.config.context_window {
