@@ -417,3 +417,122 @@ async fn a_summary_model_that_does_not_resolve_fails_no_turn(pool: PgPool) {
     assert!(last < 48, "the oldest turns were dropped: {last} messages");
     app.stop().await;
 }
+
+/// When more falls out of the window than the summary model reads at once (its window is
+/// smaller), the dropped turns are folded chunk by chunk, oldest first: every turn the summary
+/// stands for went into some summary call. (Only the newest part was read, yet every dropped
+/// turn was marked covered: the rest vanished from every later prompt.)
+#[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
+async fn turns_past_the_summarizers_window_are_folded_in_chunks_none_left_out(pool: PgPool) {
+    let upstream = format!("mock-tiny-{}", Uuid::now_v7().simple());
+    let up = upstream.clone();
+    let opts = Opts {
+        configure: Some(std::sync::Arc::new(move |cfg| {
+            let mut m = switchyard_core::models::ModelConfig::on("mock");
+            m.model = Some(up.clone());
+            m.context_window = 6000;
+            cfg.llm.models.insert("tiny-sum".into(), m);
+            cfg.llm.summary_model = Some("tiny-sum".into());
+        })),
+        ..Default::default()
+    };
+    let app = spawn_app_with(pool, opts).await;
+    let model = format!("mock-sum-{}", Uuid::now_v7().simple());
+    let c = create(
+        &app,
+        json!({"model": model, "context_strategy": "summarize"}),
+    )
+    .await;
+    let id = c["id"].as_str().unwrap().to_string();
+    for i in 0..24 {
+        say(
+            &app,
+            &id,
+            &(format!("turn {i} ") + &"conversational ".repeat(100)),
+        )
+        .await;
+    }
+    let (_, conv) = crate::conversations::get(&app, &format!("/v1/conversations/{id}")).await;
+    let upto = conv["summary_turn"].as_i64().expect("a summary is kept");
+    assert!(upto > 2, "{conv}");
+    let calls = app.mock_requests(&upstream).await;
+    assert!(calls.len() >= 2, "{} summary calls", calls.len());
+    let read: String = calls
+        .iter()
+        .map(|r| r["body"]["messages"][1]["content"].as_str().unwrap_or(""))
+        .collect();
+    // turn t (from 1) asked "turn {t-1} ..."
+    for t in 1..upto {
+        assert!(
+            read.contains(&format!("turn {} conversational", t - 1)),
+            "turn {t} is covered by the summary (before turn {upto}) but was never summarized"
+        );
+    }
+    // each call read at most what the summary model's window holds
+    for r in &calls {
+        let chars = r["body"]["messages"][1]["content"].as_str().unwrap().len();
+        assert!(
+            chars / 3 < 6000,
+            "{chars} characters for a 6,000-token window"
+        );
+    }
+    app.stop().await;
+}
+
+/// A reply written by an attempt that then died (its end never committed), in a turn a later
+/// attempt ends failed: the reply goes with the failure, so the turn reads as unanswered and
+/// later prompts do not build on an answer nobody was charged for.
+#[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
+async fn a_reply_left_by_a_dead_attempt_goes_when_the_turn_fails(pool: PgPool) {
+    use switchyard_store::{ClaimOutcome, Reply, RunEnd};
+    let app = spawn_app_with(
+        pool,
+        Opts {
+            worker: false,
+            ..Default::default()
+        },
+    )
+    .await;
+    let c = create(&app, json!({"model": "mock-echo"})).await;
+    let id = c["id"].as_str().unwrap().to_string();
+    let (_, posted) = post(&app, &id, json!({"content": "hello?"})).await;
+    let job: Uuid = posted["job"]["id"].as_str().unwrap().parse().unwrap();
+    // attempt 1 writes its reply, then its worker dies: its lease runs out
+    let short = Duration::from_millis(1);
+    let ClaimOutcome::Claimed(first) = app.store.claim(job, "w1", short).await.unwrap() else {
+        panic!("claim")
+    };
+    let reply = Reply {
+        conversation_id: id.parse().unwrap(),
+        turn: 1,
+        job_id: job,
+        attempt: first.attempt,
+        content: "an answer from a dead run".into(),
+        tool_calls: None,
+        model: "mock-echo".into(),
+        usage: json!({}),
+    };
+    assert!(app.store.append_reply(&reply).await.unwrap());
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    // attempt 2 fails for good
+    let ClaimOutcome::Claimed(second) = app
+        .store
+        .claim(job, "w2", Duration::from_secs(30))
+        .await
+        .unwrap()
+    else {
+        panic!("second claim")
+    };
+    assert_eq!(second.attempt, 2);
+    let err = switchyard_core::job::JobError::new("invalid_request", "a 400", false);
+    assert!(app
+        .store
+        .end_run(job, 2, &RunEnd::Failed(err), 3)
+        .await
+        .unwrap());
+    let (_, conv) = crate::conversations::get(&app, &format!("/v1/conversations/{id}")).await;
+    let msgs = conv["messages"].as_array().unwrap();
+    assert_eq!(msgs.len(), 1, "{conv}");
+    assert_eq!(msgs[0]["role"], "user");
+    app.stop().await;
+}

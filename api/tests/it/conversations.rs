@@ -416,13 +416,18 @@ async fn the_summarize_strategy_keeps_and_reuses_a_summary(pool: PgPool) {
         summaries <= 8,
         "the summary is reused, not remade every turn ({summaries} summaries)"
     );
-    // each summary call is reported by the turn that made it, and counted in the usage
+    // each summary call is reported by the turn that made it (a turn folding more than the
+    // summary model reads at once makes several, reported together), and counted in the usage
     let summarized: Vec<&Value> = jobs
         .iter()
         .map(|j| &j["output"])
         .filter(|o| o.get("summary").is_some())
         .collect();
-    assert_eq!(summarized.len(), summaries);
+    assert!(
+        (1..=summaries).contains(&summarized.len()),
+        "{} turns reported {summaries} summary calls",
+        summarized.len()
+    );
     let tokens =
         |u: &Value| u["prompt_tokens"].as_i64().unwrap() + u["completion_tokens"].as_i64().unwrap();
     for o in &summarized {

@@ -166,7 +166,6 @@ pub(crate) async fn prompt(
     if dropped == 0 {
         return Ok(Prompt::unchanged(head, msgs));
     }
-    let new_from = rest[dropped].0;
     let model = summary_model.unwrap_or(&input.model).to_string();
     let summarizer = match providers.table().resolve(&model) {
         Ok(m) => m,
@@ -186,14 +185,10 @@ pub(crate) async fn prompt(
     let room = u64::from(window.saturating_sub(SUMMARY_TOKENS + 200));
     let summary_tok =
         Tokenizer::for_model(summarizer.config.tokenizer.as_deref(), &summarizer.upstream);
-    let text = {
-        let (previous, dropped) = (c.summary.clone(), msgs[..dropped].to_vec());
-        tokio::task::spawn_blocking(move || {
-            transcript(previous.as_deref(), &dropped, summary_tok, room)
-        })
-        .await
-        .map_err(ExecError::internal)?
-    };
+    // what falls out may be more than the summarizer reads at once (a 200k window folding
+    // into a 16k one): it is folded chunk by chunk, oldest first, each into the summary so
+    // far. (Only the newest part used to be read, yet every dropped turn was marked covered:
+    // the rest vanished for good.)
     // no temperature: reasoning models (o3, gpt-5...) refuse any but their default
     let summary_input = LlmChatInput {
         model,
@@ -202,45 +197,92 @@ pub(crate) async fn prompt(
         stream: Some(false),
         ..LlmChatInput::default()
     };
-    let done = match providers
-        .complete(
-            &summary_input,
-            &[ChatMessage::new("system", INSTRUCTIONS)],
-            &[ChatMessage::new("user", text)],
-            &Sink::silent(ctx),
-        )
-        .await
-    {
-        Ok(done) => done,
-        // worth another attempt (the job retries, and summarizes then)
-        Err(e) if e.retryable => return Err(e),
-        // a summary this model will not write (a bad request, no such model): this turn drops
-        // the oldest turns instead, rather than every later turn failing the same way
-        Err(e) => {
-            tracing::warn!(conversation = %c.id, error = %e, "no summary; the oldest turns are dropped for this turn");
-            return Ok(Prompt::unchanged(head, msgs));
+    let mut summary = c.summary.clone();
+    let mut call: Option<SummaryCall> = None;
+    // the messages folded so far (those before this index)
+    let mut folded = 0;
+    for _ in 0..MAX_FOLDS {
+        if folded >= dropped {
+            break;
         }
-    };
-    let u = &done.output.usage;
-    let call = SummaryCall {
-        cost_usd: done
+        // the next chunk: what fits beside the summary so far
+        let (end, text) = {
+            let (previous, rest) = (summary.clone(), msgs[folded..dropped].to_vec());
+            tokio::task::spawn_blocking(move || {
+                let n = chunk_len(previous.as_deref(), &rest, summary_tok, room);
+                (
+                    n,
+                    transcript(previous.as_deref(), &rest[..n], summary_tok, room),
+                )
+            })
+            .await
+            .map_err(ExecError::internal)?
+        };
+        let end = folded + end;
+        let done = match providers
+            .complete(
+                &summary_input,
+                &[ChatMessage::new("system", INSTRUCTIONS)],
+                &[ChatMessage::new("user", text)],
+                &Sink::silent(ctx),
+            )
+            .await
+        {
+            Ok(done) => done,
+            // worth another attempt (the job retries, and summarizes then)
+            Err(e) if e.retryable && call.is_none() => return Err(e),
+            // a summary this model will not write (a bad request, no such model): this turn
+            // drops the oldest turns instead, rather than every later turn failing the same way
+            Err(e) if call.is_none() => {
+                tracing::warn!(conversation = %c.id, error = %e, "no summary; the oldest turns are dropped for this turn");
+                return Ok(Prompt::unchanged(head, msgs));
+            }
+            // a later chunk: what was folded is kept, the rest is folded by a later turn
+            Err(e) => {
+                tracing::warn!(conversation = %c.id, error = %e, "summary left partial; later turns fold the rest");
+                break;
+            }
+        };
+        let u = &done.output.usage;
+        let cost = done
             .model
             .config
-            .cost_usd(u.prompt_tokens, u.completion_tokens),
-        usage: done.output.usage.clone(),
-        model: done.model.alias,
+            .cost_usd(u.prompt_tokens, u.completion_tokens);
+        let call = call.get_or_insert_with(|| SummaryCall {
+            model: done.model.alias.clone(),
+            usage: Usage::new(0, 0),
+            cost_usd: 0.0,
+        });
+        call.usage.prompt_tokens += u.prompt_tokens;
+        call.usage.completion_tokens += u.completion_tokens;
+        call.usage.total_tokens += u.total_tokens;
+        call.usage.estimated |= u.estimated;
+        call.cost_usd += cost;
+        let text = done.output.text;
+        if text.trim().is_empty() {
+            // (a reasoning model can spend its whole budget thinking) stored, an empty summary
+            // would stand for every turn it covers: they would vanish from every later prompt
+            tracing::warn!(conversation = %c.id, model = %call.model, "the summary came back empty");
+            break;
+        }
+        summary = Some(text);
+        folded = end;
+    }
+    let Some(call) = call else {
+        return Ok(Prompt::unchanged(head, msgs));
     };
-    let summary = done.output.text;
-    if summary.trim().is_empty() {
-        // (a reasoning model can spend its whole budget thinking) stored, an empty summary
-        // would stand for every turn it covers: they would vanish from every later prompt
-        tracing::warn!(conversation = %c.id, model = %call.model, "the summary came back empty; the oldest turns are dropped for this turn");
+    if folded == 0 {
+        // nothing folded: the oldest turns are dropped for this turn
         return Ok(Prompt {
             head,
             history: msgs,
             summary: Some(call),
         });
     }
+    let summary = summary.unwrap_or_default();
+    // the first turn not folded in (the turns between it and the kept ones are left out of
+    // this prompt when folding stopped early: the next turn that overflows folds them)
+    let new_from = rest[folded].0;
     tracing::info!(conversation = %c.id, summarized_before_turn = new_from, "conversation summarized");
     if let Err(e) = store.save_summary(c.id, &summary, new_from).await {
         tracing::warn!(error = %e, "could not keep the summary (it is made again next time)");
@@ -251,6 +293,26 @@ pub(crate) async fn prompt(
         history: kept,
         summary: Some(call),
     })
+}
+
+/// Folds into the summary at most this many chunks per turn (a summary call each); what is
+/// left is folded by the next turns that overflow.
+const MAX_FOLDS: usize = 4;
+
+/// How many of `msgs`, from the first, the summarizer reads in one call beside `previous`
+/// (the summary so far) within `room` tokens: at least one (a message past the room alone is
+/// cut by [`transcript`]).
+fn chunk_len(previous: Option<&str>, msgs: &[ChatMessage], tok: Tokenizer, room: u64) -> usize {
+    let head = transcript(previous, &[], tok, u64::MAX);
+    let mut left = room.saturating_sub(tok.count(&head));
+    for (i, m) in msgs.iter().enumerate() {
+        let n = tok.count(&m.role) + tok.count(&m.content) + 2;
+        if n > left {
+            return i.max(1).min(msgs.len());
+        }
+        left -= n;
+    }
+    msgs.len()
 }
 
 #[cfg(test)]
@@ -285,5 +347,30 @@ mod tests {
             "{}",
             tok.count(&t)
         );
+    }
+
+    #[test]
+    fn what_overflows_the_summarizer_is_read_in_chunks_that_fit() {
+        let tok = Tokenizer::Estimate;
+        // what overflows the summarizer is folded in chunks, oldest first, each within its
+        // room beside the summary so far
+        let msgs: Vec<ChatMessage> = (0..10)
+            .map(|i| ChatMessage::new("user", format!("message {i} ") + &"word ".repeat(30)))
+            .collect();
+        let n = chunk_len(None, &msgs, tok, 200);
+        assert!((1..10).contains(&n), "{n}");
+        let t = transcript(None, &msgs[..n], tok, u64::MAX);
+        assert!(tok.count(&t) <= 200, "{}", tok.count(&t));
+        let more = transcript(None, &msgs[..n + 1], tok, u64::MAX);
+        assert!(tok.count(&more) > 150, "about as many as fit");
+        let previous = "fact ".repeat(60);
+        assert!(
+            chunk_len(Some(&previous), &msgs, tok, 200) < n,
+            "the summary takes room"
+        );
+        // one message past the room is a chunk of its own; all fit in a large room
+        assert_eq!(chunk_len(None, &msgs, tok, 5), 1);
+        assert_eq!(chunk_len(Some(&previous), &msgs, tok, 5), 1);
+        assert_eq!(chunk_len(None, &msgs, tok, 100_000), 10);
     }
 }
