@@ -215,6 +215,7 @@ impl AppState {
             models: Arc::new(cfg.llm.table()),
             named_queues: Arc::new(crate::queues::NamedQueues::new(
                 cfg.max_named_queues,
+                cfg.max_named_queues_per_tenant,
                 cfg.worker
                     .queues
                     .iter()

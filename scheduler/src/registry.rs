@@ -1,7 +1,8 @@
 //! Pruning the queue registry: a named queue stays in the registry (read every pass by the
 //! scheduler's per-queue steps and by `/metrics`) only while it holds something, has
 //! unfinished jobs, is named by a schedule or is served by a live worker. The others are dropped, which bounds the
-//! registry by what is in use and frees places under the API's `max_named_queues`.
+//! registry by what is in use and frees places under the API's `max_named_queues` (and the
+//! tenant's under `max_named_queues_per_tenant`).
 //!
 //! A job committed while its queue is dropped keeps it: the queue is dropped only when Redis
 //! holds nothing for it and Postgres has no unfinished job in it, and Postgres is asked again
@@ -29,7 +30,13 @@ impl Scheduler {
         kept.extend(self.store.scheduled_queues().await?);
         let known = known_queues();
         let mut dropped = Vec::new();
-        for q in self.queue.queues().await? {
+        // the registry's, and those recorded as a tenant's that no dispatch listed (the API
+        // admitted them, and their jobs never came): both hold places under the caps
+        let (mut all, owners) = self.queue.named_queues().await?;
+        all.extend(owners.into_keys());
+        all.sort_unstable();
+        all.dedup();
+        for q in all {
             if known.contains(&q.as_str()) || kept.contains(&q) {
                 continue;
             }

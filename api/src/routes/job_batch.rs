@@ -217,7 +217,10 @@ pub async fn create_batch(
         .enumerate()
         .map(|(i, j)| (format!("jobs[{i}].queue"), j.queue.as_str()))
         .collect();
-    state.named_queues.admit(&state.queue, &names).await?;
+    state
+        .named_queues
+        .admit(&state.queue, principal.tenant_id, &names)
+        .await?;
     // once for the whole batch, after it validated (an invalid job counts nothing)
     crate::quota::check_backlog(&state, &principal, jobs.len() as u64).await?;
     // a failed insert queued nothing: the batch's places in the backlog count go back

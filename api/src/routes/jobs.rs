@@ -221,7 +221,11 @@ pub async fn create_job(
     let job = build_job(&state, &principal, value, &trace).await?;
     state
         .named_queues
-        .admit(&state.queue, &[("queue".to_string(), job.queue.as_str())])
+        .admit(
+            &state.queue,
+            principal.tenant_id,
+            &[("queue".to_string(), job.queue.as_str())],
+        )
         .await?;
     if let Err(refused) = crate::quota::check_backlog(&state, &principal, 1).await {
         // a duplicate of a keyed request that committed meanwhile (the two were admitted one

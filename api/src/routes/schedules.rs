@@ -96,6 +96,7 @@ pub async fn create(
         .named_queues
         .admit(
             &state.queue,
+            principal.tenant_id,
             &[("job.queue".to_string(), job.queue.as_str())],
         )
         .await?;

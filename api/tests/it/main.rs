@@ -20,6 +20,7 @@ mod jobs;
 mod jwt;
 mod lost_history;
 mod models;
+mod named_queues;
 mod ops;
 mod outcomes;
 mod queues;

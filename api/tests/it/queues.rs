@@ -8,7 +8,6 @@ use serde_json::{json, Value};
 use sqlx::PgPool;
 use uuid::Uuid;
 
-use crate::schedules::post;
 use crate::support::{spawn_app_with, Opts};
 
 const T: Duration = Duration::from_secs(30);
@@ -454,105 +453,5 @@ async fn a_cancelled_delayed_job_leaves_the_delayed_set(pool: PgPool) {
     assert_eq!(r.status(), 200);
     let members = delayed().await;
     assert!(!members.iter().any(|m| m.starts_with(&id)), "{members:?}");
-    app.stop().await;
-}
-
-/// Named queues are capped (`max_named_queues`): a job naming a new one past the cap is
-/// refused naming its field, alone, in a batch or in a schedule, while existing, configured
-/// and the kinds' own queues take jobs. The scheduler drops named queues nothing uses (empty
-/// in Redis, no unfinished job, no schedule naming them, no live worker serving them), which
-/// frees their places.
-#[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
-async fn named_queues_are_capped_and_unused_ones_dropped(pool: PgPool) {
-    let app = spawn_app_with(
-        pool,
-        Opts {
-            scheduler: false,
-            configure: Some(Arc::new(|cfg| {
-                cfg.max_named_queues = 4;
-                cfg.worker.queues.push("served".into());
-            })),
-            ..Opts::default()
-        },
-    )
-    .await;
-    // "served" is registered by its worker; "a" and "b" by their jobs (waiting an hour),
-    // "sched" by its schedule
-    let t = std::time::Instant::now();
-    while !app
-        .queue()
-        .await
-        .queues()
-        .await
-        .unwrap()
-        .contains(&"served".to_string())
-    {
-        assert!(t.elapsed() < T, "the worker never registered its queue");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let later =
-        |queue: &str| json!({"kind": "system.noop", "queue": queue, "delay_s": 3600, "input": {}});
-    let hourly = |queue: &str| json!({"cron": "0 * * * *", "job": {"kind": "system.noop", "queue": queue, "input": {}}});
-    let a = app.submit(later("a")).await;
-    app.submit(later("b")).await;
-    let (s, e) = post(&app, "/v1/schedules", hourly("sched")).await;
-    assert_eq!(s, 201, "{e}");
-    let (s, e) = post(&app, "/v1/jobs", later("c")).await;
-    assert_eq!(s, 422, "{e}");
-    assert_eq!(e["error"]["field"], "queue", "{e}");
-    assert!(
-        e["error"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("max_named_queues"),
-        "{e}"
-    );
-    let batch = json!({"jobs": [later("a"), later("c")]});
-    let (s, e) = post(&app, "/v1/jobs/batch", batch).await;
-    assert_eq!(s, 422, "{e}");
-    assert_eq!(e["error"]["field"], "jobs[1].queue", "{e}");
-    let (s, e) = post(&app, "/v1/schedules", hourly("c")).await;
-    assert_eq!(s, 422, "{e}");
-    assert_eq!(e["error"]["field"], "job.queue", "{e}");
-    // queues the registry holds, and the kinds' own, still take jobs
-    app.submit(later("a")).await;
-    app.submit(later("served")).await;
-    app.submit(json!({"kind": "system.noop", "input": {}}))
-        .await;
-
-    // nothing is unused yet: "a" and "b" hold waiting jobs, "sched" has a schedule, "served"
-    // a live worker
-    let sched = app.scheduler(app.scheduler_opts()).await;
-    assert!(sched.prune_queue_registry().await.unwrap().is_empty());
-    // with their jobs cancelled, "a" holds nothing: it is dropped, and "c" fits
-    let waiting: Vec<Uuid> = sqlx::query_scalar("SELECT id FROM jobs WHERE queue = 'a'")
-        .fetch_all(app.store.pool())
-        .await
-        .unwrap();
-    assert_eq!(waiting.len(), 2);
-    assert!(waiting.contains(&id_of(&a)));
-    for id in waiting {
-        let (s, e) = post(&app, &format!("/v1/jobs/{id}/cancel"), json!({})).await;
-        assert_eq!(s, 200, "{e}");
-    }
-    assert_eq!(sched.prune_queue_registry().await.unwrap(), ["a"]);
-    let queues = app.queue().await.queues().await.unwrap();
-    assert!(!queues.contains(&"a".to_string()), "{queues:?}");
-    assert!(queues.contains(&"served".to_string()), "{queues:?}");
-    assert!(queues.contains(&"sched".to_string()), "{queues:?}");
-    // (the API trusts its last read of the registry for a few seconds)
-    let t = std::time::Instant::now();
-    loop {
-        let (s, e) = post(&app, "/v1/jobs", later("c")).await;
-        if s == 202 {
-            break;
-        }
-        assert_eq!(s, 422, "{e}");
-        assert!(
-            t.elapsed() < T,
-            "a dropped queue's place was not freed: {e}"
-        );
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
     app.stop().await;
 }

@@ -76,6 +76,9 @@ pub struct Config {
     /// pass and `/metrics` series; named queues that hold nothing and that no live worker
     /// serves are dropped from the registry by the scheduler, freeing their place.
     pub max_named_queues: u64,
+    /// Of those, how many one tenant may have created (a queue counts for the tenant whose
+    /// job, batch or schedule named it first), so that one tenant cannot take every place.
+    pub max_named_queues_per_tenant: u64,
     /// Jobs of a queue running at once across all workers, e.g. `{ llm = 200 }`.
     #[serde(default)]
     pub queue_limits: std::collections::BTreeMap<String, u64>,
@@ -261,6 +264,7 @@ struct Defaults {
     job_retention_days: u64,
     queue_lane_depth: u64,
     max_named_queues: u64,
+    max_named_queues_per_tenant: u64,
     enable_noop: bool,
     event_ttl_s: u64,
     log_json: bool,
@@ -304,6 +308,7 @@ fn defaults() -> Defaults {
         job_retention_days: 30,
         queue_lane_depth: 256,
         max_named_queues: 1000,
+        max_named_queues_per_tenant: 100,
         enable_noop: false,
         event_ttl_s: 3600,
         log_json: false,

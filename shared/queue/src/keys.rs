@@ -142,6 +142,12 @@ impl Keys {
         format!("{{{}:meta}}:queues", self.prefix)
     }
 
+    /// Which tenant named each named queue first (`queue` → tenant id): the API's
+    /// `max_named_queues_per_tenant` counts them.
+    pub fn queue_owners(&self) -> String {
+        format!("{{{}:meta}}:queue_owners", self.prefix)
+    }
+
     /// Live workers' reports (`id` → JSON), read by `GET /v1/workers`.
     pub fn workers(&self) -> String {
         format!("{{{}:meta}}:workers", self.prefix)

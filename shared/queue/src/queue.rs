@@ -184,36 +184,6 @@ impl Queue {
         pipe.query_async::<()>(&mut c).await
     }
 
-    /// Drops a named queue from the registry (the scheduler's pruning of unused ones), and its
-    /// lease-reclaim count (a `/metrics` series). Its slot's keys stay: empty streams with
-    /// their consumer group, its fairness and limit hashes and its epoch mark, which a job
-    /// dispatched to it again finds as it left them (deleting them would race that dispatch).
-    pub async fn unregister_queue(&self, queue: &str) -> RedisResult<()> {
-        let mut c = self.conn.clone();
-        let mut pipe = redis::pipe();
-        pipe.srem(self.keys.queues(), queue)
-            .ignore()
-            .hdel(self.keys.reclaims(), queue)
-            .ignore();
-        pipe.query_async(&mut c).await
-    }
-
-    /// Lists a named queue in the registry again.
-    pub async fn register_queue(&self, queue: &str) -> RedisResult<()> {
-        let mut c = self.conn.clone();
-        c.sadd(self.keys.queues(), queue).await
-    }
-
-    /// Every queue: the kinds' own and the named ones seen (sorted).
-    pub async fn queues(&self) -> RedisResult<Vec<String>> {
-        let mut c = self.conn.clone();
-        let mut all: Vec<String> = c.smembers(self.keys.queues()).await?;
-        all.extend(known_queues().into_iter().map(String::from));
-        all.sort_unstable();
-        all.dedup();
-        Ok(all)
-    }
-
     /// Reads up to `count` new entries of `queue` for `consumer`, highest priority first,
     /// within the queue's concurrency limit (see `fair.rs`); when there are none, waits up to
     /// `block` for the queue's bell and returns nothing (the caller fetches again).

@@ -62,6 +62,9 @@ impl CallPolicy {
 
 /// See [`Providers::history_bytes`].
 const HISTORY_BYTES_PER_TOKEN: u64 = 16;
+/// The window a conversation's history is read for when its model's is unknown (tokens):
+/// larger than any listed model's, so fitting by the provider still decides.
+const UNKNOWN_WINDOW_READ: u64 = 262_144;
 
 /// The providers of the model table, by name, and the policy for calling them.
 #[derive(Clone)]
@@ -149,16 +152,18 @@ impl Providers {
 
     /// Bytes of a conversation's history worth reading for `model`: more than the largest
     /// window of its chain can hold (16 bytes per token; a token is rarely more than 4), so
-    /// that fitting, not reading, decides what is dropped. `None` when a window is unknown.
+    /// that fitting, not reading, decides what is dropped. A model outside the table (its
+    /// window unknown) counts as [`UNKNOWN_WINDOW_READ`] tokens: a conversation on one was
+    /// read whole on every turn. `None` only when the model does not resolve.
     pub fn history_bytes(&self, model: &str) -> Option<u64> {
         let chain = self.table.chain(model).ok()?;
-        let mut widest = 0u64;
-        for m in &chain {
-            if m.config.context_window == 0 {
-                return None;
-            }
-            widest = widest.max(u64::from(m.config.context_window));
-        }
+        let widest = chain
+            .iter()
+            .map(|m| match m.config.context_window {
+                0 => UNKNOWN_WINDOW_READ,
+                w => u64::from(w),
+            })
+            .max()?;
         Some(widest.saturating_mul(HISTORY_BYTES_PER_TOKEN))
     }
 
@@ -354,6 +359,22 @@ fn job_error(e: ProviderError, tried: &[String], calls: u32) -> ExecError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_history_is_read_within_a_bound_even_when_a_window_is_unknown() {
+        let mut cfg =
+            switchyard_core::config::Config::for_tests("postgres://x/y", "redis://x", "t").llm;
+        cfg.mock_base_url = Some("http://127.0.0.1:9".into());
+        let p = Providers::from_config(&cfg);
+        // listed: the default window of 8,192 tokens
+        assert_eq!(p.history_bytes("mock-echo"), Some(8_192 * 16));
+        // `<provider>/<model>` is outside the table: its window is unknown
+        assert_eq!(
+            p.history_bytes("mock/anything"),
+            Some(UNKNOWN_WINDOW_READ * 16)
+        );
+        assert_eq!(p.history_bytes("no-such-model"), None);
+    }
 
     #[test]
     fn backoff_grows_caps_and_honours_retry_after() {

@@ -16,6 +16,8 @@ use crate::executor::{ExecError, JobContext};
 /// retry, or held by a dead worker) before it gives the slot back (deferred, no attempt used).
 const IDLE_PREDECESSOR_WAIT: Duration = Duration::from_secs(5);
 const POLL: Duration = Duration::from_millis(100);
+/// Under `summarize`, how many times the `drop_oldest` read bound a turn reads.
+const SUMMARIZE_READ_WINDOWS: u64 = 4;
 
 /// How long a turn `ahead` turns back in line waits before it looks again: a second per turn
 /// ahead, doubling with each deferral (every claim counts an attempt, given back on deferral),
@@ -49,6 +51,8 @@ impl History {
 /// Waits for earlier turns, then returns the conversation's prompt for `turn`. Under
 /// `drop_oldest`, only the newest `max_bytes` of the history are read (what the model chain's
 /// windows can hold; `None`: no bound): a long conversation was read whole on every turn.
+/// Under `summarize`, the newest `SUMMARIZE_READ_WINDOWS × max_bytes` of what the summary
+/// does not cover.
 pub(crate) async fn history(
     store: &Store,
     ctx: &JobContext,
@@ -113,11 +117,15 @@ pub(crate) async fn history(
         (Some(_), "summarize") => c.summary_turn.min(conv.turn),
         _ => 0,
     };
-    // under `summarize` the summarizer needs every turn the summary does not cover yet
+    // under `summarize` the summarizer needs the turns the summary does not cover yet: a
+    // turn folds at most a few summary calls' worth of them, so more than that many windows
+    // is not read (a conversation whose summaries kept failing was read whole on every turn;
+    // past this bound its oldest unsummarized turns are dropped, as under `drop_oldest`)
     let budget = match c.context_strategy.as_str() {
-        "summarize" => None,
-        _ => max_bytes.map(|b| b.min(i64::MAX as u64) as i64),
-    };
+        "summarize" => max_bytes.map(|b| b.saturating_mul(SUMMARIZE_READ_WINDOWS)),
+        _ => max_bytes,
+    }
+    .map(|b| b.min(i64::MAX as u64) as i64);
     let rows = store
         .messages_from(conv.id, from, conv.turn, budget)
         .await
