@@ -85,7 +85,13 @@ pub struct Feed {
 
 impl Feed {
     /// Opens a feed of events with seq > `after`. `Err(not_found)` unless the job is the
-    /// tenant's.
+    /// tenant's (and, for an end user, theirs). A feed from the start (`after` 0, what a
+    /// client does right after submitting) is authorized by the owner its stream records
+    /// (written when the API dispatched the job) without reading Postgres, the largest
+    /// statement of a followed job's path; anything else (a resumption, no record, another
+    /// owner) reads the job from Postgres, which also answers 404. Without the row, a finished
+    /// job whose end never reached its stream is found by the feed's periodic Postgres check
+    /// rather than at once.
     pub async fn open(
         state: &AppState,
         scope: impl Into<Scope>,
@@ -93,6 +99,17 @@ impl Feed {
         after: u64,
         buffer: usize,
     ) -> Result<Feed, ApiError> {
+        let scope: Scope = scope.into();
+        let owner = match after {
+            0 => state.bus.owner(job_id).await.ok().flatten(),
+            _ => None,
+        };
+        if let Some((tenant, creator)) = owner {
+            let theirs = scope.creator.as_ref().is_none_or(|c| *c == creator);
+            if tenant == scope.tenant_id && theirs {
+                return Ok(Feed::start(state, job_id, after, buffer, None).await);
+            }
+        }
         let row = state
             .store
             .get_job(scope, job_id)

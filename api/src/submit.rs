@@ -204,6 +204,14 @@ async fn dispatch_loop(
                 .arg(&payload)
                 .ignore();
             pipe.expire(keys.events(j.id), live_ttl).ignore();
+            // whose job it is, so that a follow of it is authorized without reading Postgres
+            // (`EventBus::owner`)
+            pipe.hset_multiple(
+                keys.event_meta(j.id),
+                &[("t", j.tenant_id.to_string()), ("c", j.created_by.clone())],
+            )
+            .ignore();
+            pipe.expire(keys.event_meta(j.id), live_ttl).ignore();
             pipe.publish(keys.event_channel(j.id), &payload).ignore();
         }
         let items: Vec<_> = jobs.iter().map(|j| j.dispatch_item()).collect();

@@ -414,8 +414,10 @@ pub(crate) async fn run_claimed(s: &Shared, d: Delivery, row: JobRow) {
 /// the write was refused (fenced out, or a requeue of a job whose cancel was asked for).
 async fn write_end(s: &Shared, write: &RunEndWrite) -> Result<bool, StoreError> {
     match with_retry("end run", s.opts.lease, || complete(s, write.clone())).await {
-        // refused as fenced: or an earlier try committed it and its reply was lost
-        Ok(false) => Ok(s.store.run_end_landed(write).await.unwrap_or(false)),
+        // refused as fenced: or an earlier try committed it and its reply was lost (a check
+        // that fails is retried like the write: read as fenced, a committed end published no
+        // terminal event and re-dispatched nothing)
+        Ok(false) => with_retry("end check", s.opts.lease, || s.store.run_end_landed(write)).await,
         other => other,
     }
 }

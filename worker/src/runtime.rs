@@ -328,6 +328,16 @@ async fn fetch_loop(s: Arc<Shared>, queue: String, stop: CancellationToken) {
                     "worker: consumer group missing (redis lost data?); recreating"
                 );
                 group_ready = false;
+                // backed off from the second time in a row: a group recreated through one
+                // connection that this one's node does not see yet (a failover) would spin
+                if tries > 0 {
+                    drop(permits);
+                    if !backoff_sleep(&mut tries, &stop).await {
+                        return;
+                    }
+                } else {
+                    tries = 1;
+                }
             }
             Err(e) => {
                 tracing::warn!(error = %e, queue, "worker: fetch failed; retrying");

@@ -14,6 +14,7 @@ mod deploy;
 mod errors;
 mod events;
 mod fairness;
+mod follow_owner;
 mod front_door_streams;
 mod fuzz;
 mod jobs;

@@ -300,6 +300,26 @@ impl EventBus {
             .arg(ttl.as_secs().max(1));
     }
 
+    /// The tenant and creator a job's events were opened for (recorded when the API
+    /// dispatched the job), while its stream exists; `None` otherwise (a job dispatched by
+    /// the reconciler or a schedule, a stream expired or lost).
+    pub async fn owner(&self, job: Uuid) -> RedisResult<Option<(Uuid, String)>> {
+        let mut c = self.conn.clone();
+        let meta = self.keys.event_meta(job);
+        let (tenant, creator, exists): (Option<String>, Option<String>, bool) = redis::pipe()
+            .hget(&meta, "t")
+            .hget(&meta, "c")
+            .exists(self.keys.events(job))
+            .query_async(&mut c)
+            .await?;
+        Ok(
+            match (tenant.and_then(|t| t.parse().ok()), creator, exists) {
+                (Some(t), Some(c), true) => Some((t, c)),
+                _ => None,
+            },
+        )
+    }
+
     /// Events with seq > `after`, at most `limit`, in order.
     pub async fn read(&self, job: Uuid, after: u64, limit: usize) -> RedisResult<History> {
         let mut c = self.conn.clone();
