@@ -82,7 +82,9 @@ if #l > 0 then last = tonumber(string.match(l[1][1], '^(%d+)-')) end
 local seq = math.max(last, tonumber(ARGV[2])) + 1
 if #l == 0 then
   seq = seq + tonumber(ARGV[7])
-  if seq > 1 then redis.call('HSET', KEYS[2], 'base', string.format('%d', seq)) end
+  -- (a base of 2 resets no reader: a first run whose `queued` event was never written, as
+  -- every job the reconciler dispatched, skips the write)
+  if seq > 2 then redis.call('HSET', KEYS[2], 'base', string.format('%d', seq)) end
 end
 local payload = ARGV[3] .. string.format('%d', seq) .. ARGV[4]
 redis.call('XADD', KEYS[1], string.format('%d', seq) .. '-0', 'e', payload)
