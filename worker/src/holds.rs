@@ -25,27 +25,13 @@ impl Claims {
 
     /// Takes hold of a job before claiming it: false when this worker already holds it.
     pub fn hold(&self, id: Uuid) -> bool {
-        match self.map().entry(id) {
-            Entry::Vacant(v) => {
-                v.insert(0);
-                true
-            }
-            Entry::Occupied(_) => false,
-        }
+        take(&mut self.map(), id)
     }
 
-    /// [`Claims::hold`] for many; returns those taken.
+    /// [`Claims::hold`] for many under one lock; returns those taken.
     pub fn hold_many(&self, ids: impl IntoIterator<Item = Uuid>) -> Vec<Uuid> {
         let mut m = self.map();
-        ids.into_iter()
-            .filter(|id| match m.entry(*id) {
-                Entry::Vacant(v) => {
-                    v.insert(0);
-                    true
-                }
-                Entry::Occupied(_) => false,
-            })
-            .collect()
+        ids.into_iter().filter(|id| take(&mut m, *id)).collect()
     }
 
     /// `attempt` of the job runs here now (a newer attempt takes over from an older one).
@@ -87,6 +73,17 @@ impl Claims {
     #[cfg(test)]
     fn get(&self, id: Uuid) -> Option<i32> {
         self.map().get(&id).copied()
+    }
+}
+
+/// Holds `id` as claiming (0) unless it is held already.
+fn take(m: &mut HashMap<Uuid, i32>, id: Uuid) -> bool {
+    match m.entry(id) {
+        Entry::Vacant(v) => {
+            v.insert(0);
+            true
+        }
+        Entry::Occupied(_) => false,
     }
 }
 

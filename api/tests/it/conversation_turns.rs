@@ -293,17 +293,10 @@ async fn an_empty_summary_is_not_kept(pool: PgPool) {
         ..Default::default()
     };
     let app = spawn_app_with(pool, opts).await;
-    let model = format!("mock-sum-{}", Uuid::now_v7().simple());
-    let c = create(
-        &app,
-        json!({"model": model, "context_strategy": "summarize"}),
-    )
-    .await;
-    let id = c["id"].as_str().unwrap().to_string();
+    let (id, model) = summarizing(&app).await;
     let mut summarized = 0;
     for i in 0..24 {
-        let content = format!("turn {i} ") + &"conversational ".repeat(100);
-        let j = say(&app, &id, &content).await;
+        let j = say(&app, &id, &question(i)).await;
         if j["output"].get("summary").is_some() {
             summarized += 1;
         }
@@ -321,22 +314,27 @@ async fn an_empty_summary_is_not_kept(pool: PgPool) {
     app.stop().await;
 }
 
-/// Turns of a `summarize` conversation until one stores a summary; returns its id and model.
-async fn summarized(app: &TestApp) -> (String, String) {
+/// A new `summarize` conversation on a `mock-sum-*` model of its own: its id and model.
+async fn summarizing(app: &TestApp) -> (String, String) {
     let model = format!("mock-sum-{}", Uuid::now_v7().simple());
     let c = create(
         app,
         json!({"model": model, "context_strategy": "summarize"}),
     )
     .await;
-    let id = c["id"].as_str().unwrap().to_string();
+    (c["id"].as_str().unwrap().to_string(), model)
+}
+
+/// Turn `i`'s question: about 100 words, so that a few dozen overflow a mock model's window.
+fn question(i: usize) -> String {
+    format!("turn {i} ") + &"conversational ".repeat(100)
+}
+
+/// Turns of a `summarize` conversation until one stores a summary; returns its id and model.
+async fn summarized(app: &TestApp) -> (String, String) {
+    let (id, model) = summarizing(app).await;
     for i in 0..24 {
-        say(
-            app,
-            &id,
-            &(format!("turn {i} ") + &"conversational ".repeat(100)),
-        )
-        .await;
+        say(app, &id, &question(i)).await;
         let (_, conv) = crate::conversations::get(app, &format!("/v1/conversations/{id}")).await;
         if !conv["summary"].is_null() {
             return (id, model);
@@ -390,21 +388,10 @@ async fn a_summary_model_that_does_not_resolve_fails_no_turn(pool: PgPool) {
         ..Default::default()
     };
     let app = spawn_app_with(pool, opts).await;
-    let model = format!("mock-sum-{}", Uuid::now_v7().simple());
-    let c = create(
-        &app,
-        json!({"model": model, "context_strategy": "summarize"}),
-    )
-    .await;
-    let id = c["id"].as_str().unwrap().to_string();
+    let (id, model) = summarizing(&app).await;
     for i in 0..24 {
         // `say` waits for each turn to succeed
-        say(
-            &app,
-            &id,
-            &(format!("turn {i} ") + &"conversational ".repeat(100)),
-        )
-        .await;
+        say(&app, &id, &question(i)).await;
     }
     let (_, conv) = crate::conversations::get(&app, &format!("/v1/conversations/{id}")).await;
     assert!(conv["summary"].is_null(), "{}", conv["summary"]);
@@ -437,20 +424,9 @@ async fn turns_past_the_summarizers_window_are_folded_in_chunks_none_left_out(po
         ..Default::default()
     };
     let app = spawn_app_with(pool, opts).await;
-    let model = format!("mock-sum-{}", Uuid::now_v7().simple());
-    let c = create(
-        &app,
-        json!({"model": model, "context_strategy": "summarize"}),
-    )
-    .await;
-    let id = c["id"].as_str().unwrap().to_string();
+    let (id, _) = summarizing(&app).await;
     for i in 0..24 {
-        say(
-            &app,
-            &id,
-            &(format!("turn {i} ") + &"conversational ".repeat(100)),
-        )
-        .await;
+        say(&app, &id, &question(i)).await;
     }
     let (_, conv) = crate::conversations::get(&app, &format!("/v1/conversations/{id}")).await;
     let upto = conv["summary_turn"].as_i64().expect("a summary is kept");

@@ -47,6 +47,14 @@ async fn first_attempt(bus: &EventBus, id: Uuid) {
     }
 }
 
+/// Attempt 2 announced after the loss (Postgres counted seq 2): its first seq.
+async fn second_attempt(bus: &EventBus, id: Uuid) -> u64 {
+    bus.begin_attempt_with(&running(id, 2), 2)
+        .await
+        .unwrap()
+        .expect("attempt 2 owns the job")
+}
+
 /// What Redis losing its data does to one job: its stream and its fence are gone.
 async fn lose(app: &TestApp, id: Uuid) {
     let keys = app.keys();
@@ -121,11 +129,7 @@ async fn a_client_of_a_lost_stream_is_reset_not_spliced_onto_the_next_attempt(po
     }
 
     lose(&app, id).await;
-    let start = bus
-        .begin_attempt_with(&running(id, 2), 2)
-        .await
-        .unwrap()
-        .unwrap();
+    let start = second_attempt(&bus, id).await;
     // the live client: told to start over, then the new attempt from its announcement
     let v = ws.next(T).await.unwrap();
     assert_eq!(v["type"], "reset", "{v}");
@@ -166,11 +170,7 @@ async fn an_sse_reconnect_into_a_lost_stream_is_reset(pool: PgPool) {
     let id = app.submit_noop(json!({})).await;
     first_attempt(&bus, id).await;
     lose(&app, id).await;
-    let start = bus
-        .begin_attempt_with(&running(id, 2), 2)
-        .await
-        .unwrap()
-        .unwrap();
+    let start = second_attempt(&bus, id).await;
     let end = Event::terminal(
         id,
         start + 1,

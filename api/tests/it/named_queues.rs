@@ -9,7 +9,7 @@ use serde_json::{json, Value};
 use sqlx::PgPool;
 use uuid::Uuid;
 
-use crate::schedules::post;
+use crate::schedules::{post, post_as};
 use crate::support::{spawn_app_with, Opts, TestApp};
 
 const T: Duration = Duration::from_secs(30);
@@ -103,34 +103,23 @@ async fn named_queues_are_capped_and_unused_ones_dropped(pool: PgPool) {
     assert!(!queues.contains(&"a".to_string()), "{queues:?}");
     assert!(queues.contains(&"served".to_string()), "{queues:?}");
     assert!(queues.contains(&"sched".to_string()), "{queues:?}");
-    // (the API trusts its last read of the registry for a few seconds)
+    until_admitted(&app, "c", "a dropped queue's place was not freed").await;
+    app.stop().await;
+}
+
+/// Submits a job naming `queue` until it is admitted (422 meanwhile): the API trusts its last
+/// read of the registry for a few seconds.
+async fn until_admitted(app: &TestApp, queue: &str, what: &str) {
     let t = std::time::Instant::now();
     loop {
-        let (s, e) = post(&app, "/v1/jobs", later("c")).await;
+        let (s, e) = post(app, "/v1/jobs", later(queue)).await;
         if s == 202 {
             break;
         }
         assert_eq!(s, 422, "{e}");
-        assert!(
-            t.elapsed() < T,
-            "a dropped queue's place was not freed: {e}"
-        );
+        assert!(t.elapsed() < T, "{what}: {e}");
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
-    app.stop().await;
-}
-
-/// Submits `body` as the holder of `key`.
-async fn submit_as(app: &TestApp, key: &str, body: Value) -> (u16, Value) {
-    let r = app
-        .http
-        .post(app.url("/v1/jobs"))
-        .bearer_auth(key)
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
 }
 
 /// One tenant names at most `max_named_queues_per_tenant` of the named queues: past its share
@@ -168,10 +157,10 @@ async fn one_tenant_names_at_most_its_share_of_queues(pool: PgPool) {
     let other = app.store.create_tenant("other").await.unwrap();
     let (_, key) = app.store.create_api_key(other.id, "k", None).await.unwrap();
     for q in ["b1", "b2", "a1"] {
-        let (s, e) = submit_as(&app, &key, later(q)).await;
+        let (s, e) = post_as(&app, &key, "/v1/jobs", later(q)).await;
         assert_eq!(s, 202, "{q}: {e}");
     }
-    let (s, e) = submit_as(&app, &key, later("b3")).await;
+    let (s, e) = post_as(&app, &key, "/v1/jobs", later("b3")).await;
     assert_eq!(s, 422, "{e}");
 
     // "a1" emptied (its jobs cancelled) and dropped: its namer may name a new queue
@@ -184,34 +173,15 @@ async fn one_tenant_names_at_most_its_share_of_queues(pool: PgPool) {
     for id in waiting {
         // one is the other tenant's
         for k in [app.key.as_str(), key.as_str()] {
-            let r = app
-                .http
-                .post(app.url(&format!("/v1/jobs/{id}/cancel")))
-                .bearer_auth(k)
-                .send()
-                .await
-                .unwrap();
-            if r.status() == 200 {
+            let (s, _) = post_as(&app, k, &format!("/v1/jobs/{id}/cancel"), json!({})).await;
+            if s == 200 {
                 break;
             }
-            assert_eq!(r.status(), 404);
+            assert_eq!(s, 404);
         }
     }
     let sched = app.scheduler(app.scheduler_opts()).await;
     assert_eq!(sched.prune_queue_registry().await.unwrap(), ["a1"]);
-    // (the API trusts its last read of the registry for a few seconds)
-    let t = std::time::Instant::now();
-    loop {
-        let (s, e) = post(&app, "/v1/jobs", later("a3")).await;
-        if s == 202 {
-            break;
-        }
-        assert_eq!(s, 422, "{e}");
-        assert!(
-            t.elapsed() < T,
-            "a dropped queue's place was not given back: {e}"
-        );
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
+    until_admitted(&app, "a3", "a dropped queue's place was not given back").await;
     app.stop().await;
 }

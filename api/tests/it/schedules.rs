@@ -14,8 +14,15 @@ use crate::support::{spawn_app, TestApp};
 
 /// Posts `body` to `path` with the app's key: the status and the body (`null` if not JSON).
 pub(crate) async fn post(app: &TestApp, path: &str, body: Value) -> (u16, Value) {
+    post_as(app, &app.key, path, body).await
+}
+
+/// [`post`] with another key.
+pub(crate) async fn post_as(app: &TestApp, key: &str, path: &str, body: Value) -> (u16, Value) {
     let r = app
-        .auth(app.http.post(app.url(path)))
+        .http
+        .post(app.url(path))
+        .bearer_auth(key)
         .json(&body)
         .send()
         .await
