@@ -35,12 +35,32 @@ $BIN scheduler & PIDS+=($!)
 SWITCHYARD_WORKER__CONCURRENCY=512 $BIN worker --queues system & PIDS+=($!)
 for _ in $(seq 100); do curl -fs "http://127.0.0.1:$PORT/readyz" >/dev/null && break; sleep 0.2; done
 
+# CPU per job of each process over a run (utime + stime, clock ticks): ours by pid, Redis
+# by its pid, Postgres as the sum of its processes (the pools keep their sessions for the run)
+ticks() { awk '{print $14 + $15}' "/proc/$1/stat" 2>/dev/null || echo 0; }
+pg_ticks() { local t=0 p; for p in $(pgrep -x postgres); do t=$((t + $(ticks "$p"))); done; echo $t; }
+REDIS_PID=$(redis-cli -u "$REDIS_URL" info server 2>/dev/null | awk -F: '/^process_id/ {print $2+0}')
+HZ=$(getconf CLK_TCK)
+cpu_snapshot() {
+  echo "$(ticks "${PIDS[0]}") $(ticks "${PIDS[1]}") $(ticks "${PIDS[2]}") $(ticks "${REDIS_PID:-0}") $(pg_ticks)"
+}
+cpu_per_job() { # before after jobs -> JSON of µs per job
+  local -a b=($1) a=($2)
+  jq -nc --argjson n "$3" --argjson hz "$HZ" --argjson d "[$((a[0]-b[0])),$((a[1]-b[1])),$((a[2]-b[2])),$((a[3]-b[3])),$((a[4]-b[4]))]" \
+    '["api","scheduler","worker","redis","postgres"] as $k
+     | [range(5)] | map({key: $k[.], value: ($d[.] * 1e6 / $hz / $n | round)}) | from_entries'
+}
+
 for label in fresh warm; do
   rows=$(psql "$PGBASE/$DB" -qtAc "SELECT count(*) FROM jobs")
+  before=$(cpu_snapshot)
   out=$($LOAD --url "http://127.0.0.1:$PORT" --api-key "$KEY" --jobs "$N" --concurrency 100 --kind noop --json 2>/dev/null | tail -1)
-  echo "$out" | jq -c --arg run "$label" --argjson rows_before "$rows" \
+  cpu=$(cpu_per_job "$before" "$(cpu_snapshot)" "$N")
+  [ -z "${KEEP:-}" ] || echo "$out" >"$KEEP/plans-$label.json"  # the load tool's whole report
+  echo "$out" | jq -c --arg run "$label" --argjson rows_before "$rows" --argjson cpu "$cpu" \
     '{run: $run, rows_before: $rows_before, jobs: .submitted, e2e_jobs_per_s: .e2e_throughput_jobs_per_s,
-      submit_p50_ms: .submit_latency_ms.p50_ms, submit_p99_ms: .submit_latency_ms.p99_ms, lost: .lost}'
+      submit_p50_ms: .submit_latency_ms.p50_ms, submit_p99_ms: .submit_latency_ms.p99_ms, lost: .lost,
+      cpu_us_per_job: $cpu}'
 done
 psql "$PGBASE/$DB" -qtAc "SELECT 'jobs analyzed by us: ' || coalesce(analyze_count, 0) || ', by autovacuum: ' || coalesce(autoanalyze_count, 0) FROM pg_stat_user_tables WHERE relname = 'jobs'"
 # where Postgres writes go, per job run (rows inserted / updated / deleted per table)

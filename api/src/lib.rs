@@ -129,7 +129,13 @@ impl AppState {
         );
         let live = LiveHub::start(client.clone(), keys.clone(), shutdown.clone(), &tasks);
         let submit_conn = switchyard_queue::connect_retrying(&client).await?;
-        let submitter = Submitter::start(store.clone(), queue.clone(), submit_conn, &tasks);
+        let submitter = Submitter::start(
+            store.clone(),
+            queue.clone(),
+            submit_conn,
+            Duration::from_millis(cfg.dispatch_mark_linger_ms),
+            &tasks,
+        );
         // stopped by `serve` once the requests in flight are done (they still record)
         let audit_stop = CancellationToken::new();
         let audit = crate::audit::AuditSink::start(

@@ -18,11 +18,15 @@ struct SubmitReq {
     done: oneshot::Sender<Result<(), StoreError>>,
 }
 
+/// Jobs for the dispatch task, and whether their owners are already in their streams' meta
+/// hashes (written beside the group commit; see [`write_owners`]).
+type ToDispatch = (Vec<NewJob>, bool);
+
 /// Handle to the group-commit task.
 #[derive(Clone)]
 pub struct Submitter {
     tx: mpsc::Sender<SubmitReq>,
-    dispatch: mpsc::Sender<Vec<NewJob>>,
+    dispatch: mpsc::Sender<ToDispatch>,
 }
 
 impl Submitter {
@@ -30,14 +34,19 @@ impl Submitter {
         store: Store,
         queue: switchyard_queue::Queue,
         redis: RedisConn,
+        mark_linger: std::time::Duration,
         tracker: &TaskTracker,
     ) -> Submitter {
         let (tx, rx) = mpsc::channel(8192);
-        let (dtx, drx) = mpsc::channel::<Vec<NewJob>>(64);
+        let (dtx, drx) = mpsc::channel::<ToDispatch>(64);
         let (mtx, mrx) = mpsc::channel::<(Vec<Uuid>, i64)>(64);
-        tracker.spawn(commit_loop(store.clone(), rx, dtx.clone()));
+        let owners = Owners {
+            queue: queue.clone(),
+            redis: redis.clone(),
+        };
+        tracker.spawn(commit_loop(store.clone(), owners, rx, dtx.clone()));
         tracker.spawn(dispatch_loop(queue, redis, drx, mtx));
-        tracker.spawn(mark_loop(store, mrx));
+        tracker.spawn(mark_loop(store, mrx, mark_linger));
         Submitter { tx, dispatch: dtx }
     }
 
@@ -62,7 +71,7 @@ impl Submitter {
     /// waiting when the dispatch task is backlogged (Redis slow or away): the reconciler
     /// dispatches what it could not take.
     pub async fn dispatch_many(&self, jobs: Vec<NewJob>) {
-        if let Err(e) = self.dispatch.try_send(jobs) {
+        if let Err(e) = self.dispatch.try_send((jobs, false)) {
             tracing::warn!(error = %e, "dispatch backlogged or stopped; the reconciler will dispatch the jobs");
         }
     }
@@ -81,10 +90,54 @@ async fn landed(store: &Store, ids: &[Uuid]) -> Option<Vec<Uuid>> {
     read.ok()?.ok()
 }
 
+/// Time-to-live of a job's live stream and its meta hash.
+const LIVE_TTL: i64 = 7 * 24 * 3600;
+
+/// Longest wait for the owners' write once the INSERT is done: a slow Redis costs a batch at
+/// most this; what was not written is written again by the dispatch.
+const OWNERS_WAIT: std::time::Duration = std::time::Duration::from_millis(50);
+
+/// Where the commit loop writes the owners of the jobs it commits.
+struct Owners {
+    queue: switchyard_queue::Queue,
+    redis: RedisConn,
+}
+
+/// Adds to `pipe` the owner (tenant and creator) of `job` in its stream's meta hash, so that a
+/// follow of it is authorized without reading Postgres (`EventBus::owner`).
+fn pipe_owner(pipe: &mut redis::Pipeline, keys: &switchyard_queue::Keys, job: &NewJob) {
+    pipe.hset_multiple(
+        keys.event_meta(job.id),
+        &[
+            ("t", job.tenant_id.to_string()),
+            ("c", job.created_by.clone()),
+        ],
+    )
+    .ignore();
+    pipe.expire(keys.event_meta(job.id), LIVE_TTL).ignore();
+}
+
+/// Writes the owners of `jobs` while their INSERT runs: a client follows its job as soon as it
+/// has the 202, often before the dispatch, and its follow then finds the owner in Redis rather
+/// than reading the job from Postgres. Owners of jobs whose INSERT fails are harmless (no one
+/// has those ids; the hash expires). Whether they were written.
+async fn write_owners(owners: &Owners, jobs: &[NewJob]) -> bool {
+    let mut pipe = redis::pipe();
+    for j in jobs {
+        pipe_owner(&mut pipe, owners.queue.keys(), j);
+    }
+    let mut redis = owners.redis.clone();
+    matches!(
+        tokio::time::timeout(OWNERS_WAIT, pipe.query_async::<()>(&mut redis)).await,
+        Ok(Ok(()))
+    )
+}
+
 async fn commit_loop(
     store: Store,
+    owners: Owners,
     mut rx: mpsc::Receiver<SubmitReq>,
-    dispatch: mpsc::Sender<Vec<NewJob>>,
+    dispatch: mpsc::Sender<ToDispatch>,
 ) {
     let mut batch: Vec<SubmitReq> = Vec::with_capacity(MAX_BATCH);
     while let Some(first) = rx.recv().await {
@@ -98,9 +151,11 @@ async fn commit_loop(
         let jobs: Vec<NewJob> = batch.iter().map(|r| r.job.clone()).collect();
         let mut committed = Vec::with_capacity(jobs.len());
         // bounded: a connection that died silently would hold every submission behind it
-        let inserted = tokio::time::timeout(INSERT_TIMEOUT, store.insert_jobs(&jobs))
-            .await
-            .unwrap_or(Err(StoreError::Unavailable(sqlx::Error::PoolTimedOut)));
+        let (inserted, owners_written) = tokio::join!(
+            tokio::time::timeout(INSERT_TIMEOUT, store.insert_jobs(&jobs)),
+            write_owners(&owners, &jobs)
+        );
+        let inserted = inserted.unwrap_or(Err(StoreError::Unavailable(sqlx::Error::PoolTimedOut)));
         // the commit's reply may be what was lost (the rows are in): asked again, the jobs
         // that exist are accepted, not answered 503 (a client retrying it made a duplicate)
         let inserted = match inserted {
@@ -159,10 +214,10 @@ async fn commit_loop(
         // Redis though Postgres is fine). What does not fit keeps dispatch_epoch = 0: the
         // reconciler dispatches it.
         if !committed.is_empty() {
-            match dispatch.try_send(committed) {
+            match dispatch.try_send((committed, owners_written)) {
                 Ok(()) => {}
                 Err(mpsc::error::TrySendError::Full(left)) => tracing::warn!(
-                    n = left.len(),
+                    n = left.0.len(),
                     "dispatch backlogged (redis slow?): the reconciler dispatches these jobs"
                 ),
                 Err(mpsc::error::TrySendError::Closed(_)) => return,
@@ -174,23 +229,27 @@ async fn commit_loop(
 async fn dispatch_loop(
     queue: switchyard_queue::Queue,
     mut redis: RedisConn,
-    mut rx: mpsc::Receiver<Vec<NewJob>>,
+    mut rx: mpsc::Receiver<ToDispatch>,
     marks: mpsc::Sender<(Vec<Uuid>, i64)>,
 ) {
-    let live_ttl = 7 * 24 * 3600;
     let keys = queue.keys().clone();
-    while let Some(mut jobs) = rx.recv().await {
+    while let Some((mut jobs, written)) = rx.recv().await {
+        // whose owner is still to be written: a suffix of each batch merged in
+        let mut owner_unwritten = vec![!written; jobs.len()];
         // merge batches that are already waiting
         while jobs.len() < 4 * MAX_BATCH {
             match rx.try_recv() {
-                Ok(more) => jobs.extend(more),
+                Ok((more, written)) => {
+                    owner_unwritten.extend(std::iter::repeat_n(!written, more.len()));
+                    jobs.extend(more);
+                }
                 Err(_) => break,
             }
         }
         let mut pipe = redis::pipe();
         pipe.get(keys.epoch());
         let now = chrono::Utc::now();
-        for j in &jobs {
+        for (j, &owner_unwritten) in jobs.iter().zip(&owner_unwritten) {
             let data = match j.run_at {
                 Some(t) if t > now => serde_json::json!({ "run_at": t }),
                 _ => serde_json::json!({}),
@@ -203,15 +262,10 @@ async fn dispatch_loop(
                 .arg("e")
                 .arg(&payload)
                 .ignore();
-            pipe.expire(keys.events(j.id), live_ttl).ignore();
-            // whose job it is, so that a follow of it is authorized without reading Postgres
-            // (`EventBus::owner`)
-            pipe.hset_multiple(
-                keys.event_meta(j.id),
-                &[("t", j.tenant_id.to_string()), ("c", j.created_by.clone())],
-            )
-            .ignore();
-            pipe.expire(keys.event_meta(j.id), live_ttl).ignore();
+            pipe.expire(keys.events(j.id), LIVE_TTL).ignore();
+            if owner_unwritten {
+                pipe_owner(&mut pipe, &keys, j);
+            }
             pipe.publish(keys.event_channel(j.id), &payload).ignore();
         }
         let items: Vec<_> = jobs.iter().map(|j| j.dispatch_item()).collect();
@@ -234,17 +288,19 @@ async fn dispatch_loop(
     }
 }
 
-/// How long dispatched ids wait to be marked with their Redis epoch. Marking is a hint for the
-/// reconciler (it re-dispatches unmarked jobs only after `undispatched_min_age`, seconds): a
-/// job a worker claims meanwhile is marked by its claim, and the mark then skips it without
-/// writing its row again; the others are marked many per statement.
-const MARK_LINGER: std::time::Duration = std::time::Duration::from_millis(20);
-
-async fn mark_loop(store: Store, mut rx: mpsc::Receiver<(Vec<Uuid>, i64)>) {
+/// Marks dispatched jobs with their Redis epoch after `linger` (`dispatch_mark_linger_ms`).
+/// Marking is a hint for the reconciler (it re-dispatches unmarked jobs only after its
+/// `undispatched_min_age`): a job a worker claims meanwhile is marked by its claim, and the mark
+/// then skips it without writing its row again; the others are marked many per statement.
+async fn mark_loop(
+    store: Store,
+    mut rx: mpsc::Receiver<(Vec<Uuid>, i64)>,
+    linger: std::time::Duration,
+) {
     let mut waiting: Vec<(Vec<Uuid>, i64)> = Vec::new();
     while let Some(first) = rx.recv().await {
         waiting.push(first);
-        let until = tokio::time::Instant::now() + MARK_LINGER;
+        let until = tokio::time::Instant::now() + linger;
         // an Err is the deadline: mark what came
         while let Ok(Some(more)) = tokio::time::timeout_at(until, rx.recv()).await {
             waiting.push(more);

@@ -397,6 +397,7 @@ async fn one_bad_row_never_fails_its_batch(pool: PgPool) {
         app.store.clone(),
         app.queue().await,
         app.redis().await,
+        Duration::from_millis(app.cfg.dispatch_mark_linger_ms),
         &tracker,
     );
     // 40 good rows and, in their midst, one whose tenant does not exist (a foreign-key error)

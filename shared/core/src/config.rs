@@ -89,6 +89,11 @@ pub struct Config {
     pub enable_noop: bool,
     /// How long a finished job's live event stream stays in Redis.
     pub event_ttl_s: u64,
+    /// How long the API waits before it marks dispatched jobs with their Redis epoch
+    /// (`jobs.dispatch_epoch`, one statement for all): a job a worker claims meanwhile is
+    /// marked by its claim and never written for it. Keep it well below the scheduler's
+    /// re-dispatch age of unmarked jobs (5 s), or jobs are dispatched twice (harmless, wasted).
+    pub dispatch_mark_linger_ms: u64,
     /// JSON logs instead of text.
     pub log_json: bool,
     /// The platform operator's bearer token (`SWITCHYARD_OPERATOR_TOKEN`): manages tenants
@@ -267,6 +272,7 @@ struct Defaults {
     max_named_queues_per_tenant: u64,
     enable_noop: bool,
     event_ttl_s: u64,
+    dispatch_mark_linger_ms: u64,
     log_json: bool,
     worker: WorkerConfig,
     llm: LlmDefaults,
@@ -311,6 +317,7 @@ fn defaults() -> Defaults {
         max_named_queues_per_tenant: 100,
         enable_noop: false,
         event_ttl_s: 3600,
+        dispatch_mark_linger_ms: 1000,
         log_json: false,
         worker: WorkerConfig {
             queues: crate::job::known_queues()

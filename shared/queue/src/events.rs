@@ -302,24 +302,27 @@ impl EventBus {
             .arg(ttl.as_secs().max(1));
     }
 
-    /// The tenant and creator a job's events were opened for (recorded when the API
-    /// dispatched the job), while its stream exists; `None` otherwise (a job dispatched by
-    /// the reconciler or a schedule, a stream expired or lost).
+    /// The tenant and creator a job's events were opened for (recorded by the API beside
+    /// the job's INSERT, or when it dispatched it), while its stream exists or no run of it
+    /// has begun (the API's dispatch is still to write the stream); `None` otherwise (a job
+    /// dispatched by the reconciler or a schedule; a stream expired or lost after a run
+    /// began, when the job may have ended: its row says how).
     pub async fn owner(&self, job: Uuid) -> RedisResult<Option<(Uuid, String)>> {
         let mut c = self.conn.clone();
         let meta = self.keys.event_meta(job);
-        let (tenant, creator, exists): (Option<String>, Option<String>, bool) = redis::pipe()
+        type Owner = (Option<String>, Option<String>, Option<String>, bool);
+        let (tenant, creator, attempt, exists): Owner = redis::pipe()
             .hget(&meta, "t")
             .hget(&meta, "c")
+            .hget(&meta, "attempt")
             .exists(self.keys.events(job))
             .query_async(&mut c)
             .await?;
-        Ok(
-            match (tenant.and_then(|t| t.parse().ok()), creator, exists) {
-                (Some(t), Some(c), true) => Some((t, c)),
-                _ => None,
-            },
-        )
+        let current = exists || attempt.is_none();
+        Ok(match (tenant.and_then(|t| t.parse().ok()), creator) {
+            (Some(t), Some(c)) if current => Some((t, c)),
+            _ => None,
+        })
     }
 
     /// Events with seq > `after`, at most `limit`, in order.
