@@ -291,6 +291,10 @@ struct LlmDefaults {
     cache_ttl_s: u64,
 }
 
+/// Longest `dispatch_mark_linger_ms`: marks must land before the scheduler re-dispatches
+/// unmarked jobs (after 5 s), with room for the mark's own statement.
+pub const MAX_DISPATCH_MARK_LINGER_MS: u64 = 3000;
+
 pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/switchyard";
 pub const DEFAULT_REDIS_URL: &str = "redis://127.0.0.1:6379";
 pub const DEFAULT_OPENAI_URL: &str = "https://api.openai.com/v1";
@@ -437,6 +441,11 @@ impl Config {
     /// Checks the configuration as loaded, and again after command-line flags changed it.
     pub fn check(&self) -> anyhow::Result<()> {
         anyhow::ensure!(self.lease_s >= 2, "lease_s must be at least 2");
+        anyhow::ensure!(
+            self.dispatch_mark_linger_ms <= MAX_DISPATCH_MARK_LINGER_MS,
+            "dispatch_mark_linger_ms must be at most {MAX_DISPATCH_MARK_LINGER_MS} (the \
+             scheduler re-dispatches jobs left unmarked for 5 s)"
+        );
         anyhow::ensure!(
             self.worker.concurrency >= 1,
             "worker.concurrency must be at least 1"

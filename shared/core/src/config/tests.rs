@@ -68,9 +68,16 @@ fn zero_limits_and_bad_queue_names_are_refused() {
     let mut cfg = base.clone();
     cfg.quotas.concurrent_jobs = Some(0);
     assert!(cfg.check().is_err());
-    let mut cfg = base;
+    let mut cfg = base.clone();
     cfg.worker.queues = vec!["llm".into(), "".into()];
     assert!(cfg.check().is_err());
+    // marks that would land after the scheduler re-dispatched their jobs
+    let mut cfg = base;
+    cfg.dispatch_mark_linger_ms = MAX_DISPATCH_MARK_LINGER_MS + 1;
+    let e = cfg.check().unwrap_err().to_string();
+    assert!(e.contains("dispatch_mark_linger_ms"), "{e}");
+    cfg.dispatch_mark_linger_ms = MAX_DISPATCH_MARK_LINGER_MS;
+    assert!(cfg.check().is_ok());
 }
 
 #[test]
