@@ -310,11 +310,9 @@ impl EventBus {
     pub async fn owner(&self, job: Uuid) -> RedisResult<Option<(Uuid, String)>> {
         let mut c = self.conn.clone();
         let meta = self.keys.event_meta(job);
-        type Owner = (Option<String>, Option<String>, Option<String>, bool);
-        let (tenant, creator, attempt, exists): Owner = redis::pipe()
-            .hget(&meta, "t")
-            .hget(&meta, "c")
-            .hget(&meta, "attempt")
+        type Owner = ((Option<String>, Option<String>, Option<String>), bool);
+        let ((tenant, creator, attempt), exists): Owner = redis::pipe()
+            .hget(&meta, &["t", "c", "attempt"])
             .exists(self.keys.events(job))
             .query_async(&mut c)
             .await?;
