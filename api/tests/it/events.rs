@@ -172,3 +172,76 @@ async fn another_event_under_a_taken_seq_is_stale_not_a_repeat(pool: PgPool) {
     assert_eq!(bus.publish(&again).await.unwrap(), Published::Ok);
     app.stop().await;
 }
+
+/// The keys' time to live is set by an attempt's first event, by its end and by an event that
+/// has to create the stream again; the events in between (deltas) leave it as it is.
+#[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
+async fn deltas_leave_the_streams_time_to_live_alone(pool: PgPool) {
+    let app = spawn_api_only(pool).await;
+    let bus = app.bus().await;
+    let keys = app.keys();
+    let mut redis = app.redis().await;
+    let id = Uuid::now_v7();
+    let ttls = |mut c: switchyard_queue::RedisConn| {
+        let (ev, meta) = (keys.events(id), keys.event_meta(id));
+        async move {
+            let t: (i64, i64) = redis::pipe()
+                .ttl(ev)
+                .ttl(meta)
+                .query_async(&mut c)
+                .await
+                .unwrap();
+            t
+        }
+    };
+    let running =
+        switchyard_core::Event::status(id, 0, 1, switchyard_core::JobStatus::Running, json!({}));
+    assert_eq!(bus.begin_attempt_with(&running, 0).await.unwrap(), Some(1));
+    let (ev, meta) = ttls(redis.clone()).await;
+    assert!(ev > 1000 && meta > 1000, "{ev} {meta}");
+    let () = redis::pipe()
+        .expire(keys.events(id), 1000)
+        .ignore()
+        .expire(keys.event_meta(id), 1000)
+        .ignore()
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    assert_eq!(
+        bus.publish(&delta(id, 2, 1, "a")).await.unwrap(),
+        Published::Ok
+    );
+    let (ev, meta) = ttls(redis.clone()).await;
+    assert!(
+        (1..=1000).contains(&ev) && (1..=1000).contains(&meta),
+        "{ev} {meta}"
+    );
+    // the stream is gone mid-attempt: the delta that creates it again gives it a time to live
+    let () = redis::cmd("DEL")
+        .arg(keys.events(id))
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    assert_eq!(
+        bus.publish(&delta(id, 3, 1, "b")).await.unwrap(),
+        Published::Ok
+    );
+    let (ev, _) = ttls(redis.clone()).await;
+    assert!(ev > 1000, "{ev}");
+    // the end sets the finished job's time to live (60 s here) on both keys
+    let end = switchyard_core::Event::terminal(
+        id,
+        4,
+        1,
+        switchyard_core::JobStatus::Succeeded,
+        Some(&json!({"ok": true})),
+        None,
+    );
+    assert_eq!(bus.publish(&end).await.unwrap(), Published::Ok);
+    let (ev, meta) = ttls(redis.clone()).await;
+    assert!(
+        (1..=60).contains(&ev) && (1..=60).contains(&meta),
+        "{ev} {meta}"
+    );
+    app.stop().await;
+}

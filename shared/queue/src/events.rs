@@ -21,13 +21,17 @@ pub enum Published {
     Stale,
 }
 
-// KEYS: ev stream, meta hash. ARGV: attempt, seq, payload, channel, ttl_s.
+// KEYS: ev stream, meta hash. ARGV: attempt, seq, payload, channel, ttl_s, terminal (1/0).
 // Returns 1 (published), 2 (this seq is already the stream's last entry: a retried publish that
-// had gone through), -1 (fenced) or -2 (stale).
+// had gone through), -1 (fenced) or -2 (stale). The keys' time to live is set by the first
+// event of an attempt (here or by BEGIN_PUBLISH_LUA), by the terminal one and by an event that
+// creates the stream: the events in between (an LLM's deltas, most of a stream) skip the two
+// EXPIREs.
 const PUBLISH_LUA: &str = r#"
 local cur = tonumber(redis.call('HGET', KEYS[2], 'attempt') or '0')
 local att = tonumber(ARGV[1])
 if att < cur then return -1 end
+local refresh = att > cur or ARGV[6] == '1'
 if att > cur then
   redis.call('HSET', KEYS[2], 'attempt', att)
   -- the run's earlier events are gone (Redis lost them, or they expired): the stream starts
@@ -36,6 +40,8 @@ if att > cur then
     redis.call('HSET', KEYS[2], 'base', ARGV[2])
   end
 end
+-- a stream gone mid-attempt (lost, deleted) is created again here: with a time to live
+if not refresh and redis.call('EXISTS', KEYS[1]) == 0 then refresh = true end
 local r = redis.pcall('XADD', KEYS[1], ARGV[2] .. '-0', 'e', ARGV[3])
 if type(r) == 'table' and r.err then
   local l = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
@@ -45,9 +51,11 @@ if type(r) == 'table' and r.err then
   return -2
 end
 redis.call('PUBLISH', ARGV[4], ARGV[3])
-local ttl = tonumber(ARGV[5])
-redis.call('EXPIRE', KEYS[1], ttl)
-redis.call('EXPIRE', KEYS[2], ttl)
+if refresh then
+  local ttl = tonumber(ARGV[5])
+  redis.call('EXPIRE', KEYS[1], ttl)
+  redis.call('EXPIRE', KEYS[2], ttl)
+end
 return 1
 "#;
 
@@ -299,7 +307,8 @@ impl EventBus {
             .arg(ev.seq)
             .arg(payload)
             .arg(self.keys.event_channel(ev.job_id))
-            .arg(ttl.as_secs().max(1));
+            .arg(ttl.as_secs().max(1))
+            .arg(u8::from(ev.is_terminal()));
     }
 
     /// The tenant and creator a job's events were opened for (recorded by the API beside
