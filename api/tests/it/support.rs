@@ -136,8 +136,7 @@ pub async fn spawn_app_with(pool: PgPool, opts: Opts) -> TestApp {
         cfg.max_job_body_bytes = opts.max_body_bytes;
     }
     cfg.enable_noop = opts.enable_noop;
-    // below the reconciler's re-dispatch age here (500 ms), as the default is below its default
-    cfg.dispatch_mark_linger_ms = 100;
+    cfg.dispatch_mark_linger_ms = 100; // under the tests' re-dispatch age (500 ms)
     cfg.lease_s = opts.lease.as_secs().max(2);
     // as the services run: the service role, bound by row-level security
     let store = Store::with_role(&pool, switchyard_store::SERVICE_ROLE);
