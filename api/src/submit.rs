@@ -5,7 +5,7 @@
 
 use switchyard_core::job::JobStatus;
 use switchyard_core::Event;
-use switchyard_queue::RedisConn;
+use switchyard_queue::{events, RedisConn};
 use switchyard_store::{NewJob, Store, StoreError};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::task::TaskTracker;
@@ -41,7 +41,7 @@ impl Submitter {
         let (dtx, drx) = mpsc::channel::<ToDispatch>(64);
         let (mtx, mrx) = mpsc::channel::<(Vec<Uuid>, i64)>(64);
         let owners = Owners {
-            queue: queue.clone(),
+            keys: queue.keys().clone(),
             redis: redis.clone(),
         };
         tracker.spawn(commit_loop(store.clone(), owners, rx, dtx.clone()));
@@ -90,31 +90,14 @@ async fn landed(store: &Store, ids: &[Uuid]) -> Option<Vec<Uuid>> {
     read.ok()?.ok()
 }
 
-/// Time-to-live of a job's live stream and its meta hash.
-const LIVE_TTL: i64 = 7 * 24 * 3600;
-
 /// Longest wait for the owners' write once the INSERT is done: a slow Redis costs a batch at
 /// most this; what was not written is written again by the dispatch.
 const OWNERS_WAIT: std::time::Duration = std::time::Duration::from_millis(50);
 
 /// Where the commit loop writes the owners of the jobs it commits.
 struct Owners {
-    queue: switchyard_queue::Queue,
+    keys: switchyard_queue::Keys,
     redis: RedisConn,
-}
-
-/// Adds to `pipe` the owner (tenant and creator) of `job` in its stream's meta hash, so that a
-/// follow of it is authorized without reading Postgres (`EventBus::owner`).
-fn pipe_owner(pipe: &mut redis::Pipeline, keys: &switchyard_queue::Keys, job: &NewJob) {
-    pipe.hset_multiple(
-        keys.event_meta(job.id),
-        &[
-            ("t", job.tenant_id.to_string()),
-            ("c", job.created_by.clone()),
-        ],
-    )
-    .ignore();
-    pipe.expire(keys.event_meta(job.id), LIVE_TTL).ignore();
 }
 
 /// Writes the owners of `jobs` while their INSERT runs: a client follows its job as soon as it
@@ -124,7 +107,7 @@ fn pipe_owner(pipe: &mut redis::Pipeline, keys: &switchyard_queue::Keys, job: &N
 async fn write_owners(owners: &Owners, jobs: &[NewJob]) -> bool {
     let mut pipe = redis::pipe();
     for j in jobs {
-        pipe_owner(&mut pipe, owners.queue.keys(), j);
+        events::pipe_owner(&mut pipe, &owners.keys, j.id, j.tenant_id, &j.created_by);
     }
     let mut redis = owners.redis.clone();
     matches!(
@@ -234,7 +217,7 @@ async fn dispatch_loop(
 ) {
     let keys = queue.keys().clone();
     while let Some((mut jobs, written)) = rx.recv().await {
-        // whose owner is still to be written: a suffix of each batch merged in
+        // per job: whether its owner is still to be written (batches merged below may differ)
         let mut owner_unwritten = vec![!written; jobs.len()];
         // merge batches that are already waiting
         while jobs.len() < 4 * MAX_BATCH {
@@ -262,9 +245,10 @@ async fn dispatch_loop(
                 .arg("e")
                 .arg(&payload)
                 .ignore();
-            pipe.expire(keys.events(j.id), LIVE_TTL).ignore();
+            pipe.expire(keys.events(j.id), events::LIVE_TTL.as_secs() as i64)
+                .ignore();
             if owner_unwritten {
-                pipe_owner(&mut pipe, &keys, j);
+                events::pipe_owner(&mut pipe, &keys, j.id, j.tenant_id, &j.created_by);
             }
             pipe.publish(keys.event_channel(j.id), &payload).ignore();
         }

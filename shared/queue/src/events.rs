@@ -102,6 +102,21 @@ redis.call('EXPIRE', KEYS[2], tonumber(ARGV[6]))
 return seq
 "#;
 
+/// How long a job's stream and meta hash live while the job is unfinished.
+pub const LIVE_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// Adds to `pipe` the owner of `job` (its tenant and creator) in its meta hash, which
+/// [`EventBus::owner`] reads: a follow of the job is then authorized without Postgres.
+pub fn pipe_owner(pipe: &mut redis::Pipeline, keys: &Keys, job: Uuid, tenant: Uuid, creator: &str) {
+    let meta = keys.event_meta(job);
+    pipe.hset_multiple(
+        &meta,
+        &[("t", tenant.to_string()), ("c", creator.to_string())],
+    )
+    .ignore();
+    pipe.expire(&meta, LIVE_TTL.as_secs() as i64).ignore();
+}
+
 fn payload(ev: &Event) -> RedisResult<String> {
     serde_json::to_string(ev).map_err(|e| {
         redis::RedisError::from((redis::ErrorKind::TypeError, "event json", e.to_string()))
@@ -159,7 +174,7 @@ impl EventBus {
             publish_script: Arc::new(Script::new(PUBLISH_LUA)),
             begin_script: Arc::new(Script::new(BEGIN_LUA)),
             begin_publish_script: Arc::new(Script::new(BEGIN_PUBLISH_LUA)),
-            live_ttl: Duration::from_secs(7 * 24 * 3600),
+            live_ttl: LIVE_TTL,
             done_ttl,
         }
     }
