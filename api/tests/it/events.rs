@@ -18,6 +18,18 @@ fn delta(job: Uuid, seq: u64, attempt: i32, text: &str) -> Event {
     Event::new(job, seq, attempt, "output.delta", json!({ "text": text }))
 }
 
+/// The end of attempt 1 of `job`, succeeded, under `seq`.
+fn succeeded(job: Uuid, seq: u64) -> Event {
+    Event::terminal(
+        job,
+        seq,
+        1,
+        switchyard_core::JobStatus::Succeeded,
+        Some(&json!({"ok": true})),
+        None,
+    )
+}
+
 fn answers(r: Vec<redis::RedisResult<Published>>) -> Vec<Published> {
     r.into_iter().map(|r| r.expect("published")).collect()
 }
@@ -154,14 +166,7 @@ async fn another_event_under_a_taken_seq_is_stale_not_a_repeat(pool: PgPool) {
     let running =
         switchyard_core::Event::status(id, 0, 1, switchyard_core::JobStatus::Running, json!({}));
     assert_eq!(bus.begin_attempt_with(&running, 1).await.unwrap(), Some(2));
-    let end = switchyard_core::Event::terminal(
-        id,
-        2,
-        1,
-        switchyard_core::JobStatus::Succeeded,
-        Some(&json!({"ok": true})),
-        None,
-    );
+    let end = succeeded(id, 2);
     assert_eq!(bus.publish(&end).await.unwrap(), Published::Stale);
     assert_eq!(bus.publish_after(&end, 2).await.unwrap(), Some(3));
     let h = bus.read(id, 0, 10).await.unwrap();
@@ -229,14 +234,7 @@ async fn deltas_leave_the_streams_time_to_live_alone(pool: PgPool) {
     let (ev, _) = ttls(redis.clone()).await;
     assert!(ev > 1000, "{ev}");
     // the end sets the finished job's time to live (60 s here) on both keys
-    let end = switchyard_core::Event::terminal(
-        id,
-        4,
-        1,
-        switchyard_core::JobStatus::Succeeded,
-        Some(&json!({"ok": true})),
-        None,
-    );
+    let end = succeeded(id, 4);
     assert_eq!(bus.publish(&end).await.unwrap(), Published::Ok);
     let (ev, meta) = ttls(redis.clone()).await;
     assert!(

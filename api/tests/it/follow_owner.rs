@@ -20,11 +20,7 @@ async fn a_follow_from_the_start_is_authorized_by_the_streams_owner(pool: PgPool
     assert_eq!(ws.next(T).await.unwrap()["seq"], 1);
     // the row is gone from Postgres (as the owner: the services' role may not delete jobs),
     // yet a follow from the start is served from the stream alone
-    sqlx::query("DELETE FROM jobs WHERE id = $1")
-        .bind(id)
-        .execute(&pool)
-        .await
-        .unwrap();
+    delete_row(&pool, id).await;
     let mut again = app.ws().await;
     again.subscribe(id, 0).await;
     let v = again.next(T).await.unwrap();
@@ -70,11 +66,7 @@ async fn a_follow_before_the_stream_exists_is_authorized_until_a_run_begins(pool
         .query_async(&mut redis)
         .await
         .unwrap();
-    sqlx::query("DELETE FROM jobs WHERE id = $1")
-        .bind(id)
-        .execute(&pool)
-        .await
-        .unwrap();
+    delete_row(&pool, id).await;
     let mut ws = app.ws().await;
     ws.subscribe(id, 0).await;
     // the feed waits for the stream: what is published next reaches it
@@ -102,4 +94,13 @@ async fn a_follow_before_the_stream_exists_is_authorized_until_a_run_begins(pool
     let v = again.next(T).await.unwrap();
     assert_eq!(v["error"]["code"], "not_found", "{v}");
     app.stop().await;
+}
+
+/// Deletes the job's row (as the owner: the services' role may not delete jobs).
+async fn delete_row(pool: &PgPool, id: uuid::Uuid) {
+    sqlx::query("DELETE FROM jobs WHERE id = $1")
+        .bind(id)
+        .execute(pool)
+        .await
+        .unwrap();
 }
