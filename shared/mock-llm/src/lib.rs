@@ -49,6 +49,7 @@
 //! | `mock-error-429` | 429 with `retry-after: 1`; OpenAI `rate_limit_error` / `rate_limit_exceeded`, Anthropic `rate_limit_error`. |
 //! | `mock-error-429-quota` | 429 without `retry-after`: quota exhausted. OpenAI `insufficient_quota` (type and code), Anthropic `rate_limit_error` whose message contains "quota exhausted". |
 //! | `mock-context-length` | 400. OpenAI `invalid_request_error` / `context_length_exceeded` ("This model's maximum context length is 8192 tokens. However, your messages resulted in N tokens. ..."), Anthropic `invalid_request_error` ("prompt is too long: N tokens > 8192 maximum"). N is 8192 plus the request's prompt tokens (at least 1), so always over the limit. |
+//! | `mock-window-<N>[-<anything>]` | A model with a window of N prompt tokens (words): a prompt of at most N is answered normally, a longer one gets `mock-context-length`'s 400 quoting N as the maximum. |
 //! | `mock-error-500`, `mock-error-502`, `mock-error-503` | That status; OpenAI `server_error`, Anthropic `api_error`. |
 //! | `mock-overloaded` | 529; `overloaded_error` on both routes. |
 //! | `mock-fail-every-<N>[-<anything>]` | Counting per exact model name, calls N, 2N, 3N, ... fail with 500; the others answer normally. |

@@ -57,7 +57,8 @@ pub(crate) enum Failure {
     RateLimited,
     QuotaExhausted,
     BadRequest,
-    ContextLength { tokens: u64 },
+    /// The prompt's `tokens` exceed the quoted `window`.
+    ContextLength { tokens: u64, window: u64 },
     Unauthorized,
     Internal,
     BadGateway,
@@ -138,13 +139,13 @@ impl Failure {
         };
         let message = self.message();
         let (openai_message, anthropic_message) = match self {
-            F::ContextLength { tokens } => (
+            F::ContextLength { tokens, window } => (
                 format!(
-                    "This model's maximum context length is {CONTEXT_WINDOW} tokens. However, \
-                     your messages resulted in {tokens} tokens. Please reduce the length of the \
+                    "This model's maximum context length is {window} tokens. However, your \
+                     messages resulted in {tokens} tokens. Please reduce the length of the \
                      messages."
                 ),
-                format!("prompt is too long: {tokens} tokens > {CONTEXT_WINDOW} maximum"),
+                format!("prompt is too long: {tokens} tokens > {window} maximum"),
             ),
             F::NotFound { model } => (
                 format!("The model `{model}` does not exist or you do not have access to it."),
@@ -209,6 +210,14 @@ pub(crate) fn resolve(model: &str, call: u64, prompt_tokens: u32) -> Result<Beha
             Ok(Behaviour::Normal)
         };
     }
+    if let Some(window) = counter_param(model, "mock-window-") {
+        let tokens = u64::from(prompt_tokens);
+        return if tokens > window {
+            Err(Failure::ContextLength { tokens, window })
+        } else {
+            Ok(Behaviour::Normal)
+        };
+    }
     if let Some(first) = counter_param(model, "mock-fail-first-") {
         return if call <= first {
             Err(Failure::FailFirst { first, call })
@@ -227,6 +236,7 @@ pub(crate) fn resolve(model: &str, call: u64, prompt_tokens: u32) -> Result<Beha
         "mock-overloaded" => Err(Failure::Overloaded),
         "mock-context-length" => Err(Failure::ContextLength {
             tokens: CONTEXT_WINDOW + u64::from(prompt_tokens.max(1)),
+            window: CONTEXT_WINDOW,
         }),
         "mock-slow" => Ok(Behaviour::Slow),
         "mock-stall" => Ok(Behaviour::Stall),
@@ -315,6 +325,11 @@ mod tests {
         assert_eq!(status("mock-fail-every-1"), Some(500));
         assert_eq!(status("mock-fail-first-1"), Some(503));
         assert_eq!(resolve("mock-fail-every-x", 1, 0), Ok(Behaviour::Normal));
+        assert_eq!(resolve("mock-window-40-a", 1, 40), Ok(Behaviour::Normal));
+        let refused = resolve("mock-window-40-a", 1, 41).unwrap_err();
+        assert_eq!(refused, Failure::ContextLength { tokens: 41, window: 40 });
+        assert!(refused.spec().openai_message.contains("maximum context length is 40 tokens"));
+        assert!(refused.spec().anthropic_message.contains("41 tokens > 40 maximum"));
     }
 
     #[test]

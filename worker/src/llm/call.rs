@@ -17,6 +17,7 @@ use switchyard_core::models::{ModelTable, ProviderKind, ResolvedModel};
 
 use super::context::Tokenizer;
 use super::conversation::fit_prompt;
+use super::window::{stated_window, LearnedWindows};
 use super::{
     Anthropic, ChatOutput, Failure, LlmProvider, OpenAi, ProviderError, ProviderRequest, Sink,
 };
@@ -74,6 +75,8 @@ pub struct Providers {
     policy: CallPolicy,
     /// Model that summarizes conversations (`summarize` strategy); default: the turn's model.
     summary_model: Option<String>,
+    /// Windows of models outside the table, as their providers stated them.
+    learned: LearnedWindows,
 }
 
 /// A completion and how it was obtained.
@@ -123,6 +126,7 @@ impl Providers {
             by_name,
             policy: CallPolicy::from_config(cfg),
             summary_model: cfg.summary_model.clone(),
+            learned: LearnedWindows::default(),
         }
     }
 
@@ -187,127 +191,138 @@ impl Providers {
         // later model gets called (e.g. the prompt fits none of them), not the later model's
         // own refusal (a rate limit is retried later; a prompt too long for a fallback is not)
         let mut passed_on: Option<ProviderError> = None;
-        for (ci, m) in chain.iter().enumerate() {
+        'chain: for (ci, m) in chain.iter().enumerate() {
             let Some(provider) = self.by_name.get(&m.provider) else {
                 continue;
             };
             tried.push(m.alias.clone());
-            let window = match m.config.context_window {
-                0 => u32::MAX,
-                w => w,
+            // a model outside the table has no window until its provider states one
+            let mut known = match m.config.context_window {
+                0 => self.learned.get(&m.provider, &m.upstream),
+                w => Some(w),
             };
-            let max_tokens = input
-                .max_tokens
-                .unwrap_or(m.config.max_output_tokens)
-                .min(window.saturating_sub(16).max(1));
-            let tok = Tokenizer::for_model(m.config.tokenizer.as_deref(), &m.upstream);
-            let budget = u64::from(m.config.context_window.saturating_sub(max_tokens));
-            let extra = tok.request_extra(input);
-            let fitted = if m.config.context_window == 0 {
-                // a name outside the table: its window is unknown, the provider judges
-                let all = [head, history].concat();
-                let tokens = super::estimate_prompt(&all);
-                Ok((all, tokens))
-            } else {
-                fit_prompt(tok, head.to_vec(), history.to_vec(), budget, extra).await
-            };
-            let (messages, prompt_tokens) = match fitted {
-                Ok(fitted) => fitted,
-                Err(e) if ci + 1 < chain.len() => {
-                    tracing::info!(model = %m.alias, error = %e, "prompt does not fit; trying the next model");
-                    continue;
-                }
-                Err(e) => {
-                    return Err(match passed_on {
-                        Some(p) => job_error(p, &tried, calls),
-                        None => e,
-                    })
-                }
-            };
-            let messages = &messages[..];
-            let limit = m
-                .config
-                .call_timeout_s
-                .map_or(self.policy.call_timeout, Duration::from_secs);
-            let req = ProviderRequest {
-                model: &m.upstream,
-                messages,
-                max_tokens,
-                max_tokens_explicit: input.max_tokens.is_some(),
-                temperature: input.temperature,
-                sampling: input.sampling(),
-                tools: input.tools.as_deref().unwrap_or_default(),
-                tool_choice: input.tool_choice.as_ref(),
-                parallel_tool_calls: input.parallel_tool_calls,
-                stream: m.config.stream,
-                headers: &m.config.headers,
-                // a reply that is not streamed is its own first token: it has the call's
-                // whole limit (a first-token limit of 30 s cut every longer generation)
-                ttft_timeout: if m.config.stream {
-                    m.config
-                        .ttft_timeout_ms
-                        .map_or(self.policy.ttft, Duration::from_millis)
+            'fit: loop {
+                let window = known.unwrap_or(u32::MAX);
+                let max_tokens = input
+                    .max_tokens
+                    .unwrap_or(m.config.max_output_tokens)
+                    .min(window.saturating_sub(16).max(1));
+                let tok = Tokenizer::for_model(m.config.tokenizer.as_deref(), &m.upstream);
+                let budget = u64::from(window.saturating_sub(max_tokens));
+                let extra = tok.request_extra(input);
+                let fitted = if known.is_none() {
+                    // a name outside the table: its window is unknown, the provider judges
+                    let all = [head, history].concat();
+                    let tokens = super::estimate_prompt(&all);
+                    Ok((all, tokens))
                 } else {
-                    limit
-                },
-                idle_timeout: self.policy.idle,
-            };
-            let mut retry = 0u32;
-            loop {
-                calls += 1;
-                sink.begin_call(prompt_tokens);
-                let result = tokio::time::timeout(limit, provider.chat(&req, sink))
-                    .await
-                    .unwrap_or_else(|_| {
-                        Err(ProviderError::new(
-                            Failure::Timeout,
-                            format!("the call took longer than {limit:?}"),
-                        ))
-                    });
-                sink.end_call(result.as_ref().ok().map(|o| &o.usage));
-                let e = match result {
-                    Ok(output) => {
-                        return Ok(Completion {
-                            output,
-                            model: m.clone(),
-                            calls,
+                    fit_prompt(tok, head.to_vec(), history.to_vec(), budget, extra).await
+                };
+                let (messages, prompt_tokens) = match fitted {
+                    Ok(fitted) => fitted,
+                    Err(e) if ci + 1 < chain.len() => {
+                        tracing::info!(model = %m.alias, error = %e, "prompt does not fit; trying the next model");
+                        continue 'chain;
+                    }
+                    Err(e) => {
+                        return Err(match passed_on {
+                            Some(p) => job_error(p, &tried, calls),
+                            None => e,
                         })
                     }
-                    Err(e) => e,
                 };
-                let wait = self.policy.delay(retry, e.retry_after);
-                let again = e.failure.transient()
-                    && retry < self.policy.max_retries
-                    && wait <= self.policy.retry_max;
-                let next = chain[ci + 1..]
-                    .iter()
-                    .find(|n| self.by_name.contains_key(&n.provider))
-                    .filter(|_| e.failure.falls_back());
-                tracing::info!(
-                    model = %m.alias, provider = %m.provider, call = calls, error = %e,
-                    retry = again, fallback = next.map(|n| n.alias.as_str()),
-                    "provider call failed"
-                );
-                if !again && next.is_none() {
-                    return Err(job_error(e, &tried, calls));
-                }
-                if sink.streamed() {
-                    // the client saw part of a reply that will not be continued: say so
-                    let model = if again {
-                        &m.alias
+                let messages = &messages[..];
+                let limit = m
+                    .config
+                    .call_timeout_s
+                    .map_or(self.policy.call_timeout, Duration::from_secs);
+                let req = ProviderRequest {
+                    model: &m.upstream,
+                    messages,
+                    max_tokens,
+                    max_tokens_explicit: input.max_tokens.is_some(),
+                    temperature: input.temperature,
+                    sampling: input.sampling(),
+                    tools: input.tools.as_deref().unwrap_or_default(),
+                    tool_choice: input.tool_choice.as_ref(),
+                    parallel_tool_calls: input.parallel_tool_calls,
+                    stream: m.config.stream,
+                    headers: &m.config.headers,
+                    // a reply that is not streamed is its own first token: it has the call's
+                    // whole limit (a first-token limit of 30 s cut every longer generation)
+                    ttft_timeout: if m.config.stream {
+                        m.config
+                            .ttft_timeout_ms
+                            .map_or(self.policy.ttft, Duration::from_millis)
                     } else {
-                        &next.unwrap_or(m).alias
+                        limit
+                    },
+                    idle_timeout: self.policy.idle,
+                };
+                let mut retry = 0u32;
+                loop {
+                    calls += 1;
+                    sink.begin_call(prompt_tokens);
+                    let result = tokio::time::timeout(limit, provider.chat(&req, sink))
+                        .await
+                        .unwrap_or_else(|_| {
+                            Err(ProviderError::new(
+                                Failure::Timeout,
+                                format!("the call took longer than {limit:?}"),
+                            ))
+                        });
+                    sink.end_call(result.as_ref().ok().map(|o| &o.usage));
+                    let e = match result {
+                        Ok(output) => {
+                            return Ok(Completion {
+                                output,
+                                model: m.clone(),
+                                calls,
+                            })
+                        }
+                        Err(e) => e,
                     };
-                    announce_restart(sink, &e, model, calls + 1).await;
+                    if let Some(w) = self.learn_window(m, &e, known) {
+                        // refused before any token (a 4xx): fit to the stated window, call again
+                        tracing::info!(model = %m.alias, window = w, "the provider stated the model's window; fitting the prompt to it");
+                        sink.discard_recorded();
+                        known = Some(w);
+                        continue 'fit;
+                    }
+                    let wait = self.policy.delay(retry, e.retry_after);
+                    let again = e.failure.transient()
+                        && retry < self.policy.max_retries
+                        && wait <= self.policy.retry_max;
+                    let next = chain[ci + 1..]
+                        .iter()
+                        .find(|n| self.by_name.contains_key(&n.provider))
+                        .filter(|_| e.failure.falls_back());
+                    tracing::info!(
+                        model = %m.alias, provider = %m.provider, call = calls, error = %e,
+                        retry = again, fallback = next.map(|n| n.alias.as_str()),
+                        "provider call failed"
+                    );
+                    if !again && next.is_none() {
+                        return Err(job_error(e, &tried, calls));
+                    }
+                    if sink.streamed() {
+                        // the client saw part of a reply that will not be continued: say so
+                        let model = if again {
+                            &m.alias
+                        } else {
+                            &next.unwrap_or(m).alias
+                        };
+                        announce_restart(sink, &e, model, calls + 1).await;
+                    }
+                    // a silent sink records too (the cache): never splice the next reply onto this
+                    sink.discard_recorded();
+                    if !again {
+                        passed_on = Some(e);
+                        break 'fit;
+                    }
+                    tokio::time::sleep(wait).await;
+                    retry += 1;
                 }
-                // a silent sink records too (the cache): never splice the next reply onto this
-                sink.discard_recorded();
-                if !again {
-                    passed_on = Some(e);
-                    break;
-                }
-                tokio::time::sleep(wait).await;
-                retry += 1;
             }
         }
         Err(match passed_on {
@@ -317,6 +332,24 @@ impl Providers {
                 format!("no provider is configured for model `{}`", input.model),
             ),
         })
+    }
+}
+
+impl Providers {
+    /// The window a refusal of an unlisted model states, when it is news (none known, or
+    /// smaller than the one the prompt was fitted to): learned for later calls too.
+    fn learn_window(
+        &self,
+        m: &ResolvedModel,
+        e: &ProviderError,
+        known: Option<u32>,
+    ) -> Option<u32> {
+        if e.failure != Failure::ContextLength || m.config.context_window != 0 {
+            return None;
+        }
+        let w = stated_window(&e.message).filter(|w| known.is_none_or(|k| *w < k))?;
+        self.learned.learn(&m.provider, &m.upstream, w);
+        Some(w)
     }
 }
 

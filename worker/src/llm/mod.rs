@@ -11,6 +11,7 @@ mod executor;
 mod openai;
 mod sse;
 mod summarize;
+pub mod window;
 
 pub use anthropic::Anthropic;
 pub use call::{CallPolicy, Providers};
