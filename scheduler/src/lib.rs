@@ -108,6 +108,8 @@ pub struct PassReport {
     pub jobs_pruned: usize,
     /// Idle stream consumers deleted.
     pub consumers_pruned: usize,
+    /// Named queues dropped from the registry (nothing used them).
+    pub queues_dropped: usize,
     /// Queues found to have lost part of their Redis data (a new epoch follows).
     pub lost_queues: usize,
     /// Whether this pass refreshed the statistics of `jobs`.
@@ -127,6 +129,7 @@ pub struct Scheduler {
     last_limits: std::sync::Mutex<Option<std::time::Instant>>,
     last_statistics: std::sync::Mutex<Option<std::time::Instant>>,
     last_consumer_prune: std::sync::Mutex<Option<std::time::Instant>>,
+    last_registry_prune: std::sync::Mutex<Option<std::time::Instant>>,
     last_loss_check: std::sync::Mutex<Option<std::time::Instant>>,
     /// Queues found short at the last loss check (by how many jobs).
     short: std::sync::Mutex<std::collections::HashMap<String, u64>>,
@@ -143,6 +146,7 @@ impl Scheduler {
             last_limits: std::sync::Mutex::new(None),
             last_statistics: std::sync::Mutex::new(None),
             last_consumer_prune: std::sync::Mutex::new(None),
+            last_registry_prune: std::sync::Mutex::new(None),
             last_loss_check: std::sync::Mutex::new(None),
             short: std::sync::Mutex::new(Default::default()),
         }
@@ -271,6 +275,11 @@ impl Scheduler {
         // the rest of the pass
         if let Some(lock) = self.store.try_dispatch_lock().await? {
             self.redispatch(&mut report).await?;
+            // the named queues nothing uses leave the registry, and their keys go: not while
+            // another scheduler checks the queues' epoch marks (see `registry.rs`)
+            if due(&self.last_registry_prune, self.opts.consumer_prune_every) {
+                report.queues_dropped = self.prune_queue_registry().await?.len();
+            }
             lock.release().await?;
         }
         for _ in 0..self.opts.max_batches {
@@ -337,8 +346,10 @@ impl Scheduler {
                     .await?;
             }
             // and the registry's reports of workers that died (reading it drops them; else
-            // they stayed until someone listed the workers), and the named queues nothing uses
-            self.prune_queue_registry().await?;
+            // they stayed until someone listed the workers)
+            self.queue
+                .workers(switchyard_core::queueing::WORKER_REPORT_TTL)
+                .await?;
         }
         if due(&self.last_job_prune, self.opts.job_prune_every) {
             report.jobs_pruned = self.prune_jobs().await?;

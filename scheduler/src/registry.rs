@@ -4,6 +4,11 @@
 //! registry by what is in use and frees places under the API's `max_named_queues` (and the
 //! tenant's under `max_named_queues_per_tenant`).
 //!
+//! A dropped queue's Redis keys are deleted with it when it holds nothing (one script in the
+//! queue's slot checks and deletes: `Queue::delete_queue_keys`); the scheduler prunes while it
+//! holds the dispatch lock, so no epoch check of another replica sees the queue's epoch mark
+//! vanish.
+//!
 //! A job committed while its queue is dropped keeps it: the queue is dropped only when Redis
 //! holds nothing for it and Postgres has no unfinished job in it, and Postgres is asked again
 //! after the drop. A job committed before that second look is seen by it (the queue goes back
@@ -48,7 +53,9 @@ impl Scheduler {
                 self.queue.register_queue(&q).await?;
                 continue;
             }
-            tracing::info!(queue = %q, "unused named queue dropped from the registry");
+            // its keys too (left behind, every name ever used would keep a dozen)
+            let deleted = self.queue.delete_queue_keys(&q).await?;
+            tracing::info!(queue = %q, keys_deleted = deleted, "unused named queue dropped from the registry");
             dropped.push(q);
         }
         Ok(dropped)

@@ -1,12 +1,13 @@
 //! Named queues are bounded: `max_named_queues` for the deployment, and
 //! `max_named_queues_per_tenant` for the queues one tenant named first; the scheduler drops
-//! those nothing uses, freeing their places.
+//! those nothing uses, freeing their places, and deletes their keys.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::{json, Value};
 use sqlx::PgPool;
+use switchyard_core::job::DispatchItem;
 use uuid::Uuid;
 
 use crate::schedules::{post, post_as};
@@ -183,5 +184,95 @@ async fn one_tenant_names_at_most_its_share_of_queues(pool: PgPool) {
     let sched = app.scheduler(app.scheduler_opts()).await;
     assert_eq!(sched.prune_queue_registry().await.unwrap(), ["a1"]);
     until_admitted(&app, "a3", "a dropped queue's place was not given back").await;
+    app.stop().await;
+}
+
+/// A dropped queue's Redis keys go with it (its streams with their group, bell, fairness and
+/// limit hashes, epoch mark): every queue name ever used would otherwise keep a dozen keys.
+/// Keys of a queue with a job in flight stay. A job dispatched to the queue afterwards is
+/// delivered once a worker creates the group again (as at its start, or on its fetch's
+/// `NOGROUP`).
+#[sqlx::test(migrator = "switchyard_store::MIGRATOR")]
+async fn a_dropped_queue_leaves_no_keys_behind_and_works_again(pool: PgPool) {
+    let app = spawn_app_with(
+        pool,
+        Opts {
+            worker: false,
+            scheduler: false,
+            ..Opts::default()
+        },
+    )
+    .await;
+    let queue = app.queue().await;
+    let q = "gone";
+    let item = |id| DispatchItem {
+        id,
+        tenant_id: Uuid::new_v4(),
+        queue: q.into(),
+        priority: 3,
+        run_at: None,
+    };
+    let mut redis = app.redis().await;
+    let pattern = format!("{}*", app.keys().queue_base(q));
+    let keys = async |redis: &mut switchyard_queue::RedisConn| -> Vec<String> {
+        redis::cmd("KEYS")
+            .arg(&pattern)
+            .query_async(redis)
+            .await
+            .unwrap()
+    };
+    // served for a while: groups made, a job dispatched and fetched, limits written, the
+    // queue's slot marked with the epoch
+    queue.ensure_group(q).await.unwrap();
+    queue.dispatch(&[item(Uuid::now_v7())]).await.unwrap();
+    let mut conn = app.redis().await;
+    let got = queue
+        .fetch(&mut conn, q, "w", 10, Duration::from_millis(100))
+        .await
+        .unwrap();
+    assert_eq!(got.len(), 1);
+    queue.set_limits(q, &[("queue".into(), 5)]).await.unwrap();
+    queue.check_queue_epochs(1).await.unwrap();
+    let marked = async |redis: &mut switchyard_queue::RedisConn| -> Option<i64> {
+        redis::cmd("HGET")
+            .arg(app.keys().queue_marks())
+            .arg(q)
+            .query_async(redis)
+            .await
+            .unwrap()
+    };
+    assert_eq!(marked(&mut redis).await, Some(1));
+
+    // in flight: the keys stay
+    assert!(!queue.delete_queue_keys(q).await.unwrap());
+    let held = keys(&mut redis).await;
+    queue.ack(&got[0]).await.unwrap();
+    // 10 priority streams, bell, fairness (in flight) and limit hashes, epoch mark
+    assert!(held.len() >= 14, "{held:?}");
+
+    let sched = app.scheduler(app.scheduler_opts()).await;
+    assert_eq!(sched.prune_queue_registry().await.unwrap(), [q]);
+    assert_eq!(keys(&mut redis).await, Vec::<String>::new());
+    assert_eq!(
+        marked(&mut redis).await,
+        None,
+        "no record of a mark that is gone"
+    );
+
+    // used again
+    let id = Uuid::now_v7();
+    queue.dispatch(&[item(id)]).await.unwrap();
+    assert!(queue.queues().await.unwrap().contains(&q.to_string()));
+    let e = queue
+        .fetch(&mut conn, q, "w", 10, Duration::from_millis(100))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Some("NOGROUP"), "{e}");
+    queue.ensure_group(q).await.unwrap();
+    let got = queue
+        .fetch(&mut conn, q, "w", 10, Duration::from_millis(100))
+        .await
+        .unwrap();
+    assert_eq!(got.iter().map(|d| d.job_id).collect::<Vec<_>>(), [id]);
     app.stop().await;
 }

@@ -58,15 +58,26 @@ pub(crate) enum Failure {
     QuotaExhausted,
     BadRequest,
     /// The prompt's `tokens` exceed the quoted `window`.
-    ContextLength { tokens: u64, window: u64 },
+    ContextLength {
+        tokens: u64,
+        window: u64,
+    },
     Unauthorized,
     Internal,
     BadGateway,
     Unavailable,
     Overloaded,
-    FailEvery { every: u64, call: u64 },
-    FailFirst { first: u64, call: u64 },
-    NotFound { model: String },
+    FailEvery {
+        every: u64,
+        call: u64,
+    },
+    FailFirst {
+        first: u64,
+        call: u64,
+    },
+    NotFound {
+        model: String,
+    },
     Malformed(String),
     ShuttingDown,
 }
@@ -327,9 +338,21 @@ mod tests {
         assert_eq!(resolve("mock-fail-every-x", 1, 0), Ok(Behaviour::Normal));
         assert_eq!(resolve("mock-window-40-a", 1, 40), Ok(Behaviour::Normal));
         let refused = resolve("mock-window-40-a", 1, 41).unwrap_err();
-        assert_eq!(refused, Failure::ContextLength { tokens: 41, window: 40 });
-        assert!(refused.spec().openai_message.contains("maximum context length is 40 tokens"));
-        assert!(refused.spec().anthropic_message.contains("41 tokens > 40 maximum"));
+        assert_eq!(
+            refused,
+            Failure::ContextLength {
+                tokens: 41,
+                window: 40
+            }
+        );
+        assert!(refused
+            .spec()
+            .openai_message
+            .contains("maximum context length is 40 tokens"));
+        assert!(refused
+            .spec()
+            .anthropic_message
+            .contains("41 tokens > 40 maximum"));
     }
 
     #[test]

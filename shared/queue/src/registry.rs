@@ -10,14 +10,32 @@ use chrono::Utc;
 use redis::{AsyncCommands, RedisResult};
 use switchyard_core::queueing::WorkerInfo;
 
+use crate::keys::PRIORITIES;
 use crate::Queue;
 use switchyard_core::job::known_queues;
 
+/// KEYS: a queue's priority streams (one per priority), bell, fairness hash, limits hash,
+/// delayed set, epoch mark. Deletes them all when the streams hold no entry (pending ones
+/// included), the delayed set is empty and no fairness counter is above 0 (nothing waits in a
+/// lane, nothing is in flight); returns 1, else 0.
+const DELETE_IF_EMPTY: &str = r#"
+local n = #KEYS - 5
+for i = 1, n do
+  if redis.call('XLEN', KEYS[i]) > 0 then return 0 end
+end
+if redis.call('ZCARD', KEYS[n + 4]) > 0 then return 0 end
+local f = redis.call('HGETALL', KEYS[n + 2])
+for i = 2, #f, 2 do
+  if (tonumber(f[i]) or 0) > 0 then return 0 end
+end
+redis.call('DEL', unpack(KEYS))
+return 1
+"#;
+
 impl Queue {
     /// Drops a named queue from the registry (the scheduler's pruning of unused ones), and its
-    /// lease-reclaim count (a `/metrics` series). Its slot's keys stay: empty streams with
-    /// their consumer group, its fairness and limit hashes and its epoch mark, which a job
-    /// dispatched to it again finds as it left them (deleting them would race that dispatch).
+    /// lease-reclaim count (a `/metrics` series). Its slot's keys stay until
+    /// [`Queue::delete_queue_keys`].
     pub async fn unregister_queue(&self, queue: &str) -> RedisResult<()> {
         let mut c = self.conn();
         let mut pipe = redis::pipe();
@@ -28,6 +46,33 @@ impl Queue {
             .hdel(self.keys().queue_owners(), queue)
             .ignore();
         pipe.query_async(&mut c).await
+    }
+
+    /// Deletes the keys of a named queue dropped from the registry — its priority streams
+    /// (with their consumer group), bell, fairness and limit hashes, delayed set and epoch
+    /// mark — if it holds nothing: one script checks and deletes in the queue's slot, so a job
+    /// dispatched meanwhile keeps them. A job dispatched afterwards writes a stream anew, as
+    /// for a new queue: the worker that serves it next creates the group (at start, or on the
+    /// `NOGROUP` of its fetch) and reads it from the beginning, and the scheduler writes its
+    /// limits and marks its epoch again. Call it where no epoch check runs at the same time
+    /// (the scheduler holds the dispatch lock): the record of the mark goes first, so a mark
+    /// deleted is never one recorded (that reads as a shard's lost data). Whether the keys
+    /// were deleted.
+    pub async fn delete_queue_keys(&self, queue: &str) -> RedisResult<bool> {
+        let mut c = self.conn();
+        let _: () = c.hdel(self.keys().queue_marks(), queue).await?;
+        let script = redis::Script::new(DELETE_IF_EMPTY);
+        let mut inv = script.prepare_invoke();
+        for p in PRIORITIES {
+            inv.key(self.keys().stream(queue, p));
+        }
+        inv.key(self.keys().bell(queue))
+            .key(self.keys().fair(queue))
+            .key(self.keys().limits(queue))
+            .key(self.keys().delayed(queue))
+            .key(self.keys().queue_epoch(queue));
+        let deleted: i64 = inv.invoke_async(&mut c).await?;
+        Ok(deleted == 1)
     }
 
     /// Lists a named queue in the registry again.
