@@ -148,6 +148,32 @@ fn check_model(state: &AppState, principal: &Principal, field: &str, model: &str
         .map_err(|e| ApiError::field(ErrorCode::InvalidInput, field, e.message(model)))
 }
 
+/// Texts above this many bytes are tokenized on a blocking thread.
+const INLINE_COUNT_BYTES: usize = 16 * 1024;
+
+/// Whether a prompt keeping `texts` whole fits some model of `model`'s chain (see
+/// `switchyard_core::tokens::fits_some`): a turn that could never be answered is refused now,
+/// not failed later with `context_too_long`. `Err` holds the largest window tried.
+async fn fits(
+    state: &AppState,
+    model: &str,
+    texts: Vec<String>,
+    max_tokens: Option<u32>,
+) -> Result<(), u32> {
+    let Ok(chain) = state.models.chain(model) else {
+        return Ok(());
+    };
+    let bytes: usize = texts.iter().map(String::len).sum();
+    let check = move || {
+        let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+        switchyard_core::tokens::fits_some(&chain, &refs, max_tokens)
+    };
+    if bytes <= INLINE_COUNT_BYTES {
+        return check();
+    }
+    tokio::task::spawn_blocking(check).await.unwrap_or(Ok(()))
+}
+
 /// Create a conversation.
 #[utoipa::path(
     post, path = "/v1/conversations", tag = "conversations",
@@ -182,6 +208,18 @@ pub async fn create(
             format!("at most {MAX_CONTENT_CHARS} characters"),
         )
         .into());
+    }
+    if let (Some(model), Some(system)) = (&req.model, &req.system) {
+        if let Err(window) = fits(&state, model, vec![system.clone()], None).await {
+            return Err(FieldError::invalid(
+                "system",
+                format!(
+                    "the system prompt alone does not fit `{model}`'s window of {window} tokens \
+                     with its reply budget"
+                ),
+            )
+            .into());
+        }
     }
     let strategy = req.context_strategy.unwrap_or_else(|| "drop_oldest".into());
     if !STRATEGIES.contains(&strategy.as_str()) {
@@ -394,6 +432,24 @@ pub async fn post_message(
             e.field = e.field.trim_start_matches("input.").to_string();
             e
         })?;
+    let max_tokens = input["max_tokens"].as_u64().map(|n| n as u32);
+    let mut texts: Vec<String> = conv.system.iter().cloned().collect();
+    texts.push(req.content.clone());
+    if let Err(window) = fits(&state, &model, texts, max_tokens).await {
+        let system = conv.system.clone().unwrap_or_default();
+        let (field, what) = match fits(&state, &model, vec![system], max_tokens).await {
+            Ok(()) => (
+                "content",
+                "this message and the conversation's system prompt",
+            ),
+            Err(_) => ("model", "the conversation's system prompt alone"),
+        };
+        return Err(FieldError::invalid(
+            field,
+            format!("{what} fit `{model}`'s window of {window} tokens with its reply budget"),
+        )
+        .into());
+    }
     let trace = request_trace(&headers);
     let posted = state
         .store

@@ -9,6 +9,7 @@ mod chat_completions;
 mod cluster;
 mod code;
 mod conversation_turns;
+mod conversation_windows;
 mod conversations;
 mod deploy;
 mod errors;

@@ -18,6 +18,7 @@ pub mod queueing;
 pub mod quota;
 pub mod schedule;
 pub mod telemetry;
+pub mod tokens;
 pub mod webhook;
 
 pub use error::{ErrorCode, FieldError};

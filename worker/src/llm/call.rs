@@ -203,9 +203,15 @@ impl Providers {
             };
             'fit: loop {
                 let window = known.unwrap_or(u32::MAX);
+                // a learned window keeps at most a quarter for a reply nobody sized (the
+                // table's default reply budget could take all of a small one)
+                let reply = match (m.config.context_window, known) {
+                    (0, Some(w)) => m.config.max_output_tokens.min(w / 4),
+                    _ => m.config.max_output_tokens,
+                };
                 let max_tokens = input
                     .max_tokens
-                    .unwrap_or(m.config.max_output_tokens)
+                    .unwrap_or(reply)
                     .min(window.saturating_sub(16).max(1));
                 let tok = Tokenizer::for_model(m.config.tokenizer.as_deref(), &m.upstream);
                 let budget = u64::from(window.saturating_sub(max_tokens));

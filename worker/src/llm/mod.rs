@@ -394,20 +394,7 @@ pub trait LlmProvider: Send + Sync {
     ) -> Result<ChatOutput, ProviderError>;
 }
 
-/// A documented estimate for models without a tokenizer here: 3 ASCII characters per token,
-/// rounded up, and a token for every other character (CJK, accents, emoji: tokenizers spend
-/// at least about one on each, so the estimate does not undercount them), plus 4 tokens of
-/// framing per message. Three, not four: it must not undercount the densest tokenizer it
-/// stands for (Anthropic puts Claude's at about 3.5 characters a token; OpenAI's run 4 to 4.5),
-/// since a fitted prompt may never exceed the window.
-pub fn estimate_tokens(text: &str) -> u64 {
-    let ascii = text.bytes().filter(u8::is_ascii).count() as u64;
-    let other = text.chars().filter(|c| !c.is_ascii()).count() as u64;
-    ascii.div_ceil(ASCII_PER_TOKEN) + other
-}
-
-/// ASCII characters per token of [`estimate_tokens`].
-const ASCII_PER_TOKEN: u64 = 3;
+pub use switchyard_core::tokens::{estimate_tokens, ASCII_PER_TOKEN};
 
 pub(crate) fn estimate_prompt(messages: &[ChatMessage]) -> u64 {
     messages
