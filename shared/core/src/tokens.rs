@@ -259,9 +259,12 @@ mod tests {
         // 3 + (4 + 300 estimated) tokens
         let long = "abc".repeat(300);
         let small = model(400, 100, "claude-x");
-        assert_eq!(fits_some(&[small.clone()], &[&long], None), Err(400));
         assert_eq!(
-            fits_some(&[small.clone()], &[&long], Some(50)),
+            fits_some(std::slice::from_ref(&small), &[&long], None),
+            Err(400)
+        );
+        assert_eq!(
+            fits_some(std::slice::from_ref(&small), &[&long], Some(50)),
             Ok(()),
             "a smaller reply"
         );
@@ -273,9 +276,16 @@ mod tests {
         );
         // two texts: both count (3 + 5 + 294 fits 300, 3 + 5 + 300 does not)
         let part = "abc".repeat(290);
-        assert_eq!(fits_some(&[small.clone()], &[&part], None), Ok(()));
         assert_eq!(
-            fits_some(&[small.clone()], &["hi", &"abc".repeat(296)], None),
+            fits_some(std::slice::from_ref(&small), &[&part], None),
+            Ok(())
+        );
+        assert_eq!(
+            fits_some(
+                std::slice::from_ref(&small),
+                &["hi", &"abc".repeat(296)],
+                None
+            ),
             Err(400)
         );
         // a window the table does not know: the provider judges
