@@ -436,13 +436,15 @@ pub async fn post_message(
     let mut texts: Vec<String> = conv.system.iter().cloned().collect();
     texts.push(req.content.clone());
     if let Err(window) = fits(&state, &model, texts, max_tokens).await {
-        let system = conv.system.clone().unwrap_or_default();
-        let (field, what) = match fits(&state, &model, vec![system], max_tokens).await {
-            Ok(()) => (
-                "content",
-                "this message and the conversation's system prompt",
-            ),
-            Err(_) => ("model", "the conversation's system prompt alone"),
+        let (field, what) = match conv.system.clone() {
+            None => ("content", "this message does not"),
+            Some(system) => match fits(&state, &model, vec![system], max_tokens).await {
+                Ok(()) => (
+                    "content",
+                    "this message and the conversation's system prompt do not",
+                ),
+                Err(_) => ("model", "the conversation's system prompt alone does not"),
+            },
         };
         return Err(FieldError::invalid(
             field,

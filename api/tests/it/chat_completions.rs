@@ -120,14 +120,21 @@ async fn prompts_larger_than_a_mebibyte_are_taken(pool: PgPool) {
     let e: Value = r.json().await.unwrap();
     assert_eq!(e["error"]["code"], "context_length_exceeded", "{e}");
     let conv = crate::conversations::create(&app, json!({"model": "mock-echo"})).await;
-    // 600,000 characters, each escaped in JSON: 1.2 MB of body
+    // 600,000 characters, each escaped in JSON: 1.2 MB of body, read and parsed: what refuses
+    // it is again the window (this message could never be answered), named as its field
     let (status, body) = crate::conversations::post(
         &app,
         conv["id"].as_str().unwrap(),
         json!({"content": "\"".repeat(600_000)}),
     )
     .await;
-    assert_eq!(status, 202, "{body}");
+    assert_eq!(
+        (status, body["error"]["field"].as_str()),
+        (422, Some("content")),
+        "{body}"
+    );
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(message.contains("this message does not fit"), "{message}");
     app.stop().await;
 }
 
