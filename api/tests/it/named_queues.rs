@@ -243,8 +243,9 @@ async fn a_dropped_queue_leaves_no_keys_behind_and_works_again(pool: PgPool) {
     };
     assert_eq!(marked(&mut redis).await, Some(1));
 
-    // in flight: the keys stay
+    // in flight: the keys stay, and so does the record of the epoch mark
     assert!(!queue.delete_queue_keys(q).await.unwrap());
+    assert_eq!(marked(&mut redis).await, Some(1));
     let held = keys(&mut redis).await;
     queue.ack(&got[0]).await.unwrap();
     // 10 priority streams, bell, fairness (in flight) and limit hashes, epoch mark

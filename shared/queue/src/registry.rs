@@ -15,11 +15,11 @@ use crate::Queue;
 use switchyard_core::job::known_queues;
 
 /// KEYS: a queue's priority streams (one per priority), bell, fairness hash, limits hash,
-/// delayed set, epoch mark. Deletes them all when the streams hold no entry (pending ones
-/// included), the delayed set is empty and no fairness counter is above 0 (nothing waits in a
-/// lane, nothing is in flight); returns 1, else 0.
+/// delayed set. Deletes them all when the streams hold no entry (pending ones included), the
+/// delayed set is empty and no fairness counter is above 0 (nothing waits in a lane, nothing
+/// is in flight); returns 1, else 0.
 const DELETE_IF_EMPTY: &str = r#"
-local n = #KEYS - 5
+local n = #KEYS - 4
 for i = 1, n do
   if redis.call('XLEN', KEYS[i]) > 0 then return 0 end
 end
@@ -55,12 +55,11 @@ impl Queue {
     /// for a new queue: the worker that serves it next creates the group (at start, or on the
     /// `NOGROUP` of its fetch) and reads it from the beginning, and the scheduler writes its
     /// limits and marks its epoch again. Call it where no epoch check runs at the same time
-    /// (the scheduler holds the dispatch lock): the record of the mark goes first, so a mark
-    /// deleted is never one recorded (that reads as a shard's lost data). Whether the keys
-    /// were deleted.
+    /// (the scheduler holds the dispatch lock): the epoch mark goes last, after the record that
+    /// it was set, so a check never finds a recorded mark gone (that reads as a shard's lost
+    /// data), and a queue whose keys stay keeps both. Whether the keys were deleted.
     pub async fn delete_queue_keys(&self, queue: &str) -> RedisResult<bool> {
         let mut c = self.conn();
-        let _: () = c.hdel(self.keys().queue_marks(), queue).await?;
         let script = redis::Script::new(DELETE_IF_EMPTY);
         let mut inv = script.prepare_invoke();
         for p in PRIORITIES {
@@ -69,10 +68,14 @@ impl Queue {
         inv.key(self.keys().bell(queue))
             .key(self.keys().fair(queue))
             .key(self.keys().limits(queue))
-            .key(self.keys().delayed(queue))
-            .key(self.keys().queue_epoch(queue));
+            .key(self.keys().delayed(queue));
         let deleted: i64 = inv.invoke_async(&mut c).await?;
-        Ok(deleted == 1)
+        if deleted != 1 {
+            return Ok(false);
+        }
+        let _: () = c.hdel(self.keys().queue_marks(), queue).await?;
+        let _: () = c.del(self.keys().queue_epoch(queue)).await?;
+        Ok(true)
     }
 
     /// Lists a named queue in the registry again.
