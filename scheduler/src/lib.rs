@@ -276,7 +276,8 @@ impl Scheduler {
         if let Some(lock) = self.store.try_dispatch_lock().await? {
             self.redispatch(&mut report).await?;
             // the named queues nothing uses leave the registry, and their keys go: not while
-            // another scheduler checks the queues' epoch marks (see `registry.rs`)
+            // another scheduler checks the queues' epoch marks (see `registry.rs`); its read of
+            // the workers' reports drops those of workers that died
             if due(&self.last_registry_prune, self.opts.consumer_prune_every) {
                 report.queues_dropped = self.prune_queue_registry().await?.len();
             }
@@ -345,11 +346,6 @@ impl Scheduler {
                     .prune_consumers(&q, self.opts.consumer_idle)
                     .await?;
             }
-            // and the registry's reports of workers that died (reading it drops them; else
-            // they stayed until someone listed the workers)
-            self.queue
-                .workers(switchyard_core::queueing::WORKER_REPORT_TTL)
-                .await?;
         }
         if due(&self.last_job_prune, self.opts.job_prune_every) {
             report.jobs_pruned = self.prune_jobs().await?;

@@ -11,20 +11,10 @@ use sqlx::PgPool;
 use switchyard_core::models::ModelConfig;
 use uuid::Uuid;
 
-use crate::conversations::{get, post, say};
+use crate::conversations::{get, post, say, try_create as create};
 use crate::support::*;
 
 const T: Duration = Duration::from_secs(30);
-
-async fn create(app: &TestApp, body: Value) -> (u16, Value) {
-    let r = app
-        .auth(app.http.post(app.url("/v1/conversations")))
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
-}
 
 /// `n` tokens by the estimate the mock's models are counted with (3 characters a token).
 fn tokens(n: usize) -> String {

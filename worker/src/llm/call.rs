@@ -202,28 +202,8 @@ impl Providers {
                 w => Some(w),
             };
             'fit: loop {
-                let window = known.unwrap_or(u32::MAX);
-                // a learned window keeps at most a quarter for a reply nobody sized (the
-                // table's default reply budget could take all of a small one)
-                let reply = match (m.config.context_window, known) {
-                    (0, Some(w)) => m.config.max_output_tokens.min(w / 4),
-                    _ => m.config.max_output_tokens,
-                };
-                let max_tokens = input
-                    .max_tokens
-                    .unwrap_or(reply)
-                    .min(window.saturating_sub(16).max(1));
-                let tok = Tokenizer::for_model(m.config.tokenizer.as_deref(), &m.upstream);
-                let budget = u64::from(window.saturating_sub(max_tokens));
-                let extra = tok.request_extra(input);
-                let fitted = if known.is_none() {
-                    // a name outside the table: its window is unknown, the provider judges
-                    let all = [head, history].concat();
-                    let tokens = super::estimate_prompt(&all);
-                    Ok((all, tokens))
-                } else {
-                    fit_prompt(tok, head.to_vec(), history.to_vec(), budget, extra).await
-                };
+                let max_tokens = reply_budget(m, known, input.max_tokens);
+                let fitted = fit_to(m, known, max_tokens, input, head, history).await;
                 let (messages, prompt_tokens) = match fitted {
                     Ok(fitted) => fitted,
                     Err(e) if ci + 1 < chain.len() => {
@@ -357,6 +337,42 @@ impl Providers {
         self.learned.learn(&m.provider, &m.upstream, w);
         Some(w)
     }
+}
+
+/// The reply budget of a call to `m` whose window is `known`: the request's, else the table's
+/// default; a learned window keeps at most a quarter for a reply nobody sized (the table's
+/// default could take all of a small one). Never more than the window leaves.
+fn reply_budget(m: &ResolvedModel, known: Option<u32>, asked: Option<u32>) -> u32 {
+    let default = match (m.config.context_window, known) {
+        (0, Some(w)) => m.config.max_output_tokens.min(w / 4),
+        _ => m.config.max_output_tokens,
+    };
+    let window = known.unwrap_or(u32::MAX);
+    asked
+        .unwrap_or(default)
+        .min(window.saturating_sub(16).max(1))
+}
+
+/// `head` + `history` fitted into `m`'s window `known` minus `max_tokens` (oldest history
+/// dropped first), with its token count; sent whole when the window is unknown (the provider
+/// judges).
+async fn fit_to(
+    m: &ResolvedModel,
+    known: Option<u32>,
+    max_tokens: u32,
+    input: &LlmChatInput,
+    head: &[ChatMessage],
+    history: &[ChatMessage],
+) -> Result<(Vec<ChatMessage>, u64), ExecError> {
+    let Some(window) = known else {
+        let all = [head, history].concat();
+        let tokens = super::estimate_prompt(&all);
+        return Ok((all, tokens));
+    };
+    let tok = Tokenizer::for_model(m.config.tokenizer.as_deref(), &m.upstream);
+    let budget = u64::from(window.saturating_sub(max_tokens));
+    let extra = tok.request_extra(input);
+    fit_prompt(tok, head.to_vec(), history.to_vec(), budget, extra).await
 }
 
 async fn announce_restart(sink: &Sink<'_>, e: &ProviderError, model: &str, call: u32) {

@@ -11,7 +11,7 @@ mod executor;
 mod openai;
 mod sse;
 mod summarize;
-pub mod window;
+mod window;
 
 pub use anthropic::Anthropic;
 pub use call::{CallPolicy, Providers};
@@ -394,7 +394,8 @@ pub trait LlmProvider: Send + Sync {
     ) -> Result<ChatOutput, ProviderError>;
 }
 
-pub use switchyard_core::tokens::{estimate_tokens, ASCII_PER_TOKEN};
+pub use switchyard_core::tokens::estimate_tokens;
+use switchyard_core::tokens::ASCII_PER_TOKEN;
 
 pub(crate) fn estimate_prompt(messages: &[ChatMessage]) -> u64 {
     messages

@@ -47,6 +47,13 @@ fn texts(body: &Value) -> Vec<String> {
     out
 }
 
+/// The test configuration's providers, the mock at `base`.
+fn providers(base: &str) -> Providers {
+    let mut cfg = Config::for_tests("postgres://x/y", "redis://x", "t").llm;
+    cfg.mock_base_url = Some(format!("{base}/v1"));
+    Providers::from_config(&cfg)
+}
+
 fn word_count(body: &Value) -> usize {
     texts(body)
         .iter()
@@ -57,9 +64,7 @@ fn word_count(body: &Value) -> usize {
 #[tokio::test]
 async fn an_unlisted_model_s_stated_window_is_learned_and_the_prompt_fitted_to_it() {
     let (base, stop) = mock().await;
-    let mut cfg = Config::for_tests("postgres://x/y", "redis://x", "t").llm;
-    cfg.mock_base_url = Some(format!("{base}/v1"));
-    let p = Providers::from_config(&cfg);
+    let p = providers(&base);
     let head = vec![ChatMessage::new("system", words("sys", 10))];
     let history = history();
     let question = history.last().unwrap().content.clone();
@@ -123,9 +128,7 @@ async fn an_unlisted_model_s_stated_window_is_learned_and_the_prompt_fitted_to_i
 #[tokio::test]
 async fn a_refusal_the_prompt_cannot_be_fitted_to_ends_the_call() {
     let (base, stop) = mock().await;
-    let mut cfg = Config::for_tests("postgres://x/y", "redis://x", "t").llm;
-    cfg.mock_base_url = Some(format!("{base}/v1"));
-    let p = Providers::from_config(&cfg);
+    let p = providers(&base);
     // the system prompt alone is larger than the stated window: nothing to drop
     let head = vec![ChatMessage::new("system", words("sys", 500))];
     let upstream = format!("mock-window-400-{}", Uuid::now_v7().simple());
